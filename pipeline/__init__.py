@@ -1,0 +1,1 @@
+"""The ustack pipeline: TUN device, bus, ingress and egress processes."""
