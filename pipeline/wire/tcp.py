@@ -1,0 +1,255 @@
+"""TCP segments (RFC 9293 §3.1) with MSS, window scale, SACK and timestamps.
+
+``parse_tcp`` checks a buffer once and raises only ``Malformed(reason)``;
+the result is a frozen ``TcpSegment`` whose ``emit`` writes it back. Options
+(RFC 9293 §3.2, RFC 7323, RFC 2018) are parsed strictly: unknown kinds are
+skipped by their length, anything that cannot be walked is "bad_option".
+Segments may be up to 64 KB (TSO/GRO); nothing here assumes one MSS.
+
+Checksum offload: ``emit(..., checksum=False)`` leaves the folded (not
+complemented) pseudo-header sum in the checksum field, as Linux expects for
+``VIRTIO_NET_HDR_F_NEEDS_CSUM`` with csum_start = start of the TCP header and
+csum_offset = 16.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from pipeline.wire import Malformed
+from pipeline.wire.checksum import internet_checksum, ones_sum, pseudo_header_sum, verify
+from pipeline.wire.seqnum import SeqNum
+
+PROTO_TCP = 6
+
+# RFC 9293 §3.1 header layout; the checksum field sits at offset 16.
+_HEADER = struct.Struct("!HHIIBBHHH")
+HEADER_LEN = 20
+CHECKSUM_OFFSET = 16
+MAX_OPTIONS_LEN = 40
+
+# Option kinds (RFC 9293 §3.2, RFC 7323 §2-3, RFC 2018 §2-3).
+OPT_EOL = 0
+OPT_NOP = 1
+OPT_MSS = 2
+OPT_WS = 3
+OPT_SACK_PERMITTED = 4
+OPT_SACK = 5
+OPT_TIMESTAMP = 8
+
+_U16 = struct.Struct("!H")
+_U32X2 = struct.Struct("!II")
+_TS_ALIGNED = b"\x01\x01\x08\x0a"  # NOP NOP TS: the common data-segment layout
+
+
+class Flags(enum.IntFlag):
+    FIN = 0x01
+    SYN = 0x02
+    RST = 0x04
+    PSH = 0x08
+    ACK = 0x10
+    URG = 0x20
+    ECE = 0x40
+    CWR = 0x80
+
+
+# Flag values built once: constructing an IntFlag per packet is slow.
+_FLAGS = tuple(Flags(i) for i in range(256))
+
+
+@dataclass(frozen=True, slots=True)
+class TcpOptions:
+    mss: int | None = None
+    window_scale: int | None = None  # shift count as sent (RFC 7323 §2.3); parse keeps the raw value
+    sack_permitted: bool = False
+    sack_blocks: tuple[tuple[SeqNum, SeqNum], ...] = ()  # (left edge, right edge), at most 4 (3 with timestamps)
+    timestamp: tuple[int, int] | None = None  # (TSval, TSecr)
+
+
+NO_OPTIONS = TcpOptions()
+
+
+def _options_len(o: TcpOptions) -> int:
+    """Bytes emit() writes for o (always a multiple of 4), SACK blocks cut to what fits."""
+    if o is NO_OPTIONS:
+        return 0
+    n = 0
+    if o.mss is not None:
+        n += 4
+    if o.timestamp is not None:
+        n += 12  # NOP NOP TS, or SACK-permitted TS
+    elif o.sack_permitted:
+        n += 4  # NOP NOP SACK-permitted
+    if o.window_scale is not None:
+        n += 4  # NOP WS
+    if o.sack_blocks:
+        count = min(len(o.sack_blocks), (MAX_OPTIONS_LEN - n - 4) // 8)
+        if count > 0:
+            n += 4 + 8 * count
+    return n
+
+
+def _emit_options(o: TcpOptions) -> bytes:
+    """Options laid out as Linux does: every option 4-byte aligned with NOPs, so no EOL padding."""
+    parts: list[bytes] = []
+    n = 0
+    if o.mss is not None:
+        parts.append(struct.pack("!BBH", OPT_MSS, 4, o.mss))  # RFC 9293 §3.7.1
+        n += 4
+    if o.timestamp is not None:
+        # RFC 7323 Appendix A: NOP NOP TS; Linux puts SACK-permitted in the NOPs' place on SYNs.
+        lead = b"\x04\x02" if o.sack_permitted else b"\x01\x01"
+        parts.append(lead + struct.pack("!BBII", OPT_TIMESTAMP, 10, o.timestamp[0], o.timestamp[1]))
+        n += 12
+    elif o.sack_permitted:
+        parts.append(b"\x01\x01\x04\x02")  # RFC 2018 §2
+        n += 4
+    if o.window_scale is not None:
+        parts.append(struct.pack("!BBBB", OPT_NOP, OPT_WS, 3, o.window_scale))  # RFC 7323 §2.2
+        n += 4
+    if o.sack_blocks:
+        # RFC 2018 §3: as many blocks as fit, the first (most recent) ones kept.
+        count = min(len(o.sack_blocks), (MAX_OPTIONS_LEN - n - 4) // 8)
+        if count > 0:
+            blocks = o.sack_blocks[:count]
+            parts.append(
+                struct.pack(f"!BBBB{2 * count}I", OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * count,
+                            *(int(e) for block in blocks for e in block))
+            )
+    return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSegment:
+    src_port: int
+    dst_port: int
+    seq: SeqNum
+    ack: SeqNum
+    flags: Flags
+    window: int  # the raw 16-bit field (unscaled)
+    payload: bytes = b""
+    options: TcpOptions = NO_OPTIONS
+    urgent: int = 0
+
+    @property
+    def seg_len(self) -> int:
+        """SEG.LEN: payload octets plus one each for SYN and FIN (RFC 9293 §3.4)."""
+        f = self.flags
+        return len(self.payload) + (f & 0x02 != 0) + (f & 0x01 != 0)
+
+    @property
+    def header_len(self) -> int:
+        return HEADER_LEN + _options_len(self.options)
+
+    @property
+    def syn(self) -> bool:
+        return self.flags & 0x02 != 0
+
+    @property
+    def fin(self) -> bool:
+        return self.flags & 0x01 != 0
+
+    @property
+    def rst(self) -> bool:
+        return self.flags & 0x04 != 0
+
+    @property
+    def ack_flag(self) -> bool:
+        return self.flags & 0x10 != 0
+
+    @property
+    def psh(self) -> bool:
+        return self.flags & 0x08 != 0
+
+    def emit(self, src: bytes, dst: bytes, checksum: bool = True) -> bytes:
+        """Header, options and payload; checksum=False leaves the pseudo-header sum (offload)."""
+        opts = b"" if self.options is NO_OPTIONS else _emit_options(self.options)
+        header_len = HEADER_LEN + len(opts)
+        payload = self.payload
+        # RFC 9293 §3.1: the pseudo header's TCP length counts header and data.
+        partial = pseudo_header_sum(src, dst, PROTO_TCP, header_len + len(payload))
+        fields = (
+            self.src_port, self.dst_port, int(self.seq), int(self.ack),
+            (header_len >> 2) << 4, int(self.flags), self.window,
+        )
+        if not checksum:
+            header = _HEADER.pack(*fields, partial, self.urgent)
+            return b"".join((header, opts, payload))
+        # Header and options are whole 16-bit words, so their sums and the
+        # payload's add up without concatenating first.
+        partial = ones_sum(opts, ones_sum(_HEADER.pack(*fields, 0, self.urgent), partial))
+        header = _HEADER.pack(*fields, internet_checksum(payload, partial), self.urgent)
+        return b"".join((header, opts, payload))
+
+
+def _parse_options(opts: bytes) -> TcpOptions:
+    """Walk the option list (RFC 9293 §3.2): kind, or kind + length + value."""
+    # Fast path: the NOP NOP TS every Linux data segment carries.
+    if len(opts) == 12 and opts[:4] == _TS_ALIGNED:
+        return TcpOptions(timestamp=_U32X2.unpack_from(opts, 4))
+    mss = ws = ts = None
+    sack_permitted = False
+    sack_blocks: tuple[tuple[SeqNum, SeqNum], ...] = ()
+    i = 0
+    end = len(opts)
+    while i < end:
+        kind = opts[i]
+        if kind == OPT_EOL:
+            break  # RFC 9293 §3.2: the rest is padding
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            raise Malformed("bad_option")
+        length = opts[i + 1]
+        if length < 2 or i + length > end:
+            raise Malformed("bad_option")
+        if kind == OPT_MSS:
+            if length != 4:
+                raise Malformed("bad_option")
+            mss = _U16.unpack_from(opts, i + 2)[0]
+        elif kind == OPT_WS:
+            if length != 3:
+                raise Malformed("bad_option")
+            ws = opts[i + 2]  # RFC 7323 §2.3: the receiver clamps values > 14, not the codec
+        elif kind == OPT_SACK_PERMITTED:
+            if length != 2:
+                raise Malformed("bad_option")
+            sack_permitted = True
+        elif kind == OPT_SACK:
+            # RFC 2018 §3: 8 octets per block, at least one block.
+            if length < 10 or (length - 2) % 8:
+                raise Malformed("bad_option")
+            edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
+            sack_blocks = tuple(
+                (SeqNum(edges[k]), SeqNum(edges[k + 1])) for k in range(0, len(edges), 2)
+            )
+        elif kind == OPT_TIMESTAMP:
+            if length != 10:
+                raise Malformed("bad_option")
+            ts = _U32X2.unpack_from(opts, i + 2)
+        i += length
+    if mss is None and ws is None and ts is None and not sack_permitted and not sack_blocks:
+        return NO_OPTIONS
+    return TcpOptions(mss, ws, sack_permitted, sack_blocks, ts)
+
+
+def parse_tcp(data: bytes | memoryview, src: bytes, dst: bytes, verify_checksum: bool = True) -> TcpSegment:
+    """Check and decode one TCP segment (data is the whole IP payload)."""
+    n = len(data)
+    if n < HEADER_LEN:
+        raise Malformed("truncated")
+    src_port, dst_port, seq, ack, offset, flags, window, _csum, urgent = _HEADER.unpack_from(data)
+    header_len = (offset >> 4) << 2
+    # RFC 9293 §3.1: Data Offset counts 32-bit words, at least 5.
+    if header_len < HEADER_LEN or header_len > n:
+        raise Malformed("bad_data_offset")
+    if verify_checksum and not verify(data, pseudo_header_sum(src, dst, PROTO_TCP, n)):
+        raise Malformed("bad_checksum")
+    options = NO_OPTIONS if header_len == HEADER_LEN else _parse_options(bytes(data[HEADER_LEN:header_len]))
+    return TcpSegment(
+        src_port, dst_port, SeqNum(seq), SeqNum(ack), _FLAGS[flags], window,
+        bytes(data[header_len:]), options, urgent,
+    )
