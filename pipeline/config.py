@@ -1,0 +1,77 @@
+"""Configuration from environment variables (honcho reads `.env`).
+
+Every knob is documented in the README's configuration table; defaults give a
+working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24,
+stack address 10.0.0.2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r}: expected a number") from None
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r}: expected an integer") from None
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    tun_name: str
+    host_interface: ipaddress.IPv4Interface  # the kernel's side of the link
+    stack_address: ipaddress.IPv4Address     # the address this stack answers for
+    mtu: int
+    run_dir: str
+    proc_name: str
+
+    @property
+    def stack_addr_bytes(self) -> bytes:
+        return self.stack_address.packed
+
+
+def load() -> StackConfig:
+    """Read and validate the environment; exit with a clear message on bad values."""
+    try:
+        host = ipaddress.IPv4Interface(env_str("USTACK_HOST_ADDR", "10.0.0.1/24"))
+        addr = ipaddress.IPv4Address(env_str("USTACK_ADDR", "10.0.0.2"))
+    except ValueError as exc:
+        raise SystemExit(f"bad address configuration: {exc}") from None
+    if addr not in host.network:
+        raise SystemExit(f"USTACK_ADDR {addr} is not inside USTACK_HOST_ADDR {host.network}")
+    if addr == host.ip:
+        raise SystemExit("USTACK_ADDR must differ from the kernel side's USTACK_HOST_ADDR")
+    tun_name = env_str("USTACK_TUN", "ustack0")
+    if not 0 < len(tun_name) < 16:
+        raise SystemExit(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
+    mtu = env_int("USTACK_MTU", 1500)
+    if not 576 <= mtu <= 65535:
+        raise SystemExit(f"USTACK_MTU {mtu}: expected 576..65535")
+    return StackConfig(
+        tun_name=tun_name,
+        host_interface=host,
+        stack_address=addr,
+        mtu=mtu,
+        run_dir=env_str("USTACK_RUN_DIR", f"/run/ustack/{tun_name}"),
+        proc_name=env_str("HONCHO_PROCESS_NAME", "") or env_str("USTACK_PROC", "stack"),
+    )

@@ -1,0 +1,56 @@
+"""Structured logging: one JSON object per line on stdout (structlog).
+
+Each record has an ISO-8601 UTC ``timestamp``, ``level``, ``event`` and
+``proc`` (the honcho process name). ``LOG_FORMAT=console`` renders readable
+lines for a person; ``LOG_LEVEL`` sets the level (default ``info``).
+Tracebacks are rendered without local variables: those would leak packet
+bytes into the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def setup(proc: str) -> structlog.typing.FilteringBoundLogger:
+    """Configure structlog for this process and return its bound logger."""
+    level_name = os.environ.get("LOG_LEVEL", "info").lower()
+    if level_name not in _LEVELS:
+        raise SystemExit(f"LOG_LEVEL={level_name!r}: expected one of {', '.join(_LEVELS)}")
+    fmt = os.environ.get("LOG_FORMAT", "json").lower()
+    if fmt not in ("json", "console"):
+        raise SystemExit(f"LOG_FORMAT={fmt!r}: expected json or console")
+    processors: list = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        processors += [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    # stdout is a pipe under honcho: line-buffer so nothing is lost on SIGTERM.
+    sys.stdout.reconfigure(line_buffering=True)
+    return structlog.get_logger().bind(proc=proc)
+
+
+def debug_enabled() -> bool:
+    """True when debug records would be written; guards per-packet log work."""
+    return os.environ.get("LOG_LEVEL", "info").lower() == "debug"

@@ -1,0 +1,77 @@
+"""Which workers are alive, and which one owns a flow.
+
+Workers announce themselves with heartbeats (their honcho name and role);
+nothing is configured. A worker silent for HEARTBEAT_TIMEOUT, or one ZeroMQ
+reports unreachable, is forgotten. A flow goes to the live worker of its role
+with the highest rendezvous score for the flow key, so each flow has one owner
+and a worker joining or leaving moves only its own share of flows.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Member:
+    name: str
+    role: str
+    last_seen: float
+    seed: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seed = zlib.crc32(self.name.encode())
+
+
+class Membership:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._members: dict[str, Member] = {}
+        self._by_role: dict[str, list[Member]] = {}
+
+    def seen(self, name: str, role: str, now: float) -> bool:
+        """Record a heartbeat; True if the worker is new (joined or came back)."""
+        member = self._members.get(name)
+        if member is not None and member.role == role:
+            member.last_seen = now
+            return False
+        self._members[name] = Member(name, role, now)
+        self._reindex()
+        return True
+
+    def remove(self, name: str) -> bool:
+        if self._members.pop(name, None) is None:
+            return False
+        self._reindex()
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        """Forget workers whose last heartbeat is older than the timeout."""
+        dead = [m.name for m in self._members.values() if now - m.last_seen > self.timeout]
+        for name in dead:
+            del self._members[name]
+        if dead:
+            self._reindex()
+        return dead
+
+    def has_role(self, role: str) -> bool:
+        return bool(self._by_role.get(role))
+
+    def pick(self, role: str, key: bytes) -> str | None:
+        """The owner of ``key`` among live workers of ``role`` (rendezvous hashing)."""
+        members = self._by_role.get(role)
+        if not members:
+            return None
+        if len(members) == 1:
+            return members[0].name
+        return max(members, key=lambda m: zlib.crc32(key, m.seed)).name
+
+    def names(self) -> list[str]:
+        return sorted(self._members)
+
+    def _reindex(self) -> None:
+        by_role: dict[str, list[Member]] = {}
+        for m in self._members.values():
+            by_role.setdefault(m.role, []).append(m)
+        self._by_role = by_role

@@ -1,0 +1,41 @@
+"""What every pipeline process shares: signals, logging set-up and counters."""
+
+from __future__ import annotations
+
+import collections
+import signal
+
+import structlog
+
+from pipeline import config, log
+
+
+class Stopper:
+    """Turns SIGTERM (honcho's stop) and SIGINT (Ctrl-C) into a flag the loop polls."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+
+class Process:
+    """Configuration, logger, stop flag and drop/traffic counters of one process."""
+
+    def __init__(self, role: str) -> None:
+        self.config = config.load()
+        self.name = self.config.proc_name if self.config.proc_name != "stack" else role
+        self.role = role
+        self.log: structlog.typing.FilteringBoundLogger = log.setup(self.name)
+        self.debug = log.debug_enabled()
+        self.stopper = Stopper()
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def drop(self, reason: str, **fields: object) -> None:
+        """Count a dropped packet and write one debug line saying why."""
+        self.counters["drop_" + reason] += 1
+        if self.debug:
+            self.log.debug("drop", reason=reason, **fields)

@@ -1,0 +1,181 @@
+"""The TUN device: the only module that speaks ioctl.
+
+Ingress reads and egress writes the same device from two independently
+started processes. On Linux both open the device with ``IFF_MULTI_QUEUE``:
+whichever starts first creates it, the other attaches to it. The writer then
+*detaches* its queue (``TUNSETQUEUE`` + ``IFF_DETACH_QUEUE``): a detached
+queue can still write, but the kernel never steers inbound flows to it and
+does not learn flow affinity from its writes, so egress cannot steal or lose
+traffic meant for ingress. The device lives while any queue is open, so
+either process can restart while the other runs (with its address and
+routes intact). Passing one descriptor over SCM_RIGHTS would also work, but
+it would make one process the owner that the other must wait for.
+
+On macOS the device is a ``utun`` kernel-control socket whose packets carry a
+4-byte address-family header (2 = IPv4, 30 = IPv6); the framing functions
+below are unit-tested, the device path is untested on real macOS.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import subprocess
+import sys
+from typing import Protocol
+
+# <linux/if_tun.h>
+_TUNSETIFF = 0x400454CA
+_TUNSETQUEUE = 0x400454D9
+_IFF_TUN = 0x0001
+_IFF_NO_PI = 0x1000
+_IFF_MULTI_QUEUE = 0x0100
+_IFF_DETACH_QUEUE = 0x0400
+_IFREQ = struct.Struct("16sH")
+
+# <sys/kern_control.h>, <net/if_utun.h> (macOS)
+_UTUN_CONTROL_NAME = b"com.apple.net.utun_control"
+_CTLIOCGINFO = 0xC0644E03
+_UTUN_OPT_IFNAME = 2
+_SYSPROTO_CONTROL = 2
+AF_HEADER = struct.Struct("!I")
+DARWIN_AF_INET = 2
+DARWIN_AF_INET6 = 30
+
+READ_SIZE = 65535 + 64
+
+
+class TunDevice(Protocol):
+    name: str
+
+    def fileno(self) -> int: ...
+    def read(self) -> bytes | None:
+        """One IP packet, or None when nothing is waiting (non-blocking)."""
+    def write(self, packet: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class TunError(OSError):
+    """The device could not be opened or configured; the message says why."""
+
+
+class LinuxTun:
+    """One queue of a multi-queue Linux TUN device (IFF_TUN | IFF_NO_PI)."""
+
+    def __init__(self, name: str, *, writer_only: bool) -> None:
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TunError(exc.errno, f"cannot open /dev/net/tun: {exc.strerror} "
+                           "(is the tun module loaded, and are we root?)") from None
+        import fcntl  # Linux only
+
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, _IFREQ.pack(name.encode(), _IFF_TUN | _IFF_NO_PI | _IFF_MULTI_QUEUE))
+            if writer_only:
+                fcntl.ioctl(fd, _TUNSETQUEUE, _IFREQ.pack(b"", _IFF_DETACH_QUEUE))
+        except OSError as exc:
+            os.close(fd)
+            raise TunError(exc.errno, f"TUNSETIFF {name}: {exc.strerror}") from None
+        self.name = name
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> bytes | None:
+        try:
+            return os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return None
+
+    def write(self, packet: bytes) -> None:
+        os.write(self._fd, packet)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def utun_frame(packet: bytes) -> bytes:
+    """Prefix a packet with the utun address-family header, chosen by IP version."""
+    family = DARWIN_AF_INET6 if packet and packet[0] >> 4 == 6 else DARWIN_AF_INET
+    return AF_HEADER.pack(family) + packet
+
+
+def utun_unframe(data: bytes) -> bytes | None:
+    """Strip the utun header; None for a frame too short or of another family."""
+    if len(data) < AF_HEADER.size:
+        return None
+    (family,) = AF_HEADER.unpack_from(data)
+    if family not in (DARWIN_AF_INET, DARWIN_AF_INET6):
+        return None
+    return data[AF_HEADER.size:]
+
+
+class MacUtun:
+    """A macOS utun device (untested on real macOS: see README)."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self._sock = sock
+        self._sock.setblocking(False)
+        self.name = name
+
+    @classmethod
+    def open(cls, unit: int = 0) -> MacUtun:
+        import fcntl
+
+        sock = socket.socket(socket.PF_SYSTEM, socket.SOCK_DGRAM, _SYSPROTO_CONTROL)  # type: ignore[attr-defined]
+        info = bytearray(struct.pack("I96s", 0, _UTUN_CONTROL_NAME))
+        fcntl.ioctl(sock.fileno(), _CTLIOCGINFO, info)
+        ctl_id = struct.unpack_from("I", info)[0]
+        sock.connect((ctl_id, unit))  # unit 0: the kernel picks utunN
+        name = sock.getsockopt(_SYSPROTO_CONTROL, _UTUN_OPT_IFNAME, 16).rstrip(b"\0").decode()
+        return cls(sock, name)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> bytes | None:
+        while True:
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return None
+            packet = utun_unframe(data)
+            if packet is not None:
+                return packet
+
+    def write(self, packet: bytes) -> None:
+        self._sock.send(utun_frame(packet))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def open_device(name: str, *, writer_only: bool) -> TunDevice:
+    """Open (creating if needed) the device; a writer never receives traffic."""
+    if sys.platform == "linux":
+        return LinuxTun(name, writer_only=writer_only)
+    if sys.platform == "darwin":
+        # A utun device cannot be shared by two processes: on macOS run the
+        # stack with USTACK_SINGLE=1 (see README) or accept that this is untested.
+        return MacUtun.open()
+    raise TunError(errno.ENOTSUP, f"no TUN support on {sys.platform}")
+
+
+def configure_kernel_side(name: str, host_interface: str, mtu: int) -> None:
+    """Give the kernel's side of the link its address and bring it up (idempotent)."""
+    if sys.platform == "linux":
+        cmds = [["ip", "link", "set", "dev", name, "mtu", str(mtu), "up"],
+                ["ip", "addr", "replace", host_interface, "dev", name]]
+    else:
+        ip, _, prefix = host_interface.partition("/")
+        cmds = [["ifconfig", name, "inet", host_interface, ip, "mtu", str(mtu), "up"]]
+    for cmd in cmds:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise TunError(errno.EINVAL, f"{' '.join(cmd)}: {done.stderr.strip()}")

@@ -1,0 +1,56 @@
+"""The UDP worker's core: datagrams to services, port unreachable for the rest."""
+
+from __future__ import annotations
+
+from pipeline.process import Process
+from pipeline.wire import Malformed
+from pipeline.wire.addr import fmt_addr
+from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Header, build_ipv4, parse_ipv4
+from pipeline.wire.udp import UdpDatagram, parse_udp
+from workers.ratelimit import TokenBucket
+from workers.udp.services import SERVICES
+
+# RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2: ICMP errors are rate limited so a flood of
+# datagrams to closed ports cannot be turned into a flood of replies.
+ICMP_ERRORS_PER_SECOND = 200
+
+
+class UdpCore:
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+        self.address = proc.config.stack_addr_bytes
+        self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_PER_SECOND)
+
+    def handle_packet(self, data: bytes, now: float) -> list[bytes]:
+        proc = self.proc
+        try:
+            ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
+            dgram = parse_udp(payload, ip.src, ip.dst)
+        except Malformed as exc:
+            proc.drop(exc.reason, layer="udp")
+            return []
+        if proc.debug:
+            proc.log.debug("udp_in", src=fmt_addr(ip.src), sport=dgram.src_port, dport=dgram.dst_port,
+                           len=len(dgram.payload))
+        service = SERVICES.get(dgram.dst_port)
+        if service is None:
+            proc.counters["port_unreachable"] += 1
+            if not self.icmp_errors.allow(now):
+                proc.drop("icmp_rate_limited")
+                return []
+            reply = dest_unreachable(PORT_UNREACHABLE, data).emit()
+            return [build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_ICMP), reply)]
+        proc.counters["datagrams_answered"] += 1
+        answer = UdpDatagram(dgram.dst_port, dgram.src_port, service(bytes(dgram.payload)))
+        return [build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_UDP),
+                           answer.emit(self.address, ip.src))]
+
+    def handle_timer(self, now: float) -> list[bytes]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def close(self, now: float) -> list[bytes]:
+        return []
