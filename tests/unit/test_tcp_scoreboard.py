@@ -1,0 +1,182 @@
+"""Sender SACK scoreboard: recording, validation, holes, advance, wrap-around."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.wire.seqnum import SeqNum
+from workers.tcp.scoreboard import SackScoreboard
+
+MSS = 100
+
+
+def rel(sb, base):
+    return [(a - base, b - base) for a, b in sb.ranges()]
+
+
+@pytest.fixture(params=[1000, 2**32 - 250])
+def base(request):
+    return SeqNum(request.param)
+
+
+def test_empty(base):
+    sb = SackScoreboard()
+    assert sb.sacked_bytes == 0 and sb.highest_sacked is None and len(sb) == 0
+    assert not sb.is_sacked(base)
+    assert sb.next_hole(base, base + 1000) is None
+
+
+def test_record_and_merge(base):
+    sb = SackScoreboard()
+    una, nxt = base, base + 1000
+    sb.update([(base + 200, base + 300)], una, nxt)
+    sb.update([(base + 500, base + 600), (base + 200, base + 300)], una, nxt)
+    assert rel(sb, base) == [(200, 300), (500, 600)]
+    assert sb.sacked_bytes == 200
+    sb.update([(base + 250, base + 500)], una, nxt)  # bridges both
+    assert rel(sb, base) == [(200, 600)] and sb.sacked_bytes == 400
+    sb.update([(base + 600, base + 700)], una, nxt)  # adjacent
+    assert rel(sb, base) == [(200, 700)]
+    assert sb.highest_sacked == base + 700
+
+
+def test_is_sacked_edges(base):
+    sb = SackScoreboard()
+    sb.update([(base + 200, base + 300)], base, base + 1000)
+    assert not sb.is_sacked(base + 199)
+    assert sb.is_sacked(base + 200)
+    assert sb.is_sacked(base + 299)
+    assert not sb.is_sacked(base + 300)
+
+
+def test_invalid_blocks_ignored(base):
+    # RFC 2018 §8 / RFC 2883: blocks beyond SND.NXT, empty/inverted blocks and
+    # D-SACK blocks below SND.UNA are not scoreboard information.
+    sb = SackScoreboard()
+    una, nxt = base + 100, base + 1000
+    sb.update(
+        [
+            (base + 900, base + 1100),  # beyond snd_nxt
+            (base + 500, base + 500),  # empty
+            (base + 600, base + 550),  # inverted
+            (base + 10, base + 90),  # D-SACK below snd_una
+            (base + 50, base + 100),  # ends exactly at snd_una
+            (base + 2**31, base + 2**31 + 10),  # garbage far away
+        ],
+        una,
+        nxt,
+    )
+    assert len(sb) == 0 and sb.sacked_bytes == 0
+    sb.update([(base + 900, base + 1000)], una, nxt)  # right edge == snd_nxt is fine
+    assert rel(sb, base) == [(900, 1000)]
+
+
+def test_block_straddling_snd_una_is_clipped(base):
+    sb = SackScoreboard()
+    sb.update([(base + 50, base + 200)], base + 100, base + 1000)
+    assert rel(sb, base) == [(100, 200)]
+
+
+def test_next_hole_walk(base):
+    # Sent [0, 1000); SACKed [200, 300), [500, 600), [800, 900).
+    sb = SackScoreboard()
+    una, nxt = base, base + 1000
+    sb.update([(base + 200, base + 300), (base + 500, base + 600), (base + 800, base + 900)], una, nxt)
+    holes = []
+    p = una
+    while (h := sb.next_hole(p, nxt)) is not None:
+        holes.append((h[0] - base, h[1] - base))
+        p = h[1]
+    # Nothing above the highest SACKed byte counts as a hole.
+    assert holes == [(0, 200), (300, 500), (600, 800)]
+    assert sb.next_hole(base + 250, nxt) == (base + 300, base + 500)
+    assert sb.next_hole(base + 350, nxt) == (base + 350, base + 500)
+    assert sb.next_hole(base + 850, nxt) is None
+    assert sb.next_hole(base + 900, nxt) is None
+
+
+def test_advance_forgets_and_trims(base):
+    sb = SackScoreboard()
+    nxt = base + 1000
+    sb.update([(base + 200, base + 300), (base + 500, base + 600)], base, nxt)
+    sb.advance(base + 250)
+    assert rel(sb, base) == [(250, 300), (500, 600)] and sb.sacked_bytes == 150
+    assert sb.next_hole(base, nxt) == (base + 300, base + 500)
+    sb.advance(base + 600)
+    assert len(sb) == 0 and sb.sacked_bytes == 0 and sb.highest_sacked is None
+
+
+def test_update_advances_too(base):
+    sb = SackScoreboard()
+    sb.update([(base + 200, base + 300)], base, base + 1000)
+    sb.update([(base + 500, base + 600)], base + 300, base + 1000)
+    assert rel(sb, base) == [(500, 600)]
+
+
+def test_max_ranges_keeps_lowest(base):
+    sb = SackScoreboard(max_ranges=3)
+    nxt = base + 10000
+    for k in range(1, 6):
+        sb.update([(base + 100 * k, base + 100 * k + 10)], base, nxt)
+    assert rel(sb, base) == [(100, 110), (200, 210), (300, 310)]
+    sb.update([(base + 50, base + 60)], base, nxt)
+    assert rel(sb, base) == [(50, 60), (100, 110), (200, 210)]
+    assert sb.sacked_bytes == 30
+
+
+def test_is_lost_rfc6675(base):
+    sb = SackScoreboard()
+    nxt = base + 10000
+    sb.update([(base + 100, base + 200)], base, nxt)
+    assert not sb.is_lost(base, MSS)
+    sb.update([(base + 300, base + 400)], base, nxt)
+    assert not sb.is_lost(base, MSS)  # 200 bytes == (3-1)*SMSS: not more than
+    sb.update([(base + 500, base + 501)], base, nxt)
+    assert sb.is_lost(base, MSS)  # three discontiguous ranges, and > 200 bytes
+    assert not sb.is_lost(base + 150, MSS)  # SACKed itself
+    assert sb.sacked_above(base + 150) == 49 + 100 + 1
+
+
+def test_clear(base):
+    sb = SackScoreboard()
+    sb.update([(base + 200, base + 300)], base, base + 1000)
+    sb.clear()
+    assert len(sb) == 0 and sb.sacked_bytes == 0 and sb.highest_sacked is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    isn=st.integers(0, 2**32 - 1),
+    acks=st.lists(
+        st.tuples(st.integers(0, 50), st.lists(st.tuples(st.integers(-20, 520), st.integers(-5, 60)), max_size=4)),
+        max_size=30,
+    ),
+)
+def test_matches_a_set_model(isn, acks):
+    base = SeqNum(isn)
+    nxt_off = 500
+    sb = SackScoreboard()
+    model: set[int] = set()
+    una_off = 0
+    for step, blocks in acks:
+        una_off = min(una_off + step, nxt_off)
+        sent = [(base + a, base + a + n) for a, n in blocks]
+        sb.update(sent, base + una_off, base + nxt_off)
+        model = {b for b in model if b >= una_off}
+        for a, n in blocks:
+            if n > 0 and a + n <= nxt_off and a + n > una_off:
+                model.update(range(max(a, una_off), a + n))
+        assert sb.sacked_bytes == len(model)
+        for off in range(una_off, nxt_off, 7):
+            assert sb.is_sacked(base + off) == (off in model)
+        # Holes are exactly the unSACKed bytes below the highest SACKed byte.
+        holes = set()
+        p = base + una_off
+        while (h := sb.next_hole(p, base + nxt_off)) is not None:
+            assert h[0] - p >= 0 and h[1] - h[0] > 0
+            holes.update(range(h[0] - base, h[1] - base))
+            p = h[1]
+        top = max(model) + 1 if model else una_off
+        assert holes == set(range(una_off, top)) - model
+        if model:
+            assert sb.highest_sacked == base + top

@@ -1,0 +1,190 @@
+"""Sender-side SACK scoreboard (RFC 2018, ideas from RFC 6675).
+
+Contract: the connection passes each ACK's SACK blocks to
+:meth:`SackScoreboard.update` together with its current ``snd_una`` and
+``snd_nxt``, calls :meth:`advance` when ``snd_una`` moves, and asks
+:meth:`next_hole` what to retransmit.  SACK information is advisory: the
+sender must keep all unacknowledged data, because a receiver may renege
+(RFC 2018 §8), so dropping scoreboard state is always safe -- which is how
+the number of ranges is bounded.
+
+``highest_sacked`` is the right edge of the highest SACKed range, i.e. the
+sequence number just after the highest SACKed byte (the same convention as a
+SACK block's right edge).  Sequence numbers are mapped to unbounded ints
+relative to an anchor that follows ``snd_una``, so wrap-around at 2**32 needs
+no special case.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+
+from pipeline.wire.seqnum import SeqNum
+
+
+class SackScoreboard:
+    """Disjoint SACKed ranges above SND.UNA."""
+
+    __slots__ = ("max_ranges", "_starts", "_ends", "_sacked", "_anchor", "_anchor_abs")
+
+    def __init__(self, max_ranges: int = 1024) -> None:
+        if max_ranges < 1:
+            raise ValueError("max_ranges must be positive")
+        self.max_ranges = max_ranges
+        self._starts: list[int] = []
+        self._ends: list[int] = []  # sorted, parallel to _starts; ranges never touch
+        self._sacked = 0
+        self._anchor: SeqNum | None = None
+        self._anchor_abs = 0
+
+    # -- coordinates ---------------------------------------------------------------
+
+    def _sync(self, snd_una: SeqNum) -> int:
+        snd_una = SeqNum(snd_una)
+        if self._anchor is None or not self._starts:
+            self._anchor_abs = int(snd_una)
+        else:
+            self._anchor_abs += snd_una - self._anchor
+        self._anchor = snd_una
+        return self._anchor_abs
+
+    def _abs(self, seq: SeqNum) -> int:
+        assert self._anchor is not None
+        return self._anchor_abs + (SeqNum(seq) - self._anchor)  # type: ignore[operator]
+
+    def _seq(self, pos: int) -> SeqNum:
+        assert self._anchor is not None
+        return self._anchor + (pos - self._anchor_abs)
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def sacked_bytes(self) -> int:
+        return self._sacked
+
+    @property
+    def highest_sacked(self) -> SeqNum | None:
+        """Right edge of the highest SACKed range, or None if nothing is SACKed."""
+        return self._seq(self._ends[-1]) if self._ends else None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def ranges(self) -> list[tuple[SeqNum, SeqNum]]:
+        """SACKed ranges [left, right) in sequence order."""
+        return [(self._seq(a), self._seq(b)) for a, b in zip(self._starts, self._ends)]
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._ends.clear()
+        self._sacked = 0
+        self._anchor = None
+
+    # -- updates -------------------------------------------------------------------
+
+    def advance(self, snd_una: SeqNum) -> None:
+        """Forget everything below snd_una (cumulatively acknowledged)."""
+        if not self._starts:
+            self._anchor = None
+            return
+        una = self._sync(snd_una)
+        starts, ends = self._starts, self._ends
+        n = bisect_right(ends, una)  # ranges ending at or below snd_una
+        if n:
+            self._sacked -= sum(ends[k] - starts[k] for k in range(n))
+            del starts[:n]
+            del ends[:n]
+        if starts and starts[0] < una:
+            self._sacked -= una - starts[0]
+            starts[0] = una
+
+    def update(self, blocks: Iterable[tuple[SeqNum, SeqNum]], snd_una: SeqNum, snd_nxt: SeqNum) -> None:
+        """Record the SACK blocks of one ACK; blocks outside (snd_una, snd_nxt] are ignored."""
+        self.advance(snd_una)
+        una = self._sync(snd_una)
+        nxt = una + (SeqNum(snd_nxt) - SeqNum(snd_una))  # type: ignore[operator]
+        for left, right in blocks:
+            lo = self._abs(left)
+            hi = self._abs(right)
+            # RFC 2018 §3/§8: a block must describe data we sent and that is not
+            # yet cumulatively acknowledged.  Empty or inverted blocks, blocks
+            # beyond SND.NXT, and D-SACK blocks at or below SND.UNA (RFC 2883 §4)
+            # carry nothing for the scoreboard.
+            if hi <= lo or hi > nxt or hi <= una:
+                continue
+            self._insert(max(lo, una), hi)
+
+    def _insert(self, lo: int, hi: int) -> None:
+        starts, ends = self._starts, self._ends
+        i = bisect_left(ends, lo)  # first range ending at or after lo (touching merges)
+        j = bisect_right(starts, hi)  # ranges starting at or before hi
+        if i < j:
+            removed = sum(ends[k] - starts[k] for k in range(i, j))
+            lo = min(lo, starts[i])
+            hi = max(hi, ends[j - 1])
+            self._sacked += (hi - lo) - removed
+            starts[i:j] = [lo]
+            ends[i:j] = [hi]
+            return
+        if len(starts) >= self.max_ranges:
+            # Bounded state; forgetting SACK information is safe (RFC 2018 §8).
+            if i == len(starts):
+                return
+            self._sacked -= ends.pop() - starts.pop()
+        starts.insert(i, lo)
+        ends.insert(i, hi)
+        self._sacked += hi - lo
+
+    # -- queries -------------------------------------------------------------------
+
+    def is_sacked(self, seq: SeqNum) -> bool:
+        """True if the byte at seq has been SACKed."""
+        if not self._starts:
+            return False
+        p = self._abs(seq)
+        k = bisect_right(self._starts, p) - 1
+        return k >= 0 and p < self._ends[k]
+
+    def next_hole(self, start: SeqNum, snd_nxt: SeqNum) -> tuple[SeqNum, SeqNum] | None:
+        """First un-SACKed range [a, b) at or after start and below the highest SACKed byte."""
+        # RFC 6675 §4 NextSeg() rule 1: retransmit the lowest un-SACKed data
+        # that has SACKed data above it.
+        if not self._starts:
+            return None
+        starts, ends = self._starts, self._ends
+        p = max(self._abs(start), self._anchor_abs)
+        limit = min(ends[-1], self._abs(snd_nxt))
+        k = bisect_right(starts, p) - 1
+        if k >= 0 and p < ends[k]:
+            p = ends[k]  # inside a SACKed range: skip to its end
+        k += 1  # next SACKed range above p
+        if p >= limit or k >= len(starts):
+            return None
+        return self._seq(p), self._seq(min(starts[k], limit))
+
+    def sacked_above(self, seq: SeqNum) -> int:
+        """Bytes SACKed strictly above seq."""
+        if not self._starts:
+            return 0
+        p = self._abs(seq)
+        starts, ends = self._starts, self._ends
+        k = bisect_right(ends, p)
+        total = sum(ends[m] - starts[m] for m in range(k, len(starts)))
+        if k < len(starts) and starts[k] <= p:
+            total -= p + 1 - starts[k]
+        return total
+
+    def is_lost(self, seq: SeqNum, smss: int, dupthresh: int = 3) -> bool:
+        """RFC 6675 §4 IsLost(seq): enough SACKed data above seq to deem it lost."""
+        # RFC 6675 §4 IsLost: DupThresh discontiguous SACKed sequences above
+        # seq, or more than (DupThresh - 1) * SMSS bytes SACKed above it.
+        if not self._starts or self.is_sacked(seq):
+            return False
+        p = self._abs(seq)
+        above = len(self._starts) - bisect_right(self._starts, p)
+        return above >= dupthresh or self.sacked_above(seq) > (dupthresh - 1) * smss
+
+    def __repr__(self) -> str:
+        spans = ", ".join(f"[{int(a)},{int(b)})" for a, b in self.ranges())
+        return f"SackScoreboard(sacked={self._sacked}, ranges=[{spans}])"
