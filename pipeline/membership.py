@@ -21,7 +21,17 @@ class Member:
     seed: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.seed = zlib.crc32(self.name.encode())
+        self.seed = zlib.crc32(self.name.encode()) << 32
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """The splitmix64 finalizer: crc32 alone is linear, so scores would correlate across workers."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
 
 
 class Membership:
@@ -65,7 +75,8 @@ class Membership:
             return None
         if len(members) == 1:
             return members[0].name
-        return max(members, key=lambda m: zlib.crc32(key, m.seed)).name
+        h = zlib.crc32(key)
+        return max(members, key=lambda m: _mix64(h ^ m.seed)).name
 
     def names(self) -> list[str]:
         return sorted(self._members)

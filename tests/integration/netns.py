@@ -1,0 +1,161 @@
+"""Test-made network namespaces and the stack started in them with honcho.
+
+Every namespace is created here and deleted here, with every process in it
+killed: nothing is configured in the machine's main namespace. Sockets for a
+namespace are created by switching the calling thread into it just for the
+``socket()`` call (a socket stays in the namespace it was made in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+STACK_ADDR = "10.0.0.2"
+HOST_ADDR = "10.0.0.1"
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def require_root_and_tun() -> None:
+    """Integration tests need root, TUN and namespaces: fail loudly, never skip."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if not os.path.exists("/dev/net/tun"):
+        problems.append("no /dev/net/tun")
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        problems.append("`ip netns` unavailable")
+    if problems:
+        raise RuntimeError("integration tests cannot run: " + ", ".join(problems) +
+                           " (run them as root via scripts/test)")
+
+
+class Namespace:
+    def __init__(self, prefix: str = "ustest") -> None:
+        require_root_and_tun()
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.name, *argv], check=check, timeout=timeout,
+                              capture_output=True, **kw)
+
+    def popen(self, *argv: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kw)
+
+    @contextlib.contextmanager
+    def entered(self):
+        """Run the body with this thread inside the namespace."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            _setns(target)
+            yield
+        finally:
+            _setns(home)
+            os.close(home)
+            os.close(target)
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
+        with self.entered():
+            return socket.socket(family, type, proto)
+
+    def delete(self) -> None:
+        """Kill whatever still runs inside, then delete the namespace."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self._pids()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 3
+            while self._pids() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def _pids(self) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+class Stack:
+    """`honcho start` run in a namespace exactly as a user runs it, output captured."""
+
+    def __init__(self, ns: Namespace, *honcho_args: str, env: dict[str, str] | None = None,
+                 run_dir: str | None = None) -> None:
+        self.ns = ns
+        self.run_dir = run_dir or f"/run/ustack-test/{ns.name}"
+        self.log_path = ROOT / ".pytest_cache" / f"stack-{ns.name}-{uuid.uuid4().hex[:6]}.log"
+        self.log_path.parent.mkdir(exist_ok=True)
+        full_env = dict(os.environ)
+        full_env.update({"USTACK_RUN_DIR": self.run_dir, "PYTHONUNBUFFERED": "1"})
+        full_env.update(env or {})
+        self._log_file = open(self.log_path, "wb")
+        self.proc = ns.popen("honcho", "start", *honcho_args, cwd=ROOT, env=full_env,
+                             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def records(self) -> list[dict]:
+        """Every JSON log record the processes wrote so far (honcho's prefix removed)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            _, sep, body = line.partition(" | ")
+            if sep and body.startswith("{"):
+                out.append(json.loads(body))
+        return out
+
+    def lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def wait_for(self, predicate, timeout: float = 20.0, what: str = "condition") -> None:
+        """Poll the log until predicate(records) holds; fail with the log's tail if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.records()):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.lines()[-40:])
+        raise AssertionError(f"stack never reached: {what}\n--- log tail ---\n{tail}")
+
+    def wait_ready(self, roles: dict[str, int] | None = None, timeout: float = 20.0) -> None:
+        """Wait until ingress has seen workers of each role (role -> count)."""
+        roles = roles or {"icmp": 1, "udp": 1, "tcp": 1}
+
+        def ready(records: list[dict]) -> bool:
+            joined: dict[str, set[str]] = {}
+            for r in records:
+                if r.get("event") == "worker_joined":
+                    joined.setdefault(r["role"], set()).add(r["worker"])
+            return all(len(joined.get(role, ())) >= n for role, n in roles.items())
+
+        self.wait_for(ready, timeout, f"workers joined {roles}")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> float:
+        """Stop honcho the way Ctrl-C does; return how long it took."""
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log_file.close()
+        return time.monotonic() - start

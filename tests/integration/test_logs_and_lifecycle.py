@@ -1,0 +1,70 @@
+"""Logs, start order, restarts and shutdown of the real processes."""
+
+import datetime
+import signal
+import socket
+
+from tests.integration.netns import STACK_ADDR, Stack
+
+
+def _ping_ok(ns) -> bool:
+    return b" 0% packet loss" in ns.run("ping", "-c", "2", "-i", "0.2", "-W", "2", STACK_ADDR, check=False).stdout
+
+
+def test_json_logs_have_the_promised_fields(ns, stack):
+    with ns.socket() as sock:
+        sock.settimeout(5)
+        sock.connect((STACK_ADDR, 8000))
+        sock.sendall(b"log me\n")
+        assert sock.recv(100) == b"em gol\n"
+    stack.wait_for(lambda recs: any(r["event"] == "tcp_closed" for r in recs), 10, "tcp_closed logged")
+    records = stack.records()
+    assert records
+    procs = set()
+    for r in records:
+        assert {"timestamp", "level", "event", "proc"} <= r.keys(), r
+        stamp = datetime.datetime.fromisoformat(r["timestamp"])
+        assert stamp.utcoffset() == datetime.timedelta(0)
+        procs.add(r["proc"])
+    assert {"ingress.1", "egress.1", "icmp.1", "udp.1", "tcp.1"} <= procs
+    opened = next(r for r in records if r["event"] == "tcp_established")
+    assert opened["remote"] == "10.0.0.1" and opened["lport"] == 8000 and opened["rport"] > 0
+    # Debug level: parsed headers and state changes, never the payload.
+    tcp_in = [r for r in records if r["event"] == "tcp_in"]
+    assert tcp_in and {"src", "dst", "sport", "dport", "seq", "ack", "flags", "window"} <= tcp_in[0].keys()
+    assert any(r["event"] == "tcp_state" and r["new"] == "ESTABLISHED" for r in records)
+    assert not any("log me" in line or "em gol" in line for line in stack.lines())
+
+
+def test_any_start_order_and_restart_of_ingress_and_egress(fresh_ns):
+    ns = fresh_ns
+    run_dir = f"/run/ustack-test/{ns.name}"
+    workers = Stack(ns, "icmp", "udp", "tcp", run_dir=run_dir)
+    try:
+        workers.wait_for(lambda recs: sum(r["event"] == "worker_started" for r in recs) == 3, 15, "workers up")
+        for _ in range(2):  # start the stages after the workers, then restart them
+            stages = Stack(ns, "ingress", "egress", run_dir=run_dir)
+            try:
+                stages.wait_ready()
+                assert _ping_ok(ns)
+                udp = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                udp.settimeout(3)
+                with udp:
+                    udp.sendto(b"order", (STACK_ADDR, 7))
+                    assert udp.recv(10) == b"order"
+            finally:
+                stages.stop()
+    finally:
+        workers.stop()
+
+
+def test_ctrl_c_stops_every_process_within_seconds(fresh_ns):
+    ns = fresh_ns
+    s = Stack(ns)
+    s.wait_ready()
+    took = s.stop(signal.SIGINT)
+    assert took < 8, f"stopping took {took:.1f} s"
+    assert ns._pids() == []
+    lines = s.lines()
+    for name in ("ingress.1", "egress.1", "icmp.1", "udp.1", "tcp.1"):
+        assert f"{name} stopped (rc=0)" in "\n".join(lines), name

@@ -1,0 +1,94 @@
+"""TCP services through the real pipeline, with the kernel's TCP as the client."""
+
+import concurrent.futures
+import hashlib
+import socket
+import time
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from tests.integration.netns import HOST_ADDR, STACK_ADDR
+
+
+def _connect(ns, port: int, timeout: float = 5.0) -> socket.socket:
+    sock = ns.socket()
+    sock.settimeout(timeout)
+    sock.connect((STACK_ADDR, port))
+    return sock
+
+
+def _read_until_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_nc_chat_with_line_service(ns, stack):
+    done = ns.run("nc", "-N", "-w", "5", STACK_ADDR, "8000", input=b"hello\nworld\n")
+    assert done.stdout == b"olleh\ndlrow\n"
+
+
+def test_lines_split_across_segments(ns, stack):
+    with _connect(ns, 8000) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in (b"ab", b"c\nde", b"f", b"\n\ngh", b"i\n"):
+            sock.sendall(piece)
+            time.sleep(0.02)  # let each piece leave as its own segment
+        sock.shutdown(socket.SHUT_WR)
+        assert _read_until_eof(sock) == b"cba\nfed\n\nihg\n"
+
+
+def test_echo_one_megabyte(ns, stack):
+    data = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB
+    with _connect(ns, 7) as sock:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reader = pool.submit(_read_until_eof, sock)
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # client starts the teardown
+            assert hashlib.sha256(reader.result(30)).digest() == hashlib.sha256(data).digest()
+
+
+def test_several_connections_at_once(ns, stack):
+    def chat(i: int) -> bytes:
+        with _connect(ns, 8000) as sock:
+            sock.sendall(f"connection {i}\n".encode())
+            sock.shutdown(socket.SHUT_WR)
+            return _read_until_eof(sock)
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(chat, range(40)))
+    assert answers == [f"connection {i}\n".encode()[::-1][1:] + b"\n" for i in range(40)]
+
+
+def test_server_closes_first(ns, stack):
+    with _connect(ns, 17) as sock:
+        quote = _read_until_eof(sock)  # our stack sends FIN first: active close on its side
+    assert quote.startswith(b"Be conservative") and quote.endswith(b"\r\n")
+
+
+def test_closed_port_is_refused_at_once(ns, stack):
+    start = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        _connect(ns, 4321)
+    assert time.monotonic() - start < 2  # a reset, not a SYN retransmission timeout
+
+
+def test_segment_for_no_connection_gets_a_reset(ns, stack):
+    """RFC 9293 §3.10.7.1: an ACK for no connection is answered with <SEQ=SEG.ACK><CTL=RST>."""
+    listener = ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    listener.settimeout(3)
+    sender = ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with listener, sender:
+        stray = IP(src=HOST_ADDR, dst=STACK_ADDR) / TCP(sport=40001, dport=8000, flags="A", seq=1000, ack=123456)
+        sender.sendto(bytes(stray), (STACK_ADDR, 0))
+        syn = IP(src=HOST_ADDR, dst=STACK_ADDR) / TCP(sport=40002, dport=4321, flags="S", seq=777)
+        sender.sendto(bytes(syn), (STACK_ADDR, 0))
+        resets = {}
+        while len(resets) < 2:
+            reply = IP(listener.recv(2048))
+            if reply.src == STACK_ADDR and reply[TCP].flags.R:
+                resets[reply[TCP].dport] = reply[TCP]
+    assert resets[40001].seq == 123456 and not resets[40001].flags.A
+    assert resets[40002].seq == 0 and resets[40002].ack == 778 and resets[40002].flags.A

@@ -1,0 +1,52 @@
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.bus import messages as m
+
+
+def test_plain_packet_round_trip():
+    frames = m.encode_packet(b"\x45packet")
+    assert len(frames) == 2 and frames[1] == b"\x45packet"
+    assert m.decode(frames) == m.Packet(b"\x45packet", None)
+
+
+def test_packet_with_offload_round_trip():
+    frames = m.encode_packet(b"p", (1, 1, 52, 1460, 20, 16))
+    assert m.decode(frames) == m.Packet(b"p", (1, 1, 52, 1460, 20, 16))
+
+
+def test_heartbeat_and_goodbye_round_trip():
+    assert m.decode(m.encode_heartbeat("tcp.3", "tcp", 7)) == m.Heartbeat("tcp.3", "tcp", 7)
+    assert m.decode(m.encode_goodbye("tcp.3")) == m.Goodbye("tcp.3")
+
+
+def test_layout_is_versioned_array():
+    meta = msgpack.unpackb(m.encode_heartbeat("udp.1", "udp", 0)[0])
+    assert meta == [m.VERSION, m.HEARTBEAT, "udp.1", "udp", 0]
+
+
+@pytest.mark.parametrize("frames,reason", [
+    ([], "empty"),
+    ([b"\xc1"], "bad_msgpack"),
+    ([msgpack.packb({"a": 1})], "bad_meta"),
+    ([msgpack.packb([99, 0, None]), b"x"], "bad_version"),
+    ([msgpack.packb([1, 42])], "unknown_kind"),
+    ([msgpack.packb([1, 0, None])], "packet_frames"),
+    ([msgpack.packb([1, 0, [1, 2]]), b"x"], "bad_offload"),
+    ([msgpack.packb([1, 1, "a", "b"])], "bad_fields"),
+    ([msgpack.packb([1, 1, 1, "b", 0])], "bad_heartbeat"),
+])
+def test_malformed_messages_raise_bus_error(frames, reason):
+    with pytest.raises(m.BusError) as exc:
+        m.decode(frames)
+    assert str(exc.value) == reason
+
+
+@given(st.lists(st.binary(max_size=64), max_size=4))
+def test_any_frames_decode_or_raise_bus_error(frames):
+    try:
+        m.decode(frames)
+    except m.BusError:
+        pass

@@ -1,0 +1,35 @@
+import collections
+import os
+
+from pipeline.membership import Membership
+
+
+def test_join_expire_and_pick():
+    ms = Membership(timeout=3.0)
+    assert ms.pick("tcp", b"k") is None
+    assert ms.seen("tcp.1", "tcp", 0.0) is True
+    assert ms.seen("tcp.1", "tcp", 1.0) is False
+    assert ms.pick("tcp", b"k") == "tcp.1"
+    assert ms.expire(3.5) == []
+    assert ms.expire(4.1) == ["tcp.1"]
+    assert not ms.has_role("tcp")
+
+
+def test_rendezvous_spreads_and_moves_only_the_leavers_share():
+    ms = Membership(timeout=3.0)
+    for i in range(1, 5):
+        ms.seen(f"tcp.{i}", "tcp", 0.0)
+    keys = [os.urandom(10) for _ in range(4000)]
+    before = {k: ms.pick("tcp", k) for k in keys}
+    share = collections.Counter(before.values())
+    assert all(n > 4000 / 4 / 2 for n in share.values()), share
+    ms.remove("tcp.2")
+    after = {k: ms.pick("tcp", k) for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == "tcp.2" for k in moved)
+
+
+def test_roles_are_separate():
+    ms = Membership(timeout=3.0)
+    ms.seen("udp.1", "udp", 0.0)
+    assert ms.pick("tcp", b"") is None and ms.pick("udp", b"") == "udp.1"

@@ -1,0 +1,172 @@
+"""TCP services, written once against a small stream interface.
+
+A service gets a :class:`Stream` per accepted connection and is told when the
+stream is readable, writable again, or finished by the peer. Back-pressure is
+explicit: ``Stream.send`` takes only what the send buffer has room for, and a
+service holding unsent output stops reading, so the receive window closes
+and the peer slows down instead of the worker buffering without bound.
+
+Services: 8000 the seed's line service (each line reversed), 7 echo
+(RFC 862), 9 discard (RFC 863), 17 quote of the day (RFC 865: the server
+sends and closes first), 19 chargen (RFC 864).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from workers.seed import reverse_line
+
+
+class Stream(Protocol):
+    """What a service may do with its connection."""
+
+    def recv(self, max_bytes: int = -1) -> bytes: ...
+    def send(self, data: bytes) -> int: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Service:
+    """Base class: a service reacts to its stream's readiness."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.pending = b""  # output the send buffer had no room for yet
+
+    def on_readable(self) -> None:
+        """New bytes can be read."""
+
+    def on_writable(self) -> None:
+        """Send-buffer space opened up: flush held output, then resume reading."""
+        if self._flush():
+            self.on_readable()
+
+    def on_eof(self) -> None:
+        """The peer finished sending (FIN): by default, finish too once output is out."""
+        self.eof = True
+        if not self.pending:
+            self.stream.close()
+
+    eof = False
+
+    def write(self, data: bytes) -> bool:
+        """Send or hold ``data``; True if nothing is held back."""
+        self.pending += data
+        return self._flush()
+
+    def _flush(self) -> bool:
+        if self.pending:
+            sent = self.stream.send(self.pending)
+            self.pending = self.pending[sent:]
+        if not self.pending and self.eof:
+            self.stream.close()
+        return not self.pending
+
+
+class Echo(Service):
+    """RFC 862: everything received is sent back."""
+
+    def on_readable(self) -> None:
+        while not self.pending:
+            data = self.stream.recv()
+            if not data:
+                return
+            self.write(data)
+
+
+class Discard(Service):
+    """RFC 863: everything received is thrown away."""
+
+    def on_readable(self) -> None:
+        while self.stream.recv():
+            pass
+
+
+# RFC 864: 72-character lines of the 95 printable ASCII characters, each line
+# starting one character further along; the pattern repeats every 95 lines.
+_PRINTABLE = bytes(range(32, 127))
+_CHARGEN = b"".join((_PRINTABLE * 2)[i:i + 72] + b"\r\n" for i in range(95))
+
+
+class Chargen(Service):
+    """RFC 864: a stream of characters for as long as the peer reads; input is discarded."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__(stream)
+        self.offset = 0
+        self._pattern = _CHARGEN * (self.CHUNK // len(_CHARGEN) + 2)
+        self.on_writable()
+
+    def on_readable(self) -> None:
+        while self.stream.recv():
+            pass
+
+    def on_writable(self) -> None:
+        while not self.eof:
+            chunk = self._pattern[self.offset:self.offset + self.CHUNK]
+            sent = self.stream.send(chunk)
+            if not sent:
+                return
+            self.offset = (self.offset + sent) % len(_CHARGEN)
+
+    def on_eof(self) -> None:
+        self.eof = True
+        self.stream.close()
+
+
+class QuoteOfTheDay(Service):
+    """RFC 865: send a short message and close; input is discarded."""
+
+    QUOTE = b"Be conservative in what you do, be liberal in what you accept from others. (RFC 761)\r\n"
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__(stream)
+        self.eof = True  # close as soon as the quote is out
+        self.write(self.QUOTE)
+
+    def on_readable(self) -> None:
+        while self.stream.recv():
+            pass
+
+    def on_eof(self) -> None:
+        pass
+
+
+class LineReverser(Service):
+    """Port 8000, the seed's service: each received line answered reversed, plus a newline.
+
+    Lines may be split across segments any way at all; a partial line waits
+    for its end. A line longer than MAX_LINE is answered in pieces rather than
+    held without bound.
+    """
+
+    MAX_LINE = 64 * 1024
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__(stream)
+        self.partial = b""
+
+    def on_readable(self) -> None:
+        while not self.pending:
+            data = self.stream.recv()
+            if not data:
+                return
+            buf = self.partial + data
+            *lines, self.partial = buf.split(b"\n")
+            if len(self.partial) > self.MAX_LINE:
+                lines.append(self.partial)
+                self.partial = b""
+            if lines:
+                self.write(b"".join(reverse_line(line) for line in lines))
+
+    def on_eof(self) -> None:
+        if self.partial:  # a last line without its newline is still a line
+            self.write(reverse_line(self.partial))
+            self.partial = b""
+        super().on_eof()
+
+
+SERVICES: dict[int, type[Service]] = {8000: LineReverser, 7: Echo, 9: Discard, 17: QuoteOfTheDay, 19: Chargen}
