@@ -15,7 +15,7 @@ _FOLD_MIN = 4096  # bytes; above this, halving folds beat one big % (measured)
 
 
 def _sum_mod(data: bytes | memoryview, initial: int) -> int:
-    """(sum of 16-bit big-endian words + initial) mod 0xFFFF, plus 'was anything nonzero'."""
+    """A value congruent (mod 0xFFFF) to the word sum plus initial; zero only if both are."""
     n = len(data)
     x = int.from_bytes(data, "big")
     if n & 1:
@@ -49,9 +49,8 @@ def internet_checksum(data: bytes | memoryview, initial: int = 0) -> int:
 
 def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
     """Folded sum of the IPv4 pseudo header (RFC 9293 §3.1, RFC 768)."""
-    a = int.from_bytes(src, "big")
-    b = int.from_bytes(dst, "big")
-    total = (a >> 16) + (a & 0xFFFF) + (b >> 16) + (b & 0xFFFF) + protocol + length
+    # The 8 address bytes as one integer are congruent to their 4 words (mod 0xFFFF).
+    total = int.from_bytes(src + dst, "big") + protocol + length
     folded = total % 0xFFFF
     if folded == 0 and total:
         return 0xFFFF

@@ -188,7 +188,7 @@ def _parse_options(opts: bytes) -> TcpOptions:
     """Walk the option list (RFC 9293 §3.2): kind, or kind + length + value."""
     # Fast path: the NOP NOP TS every Linux data segment carries.
     if len(opts) == 12 and opts[:4] == _TS_ALIGNED:
-        return TcpOptions(timestamp=_U32X2.unpack_from(opts, 4))
+        return TcpOptions(None, None, False, (), _U32X2.unpack_from(opts, 4))
     mss = ws = ts = None
     sack_permitted = False
     sack_blocks: tuple[tuple[SeqNum, SeqNum], ...] = ()
