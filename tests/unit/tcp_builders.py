@@ -1,0 +1,235 @@
+"""Test helpers for the TCP connection: builders that put a Connection straight into a
+state (smoltcp ``socket_established()`` style), a terse segment constructor for the
+remote end, and a two-connection pump with a hand-driven clock.
+
+The builders set fields directly; ``test_tcp_conn_builders.py`` checks each one against
+the state reached through real transitions, so tests may trust them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.tcp import NO_OPTIONS, Flags, TcpOptions, TcpSegment
+from workers.tcp.config import TcpConfig
+from workers.tcp.connection import Connection, State, Timer
+from workers.tcp.events import Event
+
+LOCAL_PORT = 80
+REMOTE_PORT = 40000
+T0 = 1000.0
+# ISNs just below 2**32 on both sides: every test crosses the wrap.
+LOCAL_ISS = SeqNum(2**32 - 3)
+REMOTE_ISS = SeqNum(2**32 - 1000)
+
+PLAIN = TcpOptions(mss=1460)  # a peer SYN with only an MSS option
+FULL = TcpOptions(mss=1460, window_scale=7, sack_permitted=True, timestamp=(5000, 0))
+
+_FLAG_LETTERS = {"S": Flags.SYN, "A": Flags.ACK, "F": Flags.FIN, "R": Flags.RST, "P": Flags.PSH}
+
+
+def config(**changes: object) -> TcpConfig:
+    """TcpConfig with test-friendly defaults, overridden by changes."""
+    base: dict[str, object] = {"window_scaling": False, "timestamps": False, "sack": False}
+    base.update(changes)
+    return TcpConfig(**base)  # type: ignore[arg-type]
+
+
+def flags(text: str) -> Flags:
+    f = Flags(0)
+    for ch in text:
+        f |= _FLAG_LETTERS[ch]
+    return f
+
+
+def seg(conn: Connection, fl: str = "A", payload: bytes = b"", *, seq: int | None = None, ack: int | None = None,
+        window: int = 65535, options: TcpOptions = NO_OPTIONS) -> TcpSegment:
+    """A segment from the remote end; seq defaults to conn.rcv_nxt, ack to conn.snd_nxt."""
+    s = conn.rcv_nxt if seq is None else SeqNum(seq)
+    a = conn.snd_nxt if ack is None else SeqNum(ack)
+    return TcpSegment(conn.remote_port, conn.local_port, s, a, flags(fl), window, payload, options)
+
+
+def syn(options: TcpOptions = PLAIN, iss: SeqNum = REMOTE_ISS, window: int = 65535) -> TcpSegment:
+    return TcpSegment(REMOTE_PORT, LOCAL_PORT, iss, SeqNum(0), Flags.SYN, window, options=options)
+
+
+def drain(conn: Connection) -> list[Event]:
+    out = []
+    while (ev := conn.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+def fire(conn: Connection) -> float:
+    """Advance to the next deadline and fire it; return the new now."""
+    t = conn.get_timer()
+    assert t is not None, "no timer armed"
+    conn.handle_timer(t)
+    return t
+
+
+# -- builders ---------------------------------------------------------------------------
+
+def syn_received(cfg: TcpConfig | None = None, options: TcpOptions = PLAIN, now: float = T0) -> Connection:
+    """Passive open: the real path is one call, so the builder is that call (SYN-ACK drained)."""
+    c = Connection.accept(LOCAL_PORT, REMOTE_PORT, syn(options), LOCAL_ISS, cfg or config(), now)
+    c.segments_to_send(now)
+    drain(c)
+    return c
+
+
+def established(cfg: TcpConfig | None = None, options: TcpOptions = PLAIN, now: float = T0,
+                peer_window: int = 65535) -> Connection:
+    """ESTABLISHED after a passive open, fields set directly (nothing sent or received yet)."""
+    cfg = cfg or config()
+    c = Connection(LOCAL_PORT, REMOTE_PORT, LOCAL_ISS, cfg, now)
+    c.passive = True
+    c.irs = REMOTE_ISS
+    c.rcv_nxt = REMOTE_ISS + 1
+    c._negotiate(options, now)
+    c.state = State.ESTABLISHED
+    c.snd_una = c.snd_nxt = LOCAL_ISS + 1
+    c.snd_wnd = c.max_snd_wnd = peer_window << c.snd_wscale
+    c.snd_wl1 = REMOTE_ISS + 1
+    c.snd_wl2 = LOCAL_ISS + 1
+    c.rcv_adv = c.rcv_nxt + min(cfg.recv_buffer, 0xFFFF)  # what the SYN-ACK offered
+    c._last_ack_sent = c.rcv_nxt
+    if cfg.keepalive is not None:
+        c._timers[Timer.KEEPALIVE] = now + cfg.keepalive
+    return c
+
+
+def _sent(c: Connection) -> Connection:
+    """Account for a segment we sent: it advertised our current window."""
+    c._advertise()
+    c._last_ack_sent = c.rcv_nxt
+    return c
+
+
+def fin_wait_1(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    """ESTABLISHED, then close(): our FIN sent, not yet acknowledged."""
+    c = established(cfg, now=now, **kw)  # type: ignore[arg-type]
+    c.state = State.FIN_WAIT_1
+    c._fin_queued = True
+    c._fin_seq = c.snd_nxt
+    c.snd_nxt = c.snd_nxt + 1
+    c._rtt_seq, c._rtt_time = c._fin_seq, now
+    c._timers[Timer.RETRANSMIT] = now + c.rto
+    return _sent(c)
+
+
+def fin_wait_2(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    c = fin_wait_1(cfg, now, **kw)
+    c.state = State.FIN_WAIT_2
+    c.snd_una = c.snd_wl2 = c.snd_nxt
+    c._rtt_seq = None
+    del c._timers[Timer.RETRANSMIT]
+    return c
+
+
+def close_wait(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    """ESTABLISHED, then the peer's FIN arrived (and was acknowledged)."""
+    c = established(cfg, now=now, **kw)  # type: ignore[arg-type]
+    c.state = State.CLOSE_WAIT
+    c.rcv_nxt = c.rcv_nxt + 1
+    c.peer_fin = True
+    return _sent(c)
+
+
+def last_ack(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    c = close_wait(cfg, now, **kw)
+    c.state = State.LAST_ACK
+    c._fin_queued = True
+    c._fin_seq = c.snd_nxt
+    c.snd_nxt = c.snd_nxt + 1
+    c._rtt_seq, c._rtt_time = c._fin_seq, now
+    c._timers[Timer.RETRANSMIT] = now + c.rto
+    return _sent(c)
+
+
+def closing(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    """Simultaneous close: our FIN sent and unacknowledged, the peer's FIN received."""
+    c = fin_wait_1(cfg, now, **kw)
+    c.state = State.CLOSING
+    c.rcv_nxt = c.rcv_nxt + 1
+    c.peer_fin = True
+    return _sent(c)
+
+
+def time_wait(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    c = fin_wait_2(cfg, now, **kw)
+    c.state = State.TIME_WAIT
+    c.rcv_nxt = c.rcv_nxt + 1
+    c.peer_fin = True
+    c._last_ack_sent = c.rcv_nxt
+    c._timers.clear()
+    c._timers[Timer.TIME_WAIT] = now + 2 * c.config.msl
+    return _sent(c)
+
+
+def snapshot(c: Connection) -> dict[str, object]:
+    """The fields a builder must get right."""
+    return {
+        "state": c.state, "snd_una": c.snd_una, "snd_nxt": c.snd_nxt, "snd_wnd": c.snd_wnd,
+        "snd_wl1": c.snd_wl1, "snd_wl2": c.snd_wl2, "rcv_nxt": c.rcv_nxt, "rcv_adv": c.rcv_adv,
+        "snd_wscale": c.snd_wscale, "rcv_wscale": c.rcv_wscale, "ws_ok": c.ws_ok, "sack_ok": c.sack_ok,
+        "ts_ok": c.ts_ok, "send_mss": c.send_mss, "peer_mss": c.peer_mss, "fin_queued": c._fin_queued,
+        "peer_fin": c.peer_fin, "timers": sorted(t.name for t in c._timers), "readable": c.readable,
+        "send_space": c.send_space,
+    }
+
+
+# -- two real connections ---------------------------------------------------------------
+
+Filter = Callable[[TcpSegment], bool]
+
+
+class Pair:
+    """A client and a server Connection wired back to back, delivering instantly."""
+
+    def __init__(self, ccfg: TcpConfig | None = None, scfg: TcpConfig | None = None,
+                 client_iss: SeqNum = SeqNum(2**32 - 7), server_iss: SeqNum = LOCAL_ISS, now: float = T0) -> None:
+        self.now = now
+        self.client = Connection.connect(REMOTE_PORT, LOCAL_PORT, client_iss, ccfg or config(), now)
+        first = self.client.segments_to_send(now)
+        self.server = Connection.accept(LOCAL_PORT, REMOTE_PORT, first[0], server_iss, scfg or config(), now)
+        self.log: list[tuple[str, TcpSegment]] = [("c", first[0])]
+
+    def pump(self, drop: Filter | None = None, rounds: int = 1000) -> None:
+        """Exchange segments until both sides are quiet (no timers fired)."""
+        for _ in range(rounds):
+            moved = False
+            for name, src, dst in (("c", self.client, self.server), ("s", self.server, self.client)):
+                for s in src.segments_to_send(self.now):
+                    moved = True
+                    self.log.append((name, s))
+                    if drop is None or not drop(s):
+                        dst.receive(s, self.now)
+            if not moved:
+                return
+        raise AssertionError("pump did not settle")
+
+    def advance(self, dt: float, drop: Filter | None = None) -> None:
+        """Move the clock by dt, firing timers on the way."""
+        end = self.now + dt
+        while True:
+            ts = [t for t in (self.client.get_timer(), self.server.get_timer()) if t is not None and t <= end]
+            if not ts:
+                break
+            self.now = max(self.now, min(ts))
+            for c in (self.client, self.server):
+                t = c.get_timer()
+                if t is not None and t <= self.now:
+                    c.handle_timer(self.now)
+            self.pump(drop)
+        self.now = end
+        self.pump(drop)
+
+    def sent(self, who: str) -> list[TcpSegment]:
+        return [s for n, s in self.log if n == who]
+
+
+def payloads(segs: Iterable[TcpSegment]) -> bytes:
+    return b"".join(s.payload for s in segs)
