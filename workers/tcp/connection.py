@@ -1075,8 +1075,9 @@ class Connection:
         if used:
             self.zero_window_probes += 1
             self.snd_nxt += used
-            # The octet is now outstanding: the retransmission timer, with its
-            # exponential backoff, repeats the probe until the window opens.
+            # The octet is now outstanding: the retransmission timer repeats the
+            # probe, backing off exponentially, until the window opens.
+            self._rtt.backoff()
             self._timers[Timer.RETRANSMIT] = now + self._rtt.rto
 
     def _on_keepalive(self, now: float) -> None:
