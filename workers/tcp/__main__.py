@@ -1,0 +1,36 @@
+"""The TCP worker process: ``python -m workers.tcp`` (scale with ``honcho start -c tcp=N``)."""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config import env_float, env_int, env_str
+from pipeline.process import Process
+from workers import shell
+from workers.tcp.config import TcpConfig
+from workers.tcp.core import TcpCore
+
+
+def tcp_config(mtu: int) -> TcpConfig:
+    """TcpConfig from the environment (each variable is in the README's table)."""
+    congestion = env_str("TCP_CONGESTION", "newreno").lower()
+    if congestion not in ("newreno", "cubic"):
+        raise SystemExit(f"TCP_CONGESTION={congestion!r}: expected newreno or cubic")
+    keepalive = env_float("TCP_KEEPALIVE", 0.0)
+    return TcpConfig(
+        mss=mtu - 40,  # RFC 9293 §3.7.1: MTU minus fixed IPv4 and TCP headers
+        recv_buffer=env_int("TCP_RECV_BUFFER", 256 * 1024),
+        send_buffer=env_int("TCP_SEND_BUFFER", 256 * 1024),
+        congestion=congestion,
+        msl=env_float("TCP_MSL", 30.0),
+        delayed_ack=env_float("TCP_DELAYED_ACK", 0.04),
+        nagle=env_str("TCP_NAGLE", "1") not in ("0", "false", "no", "off"),
+        keepalive=keepalive if keepalive > 0 else None,
+    )
+
+
+if __name__ == "__main__":
+    proc = Process("tcp")
+    # RFC 6528 ISNs and SYN cookies need a secret the peer cannot guess; a fresh one per
+    # process is enough (a restarted worker holds none of the old connections).
+    shell.run(proc, TcpCore(proc, tcp_config(proc.config.mtu), secret=os.urandom(32)))
