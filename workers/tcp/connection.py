@@ -422,6 +422,7 @@ class Connection:
         """Send what the windows allow: go-back-N retransmission first, then new data."""
         edge = self.snd_una + min(self.snd_wnd, self._cc.cwnd)  # RFC 5681 §3.1: min(cwnd, rwnd)
         # 1. After an RTO, resend from snd_una, skipping SACKed ranges (RFC 6675 §5.1).
+        sb = self._scoreboard
         while self._rtx_nxt is not None:
             start = self._rtx_nxt
             if start >= self.snd_nxt:
@@ -431,7 +432,9 @@ class Connection:
             if start >= end:
                 self._rtx_nxt = None
                 break
-            room = edge - start
+            # In flight: what lies below start and was not SACKed (RFC 6675 §2 "pipe").
+            sacked_below = sb.sacked_bytes - sb.sacked_above(start - 1) if sb.sacked_bytes else 0
+            room = min(self._cc.cwnd - (start - self.snd_una - sacked_below), self.snd_una + self.snd_wnd - start)
             if room <= 0:
                 self._rtx_nxt = start
                 return
