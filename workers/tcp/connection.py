@@ -1071,17 +1071,25 @@ class Connection:
         self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # §5.6
 
     def _on_zero_window_probe(self, now: float) -> None:
-        """RFC 9293 §3.8.6.1: one octet of new data into the zero window."""
-        if self.snd_wnd > 0 or self.snd_una != self.snd_nxt or self.state not in _SENDS:
+        """The persist timer: data waits, nothing is in flight to bring an ACK.
+
+        Zero window: one octet of new data (RFC 9293 §3.8.6.1).  Small window:
+        the sender SWS override timeout (RFC 9293 §3.8.6.2.1), send what fits, so
+        a lost window update cannot stall the connection.
+        """
+        if self.snd_una != self.snd_nxt or self.state not in _SENDS:
             return
-        used = self._send_range(self.snd_nxt, 1, now, rtx=False)
-        if used:
+        limit = max(1, min(self.snd_wnd, self._cc.cwnd))
+        used = self._send_range(self.snd_nxt, limit, now, rtx=False)
+        if not used:
+            return
+        self.snd_nxt += used
+        if self.snd_wnd == 0:
             self.zero_window_probes += 1
-            self.snd_nxt += used
             # The octet is now outstanding: the retransmission timer repeats the
             # probe, backing off exponentially, until the window opens.
             self._rtt.backoff()
-            self._timers[Timer.RETRANSMIT] = now + self._rtt.rto
+        self._timers[Timer.RETRANSMIT] = now + self._rtt.rto
 
     def _on_keepalive(self, now: float) -> None:
         """RFC 9293 §3.8.4: probe an idle connection with SEG.SEQ = SND.NXT - 1."""
@@ -1110,8 +1118,9 @@ class Connection:
             timers.pop(Timer.RETRANSMIT, None)
         elif Timer.RETRANSMIT not in timers:
             timers[Timer.RETRANSMIT] = now + self._rtt.rto
-        # RFC 9293 §3.8.6.1: probe a zero window after one RTO, when nothing is outstanding.
-        if self.snd_wnd == 0 and self.snd_una == self.snd_nxt and st in _SENDS and self._has_unsent():
+        # Persist: data held back (zero window, RFC 9293 §3.8.6.1, or sender SWS
+        # avoidance, §3.8.6.2.1) with nothing outstanding: probe after one RTO.
+        if self.snd_una == self.snd_nxt and st in _SENDS and self._has_unsent():
             if Timer.ZERO_WINDOW_PROBE not in timers:
                 timers[Timer.ZERO_WINDOW_PROBE] = now + self._rtt.rto
         else:
