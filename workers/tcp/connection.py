@@ -99,6 +99,8 @@ _APP_SEND = frozenset({State.SYN_SENT, State.SYN_RECEIVED, State.ESTABLISHED, St
 # RFC 9293 §3.10.5 ABORT: states that send a RST.
 _ABORT_RST = frozenset({State.SYN_RECEIVED, State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2,
                         State.CLOSE_WAIT})
+# RFC 9293 §3.10.7.4 second: a RST here closes without a "connection reset" signal.
+_CLOSED_BY_USER = frozenset({State.CLOSING, State.LAST_ACK, State.TIME_WAIT})
 _KEEPALIVE_STATES = frozenset({State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_2})
 
 
@@ -713,9 +715,10 @@ class Connection:
             self.ts_recent = ts[0]
             self._ts_recent_time = now
         # second: RST (RFC 5961 §3.2): exact match resets, anything else in window is challenged.
+        # In CLOSING, LAST-ACK and TIME-WAIT the user already closed: no reset signal.
         if seg.rst:
             if seg.seq == self.rcv_nxt:
-                self._close("closed" if st is State.TIME_WAIT else "reset")
+                self._close("closed" if st in _CLOSED_BY_USER else "reset")
             else:
                 self._challenge_ack(now)
             return
