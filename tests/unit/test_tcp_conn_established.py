@@ -448,3 +448,18 @@ def test_rtt_from_timestamp_echo():
     [s] = c.segments_to_send(T0)
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(5001, s.options.timestamp[0]))), T0 + 0.08)
     assert abs(c.srtt - 0.08) < 0.0015
+
+
+def test_lost_window_update_does_not_stall_a_small_window():
+    # Sender SWS avoidance holds back 1000 bytes (< MSS, < half the max window); the
+    # persist timer overrides it (RFC 9293 §3.8.6.2.1) since nothing is in flight.
+    c = established(config(nagle=False), peer_window=4000)
+    c.send(b"x" * 5000)
+    out = c.segments_to_send(T0)
+    assert sum(len(s.payload) for s in out) == 2 * MSS
+    c.receive(seg(c, "A", window=1000), T0 + 0.1)  # all acked, but only 1000 bytes of window
+    assert c.segments_to_send(T0 + 0.1) == []
+    assert c._timers.keys() == {Timer.ZERO_WINDOW_PROBE}
+    now = fire(c)
+    [s] = c.segments_to_send(now)
+    assert len(s.payload) == 1000 and c.zero_window_probes == 0

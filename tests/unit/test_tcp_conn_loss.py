@@ -171,3 +171,22 @@ def test_rto_go_back_skips_sacked_data():
     out = c.segments_to_send(now + 0.2)
     assert [s.seq for s in out] == [segs[5].seq]
     assert all(s.flags & Flags.ACK for s in out)
+
+
+# -- large segments ------------------------------------------------------------------------
+
+def test_retransmissions_are_one_smss_even_with_large_segments():
+    c = established(config(max_send_segment=65536, sack=True), options=SACK)
+    c.send(b"x" * 14600)
+    [big] = c.segments_to_send(T0)
+    assert len(big.payload) == 14600
+    now = fire(c)
+    [r] = c.segments_to_send(now)
+    assert r.seq == big.seq and len(r.payload) == MSS  # RFC 5681 §3.1: cwnd is one SMSS after an RTO
+
+
+def test_tiny_peer_mss_is_clamped():
+    c = established(options=TcpOptions(mss=1))
+    assert c.peer_mss == 64
+    c.send(b"x" * 100)
+    assert len(c.segments_to_send(T0)[0].payload) == 64

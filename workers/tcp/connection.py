@@ -46,6 +46,7 @@ from workers.tcp.rtt import RttEstimator
 from workers.tcp.scoreboard import SackScoreboard
 
 DEFAULT_MSS = 536            # RFC 9293 §3.7.1: send MSS when the peer sent no MSS option (IPv4)
+MIN_PEER_MSS = 64            # floor for a peer's MSS option (Linux: 48), leaves room for 40 bytes of options
 MAX_WINDOW_SHIFT = 14        # RFC 7323 §2.3
 TS_OPTION_SPACE = 12         # NOP NOP TS (RFC 7323 Appendix A)
 DUP_ACK_THRESHOLD = 3        # RFC 5681 §3.2
@@ -257,7 +258,7 @@ class Connection:
         c.passive = True
         c.irs = ack.seq - 1
         c.rcv_nxt = ack.seq
-        c.peer_mss = peer_mss or DEFAULT_MSS
+        c.peer_mss = max(peer_mss or DEFAULT_MSS, MIN_PEER_MSS)
         c._set_send_mss()
         c.snd_una = c.snd_nxt = iss + 1
         c.snd_wnd = c.max_snd_wnd = ack.window
@@ -274,7 +275,7 @@ class Connection:
     def _negotiate(self, opts: TcpOptions, now: float) -> None:
         """Options of the peer's SYN (RFC 9293 §3.7.1, RFC 7323 §2.2/§3.2, RFC 2018 §2)."""
         cfg = self.config
-        self.peer_mss = opts.mss or DEFAULT_MSS
+        self.peer_mss = max(opts.mss or DEFAULT_MSS, MIN_PEER_MSS)
         # RFC 7323 §2.2: scaling only if both sides sent the option; §2.3: clamp to 14.
         if cfg.window_scaling and opts.window_scale is not None:
             self.ws_ok = True
@@ -908,7 +909,8 @@ class Connection:
             return
         if start >= end:
             return
-        used = self._send_range(start, end - start, now, rtx=True)
+        # One segment (RFC 5681 §3.2 step 3), however large segments may otherwise be.
+        used = self._send_range(start, min(end - start, self.send_mss), now, rtx=True)
         if used:
             self._recovery_rtx = start + used
 
@@ -1068,7 +1070,7 @@ class Connection:
         self._rtt.backoff()  # §5.5
         # §5.4: retransmit the earliest unacknowledged segment now (even into a zero
         # window: then it is the probe of RFC 9293 §3.8.6.1), the rest goes back-N.
-        limit = self.snd_nxt - self.snd_una if self.snd_wnd > 0 else 1
+        limit = min(self.snd_nxt - self.snd_una, self.send_mss) if self.snd_wnd > 0 else 1
         used = self._send_range(self.snd_una, limit, now, rtx=True)
         self._rtx_nxt = self.snd_una + used
         self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # §5.6
