@@ -26,9 +26,15 @@ retransmission timeout the go-back-N point is kept separately in
 acceptability test).  ``rcv_adv`` is the right edge of the window we have
 advertised; RCV.WND is ``rcv_adv - rcv_nxt``.
 
-Not implemented: urgent data (URG is ignored, RFC 6093 discourages it), data in
-SYN segments (dropped, not acknowledged: the peer retransmits it), ECN, the
-RFC 9293 §3.8.6.2.1 SWS override timer, a FIN-WAIT-2 timeout.
+Timers: one deadline per ``Timer``.  The ZERO_WINDOW_PROBE timer is the persist
+timer: it also serves as the sender SWS override (RFC 9293 §3.8.6.2.1), so a lost
+window update never stalls a connection that holds back a small segment.
+
+Not implemented: urgent data (URG is ignored and its bytes are ordinary data,
+RFC 6093), data in SYN segments (not acknowledged, so the peer resends it), ECN,
+limited transmit (RFC 3042), a FIN-WAIT-2 timeout, TIME-WAIT reuse by a new SYN.
+Once timestamps are negotiated, a segment without one is still accepted (as
+Linux does; RFC 7323 §3.2 says SHOULD drop).
 """
 
 from __future__ import annotations
@@ -379,8 +385,7 @@ class Connection:
         if st is State.ESTABLISHED:
             self.state = State.FIN_WAIT_1
         elif st is State.CLOSE_WAIT:
-            # RFC 9293 §3.10.4 says CLOSING here; erratum 5 of RFC 793 and every stack: LAST-ACK.
-            self.state = State.LAST_ACK
+            self.state = State.LAST_ACK  # RFC 9293 §3.10.4 (RFC 793 said CLOSING, a known erratum)
         # SYN-RECEIVED: the FIN waits for ESTABLISHED (RFC 9293 §3.10.4).
 
     def abort(self) -> None:
