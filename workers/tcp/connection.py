@@ -67,6 +67,7 @@ _SYN = Flags.SYN
 _SYN_ACK = Flags.SYN | Flags.ACK
 _RST = Flags.RST
 _RST_ACK = Flags.RST | Flags.ACK
+_F_FIN, _F_SYN, _F_RST, _F_ACK = 0x01, 0x02, 0x04, 0x10
 
 
 class State(enum.Enum):
@@ -694,23 +695,26 @@ class Connection:
     def _receive_synchronized(self, seg: TcpSegment, now: float) -> None:
         """RFC 9293 §3.10.7.4, SYN-RECEIVED through TIME-WAIT."""
         st = self.state
-        if st is State.SYN_RECEIVED and seg.syn and not seg.ack_flag and not seg.rst and seg.seq == self.irs:
+        f = int(seg.flags)  # plain int: IntFlag arithmetic is slow on this path
+        rst = f & _F_RST
+        fin = f & _F_FIN != 0
+        if st is State.SYN_RECEIVED and f & (_F_SYN | _F_ACK | _F_RST) == _F_SYN and seg.seq == self.irs:
             # Our SYN-ACK was lost and the peer retransmitted its SYN: repeat the SYN-ACK.
             self.retransmissions += 1
             self._send_syn(now)
             return
         ts = seg.options.timestamp if self.ts_ok else None
         # RFC 7323 §5.3 R1 (PAWS), before the sequence test; RSTs are exempt (§5.2 note).
-        if ts is not None and not seg.rst and self._paws_reject(ts[0], now):
+        if ts is not None and not rst and self._paws_reject(ts[0], now):
             self.paws_rejected += 1
             self._ack_now = True
             return
         # first: sequence number acceptability (four cases).
-        if not self._acceptable(seg.seq, seg.seg_len):
+        if not self._acceptable(seg.seq, len(seg.payload) + (f & _F_SYN != 0) + fin):
             self.invalid_segments += 1
-            if not seg.rst:
+            if not rst:
                 self._ack_now = True  # "send an acknowledgment ... and drop the segment"
-                if st is State.TIME_WAIT and seg.fin:
+                if st is State.TIME_WAIT and fin:
                     # TIME-WAIT: a retransmitted FIN is re-ACKed and restarts the 2 MSL timeout.
                     self._timers[Timer.TIME_WAIT] = now + 2 * self.config.msl
             return
@@ -722,24 +726,24 @@ class Connection:
             self._ts_recent_time = now
         # second: RST (RFC 5961 §3.2): exact match resets, anything else in window is challenged.
         # In CLOSING, LAST-ACK and TIME-WAIT the user already closed: no reset signal.
-        if seg.rst:
+        if rst:
             if seg.seq == self.rcv_nxt:
                 self._close("closed" if st in _CLOSED_BY_USER else "reset")
             else:
                 self._challenge_ack(now)
             return
         # fourth: SYN in a synchronized state (RFC 5961 §4.2): challenge ACK, drop.
-        if seg.syn:
+        if f & _F_SYN:
             self._challenge_ack(now)
             return
         # fifth: ACK.
-        if not seg.ack_flag:
+        if not f & _F_ACK:
             self.invalid_segments += 1
             return
-        if not self._process_ack(seg, now):
+        if not self._process_ack(seg, fin, now):
             return
         # sixth (URG) is not supported; seventh and eighth: text and FIN.
-        self._process_text(seg.seq, seg.payload, seg.fin, now)
+        self._process_text(seg.seq, seg.payload, fin, now)
 
     def _paws_reject(self, tsval: int, now: float) -> bool:
         """RFC 7323 §5.3 R1: a timestamp older than TS.Recent marks an old duplicate."""
@@ -760,7 +764,7 @@ class Connection:
             return seq == self.rcv_nxt
         return seq.in_window(self.rcv_nxt, wnd) or (seq + seg_len - 1).in_window(self.rcv_nxt, wnd)
 
-    def _process_ack(self, seg: TcpSegment, now: float) -> bool:
+    def _process_ack(self, seg: TcpSegment, fin: bool, now: float) -> bool:
         """RFC 9293 §3.10.7.4 fifth; False if the segment is dropped."""
         ack = seg.ack
         st = self.state
@@ -781,7 +785,7 @@ class Connection:
             return False
         wnd = seg.window << self.snd_wscale
         # RFC 5681 §2 duplicate ACK: outstanding data, no text, no SYN/FIN, same ACK and window.
-        dup = (ack == self.snd_una and self.snd_una != self.snd_nxt and not seg.payload and not seg.fin
+        dup = (ack == self.snd_una and self.snd_una != self.snd_nxt and not seg.payload and not fin
                and wnd == self.snd_wnd and wnd > 0)
         # RFC 9293 §3.10.7.4: update the send window only from a newer segment (SND.WL1/WL2).
         if self.snd_una <= ack and (self.snd_wl1 < seg.seq or (self.snd_wl1 == seg.seq and self.snd_wl2 <= ack)):
