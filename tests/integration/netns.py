@@ -94,6 +94,31 @@ class Namespace:
         return [int(p) for p in out.split()]
 
 
+CLIENT_ADDR = "192.168.77.2"
+ROUTER_ADDR = "192.168.77.1"
+
+
+def routed_client(stack_ns: Namespace) -> Namespace:
+    """A second namespace that reaches the stack through the first one, as a router.
+
+    client ns  ve-client 192.168.77.2 --veth-- ve-stack 192.168.77.1  stack ns  ustack0 10.0.0.1 -> stack 10.0.0.2
+
+    Loss and bottlenecks applied to *forwarded* packets are real losses for
+    both TCPs; drops in the output hook of the sending host's own namespace
+    are not (the kernel's TCP sees a local send failure and simply retries).
+    """
+    client = Namespace("usclient")
+    stack_ns.run("ip", "link", "add", "ve-stack", "type", "veth", "peer", "name", "ve-client",
+                 "netns", client.name)
+    stack_ns.run("ip", "addr", "add", f"{ROUTER_ADDR}/24", "dev", "ve-stack")
+    stack_ns.run("ip", "link", "set", "ve-stack", "up")
+    stack_ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    client.run("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", "ve-client")
+    client.run("ip", "link", "set", "ve-client", "up")
+    client.run("ip", "route", "add", "default", "via", ROUTER_ADDR)
+    return client
+
+
 class Stack:
     """`honcho start` run in a namespace exactly as a user runs it, output captured."""
 

@@ -34,6 +34,9 @@ FlowKey = tuple[bytes, int, int]  # remote address, remote port, local port
 
 SYN_QUEUE_LIMIT = 256        # half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
+# Connection counters logged with tcp_closed.
+CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
+               "fast_retransmits", "zero_window_probes", "ooo_segments", "challenge_acks")
 
 
 class TcpCore:
@@ -192,7 +195,7 @@ class TcpCore:
                 app.on_eof()
             if isinstance(ev, events.Closed):
                 log.info("tcp_closed", remote=fmt_addr(key[0]), rport=key[1], lport=key[2], reason=ev.reason,
-                         retransmissions=getattr(conn, "retransmissions", 0))
+                         **{name: getattr(conn, name) for name in CLOSE_STATS})
         if self.proc.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key[0]), rport=key[1], lport=key[2],
                       old=before.name, new=conn.state.name)

@@ -1,0 +1,57 @@
+"""Loss and bottlenecks on the path between a client namespace and the stack.
+
+The client reaches the stack through the stack's namespace acting as a
+router (see ``netns.routed_client``), and every condition applies to
+*forwarded* packets, so each drop is a real loss for whichever TCP sent the
+packet (a drop in the sending host's own output path is reported back to its
+TCP as a local failure and retried, which is not loss). Loss: nftables
+``numgen random`` in the forward hook, both directions (this kernel has no
+netem). Bottleneck: a ``tc tbf`` token bucket on the router's interface in
+each direction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from tests.integration.netns import Namespace
+
+TUN = "ustack0"
+VETH = "ve-stack"
+
+
+@contextlib.contextmanager
+def random_loss(stack_ns: Namespace, percent: int):
+    script = f"""
+table inet ustack_loss {{
+  chain lossy {{ type filter hook forward priority 0; numgen random mod 100 < {percent} drop; }}
+}}"""
+    stack_ns.run("nft", "-f", "-", input=script.encode())
+    try:
+        yield
+    finally:
+        stack_ns.run("nft", "delete", "table", "inet", "ustack_loss")
+
+
+@contextlib.contextmanager
+def bottleneck(stack_ns: Namespace, mbit: int):
+    for dev in (TUN, VETH):  # towards the stack, and towards the client
+        stack_ns.run("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
+                     "burst", "32kb", "latency", "20ms")
+    try:
+        yield
+    finally:
+        for dev in (TUN, VETH):
+            stack_ns.run("tc", "qdisc", "del", "dev", dev, "root")
+
+
+@contextlib.contextmanager
+def clean(stack_ns: Namespace):
+    yield
+
+
+CONDITIONS = {
+    "clean": lambda ns: clean(ns),
+    "loss5": lambda ns: random_loss(ns, 5),
+    "bottleneck": lambda ns: bottleneck(ns, 40),
+}
