@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -24,6 +25,17 @@ def env_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise SystemExit(f"{name}={raw!r}: expected a number") from None
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name}={raw!r}: expected 1 or 0")
 
 
 def env_int(name: str, default: int) -> int:
@@ -44,6 +56,7 @@ class StackConfig:
     mtu: int
     run_dir: str
     proc_name: str
+    offload: bool  # virtio-net header, checksum offload and TSO on the device (Linux)
 
     @property
     def stack_addr_bytes(self) -> bytes:
@@ -74,4 +87,5 @@ def load() -> StackConfig:
         mtu=mtu,
         run_dir=env_str("USTACK_RUN_DIR", f"/run/ustack/{tun_name}"),
         proc_name=env_str("HONCHO_PROCESS_NAME", "") or env_str("USTACK_PROC", "stack"),
+        offload=env_bool("USTACK_OFFLOAD", sys.platform == "linux"),
     )

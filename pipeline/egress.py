@@ -20,7 +20,7 @@ def main() -> None:
     counters = proc.counters
     endpoints.ensure_run_dir(cfg.run_dir)
     try:
-        device = tun.open_device(cfg.tun_name, writer_only=True)
+        device = tun.open_device(cfg.tun_name, writer_only=True, offload=cfg.offload)
     except tun.TunError as exc:
         log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(1) from None
@@ -45,7 +45,7 @@ def main() -> None:
                     proc.drop("bus_unexpected_kind")
                     continue
                 try:
-                    device.write(msg.data)
+                    device.write(msg.data, msg.offload)
                 except OSError as exc:  # e.g. EINVAL for a packet the kernel refuses, EIO when down
                     proc.drop("write_failed", error=exc.strerror)
                     continue

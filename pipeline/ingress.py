@@ -21,6 +21,7 @@ import zmq
 from pipeline import tun
 from pipeline.bus import endpoints, messages
 from pipeline.membership import Membership
+from pipeline.offload import Offload
 from pipeline.process import Process
 from pipeline.wire import Malformed
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
@@ -39,7 +40,7 @@ class Router:
         self.proc = proc
         self.members = members
         self.address = proc.config.stack_addr_bytes
-        self.pending: dict[str, collections.deque[tuple[float, bytes]]] = collections.defaultdict(
+        self.pending: dict[str, collections.deque[tuple[float, bytes, Offload | None]]] = collections.defaultdict(
             lambda: collections.deque(maxlen=PENDING_LIMIT))
 
     def route(self, packet: bytes) -> tuple[str | None, str]:
@@ -71,7 +72,7 @@ def main() -> None:
     counters = proc.counters
     endpoints.ensure_run_dir(cfg.run_dir)
     try:
-        device = tun.open_device(cfg.tun_name, writer_only=False)
+        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload)
         tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu)
     except tun.TunError as exc:
         log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
@@ -83,11 +84,12 @@ def main() -> None:
     poller = zmq.Poller()
     poller.register(router_sock, zmq.POLLIN)
     poller.register(device.fileno(), zmq.POLLIN)
-    log.info("ingress_started", device=device.name, host=str(cfg.host_interface), address=str(cfg.stack_address))
+    log.info("ingress_started", device=device.name, host=str(cfg.host_interface), address=str(cfg.stack_address),
+             offload=hex(getattr(device, "offload_bits", 0)))
 
-    def forward(name: str, packet: bytes) -> bool:
+    def forward(name: str, packet: bytes, offload: Offload | None) -> bool:
         try:
-            router_sock.send_multipart([name.encode(), *messages.encode_packet(packet)], flags=zmq.NOBLOCK)
+            router_sock.send_multipart([name.encode(), *messages.encode_packet(packet, offload)], flags=zmq.NOBLOCK)
         except zmq.Again:
             proc.drop("worker_full", worker=name)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
@@ -100,13 +102,13 @@ def main() -> None:
     def flush_pending(role: str, now: float) -> None:
         queue = router.pending.get(role)
         while queue:
-            born, packet = queue.popleft()
+            born, packet, offload = queue.popleft()
             if now - born > PENDING_MAX_AGE:
                 proc.drop("no_worker", role=role)
                 continue
             name, _ = router.route(packet)
-            if name is None or not forward(name, packet):
-                queue.appendleft((born, packet))
+            if name is None or not forward(name, packet, offload):
+                queue.appendleft((born, packet, offload))
                 return
 
     try:
@@ -135,16 +137,17 @@ def main() -> None:
                             log.info("worker_left", worker=msg.name)
             if device.fileno() in ready:
                 for _ in range(DRAIN_BATCH):
-                    packet = device.read()
-                    if packet is None:
+                    got = device.read()
+                    if got is None:
                         break
+                    packet, offload = got
                     counters["packets_in"] += 1
                     name, role = router.route(packet)
                     if name is not None:
-                        if not forward(name, packet):
-                            router.pending[role].append((now, packet))
+                        if not forward(name, packet, offload):
+                            router.pending[role].append((now, packet, offload))
                     elif role:
-                        router.pending[role].append((now, packet))
+                        router.pending[role].append((now, packet, offload))
             for name in members.expire(now):
                 log.warning("worker_timeout", worker=name)
             for role, queue in router.pending.items():

@@ -11,6 +11,15 @@ either process can restart while the other runs (with its address and
 routes intact). Passing one descriptor over SCM_RIGHTS would also work, but
 it would make one process the owner that the other must wait for.
 
+With offloads (``USTACK_OFFLOAD=1``, the default on Linux) the device is
+opened with ``IFF_VNET_HDR``: every packet read or written is preceded by a
+10-byte ``virtio_net_hdr``, and the reader enables checksum and TCP
+segmentation offload (``TUNSETOFFLOAD``). The kernel then hands us TCP
+segments of up to 64 KB whose checksum it vouches for, and accepts 64 KB
+segments with only the pseudo-header sum filled in, segmenting and
+checksumming them itself. The header is a property of the device, not of a
+queue, so ingress and egress must open it with the same setting.
+
 On macOS the device is a ``utun`` kernel-control socket whose packets carry a
 4-byte address-family header (2 = IPv4, 30 = IPv6); the framing functions
 below are unit-tested, the device path is untested on real macOS.
@@ -26,6 +35,8 @@ import subprocess
 import sys
 from typing import Protocol
 
+from pipeline.offload import NO_VNET_HDR, VNET_HDR, Offload
+
 # <linux/if_tun.h>
 _TUNSETIFF = 0x400454CA
 _TUNSETQUEUE = 0x400454D9
@@ -33,7 +44,13 @@ _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 _IFF_MULTI_QUEUE = 0x0100
 _IFF_DETACH_QUEUE = 0x0400
+_IFF_VNET_HDR = 0x4000
+_TUNSETOFFLOAD = 0x400454D0
 _IFREQ = struct.Struct("16sH")
+
+# TUNSETOFFLOAD bits: CSUM, TSO4, TSO6 (required), then USO4 | USO6 where the kernel has them (>= 6.2).
+_TUN_F_REQUIRED = 0x01 | 0x02 | 0x04
+_TUN_F_USO = 0x20 | 0x40
 
 # <sys/kern_control.h>, <net/if_utun.h> (macOS)
 _UTUN_CONTROL_NAME = b"com.apple.net.utun_control"
@@ -50,10 +67,13 @@ READ_SIZE = 65535 + 64
 class TunDevice(Protocol):
     name: str
 
+    offload: bool
+
     def fileno(self) -> int: ...
-    def read(self) -> bytes | None:
-        """One IP packet, or None when nothing is waiting (non-blocking)."""
-    def write(self, packet: bytes) -> None: ...
+    def read(self) -> tuple[bytes, Offload | None] | None:
+        """One IP packet and its virtio-net header fields (None without offload metadata),
+        or None when nothing is waiting (non-blocking)."""
+    def write(self, packet: bytes, offload: Offload | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -62,9 +82,9 @@ class TunError(OSError):
 
 
 class LinuxTun:
-    """One queue of a multi-queue Linux TUN device (IFF_TUN | IFF_NO_PI)."""
+    """One queue of a multi-queue Linux TUN device (IFF_TUN | IFF_NO_PI [| IFF_VNET_HDR])."""
 
-    def __init__(self, name: str, *, writer_only: bool) -> None:
+    def __init__(self, name: str, *, writer_only: bool, offload: bool) -> None:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
@@ -73,31 +93,59 @@ class LinuxTun:
         import fcntl  # Linux only
 
         try:
-            fcntl.ioctl(fd, _TUNSETIFF, _IFREQ.pack(name.encode(), _IFF_TUN | _IFF_NO_PI | _IFF_MULTI_QUEUE))
+            flags = _IFF_TUN | _IFF_NO_PI | _IFF_MULTI_QUEUE | (_IFF_VNET_HDR if offload else 0)
+            fcntl.ioctl(fd, _TUNSETIFF, _IFREQ.pack(name.encode(), flags))
             if writer_only:
                 fcntl.ioctl(fd, _TUNSETQUEUE, _IFREQ.pack(b"", _IFF_DETACH_QUEUE))
+            else:
+                self.offload_bits = _enable_offloads(fd) if offload else 0
         except OSError as exc:
             os.close(fd)
-            raise TunError(exc.errno, f"TUNSETIFF {name}: {exc.strerror}") from None
+            raise TunError(exc.errno, f"TUN set-up of {name}: {exc.strerror}" +
+                           (" (try USTACK_OFFLOAD=0)" if offload else "")) from None
         self.name = name
+        self.offload = offload
         self._fd = fd
 
     def fileno(self) -> int:
         return self._fd
 
-    def read(self) -> bytes | None:
+    def read(self) -> tuple[bytes, Offload | None] | None:
         try:
-            return os.read(self._fd, READ_SIZE)
+            data = os.read(self._fd, READ_SIZE)
         except BlockingIOError:
             return None
+        if not self.offload:
+            return data, None
+        if len(data) < VNET_HDR.size:
+            return b"", None  # cannot happen with a sane kernel; the caller drops it as truncated
+        fields = VNET_HDR.unpack_from(data)
+        # Most small packets carry an all-zero header: don't send it around.
+        return data[VNET_HDR.size:], (fields if fields[0] or fields[1] else None)
 
-    def write(self, packet: bytes) -> None:
-        os.write(self._fd, packet)
+    def write(self, packet: bytes, offload: Offload | None = None) -> None:
+        if self.offload:
+            os.writev(self._fd, (NO_VNET_HDR if offload is None else VNET_HDR.pack(*offload), packet))
+        else:
+            os.write(self._fd, packet)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _enable_offloads(fd: int) -> int:
+    """Enable checksum offload and TSO (and USO where available); return the bits accepted."""
+    import fcntl
+
+    for bits in (_TUN_F_REQUIRED | _TUN_F_USO, _TUN_F_REQUIRED):
+        try:
+            fcntl.ioctl(fd, _TUNSETOFFLOAD, bits)
+            return bits
+        except OSError:
+            continue
+    raise OSError(errno.EINVAL, "the kernel refused TUNSETOFFLOAD for checksum and TSO")
 
 
 def utun_frame(packet: bytes) -> bytes:
@@ -119,6 +167,8 @@ def utun_unframe(data: bytes) -> bytes | None:
 class MacUtun:
     """A macOS utun device (untested on real macOS: see README)."""
 
+    offload = False
+
     def __init__(self, sock: socket.socket, name: str) -> None:
         self._sock = sock
         self._sock.setblocking(False)
@@ -139,7 +189,7 @@ class MacUtun:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def read(self) -> bytes | None:
+    def read(self) -> tuple[bytes, Offload | None] | None:
         while True:
             try:
                 data = self._sock.recv(READ_SIZE)
@@ -147,19 +197,19 @@ class MacUtun:
                 return None
             packet = utun_unframe(data)
             if packet is not None:
-                return packet
+                return packet, None
 
-    def write(self, packet: bytes) -> None:
+    def write(self, packet: bytes, offload: Offload | None = None) -> None:
         self._sock.send(utun_frame(packet))
 
     def close(self) -> None:
         self._sock.close()
 
 
-def open_device(name: str, *, writer_only: bool) -> TunDevice:
+def open_device(name: str, *, writer_only: bool, offload: bool) -> TunDevice:
     """Open (creating if needed) the device; a writer never receives traffic."""
     if sys.platform == "linux":
-        return LinuxTun(name, writer_only=writer_only)
+        return LinuxTun(name, writer_only=writer_only, offload=offload)
     if sys.platform == "darwin":
         # A utun device cannot be shared by two processes: on macOS run the
         # stack with USTACK_SINGLE=1 (see README) or accept that this is untested.

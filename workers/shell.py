@@ -14,16 +14,22 @@ from typing import Protocol
 import zmq
 
 from pipeline.bus import endpoints, messages
+from pipeline.offload import Offload
 from pipeline.process import Process
 
 
+# An IP packet to send, with the virtio-net header fields egress should write
+# with it (None: a complete packet, checksums filled in).
+Outgoing = tuple[bytes, Offload | None]
+
+
 class WorkerCore(Protocol):
-    def handle_packet(self, data: bytes, now: float) -> list[bytes]:
-        """One IP packet in; IP packets to send out."""
-    def handle_timer(self, now: float) -> list[bytes]:
-        """Fire what is due at ``now``; IP packets to send out."""
+    def handle_packet(self, data: bytes, now: float, offload: Offload | None) -> list[Outgoing]:
+        """One IP packet (and its offload metadata from the device) in; packets to send out."""
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        """Fire what is due at ``now``; packets to send out."""
     def next_deadline(self) -> float | None: ...
-    def close(self, now: float) -> list[bytes]:
+    def close(self, now: float) -> list[Outgoing]:
         """Shutting down: release what is held (e.g. reset connections)."""
 
 
@@ -40,10 +46,10 @@ def run(proc: Process, core: WorkerCore) -> None:
     next_heartbeat = 0.0
     log.info("worker_started", role=proc.role)
 
-    def send(packets: list[bytes]) -> None:
-        for pkt in packets:
+    def send(packets: list[Outgoing]) -> None:
+        for pkt, offload in packets:
             try:
-                outbox.send_multipart(messages.encode_packet(pkt), flags=zmq.NOBLOCK, copy=False)
+                outbox.send_multipart(messages.encode_packet(pkt, offload), flags=zmq.NOBLOCK)
                 counters["packets_out"] += 1
             except zmq.Again:  # egress gone or far behind: the peer's TCP retransmits
                 proc.drop("egress_full")
@@ -76,7 +82,7 @@ def run(proc: Process, core: WorkerCore) -> None:
                         continue
                     if isinstance(msg, messages.Packet):
                         counters["packets_in"] += 1
-                        send(core.handle_packet(msg.data, time.monotonic()))
+                        send(core.handle_packet(msg.data, time.monotonic(), msg.offload))
             now = time.monotonic()
             deadline = core.next_deadline()
             if deadline is not None and deadline <= now:

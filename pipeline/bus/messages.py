@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from pipeline.offload import Offload
+
 VERSION = 1
 PACKET = 0
 HEARTBEAT = 1
@@ -29,7 +31,6 @@ GOODBYE = 2
 HEARTBEAT_INTERVAL = 1.0  # seconds between worker heartbeats
 HEARTBEAT_TIMEOUT = 3.0   # ingress forgets a worker silent this long
 
-Offload = tuple[int, int, int, int, int, int]
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 # The common case, a plain packet with no offload metadata, costs nothing to encode.

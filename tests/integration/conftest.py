@@ -22,10 +22,20 @@ def fresh_ns():
         namespace.delete()
 
 
+# The device with virtio-net header, checksum offload and TSO (64 KB segments
+# both ways), and without (MTU-sized packets, every checksum ours).
+OFFLOAD_MODES = {"offload": {"USTACK_OFFLOAD": "1"}, "no_offload": {"USTACK_OFFLOAD": "0"}}
+
+
+@pytest.fixture(scope="module", params=list(OFFLOAD_MODES))
+def offload_env(request):
+    return OFFLOAD_MODES[request.param]
+
+
 @pytest.fixture(scope="module")
-def stack(ns):
+def stack(ns, offload_env):
     """The whole stack, one worker of each kind, started with plain `honcho start`."""
-    s = Stack(ns, env={"LOG_LEVEL": "debug"})
+    s = Stack(ns, env={"LOG_LEVEL": "debug", **offload_env})
     try:
         s.wait_ready()
         yield s

@@ -44,8 +44,8 @@ MALFORMED = {
 
 
 @pytest.fixture(scope="module")
-def stack(ns):
-    s = Stack(ns, env={"LOG_LEVEL": "debug"})
+def stack(ns, offload_env):
+    s = Stack(ns, env={"LOG_LEVEL": "debug", **offload_env})
     try:
         s.wait_ready()
         yield s

@@ -30,8 +30,8 @@ def client(ns):
 
 
 @pytest.fixture(scope="module")
-def stack(ns):
-    s = Stack(ns)
+def stack(ns, offload_env):
+    s = Stack(ns, env=offload_env)
     try:
         s.wait_ready()
         yield s

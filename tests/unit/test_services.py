@@ -11,6 +11,10 @@ class FakeStream:
         self.room = room
         self.closed = False
 
+    @property
+    def readable(self):
+        return len(self.inbox)
+
     def recv(self, max_bytes=-1):
         n = len(self.inbox) if max_bytes < 0 else max_bytes
         data, self.inbox = self.inbox[:n], self.inbox[n:]
@@ -103,3 +107,15 @@ def test_quote_sends_and_closes():
 def test_udp_services():
     assert UDP_SERVICES[8000](b" abc \r\n") == b"cba\n"
     assert UDP_SERVICES[7](b"\x00\xff") == b"\x00\xff"
+
+
+def test_echo_with_unread_input_at_eof_finishes_only_after_echoing_it_all():
+    s = FakeStream(room=3)
+    svc = apps.Echo(s)
+    s.inbox = b"abcdef"
+    svc.on_eof()  # FIN arrives while input is still waiting behind held output
+    assert not s.closed
+    for _ in range(3):
+        s.room += 3
+        svc.on_writable()
+    assert s.sent == b"abcdef" and s.closed

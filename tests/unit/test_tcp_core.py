@@ -38,7 +38,9 @@ def packet(seg: TcpSegment, src=PEER) -> bytes:
     return build_ipv4(Ipv4Header(src=src, dst=US, protocol=PROTO_TCP), seg.emit(src, US))
 
 
-def parse(pkt: bytes) -> TcpSegment:
+def parse(out) -> TcpSegment:
+    pkt, offload = out
+    assert offload is None  # no device offloads in these tests
     ip, payload = parse_ipv4(pkt)
     assert ip.src == US and ip.dst == PEER
     return parse_tcp(payload, ip.src, ip.dst)
@@ -131,3 +133,27 @@ def test_malformed_tcp_is_counted(core):
     pkt[-1] ^= 0xFF  # corrupt an option byte: checksum fails
     assert core.handle_packet(bytes(pkt), T0) == []
     assert core.proc.counters["drop_bad_checksum"] == 1
+
+
+def test_offload_leaves_checksum_to_the_kernel_and_asks_for_tso():
+    from pipeline.offload import GSO_TCPV4, NEEDS_CSUM
+    from pipeline.wire.checksum import internet_checksum, pseudo_header_sum
+
+    big = core_mod.TcpCore(FakeProc(), TcpConfig(max_send_segment=60000), secret=b"s" * 32,
+                           services={19: __import__("workers.tcp.apps", fromlist=["Chargen"]).Chargen},
+                           offload=True)
+    synack_pkt, _ = big.handle_packet(packet(syn(dport=19)), T0)[0]
+    ip, payload = parse_ipv4(synack_pkt)
+    synack = parse_tcp(payload, ip.src, ip.dst, verify_checksum=False)
+    ack = TcpSegment(40000, 19, SeqNum(1001), synack.seq + 1, Flags.ACK, 65535)
+    out = big.handle_packet(packet(ack), T0)
+    pkt, (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) = out[0]
+    assert flags == NEEDS_CSUM and csum_start == 20 and csum_offset == 16 and hdr_len == 40
+    assert gso_type == GSO_TCPV4 and gso_size == 1460 and len(pkt) - 40 > 1460
+    # The field holds the pseudo-header sum the kernel finishes (checksum offload).
+    tcp = pkt[20:]
+    assert int.from_bytes(tcp[16:18], "big") == pseudo_header_sum(US, PEER, PROTO_TCP, len(tcp))
+    fixed = bytearray(tcp)
+    fixed[16:18] = b"\0\0"
+    fixed[16:18] = internet_checksum(bytes(fixed), pseudo_header_sum(US, PEER, PROTO_TCP, len(tcp))).to_bytes(2, "big")
+    assert parse_tcp(bytes(fixed), US, PEER).payload

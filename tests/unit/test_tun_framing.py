@@ -44,7 +44,16 @@ def test_unframe_rejects_short_and_unknown_family():
 def test_device_reads_skip_bad_frames_and_writes_framed():
     sock = FakeSocket([b"\x00", b"\x00\x00\x00\x1e" + V6])
     dev = tun.MacUtun(sock, "utun7")
-    assert dev.read() == V6
+    assert dev.read() == (V6, None)
     assert dev.read() is None
     dev.write(V4)
     assert sock.sent == [b"\x00\x00\x00\x02" + V4]
+
+
+def test_vnet_header_layout_matches_linux():
+    from pipeline.offload import GSO_TCPV4, NEEDS_CSUM, VNET_HDR, tcp_offload
+
+    assert VNET_HDR.size == 10
+    off = tcp_offload(20, 32, 10_000, 1448)
+    assert off == (NEEDS_CSUM, GSO_TCPV4, 52, 1448, 20, 16)
+    assert tcp_offload(20, 20, 100, 1460)[1:4] == (0, 40, 0)  # fits one segment: no GSO

@@ -6,11 +6,13 @@ core parses the ICMP message (checksum included) and answers.
 
 from __future__ import annotations
 
+from pipeline.offload import Offload
 from pipeline.process import Process
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.icmp import ECHO_REQUEST, PROTOCOL_UNREACHABLE, dest_unreachable, echo_reply, parse_icmp
 from pipeline.wire.ipv4 import PROTO_ICMP, Ipv4Header, build_ipv4, parse_ipv4
+from workers.shell import Outgoing
 
 
 class IcmpCore:
@@ -18,7 +20,7 @@ class IcmpCore:
         self.proc = proc
         self.address = proc.config.stack_addr_bytes
 
-    def handle_packet(self, data: bytes, now: float) -> list[bytes]:
+    def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         proc = self.proc
         try:
             ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
@@ -30,7 +32,7 @@ class IcmpCore:
             # protocol unreachable.
             proc.counters["protocol_unreachable"] += 1
             reply = dest_unreachable(PROTOCOL_UNREACHABLE, data)
-            return [self._ip_reply(ip, reply.emit())]
+            return [(self._ip_reply(ip, reply.emit()), None)]
         try:
             msg = parse_icmp(payload)
         except Malformed as exc:
@@ -42,17 +44,17 @@ class IcmpCore:
             proc.counters["icmp_ignored"] += 1  # replies, errors: nothing to answer (RFC 1122 §3.2.2)
             return []
         proc.counters["echo_replies"] += 1
-        return [self._ip_reply(ip, echo_reply(msg).emit())]
+        return [(self._ip_reply(ip, echo_reply(msg).emit()), None)]
 
     def _ip_reply(self, request: Ipv4Header, payload: bytes) -> bytes:
         return build_ipv4(Ipv4Header(src=self.address, dst=request.src, protocol=PROTO_ICMP, tos=request.tos), payload)
 
-    def handle_timer(self, now: float) -> list[bytes]:
+    def handle_timer(self, now: float) -> list[Outgoing]:
         return []
 
     def next_deadline(self) -> float | None:
         return None
 
-    def close(self, now: float) -> list[bytes]:
+    def close(self, now: float) -> list[Outgoing]:
         return []
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 
-from pipeline.config import env_float, env_int, env_str
+from pipeline.config import env_bool, env_float, env_int, env_str
 from pipeline.process import Process
 from workers import shell
 from workers.tcp.config import TcpConfig
 from workers.tcp.core import TcpCore
 
 
-def tcp_config(mtu: int) -> TcpConfig:
+# With TSO the kernel cuts our segments to the MSS: emit up to this much payload
+# at once (an IPv4 packet is at most 65535 bytes, headers and options included).
+TSO_MAX_SEGMENT = 65535 - 20 - 60
+
+
+def tcp_config(mtu: int, offload: bool) -> TcpConfig:
     """TcpConfig from the environment (each variable is in the README's table)."""
     congestion = env_str("TCP_CONGESTION", "newreno").lower()
     if congestion not in ("newreno", "cubic"):
@@ -24,8 +29,9 @@ def tcp_config(mtu: int) -> TcpConfig:
         congestion=congestion,
         msl=env_float("TCP_MSL", 30.0),
         delayed_ack=env_float("TCP_DELAYED_ACK", 0.04),
-        nagle=env_str("TCP_NAGLE", "1") not in ("0", "false", "no", "off"),
+        nagle=env_bool("TCP_NAGLE", True),
         keepalive=keepalive if keepalive > 0 else None,
+        max_send_segment=TSO_MAX_SEGMENT if offload else None,
     )
 
 
@@ -33,4 +39,5 @@ if __name__ == "__main__":
     proc = Process("tcp")
     # RFC 6528 ISNs and SYN cookies need a secret the peer cannot guess; a fresh one per
     # process is enough (a restarted worker holds none of the old connections).
-    shell.run(proc, TcpCore(proc, tcp_config(proc.config.mtu), secret=os.urandom(32)))
+    cfg = proc.config
+    shell.run(proc, TcpCore(proc, tcp_config(cfg.mtu, cfg.offload), secret=os.urandom(32), offload=cfg.offload))

@@ -21,6 +21,9 @@ from workers.seed import reverse_line
 class Stream(Protocol):
     """What a service may do with its connection."""
 
+    @property
+    def readable(self) -> int:
+        """Bytes received and not yet read."""
     def recv(self, max_bytes: int = -1) -> bytes: ...
     def send(self, data: bytes) -> int: ...
     def close(self) -> None: ...
@@ -28,11 +31,17 @@ class Stream(Protocol):
 
 
 class Service:
-    """Base class: a service reacts to its stream's readiness."""
+    """Base class: a service reacts to its stream's readiness.
+
+    The default ending is the polite one: once the peer has finished (FIN),
+    everything it sent has been read and every answer is out, close too.
+    """
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
-        self.pending = b""  # output the send buffer had no room for yet
+        self.pending = b""   # output the send buffer had no room for yet
+        self.eof = False     # the peer has finished sending
+        self.closed = False  # we called close()
 
     def on_readable(self) -> None:
         """New bytes can be read."""
@@ -41,27 +50,34 @@ class Service:
         """Send-buffer space opened up: flush held output, then resume reading."""
         if self._flush():
             self.on_readable()
+        self._maybe_finish()
 
     def on_eof(self) -> None:
-        """The peer finished sending (FIN): by default, finish too once output is out."""
+        """The peer finished sending (FIN): read what is left, then finish."""
         self.eof = True
-        if not self.pending:
-            self.stream.close()
-
-    eof = False
+        self.on_readable()
+        self._maybe_finish()
 
     def write(self, data: bytes) -> bool:
         """Send or hold ``data``; True if nothing is held back."""
         self.pending += data
         return self._flush()
 
+    def finish(self) -> None:
+        """Close once held output is out (services that end the conversation themselves)."""
+        self.eof = True
+        self._maybe_finish()
+
     def _flush(self) -> bool:
         if self.pending:
             sent = self.stream.send(self.pending)
             self.pending = self.pending[sent:]
-        if not self.pending and self.eof:
-            self.stream.close()
         return not self.pending
+
+    def _maybe_finish(self) -> None:
+        if self.eof and not self.closed and not self.pending and not self.stream.readable:
+            self.closed = True
+            self.stream.close()
 
 
 class Echo(Service):
@@ -111,10 +127,7 @@ class Chargen(Service):
             if not sent:
                 return
             self.offset = (self.offset + sent) % len(_CHARGEN)
-
-    def on_eof(self) -> None:
-        self.eof = True
-        self.stream.close()
+        self._maybe_finish()
 
 
 class QuoteOfTheDay(Service):
@@ -124,15 +137,12 @@ class QuoteOfTheDay(Service):
 
     def __init__(self, stream: Stream) -> None:
         super().__init__(stream)
-        self.eof = True  # close as soon as the quote is out
         self.write(self.QUOTE)
+        self.finish()
 
     def on_readable(self) -> None:
         while self.stream.recv():
             pass
-
-    def on_eof(self) -> None:
-        pass
 
 
 class LineReverser(Service):
@@ -163,10 +173,12 @@ class LineReverser(Service):
                 self.write(b"".join(reverse_line(line) for line in lines))
 
     def on_eof(self) -> None:
-        if self.partial:  # a last line without its newline is still a line
+        self.eof = True
+        self.on_readable()
+        if self.partial and not self.stream.readable:  # a last line without its newline is still a line
             self.write(reverse_line(self.partial))
             self.partial = b""
-        super().on_eof()
+        self._maybe_finish()
 
 
 SERVICES: dict[int, type[Service]] = {8000: LineReverser, 7: Echo, 9: Discard, 17: QuoteOfTheDay, 19: Chargen}

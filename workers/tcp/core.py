@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import heapq
 
+from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.process import Process
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
 from workers.ratelimit import TokenBucket
+from workers.shell import Outgoing
 from workers.tcp import events
 from workers.tcp.apps import SERVICES, Service
 from workers.tcp.config import TcpConfig
@@ -31,6 +34,7 @@ from workers.tcp.isn import initial_sequence_number
 from workers.tcp.syncookies import SynCookies
 
 FlowKey = tuple[bytes, int, int]  # remote address, remote port, local port
+IPV4_HEADER_LEN = 20  # we emit no IP options
 
 SYN_QUEUE_LIMIT = 256        # half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
@@ -41,7 +45,7 @@ CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "r
 
 class TcpCore:
     def __init__(self, proc: Process, config: TcpConfig, secret: bytes,
-                 services: dict[int, type[Service]] | None = None) -> None:
+                 services: dict[int, type[Service]] | None = None, offload: bool = False) -> None:
         self.proc = proc
         self.log = proc.log
         self.config = config
@@ -55,14 +59,17 @@ class TcpCore:
         self._timers: list[tuple[float, FlowKey]] = []
         self._deadline: dict[FlowKey, float] = {}
         self.resets = TokenBucket(RESETS_PER_SECOND, RESETS_PER_SECOND)
+        # With device offloads, the kernel finishes our checksums and cuts large
+        # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
+        self.offload = offload
 
     # -- drivers -------------------------------------------------------------
 
-    def handle_packet(self, data: bytes, now: float) -> list[bytes]:
+    def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         proc = self.proc
         try:
             ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
-            seg = parse_tcp(payload, ip.src, ip.dst)
+            seg = parse_tcp(payload, ip.src, ip.dst, verify_checksum=not checksum_vouched(offload))
         except Malformed as exc:
             proc.drop(exc.reason, layer="tcp")
             return []
@@ -72,7 +79,7 @@ class TcpCore:
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options))
         key = (ip.src, seg.src_port, seg.dst_port)
         conn = self.connections.get(key)
-        out: list[bytes] = []
+        out: list[Outgoing] = []
         if conn is not None:
             before = conn.state
             conn.receive(seg, now)
@@ -83,8 +90,8 @@ class TcpCore:
             self._reset(key, seg, now, out, "closed_port")
         return out
 
-    def handle_timer(self, now: float) -> list[bytes]:
-        out: list[bytes] = []
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, key = heapq.heappop(timers)
@@ -105,9 +112,9 @@ class TcpCore:
             heapq.heappop(timers)
         return timers[0][0] if timers else None
 
-    def close(self, now: float) -> list[bytes]:
+    def close(self, now: float) -> list[Outgoing]:
         """Shutting down: reset every connection so no peer is left hanging."""
-        out: list[bytes] = []
+        out: list[Outgoing] = []
         for key, conn in list(self.connections.items()):
             if conn.state not in (State.TIME_WAIT, State.CLOSED):
                 before = conn.state
@@ -117,7 +124,7 @@ class TcpCore:
 
     # -- listeners -----------------------------------------------------------
 
-    def _listen(self, key: FlowKey, seg: TcpSegment, now: float, out: list[bytes]) -> None:
+    def _listen(self, key: FlowKey, seg: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """A segment for a listening port with no connection (RFC 9293 §3.10.7.2)."""
         if seg.rst:
             self.proc.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
@@ -149,7 +156,7 @@ class TcpCore:
         queue.add(key)
         self._after(key, conn, State.LISTEN, now, out)
 
-    def _cookie_syn_ack(self, key: FlowKey, syn: TcpSegment, now: float, out: list[bytes]) -> None:
+    def _cookie_syn_ack(self, key: FlowKey, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6)."""
         self.proc.counters["syn_cookies_sent"] += 1
         peer_mss = syn.options.mss or 536  # RFC 9293 §3.7.1: default send MSS
@@ -158,7 +165,7 @@ class TcpCore:
                            min(self.config.recv_buffer, 0xFFFF), options=TcpOptions(mss=self.config.mss))
         out.append(self._ip(key[0], reply))
 
-    def _reset(self, key: FlowKey, seg: TcpSegment, now: float, out: list[bytes], reason: str) -> None:
+    def _reset(self, key: FlowKey, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
         if seg.rst:
             self.proc.drop("rst_no_connection")
@@ -175,7 +182,7 @@ class TcpCore:
 
     # -- connections ---------------------------------------------------------
 
-    def _after(self, key: FlowKey, conn: Connection, before: State, now: float, out: list[bytes]) -> None:
+    def _after(self, key: FlowKey, conn: Connection, before: State, now: float, out: list[Outgoing]) -> None:
         """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
         log = self.log
         while (ev := conn.next_event()) is not None:
@@ -191,7 +198,6 @@ class TcpCore:
             elif isinstance(ev, events.SendSpace):
                 app.on_writable()
             elif isinstance(ev, events.PeerClosed):
-                app.on_readable()
                 app.on_eof()
             if isinstance(ev, events.Closed):
                 log.info("tcp_closed", remote=fmt_addr(key[0]), rport=key[1], lport=key[2], reason=ev.reason,
@@ -199,8 +205,9 @@ class TcpCore:
         if self.proc.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key[0]), rport=key[1], lport=key[2],
                       old=before.name, new=conn.state.name)
+        mss = min(conn.peer_mss, self.config.mss)
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key[0], seg))
+            out.append(self._ip(key[0], seg, mss))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
@@ -219,9 +226,14 @@ class TcpCore:
         self.apps.pop(key, None)
         self._deadline.pop(key, None)
 
-    def _ip(self, remote: bytes, seg: TcpSegment) -> bytes:
+    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
         header = Ipv4Header(src=self.address, dst=remote, protocol=PROTO_TCP)
-        return build_ipv4(header, seg.emit(self.address, remote))
+        if not self.offload:
+            return build_ipv4(header, seg.emit(self.address, remote)), None
+        tcp_header_len = seg.header_len
+        segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
+        return (build_ipv4(header, seg.emit(self.address, remote, checksum=False)),
+                tcp_offload(IPV4_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
 
 
 def _fmt_options(o: TcpOptions) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.offload import Offload, checksum_vouched
 from pipeline.process import Process
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
@@ -9,6 +10,7 @@ from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.udp import UdpDatagram, parse_udp
 from workers.ratelimit import TokenBucket
+from workers.shell import Outgoing
 from workers.udp.services import SERVICES
 
 # RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2: ICMP errors are rate limited so a flood of
@@ -22,11 +24,11 @@ class UdpCore:
         self.address = proc.config.stack_addr_bytes
         self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_PER_SECOND)
 
-    def handle_packet(self, data: bytes, now: float) -> list[bytes]:
+    def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         proc = self.proc
         try:
             ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
-            dgram = parse_udp(payload, ip.src, ip.dst)
+            dgram = parse_udp(payload, ip.src, ip.dst, verify_checksum=not checksum_vouched(offload))
         except Malformed as exc:
             proc.drop(exc.reason, layer="udp")
             return []
@@ -40,17 +42,17 @@ class UdpCore:
                 proc.drop("icmp_rate_limited")
                 return []
             reply = dest_unreachable(PORT_UNREACHABLE, data).emit()
-            return [build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_ICMP), reply)]
+            return [(build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_ICMP), reply), None)]
         proc.counters["datagrams_answered"] += 1
         answer = UdpDatagram(dgram.dst_port, dgram.src_port, service(bytes(dgram.payload)))
-        return [build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_UDP),
-                           answer.emit(self.address, ip.src))]
+        return [(build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_UDP),
+                            answer.emit(self.address, ip.src)), None)]
 
-    def handle_timer(self, now: float) -> list[bytes]:
+    def handle_timer(self, now: float) -> list[Outgoing]:
         return []
 
     def next_deadline(self) -> float | None:
         return None
 
-    def close(self, now: float) -> list[bytes]:
+    def close(self, now: float) -> list[Outgoing]:
         return []
