@@ -190,3 +190,15 @@ def test_tiny_peer_mss_is_clamped():
     assert c.peer_mss == 64
     c.send(b"x" * 100)
     assert len(c.segments_to_send(T0)[0].payload) == 64
+
+
+def test_stale_timestamp_echo_after_spurious_retransmission_is_no_rtt_sample():
+    # The ACK was lost; our retransmission is a duplicate, and the receiver echoes the
+    # original's TSval (RFC 7323 §4.3). That "RTT" would include the RTO: skip it.
+    c = established(config(timestamps=True), options=TcpOptions(mss=1460, timestamp=(10, 0)))
+    c.send(b"x" * 100)
+    [s] = c.segments_to_send(T0)
+    now = fire(c)
+    c.segments_to_send(now)
+    c.receive(seg(c, "A", options=TcpOptions(timestamp=(11, s.options.timestamp[0]))), now + 0.01)
+    assert c.snd_una == c.snd_nxt and c.srtt is None

@@ -139,7 +139,7 @@ class Connection:
         # buffers
         "_sndbuf", "_buf_seq", "_fin_queued", "_fin_seq", "_rcvbuf", "_reasm", "_rcv_fin_seq", "peer_fin",
         # retransmission, RTT, congestion
-        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time",
+        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rtx_high", "_rtx_tsval",
         "_in_recovery", "_recover", "_dupacks", "_recovery_rtx",
         # timers, output, events
         "_timers", "_out", "_events", "_ack_now", "_unacked_bytes", "_rcv_seg_max", "_last_recv",
@@ -193,6 +193,8 @@ class Connection:
         self._retries = 0
         self._rtt_seq: SeqNum | None = None
         self._rtt_time = 0.0
+        self._rtx_high = iss  # end of the highest range retransmitted
+        self._rtx_tsval = 0  # TSval of the latest retransmission
         self._in_recovery = False
         self._recover = iss
         self._dupacks = 0
@@ -537,6 +539,8 @@ class Connection:
         if rtx:
             self.retransmissions += 1
             self._rtt_seq = None  # RFC 6298 §3 (Karn): no sample across a retransmission
+            self._rtx_high = seq_max(self._rtx_high, seq + n + fin)
+            self._rtx_tsval = ts_clock(now)
         else:
             self.bytes_sent += n
             self._start_rtt(seq, now)
@@ -822,6 +826,7 @@ class Connection:
     def _ack_advance(self, seg: TcpSegment, now: float) -> None:
         """SND.UNA moves to SEG.ACK: free the acknowledged bytes, sample RTT, restart the timer."""
         ack = seg.ack
+        old_una = self.snd_una
         self.bytes_acked += ack - self.snd_una
         n = ack - self._buf_seq
         if n > 0:
@@ -834,7 +839,12 @@ class Connection:
         ts = seg.options.timestamp if self.ts_ok else None
         timed = self._rtt_seq is not None and ack > self._rtt_seq
         if ts is not None and ts[1] != 0 and (ts_clock(now) - ts[1]) & 0xFFFFFFFF <= MAX_TS_RTT_MS:
-            self._rtt.sample(((ts_clock(now) - ts[1]) & 0xFFFFFFFF) / 1000)
+            # An echo older than our latest retransmission of the acknowledged data
+            # means the receiver answered a duplicate with the original's TSval
+            # (RFC 7323 §4.3, the ACK was lost): that "RTT" includes the RTO.
+            stale = old_una < self._rtx_high and SeqNum(ts[1]) < SeqNum(self._rtx_tsval)
+            if not stale:
+                self._rtt.sample(((ts_clock(now) - ts[1]) & 0xFFFFFFFF) / 1000)
         elif timed:
             self._rtt.sample(max(0.0, now - self._rtt_time))
         if timed:
@@ -1110,8 +1120,9 @@ class Connection:
         cfg = self.config
         if cfg.keepalive is None or self.state not in _KEEPALIVE_STATES:
             return
-        if self._ka_probes == 0 and now - self._last_recv < cfg.keepalive:
-            self._timers[Timer.KEEPALIVE] = self._last_recv + cfg.keepalive
+        idle_deadline = self._last_recv + cfg.keepalive  # the same float as the armed deadline
+        if self._ka_probes == 0 and now < idle_deadline:
+            self._timers[Timer.KEEPALIVE] = idle_deadline
             return
         if self._ka_probes >= cfg.keepalive_probes:
             self._close("timeout")
