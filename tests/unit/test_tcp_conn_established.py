@@ -3,9 +3,8 @@ sequence wrap, reassembly, delayed ACKs, flow control, SWS avoidance, Nagle, MSS
 
 import pytest
 
-from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpOptions
-from tests.unit.tcp_builders import FULL, LOCAL_ISS, REMOTE_ISS, T0, config, drain, established, fire, seg
+from tests.unit.tcp_builders import LOCAL_ISS, REMOTE_ISS, T0, config, drain, established, fire, seg
 from workers.tcp.connection import CHALLENGE_ACK_LIMIT, InvalidOperation, State, Timer
 from workers.tcp.events import Closed, DataReceived, SendSpace
 

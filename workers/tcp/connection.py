@@ -42,7 +42,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-from pipeline.wire.seqnum import SeqNum, seq_max, seq_min
+from pipeline.wire.seqnum import SeqNum, seq_max
 from pipeline.wire.tcp import NO_OPTIONS, Flags, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
 from workers.tcp.congestion import make_congestion_control
