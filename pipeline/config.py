@@ -57,6 +57,14 @@ class StackConfig:
     run_dir: str
     proc_name: str
     offload: bool  # virtio-net header, checksum offload and TSO on the device (Linux)
+    ingress_endpoint: str  # where workers connect (and ingress binds, unless ingress_bind says otherwise)
+    ingress_bind: str
+    egress_endpoint: str
+    egress_bind: str
+    control_endpoint: str
+    control_bind: str
+    keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
+    client_key: str   # this worker's key pair (tcp:// endpoints)
 
     @property
     def stack_addr_bytes(self) -> bytes:
@@ -80,12 +88,33 @@ def load() -> StackConfig:
     mtu = env_int("USTACK_MTU", 1500)
     if not 576 <= mtu <= 65535:
         raise SystemExit(f"USTACK_MTU {mtu}: expected 576..65535")
+    run_dir = env_str("USTACK_RUN_DIR", f"/run/ustack/{tun_name}")
+    endpoints = {}
+    for stage in ("ingress", "egress", "control"):
+        default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
+        connect = env_str(f"USTACK_{stage.upper()}_ENDPOINT", default)
+        bind = env_str(f"USTACK_{stage.upper()}_BIND", connect)
+        for value in (connect, bind):
+            if not value.startswith(("ipc://", "tcp://")):
+                raise SystemExit(f"USTACK_{stage.upper()}_*: {value!r} is neither ipc:// nor tcp://")
+            if value.startswith("ipc://") and len(value) - 6 > 107:
+                raise SystemExit(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
+        endpoints[stage] = (connect, bind)
+    keys_dir = env_str("USTACK_KEYS_DIR", "keys")
     return StackConfig(
         tun_name=tun_name,
         host_interface=host,
         stack_address=addr,
         mtu=mtu,
-        run_dir=env_str("USTACK_RUN_DIR", f"/run/ustack/{tun_name}"),
+        run_dir=run_dir,
         proc_name=env_str("HONCHO_PROCESS_NAME", "") or env_str("USTACK_PROC", "stack"),
         offload=env_bool("USTACK_OFFLOAD", sys.platform == "linux"),
+        ingress_endpoint=endpoints["ingress"][0],
+        ingress_bind=endpoints["ingress"][1],
+        egress_endpoint=endpoints["egress"][0],
+        egress_bind=endpoints["egress"][1],
+        control_endpoint=endpoints["control"][0],
+        control_bind=endpoints["control"][1],
+        keys_dir=keys_dir,
+        client_key=env_str("USTACK_CLIENT_KEY", os.path.join(keys_dir, "client.key_secret")),
     )

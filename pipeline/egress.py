@@ -1,10 +1,13 @@
 """Egress: write the packets workers send to the TUN device.
 
 Egress holds a detached queue of the device (see ``pipeline.tun``): it can
-write, and the kernel never steers inbound traffic to it.
+write, and the kernel never steers inbound traffic to it. It heartbeats to
+ingress like a worker, so ``stackctl status`` shows its counters.
 """
 
 from __future__ import annotations
+
+import time
 
 import zmq
 
@@ -18,18 +21,40 @@ def main() -> None:
     cfg = proc.config
     log = proc.log
     counters = proc.counters
-    endpoints.ensure_run_dir(cfg.run_dir)
+    if cfg.egress_bind.startswith("ipc://") or cfg.ingress_endpoint.startswith("ipc://"):
+        endpoints.ensure_run_dir(cfg.run_dir)
     try:
         device = tun.open_device(cfg.tun_name, writer_only=True, offload=cfg.offload)
     except tun.TunError as exc:
         log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(1) from None
     ctx = zmq.Context()
-    inbox = endpoints.egress_pull(ctx, cfg.run_dir)
-    log.info("egress_started", device=device.name)
+    auth = endpoints.start_authenticator(ctx, cfg)
+    inbox = endpoints.egress_pull(ctx, cfg)
+    refusals = endpoints.auth_monitor(inbox)
+    heartbeat = endpoints.worker_dealer(ctx, cfg, proc.name)
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    if refusals is not None:
+        poller.register(refusals, zmq.POLLIN)
+    log.info("egress_started", device=device.name, offload=cfg.offload)
+    seq = 0
+    next_heartbeat = 0.0
     try:
         while not proc.stopper.stopping:
-            if not inbox.poll(500):
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                try:
+                    heartbeat.send_multipart(messages.encode_heartbeat(proc.name, "egress", seq, dict(counters)),
+                                             flags=zmq.NOBLOCK)
+                    seq += 1
+                except zmq.Again:
+                    pass
+                next_heartbeat = now + messages.HEARTBEAT_INTERVAL
+            ready = dict(poller.poll(max(1, int((next_heartbeat - now) * 1000))))
+            if refusals is not None and refusals in ready:
+                endpoints.log_refusals(refusals, log)
+            if inbox not in ready:
                 continue
             while True:
                 try:
@@ -53,6 +78,11 @@ def main() -> None:
     finally:
         log.info("egress_stopped", **dict(counters))
         inbox.close()
+        heartbeat.close()
+        if refusals is not None:
+            refusals.close()
+        if auth is not None:
+            auth.stop()
         ctx.term()
         device.close()
 

@@ -1,19 +1,14 @@
-"""Ingress: read the TUN device, route each IP packet to the worker that owns it.
+"""Ingress: read the TUN device and send each IP packet to the worker that owns it.
 
-The only checked IPv4 parse of the pipeline happens here (version, lengths,
-header checksum, fragments, destination); workers trust the bus and re-read
-the header without re-verifying. Routing: ICMP to ``icmp``, UDP to ``udp``,
-TCP to one of the ``tcp`` workers by rendezvous hash of the flow, any other
-protocol to ``icmp`` (which answers protocol unreachable, RFC 1122 §3.2.2.1).
-
-Packets for a role with no live worker yet (start-up, or a worker
-restarting) wait in a small bounded queue for a couple of seconds instead of
-being lost: processes start in any order.
+Also the pipeline's meeting point: workers (and egress) heartbeat here with
+their counters, TCP workers announce the flows they hold, and ``stackctl``
+asks here for the pipeline's status. Routing decisions live in
+``pipeline.routing``; this module is the I/O around them.
 """
 
 from __future__ import annotations
 
-import collections
+import os
 import time
 
 import zmq
@@ -23,142 +18,244 @@ from pipeline.bus import endpoints, messages
 from pipeline.membership import Membership
 from pipeline.offload import Offload
 from pipeline.process import Process
-from pipeline.wire import Malformed
-from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
+from pipeline.routing import PENDING_MAX_AGE, Router
 
-PENDING_LIMIT = 1024   # packets held per role while it has no live worker
-PENDING_MAX_AGE = 2.0  # seconds; older ones are dropped (the peer retransmits)
-DRAIN_BATCH = 256      # device reads per wake-up before checking the bus again
-
-_ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp"}
+DRAIN_BATCH = 256  # device reads per wake-up before looking at the bus again
+ORPHAN_MAX_AGE = 5.0  # seconds to wait for a tcp worker that can reset a dead worker's peers
 
 
-class Router:
-    """Decides the destination worker of each packet; pure apart from the clock it is given."""
-
-    def __init__(self, proc: Process, members: Membership) -> None:
+class Ingress:
+    def __init__(self, proc: Process, device: tun.TunDevice, ctx: zmq.Context) -> None:
+        cfg = proc.config
         self.proc = proc
-        self.members = members
-        self.address = proc.config.stack_addr_bytes
-        self.pending: dict[str, collections.deque[tuple[float, bytes, Offload | None]]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=PENDING_LIMIT))
+        self.log = proc.log
+        self.device = device
+        self.started = time.monotonic()
+        self.epoch = int.from_bytes(os.urandom(4), "big")
+        self.members = Membership(messages.HEARTBEAT_TIMEOUT)
+        self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started)
+        self.auth = endpoints.start_authenticator(ctx, cfg)
+        self.bus = endpoints.ingress_router(ctx, cfg)
+        self.refusals = endpoints.auth_monitor(self.bus)
+        self.control = endpoints.control_router(ctx, cfg)
+        self.orphans: list[tuple[float, messages.Flow]] = []
 
-    def route(self, packet: bytes) -> tuple[str | None, str]:
-        """(worker name or None, role) for a packet; None with role "" means dropped."""
-        proc = self.proc
-        if not packet or packet[0] >> 4 != 4:
-            proc.drop("not_ipv4", version=packet[0] >> 4 if packet else None)
-            return None, ""
+    # -- packets ---------------------------------------------------------------
+
+    def forward(self, name: str, packet: bytes, offload: Offload | None) -> bool:
         try:
-            header, payload = parse_ipv4(packet)
-        except Malformed as exc:
-            proc.drop(exc.reason, layer="ipv4")
-            return None, ""
-        if header.dst != self.address:
-            proc.drop("not_for_us")
-            return None, ""
-        role = _ROLE_BY_PROTO.get(header.protocol, "icmp")
-        if role == "tcp":
-            # The flow key: remote address and both ports (the local address is ours).
-            key = header.src + bytes(payload[:4])
-            return self.members.pick(role, key), role
-        return self.members.pick(role, b""), role
+            self.bus.send_multipart([name.encode(), *messages.encode_packet(packet, offload)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.proc.drop("worker_full", worker=name)
+            return True  # dropped, not to be retried
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker's connection is gone
+            self.worker_gone(name, "unreachable", exc.strerror)
+            return False
+        self.proc.counters["packets_out"] += 1
+        return True
+
+    def route_and_forward(self, packet: bytes, offload: Offload | None, born: float, now: float) -> bool:
+        """Send one packet on; False if it must wait (no live worker, or settling)."""
+        for _ in range(2):  # a second try if the chosen worker turns out to be gone
+            name, role = self.router.route(packet, now)
+            if name is None:
+                if role:
+                    self.router.pending[role].append((born, packet, offload))
+                return role == ""
+            if self.forward(name, packet, offload):
+                return True
+        self.router.pending[role].append((born, packet, offload))
+        return False
+
+    def read_device(self, now: float) -> None:
+        counters = self.proc.counters
+        for _ in range(DRAIN_BATCH):
+            got = self.device.read()
+            if got is None:
+                return
+            counters["packets_in"] += 1
+            self.route_and_forward(got[0], got[1], now, now)
+
+    def flush_pending(self, now: float) -> None:
+        for role, queue in self.router.pending.items():
+            while queue:
+                born, packet, offload = queue[0]
+                if now - born > PENDING_MAX_AGE:
+                    queue.popleft()
+                    self.proc.drop("no_worker", role=role)
+                    continue
+                if not self.members.has_role(role):
+                    break
+                queue.popleft()
+                name, _ = self.router.route(packet, now)
+                if name is None:
+                    queue.appendleft((born, packet, offload))
+                    break
+                if not self.forward(name, packet, offload):
+                    queue.appendleft((born, packet, offload))
+                    break
+
+    # -- membership ------------------------------------------------------------
+
+    def worker_gone(self, name: str, why: str, detail: str | None = None) -> None:
+        was_member = self.members.remove(name)
+        orphans = self.router.forget_worker(name)
+        if not was_member and not orphans:
+            return
+        self.log.warning("worker_lost", worker=name, why=why, detail=detail, flows=len(orphans))
+        now = time.monotonic()
+        self.orphans.extend((now, f) for f in orphans)
+
+    def hand_out_orphans(self, now: float) -> None:
+        """Ask a live tcp worker to make the dead worker's peers reset (see workers.tcp.core)."""
+        self.orphans = [(t, f) for t, f in self.orphans if now - t <= ORPHAN_MAX_AGE]
+        if not self.orphans:
+            return
+        name = self.members.pick("tcp", b"orphans")
+        if name is None:
+            return
+        flows = [f for _, f in self.orphans]
+        try:
+            self.bus.send_multipart([name.encode(), *messages.encode_orphans(flows)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        self.log.info("orphans_handed_out", worker=name, flows=len(flows))
+        self.orphans = []
+
+    def read_bus(self, now: float) -> None:
+        while True:
+            try:
+                frames = self.bus.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = messages.decode(frames[1:])
+            except messages.BusError as exc:
+                self.proc.drop("bus_" + str(exc))
+                continue
+            peer = frames[0]
+            if isinstance(msg, messages.Heartbeat):
+                if msg.name.encode() != peer:
+                    self.proc.drop("bus_name_mismatch", claimed=msg.name)
+                    continue
+                event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats)
+                if event == "restarted":
+                    # A new process under the old name: whatever the old one held is gone.
+                    self.worker_gone(msg.name, "restarted")
+                    event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats)
+                if event == "joined":
+                    self.log.info("worker_joined", worker=msg.name, role=msg.role)
+                    try:
+                        self.bus.send_multipart([peer, *messages.encode_welcome(self.epoch)], flags=zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+            elif isinstance(msg, messages.Flows):
+                if msg.name.encode() == peer and self.members.is_alive(msg.name):
+                    self.router.update_flows(msg.name, msg.full, msg.opened, msg.closed)
+            elif isinstance(msg, messages.Goodbye):
+                if msg.name.encode() == peer and self.members.remove(msg.name):
+                    self.router.forget_worker(msg.name)  # it reset its own connections
+                    self.log.info("worker_left", worker=msg.name)
+            else:
+                self.proc.drop("bus_unexpected_kind")
+
+    # -- control ---------------------------------------------------------------
+
+    def status(self, now: float) -> dict:
+        flows = self.router.flows_by_worker()
+        return {
+            "epoch": self.epoch,
+            "uptime": round(now - self.started, 3),
+            "device": self.device.name,
+            "address": str(self.proc.config.stack_address),
+            "processes": [{"name": self.proc.name, "role": "ingress", "heartbeat_age": 0.0,
+                           "flows": len(self.router.flows), "stats": dict(self.proc.counters)}] + [
+                {"name": m.name, "role": m.role, "heartbeat_age": round(now - m.last_seen, 3),
+                 "flows": flows.get(m.name, 0), "stats": m.stats}
+                for m in self.members.members()],
+        }
+
+    def read_control(self, now: float) -> None:
+        while True:
+            try:
+                frames = self.control.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 3:  # [peer, empty delimiter (REQ), message]
+                self.proc.drop("control_frames")
+                continue
+            peer, delimiter, body = frames[0], frames[1], frames[2:]
+            try:
+                msg = messages.decode(body)
+            except messages.BusError as exc:
+                reply = messages.encode_reply("error", str(exc), None)
+            else:
+                if isinstance(msg, messages.Request) and msg.command == "status":
+                    reply = messages.encode_reply("ok", None, self.status(now))
+                else:
+                    reply = messages.encode_reply("error", "unknown_command", None)
+            try:
+                self.control.send_multipart([peer, delimiter, *reply], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # -- loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.bus, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.device.fileno(), zmq.POLLIN)
+        if self.refusals is not None:
+            poller.register(self.refusals, zmq.POLLIN)
+        device_fd = self.device.fileno()
+        while not self.proc.stopper.stopping:
+            ready = dict(poller.poll(100))
+            now = time.monotonic()
+            if self.bus in ready:
+                self.read_bus(now)
+            if device_fd in ready:
+                self.read_device(now)
+            if self.control in ready:
+                self.read_control(now)
+            if self.refusals is not None and self.refusals in ready:
+                endpoints.log_refusals(self.refusals, self.log)
+            for name in self.members.expire(now):
+                self.worker_gone(name, "heartbeat_timeout")
+            if any(self.router.pending.values()):
+                self.flush_pending(now)
+            if self.orphans:
+                self.hand_out_orphans(now)
+
+    def close(self) -> None:
+        self.bus.close()
+        self.control.close()
+        if self.refusals is not None:
+            self.refusals.close()
+        if self.auth is not None:
+            self.auth.stop()
 
 
 def main() -> None:
     proc = Process("ingress")
     cfg = proc.config
-    log = proc.log
-    counters = proc.counters
     endpoints.ensure_run_dir(cfg.run_dir)
     try:
         device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload)
         tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu)
     except tun.TunError as exc:
-        log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
+        proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(1) from None
     ctx = zmq.Context()
-    router_sock = endpoints.ingress_router(ctx, cfg.run_dir)
-    members = Membership(messages.HEARTBEAT_TIMEOUT)
-    router = Router(proc, members)
-    poller = zmq.Poller()
-    poller.register(router_sock, zmq.POLLIN)
-    poller.register(device.fileno(), zmq.POLLIN)
-    log.info("ingress_started", device=device.name, host=str(cfg.host_interface), address=str(cfg.stack_address),
-             offload=hex(getattr(device, "offload_bits", 0)))
-
-    def forward(name: str, packet: bytes, offload: Offload | None) -> bool:
-        try:
-            router_sock.send_multipart([name.encode(), *messages.encode_packet(packet, offload)], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            proc.drop("worker_full", worker=name)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
-            if members.remove(name):
-                log.warning("worker_lost", worker=name, error=exc.strerror)
-            return False
-        counters["packets_out"] += 1
-        return True
-
-    def flush_pending(role: str, now: float) -> None:
-        queue = router.pending.get(role)
-        while queue:
-            born, packet, offload = queue.popleft()
-            if now - born > PENDING_MAX_AGE:
-                proc.drop("no_worker", role=role)
-                continue
-            name, _ = router.route(packet)
-            if name is None or not forward(name, packet, offload):
-                queue.appendleft((born, packet, offload))
-                return
-
+    ingress = Ingress(proc, device, ctx)
+    proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),
+                  address=str(cfg.stack_address), offload=hex(getattr(device, "offload_bits", 0)),
+                  epoch=ingress.epoch)
     try:
-        while not proc.stopper.stopping:
-            ready = dict(poller.poll(500))
-            now = time.monotonic()
-            if router_sock in ready:
-                while True:
-                    try:
-                        frames = router_sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = messages.decode(frames[1:])
-                    except messages.BusError as exc:
-                        proc.drop("bus_" + str(exc))
-                        continue
-                    if isinstance(msg, messages.Heartbeat):
-                        if msg.name.encode() != frames[0]:
-                            proc.drop("bus_name_mismatch", claimed=msg.name)
-                        elif members.seen(msg.name, msg.role, now):
-                            log.info("worker_joined", worker=msg.name, role=msg.role)
-                            flush_pending(msg.role, now)
-                    elif isinstance(msg, messages.Goodbye):
-                        if members.remove(msg.name):
-                            log.info("worker_left", worker=msg.name)
-            if device.fileno() in ready:
-                for _ in range(DRAIN_BATCH):
-                    got = device.read()
-                    if got is None:
-                        break
-                    packet, offload = got
-                    counters["packets_in"] += 1
-                    name, role = router.route(packet)
-                    if name is not None:
-                        if not forward(name, packet, offload):
-                            router.pending[role].append((now, packet, offload))
-                    elif role:
-                        router.pending[role].append((now, packet, offload))
-            for name in members.expire(now):
-                log.warning("worker_timeout", worker=name)
-            for role, queue in router.pending.items():
-                if queue and members.has_role(role):
-                    flush_pending(role, now)
-                while queue and now - queue[0][0] > PENDING_MAX_AGE:
-                    queue.popleft()
-                    proc.drop("no_worker", role=role)
+        ingress.run()
     finally:
-        log.info("ingress_stopped", **dict(counters))
-        router_sock.close()
+        proc.log.info("ingress_stopped", **dict(proc.counters))
+        ingress.close()
         ctx.term()
         device.close()
 

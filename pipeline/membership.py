@@ -18,6 +18,8 @@ class Member:
     name: str
     role: str
     last_seen: float
+    stats: dict[str, int] = field(default_factory=dict)  # from its latest heartbeat
+    seq: int = -1  # its latest heartbeat's sequence number
     seed: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -40,15 +42,24 @@ class Membership:
         self._members: dict[str, Member] = {}
         self._by_role: dict[str, list[Member]] = {}
 
-    def seen(self, name: str, role: str, now: float) -> bool:
-        """Record a heartbeat; True if the worker is new (joined or came back)."""
+    def seen(self, name: str, role: str, now: float, seq: int = 0,
+             stats: dict[str, int] | None = None) -> str | None:
+        """Record a heartbeat. Returns "joined" for a worker not known before,
+        "restarted" for a known name whose heartbeat count started again (a new
+        process under the old name), None otherwise."""
         member = self._members.get(name)
-        if member is not None and member.role == role:
-            member.last_seen = now
-            return False
-        self._members[name] = Member(name, role, now)
-        self._reindex()
-        return True
+        event = None
+        if member is None or member.role != role:
+            member = self._members[name] = Member(name, role, now)
+            self._reindex()
+            event = "joined"
+        elif seq <= member.seq:
+            event = "restarted"
+        member.last_seen = now
+        member.seq = seq
+        if stats is not None:
+            member.stats = stats
+        return event
 
     def remove(self, name: str) -> bool:
         if self._members.pop(name, None) is None:
@@ -65,6 +76,12 @@ class Membership:
             self._reindex()
         return dead
 
+    def is_alive(self, name: str) -> bool:
+        return name in self._members
+
+    def get(self, name: str) -> Member | None:
+        return self._members.get(name)
+
     def has_role(self, role: str) -> bool:
         return bool(self._by_role.get(role))
 
@@ -80,6 +97,9 @@ class Membership:
 
     def names(self) -> list[str]:
         return sorted(self._members)
+
+    def members(self) -> list[Member]:
+        return [self._members[n] for n in sorted(self._members)]
 
     def _reindex(self) -> None:
         by_role: dict[str, list[Member]] = {}

@@ -3,7 +3,11 @@
 The loop (STYLE.md §2): poll the ingress socket with a timeout that ends at
 the core's next deadline or the next heartbeat, feed every packet that
 arrived to the core, fire due timers, and push what the core returns to
-egress. Nothing protocol-specific lives here.
+egress. Besides packets it speaks the membership protocol: a heartbeat with
+the worker's counters every HEARTBEAT_INTERVAL, the flows it holds whenever
+they change (all of them when ingress welcomes it, which is how a restarted
+ingress learns who owns what), and resets for the flows of a dead worker
+when ingress hands them over. Nothing protocol-specific lives here.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from typing import Protocol
 import zmq
 
 from pipeline.bus import endpoints, messages
+from pipeline.bus.messages import Flow
 from pipeline.offload import Offload
 from pipeline.process import Process
-
 
 # An IP packet to send, with the virtio-net header fields egress should write
 # with it (None: a complete packet, checksums filled in).
@@ -31,13 +35,48 @@ class WorkerCore(Protocol):
     def next_deadline(self) -> float | None: ...
     def close(self, now: float) -> list[Outgoing]:
         """Shutting down: release what is held (e.g. reset connections)."""
+    def stats(self) -> dict[str, int]:
+        """Gauges for the heartbeat (e.g. open connections)."""
+    def flows(self) -> list[Flow]:
+        """Every flow this worker holds."""
+    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
+        """Flows opened and closed since the last call."""
+    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
+        """Make the peers of another (dead) worker's flows reset their connections."""
+
+
+class StatelessCore:
+    """The membership part of WorkerCore for cores that hold no flows (ICMP, UDP)."""
+
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def close(self, now: float) -> list[Outgoing]:
+        return []
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def flows(self) -> list[Flow]:
+        return []
+
+    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
+        return [], []
+
+    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
+        return []
 
 
 def run(proc: Process, core: WorkerCore) -> None:
     ctx = zmq.Context()
-    endpoints.ensure_run_dir(proc.config.run_dir)
-    inbox = endpoints.worker_dealer(ctx, proc.config.run_dir, proc.name)
-    outbox = endpoints.worker_push(ctx, proc.config.run_dir)
+    cfg = proc.config
+    if cfg.ingress_endpoint.startswith("ipc://") or cfg.egress_endpoint.startswith("ipc://"):
+        endpoints.ensure_run_dir(cfg.run_dir)
+    inbox = endpoints.worker_dealer(ctx, cfg, proc.name)
+    outbox = endpoints.worker_push(ctx, cfg)
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     log = proc.log
@@ -54,16 +93,19 @@ def run(proc: Process, core: WorkerCore) -> None:
             except zmq.Again:  # egress gone or far behind: the peer's TCP retransmits
                 proc.drop("egress_full")
 
+    def tell_ingress(frames: list[bytes]) -> None:
+        try:
+            inbox.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # ingress is away: the next heartbeat and its welcome put things right
+
     try:
         while not proc.stopper.stopping:
             now = time.monotonic()
             if now >= next_heartbeat:
-                try:
-                    inbox.send_multipart(messages.encode_heartbeat(proc.name, proc.role, heartbeat_seq),
-                                         flags=zmq.NOBLOCK)
-                    heartbeat_seq += 1
-                except zmq.Again:
-                    pass
+                tell_ingress(messages.encode_heartbeat(proc.name, proc.role, heartbeat_seq,
+                                                       {**counters, **core.stats()}))
+                heartbeat_seq += 1
                 next_heartbeat = now + messages.HEARTBEAT_INTERVAL
             deadline = core.next_deadline()
             wake = next_heartbeat if deadline is None else min(deadline, next_heartbeat)
@@ -83,15 +125,23 @@ def run(proc: Process, core: WorkerCore) -> None:
                     if isinstance(msg, messages.Packet):
                         counters["packets_in"] += 1
                         send(core.handle_packet(msg.data, time.monotonic(), msg.offload))
+                    elif isinstance(msg, messages.Welcome):
+                        core.flow_changes()  # superseded by the full list
+                        tell_ingress(messages.encode_flows(proc.name, True, core.flows(), []))
+                        log.info("welcomed", epoch=msg.epoch)
+                    elif isinstance(msg, messages.Orphans):
+                        send(core.reset_orphans(msg.flows, time.monotonic()))
+                    else:
+                        proc.drop("bus_unexpected_kind")
             now = time.monotonic()
             deadline = core.next_deadline()
             if deadline is not None and deadline <= now:
                 send(core.handle_timer(now))
+            opened, closed = core.flow_changes()
+            if opened or closed:
+                tell_ingress(messages.encode_flows(proc.name, False, opened, closed))
         send(core.close(time.monotonic()))
-        try:
-            inbox.send_multipart(messages.encode_goodbye(proc.name), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        tell_ingress(messages.encode_goodbye(proc.name))
     finally:
         log.info("worker_stopped", **dict(proc.counters))
         inbox.close()

@@ -1,15 +1,20 @@
 """Every bus endpoint and socket type, per role (STYLE.md §5).
 
-  ingress  ROUTER  bind    <run_dir>/ingress.sock  frames out to workers by name;
-                                                   heartbeats in from workers
-  workers  DEALER  connect <run_dir>/ingress.sock  routing id = honcho process name
-  egress   PULL    bind    <run_dir>/egress.sock   packets in from all workers
-  workers  PUSH    connect <run_dir>/egress.sock
+  ingress  ROUTER  bind    ingress endpoint   frames out to workers by name; heartbeats,
+                                              flow announcements in
+  ingress  ROUTER  bind    control endpoint   stackctl requests (REQ) in, replies out
+  workers  DEALER  connect ingress endpoint   routing id = honcho process name
+  egress   DEALER  connect ingress endpoint   heartbeats with egress's counters
+  egress   PULL    bind    egress endpoint    packets in from all workers
+  workers  PUSH    connect egress endpoint
 
-Workers connect, the pipeline stages bind: a worker's first heartbeat and its
+Workers connect and the stages bind: a worker's first heartbeat and its
 replies queue in ZeroMQ until the stage it talks to is up, so processes can
-start in any order. The run directory is created mode 0700 because ipc socket
-files follow the umask.
+start in any order. By default every endpoint is ``ipc://`` in a run
+directory created mode 0700 (ipc socket files follow the umask). An endpoint
+may be ``tcp://`` so workers can run on other hosts; then CURVE is mandatory:
+the stages are CURVE servers and only clients whose public key is in
+``<keys>/authorized/`` get in (``scripts/keys`` makes the key pairs).
 """
 
 from __future__ import annotations
@@ -17,30 +22,33 @@ from __future__ import annotations
 import os
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
-INGRESS = "ingress.sock"
-EGRESS = "egress.sock"
+from pipeline.config import StackConfig
 
 # How long a socket may hold unsent messages at close; without it, close blocks
 # forever when a peer is gone (libzmq's default LINGER is -1).
 LINGER_MS = 200
-# Frames buffered per peer before ZeroMQ drops (PUB/ROUTER) or blocks (PUSH).
+# Frames buffered per peer before ZeroMQ drops (ROUTER) or refuses (PUSH, DEALER).
 HWM = 10_000
+# Largest message accepted from a tcp:// peer: a 64 KB packet and its metadata.
+MAX_MESSAGE = 70_000
+
+SERVER_KEY = "server.key_secret"  # the stages' key pair (stays on the stages' host)
+SERVER_PUBLIC = "server.key"      # its public half, copied to every worker host
+AUTHORIZED = "authorized"         # public keys of the workers allowed in
 
 
 def ensure_run_dir(path: str) -> None:
-    """Create the run directory 0700, and refuse one that others can enter."""
+    """Create the run directory 0700, and make an existing one private again."""
     os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_mode & 0o077:
+    if os.stat(path).st_mode & 0o077:
         os.chmod(path, 0o700)
 
 
-def ipc(run_dir: str, name: str) -> str:
-    path = os.path.join(run_dir, name)
-    if len(path) > 107:
-        raise SystemExit(f"ipc path {path!r} is longer than 107 characters: shorten USTACK_RUN_DIR")
-    return "ipc://" + path
+def uses_curve(cfg: StackConfig) -> bool:
+    return any(e.startswith("tcp://") for e in (cfg.ingress_endpoint, cfg.egress_endpoint, cfg.control_endpoint))
 
 
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -51,31 +59,109 @@ def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     return sock
 
 
-def ingress_router(ctx: zmq.Context, run_dir: str) -> zmq.Socket:
+def _load(path: str) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot load CURVE key {path}: {exc} (make keys with scripts/keys)") from None
+
+
+def _key(path: str) -> tuple[bytes, bytes]:
+    public, secret = _load(path)
+    if secret is None:
+        raise SystemExit(f"{path} holds no secret key")
+    return public, secret
+
+
+def _public_key(path: str) -> bytes:
+    return _load(path)[0]
+
+
+def start_authenticator(ctx: zmq.Context, cfg: StackConfig) -> ThreadAuthenticator | None:
+    """For tcp:// endpoints: admit only clients whose public key is authorized."""
+    if not uses_curve(cfg):
+        return None
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=os.path.join(cfg.keys_dir, AUTHORIZED))
+    return auth
+
+
+def _bind(sock: zmq.Socket, endpoint: str, cfg: StackConfig) -> None:
+    if endpoint.startswith("tcp://"):
+        public, secret = _key(os.path.join(cfg.keys_dir, SERVER_KEY))
+        sock.curve_server = True
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+    sock.bind(endpoint)
+
+
+def _connect(sock: zmq.Socket, endpoint: str, cfg: StackConfig) -> None:
+    if endpoint.startswith("tcp://"):
+        sock.curve_serverkey = _public_key(os.path.join(cfg.keys_dir, SERVER_PUBLIC))
+        sock.curve_publickey, sock.curve_secretkey = _key(cfg.client_key)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+    sock.connect(endpoint)
+
+
+def ingress_router(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
     sock = _socket(ctx, zmq.ROUTER)
     # Unknown or vanished worker ids raise EHOSTUNREACH instead of silently
     # swallowing the frame, so ingress notices a dead worker at once.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     # A restarted worker reconnecting under its old name takes over its id.
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-    sock.bind(ipc(run_dir, INGRESS))
+    _bind(sock, cfg.ingress_bind, cfg)
     return sock
 
 
-def worker_dealer(ctx: zmq.Context, run_dir: str, name: str) -> zmq.Socket:
+def control_router(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
+    sock = _socket(ctx, zmq.ROUTER)
+    _bind(sock, cfg.control_bind, cfg)
+    return sock
+
+
+def worker_dealer(ctx: zmq.Context, cfg: StackConfig, name: str) -> zmq.Socket:
     sock = _socket(ctx, zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, name.encode())
-    sock.connect(ipc(run_dir, INGRESS))
+    _connect(sock, cfg.ingress_endpoint, cfg)
     return sock
 
 
-def egress_pull(ctx: zmq.Context, run_dir: str) -> zmq.Socket:
+def egress_pull(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
     sock = _socket(ctx, zmq.PULL)
-    sock.bind(ipc(run_dir, EGRESS))
+    _bind(sock, cfg.egress_bind, cfg)
     return sock
 
 
-def worker_push(ctx: zmq.Context, run_dir: str) -> zmq.Socket:
+def worker_push(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
     sock = _socket(ctx, zmq.PUSH)
-    sock.connect(ipc(run_dir, EGRESS))
+    _connect(sock, cfg.egress_endpoint, cfg)
     return sock
+
+
+def control_request(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
+    sock = _socket(ctx, zmq.REQ)
+    _connect(sock, cfg.control_endpoint, cfg)
+    return sock
+
+
+def auth_monitor(sock: zmq.Socket) -> zmq.Socket | None:
+    """For a CURVE server socket: a monitor that reports refused handshakes."""
+    if not sock.curve_server:
+        return None
+    return sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+def log_refusals(monitor: zmq.Socket, log) -> None:
+    """Log each refused peer (no authorised key, or a broken handshake)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    while True:
+        try:
+            event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        log.warning("peer_refused", endpoint=event.get("endpoint", b"").decode(errors="replace"),
+                    reason="auth" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "handshake",
+                    code=event.get("value"))

@@ -4,20 +4,31 @@ Every message is a ZeroMQ multipart message whose first frame is a msgpack
 array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
 (never inside msgpack, which would copy them twice). Kinds:
 
-  PACKET     [1, 0, offload]          + packet frame   ingress -> worker, worker -> egress
-  HEARTBEAT  [1, 1, name, role, seq]                   worker -> ingress, every HEARTBEAT_INTERVAL
-  GOODBYE    [1, 2, name]                              worker -> ingress, on clean shutdown
+  PACKET     [1, 0, offload]                     + packet   ingress -> worker, worker -> egress
+  HEARTBEAT  [1, 1, name, role, seq, stats]                 worker/egress -> ingress, every HEARTBEAT_INTERVAL
+  GOODBYE    [1, 2, name]                                   worker -> ingress, on clean shutdown
+  WELCOME    [1, 3, epoch]                                  ingress -> worker, when it (re)joins
+  FLOWS      [1, 4, name, full, opened, closed]             tcp worker -> ingress: flows it owns
+  REQUEST    [1, 5, command]                                stackctl -> ingress (control socket)
+  REPLY      [1, 6, status, reason, payload]                ingress -> stackctl
+  ORPHANS    [1, 7, flows]                                  ingress -> tcp worker: flows of a dead worker,
+                                                            whose peers must be made to reset
 
 ``offload`` is None, or the virtio-net header fields
 ``[flags, gso_type, hdr_len, gso_size, csum_start, csum_offset]`` when the
-device runs with offloads (the fast path); it travels with its packet.
-On the ROUTER side ZeroMQ adds the peer's routing id as the first frame;
-``decode`` takes the frames after it.
+device runs with offloads; it travels with its packet. ``stats`` maps counter
+names to integers. A flow is ``[remote address (bytes), remote port, local
+port]``; ``full`` says ``opened`` is every flow the worker owns (sent after a
+WELCOME, so a restarted ingress learns who owns what). ``epoch`` identifies
+one ingress lifetime. A REPLY's ``status`` is "ok" or "error" (with a
+``reason``). On ROUTER sockets ZeroMQ adds the peer's routing id as the first
+frame; ``decode`` takes the frames after it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -27,10 +38,16 @@ VERSION = 1
 PACKET = 0
 HEARTBEAT = 1
 GOODBYE = 2
+WELCOME = 3
+FLOWS = 4
+REQUEST = 5
+REPLY = 6
+ORPHANS = 7
 
-HEARTBEAT_INTERVAL = 1.0  # seconds between worker heartbeats
+HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
 HEARTBEAT_TIMEOUT = 3.0   # ingress forgets a worker silent this long
 
+Flow = tuple[bytes, int, int]  # remote address, remote port, local port
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 # The common case, a plain packet with no offload metadata, costs nothing to encode.
@@ -52,6 +69,7 @@ class Heartbeat:
     name: str
     role: str
     seq: int
+    stats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +77,37 @@ class Goodbye:
     name: str
 
 
-Message = Packet | Heartbeat | Goodbye
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Flows:
+    name: str
+    full: bool
+    opened: tuple[Flow, ...]
+    closed: tuple[Flow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    command: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: str
+    reason: str | None
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Orphans:
+    flows: tuple[Flow, ...]
+
+
+Message = Packet | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans
 
 
 def encode_packet(data: bytes, offload: Offload | None = None) -> list[bytes]:
@@ -67,12 +115,44 @@ def encode_packet(data: bytes, offload: Offload | None = None) -> list[bytes]:
     return [meta, data]
 
 
-def encode_heartbeat(name: str, role: str, seq: int) -> list[bytes]:
-    return [_packb([VERSION, HEARTBEAT, name, role, seq])]
+def encode_heartbeat(name: str, role: str, seq: int, stats: dict[str, int] | None = None) -> list[bytes]:
+    return [_packb([VERSION, HEARTBEAT, name, role, seq, stats or {}])]
 
 
 def encode_goodbye(name: str) -> list[bytes]:
     return [_packb([VERSION, GOODBYE, name])]
+
+
+def encode_welcome(epoch: int) -> list[bytes]:
+    return [_packb([VERSION, WELCOME, epoch])]
+
+
+def encode_flows(name: str, full: bool, opened: list[Flow], closed: list[Flow]) -> list[bytes]:
+    return [_packb([VERSION, FLOWS, name, full, [list(f) for f in opened], [list(f) for f in closed]])]
+
+
+def encode_request(command: str) -> list[bytes]:
+    return [_packb([VERSION, REQUEST, command])]
+
+
+def encode_reply(status: str, reason: str | None, payload: Any) -> list[bytes]:
+    return [_packb([VERSION, REPLY, status, reason, payload])]
+
+
+def encode_orphans(flows: list[Flow]) -> list[bytes]:
+    return [_packb([VERSION, ORPHANS, [list(f) for f in flows]])]
+
+
+def _flows(items: object) -> tuple[Flow, ...]:
+    if not isinstance(items, list):
+        raise BusError("bad_flows")
+    out = []
+    for f in items:
+        if not (isinstance(f, list) and len(f) == 3 and isinstance(f[0], bytes)
+                and isinstance(f[1], int) and isinstance(f[2], int)):
+            raise BusError("bad_flows")
+        out.append((f[0], f[1], f[2]))
+    return tuple(out)
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -92,9 +172,10 @@ def decode(frames: list[bytes]) -> Message:
     if meta[0] != VERSION:
         raise BusError("bad_version")
     kind = meta[1]
+    fields = meta[2:]
     try:
         if kind == PACKET:
-            (offload,) = meta[2:]
+            (offload,) = fields
             if len(frames) != 2:
                 raise BusError("packet_frames")
             if offload is not None:
@@ -103,16 +184,41 @@ def decode(frames: list[bytes]) -> Message:
                 offload = tuple(offload)
             return Packet(frames[1], offload)
         if kind == HEARTBEAT:
-            name, role, seq = meta[2:]
-            if not (isinstance(name, str) and isinstance(role, str) and isinstance(seq, int)):
+            name, role, seq, stats = fields
+            if not (isinstance(name, str) and isinstance(role, str) and isinstance(seq, int)
+                    and isinstance(stats, dict)
+                    and all(isinstance(k, str) and isinstance(v, int) for k, v in stats.items())):
                 raise BusError("bad_heartbeat")
-            return Heartbeat(name, role, seq)
+            return Heartbeat(name, role, seq, stats)
         if kind == GOODBYE:
-            (name,) = meta[2:]
+            (name,) = fields
             if not isinstance(name, str):
                 raise BusError("bad_goodbye")
             return Goodbye(name)
-    except ValueError as exc:  # wrong field count when unpacking meta[2:]
+        if kind == WELCOME:
+            (epoch,) = fields
+            if not isinstance(epoch, int):
+                raise BusError("bad_welcome")
+            return Welcome(epoch)
+        if kind == FLOWS:
+            name, full, opened, closed = fields
+            if not (isinstance(name, str) and isinstance(full, bool)):
+                raise BusError("bad_flows")
+            return Flows(name, full, _flows(opened), _flows(closed))
+        if kind == ORPHANS:
+            (flows,) = fields
+            return Orphans(_flows(flows))
+        if kind == REQUEST:
+            (command,) = fields
+            if not isinstance(command, str):
+                raise BusError("bad_request")
+            return Request(command)
+        if kind == REPLY:
+            status, reason, payload = fields
+            if status not in ("ok", "error") or not (reason is None or isinstance(reason, str)):
+                raise BusError("bad_reply")
+            return Reply(status, reason, payload)
+    except ValueError as exc:  # wrong field count when unpacking
         if isinstance(exc, BusError):
             raise
         raise BusError("bad_fields") from exc

@@ -17,14 +17,21 @@ def test_packet_with_offload_round_trip():
     assert m.decode(frames) == m.Packet(b"p", (1, 1, 52, 1460, 20, 16))
 
 
-def test_heartbeat_and_goodbye_round_trip():
-    assert m.decode(m.encode_heartbeat("tcp.3", "tcp", 7)) == m.Heartbeat("tcp.3", "tcp", 7)
+def test_control_messages_round_trip():
+    assert m.decode(m.encode_heartbeat("tcp.3", "tcp", 7, {"connections": 2})) == \
+        m.Heartbeat("tcp.3", "tcp", 7, {"connections": 2})
     assert m.decode(m.encode_goodbye("tcp.3")) == m.Goodbye("tcp.3")
+    assert m.decode(m.encode_welcome(99)) == m.Welcome(99)
+    flow = (b"\x0a\x00\x00\x01", 40000, 8000)
+    assert m.decode(m.encode_flows("tcp.1", True, [flow], [])) == m.Flows("tcp.1", True, (flow,), ())
+    assert m.decode(m.encode_request("status")) == m.Request("status")
+    assert m.decode(m.encode_orphans([flow])) == m.Orphans((flow,))
+    assert m.decode(m.encode_reply("ok", None, {"a": [1]})) == m.Reply("ok", None, {"a": [1]})
 
 
 def test_layout_is_versioned_array():
     meta = msgpack.unpackb(m.encode_heartbeat("udp.1", "udp", 0)[0])
-    assert meta == [m.VERSION, m.HEARTBEAT, "udp.1", "udp", 0]
+    assert meta == [m.VERSION, m.HEARTBEAT, "udp.1", "udp", 0, {}]
 
 
 @pytest.mark.parametrize("frames,reason", [
@@ -36,7 +43,10 @@ def test_layout_is_versioned_array():
     ([msgpack.packb([1, 0, None])], "packet_frames"),
     ([msgpack.packb([1, 0, [1, 2]]), b"x"], "bad_offload"),
     ([msgpack.packb([1, 1, "a", "b"])], "bad_fields"),
-    ([msgpack.packb([1, 1, 1, "b", 0])], "bad_heartbeat"),
+    ([msgpack.packb([1, 1, 1, "b", 0, {}])], "bad_heartbeat"),
+    ([msgpack.packb([1, 1, "a", "b", 0, {"x": "y"}])], "bad_heartbeat"),
+    ([msgpack.packb([1, 4, "a", True, [[b"ab", 1]], []])], "bad_flows"),
+    ([msgpack.packb([1, 6, "maybe", None, None])], "bad_reply"),
 ])
 def test_malformed_messages_raise_bus_error(frames, reason):
     with pytest.raises(m.BusError) as exc:

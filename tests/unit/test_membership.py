@@ -7,11 +7,12 @@ from pipeline.membership import Membership
 def test_join_expire_and_pick():
     ms = Membership(timeout=3.0)
     assert ms.pick("tcp", b"k") is None
-    assert ms.seen("tcp.1", "tcp", 0.0) is True
-    assert ms.seen("tcp.1", "tcp", 1.0) is False
+    assert ms.seen("tcp.1", "tcp", 0.0, seq=0) == "joined"
+    assert ms.seen("tcp.1", "tcp", 1.0, seq=1) is None
+    assert ms.seen("tcp.1", "tcp", 2.0, seq=0) == "restarted"  # a new process under the old name
     assert ms.pick("tcp", b"k") == "tcp.1"
-    assert ms.expire(3.5) == []
-    assert ms.expire(4.1) == ["tcp.1"]
+    assert ms.expire(4.9) == []
+    assert ms.expire(5.1) == ["tcp.1"]
     assert not ms.has_role("tcp")
 
 

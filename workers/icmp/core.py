@@ -12,10 +12,10 @@ from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.icmp import ECHO_REQUEST, PROTOCOL_UNREACHABLE, dest_unreachable, echo_reply, parse_icmp
 from pipeline.wire.ipv4 import PROTO_ICMP, Ipv4Header, build_ipv4, parse_ipv4
-from workers.shell import Outgoing
+from workers.shell import Outgoing, StatelessCore
 
 
-class IcmpCore:
+class IcmpCore(StatelessCore):
     def __init__(self, proc: Process) -> None:
         self.proc = proc
         self.address = proc.config.stack_addr_bytes
@@ -48,13 +48,3 @@ class IcmpCore:
 
     def _ip_reply(self, request: Ipv4Header, payload: bytes) -> bytes:
         return build_ipv4(Ipv4Header(src=self.address, dst=request.src, protocol=PROTO_ICMP, tos=request.tos), payload)
-
-    def handle_timer(self, now: float) -> list[Outgoing]:
-        return []
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def close(self, now: float) -> list[Outgoing]:
-        return []
-

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 
+from pipeline.bus.messages import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.process import Process
 from pipeline.wire import Malformed
@@ -33,7 +34,7 @@ from workers.tcp.connection import Connection, State
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.syncookies import SynCookies
 
-FlowKey = tuple[bytes, int, int]  # remote address, remote port, local port
+FlowKey = Flow  # remote address, remote port, local port
 IPV4_HEADER_LEN = 20  # we emit no IP options
 
 SYN_QUEUE_LIMIT = 256        # half-open connections per listening port before cookies
@@ -59,6 +60,8 @@ class TcpCore:
         self._timers: list[tuple[float, FlowKey]] = []
         self._deadline: dict[FlowKey, float] = {}
         self.resets = TokenBucket(RESETS_PER_SECOND, RESETS_PER_SECOND)
+        self._opened: list[Flow] = []  # flow changes not yet announced to ingress
+        self._closed: list[Flow] = []
         # With device offloads, the kernel finishes our checksums and cuts large
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
@@ -112,6 +115,38 @@ class TcpCore:
             heapq.heappop(timers)
         return timers[0][0] if timers else None
 
+    def stats(self) -> dict[str, int]:
+        return {"connections": len(self.connections)}
+
+    def flows(self) -> list[Flow]:
+        return list(self.connections)
+
+    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
+        opened, closed = self._opened, self._closed
+        self._opened, self._closed = [], []
+        return opened, closed
+
+    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
+        """Make the peers of a dead worker's connections reset them.
+
+        We do not know their sequence numbers, so we provoke the peer into
+        telling us: a bare ACK far outside its window makes its TCP answer
+        with an ACK carrying its rcv_nxt (RFC 9293 §3.10.7.4), and that ACK,
+        arriving for no connection, is answered with <SEQ=SEG.ACK><CTL=RST>
+        (§3.10.7.1), which matches rcv_nxt exactly and so is accepted even
+        under RFC 5961 §3.2. Without this, a peer that is only receiving
+        would wait forever for data that will not come.
+        """
+        out: list[Outgoing] = []
+        for flow in flows:
+            if flow in self.connections:
+                continue
+            remote, rport, lport = flow
+            self.proc.counters["orphans_reset"] += 1
+            probe = TcpSegment(lport, rport, SeqNum(0), SeqNum(0), Flags.ACK, 0)
+            out.append(self._ip(remote, probe))
+        return out
+
     def close(self, now: float) -> list[Outgoing]:
         """Shutting down: reset every connection so no peer is left hanging."""
         out: list[Outgoing] = []
@@ -137,6 +172,7 @@ class TcpCore:
                 if mss is not None:
                     conn = Connection.from_cookie(key[2], key[1], seg, seg.ack - 1, mss, self.config, now)
                     self.connections[key] = conn
+                    self._opened.append(key)
                     self.proc.counters["syn_cookies_accepted"] += 1
                     self._after(key, conn, State.LISTEN, now, out)
                     return
@@ -153,6 +189,7 @@ class TcpCore:
         iss = initial_sequence_number(self.secret, local, remote, now)
         conn = Connection.accept(port, key[1], seg, iss, self.config, now)
         self.connections[key] = conn
+        self._opened.append(key)
         queue.add(key)
         self._after(key, conn, State.LISTEN, now, out)
 
@@ -222,6 +259,7 @@ class TcpCore:
 
     def _forget(self, key: FlowKey) -> None:
         self.connections.pop(key)
+        self._closed.append(key)
         self.syn_queue.get(key[2], set()).discard(key)
         self.apps.pop(key, None)
         self._deadline.pop(key, None)

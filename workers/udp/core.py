@@ -10,7 +10,7 @@ from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.udp import UdpDatagram, parse_udp
 from workers.ratelimit import TokenBucket
-from workers.shell import Outgoing
+from workers.shell import Outgoing, StatelessCore
 from workers.udp.services import SERVICES
 
 # RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2: ICMP errors are rate limited so a flood of
@@ -18,7 +18,7 @@ from workers.udp.services import SERVICES
 ICMP_ERRORS_PER_SECOND = 200
 
 
-class UdpCore:
+class UdpCore(StatelessCore):
     def __init__(self, proc: Process) -> None:
         self.proc = proc
         self.address = proc.config.stack_addr_bytes
@@ -47,12 +47,3 @@ class UdpCore:
         answer = UdpDatagram(dgram.dst_port, dgram.src_port, service(bytes(dgram.payload)))
         return [(build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_UDP),
                             answer.emit(self.address, ip.src)), None)]
-
-    def handle_timer(self, now: float) -> list[Outgoing]:
-        return []
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def close(self, now: float) -> list[Outgoing]:
-        return []

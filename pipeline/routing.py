@@ -1,0 +1,113 @@
+"""Ingress routing: which worker gets each packet (pure: no sockets, no clock).
+
+The one checked IPv4 parse of the pipeline happens here (version, lengths,
+header checksum, fragments, destination); workers trust the bus and re-read
+the header without re-verifying. ICMP goes to ``icmp``, UDP to ``udp``, any
+other protocol to ``icmp`` (which answers protocol unreachable, RFC 1122
+§3.2.2.1), and TCP to the worker that owns the flow:
+
+* a flow a worker has announced (it holds the connection) goes to that
+  worker while it lives: a worker joining never steals existing flows;
+* any other segment goes to the live ``tcp`` worker chosen by rendezvous
+  hashing of the flow. For a SYN that worker takes the new connection; for
+  anything else it has no connection and answers with a reset, which is
+  right (RFC 9293 §3.10.7.1) — that is how the connections of a dead worker
+  end instead of hanging.
+
+Right after ingress (re)starts it knows no flows yet: for a short settling
+time TCP segments of unknown flows are held until the workers have joined
+and re-announced what they own, so an ingress restart resets nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Callable
+
+from pipeline.bus.messages import HEARTBEAT_INTERVAL, Flow
+from pipeline.membership import Membership
+from pipeline.offload import Offload
+from pipeline.wire import Malformed
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
+
+PENDING_LIMIT = 512    # packets held per role while it has no live worker (or while settling)
+PENDING_MAX_AGE = 2.0  # seconds; older ones are dropped (the peer retransmits)
+# Long enough for every live worker's next heartbeat and its flow list to arrive.
+SETTLE_TIME = HEARTBEAT_INTERVAL * 1.5
+
+_ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp"}
+_PORTS = struct.Struct("!HH")
+_TCP_SYN_ACK_MASK = 0x12
+_TCP_SYN = 0x02
+
+Pending = tuple[float, bytes, Offload | None]
+
+
+def flow_key(flow: Flow) -> bytes:
+    """The 8-byte key of a flow: remote address, remote port, local port."""
+    return flow[0] + _PORTS.pack(flow[1], flow[2])
+
+
+def key_flow(key: bytes) -> Flow:
+    return (key[:4], *_PORTS.unpack_from(key, 4))
+
+
+class Router:
+    def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float) -> None:
+        self.address = address
+        self.members = members
+        self.drop = drop
+        self.settle_until = started + SETTLE_TIME
+        self.flows: dict[bytes, str] = {}  # flow key -> the worker that announced it
+        self.pending: dict[str, collections.deque[Pending]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=PENDING_LIMIT))
+
+    def route(self, packet: bytes, now: float) -> tuple[str | None, str]:
+        """(worker, role) for a packet. (None, role): hold it for later; (None, ""): dropped."""
+        if not packet or packet[0] >> 4 != 4:
+            self.drop("not_ipv4", version=packet[0] >> 4 if packet else None)
+            return None, ""
+        try:
+            header, payload = parse_ipv4(packet)
+        except Malformed as exc:
+            self.drop(exc.reason, layer="ipv4")
+            return None, ""
+        if header.dst != self.address:
+            self.drop("not_for_us")
+            return None, ""
+        role = _ROLE_BY_PROTO.get(header.protocol, "icmp")
+        if role != "tcp":
+            return self.members.pick(role, b""), role
+        if len(payload) < 14:
+            return self.members.pick(role, b""), role  # malformed: the worker counts the drop
+        key = header.src + bytes(payload[:4])
+        owner = self.flows.get(key)
+        if owner is not None and self.members.is_alive(owner):
+            return owner, role
+        if now < self.settle_until and payload[13] & _TCP_SYN_ACK_MASK != _TCP_SYN:
+            return None, role  # an existing flow whose owner has not re-announced yet
+        return self.members.pick(role, key), role
+
+    def update_flows(self, worker: str, full: bool, opened: tuple[Flow, ...], closed: tuple[Flow, ...]) -> None:
+        """A worker says which flows it holds (all of them if ``full``)."""
+        flows = self.flows
+        if full:
+            for key in [k for k, w in flows.items() if w == worker]:
+                del flows[key]
+        for flow in opened:
+            flows[flow_key(flow)] = worker
+        for flow in closed:
+            key = flow_key(flow)
+            if flows.get(key) == worker:
+                del flows[key]
+
+    def forget_worker(self, worker: str) -> list[Flow]:
+        """The worker is gone: drop its flows and return them (their peers must be reset)."""
+        keys = [k for k, w in self.flows.items() if w == worker]
+        for key in keys:
+            del self.flows[key]
+        return [key_flow(k) for k in keys]
+
+    def flows_by_worker(self) -> collections.Counter[str]:
+        return collections.Counter(self.flows.values())

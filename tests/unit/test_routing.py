@@ -1,0 +1,80 @@
+"""Ingress routing: flow ownership, settling after a restart, dead workers' flows."""
+
+import collections
+import struct
+
+from pipeline.membership import Membership
+from pipeline.routing import SETTLE_TIME, Router, flow_key, key_flow
+from pipeline.wire.ipv4 import PROTO_TCP, PROTO_UDP, Ipv4Header, build_ipv4
+
+US = bytes([10, 0, 0, 2])
+PEER = bytes([10, 0, 0, 1])
+
+
+def tcp_packet(sport: int, dport: int = 8000, flags: int = 0x10, dst: bytes = US) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, flags, 1000, 0, 0)
+    return build_ipv4(Ipv4Header(src=PEER, dst=dst, protocol=PROTO_TCP), tcp)
+
+
+def make(now=100.0, workers=("tcp.1", "tcp.2")):
+    drops = collections.Counter()
+    members = Membership(3.0)
+    for w in workers:
+        members.seen(w, "tcp", now)
+    return Router(US, members, lambda reason, **kw: drops.update([reason]), started=now), drops
+
+
+def test_announced_flows_stay_with_their_owner_when_a_worker_joins():
+    r, _ = make(now=0.0)
+    later = SETTLE_TIME + 1
+    owners = {p: r.route(tcp_packet(p), later)[0] for p in range(40000, 40200)}
+    for p, w in owners.items():
+        r.update_flows(w, False, ((PEER, p, 8000),), ())
+    r.members.seen("tcp.3", "tcp", later)
+    assert {p: r.route(tcp_packet(p), later)[0] for p in owners} == owners
+    # New connections do reach the newcomer.
+    assert "tcp.3" in {r.route(tcp_packet(p, flags=0x02), later)[0] for p in range(50000, 50100)}
+
+
+def test_after_a_restart_unknown_flows_wait_but_new_connections_do_not():
+    r, _ = make(now=100.0)
+    assert r.route(tcp_packet(40000), 100.1) == (None, "tcp")   # held until owners re-announce
+    assert r.route(tcp_packet(40000, flags=0x02), 100.1)[0] in ("tcp.1", "tcp.2")
+    r.update_flows("tcp.2", True, ((PEER, 40000, 8000),), ())
+    assert r.route(tcp_packet(40000), 100.1) == ("tcp.2", "tcp")
+    assert r.route(tcp_packet(40001), 100 + SETTLE_TIME + 0.1)[0] is not None
+
+
+def test_full_announcement_replaces_and_forget_returns_orphans():
+    r, _ = make()
+    r.update_flows("tcp.1", False, ((PEER, 1, 8000), (PEER, 2, 8000)), ())
+    r.update_flows("tcp.1", True, ((PEER, 3, 8000),), ())
+    assert set(r.flows.values()) == {"tcp.1"} and len(r.flows) == 1
+    r.update_flows("tcp.2", False, ((PEER, 4, 7),), ((PEER, 3, 8000),))  # not tcp.2's to close
+    assert len(r.flows) == 2
+    assert r.forget_worker("tcp.1") == [(PEER, 3, 8000)]
+    assert flow_key((PEER, 4, 7)) in r.flows and key_flow(flow_key((PEER, 4, 7))) == (PEER, 4, 7)
+
+
+def test_flows_of_a_dead_worker_go_to_a_survivor():
+    r, _ = make(now=0.0)
+    r.update_flows("tcp.1", False, ((PEER, 40000, 8000),), ())
+    r.members.remove("tcp.1")
+    assert r.route(tcp_packet(40000), 10.0) == ("tcp.2", "tcp")
+
+
+def test_not_for_us_and_malformed_are_dropped():
+    r, drops = make()
+    assert r.route(tcp_packet(1, dst=bytes([10, 0, 0, 9])), 200.0) == (None, "")
+    assert r.route(b"\x45\x00", 200.0) == (None, "")
+    assert r.route(b"", 200.0) == (None, "")
+    assert drops == {"not_for_us": 1, "truncated": 1, "not_ipv4": 1}
+
+
+def test_other_protocols_go_to_their_role():
+    r, _ = make()
+    r.members.seen("udp.1", "udp", 0.0)
+    udp = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=PROTO_UDP), struct.pack("!HHHH", 1, 7, 8, 0))
+    assert r.route(udp, 200.0) == ("udp.1", "udp")
+    odd = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=253), b"x")
+    assert r.route(odd, 200.0) == (None, "icmp")  # held: no icmp worker yet
