@@ -83,7 +83,7 @@ def test_quick_bench_writes_report_and_cleans_up(tmp_path):
     for key in JUDGED:
         assert metrics[key]["met"] in (True, False), (key, metrics[key])
         assert report["targets_met"][key] == metrics[key]["met"]
-    assert raw["idle"]["connections"] == report["settings"]["idle_connections"]
+    assert raw["idle"]["connections"] >= 0.99 * report["settings"]["idle_connections"]
     assert "ping p50" in result.stdout and "written:" in result.stdout
 
     # Nothing outlives the run.
