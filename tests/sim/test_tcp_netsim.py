@@ -58,3 +58,16 @@ def test_large_segments_with_max_send_segment():
     sim = Simulation(9, big, normal, Link(loss=0.02, delay=0.01, jitter=0.003), Link(delay=0.01), up, b"")
     sim.run()
     check(sim, up, b"")
+
+
+@pytest.mark.parametrize("seed", [4, 23, 24])
+def test_tiny_receiver_under_heavy_loss(seed):
+    """One-segment receive buffer, long delayed ACKs, keepalive, 15% loss: every loss costs an
+    RTO, so RTT samples must not include RTOs and a lost window update must not stall."""
+    client = TcpConfig(mss=536, recv_buffer=32768, msl=1.0, nagle=False)
+    server = TcpConfig(recv_buffer=1460, send_buffer=1000, delayed_ack=0.2, keepalive=0.5, msl=1.0)
+    up, down = payload(seed, 60_000), payload(seed + 1, 20_000)
+    link = Link(loss=0.15, delay=0.001, jitter=0.03)
+    sim = Simulation(seed, client, server, link, link, up, down, slow_reader=(5000, 0.01))
+    sim.run(limit=120)  # without the stale-echo rule these seeds take 700 s
+    check(sim, up, down)
