@@ -184,3 +184,22 @@ class Stack:
                 self.proc.wait()
         self._log_file.close()
         return time.monotonic() - start
+
+
+def process_pid(ns: Namespace, name: str, module: str) -> int:
+    """The pid of the pipeline process in ``ns`` running ``python -m module`` as honcho's
+    ``name`` (the process itself, not its respawn wrapper)."""
+    for pid in ns._pids():
+        entry = str(pid)
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"pipeline.respawn" in argv or module.encode() not in argv:
+            continue
+        if f"HONCHO_PROCESS_NAME={name}".encode() in env:
+            return int(entry)
+    raise LookupError(f"no running {module} named {name}")

@@ -1,0 +1,187 @@
+"""Several TCP workers: sharing, a worker killed mid-transfer, ingress restarted, stackctl.
+
+The stack runs with `honcho start -c tcp=4`, each process under the respawn
+wrapper exactly as the Procfile says; clients are the kernel's TCP in a
+routed client namespace.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.netns import ROOT, STACK_ADDR, Stack, process_pid, routed_client
+from tests.integration.test_tcp_bulk import rfc864_stream
+
+WORKERS = 4
+
+
+@pytest.fixture(scope="module")
+def client(ns):
+    c = routed_client(ns)
+    try:
+        yield c
+    finally:
+        c.delete()
+
+
+@pytest.fixture(scope="module")
+def stack(ns):
+    s = Stack(ns, "-c", f"tcp={WORKERS}")
+    try:
+        s.wait_ready({"icmp": 1, "udp": 1, "tcp": WORKERS})
+        yield s
+    finally:
+        s.stop()
+
+
+def owners(stack) -> dict[int, str]:
+    """Client port -> the tcp worker that logged the connection as established."""
+    return {r["rport"]: r["proc"] for r in stack.records() if r["event"] == "tcp_established"}
+
+
+def stackctl(stack, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, USTACK_RUN_DIR=stack.run_dir)
+    return subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), *args], env=env, capture_output=True,
+                          text=True, timeout=10)
+
+
+def test_connections_are_spread_over_all_workers(client, stack):
+    def chat(i: int) -> tuple[int, bytes]:
+        with client.socket() as sock:
+            sock.settimeout(15)
+            sock.connect((STACK_ADDR, 8000))
+            port = sock.getsockname()[1]
+            sock.sendall(f"hello {i}\n".encode())
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(1024):
+                data += chunk
+            return port, data
+
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(chat, range(200)))
+    assert [data for _, data in results] == [(f"hello {i}"[::-1] + "\n").encode() for i in range(200)]
+    stack.wait_for(lambda recs: sum(r["event"] == "tcp_established" for r in recs) >= 200, 10, "200 logged")
+    by_worker = {}
+    table = owners(stack)
+    for port, _ in results:
+        by_worker[table[port]] = by_worker.get(table[port], 0) + 1
+    assert len(by_worker) == WORKERS, by_worker
+    assert min(by_worker.values()) >= 200 / WORKERS / 4, by_worker
+
+
+def test_stackctl_status_lists_live_workers(stack):
+    # Counters travel in heartbeats: give the previous test's traffic one heartbeat to show up.
+    deadline = time.monotonic() + 5
+    while True:
+        done = stackctl(stack, "status", "--json")
+        assert done.returncode == 0, done.stderr
+        procs = {p["name"]: p for p in json.loads(done.stdout)["processes"]}
+        counted = [procs.get(f"tcp.{i}", {}).get("stats", {}).get("packets_in", 0) for i in range(1, WORKERS + 1)]
+        if all(counted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {f"tcp.{i}" for i in range(1, WORKERS + 1)} | {"ingress.1", "egress.1", "icmp.1", "udp.1"} <= procs.keys()
+    for i in range(1, WORKERS + 1):
+        p = procs[f"tcp.{i}"]
+        assert p["role"] == "tcp" and p["heartbeat_age"] < 3 and p["stats"]["packets_in"] > 0
+        assert "connections" in p["stats"]
+    text = stackctl(stack, "status")
+    assert text.returncode == 0 and "tcp.4" in text.stdout
+
+
+class Transfer:
+    """A long transfer, paced so it is still running when something is killed."""
+
+    SIZE = 6 * 1024 * 1024
+    CHUNK = 64 * 1024
+    PAUSE = 0.04  # ~1.5 MB/s per connection: ~4 s in all
+
+    def __init__(self, client, kind: str):
+        self.kind = kind
+        self.sock = client.socket()
+        self.sock.settimeout(20)
+        self.sock.connect((STACK_ADDR, 19 if kind == "download" else 7))
+        self.port = self.sock.getsockname()[1]
+        self.error: str | None = None
+        self.ended_at: float | None = None
+        self.intact = False
+
+    def run(self) -> "Transfer":
+        try:
+            if self.kind == "download":
+                got = bytearray()
+                while len(got) < self.SIZE:
+                    chunk = self.sock.recv(min(self.CHUNK, self.SIZE - len(got)))
+                    if not chunk:
+                        raise ConnectionError("eof")
+                    got += chunk
+                    time.sleep(self.PAUSE * len(chunk) / self.CHUNK)
+                self.intact = hashlib.sha256(got).digest() == hashlib.sha256(rfc864_stream(self.SIZE)).digest()
+            else:
+                data = hashlib.sha256(str(self.port).encode()).digest() * (self.SIZE // 32)
+                echoed = bytearray()
+                for off in range(0, self.SIZE, self.CHUNK):
+                    self.sock.sendall(data[off:off + self.CHUNK])
+                    while len(echoed) < off:  # stay close behind: bounded buffering both ways
+                        chunk = self.sock.recv(1 << 20)
+                        if not chunk:
+                            raise ConnectionError("eof")
+                        echoed += chunk
+                    time.sleep(self.PAUSE)
+                self.sock.shutdown(socket.SHUT_WR)
+                while chunk := self.sock.recv(1 << 20):
+                    echoed += chunk
+                self.intact = hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
+        except OSError as exc:
+            self.error = type(exc).__name__
+        finally:
+            self.ended_at = time.monotonic()
+            self.sock.close()
+        return self
+
+
+def test_killed_worker_resets_its_connections_and_survivors_finish(ns, client, stack):
+    transfers = [Transfer(client, "download" if i % 2 else "upload") for i in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(len(transfers)) as pool:
+        futures = [pool.submit(t.run) for t in transfers]
+        time.sleep(1.0)
+        stack.wait_for(lambda recs: all(t.port in owners(stack) for t in transfers), 10, "owners logged")
+        victim = "tcp.2"
+        os.kill(process_pid(ns, victim, "workers.tcp"), signal.SIGKILL)
+        killed_at = time.monotonic()
+        time.sleep(3.0)
+        with client.socket() as sock:  # new connections go to the survivors at once
+            sock.settimeout(5)
+            sock.connect((STACK_ADDR, 8000))
+            sock.sendall(b"after\n")
+            assert sock.recv(100) == b"retfa\n"
+        done = [f.result(timeout=60) for f in futures]
+    table = owners(stack)
+    dead = [t for t in done if table[t.port] == victim]
+    alive = [t for t in done if table[t.port] != victim]
+    assert dead and alive
+    for t in alive:
+        assert t.error is None and t.intact, (t.kind, t.port, table[t.port], t.error)
+    for t in dead:
+        assert t.error is not None or not t.intact, (t.kind, t.port)
+        assert t.ended_at - killed_at < 5.0, (t.kind, t.ended_at - killed_at)
+
+
+def test_ingress_restart_loses_no_connection(ns, client, stack):
+    transfers = [Transfer(client, "download" if i % 2 else "upload") for i in range(10)]
+    with concurrent.futures.ThreadPoolExecutor(len(transfers)) as pool:
+        futures = [pool.submit(t.run) for t in transfers]
+        time.sleep(1.0)
+        os.kill(process_pid(ns, "ingress.1", "pipeline.ingress"), signal.SIGKILL)
+        done = [f.result(timeout=90) for f in futures]
+    for t in done:
+        assert t.error is None and t.intact, (t.kind, t.port, t.error)
+    assert any(r["event"] == "process_died" and r["proc"] == "ingress.1" for r in stack.records())
