@@ -202,3 +202,16 @@ def test_stale_timestamp_echo_after_spurious_retransmission_is_no_rtt_sample():
     c.segments_to_send(now)
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(11, s.options.timestamp[0]))), now + 0.01)
     assert c.snd_una == c.snd_nxt and c.srtt is None
+
+
+def test_sack_marks_loss_without_pure_duplicate_acks():
+    # The peer's ACKs ride on its own data, so none is a duplicate ACK (RFC 5681 §2);
+    # its SACK blocks still show segment 0 lost (RFC 6675 §5 IsLost).
+    c = established(config(sack=True), options=SACK)
+    segs = flight(c, 6)
+    for k in (1, 2, 3):
+        blocks = TcpOptions(sack_blocks=((segs[1].seq, end(segs[k])),))
+        c.receive(seg(c, "PA", b"reply", ack=segs[0].seq, options=blocks), T0 + 0.1)
+        out = [s for s in c.segments_to_send(T0 + 0.1) if s.payload]
+    assert c.dup_acks == 0 and c.fast_retransmits == 1 and c.in_recovery
+    assert [s.seq for s in out] == [segs[0].seq]

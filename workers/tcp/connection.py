@@ -811,6 +811,11 @@ class Connection:
             self._congestion_on_ack(acked, now)
         elif dup:
             self._on_dup_ack(now)
+        if (not self._in_recovery and seg.options.sack_blocks and self.sack_ok and self.snd_una > self._recover
+                and self._scoreboard.is_lost(self.snd_una, self.send_mss)):
+            # RFC 6675 §5: enough SACKed above SND.UNA marks it lost without three
+            # pure duplicate ACKs (ACKs on data, or one ACK per GRO batch, are not).
+            self._enter_recovery(now)
         # State-specific ACK processing: our FIN acknowledged.
         if self._fin_queued and self.snd_una > self._fin_seq:
             st = self.state
@@ -890,11 +895,13 @@ class Connection:
             if self.sack_ok:
                 self._retransmit_hole(now, partial=False)  # RFC 6675 NextSeg rule 1
             return
-        if self._dupacks != DUP_ACK_THRESHOLD:
-            return
         # step 2: only if the ACK covers more than recover (no second reduction per window).
-        if not self.snd_una > self._recover:
-            return
+        if self._dupacks == DUP_ACK_THRESHOLD and self.snd_una > self._recover:
+            self._enter_recovery(now)
+
+    def _enter_recovery(self, now: float) -> None:
+        """Fast retransmit and enter fast recovery (RFC 6582 §3.2 step 2)."""
+        cc = self._cc
         self.fast_retransmits += 1
         self._recover = self.snd_nxt
         cc.on_loss(self.snd_nxt - self.snd_una, now)
