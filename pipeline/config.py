@@ -55,7 +55,7 @@ class StackConfig:
     stack_address: ipaddress.IPv4Address     # the address this stack answers for
     mtu: int
     run_dir: str
-    proc_name: str
+    proc_name: str  # honcho's process name (with USTACK_NAME_PREFIX); empty outside honcho
     offload: bool  # virtio-net header, checksum offload and TSO on the device (Linux)
     ingress_endpoint: str  # where workers connect (and ingress binds, unless ingress_bind says otherwise)
     ingress_bind: str
@@ -107,7 +107,8 @@ def load() -> StackConfig:
         stack_address=addr,
         mtu=mtu,
         run_dir=run_dir,
-        proc_name=env_str("HONCHO_PROCESS_NAME", "") or env_str("USTACK_PROC", "stack"),
+        # A worker's identity on the bus; the prefix keeps names unique across hosts.
+        proc_name=env_str("USTACK_NAME_PREFIX", "") + env_str("HONCHO_PROCESS_NAME", ""),
         offload=env_bool("USTACK_OFFLOAD", sys.platform == "linux"),
         ingress_endpoint=endpoints["ingress"][0],
         ingress_bind=endpoints["ingress"][1],

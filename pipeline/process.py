@@ -27,7 +27,7 @@ class Process:
 
     def __init__(self, role: str) -> None:
         self.config = config.load()
-        self.name = self.config.proc_name if self.config.proc_name != "stack" else role
+        self.name = self.config.proc_name or role
         self.role = role
         self.log: structlog.typing.FilteringBoundLogger = log.setup(self.name)
         self.debug = log.debug_enabled()
