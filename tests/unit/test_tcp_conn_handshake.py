@@ -77,7 +77,8 @@ def test_karn_no_rtt_sample_from_retransmitted_syn():
     c.segments_to_send(now)
     c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=LOCAL_ISS + 1), now + 0.01)
     assert c.state is State.ESTABLISHED
-    assert c.srtt is None and c.rto == 2.0  # backed-off RTO kept until a valid sample
+    assert c.srtt is None and c.rto == 3.0  # RFC 6298 §5.7: 3 s until a valid sample
+    assert c.cwnd == c.send_mss  # RFC 5681 §3.1: IW is one segment after a lost SYN
 
 
 def test_timestamps_give_rtt_even_after_retransmission():

@@ -854,6 +854,13 @@ class Connection:
             self._rtt.sample(max(0.0, now - self._rtt_time))
         if timed:
             self._rtt_seq = None
+        if old_una == self.iss and self.timeouts:
+            # Our SYN or SYN-ACK was lost.  RFC 6298 §5.7: without an RTT sample, start
+            # data transfer with RTO = 3 s; RFC 5681 §3.1: with an initial window of 1 SMSS.
+            if self._rtt.srtt is None:
+                cfg = self.config
+                self._rtt = RttEstimator(max(3.0, cfg.initial_rto), cfg.min_rto, cfg.max_rto)
+            self._cc.cwnd = self.send_mss
         if self._rtx_nxt is not None and self._rtx_nxt < ack:
             self._rtx_nxt = ack
         self._scoreboard.advance(ack)
