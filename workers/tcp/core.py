@@ -37,7 +37,7 @@ from workers.tcp.syncookies import SynCookies
 FlowKey = Flow  # remote address, remote port, local port
 IPV4_HEADER_LEN = 20  # we emit no IP options
 
-SYN_QUEUE_LIMIT = 256        # half-open connections per listening port before cookies
+SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
@@ -46,7 +46,8 @@ CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "r
 
 class TcpCore:
     def __init__(self, proc: Process, config: TcpConfig, secret: bytes,
-                 services: dict[int, type[Service]] | None = None, offload: bool = False) -> None:
+                 services: dict[int, type[Service]] | None = None, offload: bool = False,
+                 syn_queue_limit: int = SYN_QUEUE_LIMIT) -> None:
         self.proc = proc
         self.log = proc.log
         self.config = config
@@ -57,6 +58,7 @@ class TcpCore:
         self.connections: dict[FlowKey, Connection] = {}
         self.apps: dict[FlowKey, Service] = {}
         self.syn_queue: dict[int, set[FlowKey]] = {}  # listening port -> its half-open connections
+        self.syn_queue_limit = syn_queue_limit
         self._timers: list[tuple[float, FlowKey]] = []
         self._deadline: dict[FlowKey, float] = {}
         self.resets = TokenBucket(RESETS_PER_SECOND, RESETS_PER_SECOND)
@@ -183,7 +185,7 @@ class TcpCore:
             return
         port = key[2]
         queue = self.syn_queue.setdefault(port, set())
-        if len(queue) >= SYN_QUEUE_LIMIT:
+        if len(queue) >= self.syn_queue_limit:
             self._cookie_syn_ack(key, seg, now, out)
             return
         iss = initial_sequence_number(self.secret, local, remote, now)
