@@ -66,15 +66,16 @@ def main() -> None:
                 except messages.BusError as exc:
                     proc.drop("bus_" + str(exc))
                     continue
-                if not isinstance(msg, messages.Packet):
+                if not isinstance(msg, messages.Packets):
                     proc.drop("bus_unexpected_kind")
                     continue
-                try:
-                    device.write(msg.data, msg.offload)
-                except OSError as exc:  # e.g. EINVAL for a packet the kernel refuses, EIO when down
-                    proc.drop("write_failed", error=exc.strerror)
-                    continue
-                counters["packets_out"] += 1
+                for data, offload in msg.items:
+                    try:
+                        device.write(data, offload)
+                    except OSError as exc:  # e.g. EINVAL for a packet the kernel refuses, EIO when down
+                        proc.drop("write_failed", error=exc.strerror)
+                        continue
+                    counters["packets_out"] += 1
     finally:
         log.info("egress_stopped", **dict(counters))
         inbox.close()

@@ -16,11 +16,10 @@ import zmq
 from pipeline import tun
 from pipeline.bus import endpoints, messages
 from pipeline.membership import Membership
-from pipeline.offload import Offload
 from pipeline.process import Process
 from pipeline.routing import PENDING_MAX_AGE, Router
 
-DRAIN_BATCH = 256  # device reads per wake-up before looking at the bus again
+DRAIN_BATCH = messages.MAX_BATCH  # device reads per wake-up before looking at the bus again
 ORPHAN_MAX_AGE = 5.0  # seconds to wait for a tcp worker that can reset a dead worker's peers
 
 
@@ -42,39 +41,48 @@ class Ingress:
 
     # -- packets ---------------------------------------------------------------
 
-    def forward(self, name: str, packet: bytes, offload: Offload | None) -> bool:
+    def forward(self, name: str, items: list[messages.Item]) -> bool:
+        """Send packets to one worker as one message; False if the worker is gone."""
         try:
-            self.bus.send_multipart([name.encode(), *messages.encode_packet(packet, offload)], flags=zmq.NOBLOCK)
+            self.bus.send_multipart([name.encode(), *messages.encode_packets(items)], flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.proc.drop("worker_full", worker=name)
-            return True  # dropped, not to be retried
+            self.proc.drop("worker_full", worker=name, packets=len(items))
+            return True  # dropped, not to be retried: the peers retransmit
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker's connection is gone
             self.worker_gone(name, "unreachable", exc.strerror)
             return False
-        self.proc.counters["packets_out"] += 1
+        self.proc.counters["packets_out"] += len(items)
         return True
 
-    def route_and_forward(self, packet: bytes, offload: Offload | None, born: float, now: float) -> bool:
-        """Send one packet on; False if it must wait (no live worker, or settling)."""
-        for _ in range(2):  # a second try if the chosen worker turns out to be gone
-            name, role = self.router.route(packet, now)
-            if name is None:
-                if role:
-                    self.router.pending[role].append((born, packet, offload))
-                return role == ""
-            if self.forward(name, packet, offload):
-                return True
-        self.router.pending[role].append((born, packet, offload))
-        return False
+    def route_and_forward(self, items: list[messages.Item], born: float, now: float) -> None:
+        """Route packets, then send each worker its share in one message (STYLE: batch where it pays)."""
+        batches: dict[str, list[messages.Item]] = {}
+        router = self.router
+        for item in items:
+            name, role = router.route(item[0], now)
+            if name is not None:
+                batches.setdefault(name, []).append(item)
+            elif role:
+                router.pending[role].append((born, item[0], item[1]))  # no live worker yet, or settling
+        for name, batch in batches.items():
+            if not self.forward(name, batch):
+                # The worker vanished under us: route again among the living (or hold).
+                for data, offload in batch:
+                    again, role = router.route(data, now)
+                    if again is None or not self.forward(again, [(data, offload)]):
+                        router.pending[role].append((born, data, offload))
 
     def read_device(self, now: float) -> None:
-        counters = self.proc.counters
+        items = []
+        read = self.device.read
         for _ in range(DRAIN_BATCH):
-            got = self.device.read()
+            got = read()
             if got is None:
-                return
-            counters["packets_in"] += 1
-            self.route_and_forward(got[0], got[1], now, now)
+                break
+            items.append(got)
+        if items:
+            self.proc.counters["packets_in"] += len(items)
+            self.route_and_forward(items, now, now)
 
     def flush_pending(self, now: float) -> None:
         for role, queue in self.router.pending.items():
@@ -91,7 +99,7 @@ class Ingress:
                 if name is None:
                     queue.appendleft((born, packet, offload))
                     break
-                if not self.forward(name, packet, offload):
+                if not self.forward(name, [(packet, offload)]):
                     queue.appendleft((born, packet, offload))
                     break
 

@@ -86,12 +86,14 @@ def run(proc: Process, core: WorkerCore) -> None:
     log.info("worker_started", role=proc.role)
 
     def send(packets: list[Outgoing]) -> None:
-        for pkt, offload in packets:
+        """Everything for egress from one wake-up, in as few messages as MAX_BATCH allows."""
+        for start in range(0, len(packets), messages.MAX_BATCH):
+            batch = packets[start:start + messages.MAX_BATCH]
             try:
-                outbox.send_multipart(messages.encode_packet(pkt, offload), flags=zmq.NOBLOCK)
-                counters["packets_out"] += 1
-            except zmq.Again:  # egress gone or far behind: the peer's TCP retransmits
-                proc.drop("egress_full")
+                outbox.send_multipart(messages.encode_packets(batch), flags=zmq.NOBLOCK)
+                counters["packets_out"] += len(batch)
+            except zmq.Again:  # egress gone or far behind: the peers' TCP retransmits
+                proc.drop("egress_full", packets=len(batch))
 
     def tell_ingress(frames: list[bytes]) -> None:
         try:
@@ -110,8 +112,10 @@ def run(proc: Process, core: WorkerCore) -> None:
             deadline = core.next_deadline()
             wake = next_heartbeat if deadline is None else min(deadline, next_heartbeat)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
+            out: list[Outgoing] = []
             if poller.poll(timeout_ms):
-                # Drain everything waiting before touching timers: one wake-up, many packets.
+                # Drain everything waiting before touching timers: one wake-up, many packets,
+                # and what they cause goes to egress together.
                 while True:
                     try:
                         frames = inbox.recv_multipart(flags=zmq.NOBLOCK)
@@ -122,21 +126,25 @@ def run(proc: Process, core: WorkerCore) -> None:
                     except messages.BusError as exc:
                         proc.drop("bus_" + str(exc))
                         continue
-                    if isinstance(msg, messages.Packet):
-                        counters["packets_in"] += 1
-                        send(core.handle_packet(msg.data, time.monotonic(), msg.offload))
+                    if isinstance(msg, messages.Packets):
+                        counters["packets_in"] += len(msg.items)
+                        now = time.monotonic()
+                        for data, offload in msg.items:
+                            out += core.handle_packet(data, now, offload)
                     elif isinstance(msg, messages.Welcome):
                         core.flow_changes()  # superseded by the full list
                         tell_ingress(messages.encode_flows(proc.name, True, core.flows(), []))
                         log.info("welcomed", epoch=msg.epoch)
                     elif isinstance(msg, messages.Orphans):
-                        send(core.reset_orphans(msg.flows, time.monotonic()))
+                        out += core.reset_orphans(msg.flows, time.monotonic())
                     else:
                         proc.drop("bus_unexpected_kind")
             now = time.monotonic()
             deadline = core.next_deadline()
             if deadline is not None and deadline <= now:
-                send(core.handle_timer(now))
+                out += core.handle_timer(now)
+            if out:
+                send(out)
             opened, closed = core.flow_changes()
             if opened or closed:
                 tell_ingress(messages.encode_flows(proc.name, False, opened, closed))

@@ -4,7 +4,7 @@ Every message is a ZeroMQ multipart message whose first frame is a msgpack
 array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
 (never inside msgpack, which would copy them twice). Kinds:
 
-  PACKET     [1, 0, offload]                     + packet   ingress -> worker, worker -> egress
+  PACKETS    [1, 0, offloads]                    + packets  ingress -> worker, worker -> egress
   HEARTBEAT  [1, 1, name, role, seq, stats]                 worker/egress -> ingress, every HEARTBEAT_INTERVAL
   GOODBYE    [1, 2, name]                                   worker -> ingress, on clean shutdown
   WELCOME    [1, 3, epoch]                                  ingress -> worker, when it (re)joins
@@ -14,9 +14,13 @@ array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
   ORPHANS    [1, 7, flows]                                  ingress -> tcp worker: flows of a dead worker,
                                                             whose peers must be made to reset
 
-``offload`` is None, or the virtio-net header fields
-``[flags, gso_type, hdr_len, gso_size, csum_start, csum_offset]`` when the
-device runs with offloads; it travels with its packet. ``stats`` maps counter
+PACKETS carries one or more IP packets, each in a frame of its own: a
+process sends everything it has for one peer after a wake-up as one message,
+so under load the per-message cost of ZeroMQ (a wake-up of its I/O thread)
+is paid once per batch, and at idle a batch is a single packet with no added
+delay. ``offloads`` is None when no packet has offload metadata, else a list
+with, per packet, None or the virtio-net header fields
+``[flags, gso_type, hdr_len, gso_size, csum_start, csum_offset]``. ``stats`` maps counter
 names to integers. A flow is ``[remote address (bytes), remote port, local
 port]``; ``full`` says ``opened`` is every flow the worker owns (sent after a
 WELCOME, so a restarted ingress learns who owns what). ``epoch`` identifies
@@ -35,7 +39,7 @@ import msgpack
 from pipeline.offload import Offload
 
 VERSION = 1
-PACKET = 0
+PACKETS = 0
 HEARTBEAT = 1
 GOODBYE = 2
 WELCOME = 3
@@ -51,17 +55,20 @@ Flow = tuple[bytes, int, int]  # remote address, remote port, local port
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 # The common case, a plain packet with no offload metadata, costs nothing to encode.
-_PLAIN_PACKET_META = msgpack.packb([VERSION, PACKET, None])
+_PLAIN_PACKETS_META = msgpack.packb([VERSION, PACKETS, None])
+MAX_BATCH = 256  # packets per PACKETS message
 
 
 class BusError(ValueError):
     """A bus message that does not follow this layout (counted and dropped)."""
 
 
+Item = tuple[bytes, Offload | None]  # a packet and its virtio-net header fields
+
+
 @dataclass(frozen=True, slots=True)
-class Packet:
-    data: bytes
-    offload: Offload | None = None
+class Packets:
+    items: list[Item]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +114,23 @@ class Orphans:
     flows: tuple[Flow, ...]
 
 
-Message = Packet | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans
+Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans
 
 
-def encode_packet(data: bytes, offload: Offload | None = None) -> list[bytes]:
-    meta = _PLAIN_PACKET_META if offload is None else _packb([VERSION, PACKET, list(offload)])
-    return [meta, data]
+def encode_packets(items: list[Item]) -> list[bytes]:
+    """One PACKETS message for up to MAX_BATCH packets (callers split longer lists)."""
+    if all(offload is None for _, offload in items):
+        return [_PLAIN_PACKETS_META, *(data for data, _ in items)]
+    meta = _packb([VERSION, PACKETS, [None if o is None else list(o) for _, o in items]])
+    return [meta, *(data for data, _ in items)]
+
+
+def _offload(value: object) -> Offload | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 6 and all(isinstance(v, int) for v in value)):
+        raise BusError("bad_offload")
+    return tuple(value)  # type: ignore[return-value]
 
 
 def encode_heartbeat(name: str, role: str, seq: int, stats: dict[str, int] | None = None) -> list[bytes]:
@@ -159,10 +177,10 @@ def decode(frames: list[bytes]) -> Message:
     """Decode one message; raise BusError on anything malformed."""
     if not frames:
         raise BusError("empty")
-    if frames[0] == _PLAIN_PACKET_META:  # hot path: skip msgpack entirely
-        if len(frames) != 2:
+    if frames[0] == _PLAIN_PACKETS_META:  # hot path: skip msgpack entirely
+        if len(frames) < 2:
             raise BusError("packet_frames")
-        return Packet(frames[1])
+        return Packets([(data, None) for data in frames[1:]])
     try:
         meta = msgpack.unpackb(frames[0], use_list=True, raw=False)
     except Exception as exc:  # msgpack raises several types; all mean "bad frame"
@@ -174,15 +192,16 @@ def decode(frames: list[bytes]) -> Message:
     kind = meta[1]
     fields = meta[2:]
     try:
-        if kind == PACKET:
-            (offload,) = fields
-            if len(frames) != 2:
+        if kind == PACKETS:
+            (offloads,) = fields
+            datas = frames[1:]
+            if not datas:
                 raise BusError("packet_frames")
-            if offload is not None:
-                if not (isinstance(offload, list) and len(offload) == 6 and all(isinstance(v, int) for v in offload)):
-                    raise BusError("bad_offload")
-                offload = tuple(offload)
-            return Packet(frames[1], offload)
+            if offloads is None:
+                return Packets([(data, None) for data in datas])
+            if not isinstance(offloads, list) or len(offloads) != len(datas):
+                raise BusError("bad_offload")
+            return Packets([(data, _offload(o)) for data, o in zip(datas, offloads)])
         if kind == HEARTBEAT:
             name, role, seq, stats = fields
             if not (isinstance(name, str) and isinstance(role, str) and isinstance(seq, int)

@@ -6,15 +6,15 @@ from hypothesis import strategies as st
 from pipeline.bus import messages as m
 
 
-def test_plain_packet_round_trip():
-    frames = m.encode_packet(b"\x45packet")
-    assert len(frames) == 2 and frames[1] == b"\x45packet"
-    assert m.decode(frames) == m.Packet(b"\x45packet", None)
+def test_plain_packets_round_trip():
+    frames = m.encode_packets([(b"\x45packet", None), (b"\x45two", None)])
+    assert frames[1:] == [b"\x45packet", b"\x45two"]  # each packet in its own frame
+    assert m.decode(frames) == m.Packets([(b"\x45packet", None), (b"\x45two", None)])
 
 
-def test_packet_with_offload_round_trip():
-    frames = m.encode_packet(b"p", (1, 1, 52, 1460, 20, 16))
-    assert m.decode(frames) == m.Packet(b"p", (1, 1, 52, 1460, 20, 16))
+def test_packets_with_offload_round_trip():
+    items = [(b"p", (1, 1, 52, 1460, 20, 16)), (b"q", None)]
+    assert m.decode(m.encode_packets(items)) == m.Packets(items)
 
 
 def test_control_messages_round_trip():
@@ -41,7 +41,8 @@ def test_layout_is_versioned_array():
     ([msgpack.packb([99, 0, None]), b"x"], "bad_version"),
     ([msgpack.packb([1, 42])], "unknown_kind"),
     ([msgpack.packb([1, 0, None])], "packet_frames"),
-    ([msgpack.packb([1, 0, [1, 2]]), b"x"], "bad_offload"),
+    ([msgpack.packb([1, 0, [[1, 2]]]), b"x"], "bad_offload"),
+    ([msgpack.packb([1, 0, [None, None]]), b"x"], "bad_offload"),
     ([msgpack.packb([1, 1, "a", "b"])], "bad_fields"),
     ([msgpack.packb([1, 1, 1, "b", 0, {}])], "bad_heartbeat"),
     ([msgpack.packb([1, 1, "a", "b", 0, {"x": "y"}])], "bad_heartbeat"),
