@@ -24,8 +24,11 @@ def tcp_config(mtu: int, offload: bool) -> TcpConfig:
     keepalive = env_float("TCP_KEEPALIVE", 0.0)
     return TcpConfig(
         mss=mtu - 40,  # RFC 9293 §3.7.1: MTU minus fixed IPv4 and TCP headers
-        recv_buffer=env_int("TCP_RECV_BUFFER", 256 * 1024),
-        send_buffer=env_int("TCP_SEND_BUFFER", 256 * 1024),
+        # 1 MiB each: the pipeline's round trip is long next to a kernel's, so in-flight data
+        # (not CPU) limits bulk throughput; bench: +15-20 % over 256 KiB, no gain beyond.
+        # Buffers fill only as data arrives, so idle connections cost nothing for it.
+        recv_buffer=env_int("TCP_RECV_BUFFER", 1 << 20),
+        send_buffer=env_int("TCP_SEND_BUFFER", 1 << 20),
         congestion=congestion,
         msl=env_float("TCP_MSL", 30.0),
         delayed_ack=env_float("TCP_DELAYED_ACK", 0.04),
