@@ -42,6 +42,7 @@ def main() -> None:
     next_heartbeat = 0.0
     try:
         while not proc.stopper.stopping:
+            proc.flush_logs()
             now = time.monotonic()
             if now >= next_heartbeat:
                 try:

@@ -218,6 +218,7 @@ class Ingress:
             poller.register(self.refusals, zmq.POLLIN)
         device_fd = self.device.fileno()
         while not self.proc.stopper.stopping:
+            self.proc.flush_logs()
             ready = dict(poller.poll(100))
             now = time.monotonic()
             if self.bus in ready:

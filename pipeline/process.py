@@ -29,7 +29,9 @@ class Process:
         self.config = config.load()
         self.name = self.config.proc_name or role
         self.role = role
-        self.log: structlog.typing.FilteringBoundLogger = log.setup(self.name)
+        # Buffered: the process's loop calls flush_logs() once per wake-up.
+        self.log: structlog.typing.FilteringBoundLogger = log.setup(self.name, buffered=True)
+        self.flush_logs = log.flush
         self.debug = log.debug_enabled()
         self.stopper = Stopper()
         self.counters: collections.Counter[str] = collections.Counter()

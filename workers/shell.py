@@ -103,6 +103,7 @@ def run(proc: Process, core: WorkerCore) -> None:
 
     try:
         while not proc.stopper.stopping:
+            proc.flush_logs()
             now = time.monotonic()
             if now >= next_heartbeat:
                 tell_ingress(messages.encode_heartbeat(proc.name, proc.role, heartbeat_seq,

@@ -57,7 +57,23 @@ def load_bulk_out(ns: Namespace, stop: threading.Event) -> None:
                     break
 
 
-LOADS = {"udp": load_udp, "bulk-in": load_bulk_in, "bulk-out": load_bulk_out}
+def load_connect(ns: Namespace, stop: threading.Event) -> None:
+    def one() -> None:
+        while not stop.is_set():
+            with ns.socket() as sock:
+                sock.settimeout(5)
+                sock.connect((STACK_ADDR, 8000))
+                sock.sendall(b"profile\n")
+                sock.recv(100)
+
+    workers = [threading.Thread(target=one, daemon=True) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+LOADS = {"udp": load_udp, "bulk-in": load_bulk_in, "bulk-out": load_bulk_out, "connect": load_connect}
 
 
 def self_time(raw: str) -> collections.Counter[str]:
