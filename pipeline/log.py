@@ -19,6 +19,19 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
+class _StdoutLogger:
+    """Writes rendered records to sys.stdout and leaves flushing to the stream's
+    buffering: structlog's own loggers flush after every record."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        sys.stdout.write(message + "\n")
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
+
+
 def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundLogger:
     """Configure structlog for this process and return its bound logger.
 
@@ -49,7 +62,7 @@ def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundL
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=_StdoutLogger,
         cache_logger_on_first_use=True,
     )
     sys.stdout.reconfigure(line_buffering=not buffered)
