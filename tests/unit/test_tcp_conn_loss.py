@@ -141,19 +141,22 @@ def test_sack_recovery_retransmits_only_holes():
     c.receive(seg(c, "A", ack=segs[2].seq), T0 + 0.1)  # 0 and 1 arrived
     assert sacked(c, segs, 2, [(3, 3)]) == []
     assert sacked(c, segs, 2, [(3, 4)]) == []
+    # more than 2*SMSS SACKed above 2: IsLost (RFC 6675 §4), fast retransmit, cwnd = ssthresh
     [r] = sacked(c, segs, 2, [(6, 6), (3, 4)])
-    assert r.seq == segs[2].seq
-    out = sacked(c, segs, 2, [(6, 7), (3, 4)])
-    assert [s.seq for s in out] == [segs[5].seq]  # next hole below the highest SACK (RFC 6675)
-    for k in (8, 9):
-        out = sacked(c, segs, 2, [(6, k), (3, 4)])
-        assert all(s.seq not in {x.seq for x in segs} for s in out)  # no SACKed data resent
+    assert r.seq == segs[2].seq and c.in_recovery
+    assert c.ssthresh == c.cwnd == 4 * MSS  # FlightSize 8 segments / 2, no inflation (pipe instead)
+    assert sacked(c, segs, 2, [(6, 7), (3, 4)]) == []  # pipe = 4 segments = cwnd; 5 is not yet lost
+    out = sacked(c, segs, 2, [(6, 8), (3, 4)])
+    # 5 is lost now (3 SMSS SACKed above it): retransmitted; nothing new to send, so the
+    # highest outstanding segment goes out once as the rescue retransmission (NextSeg rule 4).
+    assert [s.seq for s in out] == [segs[5].seq, segs[9].seq]
+    assert sacked(c, segs, 2, [(6, 9), (3, 4)]) == []  # no SACKed data is ever resent
     # the retransmitted 2 arrives: partial ACK up to the next hole, already resent
     c.receive(seg(c, "A", ack=segs[5].seq, options=TcpOptions(sack_blocks=((segs[6].seq, end(segs[9])),))),
               T0 + 0.2)
     assert c.segments_to_send(T0 + 0.2) == []
     c.receive(seg(c, "A"), T0 + 0.3)
-    assert not c.in_recovery and c.retransmissions == 2
+    assert not c.in_recovery and c.retransmissions == 3 and c.cwnd == c.ssthresh
 
 
 def test_rto_go_back_skips_sacked_data():

@@ -59,6 +59,8 @@ DUP_ACK_THRESHOLD = 3        # RFC 5681 §3.2
 CHALLENGE_ACK_LIMIT = 10     # challenge ACKs per second per connection (RFC 5961 §7)
 PAWS_IDLE_LIMIT = 24 * 86400.0  # RFC 7323 §5.5: TS.Recent is invalid after 24 days idle
 MAX_TS_RTT_MS = 600_000      # an echoed timestamp older than this is bogus, not an RTT
+WC_DEL_ACK_T = 0.2           # RFC 8985 §7.2 WCDelAckT: worst-case delayed ACK of the peer
+MIN_PTO = 0.01               # floor of the loss probe timeout (Linux: 10 ms)
 
 _ACK = Flags.ACK
 _ACK_PSH = Flags.ACK | Flags.PSH
@@ -92,6 +94,7 @@ class Timer(enum.Enum):
     DELAYED_ACK = 3
     KEEPALIVE = 4
     TIME_WAIT = 5
+    LOSS_PROBE = 6
 
 
 class InvalidOperation(RuntimeError):
@@ -139,8 +142,9 @@ class Connection:
         # buffers
         "_sndbuf", "_buf_seq", "_fin_queued", "_fin_seq", "_rcvbuf", "_reasm", "_rcv_fin_seq", "peer_fin",
         # retransmission, RTT, congestion
-        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rtx_high", "_rtx_tsval",
-        "_in_recovery", "_recover", "_dupacks", "_recovery_rtx",
+        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rto_high", "_rto_tsval",
+        "_in_recovery", "_recover", "_dupacks", "_recovery_rtx", "_rto_recovery", "_high_rxt", "_rescue_done",
+        "_rtx_log", "_relost", "_tlp_out", "_tlp_end", "_tlp_rearm",
         # timers, output, events
         "_timers", "_out", "_events", "_ack_now", "_unacked_bytes", "_rcv_seg_max", "_last_recv",
         "_ka_probes", "_challenge_start", "_challenge_count", "_data_event_armed", "_send_blocked",
@@ -148,6 +152,7 @@ class Connection:
         "segments_in", "segments_out", "retransmissions", "timeouts", "fast_retransmits", "dup_acks",
         "challenge_acks", "challenge_acks_suppressed", "invalid_segments", "paws_rejected", "ooo_segments",
         "zero_window_probes", "keepalive_probes_sent", "bytes_sent", "bytes_received", "bytes_acked",
+        "loss_probes", "lost_retransmissions",
     )
 
     def __init__(self, local_port: int, remote_port: int, iss: SeqNum, config: TcpConfig, now: float) -> None:
@@ -193,12 +198,23 @@ class Connection:
         self._retries = 0
         self._rtt_seq: SeqNum | None = None
         self._rtt_time = 0.0
-        self._rtx_high = iss  # end of the highest range retransmitted
-        self._rtx_tsval = 0  # TSval of the latest retransmission
+        self._rto_high = iss  # SND.NXT when the retransmission timer last fired
+        self._rto_tsval = 0  # TSval of that timeout's retransmission
         self._in_recovery = False
         self._recover = iss
         self._dupacks = 0
         self._recovery_rtx = iss
+        # RFC 6675 state, used when SACK was negotiated: fast recovery (_in_recovery)
+        # or the loss recovery after a timeout (_rto_recovery), both up to _recover.
+        self._rto_recovery = False
+        self._high_rxt = iss  # RFC 6675 HighRxt: end of the highest retransmission
+        self._rescue_done = False  # RFC 6675 §4 NextSeg rule 4, once per recovery
+        self._rtx_log: list[tuple[SeqNum, SeqNum, SeqNum]] = []  # (start, end, SND.NXT) of retransmissions
+        self._relost: list[tuple[SeqNum, SeqNum]] = []  # retransmissions found lost again
+        # RFC 8985 §7 tail loss probe (with SACK only): one probe per ACK of new data.
+        self._tlp_out = False  # a probe was sent and no new data has been acknowledged since
+        self._tlp_end: SeqNum | None = None  # end of a retransmitted probe awaiting its verdict
+        self._tlp_rearm = False  # new data sent or acknowledged: (re)start the PTO
         self._timers: dict[Timer, float] = {}
         self._out: list[TcpSegment] = []
         self._events: deque[Event] = deque()
@@ -216,6 +232,7 @@ class Connection:
         self.invalid_segments = self.paws_rejected = self.ooo_segments = 0
         self.zero_window_probes = self.keepalive_probes_sent = 0
         self.bytes_sent = self.bytes_received = self.bytes_acked = 0
+        self.loss_probes = self.lost_retransmissions = 0
 
     # == creation ====================================================================
 
@@ -430,9 +447,24 @@ class Connection:
         return (self._data_end() - self.snd_nxt) > 0 or (self._fin_queued and self.snd_nxt <= self._fin_seq)
 
     def _output(self, now: float) -> None:
-        """Send what the windows allow: go-back-N retransmission first, then new data."""
-        edge = self.snd_una + min(self.snd_wnd, self._cc.cwnd)  # RFC 5681 §3.1: min(cwnd, rwnd)
-        # 1. After an RTO, resend from snd_una, skipping SACKed ranges (RFC 6675 §5.1).
+        """Send what the windows allow: retransmissions first, then new data."""
+        if self._in_recovery and self.sack_ok or self._rto_recovery:
+            # 1. RFC 6675 §5 (C): lost segments while cwnd - pipe >= 1 SMSS, then new
+            # data in what is left (NextSeg rule 2), never beyond the peer's window.
+            room = self._sack_recovery_output(now)
+            edge = self.snd_nxt + (max(room, self.send_mss) if room > 0 else 0)
+            wnd_edge = self.snd_una + self.snd_wnd
+            if edge > wnd_edge:
+                edge = wnd_edge
+        else:
+            edge = self.snd_una + min(self.snd_wnd, self._cc.cwnd)  # RFC 5681 §3.1: min(cwnd, rwnd)
+            sacked = self._scoreboard.sacked_bytes
+            if sacked and self.sack_ok:
+                # SACKed data has left the network (RFC 6675 §4 pipe): a segment goes
+                # out for each one, as RFC 3042 limited transmit does for the first
+                # two duplicate ACKs; the new data brings the ACKs that reveal a loss.
+                edge = self.snd_una + min(self.snd_wnd, self._cc.cwnd + sacked)
+        # 1. Without SACK, after an RTO, resend from snd_una (go-back-N).
         sb = self._scoreboard
         while self._rtx_nxt is not None:
             start = self._rtx_nxt
@@ -489,6 +521,183 @@ class Connection:
                 return
             self.snd_nxt += used
 
+    # == RFC 6675 loss recovery ======================================================
+
+    def _lost_edge(self) -> SeqNum | None:
+        """Un-SACKed data below this sequence number is deemed lost (RFC 6675 §4 IsLost)."""
+        sb = self._scoreboard
+        lost = sb.lost_edge(self.send_mss) if sb.sacked_bytes else None
+        if self._rto_recovery:
+            # RFC 6675 §5.1: after a timeout everything outstanding up to the
+            # recovery point and not SACKed is presumed lost (go-back-N skipping SACKed).
+            lost = self._recover if lost is None else seq_max(lost, self._recover)
+        if lost is not None and lost > self.snd_nxt:
+            lost = self.snd_nxt
+        return lost
+
+    def _pipe(self, lost: SeqNum | None) -> int:
+        """RFC 6675 §4 SetPipe(): bytes presumed in flight, in O(SACK ranges)."""
+        # Each un-SACKed byte counts once if not IsLost, and once more if it was
+        # retransmitted (below HighRxt); retransmissions found lost again count nothing.
+        una = self.snd_una
+        sb = self._scoreboard
+        pipe = (self.snd_nxt - una) - sb.sacked_bytes
+        if lost is not None and lost > una:
+            pipe -= (lost - una) - sb.sacked_below(lost)
+        high = self._high_rxt
+        if high > una:
+            pipe += (high - una) - sb.sacked_below(high)
+        for start, end in self._relost:
+            pipe -= max(0, end - seq_max(start, una))
+        return max(0, pipe)
+
+    def _sack_recovery_output(self, now: float) -> int:
+        """RFC 6675 §5 step (C) for retransmissions; returns cwnd - pipe left for new data.
+
+        The loop runs while cwnd - pipe > 0 rather than >= 1 SMSS: cwnd is counted in
+        whole segments, as Linux counts packets, so ssthresh = 2.5 SMSS after a small
+        flight does not leave a lost retransmission waiting for the RTO.
+        """
+        mss = self.send_mss
+        cwnd = self._cc.cwnd
+        una = self.snd_una
+        wnd_edge = una + self.snd_wnd
+        lost = self._lost_edge()
+        pipe = self._pipe(lost)
+        # Retransmissions lost again (lost-retransmission detection, as RFC 8985
+        # RACK finds them: data sent after the retransmission was SACKed) go first.
+        relost = self._relost
+        while relost and cwnd - pipe > 0:
+            start, end = relost[0]
+            s, e = self._unsacked_from(seq_max(start, una))
+            if e > end:
+                e = end
+            if s >= e:
+                relost.pop(0)
+                continue
+            if s >= wnd_edge:
+                break
+            used = self._send_range(s, min(e - s, mss, wnd_edge - s), now, rtx=True)
+            if not used:
+                relost.pop(0)
+                continue
+            self._rtx_log.append((s, s + used, self.snd_nxt))
+            if s + used >= end:
+                relost.pop(0)
+            else:
+                relost[0] = (s + used, end)
+            pipe += used
+        # NextSeg rule 1: the lowest IsLost un-SACKed data above HighRxt.
+        while lost is not None and cwnd - pipe > 0:
+            s, e = self._unsacked_from(seq_max(self._high_rxt, una))
+            if e > lost:
+                e = lost
+            if s >= e or s >= wnd_edge:
+                break
+            used = self._send_range(s, min(e - s, mss, wnd_edge - s), now, rtx=True)
+            if not used:
+                break
+            self._high_rxt = s + used
+            self._rtx_log.append((s, s + used, self.snd_nxt))
+            pipe += used
+        # NextSeg rule 4 (rescue retransmission): nothing new to send in fast
+        # recovery, so once per recovery resend the highest outstanding segment;
+        # a lost tail then needs no timeout.
+        if (self._in_recovery and not self._rescue_done and cwnd - pipe > 0
+                and not self._has_unsent() and relost == []):
+            top = self._scoreboard.highest_sacked
+            start = seq_max(seq_max(self._high_rxt, una), self.snd_nxt - mss)
+            if (top is None or top < self.snd_nxt) and start < self.snd_nxt and start < wnd_edge:
+                self._rescue_done = True
+                used = self._send_range(start, self.snd_nxt - start, now, rtx=True)
+                pipe += used
+        return cwnd - pipe
+
+    def _detect_lost_retransmissions(self) -> None:
+        """A retransmission is lost if data sent after it was SACKed and it was not."""
+        top = self._scoreboard.highest_sacked
+        if top is None:
+            return
+        una = self.snd_una
+        keep = []
+        found = False
+        for entry in self._rtx_log:
+            start, end, nxt = entry
+            if end <= una:
+                continue
+            if top > nxt:
+                s, e = self._unsacked_from(seq_max(start, una))
+                if s < end:
+                    self._relost.append((s, end))
+                    self.lost_retransmissions += 1
+                    found = True
+                continue
+            keep.append(entry)
+        self._rtx_log = keep
+        if found:
+            self._relost.sort()
+
+    def _tlp_verdict(self, seg: TcpSegment, now: float) -> None:
+        """RFC 8985 §7.4: did the retransmitted probe repair a loss?"""
+        blocks = seg.options.sack_blocks
+        assert self._tlp_end is not None
+        if blocks and (blocks[0][1] <= seg.ack or (len(blocks) > 1 and blocks[1][0] <= blocks[0][0]
+                                                    and blocks[0][1] <= blocks[1][1])):
+            self._tlp_end = None  # a D-SACK (RFC 2883 §4): the probe was a duplicate, nothing was lost
+        elif self.snd_una >= self._tlp_end:
+            # §7.4.2: the probe alone repaired a loss -- respond to congestion as for
+            # a fast retransmit, without entering recovery.
+            self._tlp_end = None
+            if not (self._in_recovery or self._rto_recovery):
+                self._cc.on_loss(self.snd_nxt - self.snd_una, now)
+
+    def _on_loss_probe(self, now: float) -> None:
+        """RFC 8985 §7.3: the PTO expired; send one probe to elicit an ACK."""
+        if (self.snd_una == self.snd_nxt or self.state not in _SENDS or self._in_recovery
+                or self._rto_recovery or self._tlp_out):
+            return
+        self._tlp_out = True
+        self.loss_probes += 1
+        una = self.snd_una
+        unsent = self._data_end() - self.snd_nxt
+        room = una + self.snd_wnd - self.snd_nxt
+        if unsent > 0 and room > 0:
+            # New data if the peer's window allows (cwnd does not limit a probe).
+            used = self._send_range(self.snd_nxt, min(unsent, room, self.send_mss), now, rtx=False)
+            self.snd_nxt += used
+            self._tlp_rearm = False
+        else:
+            # Else the last segment sent, up to SMSS.
+            start = seq_max(una, self.snd_nxt - self.send_mss)
+            self._send_range(start, self.snd_nxt - start, now, rtx=True)
+            self._tlp_end = self.snd_nxt
+        self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # §7.3: rearm the RTO
+
+    def _arm_loss_probe(self, now: float) -> None:
+        """RFC 8985 §7.2: PTO = 2*SRTT, plus WCDelAckT for a single outstanding segment."""
+        srtt = self._rtt.srtt
+        timers = self._timers
+        if (not self.sack_ok or srtt is None or self._tlp_out or self._in_recovery or self._rto_recovery
+                or self.snd_una == self.snd_nxt or self.state not in _SENDS):
+            timers.pop(Timer.LOSS_PROBE, None)
+            return
+        pto = 2 * srtt
+        if self.snd_nxt - self.snd_una <= self.send_mss:
+            pto = max(pto, 1.5 * srtt + WC_DEL_ACK_T)
+        deadline = now + max(pto, MIN_PTO)
+        rto = timers.get(Timer.RETRANSMIT)
+        if rto is not None and rto <= deadline:
+            timers.pop(Timer.LOSS_PROBE, None)  # §7.2: the RTO comes first anyway
+            return
+        timers[Timer.LOSS_PROBE] = deadline
+
+    def _end_recovery(self) -> None:
+        self._in_recovery = False
+        self._rto_recovery = False
+        self._dupacks = 0
+        self._rtx_log.clear()
+        self._relost.clear()
+
     def _unsacked_from(self, start: SeqNum) -> tuple[SeqNum, SeqNum]:
         """The first range at or after start not SACKed by the peer, up to snd_nxt."""
         sb = self._scoreboard
@@ -538,12 +747,13 @@ class Connection:
         self._segment(seq, flags, payload, now, options)
         if rtx:
             self.retransmissions += 1
-            self._rtt_seq = None  # RFC 6298 §3 (Karn): no sample across a retransmission
-            self._rtx_high = seq_max(self._rtx_high, seq + n + fin)
-            self._rtx_tsval = ts_clock(now)
+            timed = self._rtt_seq
+            if timed is not None and seq <= timed and timed - seq < n + fin:
+                self._rtt_seq = None  # RFC 6298 §3 (Karn): the timed segment was retransmitted
         else:
             self.bytes_sent += n
             self._start_rtt(seq, now)
+            self._tlp_rearm = True  # RFC 8985 §7.2: after transmitting new data
         if Timer.RETRANSMIT not in self._timers:
             self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # RFC 6298 §5.1
         return n + fin
@@ -807,11 +1017,17 @@ class Connection:
             self._ack_advance(seg, now)
         if self.sack_ok and seg.options.sack_blocks:
             self._scoreboard.update(seg.options.sack_blocks, self.snd_una, self.snd_nxt)
+        if self._tlp_end is not None:
+            self._tlp_verdict(seg, now)
+        if (self._rtx_log and seg.options.sack_blocks and self.sack_ok
+                and (self._in_recovery or self._rto_recovery)):
+            self._detect_lost_retransmissions()
         if acked > 0:
             self._congestion_on_ack(acked, now)
         elif dup:
             self._on_dup_ack(now)
-        if (not self._in_recovery and seg.options.sack_blocks and self.sack_ok and self.snd_una > self._recover
+        if (not self._in_recovery and not self._rto_recovery and seg.options.sack_blocks and self.sack_ok
+                and self.snd_una >= self._recover
                 and self._scoreboard.is_lost(self.snd_una, self.send_mss)):
             # RFC 6675 §5: enough SACKed above SND.UNA marks it lost without three
             # pure duplicate ACKs (ACKs on data, or one ACK per GRO batch, are not).
@@ -840,14 +1056,19 @@ class Connection:
             self._buf_seq += n
         self.snd_una = ack
         self._retries = 0
+        self._tlp_out = False
+        self._tlp_rearm = True  # RFC 8985 §7.2: on an ACK of new data
         # RTT: from the timestamp echo (RFC 7323 §4.1), else the one timed segment (RFC 6298 §3).
         ts = seg.options.timestamp if self.ts_ok else None
         timed = self._rtt_seq is not None and ack > self._rtt_seq
         if ts is not None and ts[1] != 0 and (ts_clock(now) - ts[1]) & 0xFFFFFFFF <= MAX_TS_RTT_MS:
-            # An echo older than our latest retransmission of the acknowledged data
-            # means the receiver answered a duplicate with the original's TSval
-            # (RFC 7323 §4.3, the ACK was lost): that "RTT" includes the RTO.
-            stale = old_una < self._rtx_high and SeqNum(ts[1]) < SeqNum(self._rtx_tsval)
+            # RFC 7323 §4.1: an echo times the transmission it answers, retransmitted
+            # or not -- except that an echo older than our last timeout, for data sent
+            # before it, may answer a duplicate with the original's TSval (RFC 7323
+            # §4.3, the ACK was lost): that "RTT" includes the RTO.  Rejecting only
+            # those keeps samples coming under loss, so RTO backoff collapses
+            # (RFC 6298 §5.7 note) instead of compounding timeout after timeout.
+            stale = old_una < self._rto_high and SeqNum(ts[1]) < SeqNum(self._rto_tsval)
             if not stale:
                 self._rtt.sample(((ts_clock(now) - ts[1]) & 0xFFFFFFFF) / 1000)
         elif timed:
@@ -876,16 +1097,20 @@ class Connection:
     def _congestion_on_ack(self, acked: int, now: float) -> None:
         """New data acknowledged: grow cwnd, or NewReno partial/full ACK (RFC 6582 §3.2)."""
         cc = self._cc
+        if self._rto_recovery and self.snd_una >= self._recover:
+            self._end_recovery()  # RFC 6675 §5.1: the timeout's recovery is over
         if not self._in_recovery:
             self._dupacks = 0
-            cc.on_ack(acked, now, self._rtt.srtt)
+            cc.on_ack(acked, now, self._rtt.srtt)  # slow start after a timeout too
             return
         if self.snd_una >= self._recover:
-            # step 3, full acknowledgment: deflate to ssthresh and leave fast recovery.
-            self._in_recovery = False
-            self._dupacks = 0
+            # step 3, full acknowledgment: deflate to ssthresh and leave fast recovery
+            # (RFC 6675 §5 step (A): recovery ends when HighACK >= RecoveryPoint).
+            self._end_recovery()
             cc.on_recovery_exit(now)
             return
+        if self.sack_ok:
+            return  # RFC 6675 §5: no window change; _output sends by pipe
         # step 5, partial acknowledgment: retransmit the next hole, deflate by the
         # amount acknowledged, add back one SMSS if that was at least one SMSS.
         mss = self.send_mss
@@ -898,12 +1123,16 @@ class Connection:
         self._dupacks += 1
         cc = self._cc
         if self._in_recovery:
-            cc.cwnd += self.send_mss  # step 4: inflate by one SMSS per duplicate ACK
-            if self.sack_ok:
-                self._retransmit_hole(now, partial=False)  # RFC 6675 NextSeg rule 1
-            return
+            if not self.sack_ok:
+                cc.cwnd += self.send_mss  # step 4: inflate by one SMSS per duplicate ACK
+            return  # with SACK, RFC 6675 counts pipe instead of inflating
         # step 2: only if the ACK covers more than recover (no second reduction per window).
-        if self._dupacks == DUP_ACK_THRESHOLD and self.snd_una > self._recover:
+        # With SACK the scoreboard tells new losses from old ones, so a loss right at
+        # the recovery point may start a new recovery (RFC 6675 §5 ends the old one
+        # when HighACK >= RecoveryPoint); without it, that would be a second reduction
+        # for one window of data.
+        covered = self.snd_una >= self._recover if self.sack_ok else self.snd_una > self._recover
+        if self._dupacks == DUP_ACK_THRESHOLD and covered and not self._rto_recovery:
             self._enter_recovery(now)
 
     def _enter_recovery(self, now: float) -> None:
@@ -912,8 +1141,19 @@ class Connection:
         self.fast_retransmits += 1
         self._recover = self.snd_nxt
         cc.on_loss(self.snd_nxt - self.snd_una, now)
-        cc.cwnd = cc.ssthresh + DUP_ACK_THRESHOLD * self.send_mss
         self._in_recovery = True
+        if self.sack_ok:
+            # RFC 6675 §5 steps (4.1)-(4.3): RecoveryPoint = HighData, cwnd = ssthresh,
+            # retransmit the first segment now; (4.4) the rest by pipe in _output.
+            self._rto_recovery = False
+            self._rescue_done = False
+            self._rtx_log.clear()
+            self._relost.clear()
+            used = self._send_range(self.snd_una, min(self.snd_nxt - self.snd_una, self.send_mss), now, rtx=True)
+            self._high_rxt = self.snd_una + used
+            self._rtx_log.append((self.snd_una, self._high_rxt, self.snd_nxt))
+            return
+        cc.cwnd = cc.ssthresh + DUP_ACK_THRESHOLD * self.send_mss
         self._recovery_rtx = self.snd_una
         self._retransmit_hole(now, partial=True)
 
@@ -1065,6 +1305,8 @@ class Connection:
                 self._on_zero_window_probe(now)
             elif timer is Timer.DELAYED_ACK:
                 self._ack_now = True
+            elif timer is Timer.LOSS_PROBE:
+                self._on_loss_probe(now)
             elif timer is Timer.KEEPALIVE:
                 self._on_keepalive(now)
             elif timer is Timer.TIME_WAIT:
@@ -1098,14 +1340,24 @@ class Connection:
             # RFC 5681 §3.1: loss window; RFC 6582 §4: recover = highest sent, leave recovery.
             self._cc.on_rto(self.snd_nxt - self.snd_una, now)
             self._recover = self.snd_nxt
-            self._in_recovery = False
-            self._dupacks = 0
+            self._end_recovery()
         self._rtt.backoff()  # §5.5
         # §5.4: retransmit the earliest unacknowledged segment now (even into a zero
         # window: then it is the probe of RFC 9293 §3.8.6.1), the rest goes back-N.
         limit = min(self.snd_nxt - self.snd_una, self.send_mss) if self.snd_wnd > 0 else 1
+        self._tlp_end = None
+        self._timers.pop(Timer.LOSS_PROBE, None)
         used = self._send_range(self.snd_una, limit, now, rtx=True)
-        self._rtx_nxt = self.snd_una + used
+        self._rto_high = self.snd_nxt
+        self._rto_tsval = ts_clock(now)
+        if self.sack_ok and self.snd_wnd > 0:
+            # RFC 6675 §5.1: resend what is not SACKed up to the recovery point, by
+            # pipe, and do not enter fast recovery again before it is acknowledged.
+            self._rto_recovery = True
+            self._high_rxt = self.snd_una + used
+            self._rtx_log.append((self.snd_una, self._high_rxt, self.snd_nxt))
+        else:
+            self._rtx_nxt = self.snd_una + used
         self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # §5.6
 
     def _on_zero_window_probe(self, now: float) -> None:
@@ -1157,6 +1409,11 @@ class Connection:
             timers.pop(Timer.RETRANSMIT, None)
         elif Timer.RETRANSMIT not in timers:
             timers[Timer.RETRANSMIT] = now + self._rtt.rto
+        if self._tlp_rearm:
+            self._tlp_rearm = False
+            self._arm_loss_probe(now)
+        elif Timer.LOSS_PROBE in timers and (self._in_recovery or self._rto_recovery or self.snd_una == self.snd_nxt):
+            timers.pop(Timer.LOSS_PROBE, None)
         # Persist: data held back (zero window, RFC 9293 §3.8.6.1, or sender SWS
         # avoidance, §3.8.6.2.1) with nothing outstanding: probe after one RTO.
         if self.snd_una == self.snd_nxt and st in _SENDS and self._has_unsent():

@@ -175,6 +175,43 @@ class SackScoreboard:
             total -= p + 1 - starts[k]
         return total
 
+    def sacked_below(self, seq: SeqNum) -> int:
+        """Bytes SACKed strictly below seq."""
+        if not self._starts:
+            return 0
+        p = self._abs(seq)
+        starts, ends = self._starts, self._ends
+        k = bisect_left(starts, p)  # ranges starting below p
+        if not k:
+            return 0
+        total = sum(ends[m] - starts[m] for m in range(k))
+        if ends[k - 1] > p:
+            total -= ends[k - 1] - p
+        return total
+
+    def lost_edge(self, smss: int, dupthresh: int = 3) -> SeqNum | None:
+        """Every un-SACKed byte below the returned sequence number is IsLost(); None if none is."""
+        # RFC 6675 §4 IsLost(SeqNum) is monotone: an un-SACKed byte in the hole
+        # below SACKed range k sees all of ranges k.. above it.  So the edge is
+        # the start of the highest range that has DupThresh ranges, or more than
+        # (DupThresh - 1) * SMSS SACKed bytes, at or above it.
+        starts, ends = self._starts, self._ends
+        n = len(starts)
+        if not n:
+            return None
+        edge = starts[n - dupthresh] if n >= dupthresh else None
+        limit = (dupthresh - 1) * smss
+        total = 0
+        for k in range(n - 1, -1, -1):
+            total += ends[k] - starts[k]
+            if total > limit:
+                if edge is None or starts[k] > edge:
+                    edge = starts[k]
+                break
+            if edge is not None and starts[k] <= edge:
+                break
+        return None if edge is None else self._seq(edge)
+
     def is_lost(self, seq: SeqNum, smss: int, dupthresh: int = 3) -> bool:
         """RFC 6675 §4 IsLost(seq): enough SACKed data above seq to deem it lost."""
         # RFC 6675 §4 IsLost: DupThresh discontiguous SACKed sequences above
