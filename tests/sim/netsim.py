@@ -9,12 +9,13 @@ payload, read what arrives (optionally slowly, to close the window), then close.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from dataclasses import dataclass, field
 
 from pipeline.wire.seqnum import SeqNum
-from pipeline.wire.tcp import TcpSegment, parse_tcp
+from pipeline.wire.tcp import Flags, TcpSegment, parse_tcp
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import Connection, State
 from workers.tcp.events import Closed, PeerClosed
@@ -32,6 +33,7 @@ class Link:
     duplicate: float = 0.0   # probability a segment is delivered twice
     delay: float = 0.01      # one-way base delay, seconds
     jitter: float = 0.0      # extra uniform delay in [0, jitter): reorders segments
+    segment_size: int | None = None  # TSO: larger payloads are cut into pieces of this size, each lost on its own
 
 
 @dataclass
@@ -74,6 +76,19 @@ class Simulation:
 
     def _transmit(self, sender: Endpoint, seg: TcpSegment) -> None:
         link = self.links[sender.name]
+        size = link.segment_size
+        if size is not None and len(seg.payload) > size:
+            # What a NIC (or the kernel behind a TUN device) does with a TSO segment:
+            # same header, consecutive sequence numbers, FIN and PSH on the last piece only.
+            payload, last = seg.payload, len(seg.payload) - size
+            for off in range(0, len(payload), size):
+                flags = seg.flags if off >= last else seg.flags & ~(Flags.FIN | Flags.PSH)
+                self._transmit_one(sender, link, dataclasses.replace(
+                    seg, seq=seg.seq + off, flags=flags, payload=payload[off:off + size]))
+            return
+        self._transmit_one(sender, link, seg)
+
+    def _transmit_one(self, sender: Endpoint, link: Link, seg: TcpSegment) -> None:
         src, dst = (CLIENT_ADDR, SERVER_ADDR) if sender.name == "client" else (SERVER_ADDR, CLIENT_ADDR)
         wire = seg.emit(src, dst)
         to = "server" if sender.name == "client" else "client"

@@ -60,7 +60,8 @@ CHALLENGE_ACK_LIMIT = 10     # challenge ACKs per second per connection (RFC 596
 PAWS_IDLE_LIMIT = 24 * 86400.0  # RFC 7323 §5.5: TS.Recent is invalid after 24 days idle
 MAX_TS_RTT_MS = 600_000      # an echoed timestamp older than this is bogus, not an RTT
 WC_DEL_ACK_T = 0.2           # RFC 8985 §7.2 WCDelAckT: worst-case delayed ACK of the peer
-MIN_PTO = 0.01               # floor of the loss probe timeout (Linux: 10 ms)
+MAX_LOSS_PROBES = 2          # probes per ACK of new data before the RTO has to act
+PTO_SLACK = 0.002            # added to 2*SRTT for the loss probe timeout (Linux: TCP_TIMEOUT_MIN, 2 ms)
 
 _ACK = Flags.ACK
 _ACK_PSH = Flags.ACK | Flags.PSH
@@ -212,7 +213,7 @@ class Connection:
         self._rtx_log: list[tuple[SeqNum, SeqNum, SeqNum]] = []  # (start, end, SND.NXT) of retransmissions
         self._relost: list[tuple[SeqNum, SeqNum]] = []  # retransmissions found lost again
         # RFC 8985 §7 tail loss probe (with SACK only): one probe per ACK of new data.
-        self._tlp_out = False  # a probe was sent and no new data has been acknowledged since
+        self._tlp_out = 0  # probes sent since new data was last acknowledged
         self._tlp_end: SeqNum | None = None  # end of a retransmitted probe awaiting its verdict
         self._tlp_rearm = False  # new data sent or acknowledged: (re)start the PTO
         self._timers: dict[Timer, float] = {}
@@ -582,6 +583,7 @@ class Connection:
                 relost.pop(0)
                 continue
             self._rtx_log.append((s, s + used, self.snd_nxt))
+            self._tlp_rearm = True
             if s + used >= end:
                 relost.pop(0)
             else:
@@ -599,6 +601,7 @@ class Connection:
                 break
             self._high_rxt = s + used
             self._rtx_log.append((s, s + used, self.snd_nxt))
+            self._tlp_rearm = True
             pipe += used
         # NextSeg rule 4 (rescue retransmission): nothing new to send in fast
         # recovery, so once per recovery resend the highest outstanding segment;
@@ -653,10 +656,13 @@ class Connection:
 
     def _on_loss_probe(self, now: float) -> None:
         """RFC 8985 §7.3: the PTO expired; send one probe to elicit an ACK."""
-        if (self.snd_una == self.snd_nxt or self.state not in _SENDS or self._in_recovery
-                or self._rto_recovery or self._tlp_out):
+        if self.snd_una == self.snd_nxt or self.state not in _SENDS or self._tlp_out >= MAX_LOSS_PROBES:
             return
-        self._tlp_out = True
+        if self._in_recovery or self._rto_recovery:
+            self._recovery_probe(now)
+            return
+        self._tlp_out += 1
+        self._tlp_rearm = True
         self.loss_probes += 1
         una = self.snd_una
         unsent = self._data_end() - self.snd_nxt
@@ -665,7 +671,6 @@ class Connection:
             # New data if the peer's window allows (cwnd does not limit a probe).
             used = self._send_range(self.snd_nxt, min(unsent, room, self.send_mss), now, rtx=False)
             self.snd_nxt += used
-            self._tlp_rearm = False
         else:
             # Else the last segment sent, up to SMSS.
             start = seq_max(una, self.snd_nxt - self.send_mss)
@@ -673,18 +678,51 @@ class Connection:
             self._tlp_end = self.snd_nxt
         self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # §7.3: rearm the RTO
 
+    def _recovery_probe(self, now: float) -> None:
+        """In recovery, no ACK for 2*SRTT after a retransmission: it was lost again.
+
+        Our extension of RFC 8985: RACK (§6.2) deems a retransmission lost once a
+        segment sent after it is delivered and RACK.rtt + reo_wnd has passed; when
+        nothing was sent after it (cwnd - pipe < 1 SMSS after a small flight), no
+        such segment exists and only the RTO (200 ms or more, cwnd to one segment)
+        would notice.  Here the PTO stands in for that evidence: the oldest
+        retransmission still unacknowledged is resent once per ACK of new data.
+        """
+        una = self.snd_una
+        for k, (start, end, _nxt) in enumerate(self._rtx_log):
+            if end <= una:
+                continue
+            s, e = self._unsacked_from(seq_max(start, una))
+            if s >= end:
+                continue
+            e = min(e, end, s + self.send_mss, una + max(1, self.snd_wnd))
+            if s >= e:
+                return
+            self._tlp_out += 1
+            self._tlp_rearm = True
+            self.loss_probes += 1
+            used = self._send_range(s, e - s, now, rtx=True)
+            self._rtx_log[k] = (s, s + used, self.snd_nxt)
+            self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # RFC 8985 §7.3
+            return
+
     def _arm_loss_probe(self, now: float) -> None:
         """RFC 8985 §7.2: PTO = 2*SRTT, plus WCDelAckT for a single outstanding segment."""
         srtt = self._rtt.srtt
         timers = self._timers
-        if (not self.sack_ok or srtt is None or self._tlp_out or self._in_recovery or self._rto_recovery
+        if (not self.sack_ok or srtt is None or self._tlp_out >= MAX_LOSS_PROBES
                 or self.snd_una == self.snd_nxt or self.state not in _SENDS):
             timers.pop(Timer.LOSS_PROBE, None)
             return
         pto = 2 * srtt
-        if self.snd_nxt - self.snd_una <= self.send_mss:
+        if self.snd_nxt - self.snd_una <= self.send_mss and not (self._in_recovery or self._rto_recovery):
             pto = max(pto, 1.5 * srtt + WC_DEL_ACK_T)
-        deadline = now + max(pto, MIN_PTO)
+        else:
+            pto += PTO_SLACK  # timer granularity and ACK processing on a sub-millisecond path
+        # Our extension: RFC 8985 §7 sends one probe per episode; a second one, after
+        # twice the PTO, saves a 200 ms RTO when the probe itself is lost (5 % loss on
+        # a sub-millisecond path makes that common).  The RTO still bounds them.
+        deadline = now + pto * (1 << self._tlp_out)
         rto = timers.get(Timer.RETRANSMIT)
         if rto is not None and rto <= deadline:
             timers.pop(Timer.LOSS_PROBE, None)  # §7.2: the RTO comes first anyway
@@ -1056,7 +1094,7 @@ class Connection:
             self._buf_seq += n
         self.snd_una = ack
         self._retries = 0
-        self._tlp_out = False
+        self._tlp_out = 0
         self._tlp_rearm = True  # RFC 8985 §7.2: on an ACK of new data
         # RTT: from the timestamp echo (RFC 7323 §4.1), else the one timed segment (RFC 6298 §3).
         ts = seg.options.timestamp if self.ts_ok else None
@@ -1152,6 +1190,7 @@ class Connection:
             used = self._send_range(self.snd_una, min(self.snd_nxt - self.snd_una, self.send_mss), now, rtx=True)
             self._high_rxt = self.snd_una + used
             self._rtx_log.append((self.snd_una, self._high_rxt, self.snd_nxt))
+            self._tlp_rearm = True
             return
         cc.cwnd = cc.ssthresh + DUP_ACK_THRESHOLD * self.send_mss
         self._recovery_rtx = self.snd_una
@@ -1356,6 +1395,8 @@ class Connection:
             self._rto_recovery = True
             self._high_rxt = self.snd_una + used
             self._rtx_log.append((self.snd_una, self._high_rxt, self.snd_nxt))
+            self._tlp_out = 0
+            self._tlp_rearm = True
         else:
             self._rtx_nxt = self.snd_una + used
         self._timers[Timer.RETRANSMIT] = now + self._rtt.rto  # §5.6
@@ -1412,7 +1453,7 @@ class Connection:
         if self._tlp_rearm:
             self._tlp_rearm = False
             self._arm_loss_probe(now)
-        elif Timer.LOSS_PROBE in timers and (self._in_recovery or self._rto_recovery or self.snd_una == self.snd_nxt):
+        elif Timer.LOSS_PROBE in timers and self.snd_una == self.snd_nxt:
             timers.pop(Timer.LOSS_PROBE, None)
         # Persist: data held back (zero window, RFC 9293 §3.8.6.1, or sender SWS
         # avoidance, §3.8.6.2.1) with nothing outstanding: probe after one RTO.
