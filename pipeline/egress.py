@@ -57,16 +57,7 @@ def main() -> None:
                 endpoints.log_refusals(refusals, log)
             if inbox not in ready:
                 continue
-            while True:
-                try:
-                    frames = inbox.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    msg = messages.decode(frames)
-                except messages.BusError as exc:
-                    proc.drop("bus_" + str(exc))
-                    continue
+            for _, msg in endpoints.drain(inbox, proc.drop):
                 if not isinstance(msg, messages.Packets):
                     proc.drop("bus_unexpected_kind")
                     continue

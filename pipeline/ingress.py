@@ -131,17 +131,7 @@ class Ingress:
         self.orphans = []
 
     def read_bus(self, now: float) -> None:
-        while True:
-            try:
-                frames = self.bus.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = messages.decode(frames[1:])
-            except messages.BusError as exc:
-                self.proc.drop("bus_" + str(exc))
-                continue
-            peer = frames[0]
+        for peer, msg in endpoints.drain(self.bus, self.proc.drop, routed=True):
             if isinstance(msg, messages.Heartbeat):
                 if msg.name.encode() != peer:
                     self.proc.drop("bus_name_mismatch", claimed=msg.name)

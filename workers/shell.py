@@ -117,16 +117,7 @@ def run(proc: Process, core: WorkerCore) -> None:
             if poller.poll(timeout_ms):
                 # Drain everything waiting before touching timers: one wake-up, many packets,
                 # and what they cause goes to egress together.
-                while True:
-                    try:
-                        frames = inbox.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = messages.decode(frames)
-                    except messages.BusError as exc:
-                        proc.drop("bus_" + str(exc))
-                        continue
+                for _, msg in endpoints.drain(inbox, proc.drop):
                     if isinstance(msg, messages.Packets):
                         counters["packets_in"] += len(msg.items)
                         now = time.monotonic()

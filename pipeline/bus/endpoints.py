@@ -20,11 +20,13 @@ the stages are CURVE servers and only clients whose public key is in
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from pipeline.bus import messages
 from pipeline.config import StackConfig
 
 # How long a socket may hold unsent messages at close; without it, close blocks
@@ -165,3 +167,19 @@ def log_refusals(monitor: zmq.Socket, log) -> None:
         log.warning("peer_refused", endpoint=event.get("endpoint", b"").decode(errors="replace"),
                     reason="auth" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "handshake",
                     code=event.get("value"))
+
+
+def drain(sock: zmq.Socket, drop: Callable[..., None], routed: bool = False
+          ) -> Iterator[tuple[bytes, messages.Message]]:
+    """Every message waiting on ``sock``, decoded, with the sender's routing id when
+    ``routed`` (a ROUTER socket; else b""). Malformed messages are counted and skipped."""
+    while True:
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        peer = frames.pop(0) if routed and frames else b""
+        try:
+            yield peer, messages.decode(frames)
+        except messages.BusError as exc:
+            drop("bus_" + str(exc))

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.integration.netns import Namespace, Stack
+from tests.integration.netns import Namespace, Stack, routed_client
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +41,13 @@ def stack(ns, offload_env):
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(ns):
+    """A kernel TCP peer one router hop away, so that loss on the path is real loss."""
+    c = routed_client(ns)
+    try:
+        yield c
+    finally:
+        c.delete()

@@ -8,10 +8,9 @@ AF_PACKET socket: a raw IP socket would fix lengths and checksums for us.
 import socket
 import struct
 
-import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from tests.integration.netns import HOST_ADDR, STACK_ADDR, Stack
+from tests.integration.netns import HOST_ADDR, STACK_ADDR
 
 ETH_P_IP = 0x0800
 TUN = "ustack0"
@@ -41,16 +40,6 @@ MALFORMED = {
     "tcp_bad_data_offset": (bytes(_ip() / TCP(sport=5000, dport=8000, flags="S", dataofs=15)), "bad_data_offset"),
     "ip_fragment": (bytes(_ip(flags="MF") / UDP(sport=5000, dport=7) / b"frag"), "fragment"),
 }
-
-
-@pytest.fixture(scope="module")
-def stack(ns, offload_env):
-    s = Stack(ns, env={"LOG_LEVEL": "debug", **offload_env})
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
 
 
 def _inject(ns, raw: bytes) -> None:

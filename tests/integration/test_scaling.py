@@ -16,19 +16,10 @@ import time
 
 import pytest
 
-from tests.integration.netns import ROOT, STACK_ADDR, Stack, process_pid, routed_client
+from tests.integration.netns import ROOT, STACK_ADDR, Stack, process_pid
 from tests.integration.test_tcp_bulk import rfc864_stream
 
 WORKERS = 4
-
-
-@pytest.fixture(scope="module")
-def client(ns):
-    c = routed_client(ns)
-    try:
-        yield c
-    finally:
-        c.delete()
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,11 @@ import time
 
 import pytest
 
-from tests.integration.netns import STACK_ADDR, Stack, routed_client
+from tests.integration.netns import STACK_ADDR, Stack
 from tests.integration.network_conditions import CONDITIONS
 
 SIZE = 20 * 1024 * 1024
 STALL = 30.0
-
-
-@pytest.fixture(scope="module")
-def client(ns):
-    """The kernel TCP peer, one router hop away so that loss on the path is real loss."""
-    c = routed_client(ns)
-    try:
-        yield c
-    finally:
-        c.delete()
 
 
 @pytest.fixture(scope="module")
