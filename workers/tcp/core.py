@@ -251,7 +251,7 @@ class TcpCore:
             self._forget(key)
             return
         if conn.state is not State.SYN_RECEIVED:
-            self.syn_queue.get(key[2], set()).discard(key)
+            self._leave_syn_queue(key)
         deadline = conn.get_timer()
         if deadline is None:
             self._deadline.pop(key, None)
@@ -262,9 +262,14 @@ class TcpCore:
     def _forget(self, key: FlowKey) -> None:
         self.connections.pop(key)
         self._closed.append(key)
-        self.syn_queue.get(key[2], set()).discard(key)
+        self._leave_syn_queue(key)
         self.apps.pop(key, None)
         self._deadline.pop(key, None)
+
+    def _leave_syn_queue(self, key: FlowKey) -> None:
+        queue = self.syn_queue.get(key[2])
+        if queue:
+            queue.discard(key)
 
     def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
         header = Ipv4Header(src=self.address, dst=remote, protocol=PROTO_TCP)
