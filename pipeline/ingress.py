@@ -63,14 +63,14 @@ class Ingress:
             if name is not None:
                 batches.setdefault(name, []).append(item)
             elif role:
-                router.pending[role].append((born, item[0], item[1]))  # no live worker yet, or settling
+                router.hold(role, born, item)  # no live worker yet, or settling
         for name, batch in batches.items():
             if not self.forward(name, batch):
                 # The worker vanished under us: route again among the living (or hold).
                 for data, offload in batch:
                     again, role = router.route(data, now)
                     if again is None or not self.forward(again, [(data, offload)]):
-                        router.pending[role].append((born, data, offload))
+                        router.hold(role, born, (data, offload))
 
     def read_device(self, now: float) -> None:
         items = []

@@ -89,6 +89,13 @@ class Router:
             return None, role  # an existing flow whose owner has not re-announced yet
         return self.members.pick(role, key), role
 
+    def hold(self, role: str, born: float, item: tuple[bytes, Offload | None]) -> None:
+        """Keep a packet until its role has a worker (bounded: the oldest goes first)."""
+        queue = self.pending[role]
+        if len(queue) == queue.maxlen:
+            self.drop("pending_full", role=role)
+        queue.append((born, *item))
+
     def update_flows(self, worker: str, full: bool, opened: tuple[Flow, ...], closed: tuple[Flow, ...]) -> None:
         """A worker says which flows it holds (all of them if ``full``)."""
         flows = self.flows
