@@ -52,11 +52,24 @@ def test_rto_collapses_cwnd_and_goes_back_n():
 
 def test_karn_no_sample_from_retransmitted_data():
     c = established()
-    [s] = flight(c, 1)
+    flight(c, 2)
     now = fire(c)
     c.segments_to_send(now)
-    c.receive(seg(c, "A"), now + 0.05)
+    c.receive(seg(c, "A", ack=c.snd_una + MSS // 2), now + 0.05)  # part of the retransmission
     assert c.srtt is None and c.rto == 2.0  # RFC 6298 §3 and §5.7: keep the backed-off RTO
+
+
+def test_backoff_collapses_when_the_timeout_retransmission_is_acknowledged():
+    # Our deviation from RFC 6298 §5.7's note: go-back-N without timestamps yields no
+    # RTT sample (Karn), and every further random loss would double the RTO again.
+    c = established()
+    segs = flight(c, 3)
+    now = fire(c)
+    fire(c)  # lost again: RTO 4 s
+    c.segments_to_send(now)
+    assert c.rto == 4.0
+    c.receive(seg(c, "A", ack=end(segs[0])), now + 3.1)
+    assert c.srtt is None and c.rto == 1.0 and c.snd_una == end(segs[0])
 
 
 def test_rtt_sample_from_fresh_data():

@@ -143,7 +143,7 @@ class Connection:
         # buffers
         "_sndbuf", "_buf_seq", "_fin_queued", "_fin_seq", "_rcvbuf", "_reasm", "_rcv_fin_seq", "peer_fin",
         # retransmission, RTT, congestion
-        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rto_high", "_rto_tsval",
+        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rto_high", "_rto_tsval", "_rto_rtx_end",
         "_in_recovery", "_recover", "_dupacks", "_recovery_rtx", "_rto_recovery", "_high_rxt", "_rescue_done",
         "_rtx_log", "_relost", "_tlp_out", "_tlp_end", "_tlp_rearm",
         # timers, output, events
@@ -201,6 +201,7 @@ class Connection:
         self._rtt_time = 0.0
         self._rto_high = iss  # SND.NXT when the retransmission timer last fired
         self._rto_tsval = 0  # TSval of that timeout's retransmission
+        self._rto_rtx_end = iss  # end of that timeout's retransmission
         self._in_recovery = False
         self._recover = iss
         self._dupacks = 0
@@ -578,7 +579,7 @@ class Connection:
                 continue
             if s >= wnd_edge:
                 break
-            used = self._send_range(s, min(e - s, mss, wnd_edge - s), now, rtx=True)
+            used = self._send_range(s, min(e - s, max(mss, cwnd - pipe), wnd_edge - s), now, rtx=True)
             if not used:
                 relost.pop(0)
                 continue
@@ -596,7 +597,9 @@ class Connection:
                 e = lost
             if s >= e or s >= wnd_edge:
                 break
-            used = self._send_range(s, min(e - s, mss, wnd_edge - s), now, rtx=True)
+            # As many SMSS-sized segments as cwnd - pipe allows, in one TSO segment if
+            # max_send_segment permits (a lost 64 KB segment is ~44 lost packets).
+            used = self._send_range(s, min(e - s, max(mss, cwnd - pipe), wnd_edge - s), now, rtx=True)
             if not used:
                 break
             self._high_rxt = s + used
@@ -1113,6 +1116,14 @@ class Connection:
             self._rtt.sample(max(0.0, now - self._rtt_time))
         if timed:
             self._rtt_seq = None
+        if self._rtt.backoffs and old_una < self._rto_rtx_end <= ack and self.snd_wnd > 0:
+            # The timer's own retransmission was acknowledged: the path delivers within
+            # the base RTO.  RFC 6298 §5.7's note collapses the backoff only with a new
+            # RTT sample, which go-back-N without timestamps never yields (Karn: every
+            # segment below SND.NXT was retransmitted); each further random loss then
+            # doubled the RTO again -- 0.2 s became 25 s, a 30 s stall under 5 % loss.
+            # Our choice: collapse here (the RTO is still at least min_rto).
+            self._rtt.collapse()
         if old_una == self.iss and self.timeouts:
             # Our SYN or SYN-ACK was lost.  RFC 6298 §5.7: without an RTT sample, start
             # data transfer with RTO = 3 s; RFC 5681 §3.1: with an initial window of 1 SMSS.
@@ -1268,6 +1279,10 @@ class Connection:
             # Out of order: hold it, and ACK at once so the sender sees the gap
             # (RFC 5681 §4.2; the SACK blocks ride on that ACK, RFC 2018 §4).
             self.ooo_segments += 1
+            if self._ack_now:
+                # RFC 5681 §4.2: one duplicate ACK per out-of-order segment, even when
+                # several arrive before the shell asks for output; the sender counts them.
+                self._segment(self.snd_nxt, _ACK, b"", now)
             self._reasm.add(seq, view, self.rcv_nxt)
             self._ack_now = True
             return
@@ -1389,6 +1404,7 @@ class Connection:
         used = self._send_range(self.snd_una, limit, now, rtx=True)
         self._rto_high = self.snd_nxt
         self._rto_tsval = ts_clock(now)
+        self._rto_rtx_end = self.snd_una + used
         if self.sack_ok and self.snd_wnd > 0:
             # RFC 6675 §5.1: resend what is not SACKed up to the recovery point, by
             # pipe, and do not enter fast recovery again before it is acknowledged.

@@ -78,5 +78,10 @@ class RttEstimator:
         self._rto = min(self.max_rto, self._rto * 2)
         self.backoffs += 1
 
+    def collapse(self) -> None:
+        """Drop the exponential backoff: RTO returns to the last computed value."""
+        self._rto = self._base_rto
+        self.backoffs = 0
+
     def __repr__(self) -> str:
         return f"RttEstimator(srtt={self.srtt}, rttvar={self.rttvar}, rto={self._rto})"
