@@ -2,7 +2,9 @@
 
 Each record has an ISO-8601 UTC ``timestamp``, ``level``, ``event`` and
 ``proc`` (the honcho process name). ``LOG_FORMAT=console`` renders readable
-lines for a person; ``LOG_LEVEL`` sets the level (default ``info``).
+lines for a person; ``LOG_LEVEL`` sets the level (default ``info``);
+``LOG_PAYLOAD=1`` adds packet payloads to the debug packet records (never
+otherwise).
 Tracebacks are rendered without local variables: those would leak packet
 bytes into the logs.
 """
@@ -71,6 +73,11 @@ def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundL
 
 def flush() -> None:
     sys.stdout.flush()
+
+
+def payload_wanted() -> bool:
+    """LOG_PAYLOAD=1: debug packet records carry the payload (hex, first 64 bytes)."""
+    return os.environ.get("LOG_PAYLOAD", "0").lower() in ("1", "true", "yes", "on")
 
 
 def debug_enabled() -> bool:

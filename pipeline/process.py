@@ -33,8 +33,13 @@ class Process:
         self.log: structlog.typing.FilteringBoundLogger = log.setup(self.name, buffered=True)
         self.flush_logs = log.flush
         self.debug = log.debug_enabled()
+        self.log_payload = self.debug and log.payload_wanted()
         self.stopper = Stopper()
         self.counters: collections.Counter[str] = collections.Counter()
+
+    def payload(self, data: bytes) -> dict[str, str]:
+        """Log fields for a packet's payload: none unless LOG_PAYLOAD=1 asked for them."""
+        return {"payload": bytes(data[:64]).hex()} if self.log_payload else {}
 
     def drop(self, reason: str, **fields: object) -> None:
         """Count a dropped packet and write one debug line saying why."""

@@ -68,3 +68,19 @@ def test_ctrl_c_stops_every_process_within_seconds(fresh_ns):
     lines = s.lines()
     for name in ("ingress.1", "egress.1", "icmp.1", "udp.1", "tcp.1"):
         assert f"{name} stopped (rc=0)" in "\n".join(lines), name
+
+
+def test_payload_is_logged_only_when_asked_for(fresh_ns):
+    ns = fresh_ns
+    s = Stack(ns, env={"LOG_LEVEL": "debug", "LOG_PAYLOAD": "1"})
+    try:
+        s.wait_ready()
+        udp = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.settimeout(3)
+        with udp:
+            udp.sendto(b"show me", (STACK_ADDR, 7))
+            assert udp.recv(10) == b"show me"
+        s.wait_for(lambda recs: any(r["event"] == "udp_in" and r.get("payload") == b"show me".hex() for r in recs),
+                   5, "payload in udp_in")
+    finally:
+        s.stop()

@@ -39,7 +39,8 @@ class IcmpCore(StatelessCore):
             proc.drop(exc.reason, layer="icmp", src=fmt_addr(ip.src))
             return []
         if proc.debug:
-            proc.log.debug("icmp_in", src=fmt_addr(ip.src), type=msg.type, code=msg.code, len=len(msg.payload))
+            proc.log.debug("icmp_in", src=fmt_addr(ip.src), type=msg.type, code=msg.code, len=len(msg.payload),
+                           **proc.payload(msg.payload))
         if msg.type != ECHO_REQUEST:
             proc.counters["icmp_ignored"] += 1  # replies, errors: nothing to answer (RFC 1122 §3.2.2)
             return []

@@ -81,7 +81,8 @@ class TcpCore:
         if proc.debug:
             proc.log.debug("tcp_in", src=fmt_addr(ip.src), dst=fmt_addr(ip.dst), ttl=ip.ttl, sport=seg.src_port,
                            dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
-                           window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options))
+                           window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
+                           **proc.payload(seg.payload))
         key = (ip.src, seg.src_port, seg.dst_port)
         conn = self.connections.get(key)
         out: list[Outgoing] = []

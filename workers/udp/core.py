@@ -34,7 +34,7 @@ class UdpCore(StatelessCore):
             return []
         if proc.debug:
             proc.log.debug("udp_in", src=fmt_addr(ip.src), sport=dgram.src_port, dport=dgram.dst_port,
-                           len=len(dgram.payload))
+                           len=len(dgram.payload), **proc.payload(dgram.payload))
         service = SERVICES.get(dgram.dst_port)
         if service is None:
             proc.counters["port_unreachable"] += 1
