@@ -145,7 +145,8 @@ class Connection:
         # retransmission, RTT, congestion
         "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rto_high", "_rto_tsval", "_rto_rtx_end",
         "_in_recovery", "_recover", "_dupacks", "_recovery_rtx", "_rto_recovery", "_high_rxt", "_rescue_done",
-        "_rtx_log", "_relost", "_tlp_out", "_tlp_end", "_tlp_rearm",
+        "_rtx_log", "_relost", "_tlp_out", "_tlp_end", "_tlp_rearm", "_probe_seqs",
+        "_probe_lost",
         # timers, output, events
         "_timers", "_out", "_events", "_ack_now", "_unacked_bytes", "_rcv_seg_max", "_last_recv",
         "_ka_probes", "_challenge_start", "_challenge_count", "_data_event_armed", "_send_blocked",
@@ -217,6 +218,8 @@ class Connection:
         self._tlp_out = 0  # probes sent since new data was last acknowledged
         self._tlp_end: SeqNum | None = None  # end of a retransmitted probe awaiting its verdict
         self._tlp_rearm = False  # new data sent or acknowledged: (re)start the PTO
+        self._probe_seqs: list[SeqNum] = []  # starts of new-data probes not yet acknowledged
+        self._probe_lost: SeqNum | None = None  # un-SACKed data below this was sent before a delivered probe
         self._timers: dict[Timer, float] = {}
         self._out: list[TcpSegment] = []
         self._events: deque[Event] = deque()
@@ -529,6 +532,12 @@ class Connection:
         """Un-SACKed data below this sequence number is deemed lost (RFC 6675 §4 IsLost)."""
         sb = self._scoreboard
         lost = sb.lost_edge(self.send_mss) if sb.sacked_bytes else None
+        probe = self._probe_lost
+        if probe is not None:
+            if probe <= self.snd_una:
+                self._probe_lost = None
+            elif lost is None or lost < probe:
+                lost = probe
         if self._rto_recovery:
             # RFC 6675 §5.1: after a timeout everything outstanding up to the
             # recovery point and not SACKed is presumed lost (go-back-N skipping SACKed).
@@ -657,6 +666,29 @@ class Connection:
             if not (self._in_recovery or self._rto_recovery):
                 self._cc.on_loss(self.snd_nxt - self.snd_una, now)
 
+    def _probe_delivered(self) -> None:
+        """RFC 8985 §6.2 (RACK), for probes only: data sent before a delivered probe is lost.
+
+        A new-data probe leaves at least a PTO (2*SRTT) after everything below it,
+        more than RACK's reordering window, so once it is SACKed, the un-SACKed data
+        below it is lost -- even when too little is SACKed for RFC 6675 IsLost()
+        (one lost TSO segment followed by a one-SMSS probe).
+        """
+        top = self._scoreboard.highest_sacked
+        if top is None:
+            return
+        una = self.snd_una
+        keep = []
+        for start in self._probe_seqs:
+            if start < una:
+                continue
+            if start < top and self._scoreboard.is_sacked(start):
+                if self._probe_lost is None or self._probe_lost < start:
+                    self._probe_lost = start
+                continue
+            keep.append(start)
+        self._probe_seqs = keep
+
     def _on_loss_probe(self, now: float) -> None:
         """RFC 8985 §7.3: the PTO expired; send one probe to elicit an ACK."""
         if self.snd_una == self.snd_nxt or self.state not in _SENDS or self._tlp_out >= MAX_LOSS_PROBES:
@@ -672,8 +704,11 @@ class Connection:
         room = una + self.snd_wnd - self.snd_nxt
         if unsent > 0 and room > 0:
             # New data if the peer's window allows (cwnd does not limit a probe).
-            used = self._send_range(self.snd_nxt, min(unsent, room, self.send_mss), now, rtx=False)
+            start = self.snd_nxt
+            used = self._send_range(start, min(unsent, room, self.send_mss), now, rtx=False)
             self.snd_nxt += used
+            if used:
+                self._probe_seqs.append(start)
         else:
             # Else the last segment sent, up to SMSS.
             start = seq_max(una, self.snd_nxt - self.send_mss)
@@ -1060,6 +1095,8 @@ class Connection:
             self._scoreboard.update(seg.options.sack_blocks, self.snd_una, self.snd_nxt)
         if self._tlp_end is not None:
             self._tlp_verdict(seg, now)
+        if self._probe_seqs and seg.options.sack_blocks and self.sack_ok:
+            self._probe_delivered()
         if (self._rtx_log and seg.options.sack_blocks and self.sack_ok
                 and (self._in_recovery or self._rto_recovery)):
             self._detect_lost_retransmissions()
@@ -1069,7 +1106,8 @@ class Connection:
             self._on_dup_ack(now)
         if (not self._in_recovery and not self._rto_recovery and seg.options.sack_blocks and self.sack_ok
                 and self.snd_una >= self._recover
-                and self._scoreboard.is_lost(self.snd_una, self.send_mss)):
+                and (self._scoreboard.is_lost(self.snd_una, self.send_mss)
+                     or (self._probe_lost is not None and self._probe_lost > self.snd_una))):
             # RFC 6675 §5: enough SACKed above SND.UNA marks it lost without three
             # pure duplicate ACKs (ACKs on data, or one ACK per GRO batch, are not).
             self._enter_recovery(now)
