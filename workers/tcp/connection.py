@@ -32,7 +32,7 @@ window update never stalls a connection that holds back a small segment.
 
 Not implemented: urgent data (URG is ignored and its bytes are ordinary data,
 RFC 6093), data in SYN segments (not acknowledged, so the peer resends it), ECN,
-limited transmit (RFC 3042), a FIN-WAIT-2 timeout, TIME-WAIT reuse by a new SYN.
+a FIN-WAIT-2 timeout, TIME-WAIT reuse by a new SYN.
 Once timestamps are negotiated, a segment without one is still accepted (as
 Linux does; RFC 7323 §3.2 says SHOULD drop).
 """
@@ -469,6 +469,11 @@ class Connection:
                 # out for each one, as RFC 3042 limited transmit does for the first
                 # two duplicate ACKs; the new data brings the ACKs that reveal a loss.
                 edge = self.snd_una + min(self.snd_wnd, self._cc.cwnd + sacked)
+            elif self._dupacks and not self._in_recovery:
+                # RFC 3042 §2 limited transmit: new data on the first two duplicate
+                # ACKs, up to cwnd + 2*SMSS outstanding.
+                extra = min(self._dupacks, 2) * self.send_mss
+                edge = self.snd_una + min(self.snd_wnd, self._cc.cwnd + extra)
         # 1. Without SACK, after an RTO, resend from snd_una (go-back-N).
         sb = self._scoreboard
         while self._rtx_nxt is not None:
@@ -823,9 +828,9 @@ class Connection:
         self._segment(seq, flags, payload, now, options)
         if rtx:
             self.retransmissions += 1
-            timed = self._rtt_seq
-            if timed is not None and seq <= timed and timed - seq < n + fin:
-                self._rtt_seq = None  # RFC 6298 §3 (Karn): the timed segment was retransmitted
+            # RFC 6298 §3 (Karn): no sample across a retransmission -- not only of the
+            # timed segment: its cumulative ACK also waits for the repaired hole below.
+            self._rtt_seq = None
         else:
             self.bytes_sent += n
             self._start_rtt(seq, now)
