@@ -20,15 +20,30 @@ Rules of this module (h11 ``_state.py`` style):
   64 KB (GRO/TSO) and outgoing ones up to ``config.max_send_segment``.
 
 Variable names are the RFC's (``snd_una``, ``snd_nxt``, ``rcv_nxt``, ...).
-``snd_nxt`` is RFC 9293's SND.NXT, the highest sequence number sent; after a
-retransmission timeout the go-back-N point is kept separately in
+``snd_nxt`` is RFC 9293's SND.NXT, the highest sequence number sent; without
+SACK, after a retransmission timeout the go-back-N point is kept separately in
 ``_rtx_nxt`` (the BSD ``snd_nxt`` rewind, without breaking the RFC's ACK
 acceptability test).  ``rcv_adv`` is the right edge of the window we have
 advertised; RCV.WND is ``rcv_adv - rcv_nxt``.
 
+Loss recovery.  With SACK: RFC 6675 -- IsLost() with DupThresh counted in bytes,
+pipe, NextSeg() rules 1, 2 and 4, one loop that resends every lost hole cwnd
+allows, in TSO-sized chunks; after a timeout the same loop resends what is not
+SACKed up to the recovery point (RFC 6675 §5.1).  Outside recovery SACKed bytes
+count as gone, so new data keeps flowing (RFC 3042 generalized).  From RFC 8985:
+a tail loss probe (new data, else the last segment) 2*SRTT after the last
+send or ACK, a retransmission found lost again when data sent after it is
+SACKed, and the data sent before a SACKed probe is lost.  Without SACK: NewReno
+(RFC 6582) with limited transmit (RFC 3042).  Our deviations, each commented
+where it is made: up to two probes per ACK and probes in recovery too; cwnd in
+recovery is used in whole segments; RTO backoff collapses when the timeout's own
+retransmission is acknowledged; a timestamp echo is an RTT sample even for
+retransmitted data unless it predates the last timeout.
+
 Timers: one deadline per ``Timer``.  The ZERO_WINDOW_PROBE timer is the persist
 timer: it also serves as the sender SWS override (RFC 9293 §3.8.6.2.1), so a lost
 window update never stalls a connection that holds back a small segment.
+LOSS_PROBE is the RFC 8985 PTO (SACK connections only).
 
 Not implemented: urgent data (URG is ignored and its bytes are ordinary data,
 RFC 6093), data in SYN segments (not acknowledged, so the peer resends it), ECN,
@@ -144,7 +159,7 @@ class Connection:
         "_sndbuf", "_buf_seq", "_fin_queued", "_fin_seq", "_rcvbuf", "_reasm", "_rcv_fin_seq", "peer_fin",
         # retransmission, RTT, congestion
         "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rto_high", "_rto_tsval", "_rto_rtx_end",
-        "_in_recovery", "_recover", "_dupacks", "_recovery_rtx", "_rto_recovery", "_high_rxt", "_rescue_done",
+        "_in_recovery", "_recover", "_dupacks", "_rto_recovery", "_high_rxt", "_rescue_done",
         "_rtx_log", "_relost", "_tlp_out", "_tlp_end", "_tlp_rearm", "_probe_seqs",
         "_probe_lost",
         # timers, output, events
@@ -206,7 +221,6 @@ class Connection:
         self._in_recovery = False
         self._recover = iss
         self._dupacks = 0
-        self._recovery_rtx = iss
         # RFC 6675 state, used when SACK was negotiated: fast recovery (_in_recovery)
         # or the loss recovery after a timeout (_rto_recovery), both up to _recover.
         self._rto_recovery = False
@@ -1207,7 +1221,7 @@ class Connection:
         # amount acknowledged, add back one SMSS if that was at least one SMSS.
         mss = self.send_mss
         cc.cwnd = max(mss, cc.cwnd - acked + (mss if acked >= mss else 0))
-        self._retransmit_hole(now, partial=True)
+        self._retransmit_hole(now)
 
     def _on_dup_ack(self, now: float) -> None:
         """RFC 5681 §3.2 / RFC 6582 §3.2 steps 1, 2 and 4."""
@@ -1247,38 +1261,16 @@ class Connection:
             self._tlp_rearm = True
             return
         cc.cwnd = cc.ssthresh + DUP_ACK_THRESHOLD * self.send_mss
-        self._recovery_rtx = self.snd_una
-        self._retransmit_hole(now, partial=True)
+        self._retransmit_hole(now)
 
-    def _retransmit_hole(self, now: float, partial: bool) -> None:
-        """Retransmit one segment of the next un-SACKed hole in fast recovery.
-
-        On entry and partial ACKs (``partial``) the first unacknowledged segment is
-        resent (RFC 6582 §3.2 step 5) unless it was already resent this recovery;
-        on further duplicate ACKs only holes with SACKed data above them (RFC 6675).
-        """
-        sb = self._scoreboard
+    def _retransmit_hole(self, now: float) -> None:
+        """NewReno (no SACK): retransmit the first unacknowledged segment (RFC 6582 §3.2 steps 2, 5)."""
         start = self.snd_una
-        if self.sack_ok and self._recovery_rtx > start:
-            start = self._recovery_rtx
-        if self.sack_ok and sb.sacked_bytes:
-            hole = sb.next_hole(start, self.snd_nxt)
-            if hole is None:
-                if not (partial and start == self.snd_una):
-                    return
-                end = self.snd_nxt
-            else:
-                start, end = seq_max(hole[0], start), hole[1]
-        elif partial and start == self.snd_una:
-            end = self.snd_nxt
-        else:
-            return
+        end = self.snd_nxt
         if start >= end:
             return
         # One segment (RFC 5681 §3.2 step 3), however large segments may otherwise be.
-        used = self._send_range(start, min(end - start, self.send_mss), now, rtx=True)
-        if used:
-            self._recovery_rtx = start + used
+        self._send_range(start, min(end - start, self.send_mss), now, rtx=True)
 
     def _process_text(self, seq: SeqNum, payload: bytes, fin: bool, now: float) -> None:
         """RFC 9293 §3.10.7.4 seventh (segment text) and eighth (FIN)."""
