@@ -710,7 +710,8 @@ class Connection:
 
     def _on_loss_probe(self, now: float) -> None:
         """RFC 8985 §7.3: the PTO expired; send one probe to elicit an ACK."""
-        if self.snd_una == self.snd_nxt or self.state not in _SENDS or self._tlp_out >= MAX_LOSS_PROBES:
+        if (self.snd_una == self.snd_nxt or self.state not in _SENDS or self._tlp_out >= MAX_LOSS_PROBES
+                or self.snd_wnd == 0):  # a zero window is the persist timer's (RFC 9293 §3.8.6.1)
             return
         if self._in_recovery or self._rto_recovery:
             self._recovery_probe(now)
@@ -767,7 +768,7 @@ class Connection:
         """RFC 8985 §7.2: PTO = 2*SRTT, plus WCDelAckT for a single outstanding segment."""
         srtt = self._rtt.srtt
         timers = self._timers
-        if (not self.sack_ok or srtt is None or self._tlp_out >= MAX_LOSS_PROBES
+        if (not self.sack_ok or srtt is None or self._tlp_out >= MAX_LOSS_PROBES or self.snd_wnd == 0
                 or self.snd_una == self.snd_nxt or self.state not in _SENDS):
             timers.pop(Timer.LOSS_PROBE, None)
             return
