@@ -190,3 +190,19 @@ def test_one_duplicate_ack_per_out_of_order_segment():
     acks = c.segments_to_send(T0)
     assert [a.ack for a in acks] == [base] * 3  # RFC 5681 §4.2: each one at once
     assert [len(a.options.sack_blocks[0]) and a.options.sack_blocks[0][1] - base for a in acks] == [200, 300, 400]
+
+
+def test_second_timeout_of_one_segment_forgets_sack_in_case_the_receiver_reneged():
+    c = established(config(sack=True), options=SACK)
+    segs = send(c, 4 * MSS)
+    sack_ack(c, segs[0].seq, [(segs[2].seq, end(segs[3]))], T0 + 0.01)
+    t = c.get_timer()
+    c.handle_timer(t)  # first RTO: the SACKed segments are skipped (RFC 6675 §5.1)
+    assert [s.seq for s in c.segments_to_send(t)] == [segs[0].seq]
+    t = c.get_timer()
+    c.handle_timer(t)  # the same segment again: SACK information is dropped (RFC 2018 §8)
+    c.segments_to_send(t)
+    c.receive(seg(c, "A", ack=end(segs[0])), t + 0.01)
+    c.receive(seg(c, "A", ack=end(segs[1])), t + 0.02)
+    out = c.segments_to_send(t + 0.02)
+    assert [s.seq for s in out] == [segs[2].seq, segs[3].seq]  # resent, not skipped

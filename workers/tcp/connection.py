@@ -1441,6 +1441,10 @@ class Connection:
         self._rto_high = self.snd_nxt
         self._rto_tsval = ts_clock(now)
         self._rto_rtx_end = self.snd_una + used
+        if self._retries > 1:
+            # The same segment timed out again: the receiver may have reneged on what it
+            # SACKed (RFC 2018 §8), so stop skipping that data (RFC 6675 §5.1).
+            self._scoreboard.clear()
         if self.sack_ok and self.snd_wnd > 0:
             # RFC 6675 §5.1: resend what is not SACKed up to the recovery point, by
             # pipe, and do not enter fast recovery again before it is acknowledged.
