@@ -158,10 +158,10 @@ class Connection:
         # buffers
         "_sndbuf", "_buf_seq", "_fin_queued", "_fin_seq", "_rcvbuf", "_reasm", "_rcv_fin_seq", "peer_fin",
         # retransmission, RTT, congestion
-        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time", "_rto_high", "_rto_tsval", "_rto_rtx_end",
-        "_in_recovery", "_recover", "_dupacks", "_rto_recovery", "_high_rxt", "_rescue_done",
-        "_rtx_log", "_relost", "_tlp_out", "_tlp_end", "_tlp_rearm", "_probe_seqs",
-        "_probe_lost",
+        "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time",
+        "_rto_high", "_rto_tsval", "_rto_rtx_end",
+        "_in_recovery", "_recover", "_dupacks", "_rto_recovery", "_high_rxt", "_rescue_done", "_rtx_log", "_relost",
+        "_tlp_out", "_tlp_end", "_tlp_rearm", "_probe_seqs", "_probe_lost",
         # timers, output, events
         "_timers", "_out", "_events", "_ack_now", "_unacked_bytes", "_rcv_seg_max", "_last_recv",
         "_ka_probes", "_challenge_start", "_challenge_count", "_data_event_armed", "_send_blocked",
@@ -228,7 +228,7 @@ class Connection:
         self._rescue_done = False  # RFC 6675 §4 NextSeg rule 4, once per recovery
         self._rtx_log: list[tuple[SeqNum, SeqNum, SeqNum]] = []  # (start, end, SND.NXT) of retransmissions
         self._relost: list[tuple[SeqNum, SeqNum]] = []  # retransmissions found lost again
-        # RFC 8985 §7 tail loss probe (with SACK only): one probe per ACK of new data.
+        # RFC 8985 §7 tail loss probe (with SACK only): up to MAX_LOSS_PROBES per ACK of new data.
         self._tlp_out = 0  # probes sent since new data was last acknowledged
         self._tlp_end: SeqNum | None = None  # end of a retransmitted probe awaiting its verdict
         self._tlp_rearm = False  # new data sent or acknowledged: (re)start the PTO
@@ -468,8 +468,8 @@ class Connection:
     def _output(self, now: float) -> None:
         """Send what the windows allow: retransmissions first, then new data."""
         if self._in_recovery and self.sack_ok or self._rto_recovery:
-            # 1. RFC 6675 §5 (C): lost segments while cwnd - pipe >= 1 SMSS, then new
-            # data in what is left (NextSeg rule 2), never beyond the peer's window.
+            # 1. RFC 6675 §5 (C): lost segments while cwnd - pipe allows (in whole
+            # segments), then new data in what is left (NextSeg rule 2), within rwnd.
             room = self._sack_recovery_output(now)
             edge = self.snd_nxt + (max(room, self.send_mss) if room > 0 else 0)
             wnd_edge = self.snd_una + self.snd_wnd
