@@ -31,7 +31,8 @@ class Watched(Simulation):
     def _app(self, ep: Endpoint) -> None:
         super()._app(ep)
         if ep.name == "client" and len(ep.received) > self._seen:
-            self.longest_stall = max(self.longest_stall, self.now - self._last_progress)
+            if self._seen:  # the handshake's own timeouts (RFC 6298 §5.7) are not data stalls
+                self.longest_stall = max(self.longest_stall, self.now - self._last_progress)
             self._last_progress = self.now
             self._seen = len(ep.received)
             if self._seen == len(self.server.payload if self.server else b"") and self.done_at is None:

@@ -206,3 +206,17 @@ def test_second_timeout_of_one_segment_forgets_sack_in_case_the_receiver_reneged
     c.receive(seg(c, "A", ack=end(segs[1])), t + 0.02)
     out = c.segments_to_send(t + 0.02)
     assert [s.seq for s in out] == [segs[2].seq, segs[3].seq]  # resent, not skipped
+
+
+def test_echo_of_the_original_syn_ack_after_its_retransmission_is_no_sample():
+    # The handshake's ACK echoes the first SYN-ACK's TSval although we retransmitted
+    # it: that "RTT" would include the timeout, so RFC 6298 §5.7's 3 s RTO applies.
+    from tests.unit.tcp_builders import syn_received
+    c = syn_received(config(timestamps=True), options=TcpOptions(mss=MSS, timestamp=(5000, 0)))
+    first_tsval = ts_of_syn_ack = int(T0 * 1000) & 0xFFFFFFFF
+    t = c.get_timer()
+    c.handle_timer(t)  # SYN-ACK retransmitted after 1 s
+    [again] = c.segments_to_send(t)
+    assert again.options.timestamp[0] > ts_of_syn_ack
+    c.receive(seg(c, "A", options=TcpOptions(timestamp=(5001, first_tsval))), t + 0.5)
+    assert c.srtt is None and c.rto == 3.0

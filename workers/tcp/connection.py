@@ -159,7 +159,7 @@ class Connection:
         "_sndbuf", "_buf_seq", "_fin_queued", "_fin_seq", "_rcvbuf", "_reasm", "_rcv_fin_seq", "peer_fin",
         # retransmission, RTT, congestion
         "_rtt", "_cc", "_scoreboard", "_rtx_nxt", "_retries", "_rtt_seq", "_rtt_time",
-        "_rto_high", "_rto_tsval", "_rto_rtx_end",
+        "_rtx_ts", "_rto_rtx_end",
         "_in_recovery", "_recover", "_dupacks", "_rto_recovery", "_high_rxt", "_rescue_done", "_rtx_log", "_relost",
         "_tlp_out", "_tlp_end", "_tlp_rearm", "_probe_seqs", "_probe_lost",
         # timers, output, events
@@ -215,8 +215,7 @@ class Connection:
         self._retries = 0
         self._rtt_seq: SeqNum | None = None
         self._rtt_time = 0.0
-        self._rto_high = iss  # SND.NXT when the retransmission timer last fired
-        self._rto_tsval = 0  # TSval of that timeout's retransmission
+        self._rtx_ts: list[tuple[SeqNum, SeqNum, int]] = []  # (start, end, TSval) of retransmissions, in time order
         self._rto_rtx_end = iss  # end of that timeout's retransmission
         self._in_recovery = False
         self._recover = iss
@@ -846,6 +845,8 @@ class Connection:
             # RFC 6298 §3 (Karn): no sample across a retransmission -- not only of the
             # timed segment: its cumulative ACK also waits for the repaired hole below.
             self._rtt_seq = None
+            if self.ts_ok:
+                self._rtx_ts.append((seq, seq + n + fin, ts_clock(now)))
         else:
             self.bytes_sent += n
             self._start_rtt(seq, now)
@@ -1011,6 +1012,8 @@ class Connection:
         if st is State.SYN_RECEIVED and f & (_F_SYN | _F_ACK | _F_RST) == _F_SYN and seg.seq == self.irs:
             # Our SYN-ACK was lost and the peer retransmitted its SYN: repeat the SYN-ACK.
             self.retransmissions += 1
+            self._rtt_seq = None
+            self._rtx_ts.append((self.iss, self.iss + 1, ts_clock(now)))
             self._send_syn(now)
             return
         ts = seg.options.timestamp if self.ts_ok else None
@@ -1160,14 +1163,21 @@ class Connection:
         # RTT: from the timestamp echo (RFC 7323 §4.1), else the one timed segment (RFC 6298 §3).
         ts = seg.options.timestamp if self.ts_ok else None
         timed = self._rtt_seq is not None and ack > self._rtt_seq
+        last_rtx_ts = None  # TSval of the latest retransmission of the data just acknowledged
+        if self._rtx_ts:
+            for start, end, tsval in self._rtx_ts:
+                if start < ack and end > old_una:
+                    last_rtx_ts = tsval  # entries are in time order: the last match wins
+            self._rtx_ts = [entry for entry in self._rtx_ts if entry[1] > ack]
         if ts is not None and ts[1] != 0 and (ts_clock(now) - ts[1]) & 0xFFFFFFFF <= MAX_TS_RTT_MS:
             # RFC 7323 §4.1: an echo times the transmission it answers, retransmitted
-            # or not -- except that an echo older than our last timeout, for data sent
-            # before it, may answer a duplicate with the original's TSval (RFC 7323
-            # §4.3, the ACK was lost): that "RTT" includes the RTO.  Rejecting only
-            # those keeps samples coming under loss, so RTO backoff collapses
-            # (RFC 6298 §5.7 note) instead of compounding timeout after timeout.
-            stale = old_una < self._rto_high and SeqNum(ts[1]) < SeqNum(self._rto_tsval)
+            # or not -- except that an echo older than the latest retransmission of the
+            # acknowledged data may answer a duplicate with an earlier TSval (RFC 7323
+            # §4.3: our retransmission or probe was spurious, the ACK was lost): that
+            # "RTT" includes the RTO or PTO, and SRTT would creep up.  Rejecting only
+            # those keeps samples coming under loss, so RTO backoff collapses (RFC
+            # 6298 §5.7 note) instead of compounding timeout after timeout.
+            stale = last_rtx_ts is not None and SeqNum(ts[1]) < SeqNum(last_rtx_ts)
             if not stale:
                 self._rtt.sample(((ts_clock(now) - ts[1]) & 0xFFFFFFFF) / 1000)
         elif timed:
@@ -1416,6 +1426,7 @@ class Connection:
             self.timeouts += 1
             self._rtt.backoff()
             self._rtt_seq = None
+            self._rtx_ts.append((self.iss, self.iss + 1, ts_clock(now)))  # no echo sample of the first
             self._send_syn(now)
             self._timers[Timer.RETRANSMIT] = now + self._rtt.rto
             return
@@ -1438,8 +1449,6 @@ class Connection:
         self._tlp_end = None
         self._timers.pop(Timer.LOSS_PROBE, None)
         used = self._send_range(self.snd_una, limit, now, rtx=True)
-        self._rto_high = self.snd_nxt
-        self._rto_tsval = ts_clock(now)
         self._rto_rtx_end = self.snd_una + used
         if self._retries > 1:
             # The same segment timed out again: the receiver may have reneged on what it
