@@ -41,7 +41,8 @@ SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port 
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
-               "fast_retransmits", "zero_window_probes", "ooo_segments", "challenge_acks")
+               "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
+               "challenge_acks")
 
 
 class TcpCore:
