@@ -32,8 +32,10 @@ from pipeline.config import StackConfig
 # How long a socket may hold unsent messages at close; without it, close blocks
 # forever when a peer is gone (libzmq's default LINGER is -1).
 LINGER_MS = 200
-# Frames buffered per peer before ZeroMQ drops (ROUTER) or refuses (PUSH, DEALER).
-HWM = 10_000
+# Messages queued per peer before ZeroMQ drops (ROUTER) or refuses (PUSH, DEALER):
+# the bound on memory between two stages. A message is a batch of packets, and
+# TCP windows, not this queue, are what keep a pipeline full.
+HWM = 1000
 # Largest message accepted from a tcp:// peer: a 64 KB packet and its metadata.
 MAX_MESSAGE = 70_000
 
