@@ -108,16 +108,21 @@ def _sent(c: Connection) -> Connection:
     return c
 
 
-def fin_wait_1(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
-    """ESTABLISHED, then close(): our FIN sent, not yet acknowledged."""
-    c = established(cfg, now=now, **kw)  # type: ignore[arg-type]
-    c.state = State.FIN_WAIT_1
+def _fin_sent(c: Connection, now: float) -> Connection:
+    """Our FIN queued and sent at snd_nxt, timed and awaiting its ACK."""
     c._fin_queued = True
     c._fin_seq = c.snd_nxt
     c.snd_nxt = c.snd_nxt + 1
     c._rtt_seq, c._rtt_time = c._fin_seq, now
     c._timers[Timer.RETRANSMIT] = now + c.rto
     return _sent(c)
+
+
+def fin_wait_1(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    """ESTABLISHED, then close(): our FIN sent, not yet acknowledged."""
+    c = established(cfg, now=now, **kw)  # type: ignore[arg-type]
+    c.state = State.FIN_WAIT_1
+    return _fin_sent(c, now)
 
 
 def fin_wait_2(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
@@ -141,12 +146,7 @@ def close_wait(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> C
 def last_ack(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
     c = close_wait(cfg, now, **kw)
     c.state = State.LAST_ACK
-    c._fin_queued = True
-    c._fin_seq = c.snd_nxt
-    c.snd_nxt = c.snd_nxt + 1
-    c._rtt_seq, c._rtt_time = c._fin_seq, now
-    c._timers[Timer.RETRANSMIT] = now + c.rto
-    return _sent(c)
+    return _fin_sent(c, now)
 
 
 def closing(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
