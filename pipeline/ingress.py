@@ -54,7 +54,7 @@ class Ingress:
         self.proc.counters["packets_out"] += len(items)
         return True
 
-    def route_and_forward(self, items: list[messages.Item], born: float, now: float) -> None:
+    def route_and_forward(self, items: list[messages.Item], now: float) -> None:
         """Route packets, then send each worker its share in one message (STYLE: batch where it pays)."""
         batches: dict[str, list[messages.Item]] = {}
         router = self.router
@@ -63,14 +63,14 @@ class Ingress:
             if name is not None:
                 batches.setdefault(name, []).append(item)
             elif role:
-                router.hold(role, born, item)  # no live worker yet, or settling
+                router.hold(role, now, item)  # no live worker yet, or settling
         for name, batch in batches.items():
             if not self.forward(name, batch):
                 # The worker vanished under us: route again among the living (or hold).
                 for data, offload in batch:
                     again, role = router.route(data, now)
                     if again is None or not self.forward(again, [(data, offload)]):
-                        router.hold(role, born, (data, offload))
+                        router.hold(role, now, (data, offload))
 
     def read_device(self, now: float) -> None:
         items = []
@@ -82,7 +82,7 @@ class Ingress:
             items.append(got)
         if items:
             self.proc.counters["packets_in"] += len(items)
-            self.route_and_forward(items, now, now)
+            self.route_and_forward(items, now)
 
     def flush_pending(self, now: float) -> None:
         for role, queue in self.router.pending.items():
