@@ -166,13 +166,14 @@ def test_killed_worker_resets_its_connections_and_survivors_finish(ns, client, s
         assert t.ended_at - killed_at < 5.0, (t.kind, t.ended_at - killed_at)
 
 
-def test_ingress_restart_loses_no_connection(ns, client, stack):
+@pytest.mark.parametrize("stage,module", [("ingress.1", "pipeline.ingress"), ("egress.1", "pipeline.egress")])
+def test_stage_restart_loses_no_connection(ns, client, stack, stage, module):
     transfers = [Transfer(client, "download" if i % 2 else "upload") for i in range(10)]
     with concurrent.futures.ThreadPoolExecutor(len(transfers)) as pool:
         futures = [pool.submit(t.run) for t in transfers]
         time.sleep(1.0)
-        os.kill(process_pid(ns, "ingress.1", "pipeline.ingress"), signal.SIGKILL)
+        os.kill(process_pid(ns, stage, module), signal.SIGKILL)
         done = [f.result(timeout=90) for f in futures]
     for t in done:
         assert t.error is None and t.intact, (t.kind, t.port, t.error)
-    assert any(r["event"] == "process_died" and r["proc"] == "ingress.1" for r in stack.records())
+    assert any(r["event"] == "process_died" and r["proc"] == stage for r in stack.records())
