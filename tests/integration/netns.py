@@ -22,6 +22,7 @@ import uuid
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STACK_ADDR = "10.0.0.2"
 HOST_ADDR = "10.0.0.1"
+RUN_DIR_BASE = "/run/ustack-test"  # each stack's ipc sockets: RUN_DIR_BASE/<namespace>
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -125,7 +126,7 @@ class Stack:
     def __init__(self, ns: Namespace, *honcho_args: str, env: dict[str, str] | None = None,
                  run_dir: str | None = None) -> None:
         self.ns = ns
-        self.run_dir = run_dir or f"/run/ustack-test/{ns.name}"
+        self.run_dir = run_dir or f"{RUN_DIR_BASE}/{ns.name}"
         self.log_path = ROOT / ".pytest_cache" / f"stack-{ns.name}-{uuid.uuid4().hex[:6]}.log"
         self.log_path.parent.mkdir(exist_ok=True)
         full_env = dict(os.environ)

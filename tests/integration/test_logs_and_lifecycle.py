@@ -4,7 +4,7 @@ import datetime
 import signal
 import socket
 
-from tests.integration.netns import STACK_ADDR, Stack
+from tests.integration.netns import RUN_DIR_BASE, STACK_ADDR, Stack
 
 
 def _ping_ok(ns) -> bool:
@@ -38,7 +38,7 @@ def test_json_logs_have_the_promised_fields(ns, stack):
 
 def test_any_start_order_and_restart_of_ingress_and_egress(fresh_ns):
     ns = fresh_ns
-    run_dir = f"/run/ustack-test/{ns.name}"
+    run_dir = f"{RUN_DIR_BASE}/{ns.name}"
     workers = Stack(ns, "icmp", "udp", "tcp", run_dir=run_dir)
     try:
         workers.wait_for(lambda recs: sum(r["event"] == "worker_started" for r in recs) == 3, 15, "workers up")
