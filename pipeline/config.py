@@ -71,6 +71,16 @@ class StackConfig:
         return self.stack_address.packed
 
 
+def default_run_dir(tun_name: str) -> str:
+    """/run/ustack/<network namespace>-<device>: a stack per namespace never meets
+    another's sockets, and stackctl in the same namespace finds its own."""
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:  # not Linux
+        return os.path.join("/tmp", f"ustack-{os.getuid()}-{tun_name}")
+    return f"/run/ustack/{netns}-{tun_name}"
+
+
 def load() -> StackConfig:
     """Read and validate the environment; exit with a clear message on bad values."""
     try:
@@ -88,7 +98,7 @@ def load() -> StackConfig:
     mtu = env_int("USTACK_MTU", 1500)
     if not 576 <= mtu <= 65535:
         raise SystemExit(f"USTACK_MTU {mtu}: expected 576..65535")
-    run_dir = env_str("USTACK_RUN_DIR", f"/run/ustack/{tun_name}")
+    run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
     endpoints = {}
     for stage in ("ingress", "egress", "control"):
         default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
