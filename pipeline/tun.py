@@ -211,8 +211,9 @@ def open_device(name: str, *, writer_only: bool, offload: bool) -> TunDevice:
     if sys.platform == "linux":
         return LinuxTun(name, writer_only=writer_only, offload=offload)
     if sys.platform == "darwin":
-        # A utun device cannot be shared by two processes: on macOS run the
-        # stack with USTACK_SINGLE=1 (see README) or accept that this is untested.
+        # Untested on real macOS (see README): each process would get a utun
+        # device of its own, since a utun socket cannot be shared like a Linux
+        # multi-queue device; only the framing is verified, with a fake socket.
         return MacUtun.open()
     raise TunError(errno.ENOTSUP, f"no TUN support on {sys.platform}")
 
