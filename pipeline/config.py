@@ -111,6 +111,9 @@ def load() -> StackConfig:
                 raise SystemExit(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
         endpoints[stage] = (connect, bind)
     keys_dir = env_str("USTACK_KEYS_DIR", "keys")
+    offload = env_bool("USTACK_OFFLOAD", sys.platform == "linux")
+    if offload and sys.platform != "linux":
+        raise SystemExit("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
     return StackConfig(
         tun_name=tun_name,
         host_interface=host,
@@ -119,7 +122,7 @@ def load() -> StackConfig:
         run_dir=run_dir,
         # A worker's identity on the bus; the prefix keeps names unique across hosts.
         proc_name=env_str("USTACK_NAME_PREFIX", "") + env_str("HONCHO_PROCESS_NAME", ""),
-        offload=env_bool("USTACK_OFFLOAD", sys.platform == "linux"),
+        offload=offload,
         ingress_endpoint=endpoints["ingress"][0],
         ingress_bind=endpoints["ingress"][1],
         egress_endpoint=endpoints["egress"][0],

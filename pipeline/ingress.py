@@ -240,7 +240,7 @@ def main() -> None:
     cfg = proc.config
     endpoints.ensure_run_dir(cfg.run_dir)
     try:
-        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload)
+        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload, run_dir=cfg.run_dir)
         tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu)
     except tun.TunError as exc:
         proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))

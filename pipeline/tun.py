@@ -21,18 +21,26 @@ checksumming them itself. The header is a property of the device, not of a
 queue, so ingress and egress must open it with the same setting.
 
 On macOS the device is a ``utun`` kernel-control socket whose packets carry a
-4-byte address-family header (2 = IPv4, 30 = IPv6); the framing functions
-below are unit-tested, the device path is untested on real macOS.
+4-byte address-family header (2 = IPv4, 30 = IPv6). It has no queues to
+attach twice, so the two processes share one open socket: each serves its
+descriptor to the other over a Unix socket (SCM_RIGHTS), a newcomer first
+asks its peer for the device and opens a new one only if no peer holds it,
+and the device lives while either holds it. The framing and the descriptor
+passing are unit-tested (the latter works the same on Linux); the device
+itself is untested on real macOS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from typing import Protocol
 
 from pipeline.offload import NO_VNET_HDR, VNET_HDR, Offload
@@ -175,6 +183,13 @@ class MacUtun:
         self.name = name
 
     @classmethod
+    def adopt(cls, fd: int) -> MacUtun:
+        """The device another process opened, from its descriptor."""
+        sock = socket.socket(fileno=fd)
+        name = sock.getsockopt(_SYSPROTO_CONTROL, _UTUN_OPT_IFNAME, 16).rstrip(b"\0").decode()
+        return cls(sock, name)
+
+    @classmethod
     def open(cls, unit: int = 0) -> MacUtun:
         import fcntl
 
@@ -206,15 +221,54 @@ class MacUtun:
         self._sock.close()
 
 
-def open_device(name: str, *, writer_only: bool, offload: bool) -> TunDevice:
+def serve_fd(path: str, fd: int) -> None:
+    """Hand a duplicate of ``fd`` to every process that connects to ``path`` (a daemon thread)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o600)
+    server.listen(4)
+
+    def serve() -> None:
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                socket.send_fds(conn, [b"fd"], [fd])
+
+    threading.Thread(target=serve, name="fd-server", daemon=True).start()
+
+
+def fetch_fd(path: str, timeout: float) -> int | None:
+    """A duplicate of the descriptor served at ``path``, or None if nobody serves it in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(path)
+                _, fds, _, _ = socket.recv_fds(client, 16, 1)
+                if fds:
+                    return fds[0]
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def open_device(name: str, *, writer_only: bool, offload: bool, run_dir: str) -> TunDevice:
     """Open (creating if needed) the device; a writer never receives traffic."""
     if sys.platform == "linux":
         return LinuxTun(name, writer_only=writer_only, offload=offload)
     if sys.platform == "darwin":
-        # Untested on real macOS (see README): each process would get a utun
-        # device of its own, since a utun socket cannot be shared like a Linux
-        # multi-queue device; only the framing is verified, with a fake socket.
-        return MacUtun.open()
+        mine, peer = ("utun-egress.sock", "utun-ingress.sock") if writer_only else \
+                     ("utun-ingress.sock", "utun-egress.sock")
+        # Egress waits for ingress to open the device; ingress only checks whether a
+        # surviving egress still holds one (it restarted), else opens a new one.
+        fd = fetch_fd(os.path.join(run_dir, peer), timeout=30.0 if writer_only else 0.2)
+        device = MacUtun.open() if fd is None else MacUtun.adopt(fd)
+        serve_fd(os.path.join(run_dir, mine), device.fileno())
+        return device
     raise TunError(errno.ENOTSUP, f"no TUN support on {sys.platform}")
 
 

@@ -57,3 +57,20 @@ def test_vnet_header_layout_matches_linux():
     off = tcp_offload(20, 32, 10_000, 1448)
     assert off == (NEEDS_CSUM, GSO_TCPV4, 52, 1448, 20, 16)
     assert tcp_offload(20, 20, 100, 1460)[1:4] == (0, 40, 0)  # fits one segment: no GSO
+
+
+def test_descriptor_passing_shares_one_open_file(tmp_path):
+    """What macOS egress and ingress use to share one utun socket; SCM_RIGHTS works alike on Linux."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    path = str(tmp_path / "utun-ingress.sock")
+    tun.serve_fd(path, ours.fileno())
+    fd = tun.fetch_fd(path, timeout=2.0)
+    assert fd is not None and fd != ours.fileno()
+    shared = socket.socket(fileno=fd)
+    shared.send(b"through the passed descriptor")
+    assert theirs.recv(100) == b"through the passed descriptor"
+    assert tun.fetch_fd(str(tmp_path / "nobody.sock"), timeout=0.1) is None
+    for s in (ours, theirs, shared):
+        s.close()
