@@ -79,9 +79,6 @@ class Membership:
     def is_alive(self, name: str) -> bool:
         return name in self._members
 
-    def get(self, name: str) -> Member | None:
-        return self._members.get(name)
-
     def has_role(self, role: str) -> bool:
         return bool(self._by_role.get(role))
 
@@ -94,9 +91,6 @@ class Membership:
             return members[0].name
         h = zlib.crc32(key)
         return max(members, key=lambda m: _mix64(h ^ m.seed)).name
-
-    def names(self) -> list[str]:
-        return sorted(self._members)
 
     def members(self) -> list[Member]:
         return [self._members[n] for n in sorted(self._members)]

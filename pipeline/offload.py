@@ -17,7 +17,6 @@ NEEDS_CSUM = 1   # only the pseudo-header sum is in the checksum field: finish i
 DATA_VALID = 2   # the kernel already verified the checksum
 GSO_NONE = 0
 GSO_TCPV4 = 1
-GSO_TCPV6 = 4
 
 Offload = tuple[int, int, int, int, int, int]
 

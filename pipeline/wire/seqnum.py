@@ -61,7 +61,3 @@ class SeqNum(int):
 
 def seq_max(a: SeqNum, b: SeqNum) -> SeqNum:
     return b if a < b else a
-
-
-def seq_min(a: SeqNum, b: SeqNum) -> SeqNum:
-    return a if a < b else b
