@@ -1,8 +1,6 @@
-import shutil
-
 import pytest
 
-from tests.integration.netns import RUN_DIR_BASE, Namespace, Stack, routed_client
+from tests.integration.netns import Namespace, Stack, routed_client
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +52,3 @@ def client(ns):
     finally:
         c.delete()
 
-
-@pytest.fixture(scope="session", autouse=True)
-def remove_run_dirs():
-    """The stacks' ipc run directories go when the session ends (their processes are gone by then)."""
-    yield
-    shutil.rmtree(RUN_DIR_BASE, ignore_errors=True)

@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,6 +90,8 @@ class Namespace:
             while self._pids() and time.monotonic() < deadline:
                 time.sleep(0.05)
         subprocess.run(["ip", "netns", "del", self.name], check=False)
+        # This namespace's stacks' ipc sockets (only its own: other test runs may be live).
+        shutil.rmtree(f"{RUN_DIR_BASE}/{self.name}", ignore_errors=True)
 
     def _pids(self) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout
