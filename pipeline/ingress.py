@@ -15,6 +15,7 @@ import zmq
 
 from pipeline import tun
 from pipeline.bus import endpoints, messages
+from pipeline.flow import Flow
 from pipeline.membership import Membership
 from pipeline.process import Process
 from pipeline.routing import PENDING_MAX_AGE, Router
@@ -37,7 +38,7 @@ class Ingress:
         self.bus = endpoints.ingress_router(ctx, cfg)
         self.refusals = endpoints.auth_monitor(self.bus)
         self.control = endpoints.control_router(ctx, cfg)
-        self.orphans: list[tuple[float, messages.Flow]] = []
+        self.orphans: list[tuple[float, Flow]] = []
 
     # -- packets ---------------------------------------------------------------
 

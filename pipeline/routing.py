@@ -25,7 +25,8 @@ import collections
 import struct
 from collections.abc import Callable
 
-from pipeline.bus.messages import HEARTBEAT_INTERVAL, Flow
+from pipeline.bus.messages import HEARTBEAT_INTERVAL
+from pipeline.flow import Flow
 from pipeline.membership import Membership
 from pipeline.offload import Offload
 from pipeline.wire import Malformed
@@ -44,22 +45,13 @@ _TCP_SYN = 0x02
 Pending = tuple[float, bytes, Offload | None]
 
 
-def flow_key(flow: Flow) -> bytes:
-    """The 8-byte key of a flow: remote address, remote port, local port."""
-    return flow[0] + _PORTS.pack(flow[1], flow[2])
-
-
-def key_flow(key: bytes) -> Flow:
-    return (key[:4], *_PORTS.unpack_from(key, 4))
-
-
 class Router:
     def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float) -> None:
         self.address = address
         self.members = members
         self.drop = drop
         self.settle_until = started + SETTLE_TIME
-        self.flows: dict[bytes, str] = {}  # flow key -> the worker that announced it
+        self.flows: dict[bytes, str] = {}  # Flow.key -> the worker that announced it
         self.pending: dict[str, collections.deque[Pending]] = collections.defaultdict(
             lambda: collections.deque(maxlen=PENDING_LIMIT))
 
@@ -103,9 +95,9 @@ class Router:
             for key in [k for k, w in flows.items() if w == worker]:
                 del flows[key]
         for flow in opened:
-            flows[flow_key(flow)] = worker
+            flows[flow.key] = worker
         for flow in closed:
-            key = flow_key(flow)
+            key = flow.key
             if flows.get(key) == worker:
                 del flows[key]
 
@@ -114,7 +106,7 @@ class Router:
         keys = [k for k, w in self.flows.items() if w == worker]
         for key in keys:
             del self.flows[key]
-        return [key_flow(k) for k in keys]
+        return [Flow.from_key(k) for k in keys]
 
     def flows_by_worker(self) -> collections.Counter[str]:
         return collections.Counter(self.flows.values())

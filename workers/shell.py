@@ -18,7 +18,7 @@ from typing import Protocol
 import zmq
 
 from pipeline.bus import endpoints, messages
-from pipeline.bus.messages import Flow
+from pipeline.flow import Flow
 from pipeline.offload import Offload
 from pipeline.process import Process
 

@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.bus import messages as m
+from pipeline.flow import Flow
 
 
 def test_plain_packets_round_trip():
@@ -22,7 +23,7 @@ def test_control_messages_round_trip():
         m.Heartbeat("tcp.3", "tcp", 7, {"connections": 2})
     assert m.decode(m.encode_goodbye("tcp.3")) == m.Goodbye("tcp.3")
     assert m.decode(m.encode_welcome(99)) == m.Welcome(99)
-    flow = (b"\x0a\x00\x00\x01", 40000, 8000)
+    flow = Flow(b"\x0a\x00\x00\x01", 40000, 8000)
     assert m.decode(m.encode_flows("tcp.1", True, [flow], [])) == m.Flows("tcp.1", True, (flow,), ())
     assert m.decode(m.encode_request("status")) == m.Request("status")
     assert m.decode(m.encode_orphans([flow])) == m.Orphans((flow,))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 
-from pipeline.bus.messages import Flow
+from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.process import Process
 from pipeline.wire import Malformed
@@ -34,7 +34,6 @@ from workers.tcp.connection import Connection, State
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.syncookies import SynCookies
 
-FlowKey = Flow  # remote address, remote port, local port
 IPV4_HEADER_LEN = 20  # we emit no IP options
 
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
@@ -56,12 +55,12 @@ class TcpCore:
         self.secret = secret
         self.cookies = SynCookies(secret)
         self.services = SERVICES if services is None else services
-        self.connections: dict[FlowKey, Connection] = {}
-        self.apps: dict[FlowKey, Service] = {}
-        self.syn_queue: dict[int, set[FlowKey]] = {}  # listening port -> its half-open connections
+        self.connections: dict[Flow, Connection] = {}
+        self.apps: dict[Flow, Service] = {}
+        self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
-        self._timers: list[tuple[float, FlowKey]] = []
-        self._deadline: dict[FlowKey, float] = {}
+        self._timers: list[tuple[float, Flow]] = []
+        self._deadline: dict[Flow, float] = {}
         self.resets = TokenBucket(RESETS_PER_SECOND, RESETS_PER_SECOND)
         self._opened: list[Flow] = []  # flow changes not yet announced to ingress
         self._closed: list[Flow] = []
@@ -84,7 +83,7 @@ class TcpCore:
                            dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
                            **proc.payload(seg.payload))
-        key = (ip.src, seg.src_port, seg.dst_port)
+        key = Flow(ip.src, seg.src_port, seg.dst_port)
         conn = self.connections.get(key)
         out: list[Outgoing] = []
         if conn is not None:
@@ -163,7 +162,7 @@ class TcpCore:
 
     # -- listeners -----------------------------------------------------------
 
-    def _listen(self, key: FlowKey, seg: TcpSegment, now: float, out: list[Outgoing]) -> None:
+    def _listen(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """A segment for a listening port with no connection (RFC 9293 §3.10.7.2)."""
         if seg.rst:
             self.proc.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
@@ -197,7 +196,7 @@ class TcpCore:
         queue.add(key)
         self._after(key, conn, State.LISTEN, now, out)
 
-    def _cookie_syn_ack(self, key: FlowKey, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
+    def _cookie_syn_ack(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6)."""
         self.proc.counters["syn_cookies_sent"] += 1
         peer_mss = syn.options.mss or 536  # RFC 9293 §3.7.1: default send MSS
@@ -206,7 +205,7 @@ class TcpCore:
                            min(self.config.recv_buffer, 0xFFFF), options=TcpOptions(mss=self.config.mss))
         out.append(self._ip(key[0], reply))
 
-    def _reset(self, key: FlowKey, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
+    def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
         if seg.rst:
             self.proc.drop("rst_no_connection")
@@ -223,7 +222,7 @@ class TcpCore:
 
     # -- connections ---------------------------------------------------------
 
-    def _after(self, key: FlowKey, conn: Connection, before: State, now: float, out: list[Outgoing]) -> None:
+    def _after(self, key: Flow, conn: Connection, before: State, now: float, out: list[Outgoing]) -> None:
         """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
         log = self.log
         while (ev := conn.next_event()) is not None:
@@ -261,14 +260,14 @@ class TcpCore:
             self._deadline[key] = deadline
             heapq.heappush(self._timers, (deadline, key))
 
-    def _forget(self, key: FlowKey) -> None:
+    def _forget(self, key: Flow) -> None:
         self.connections.pop(key)
         self._closed.append(key)
         self._leave_syn_queue(key)
         self.apps.pop(key, None)
         self._deadline.pop(key, None)
 
-    def _leave_syn_queue(self, key: FlowKey) -> None:
+    def _leave_syn_queue(self, key: Flow) -> None:
         queue = self.syn_queue.get(key[2])
         if queue:
             queue.discard(key)
