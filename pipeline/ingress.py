@@ -116,7 +116,7 @@ class Ingress:
         self.orphans.extend((now, f) for f in orphans)
 
     def hand_out_orphans(self, now: float) -> None:
-        """Ask a live tcp worker to make the dead worker's peers reset (see workers.tcp.core)."""
+        """Ask a live tcp worker to make the dead worker's peers reset (see workers.tcp.demux)."""
         self.orphans = [(t, f) for t, f in self.orphans if now - t <= ORPHAN_MAX_AGE]
         if not self.orphans:
             return

@@ -1,7 +1,6 @@
-"""The TCP worker core: demux, listeners, SYN queue and cookies, resets, timers."""
+"""The TCP demultiplexer: listeners, SYN queue and cookies, resets, timers."""
 
 import collections
-import types
 
 import pytest
 import structlog
@@ -9,7 +8,8 @@ import structlog
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
-from workers.tcp import core as core_mod
+from workers.core import Sink
+from workers.tcp import demux as demux_mod
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import State
 
@@ -18,20 +18,13 @@ PEER = bytes([10, 0, 0, 1])
 T0 = 100.0
 
 
-class FakeProc:
-    def __init__(self):
-        self.config = types.SimpleNamespace(stack_addr_bytes=US)
-        self.log = structlog.get_logger()
-        self.debug = False
-        self.counters = collections.Counter()
-
-    def drop(self, reason, **fields):
-        self.counters["drop_" + reason] += 1
+def sink():
+    return Sink(collections.Counter(), structlog.get_logger())
 
 
 @pytest.fixture
-def core():
-    return core_mod.TcpCore(FakeProc(), TcpConfig(), secret=b"s" * 32)
+def demux():
+    return demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32)
 
 
 def packet(seg: TcpSegment, src=PEER) -> bytes:
@@ -50,96 +43,96 @@ def syn(sport=40000, dport=7, seq=1000):
     return TcpSegment(sport, dport, SeqNum(seq), SeqNum(0), Flags.SYN, 65535, options=TcpOptions(mss=1460))
 
 
-def handshake(core, sport=40000, dport=7, now=T0):
-    [synack] = [parse(p) for p in core.handle_packet(packet(syn(sport, dport)), now)]
+def handshake(demux, sport=40000, dport=7, now=T0):
+    [synack] = [parse(p) for p in demux.handle_packet(packet(syn(sport, dport)), now)]
     assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == SeqNum(1001)
     ack = TcpSegment(sport, dport, SeqNum(1001), synack.seq + 1, Flags.ACK, 65535)
-    assert core.handle_packet(packet(ack), now) == []
+    assert demux.handle_packet(packet(ack), now) == []
     return synack.seq + 1
 
 
-def test_handshake_then_echo(core):
-    our_seq = handshake(core)
+def test_handshake_then_echo(demux):
+    our_seq = handshake(demux)
     data = TcpSegment(40000, 7, SeqNum(1001), our_seq, Flags.ACK | Flags.PSH, 65535, b"ping")
-    out = [parse(p) for p in core.handle_packet(packet(data), T0 + 0.01)]
+    out = [parse(p) for p in demux.handle_packet(packet(data), T0 + 0.01)]
     assert b"".join(s.payload for s in out) == b"ping"
     assert out[-1].ack == SeqNum(1005)
 
 
-def test_syn_to_closed_port_gets_rst_ack(core):
-    [rst] = [parse(p) for p in core.handle_packet(packet(syn(dport=4444, seq=77)), T0)]
+def test_syn_to_closed_port_gets_rst_ack(demux):
+    [rst] = [parse(p) for p in demux.handle_packet(packet(syn(dport=4444, seq=77)), T0)]
     # RFC 9293 §3.10.7.1: no ACK in the segment -> <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>
     assert rst.flags == Flags.RST | Flags.ACK and rst.seq == SeqNum(0) and rst.ack == SeqNum(78)
 
 
-def test_ack_for_no_connection_gets_rst_from_its_ack(core):
+def test_ack_for_no_connection_gets_rst_from_its_ack(demux):
     stray = TcpSegment(40000, 8000, SeqNum(5), SeqNum(123456), Flags.ACK, 100, b"x")
-    [rst] = [parse(p) for p in core.handle_packet(packet(stray), T0)]
+    [rst] = [parse(p) for p in demux.handle_packet(packet(stray), T0)]
     assert rst.flags == Flags.RST and rst.seq == SeqNum(123456)
 
 
-def test_reset_is_never_answered_with_a_reset(core):
+def test_reset_is_never_answered_with_a_reset(demux):
     for dport in (7, 4444):
         rst = TcpSegment(40000, dport, SeqNum(5), SeqNum(9), Flags.RST | Flags.ACK, 0)
-        assert core.handle_packet(packet(rst), T0) == []
+        assert demux.handle_packet(packet(rst), T0) == []
 
 
-def test_syn_flood_is_answered_with_cookies_and_real_clients_get_in(core):
-    limit = core_mod.SYN_QUEUE_LIMIT
+def test_syn_flood_is_answered_with_cookies_and_real_clients_get_in(demux):
+    limit = demux_mod.SYN_QUEUE_LIMIT
     for i in range(limit + 50):
-        core.handle_packet(packet(syn(sport=10000 + i)), T0)
-    assert len(core.connections) == limit  # memory bounded by the SYN queue
-    assert core.proc.counters["syn_cookies_sent"] == 50
+        demux.handle_packet(packet(syn(sport=10000 + i)), T0)
+    assert len(demux.connections) == limit  # memory bounded by the SYN queue
+    assert demux.sink.counters["syn_cookies_sent"] == 50
     # A real client arriving during the flood completes the handshake statelessly.
-    [synack] = [parse(p) for p in core.handle_packet(packet(syn(sport=50000, seq=9000)), T0)]
+    [synack] = [parse(p) for p in demux.handle_packet(packet(syn(sport=50000, seq=9000)), T0)]
     ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK | Flags.PSH, 65535, b"hello")
-    out = [parse(p) for p in core.handle_packet(packet(ack), T0 + 0.1)]
-    assert core.connections[(PEER, 50000, 7)].state is State.ESTABLISHED
+    out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.1)]
+    assert demux.connections[(PEER, 50000, 7)].state is State.ESTABLISHED
     assert b"".join(s.payload for s in out) == b"hello"
-    assert core.proc.counters["syn_cookies_accepted"] == 1
+    assert demux.sink.counters["syn_cookies_accepted"] == 1
 
 
-def test_forged_cookie_ack_is_reset(core):
-    for i in range(core_mod.SYN_QUEUE_LIMIT):
-        core.handle_packet(packet(syn(sport=10000 + i)), T0)
+def test_forged_cookie_ack_is_reset(demux):
+    for i in range(demux_mod.SYN_QUEUE_LIMIT):
+        demux.handle_packet(packet(syn(sport=10000 + i)), T0)
     forged = TcpSegment(50001, 7, SeqNum(1), SeqNum(424242), Flags.ACK, 65535)
-    [rst] = [parse(p) for p in core.handle_packet(packet(forged), T0)]
-    assert rst.flags == Flags.RST and (PEER, 50001, 7) not in core.connections
+    [rst] = [parse(p) for p in demux.handle_packet(packet(forged), T0)]
+    assert rst.flags == Flags.RST and (PEER, 50001, 7) not in demux.connections
 
 
-def test_syn_ack_retransmitted_from_the_timer_heap(core):
-    first = parse(core.handle_packet(packet(syn()), T0)[0])
-    deadline = core.next_deadline()
+def test_syn_ack_retransmitted_from_the_timer_heap(demux):
+    first = parse(demux.handle_packet(packet(syn()), T0)[0])
+    deadline = demux.next_deadline()
     assert deadline is not None and deadline > T0
-    assert core.handle_timer(deadline - 0.001) == []
-    again = [parse(p) for p in core.handle_timer(deadline)]
+    assert demux.handle_timer(deadline - 0.001) == []
+    again = [parse(p) for p in demux.handle_timer(deadline)]
     assert again and again[0].flags == Flags.SYN | Flags.ACK and again[0].seq == first.seq
 
 
-def test_half_open_connections_leave_the_syn_queue(core):
-    handshake(core)
-    assert not core.syn_queue[7]
+def test_half_open_connections_leave_the_syn_queue(demux):
+    handshake(demux)
+    assert not demux.syn_queue[7]
 
 
-def test_close_resets_open_connections(core):
-    handshake(core)
-    [rst] = [parse(p) for p in core.close(T0 + 1)]
+def test_close_resets_open_connections(demux):
+    handshake(demux)
+    [rst] = [parse(p) for p in demux.close(T0 + 1)]
     assert rst.flags & Flags.RST
-    assert not core.connections
+    assert not demux.connections
 
 
-def test_malformed_tcp_is_counted(core):
+def test_malformed_tcp_is_counted(demux):
     pkt = bytearray(packet(syn()))
     pkt[-1] ^= 0xFF  # corrupt an option byte: checksum fails
-    assert core.handle_packet(bytes(pkt), T0) == []
-    assert core.proc.counters["drop_bad_checksum"] == 1
+    assert demux.handle_packet(bytes(pkt), T0) == []
+    assert demux.sink.counters["drop_bad_checksum"] == 1
 
 
 def test_offload_leaves_checksum_to_the_kernel_and_asks_for_tso():
     from pipeline.offload import GSO_TCPV4, NEEDS_CSUM
     from pipeline.wire.checksum import internet_checksum, pseudo_header_sum
 
-    big = core_mod.TcpCore(FakeProc(), TcpConfig(max_send_segment=60000), secret=b"s" * 32,
+    big = demux_mod.TcpDemux(sink(), US, TcpConfig(max_send_segment=60000), secret=b"s" * 32,
                            services={19: __import__("workers.tcp.apps", fromlist=["Chargen"]).Chargen},
                            offload=True)
     synack_pkt, _ = big.handle_packet(packet(syn(dport=19)), T0)[0]

@@ -1,4 +1,4 @@
-"""The TCP worker's core: demultiplexing, listeners, resets, timers and services.
+"""The TCP worker's core, the demultiplexer: listeners, resets, timers and services.
 
 Sans-IO like the connections it drives: IP packets and ``now`` in, IP packets
 and the next deadline out. It owns
@@ -18,23 +18,21 @@ import heapq
 
 from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
-from pipeline.process import Process
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
-from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
+from pipeline.wire.ipv4 import PROTO_TCP, parse_ipv4
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
+from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
 from workers.ratelimit import TokenBucket
-from workers.shell import Outgoing
 from workers.tcp import events
 from workers.tcp.apps import SERVICES, Service
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import Connection, State
 from workers.tcp.isn import initial_sequence_number
+from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import SynCookies
-
-IPV4_HEADER_LEN = 20  # we emit no IP options
 
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
@@ -44,14 +42,14 @@ CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "r
                "challenge_acks")
 
 
-class TcpCore:
-    def __init__(self, proc: Process, config: TcpConfig, secret: bytes,
+class TcpDemux:
+    def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
                  services: dict[int, type[Service]] | None = None, offload: bool = False,
                  syn_queue_limit: int = SYN_QUEUE_LIMIT) -> None:
-        self.proc = proc
-        self.log = proc.log
+        self.sink = sink
+        self.log = sink.log
         self.config = config
-        self.address = proc.config.stack_addr_bytes
+        self.address = address
         self.secret = secret
         self.cookies = SynCookies(secret)
         self.services = SERVICES if services is None else services
@@ -71,18 +69,18 @@ class TcpCore:
     # -- drivers -------------------------------------------------------------
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
-        proc = self.proc
+        sink = self.sink
         try:
             ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
             seg = parse_tcp(payload, ip.src, ip.dst, verify_checksum=not checksum_vouched(offload))
         except Malformed as exc:
-            proc.drop(exc.reason, layer="tcp")
+            sink.drop(exc.reason, layer="tcp")
             return []
-        if proc.debug:
-            proc.log.debug("tcp_in", src=fmt_addr(ip.src), dst=fmt_addr(ip.dst), ttl=ip.ttl, sport=seg.src_port,
+        if sink.debug:
+            sink.log.debug("tcp_in", src=fmt_addr(ip.src), dst=fmt_addr(ip.dst), ttl=ip.ttl, sport=seg.src_port,
                            dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
-                           **proc.payload(seg.payload))
+                           **sink.payload(seg.payload))
         key = Flow(ip.src, seg.src_port, seg.dst_port)
         conn = self.connections.get(key)
         out: list[Outgoing] = []
@@ -145,7 +143,7 @@ class TcpCore:
             if flow in self.connections:
                 continue
             remote, rport, lport = flow
-            self.proc.counters["orphans_reset"] += 1
+            self.sink.counters["orphans_reset"] += 1
             probe = TcpSegment(lport, rport, SeqNum(0), SeqNum(0), Flags.ACK, 0)
             out.append(self._ip(remote, probe))
         return out
@@ -165,7 +163,7 @@ class TcpCore:
     def _listen(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """A segment for a listening port with no connection (RFC 9293 §3.10.7.2)."""
         if seg.rst:
-            self.proc.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
+            self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
             return
         remote, local = (key[0], key[1]), (self.address, key[2])
         if seg.ack_flag:
@@ -176,13 +174,13 @@ class TcpCore:
                     conn = Connection.from_cookie(key[2], key[1], seg, seg.ack - 1, mss, self.config, now)
                     self.connections[key] = conn
                     self._opened.append(key)
-                    self.proc.counters["syn_cookies_accepted"] += 1
+                    self.sink.counters["syn_cookies_accepted"] += 1
                     self._after(key, conn, State.LISTEN, now, out)
                     return
             self._reset(key, seg, now, out, "ack_no_connection")
             return
         if not seg.syn:
-            self.proc.drop("no_syn_no_connection")  # §3.10.7.2: drop anything else
+            self.sink.drop("no_syn_no_connection")  # §3.10.7.2: drop anything else
             return
         port = key[2]
         queue = self.syn_queue.setdefault(port, set())
@@ -198,26 +196,23 @@ class TcpCore:
 
     def _cookie_syn_ack(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6)."""
-        self.proc.counters["syn_cookies_sent"] += 1
+        self.sink.counters["syn_cookies_sent"] += 1
         peer_mss = syn.options.mss or 536  # RFC 9293 §3.7.1: default send MSS
         cookie = self.cookies.make((self.address, key[2]), (key[0], key[1]), syn.seq, peer_mss, now)
-        reply = TcpSegment(key[2], key[1], cookie, syn.seq + 1, Flags.SYN | Flags.ACK,
-                           min(self.config.recv_buffer, 0xFFFF), options=TcpOptions(mss=self.config.mss))
+        reply = syn_ack(key[2], key[1], cookie, syn.seq + 1, self.config.recv_buffer, self.config.mss,
+                        None, False, None)
         out.append(self._ip(key[0], reply))
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
-        if seg.rst:
-            self.proc.drop("rst_no_connection")
+        rst = reset_for(seg)
+        if rst is None:
+            self.sink.drop("rst_no_connection")
             return
-        self.proc.counters["resets_sent_" + reason] += 1
+        self.sink.counters["resets_sent_" + reason] += 1
         if not self.resets.allow(now):
-            self.proc.drop("reset_rate_limited")
+            self.sink.drop("reset_rate_limited")
             return
-        if seg.ack_flag:
-            rst = TcpSegment(key[2], key[1], seg.ack, SeqNum(0), Flags.RST, 0)
-        else:
-            rst = TcpSegment(key[2], key[1], SeqNum(0), seg.seq + seg.seg_len, Flags.RST | Flags.ACK, 0)
         out.append(self._ip(key[0], rst))
 
     # -- connections ---------------------------------------------------------
@@ -242,7 +237,7 @@ class TcpCore:
             if isinstance(ev, events.Closed):
                 log.info("tcp_closed", remote=fmt_addr(key[0]), rport=key[1], lport=key[2], reason=ev.reason,
                          **{name: getattr(conn, name) for name in CLOSE_STATS})
-        if self.proc.debug and conn.state is not before:
+        if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key[0]), rport=key[1], lport=key[2],
                       old=before.name, new=conn.state.name)
         mss = min(conn.peer_mss, self.config.mss)
@@ -273,13 +268,12 @@ class TcpCore:
             queue.discard(key)
 
     def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
-        header = Ipv4Header(src=self.address, dst=remote, protocol=PROTO_TCP)
         if not self.offload:
-            return build_ipv4(header, seg.emit(self.address, remote)), None
+            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote)), None
         tcp_header_len = seg.header_len
         segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (build_ipv4(header, seg.emit(self.address, remote, checksum=False)),
-                tcp_offload(IPV4_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
+        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False)),
+                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
 
 
 def _fmt_options(o: TcpOptions) -> dict[str, object]:
