@@ -92,6 +92,55 @@ def test_syn_flood_is_answered_with_cookies_and_real_clients_get_in(demux):
     assert demux.sink.counters["syn_cookies_accepted"] == 1
 
 
+def flood(demux):
+    for i in range(demux_mod.SYN_QUEUE_LIMIT):
+        demux.handle_packet(packet(syn(sport=10000 + i)), T0)
+
+
+def test_cookie_connection_keeps_window_scale_sack_and_timestamps(demux):
+    flood(demux)
+    offer = TcpOptions(mss=1460, window_scale=7, sack_permitted=True, timestamp=(555, 0))
+    first = TcpSegment(50000, 7, SeqNum(9000), SeqNum(0), Flags.SYN, 65535, options=offer)
+    [synack] = [parse(p) for p in demux.handle_packet(packet(first), T0)]
+    assert (PEER, 50000, 7) not in demux.connections  # stateless: a cookie
+    o = synack.options
+    assert o.window_scale is not None and o.sack_permitted and o.timestamp[1] == 555
+    # The final ACK echoes our TSval; its window is scaled by the peer's shift (RFC 7323 §2.3).
+    ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK | Flags.PSH, 100, b"hello",
+                     options=TcpOptions(timestamp=(556, o.timestamp[0])))
+    out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.01)]
+    conn = demux.connections[(PEER, 50000, 7)]
+    assert conn.state is State.ESTABLISHED and demux.sink.counters["syn_cookies_accepted"] == 1
+    assert conn.ws_ok and conn.snd_wscale == 7 and conn.snd_wnd == 100 << 7
+    assert conn.sack_ok and conn.ts_ok and conn.ts_recent == 556
+    assert b"".join(s.payload for s in out) == b"hello"
+    assert all(s.options.timestamp and s.options.timestamp[1] == 556 for s in out)
+
+
+def test_cookie_without_timestamps_offers_and_keeps_only_the_mss(demux):
+    flood(demux)
+    offer = TcpOptions(mss=1460, window_scale=7, sack_permitted=True)
+    first = TcpSegment(50000, 7, SeqNum(9000), SeqNum(0), Flags.SYN, 65535, options=offer)
+    [synack] = [parse(p) for p in demux.handle_packet(packet(first), T0)]
+    assert synack.options == TcpOptions(mss=demux.config.mss)
+    ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK, 100)
+    demux.handle_packet(packet(ack), T0 + 0.01)
+    conn = demux.connections[(PEER, 50000, 7)]
+    assert conn.state is State.ESTABLISHED and conn.peer_mss == 1460
+    assert not (conn.ws_ok or conn.sack_ok or conn.ts_ok) and conn.snd_wnd == 100
+
+
+def test_cookie_ack_with_an_impossible_echo_is_reset(demux):
+    flood(demux)
+    first = TcpSegment(50000, 7, SeqNum(9000), SeqNum(0), Flags.SYN, 65535,
+                       options=TcpOptions(mss=1460, timestamp=(555, 0)))
+    [synack] = [parse(p) for p in demux.handle_packet(packet(first), T0)]
+    ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK, 100,
+                     options=TcpOptions(timestamp=(556, synack.options.timestamp[0] | 0x20)))
+    [rst] = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.01)]
+    assert rst.flags == Flags.RST and (PEER, 50000, 7) not in demux.connections
+
+
 def test_forged_cookie_ack_is_reset(demux):
     for i in range(demux_mod.SYN_QUEUE_LIMIT):
         demux.handle_packet(packet(syn(sport=10000 + i)), T0)

@@ -29,10 +29,10 @@ from workers.ratelimit import TokenBucket
 from workers.tcp import events
 from workers.tcp.apps import SERVICES, Service
 from workers.tcp.config import TcpConfig
-from workers.tcp.connection import Connection, State
+from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.segments import reset_for, syn_ack
-from workers.tcp.syncookies import SynCookies
+from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
@@ -170,8 +170,9 @@ class TcpDemux:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
                 mss = self.cookies.check(local, remote, seg.seq - 1, seg.ack - 1, now)
-                if mss is not None:
-                    conn = Connection.from_cookie(key[2], key[1], seg, seg.ack - 1, mss, self.config, now)
+                options = None if mss is None else decode_cookie_options(seg.options.timestamp, mss)
+                if options is not None:
+                    conn = self._cookie_connection(key, seg, options, now)
                     self.connections[key] = conn
                     self._opened.append(key)
                     self.sink.counters["syn_cookies_accepted"] += 1
@@ -195,13 +196,50 @@ class TcpDemux:
         self._after(key, conn, State.LISTEN, now, out)
 
     def _cookie_syn_ack(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
-        """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6)."""
+        """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6).
+
+        With timestamps the SYN-ACK also offers window scaling and SACK and
+        keeps the peer's in the low bits of its TSval (``syncookies``); without,
+        only the MSS survives, so nothing else is offered.
+        """
         self.sink.counters["syn_cookies_sent"] += 1
-        peer_mss = syn.options.mss or 536  # RFC 9293 §3.7.1: default send MSS
-        cookie = self.cookies.make((self.address, key[2]), (key[0], key[1]), syn.seq, peer_mss, now)
-        reply = syn_ack(key[2], key[1], cookie, syn.seq + 1, self.config.recv_buffer, self.config.mss,
-                        None, False, None)
-        out.append(self._ip(key[0], reply))
+        cfg = self.config
+        opts = syn.options
+        peer_mss = opts.mss or 536  # RFC 9293 §3.7.1: default send MSS
+        cookie = self.cookies.make((self.address, key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
+        window_scale = sack = timestamp = None
+        if cfg.timestamps and opts.timestamp is not None:
+            # RFC 7323 §2.2 / RFC 2018 §2: offer only what the SYN offered; §2.3: a shift over 14 is 14.
+            peer_shift = min(opts.window_scale, MAX_WINDOW_SHIFT) if (
+                cfg.window_scaling and opts.window_scale is not None) else None
+            sack = cfg.sack and opts.sack_permitted
+            window_scale = None if peer_shift is None else window_shift(cfg.recv_buffer)
+            timestamp = (encode_ts_options(ts_clock(now), peer_shift, sack), opts.timestamp[0])
+        reply = syn_ack(key.lport, key.rport, cookie, syn.seq + 1, cfg.recv_buffer, cfg.mss,
+                        window_scale, bool(sack), timestamp)
+        out.append(self._ip(key.remote, reply))
+
+    def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
+        """The connection a valid cookie ACK opens, with the options the cookie kept.
+
+        INTEGRATION: once ``Connection.from_cookie`` takes the negotiated
+        options, this whole body is that one call. Until then a connection
+        with options is reached through the front door: ``accept`` of the SYN
+        the cookie describes (its SYN-ACK was already sent, statelessly, so
+        it is discarded), then the ACK itself. Side effect of the replay: the
+        first RTT sample comes from the TSecr, which the option bits moved
+        back by up to 63 ms (as in Linux).
+        """
+        iss = ack.ack - 1
+        if not options.timestamps:
+            return Connection.from_cookie(key.lport, key.rport, ack, iss, options.mss, self.config, now)
+        syn = TcpSegment(key.rport, key.lport, ack.seq - 1, SeqNum(0), Flags.SYN, ack.window, options=TcpOptions(
+            mss=options.mss, window_scale=options.window_scale, sack_permitted=options.sack_permitted,
+            timestamp=(ack.options.timestamp[0], 0)))
+        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
+        conn.segments_to_send(now)  # the SYN-ACK the cookie stands for went out long ago
+        conn.receive(ack, now)
+        return conn
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
