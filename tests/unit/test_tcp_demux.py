@@ -199,3 +199,66 @@ def test_offload_leaves_checksum_to_the_kernel_and_asks_for_tso():
     fixed[16:18] = b"\0\0"
     fixed[16:18] = internet_checksum(bytes(fixed), pseudo_header_sum(US, PEER, PROTO_TCP, len(tcp))).to_bytes(2, "big")
     assert parse_tcp(bytes(fixed), US, PEER).payload
+
+
+# --- TIME-WAIT reuse by a new SYN (RFC 6191) ------------------------------------------
+
+
+def time_wait(demux, ts: bool, sport=40000, now=T0):
+    """A QOTD connection (port 17: we close first) driven until we hold it in TIME-WAIT."""
+    opts = TcpOptions(mss=1460, timestamp=(100, 0)) if ts else TcpOptions(mss=1460)
+    first = TcpSegment(sport, 17, SeqNum(1000), SeqNum(0), Flags.SYN, 65535, options=opts)
+    [synack] = [parse(p) for p in demux.handle_packet(packet(first), now)]
+    echo = synack.options.timestamp[0] if ts else 0
+
+    def seg(ack, flags, tsval):
+        return TcpSegment(sport, 17, SeqNum(1001), ack, flags, 65535,
+                          options=TcpOptions(timestamp=(tsval, echo)) if ts else TcpOptions())
+
+    out = [parse(p) for p in demux.handle_packet(packet(seg(synack.seq + 1, Flags.ACK, 101)), now)]
+    assert out and out[-1].fin  # the quote, then our FIN
+    fin_end = out[-1].seq + out[-1].seg_len
+    demux.handle_packet(packet(seg(fin_end, Flags.ACK | Flags.FIN, 102)), now)
+    conn = demux.connections[(PEER, sport, 17)]
+    assert conn.state is State.TIME_WAIT and conn.rcv_nxt == SeqNum(1002)
+    demux.flow_changes()
+    return conn
+
+
+def new_syn(seq, tsval=None, sport=40000):
+    opts = TcpOptions(mss=1460, timestamp=(tsval, 0)) if tsval is not None else TcpOptions(mss=1460)
+    return TcpSegment(sport, 17, SeqNum(seq), SeqNum(0), Flags.SYN, 65535, options=opts)
+
+
+@pytest.mark.parametrize("ts, syn_seq, tsval", [
+    (True, 5, 200),       # RFC 6191: a newer TSval wins whatever the sequence number
+    (True, 2000, 102),    # an equal TSval needs a sequence number above RCV.NXT
+    (False, 2000, None),  # no timestamps: above RCV.NXT (RFC 1122 §4.2.2.13)
+])
+def test_new_syn_reopens_a_connection_in_time_wait(demux, ts, syn_seq, tsval):
+    old = time_wait(demux, ts)
+    [synack] = [parse(p) for p in demux.handle_packet(packet(new_syn(syn_seq, tsval)), T0 + 1)]
+    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == SeqNum(syn_seq + 1)
+    # RFC 9293 §3.6.1: the new ISN lies above everything the old incarnation sent.
+    assert synack.seq == old.snd_nxt + demux_mod.TIME_WAIT_ISN_GAP
+    new = demux.connections[(PEER, 40000, 17)]
+    assert new is not old and new.state is State.SYN_RECEIVED
+    assert demux.sink.counters["time_wait_reused"] == 1
+    assert demux.flow_changes() == ([], [])  # still our flow: ingress hears nothing
+    ack = TcpSegment(40000, 17, SeqNum(syn_seq + 1), synack.seq + 1, Flags.ACK, 65535,
+                     options=TcpOptions(timestamp=(tsval + 1, synack.options.timestamp[0])) if ts else TcpOptions())
+    out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 1)]
+    assert b"".join(s.payload for s in out).startswith(b"Be conservative")
+
+
+@pytest.mark.parametrize("ts, syn_seq, tsval", [
+    (True, 2000, 50),     # an older TSval: an old duplicate, whatever its sequence number
+    (True, 5, 102),       # equal TSval, sequence number not above RCV.NXT
+    (False, 5, None),     # no timestamps, below RCV.NXT
+])
+def test_old_duplicate_syn_leaves_time_wait_alone(demux, ts, syn_seq, tsval):
+    old = time_wait(demux, ts)
+    out = [parse(p) for p in demux.handle_packet(packet(new_syn(syn_seq, tsval)), T0 + 1)]
+    assert demux.connections[(PEER, 40000, 17)] is old and old.state is State.TIME_WAIT
+    assert demux.sink.counters["time_wait_reused"] == 0
+    assert all(not s.syn for s in out)  # TIME-WAIT answers as it always did (an ACK at most)

@@ -34,6 +34,9 @@ from workers.tcp.isn import initial_sequence_number
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 
+# Linux (tcp_timewait_state_process): a reopened connection's ISN is the old SND.NXT plus this.
+TIME_WAIT_ISN_GAP = 65535 + 2
+_SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
 # Connection counters logged with tcp_closed.
@@ -85,6 +88,10 @@ class TcpDemux:
         conn = self.connections.get(key)
         out: list[Outgoing] = []
         if conn is not None:
+            if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
+                    and time_wait_reusable(conn, seg, self.config.timestamps):
+                self._reopen(key, conn, seg, now, out)
+                return out
             before = conn.state
             conn.receive(seg, now)
             self._after(key, conn, before, now, out)
@@ -165,7 +172,7 @@ class TcpDemux:
         if seg.rst:
             self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
             return
-        remote, local = (key[0], key[1]), (self.address, key[2])
+        remote, local = (key.remote, key.rport), (self.address, key.lport)
         if seg.ack_flag:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
@@ -183,17 +190,33 @@ class TcpDemux:
         if not seg.syn:
             self.sink.drop("no_syn_no_connection")  # §3.10.7.2: drop anything else
             return
-        port = key[2]
-        queue = self.syn_queue.setdefault(port, set())
-        if len(queue) >= self.syn_queue_limit:
+        if len(self.syn_queue.setdefault(key.lport, set())) >= self.syn_queue_limit:
             self._cookie_syn_ack(key, seg, now, out)
             return
-        iss = initial_sequence_number(self.secret, local, remote, now)
-        conn = Connection.accept(port, key[1], seg, iss, self.config, now)
+        self._accept(key, seg, initial_sequence_number(self.secret, local, remote, now), now, out)
+
+    def _accept(self, key: Flow, syn: TcpSegment, iss: SeqNum, now: float, out: list[Outgoing],
+                announce: bool = True) -> None:
+        """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
+        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
         self.connections[key] = conn
-        self._opened.append(key)
-        queue.add(key)
+        if announce:
+            self._opened.append(key)
+        self.syn_queue.setdefault(key.lport, set()).add(key)
         self._after(key, conn, State.LISTEN, now, out)
+
+    def _reopen(self, key: Flow, old: Connection, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
+        """A new SYN ends a connection in TIME-WAIT and starts the next incarnation (RFC 6191).
+
+        RFC 9293 §3.6.1 (1): the new ISN is above every sequence number the
+        old incarnation used; like Linux we take its SND.NXT + 65535 + 2. The
+        flow stays ours, so ingress is told nothing (a close then an open of
+        the same flow would read as the flow gone).
+        """
+        self.sink.counters["time_wait_reused"] += 1
+        self._log_closed(key, old, "time_wait_reused")
+        self._discard(key)
+        self._accept(key, syn, old.snd_nxt + TIME_WAIT_ISN_GAP, now, out, announce=False)
 
     def _cookie_syn_ack(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6).
@@ -251,7 +274,7 @@ class TcpDemux:
         if not self.resets.allow(now):
             self.sink.drop("reset_rate_limited")
             return
-        out.append(self._ip(key[0], rst))
+        out.append(self._ip(key.remote, rst))
 
     # -- connections ---------------------------------------------------------
 
@@ -261,8 +284,8 @@ class TcpDemux:
         while (ev := conn.next_event()) is not None:
             app = self.apps.get(key)
             if isinstance(ev, events.Connected):
-                log.info("tcp_established", remote=fmt_addr(key[0]), rport=key[1], lport=key[2])
-                app = self.services[key[2]](conn)
+                log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport)
+                app = self.services[key.lport](conn)
                 self.apps[key] = app
             elif app is None:
                 pass
@@ -273,14 +296,13 @@ class TcpDemux:
             elif isinstance(ev, events.PeerClosed):
                 app.on_eof()
             if isinstance(ev, events.Closed):
-                log.info("tcp_closed", remote=fmt_addr(key[0]), rport=key[1], lport=key[2], reason=ev.reason,
-                         **{name: getattr(conn, name) for name in CLOSE_STATS})
+                self._log_closed(key, conn, ev.reason)
         if self.sink.debug and conn.state is not before:
-            log.debug("tcp_state", remote=fmt_addr(key[0]), rport=key[1], lport=key[2],
+            log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
         mss = min(conn.peer_mss, self.config.mss)
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key[0], seg, mss))
+            out.append(self._ip(key.remote, seg, mss))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
@@ -293,15 +315,22 @@ class TcpDemux:
             self._deadline[key] = deadline
             heapq.heappush(self._timers, (deadline, key))
 
+    def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
+        self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
+                      **{name: getattr(conn, name) for name in CLOSE_STATS})
+
     def _forget(self, key: Flow) -> None:
-        self.connections.pop(key)
+        self._discard(key)
         self._closed.append(key)
+
+    def _discard(self, key: Flow) -> None:
+        self.connections.pop(key)
         self._leave_syn_queue(key)
         self.apps.pop(key, None)
         self._deadline.pop(key, None)
 
     def _leave_syn_queue(self, key: Flow) -> None:
-        queue = self.syn_queue.get(key[2])
+        queue = self.syn_queue.get(key.lport)
         if queue:
             queue.discard(key)
 
@@ -312,6 +341,23 @@ class TcpDemux:
         segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
         return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False)),
                 tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
+
+
+def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:
+    """May this SYN reopen a connection in TIME-WAIT? (RFC 6191 §2)
+
+    ``timestamps``: our configuration allows them for the new incarnation.
+    With timestamps on both incarnations the SYN's TSval must be newer than
+    TS.Recent (or equal, with a sequence number above RCV.NXT); otherwise its
+    sequence number must be above RCV.NXT (RFC 1122 §4.2.2.13). A SYN that
+    fails is an old duplicate, left to the TIME-WAIT connection as before.
+    """
+    ts = syn.options.timestamp
+    if conn.ts_ok and timestamps and ts is not None:
+        newer = SeqNum(ts[0]) - SeqNum(conn.ts_recent)  # RFC 7323 §5.3: timestamps compare modulo 2**32
+        if newer != 0:
+            return newer > 0
+    return syn.seq > conn.rcv_nxt
 
 
 def _fmt_options(o: TcpOptions) -> dict[str, object]:
