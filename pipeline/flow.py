@@ -28,6 +28,11 @@ class Flow(NamedTuple):
         """The routing key: remote address, remote port, local port."""
         return self.remote + _PORTS.pack(self.rport, self.lport)
 
+    @staticmethod
+    def key_of(remote: bytes, rport: int, lport: int) -> bytes:
+        """``Flow(remote, rport, lport).key`` without making the Flow (ingress, per packet)."""
+        return remote + _PORTS.pack(rport, lport)
+
     @classmethod
     def from_key(cls, key: bytes) -> Flow:
         n = len(key) - _PORTS.size

@@ -1,8 +1,9 @@
 """Ingress routing: which worker gets each packet (pure: no sockets, no clock).
 
 The one checked IPv4 parse of the pipeline happens here (version, lengths,
-header checksum, fragments, destination); workers trust the bus and re-read
-the header without re-verifying. ICMP goes to ``icmp``, UDP to ``udp``, any
+header checksum, fragments, destination), and for TCP the check of the
+header's lengths that routing by ports needs; workers trust the bus and read
+those headers through trusted views, re-verifying nothing. ICMP goes to ``icmp``, UDP to ``udp``, any
 other protocol to ``icmp`` (which answers protocol unreachable, RFC 1122
 §3.2.2.1), and TCP to the worker that owns the flow:
 
@@ -22,7 +23,6 @@ and re-announced what they own, so an ingress restart resets nothing.
 from __future__ import annotations
 
 import collections
-import struct
 from collections.abc import Callable
 
 from pipeline.bus.messages import HEARTBEAT_INTERVAL
@@ -30,7 +30,8 @@ from pipeline.flow import Flow
 from pipeline.membership import Membership
 from pipeline.offload import Offload
 from pipeline.wire import Malformed
-from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Packet
+from pipeline.wire.tcp import TcpPacket
 
 PENDING_LIMIT = 512    # packets held per role while it has no live worker (or while settling)
 PENDING_MAX_AGE = 2.0  # seconds; older ones are dropped (the peer retransmits)
@@ -38,9 +39,6 @@ PENDING_MAX_AGE = 2.0  # seconds; older ones are dropped (the peer retransmits)
 SETTLE_TIME = HEARTBEAT_INTERVAL * 1.5
 
 _ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp"}
-_PORTS = struct.Struct("!HH")
-_TCP_SYN_ACK_MASK = 0x12
-_TCP_SYN = 0x02
 
 Pending = tuple[float, bytes, Offload | None]
 
@@ -61,23 +59,26 @@ class Router:
             self.drop("not_ipv4", version=packet[0] >> 4 if packet else None)
             return None, ""
         try:
-            header, payload = parse_ipv4(packet)
+            ip = Ipv4Packet.checked(packet)
         except Malformed as exc:
             self.drop(exc.reason, layer="ipv4")
             return None, ""
-        if header.dst != self.address:
+        if ip.dst != self.address:
             self.drop("not_for_us")
             return None, ""
-        role = _ROLE_BY_PROTO.get(header.protocol, "icmp")
+        role = _ROLE_BY_PROTO.get(ip.protocol, "icmp")
         if role != "tcp":
             return self.members.pick(role, b""), role
-        if len(payload) < 14:
-            return self.members.pick(role, b""), role  # malformed: the worker counts the drop
-        key = header.src + bytes(payload[:4])
+        try:
+            tcp = TcpPacket.checked(ip.payload)
+        except Malformed as exc:
+            self.drop(exc.reason, layer="tcp")
+            return None, ""
+        key = Flow.key_of(ip.src, *tcp.ports)
         owner = self.flows.get(key)
         if owner is not None and self.members.is_alive(owner):
             return owner, role
-        if now < self.settle_until and payload[13] & _TCP_SYN_ACK_MASK != _TCP_SYN:
+        if now < self.settle_until and not tcp.starts_connection:
             return None, role  # an existing flow whose owner has not re-announced yet
         return self.members.pick(role, key), role
 

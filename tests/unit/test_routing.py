@@ -79,3 +79,13 @@ def test_other_protocols_go_to_their_role():
     assert r.route(udp, 200.0) == ("udp.1", "udp")
     odd = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=253), b"x")
     assert r.route(odd, 200.0) == (None, "icmp")  # held: no icmp worker yet
+
+
+def test_tcp_header_is_checked_once_here():
+    # Workers read the TCP header through a trusted view: what it cannot hold stops at ingress.
+    r, drops = make()
+    short = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=PROTO_TCP), bytes(12))
+    bad_offset = bytearray(tcp_packet(40000))
+    bad_offset[20 + 12] = 15 << 4  # Data Offset 60 bytes, the segment has 20
+    assert r.route(short, 200.0) == (None, "") and r.route(bytes(bad_offset), 200.0) == (None, "")
+    assert drops == {"truncated": 1, "bad_data_offset": 1}

@@ -10,7 +10,7 @@ from pipeline.offload import Offload
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.icmp import ECHO_REQUEST, PROTOCOL_UNREACHABLE, dest_unreachable, echo_reply, parse_icmp
-from pipeline.wire.ipv4 import PROTO_ICMP, parse_ipv4
+from pipeline.wire.ipv4 import PROTO_ICMP, Ipv4Packet
 from workers.core import Outgoing, Sink, StatelessCore, ip_reply
 
 
@@ -21,11 +21,7 @@ class IcmpCore(StatelessCore):
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
-        try:
-            ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
-        except Malformed as exc:
-            sink.drop(exc.reason, layer="ipv4")
-            return []
+        ip = Ipv4Packet.trusted(data)  # ingress checked it
         if ip.protocol != PROTO_ICMP:
             # RFC 1122 §3.2.2.1: a host SHOULD answer an unknown transport protocol with
             # protocol unreachable.
@@ -33,7 +29,7 @@ class IcmpCore(StatelessCore):
             reply = dest_unreachable(PROTOCOL_UNREACHABLE, data)
             return [(ip_reply(self.address, ip.src, PROTO_ICMP, reply.emit(), ip.tos), None)]
         try:
-            msg = parse_icmp(payload)
+            msg = parse_icmp(ip.payload)
         except Malformed as exc:
             sink.drop(exc.reason, layer="icmp", src=fmt_addr(ip.src))
             return []

@@ -20,10 +20,10 @@ from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
-from pipeline.wire.ipv4 import PROTO_TCP, parse_ipv4
+from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
-from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
+from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
 from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
@@ -73,18 +73,23 @@ class TcpDemux:
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
+        # Ingress checked the IPv4 header and the TCP lengths; the checksum and options are ours.
+        ip = Ipv4Packet.trusted(data)
+        tcp = TcpPacket.trusted(ip.payload)
+        src = ip.src
         try:
-            ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
-            seg = parse_tcp(payload, ip.src, ip.dst, verify_checksum=not checksum_vouched(offload))
+            if not checksum_vouched(offload) and not tcp.verify_checksum(src, ip.dst):
+                raise Malformed("bad_checksum")
+            seg = tcp.segment()
         except Malformed as exc:
             sink.drop(exc.reason, layer="tcp")
             return []
         if sink.debug:
-            sink.log.debug("tcp_in", src=fmt_addr(ip.src), dst=fmt_addr(ip.dst), ttl=ip.ttl, sport=seg.src_port,
+            sink.log.debug("tcp_in", src=fmt_addr(src), dst=fmt_addr(ip.dst), ttl=ip.ttl, sport=seg.src_port,
                            dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
                            **sink.payload(seg.payload))
-        key = Flow(ip.src, seg.src_port, seg.dst_port)
+        key = Flow(src, seg.src_port, seg.dst_port)
         conn = self.connections.get(key)
         out: list[Outgoing] = []
         if conn is not None:

@@ -6,10 +6,10 @@ from pipeline.offload import Offload, checksum_vouched
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable
-from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
 from pipeline.wire.udp import UdpDatagram, parse_udp
-from workers.ratelimit import TokenBucket
 from workers.core import Outgoing, Sink, StatelessCore, ip_reply
+from workers.ratelimit import TokenBucket
 from workers.udp.services import SERVICES
 
 # RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2: ICMP errors are rate limited so a flood of
@@ -25,14 +25,15 @@ class UdpCore(StatelessCore):
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
+        ip = Ipv4Packet.trusted(data)  # ingress checked it
+        src = ip.src
         try:
-            ip, payload = parse_ipv4(data, verify_checksum=False)  # ingress verified it
-            dgram = parse_udp(payload, ip.src, ip.dst, verify_checksum=not checksum_vouched(offload))
+            dgram = parse_udp(ip.payload, src, ip.dst, verify_checksum=not checksum_vouched(offload))
         except Malformed as exc:
             sink.drop(exc.reason, layer="udp")
             return []
         if sink.debug:
-            sink.log.debug("udp_in", src=fmt_addr(ip.src), sport=dgram.src_port, dport=dgram.dst_port,
+            sink.log.debug("udp_in", src=fmt_addr(src), sport=dgram.src_port, dport=dgram.dst_port,
                            len=len(dgram.payload), **sink.payload(dgram.payload))
         service = SERVICES.get(dgram.dst_port)
         if service is None:
@@ -41,7 +42,7 @@ class UdpCore(StatelessCore):
                 sink.drop("icmp_rate_limited")
                 return []
             reply = dest_unreachable(PORT_UNREACHABLE, data).emit()
-            return [(ip_reply(self.address, ip.src, PROTO_ICMP, reply), None)]
+            return [(ip_reply(self.address, src, PROTO_ICMP, reply), None)]
         sink.counters["datagrams_answered"] += 1
         answer = UdpDatagram(dgram.dst_port, dgram.src_port, service(bytes(dgram.payload)))
-        return [(ip_reply(self.address, ip.src, PROTO_UDP, answer.emit(self.address, ip.src)), None)]
+        return [(ip_reply(self.address, src, PROTO_UDP, answer.emit(self.address, src)), None)]
