@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, ones_sum, verify
 
 ECHO_REPLY = 0
@@ -81,7 +81,7 @@ class IcmpPacket:
     def checked(cls, data: bytes | bytearray | memoryview) -> IcmpPacket:
         if len(data) < HEADER_LEN:
             raise Malformed("truncated")
-        return cls(data if isinstance(data, memoryview) else memoryview(data))
+        return cls(as_view(data))
 
     @property
     def type(self) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, verify
 
 PROTO_ICMP = 1
@@ -105,7 +105,7 @@ class Ipv4Packet:
         # Trailing bytes past Total Length (link padding) are ignored.
         if total_len < header_len or total_len > n:
             raise Malformed("bad_total_length")
-        view = packet if isinstance(packet, memoryview) else memoryview(packet)
+        view = as_view(packet)
         if verify_checksum and not verify(view[:header_len]):
             raise Malformed("bad_checksum")
         # RFC 791 §3.2: MF set or a non-zero offset means a fragment; no reassembly here.
@@ -116,7 +116,7 @@ class Ipv4Packet:
     @classmethod
     def trusted(cls, packet: bytes | bytearray | memoryview) -> Ipv4Packet:
         """A view over a packet ``checked`` already accepted (ingress did): nothing is re-verified."""
-        view = packet if isinstance(packet, memoryview) else memoryview(packet)
+        view = as_view(packet)
         return cls(view, (packet[_VER_IHL] & 0x0F) << 2, _U16.unpack_from(packet, _TOTAL_LEN)[0])
 
     @property

@@ -21,8 +21,9 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, ones_sum, pseudo_header_sum, verify
+from pipeline.wire.ports import PortsView
 from pipeline.wire.seqnum import SeqNum
 
 PROTO_TCP = 6
@@ -30,9 +31,7 @@ PROTO_TCP = 6
 # RFC 9293 §3.1 header layout and field offsets, named once.
 _HEADER = struct.Struct("!HHIIBBHHH")
 HEADER_LEN = 20
-_SRC_PORT = 0
-_DST_PORT = 2
-_SEQ = 4
+_SEQ = 4  # the ports before it: pipeline.wire.ports
 _ACK = 8
 _DATA_OFFSET = 12
 _FLAGS_OFFSET = 13
@@ -52,7 +51,6 @@ OPT_TIMESTAMP = 8
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
-_U16X2 = struct.Struct("!HH")
 _U32X2 = struct.Struct("!II")
 _TS_ALIGNED = b"\x01\x01\x08\x0a"  # NOP NOP TS: the common data-segment layout
 
@@ -261,10 +259,10 @@ def _parse_options(opts: bytes) -> TcpOptions:
     return TcpOptions(mss, ws, sack_permitted, sack_blocks, ts)
 
 
-class TcpPacket:
+class TcpPacket(PortsView):
     """A view over one TCP segment's bytes; construct with ``checked`` or ``trusted``."""
 
-    __slots__ = ("buf", "header_len")
+    __slots__ = ("header_len",)
 
     def __init__(self, buf: memoryview, header_len: int) -> None:
         self.buf = buf
@@ -280,25 +278,12 @@ class TcpPacket:
         # RFC 9293 §3.1: Data Offset counts 32-bit words, at least 5.
         if header_len < HEADER_LEN or header_len > n:
             raise Malformed("bad_data_offset")
-        return cls(data if isinstance(data, memoryview) else memoryview(data), header_len)
+        return cls(as_view(data), header_len)
 
     @classmethod
     def trusted(cls, data: bytes | bytearray | memoryview) -> TcpPacket:
         """A view over bytes ``checked`` already accepted."""
-        return cls(data if isinstance(data, memoryview) else memoryview(data), (data[_DATA_OFFSET] >> 4) << 2)
-
-    @property
-    def ports(self) -> tuple[int, int]:
-        """(source port, destination port)."""
-        return _U16X2.unpack_from(self.buf, _SRC_PORT)  # type: ignore[return-value]
-
-    @property
-    def src_port(self) -> int:
-        return _U16.unpack_from(self.buf, _SRC_PORT)[0]
-
-    @property
-    def dst_port(self) -> int:
-        return _U16.unpack_from(self.buf, _DST_PORT)[0]
+        return cls(as_view(data), (data[_DATA_OFFSET] >> 4) << 2)
 
     @property
     def seq(self) -> SeqNum:

@@ -12,21 +12,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, pseudo_header_sum, verify
+from pipeline.wire.ports import PortsView
 
 PROTO_UDP = 17
 
 _HEADER = struct.Struct("!HHHH")
 HEADER_LEN = 8
 MAX_LEN = 0xFFFF
-# Field offsets (RFC 768), named once.
-_SRC_PORT = 0
-_DST_PORT = 2
+# Field offsets (RFC 768), named once; the ports before them: pipeline.wire.ports.
 _LENGTH = 4
 _CHECKSUM = 6
 _U16 = struct.Struct("!H")
-_PORTS = struct.Struct("!HH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +58,10 @@ class UdpDatagram:
         return _HEADER.pack(self.src_port, self.dst_port, length, csum)
 
 
-class UdpPacket:
+class UdpPacket(PortsView):
     """A view over one UDP datagram, cut to its Length field; construct with ``checked``."""
 
-    __slots__ = ("buf",)
-
-    def __init__(self, buf: memoryview) -> None:
-        self.buf = buf
+    __slots__ = ()
 
     @classmethod
     def checked(cls, data: bytes | bytearray | memoryview) -> UdpPacket:
@@ -78,16 +73,8 @@ class UdpPacket:
         # RFC 768: Length covers header and data; bytes past it are ignored.
         if length < HEADER_LEN or length > n:
             raise Malformed("bad_length")
-        view = data if isinstance(data, memoryview) else memoryview(data)
+        view = as_view(data)
         return cls(view if length == n else view[:length])
-
-    @property
-    def src_port(self) -> int:
-        return _U16.unpack_from(self.buf, _SRC_PORT)[0]
-
-    @property
-    def dst_port(self) -> int:
-        return _U16.unpack_from(self.buf, _DST_PORT)[0]
 
     @property
     def payload(self) -> memoryview:
@@ -100,8 +87,7 @@ class UdpPacket:
         return verify(self.buf, pseudo_header_sum(src, dst, PROTO_UDP, len(self.buf)))
 
     def datagram(self) -> UdpDatagram:
-        src_port, dst_port = _PORTS.unpack_from(self.buf, _SRC_PORT)
-        return UdpDatagram(src_port, dst_port, bytes(self.buf[HEADER_LEN:]))
+        return UdpDatagram(*self.ports, bytes(self.buf[HEADER_LEN:]))
 
 
 def parse_udp(data: bytes | memoryview, src: bytes, dst: bytes, verify_checksum: bool = True) -> UdpDatagram:
