@@ -191,6 +191,8 @@ class Ingress:
             else:
                 if isinstance(msg, messages.Request) and msg.command == "status":
                     reply = messages.encode_reply("ok", None, self.status(now))
+                elif isinstance(msg, messages.Request) and msg.command == "flows":
+                    reply = messages.encode_reply("ok", None, messages.flow_table(self.router.owned_flows()))
                 else:
                     reply = messages.encode_reply("error", "unknown_command", None)
             try:

@@ -109,5 +109,9 @@ class Router:
             del self.flows[key]
         return [Flow.from_key(k) for k in keys]
 
+    def owned_flows(self) -> list[tuple[Flow, str]]:
+        """Every announced flow with the worker that owns it."""
+        return [(Flow.from_key(key), worker) for key, worker in self.flows.items()]
+
     def flows_by_worker(self) -> collections.Counter[str]:
         return collections.Counter(self.flows.values())

@@ -26,7 +26,8 @@ port, local port]`` (``pipeline.flow.Flow.bus``); ``full`` says ``opened`` is
 every flow the worker owns (sent after a WELCOME, so a restarted ingress
 learns who owns what). ``epoch`` identifies
 one ingress lifetime. A REPLY's ``status`` is "ok" or "error" (with a
-``reason``). On ROUTER sockets ZeroMQ adds the peer's routing id as the first
+``reason``); the ``flows`` command's payload is ``[[flow, worker], ...]``
+(``flow_table``). On ROUTER sockets ZeroMQ adds the peer's routing id as the first
 frame; ``decode`` takes the frames after it.
 """
 
@@ -159,6 +160,25 @@ def encode_reply(status: str, reason: str | None, payload: Any) -> list[bytes]:
 
 def encode_orphans(flows: list[Flow]) -> list[bytes]:
     return [_packb([VERSION, ORPHANS, [f.bus() for f in flows]])]
+
+
+def flow_table(rows: list[tuple[Flow, str]]) -> list[list[object]]:
+    """The payload of a REPLY to ``flows``: each flow ingress routes, with its owner."""
+    return [[flow.bus(), worker] for flow, worker in rows]
+
+
+def decode_flow_table(payload: object) -> list[tuple[Flow, str]]:
+    if not isinstance(payload, list):
+        raise BusError("bad_flow_table")
+    rows = []
+    for row in payload:
+        if not (isinstance(row, list) and len(row) == 2 and isinstance(row[1], str)):
+            raise BusError("bad_flow_table")
+        try:
+            rows.append((Flow.from_bus(row[0]), row[1]))
+        except ValueError:
+            raise BusError("bad_flow_table") from None
+    return rows
 
 
 def _flows(items: object) -> tuple[Flow, ...]:

@@ -62,3 +62,16 @@ def test_any_frames_decode_or_raise_bus_error(frames):
         m.decode(frames)
     except m.BusError:
         pass
+
+
+def test_flow_table_round_trips_through_a_reply():
+    rows = [(Flow(b"\x0a\x00\x00\x01", 40000, 8000), "tcp.1"), (Flow(bytes(range(16)), 1, 7), "tcp.2")]
+    reply = m.decode(m.encode_reply("ok", None, m.flow_table(rows)))
+    assert m.decode_flow_table(reply.payload) == rows
+
+
+@pytest.mark.parametrize("payload", [None, [[[b"\x0a\x00\x00\x01", 1, 2]]], [[[b"ab", 1, 2], "tcp.1"]],
+                                     [[[b"\x0a\x00\x00\x01", 1, 2], 3]]])
+def test_flow_table_rejects_what_is_not_one(payload):
+    with pytest.raises(m.BusError):
+        m.decode_flow_table(payload)
