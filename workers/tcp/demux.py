@@ -8,6 +8,7 @@ and the next deadline out. It owns
   cookies (RFC 4987 §3.6) so a SYN flood cannot exhaust memory or lock out
   real clients;
 - resets for segments that belong to no connection (RFC 9293 §3.10.7.1);
+- the reuse of a connection in TIME-WAIT by a new SYN (RFC 6191);
 - one timer heap over every connection's next deadline (stale entries are
   skipped lazily, so re-arming a timer costs O(log n) and nothing else).
 """
