@@ -3,10 +3,12 @@
 Contract: a ``Flow`` is a frozen ``(remote, rport, lport)`` value (a
 NamedTuple, so it hashes and compares like the plain tuple it replaces).
 ``remote`` is the peer's packed address: 4 bytes for IPv4, 16 for IPv6, so
-a second family fits without a new type. ``key`` is the routing key (address
-bytes then both ports; the lengths differ per family, so keys of two
-families never collide). ``bus()``/``from_bus()`` are the msgpack-ready list
-form; the message layout around it stays in ``pipeline.bus.messages``.
+a second family fits without a new type. ``key`` is the routing key: the
+address bytes, then both ports in network order, as an incoming segment
+carries them (ingress builds it as ``src + view.port_bytes``); the lengths
+differ per family, so keys of two families never collide.
+``bus()``/``from_bus()`` are the msgpack-ready list form; the message layout
+around it stays in ``pipeline.bus.messages``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,6 @@ class Flow(NamedTuple):
     def key(self) -> bytes:
         """The routing key: remote address, remote port, local port."""
         return self.remote + _PORTS.pack(self.rport, self.lport)
-
-    @staticmethod
-    def key_of(remote: bytes, rport: int, lport: int) -> bytes:
-        """``Flow(remote, rport, lport).key`` without making the Flow (ingress, per packet)."""
-        return remote + _PORTS.pack(rport, lport)
 
     @classmethod
     def from_key(cls, key: bytes) -> Flow:

@@ -74,7 +74,7 @@ class Router:
         except Malformed as exc:
             self.drop(exc.reason, layer="tcp")
             return None, ""
-        key = Flow.key_of(ip.src, *tcp.ports)
+        key = ip.src + tcp.port_bytes  # Flow(src, sport, dport).key without making the Flow
         owner = self.flows.get(key)
         if owner is not None and self.members.is_alive(owner):
             return owner, role

@@ -43,6 +43,8 @@ _CHECKSUM = 10
 _SRC = 12
 _DST = 16
 _U16 = struct.Struct("!H")
+# What checked() reads, in one call: version/IHL, Total Length, flags/fragment offset.
+_CHECKED_FIELDS = struct.Struct("!BxHxxH")
 
 _FLAG_DF = 0x4000
 _FLAG_MF = 0x2000
@@ -94,14 +96,13 @@ class Ipv4Packet:
         n = len(packet)
         if n < HEADER_LEN:
             raise Malformed("truncated")
-        ver_ihl = packet[_VER_IHL]
+        ver_ihl, total_len, frag = _CHECKED_FIELDS.unpack_from(packet, _VER_IHL)
         if ver_ihl >> 4 != 4:
             raise Malformed("bad_version")
         header_len = (ver_ihl & 0x0F) << 2
         # RFC 791 §3.1: IHL is in 32-bit words, minimum 5.
         if header_len < HEADER_LEN or header_len > n:
             raise Malformed("bad_ihl")
-        total_len = _U16.unpack_from(packet, _TOTAL_LEN)[0]
         # Trailing bytes past Total Length (link padding) are ignored.
         if total_len < header_len or total_len > n:
             raise Malformed("bad_total_length")
@@ -109,7 +110,7 @@ class Ipv4Packet:
         if verify_checksum and not verify(view[:header_len]):
             raise Malformed("bad_checksum")
         # RFC 791 §3.2: MF set or a non-zero offset means a fragment; no reassembly here.
-        if _U16.unpack_from(packet, _FLAGS_FRAG)[0] & (_FLAG_MF | _FRAG_OFFSET_MASK):
+        if frag & (_FLAG_MF | _FRAG_OFFSET_MASK):
             raise Malformed("fragment")
         return cls(view, header_len, total_len)
 

@@ -25,6 +25,11 @@ class PortsView:
         return _PORTS.unpack_from(self.buf, _SRC_PORT)  # type: ignore[return-value]
 
     @property
+    def port_bytes(self) -> bytes:
+        """Both ports as on the wire (source then destination): the tail of a ``Flow.key``."""
+        return bytes(self.buf[_SRC_PORT:_DST_PORT + 2])
+
+    @property
     def src_port(self) -> int:
         return _U16.unpack_from(self.buf, _SRC_PORT)[0]
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.flow import Flow
 from pipeline.wire import Malformed
 from pipeline.wire.icmp import IcmpPacket, parse_icmp
 from pipeline.wire.ipv4 import Ipv4Header, Ipv4Packet, parse_ipv4
@@ -71,6 +72,7 @@ def test_ipv4_emit_into_a_dirty_buffer(src, dst, protocol, ttl, ident, df, tos, 
 def test_tcp_view_reads_the_known_segments(wire, seg, src, dst):
     view = TcpPacket.checked(wire)
     assert view.ports == (seg.src_port, seg.dst_port)
+    assert src + view.port_bytes == Flow(src, seg.src_port, seg.dst_port).key  # how ingress keys a flow
     assert (view.src_port, view.dst_port, view.seq, view.ack, view.flags, view.window) == (
         seg.src_port, seg.dst_port, seg.seq, seg.ack, seg.flags, seg.window)
     assert view.header_len == seg.header_len and bytes(view.payload) == seg.payload
