@@ -398,3 +398,35 @@ def test_too_many_fragments_per_datagram():
     assert feed(r, frags) == []
     assert r.drops["too_many_fragments"] == 1 and r.drops["discarded_datagram"] == 1
     assert r.bytes_held == 0
+
+
+arrivals = st.lists(
+    st.tuples(st.sampled_from([4, 6]), st.integers(0, 3), st.integers(0, 40), st.integers(0, 5), st.booleans(),
+              st.floats(0, 5)),
+    max_size=80,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(arrivals)
+def test_any_fragment_sequence_keeps_the_books(sequence):
+    """Random fragments (overlaps, gaps, odd sizes, conflicting ends): no exception, bounds hold, all freed at the end."""
+    limits = Limits(max_bytes=4096, max_datagrams=5, max_datagrams_per_source=3, max_fragments_per_datagram=6,
+                    timeout_ipv4=3.0, timeout_ipv6=4.0)
+    r = Reassembler(limits)
+    now = 0.0
+    for family, ident, offset_units, size_units, more, step in sequence:
+        now += step
+        r.expire(now)
+        data = bytes([ident]) * (size_units * 8 + (0 if more else ident))
+        make = v4_fragment if family == 4 else v6_fragment
+        if offset_units == 0 and not more:
+            more = True
+        feed(r, [make(offset_units * 8, data, more, ident=ident, src="10.0.0.1" if family == 4 else "fd00::1")],
+             now=now)
+        assert r.bytes_held <= limits.max_bytes
+        assert r.datagrams <= limits.max_datagrams
+        deadline = r.next_deadline()
+        assert deadline is None or deadline > now
+    r.expire(now + 10.0)
+    assert r.datagrams == 0 and r.bytes_held == 0 and r.next_deadline() is None
