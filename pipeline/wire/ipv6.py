@@ -348,9 +348,10 @@ def _fragment(buf: memoryview, header: Ipv6Header, off: int, end: int, next_head
     # octets: Parameter Problem code 0 pointing at the Payload Length.
     if more and data_len % 8:
         return problem(ERRONEOUS_HEADER, PAYLOAD_LEN_OFFSET, "fragment_not_multiple_of_8")
-    # RFC 8200 §4.5: the reassembled fragmentable part would exceed 65,535
-    # octets: code 0 pointing at the Fragment Offset field.
-    if offset + data_len > MAX_PAYLOAD_LEN:
+    # RFC 8200 §4.5: the Payload Length of the packet reassembled from this
+    # fragment (its unfragmentable extension headers, then the data up to this
+    # fragment's end) would exceed 65,535: code 0 pointing at the Fragment Offset.
+    if off - HEADER_LEN + offset + data_len > MAX_PAYLOAD_LEN:
         return problem(ERRONEOUS_HEADER, off + _FRAG_OFFSET_FIELD, "fragment_too_far")
     # RFC 8200 §4.5 / RFC 7112 §5: the first fragment carries the whole header chain.
     if offset == 0 and not _header_chain_complete(buf, next_header, data_off, end):

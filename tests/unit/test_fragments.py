@@ -418,10 +418,9 @@ def test_any_fragment_sequence_keeps_the_books(sequence):
     for family, ident, offset_units, size_units, more, step in sequence:
         now += step
         r.expire(now)
+        more = more or offset_units == 0  # offset 0 without M is no fragment at all
         data = bytes([ident]) * (size_units * 8 + (0 if more else ident))
         make = v4_fragment if family == 4 else v6_fragment
-        if offset_units == 0 and not more:
-            more = True
         feed(r, [make(offset_units * 8, data, more, ident=ident, src="10.0.0.1" if family == 4 else "fd00::1")],
              now=now)
         assert r.bytes_held <= limits.max_bytes

@@ -236,6 +236,11 @@ def test_fragment_past_65535_octets():
     pkt = bytes(base() / IPv6ExtHdrFragment(m=0, offset=8191) / (b"z" * 16))
     assert parse(pkt).error == ipv6.ParamProblem(0, 42, "fragment_too_far")
     assert parse(bytes(base() / IPv6ExtHdrFragment(m=0, offset=8190) / (b"z" * 15))).error is None
+    # The unfragmentable extension headers count too: here 8 bytes of Destination Options.
+    behind_options = bytes(base() / IPv6ExtHdrDestOpt() / IPv6ExtHdrFragment(m=0, offset=8190) / (b"z" * 15))
+    assert parse(behind_options).error == ipv6.ParamProblem(0, 50, "fragment_too_far")
+    behind_options = bytes(base() / IPv6ExtHdrDestOpt() / IPv6ExtHdrFragment(m=0, offset=8189) / (b"z" * 15))
+    assert parse(behind_options).error is None
 
 
 def test_first_fragment_with_incomplete_header_chain():
