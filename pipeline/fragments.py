@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.wire import ipv6
@@ -55,6 +56,9 @@ _V4_OPTION_COPIED = 0x80  # RFC 791 §3.1: options with this bit go in every fra
 _V4_OPTION_EOL = 0
 _V4_OPTION_NOP = 1
 MAX_PACKET = 0xFFFF
+
+# Makes the reassembled packet's header from the first fragment, with room for the data; None if too big.
+_Build = Callable[[bytes, int], "bytearray | None"]
 
 FRAGMENT_OVERHEAD = 128  # bytes charged per held fragment on top of its data (Python objects)
 
@@ -102,7 +106,7 @@ class _Datagram:
         self.received = 0  # data bytes held; equals end exactly when complete (no overlaps)
         self.end: int | None = None  # length of the reassembled data, known from the last fragment
         self.first: bytes | None = None  # the whole offset-0 fragment
-        self.build = None  # makes the reassembled header from the first fragment
+        self.build: _Build | None = None  # the first fragment's
         self.held = 0  # bytes charged against Limits.max_bytes
         self.dead = False  # discarded (RFC 5722): later fragments are dropped until the deadline
 
@@ -167,12 +171,12 @@ class Reassembler:
         return self._add(key, 6, src, dst, frag.offset, frag.more, data, first, build, now)
 
     def _add(self, key: tuple, family: int, src: bytes, dst: bytes, start: int, more: bool,
-             data: bytes | memoryview, packet: bytes | memoryview, build, now: float) -> bytes | None:
+             data: bytes | memoryview, packet: bytes | memoryview, build: _Build, now: float) -> bytes | None:
         length = len(data)
         stop = start + length
         if start == 0 and not more:
             # RFC 6946 §4: an atomic fragment is processed in isolation.
-            return self._assemble(build, bytes(packet), [(0, length, data)], length)
+            return self._assemble(build, bytes(packet), [(0, length, bytes(data))], length)
         if length == 0:
             self.drops["empty_fragment"] += 1
             return None
@@ -225,7 +229,7 @@ class Reassembler:
         self._remove(dg)
         return self._assemble(dg.build, dg.first, pieces, dg.end)
 
-    def _assemble(self, build, first: bytes, pieces: list, end: int) -> bytes | None:
+    def _assemble(self, build: _Build, first: bytes, pieces: list[tuple[int, int, bytes]], end: int) -> bytes | None:
         """The reassembled packet: the header build() makes from the first fragment, then the pieces."""
         whole = build(first, end)
         if whole is None:

@@ -410,7 +410,7 @@ arrivals = st.lists(
 @settings(max_examples=80, deadline=None)
 @given(arrivals)
 def test_any_fragment_sequence_keeps_the_books(sequence):
-    """Random fragments (overlaps, gaps, odd sizes, conflicting ends): no exception, bounds hold, all freed at the end."""
+    """Random fragments (overlaps, gaps, odd sizes, conflicting ends): no exception, bounds hold, all freed."""
     limits = Limits(max_bytes=4096, max_datagrams=5, max_datagrams_per_source=3, max_fragments_per_datagram=6,
                     timeout_ipv4=3.0, timeout_ipv6=4.0)
     r = Reassembler(limits)

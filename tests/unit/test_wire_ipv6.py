@@ -30,7 +30,8 @@ SRC = ipaddress.IPv6Address("fd00::1").packed
 DST = ipaddress.IPv6Address("fd00::2").packed
 MCAST = ipaddress.IPv6Address("ff02::1").packed
 
-# scapy: IPv6(src=fd00::1, dst=fd00::2, tc=0x2b, fl=0x12345, hlim=63) / ICMPv6EchoRequest(id=0x1c2a, seq=1, b"ping data")
+# scapy: IPv6(src=fd00::1, dst=fd00::2, tc=0x2b, fl=0x12345, hlim=63)
+#        / ICMPv6EchoRequest(id=0x1c2a, seq=1, data=b"ping data")
 PING = bytes.fromhex(
     "62b1234500113a3f"
     "fd000000000000000000000000000001"
