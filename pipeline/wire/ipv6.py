@@ -166,6 +166,8 @@ class Ipv6Header:
             raise ValueError(f"IPv6 payload length {payload_len} outside 0..65535")
         if not (0 <= self.traffic_class <= 0xFF and 0 <= self.flow_label <= 0xFFFFF):
             raise ValueError("traffic class or flow label out of range")
+        if len(self.src) != 16 or len(self.dst) != 16:
+            raise ValueError("IPv6 addresses are 16 bytes")  # struct would pad or cut them silently
         first = (6 << 28) | (self.traffic_class << 20) | self.flow_label
         _FIXED.pack_into(buf, 0, first, payload_len, self.next_header, self.hop_limit, self.src, self.dst)
 

@@ -109,6 +109,8 @@ def test_emit_range_checks():
         Ipv6Header(SRC, DST, 6, flow_label=1 << 20).to_bytes(0)
     with pytest.raises(ValueError):
         Ipv6Header(SRC, DST, 6, traffic_class=256).to_bytes(0)
+    with pytest.raises(ValueError):
+        Ipv6Header(bytes(4), DST, 6).to_bytes(0)
 
 
 def test_every_extension_header_walked():
