@@ -65,6 +65,9 @@ class StackConfig:
     control_bind: str
     keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
     client_key: str   # this worker's key pair (tcp:// endpoints)
+    attach: str = ""  # attach mode: path of the namespace the device lives in (empty: our own)
+    forward: bool = False  # relay packets not addressed to the stack (attach mode's default)
+    default_route: bool = True  # attach mode: route the namespace's default traffic to the device
 
     @property
     def stack_addr_bytes(self) -> bytes:
@@ -79,6 +82,36 @@ def default_run_dir(tun_name: str) -> str:
     except OSError:  # not Linux
         return os.path.join("/tmp", f"ustack-{os.getuid()}-{tun_name}")
     return f"/run/ustack/{netns}-{tun_name}"
+
+
+EX_CONFIG = 78  # sysexits.h: a configuration error; the respawn wrapper does not restart on it
+
+
+def config_error(message: str) -> SystemExit:
+    """A bad setting: say which on stderr and exit with EX_CONFIG (78), not a crash to retry."""
+    print(f"ustack: {message}", file=sys.stderr, flush=True)
+    return SystemExit(EX_CONFIG)
+
+
+def attach_path(raw: str) -> str:
+    """USTACK_ATTACH: a namespace name under /run/netns, or a path such as /proc/PID/ns/net."""
+    if not raw:
+        return ""
+    path = raw if "/" in raw else os.path.join("/run/netns", raw)
+    if not os.path.exists(path):
+        raise config_error(f"USTACK_ATTACH={raw!r}: no network namespace at {path}")
+    return path
+
+
+def forward_policy():  # type: ignore[no-untyped-def]
+    """The relay's destination policy from USTACK_FORWARD_DENY / _ALLOW and USTACK_HOST_ALIAS."""
+    from pipeline.forwarding import ForwardPolicy
+
+    try:
+        return ForwardPolicy(deny=env_str("USTACK_FORWARD_DENY", ""), allow=env_str("USTACK_FORWARD_ALLOW", ""),
+                             host_alias=env_str("USTACK_HOST_ALIAS", ""))
+    except ValueError as exc:
+        raise config_error(f"USTACK_FORWARD_DENY/_ALLOW/USTACK_HOST_ALIAS: {exc}") from None
 
 
 def load() -> StackConfig:
@@ -114,7 +147,11 @@ def load() -> StackConfig:
     offload = env_bool("USTACK_OFFLOAD", sys.platform == "linux")
     if offload and sys.platform != "linux":
         raise SystemExit("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
+    attach = attach_path(env_str("USTACK_ATTACH", ""))
     return StackConfig(
+        attach=attach,
+        forward=env_bool("USTACK_FORWARD", bool(attach)),
+        default_route=env_bool("USTACK_DEFAULT_ROUTE", True),
         tun_name=tun_name,
         host_interface=host,
         stack_address=addr,

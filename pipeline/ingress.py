@@ -33,7 +33,7 @@ class Ingress:
         self.started = time.monotonic()
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.members = Membership(messages.HEARTBEAT_TIMEOUT)
-        self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started)
+        self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started, forward=cfg.forward)
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
         self.refusals = endpoints.auth_monitor(self.bus)
@@ -243,15 +243,16 @@ def main() -> None:
     cfg = proc.config
     endpoints.ensure_run_dir(cfg.run_dir)
     try:
-        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload, run_dir=cfg.run_dir)
-        tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu)
+        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload, run_dir=cfg.run_dir,
+                                 netns=cfg.attach)
+        tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu, cfg.attach, cfg.default_route)
     except tun.TunError as exc:
         proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(1) from None
     ctx = zmq.Context()
     ingress = Ingress(proc, device, ctx)
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),
-                  address=str(cfg.stack_address), offload=hex(getattr(device, "offload_bits", 0)),
+                  address=str(cfg.stack_address), attach=cfg.attach or None, forward=cfg.forward, offload=hex(getattr(device, "offload_bits", 0)),
                   epoch=ingress.epoch)
     try:
         ingress.run()

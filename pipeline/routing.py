@@ -15,6 +15,13 @@ other protocol to ``icmp`` (which answers protocol unreachable, RFC 1122
   right (RFC 9293 §3.10.7.1) — that is how the connections of a dead worker
   end instead of hanging.
 
+With forwarding on (attach mode), a packet for another address is relayed:
+it goes to the worker of its protocol the same way, and a TCP flow's key
+then ends with its destination address (``Flow.local``), so relayed flows
+spread over the ``tcp`` workers, keep their affinity and are reset by a
+dead worker's successor exactly like the stack's own. Multicast and
+broadcast destinations are never relayed.
+
 Right after ingress (re)starts it knows no flows yet: for a short settling
 time TCP segments of unknown flows are held until the workers have joined
 and re-announced what they own, so an ingress restart resets nothing.
@@ -44,8 +51,10 @@ Pending = tuple[float, bytes, Offload | None]
 
 
 class Router:
-    def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float) -> None:
+    def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float,
+                 forward: bool = False) -> None:
         self.address = address
+        self.forward = forward
         self.members = members
         self.drop = drop
         self.settle_until = started + SETTLE_TIME
@@ -63,9 +72,15 @@ class Router:
         except Malformed as exc:
             self.drop(exc.reason, layer="ipv4")
             return None, ""
+        relayed = b""
         if ip.dst != self.address:
-            self.drop("not_for_us")
-            return None, ""
+            if not self.forward:
+                self.drop("not_for_us")
+                return None, ""
+            if not _relayable(ip.dst):
+                self.drop("not_unicast")
+                return None, ""
+            relayed = ip.dst
         role = _ROLE_BY_PROTO.get(ip.protocol, "icmp")
         if role != "tcp":
             return self.members.pick(role, b""), role
@@ -74,7 +89,7 @@ class Router:
         except Malformed as exc:
             self.drop(exc.reason, layer="tcp")
             return None, ""
-        key = ip.src + tcp.port_bytes  # Flow(src, sport, dport).key without making the Flow
+        key = ip.src + tcp.port_bytes + relayed  # Flow(src, sport, dport, relayed).key without making the Flow
         owner = self.flows.get(key)
         if owner is not None and self.members.is_alive(owner):
             return owner, role
@@ -115,3 +130,11 @@ class Router:
 
     def flows_by_worker(self) -> collections.Counter[str]:
         return collections.Counter(self.flows.values())
+
+
+def _relayable(dst: bytes) -> bool:
+    """A unicast destination: IPv4 not 0/8, multicast (224/4) or broadcast (RFC 1122 §3.2.1.3);
+    IPv6 not unspecified or multicast (ff00::/8, RFC 4291 §2.7)."""
+    if len(dst) == 16:
+        return dst[0] != 0xFF and any(dst)
+    return 0 < dst[0] < 224

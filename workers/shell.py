@@ -7,7 +7,10 @@ egress. Besides packets it speaks the membership protocol: a heartbeat with
 the worker's counters every HEARTBEAT_INTERVAL, the flows it holds whenever
 they change (all of them when ingress welcomes it, which is how a restarted
 ingress learns who owns what), and resets for the flows of a dead worker
-when ingress hands them over. Nothing protocol-specific lives here.
+when ingress hands them over. A core that relays flows (attach mode,
+``workers.relay``) also gets its commands carried out on real sockets
+(``workers.upstream``) whose descriptors share the poll, and is fed what
+they report. Nothing protocol-specific lives here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import zmq
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
+from workers.upstream import Upstreams
 
 
 def sink(proc: Process) -> Sink:
@@ -35,6 +39,8 @@ def run(proc: Process, core: WorkerCore) -> None:
     outbox = endpoints.worker_push(ctx, cfg)
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    # Relaying cores (attach mode) get real sockets, polled beside the bus.
+    upstreams = Upstreams(poller) if hasattr(core, "relay_commands") else None
     log = proc.log
     counters = proc.counters
     heartbeat_seq = 0
@@ -70,7 +76,12 @@ def run(proc: Process, core: WorkerCore) -> None:
             wake = next_heartbeat if deadline is None else min(deadline, next_heartbeat)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             out: list[Outgoing] = []
-            if poller.poll(timeout_ms):
+            ready = poller.poll(timeout_ms)
+            if upstreams is not None and ready:
+                reported = [ev for fd, flags in ready if fd is not inbox for ev in upstreams.ready(fd, flags)]
+                if reported:
+                    out += core.handle_upstream(reported, time.monotonic())  # type: ignore[attr-defined]
+            if ready:
                 # Drain everything waiting before touching timers: one wake-up, many packets,
                 # and what they cause goes to egress together.
                 for _, msg in endpoints.drain(inbox, proc.drop):
@@ -91,15 +102,30 @@ def run(proc: Process, core: WorkerCore) -> None:
             deadline = core.next_deadline()
             if deadline is not None and deadline <= now:
                 out += core.handle_timer(now)
+            if upstreams is not None:
+                out += carry_out(core, upstreams)
             if out:
                 send(out)
             opened, closed = core.flow_changes()
             if opened or closed:
                 tell_ingress(messages.encode_flows(proc.name, False, opened, closed))
         send(core.close(time.monotonic()))
+        if upstreams is not None:
+            carry_out(core, upstreams)
+            upstreams.close_all()
         tell_ingress(messages.encode_goodbye(proc.name))
     finally:
         log.info("worker_stopped", **dict(proc.counters))
         inbox.close()
         outbox.close()
         ctx.term()
+
+
+def carry_out(core: WorkerCore, upstreams: Upstreams) -> list[Outgoing]:
+    """Run a relaying core's commands on its sockets until it has none left; the packets that causes."""
+    out: list[Outgoing] = []
+    while commands := core.relay_commands():  # type: ignore[attr-defined]
+        reported = upstreams.execute(commands)
+        if reported:
+            out += core.handle_upstream(reported, time.monotonic())  # type: ignore[attr-defined]
+    return out

@@ -10,7 +10,11 @@ and the next deadline out. It owns
 - resets for segments that belong to no connection (RFC 9293 §3.10.7.1);
 - the reuse of a connection in TIME-WAIT by a new SYN (RFC 6191);
 - one timer heap over every connection's next deadline (stale entries are
-  skipped lazily, so re-arming a timer costs O(log n) and nothing else).
+  skipped lazily, so re-arming a timer costs O(log n) and nothing else);
+- in attach mode, connections to other addresses (``Flow.local`` set):
+  their SYN is held by ``workers.tcp.relay`` until the shell's upstream
+  connect settles, then accepted (or reset, or answered with ICMP), and
+  their service is a ``RelayService`` (a relaying core, ``workers.relay``).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
-from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, Ipv4Packet
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
+from pipeline.wire.icmp import HOST_UNREACHABLE, NET_UNREACHABLE, dest_unreachable
+from workers import relay
 from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
@@ -32,6 +38,7 @@ from workers.tcp.apps import SERVICES, Service
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
 from workers.tcp.isn import initial_sequence_number
+from workers.tcp.relay import FlowRecord, PendingSyn, RelayService, TcpRelay
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 
@@ -49,7 +56,7 @@ CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "r
 class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
                  services: dict[int, type[Service]] | None = None, offload: bool = False,
-                 syn_queue_limit: int = SYN_QUEUE_LIMIT) -> None:
+                 syn_queue_limit: int = SYN_QUEUE_LIMIT, relay_: TcpRelay | None = None) -> None:
         self.sink = sink
         self.log = sink.log
         self.config = config
@@ -69,6 +76,7 @@ class TcpDemux:
         # With device offloads, the kernel finishes our checksums and cuts large
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
+        self.relay = relay_  # attach mode: flows to other addresses are relayed (None: reset)
 
     # -- drivers -------------------------------------------------------------
 
@@ -90,7 +98,8 @@ class TcpDemux:
                            dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
                            **sink.payload(seg.payload))
-        key = Flow(src, seg.src_port, seg.dst_port)
+        dst = ip.dst
+        key = Flow(src, seg.src_port, seg.dst_port, b"" if dst == self.address else bytes(dst))
         conn = self.connections.get(key)
         out: list[Outgoing] = []
         if conn is not None:
@@ -101,6 +110,8 @@ class TcpDemux:
             before = conn.state
             conn.receive(seg, now)
             self._after(key, conn, before, now, out)
+        elif key.local:
+            self._relay_syn(key, seg, data, now, out)
         elif seg.dst_port in self.services:
             self._listen(key, seg, now, out)
         else:
@@ -109,6 +120,9 @@ class TcpDemux:
 
     def handle_timer(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
+        if self.relay is not None:
+            self.relay.now = now
+            self.relay.expire(now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, key = heapq.heappop(timers)
@@ -127,7 +141,69 @@ class TcpDemux:
         timers = self._timers
         while timers and self._deadline.get(timers[0][1]) != timers[0][0]:
             heapq.heappop(timers)
-        return timers[0][0] if timers else None
+        first = timers[0][0] if timers else None
+        if self.relay is not None and self.relay.pending:
+            connect = self.relay.next_deadline()
+            return connect if first is None else min(first, connect)  # type: ignore[type-var]
+        return first
+
+    # -- relaying (attach mode) ---------------------------------------------------
+
+    def relay_commands(self) -> list[relay.Command]:
+        return [] if self.relay is None else self.relay.take_commands()
+
+    def handle_upstream(self, reported: list[relay.Upstream], now: float) -> list[Outgoing]:
+        """What the upstream sockets said: settle held SYNs, feed established relays."""
+        out: list[Outgoing] = []
+        tcp_relay = self.relay
+        if tcp_relay is None:
+            return out
+        tcp_relay.now = now
+        for ev in reported:
+            key = ev.key
+            held = tcp_relay.settle(key)  # type: ignore[arg-type]
+            if held is not None:
+                self._relay_settled(key, held, ev, now, out)  # type: ignore[arg-type]
+                continue
+            conn = self.connections.get(key)  # type: ignore[arg-type]
+            app = self.apps.get(key)  # type: ignore[arg-type]
+            if conn is None or not isinstance(app, RelayService):
+                continue  # the connection ended meanwhile
+            before = conn.state
+            app.on_upstream(ev, now)
+            self._after(key, conn, before, now, out)  # type: ignore[arg-type]
+        return out
+
+    def _relay_syn(self, key: Flow, seg: TcpSegment, packet: bytes, now: float, out: list[Outgoing]) -> None:
+        """A segment to another address with no connection: a SYN starts an upstream connect."""
+        if self.relay is None or seg.flags & _SYN_ACK_RST != Flags.SYN:
+            self._reset(key, seg, now, out, "relay_no_connection")
+            return
+        self.relay.now = now
+        if not self.relay.open(key, seg, bytes(packet), now):
+            self._reset(key, seg, now, out, "relay_denied")
+
+    def _relay_settled(self, key: Flow, held: PendingSyn, ev: relay.Upstream, now: float,
+                       out: list[Outgoing]) -> None:
+        """The upstream connect finished: accept the held SYN, or tell the client what the network said."""
+        kind, syn = ev.kind, held.syn
+        if kind == relay.CONNECTED:
+            local = (key.local, key.lport)
+            self._accept(key, syn, initial_sequence_number(self.secret, local, (key.remote, key.rport), now),
+                         now, out)
+            return
+        counters = self.sink.counters
+        counters["relay_connect_" + kind] += 1
+        if kind == relay.REFUSED:
+            self._reset(key, syn, now, out, "relay_refused")
+        elif kind == relay.UNREACHABLE and len(key.local) == 4:
+            # RFC 1812 §5.2.7.1: what the network said, quoting the client's SYN.
+            code = NET_UNREACHABLE if ev.detail == "net" else HOST_UNREACHABLE
+            icmp = dest_unreachable(code, held.packet).emit()
+            out.append((ip_reply(key.local, key.remote, PROTO_ICMP, icmp), None))
+        # TIMED_OUT (or unreachable without an ICMPv4 to say it): silence, the client times out.
+        assert self.relay is not None
+        self.relay.log_flow("tcp", key, FlowRecord(held.started), now, "upstream_" + kind)
 
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections)}
@@ -155,10 +231,10 @@ class TcpDemux:
         for flow in flows:
             if flow in self.connections:
                 continue
-            remote, rport, lport = flow
+            rport, lport = flow.rport, flow.lport
             self.sink.counters["orphans_reset"] += 1
             probe = TcpSegment(lport, rport, SeqNum(0), SeqNum(0), Flags.ACK, 0)
-            out.append(self._ip(remote, probe))
+            out.append(self._ip(flow, probe))
         return out
 
     def close(self, now: float) -> list[Outgoing]:
@@ -178,7 +254,7 @@ class TcpDemux:
         if seg.rst:
             self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
             return
-        remote, local = (key.remote, key.rport), (self.address, key.lport)
+        remote, local = (key.remote, key.rport), (self.address, key.lport)  # a listener: our own address
         if seg.ack_flag:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
@@ -246,7 +322,7 @@ class TcpDemux:
             timestamp = (encode_ts_options(ts_clock(now), peer_shift, sack), opts.timestamp[0])
         reply = syn_ack(key.lport, key.rport, cookie, syn.seq + 1, cfg.recv_buffer, cfg.mss,
                         window_scale, bool(sack), timestamp)
-        out.append(self._ip(key.remote, reply))
+        out.append(self._ip(key, reply))
 
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
         """The connection a valid cookie ACK opens, with the options the cookie kept.
@@ -280,7 +356,7 @@ class TcpDemux:
         if not self.resets.allow(now):
             self.sink.drop("reset_rate_limited")
             return
-        out.append(self._ip(key.remote, rst))
+        out.append(self._ip(key, rst))
 
     # -- connections ---------------------------------------------------------
 
@@ -290,8 +366,10 @@ class TcpDemux:
         while (ev := conn.next_event()) is not None:
             app = self.apps.get(key)
             if isinstance(ev, events.Connected):
-                log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport)
-                app = self.services[key.lport](conn)
+                log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
+                         **({"local": fmt_addr(key.local)} if key.local else {}))
+                app = RelayService(conn, key, self.relay, now) if key.local and self.relay is not None \
+                    else self.services[key.lport](conn)
                 self.apps[key] = app
             elif app is None:
                 pass
@@ -303,12 +381,14 @@ class TcpDemux:
                 app.on_eof()
             if isinstance(ev, events.Closed):
                 self._log_closed(key, conn, ev.reason)
+                if isinstance(app, RelayService):
+                    app.on_closed(ev.reason, now)
         if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
         mss = min(conn.peer_mss, self.config.mss)
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key.remote, seg, mss))
+            out.append(self._ip(key, seg, mss))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
@@ -340,12 +420,15 @@ class TcpDemux:
         if queue:
             queue.discard(key)
 
-    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
+    def _ip(self, key: Flow, seg: TcpSegment, mss: int | None = None) -> Outgoing:
+        """The segment in an IP packet from our side of ``key`` (a relayed flow's destination) to its peer."""
+        remote = key.remote
+        local = key.local or self.address
         if not self.offload:
-            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote)), None
+            return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote)), None
         tcp_header_len = seg.header_len
         segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False)),
+        return (ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote, checksum=False)),
                 tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
 
 

@@ -1,0 +1,144 @@
+"""What a relaying core and the shell's upstream sockets say to each other (attach mode).
+
+Contract: a core that relays flows to real sockets stays sans-IO (STYLE.md
+§2). It never touches a socket; it queues ``Command`` values (open an
+upstream, write bytes, shut down the write side, pause or resume reading,
+close or reset) that the shell takes with ``relay_commands()`` and carries
+out with ``workers.upstream.Upstreams``, and it is fed back ``Upstream``
+events (connected, refused, unreachable, timed out, data, end of stream,
+reset, write blocked and drained) with ``handle_upstream(events, now)``.
+A key is any hashable value the core chooses per relayed flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Protocol
+
+from pipeline.flow import Flow
+from pipeline.wire.addr import fmt_addr
+from workers.core import Outgoing, Sink, StatelessCore
+
+# Upstream protocols.
+TCP = "tcp"
+UDP = "udp"
+ICMP = "icmp"  # echo through an unprivileged datagram ICMP socket
+
+# Event kinds.
+CONNECTED = "connected"
+REFUSED = "refused"          # ECONNREFUSED: a reset (TCP) or port unreachable (UDP)
+UNREACHABLE = "unreachable"  # EHOSTUNREACH / ENETUNREACH: ``detail`` is "host" or "net"
+TIMED_OUT = "timed_out"
+DATA = "data"
+EOF = "eof"
+RESET = "reset"
+BLOCKED = "blocked"          # a write did not go out whole: the rest waits in the shell
+DRAINED = "drained"          # everything written is out: send more
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    key: Hashable
+    proto: str
+    address: bytes  # packed, 4 or 16 bytes: the socket's family follows
+    port: int       # the destination port (0 for ICMP)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    key: Hashable
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ShutWrite:
+    """FIN from the namespace side: shutdown(SHUT_WR) once everything queued is written."""
+
+    key: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Stop (True) or resume (False) reading the upstream socket: back-pressure toward it."""
+
+    key: Hashable
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Release the socket; ``reset``: with SO_LINGER 0, so the upstream peer gets a RST."""
+
+    key: Hashable
+    reset: bool = False
+
+
+Command = Open | Send | ShutWrite | Pause | Close
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    key: Hashable
+    kind: str
+    data: bytes = b""
+    detail: str = ""
+
+
+class RelayCore(Protocol):
+    def relay_commands(self) -> list[Command]:
+        """Commands queued since the last call, in order."""
+    def handle_upstream(self, events: list[Upstream], now: float) -> list[Outgoing]:
+        """What the upstream sockets reported; packets to send out."""
+
+
+def log_flow(sink: Sink, proto: str, key: Flow, started: float, now: float, reason: str, **fields: object) -> None:
+    """The one JSON record of a relayed flow, when it ends (issue 10: observability)."""
+    sink.counters["relay_flows_closed"] += 1
+    sink.log.info("relay_flow", proto=proto, src=fmt_addr(key.remote), sport=key.rport, dst=fmt_addr(key.local),
+                  dport=key.lport, duration=round(now - started, 3), reason=reason, **fields)
+
+
+def log_denied(sink: Sink, proto: str, key: Flow) -> None:
+    """A destination the policy refuses: counted and one record."""
+    sink.counters["relay_denied"] += 1
+    sink.log.info("relay_denied", proto=proto, src=fmt_addr(key.remote), sport=key.rport, dst=fmt_addr(key.local),
+                  dport=key.lport)
+
+
+class DatagramRelay(Protocol):
+    """What a datagram relay (UDP, ICMP echo) offers the core that owns it."""
+
+    def take_commands(self) -> list[Command]: ...
+    def upstream(self, ev: Upstream, now: float) -> list[Outgoing]: ...
+    def expire(self, now: float) -> None: ...
+    def next_deadline(self) -> float | None: ...
+    def close(self, now: float) -> None: ...
+
+
+class DatagramRelayCore(StatelessCore):
+    """A core holding no flows of its own whose relay (attach mode; None: off) owns idle-timed flows."""
+
+    relay: DatagramRelay | None = None
+
+    def relay_commands(self) -> list[Command]:
+        return [] if self.relay is None else self.relay.take_commands()
+
+    def handle_upstream(self, reported: list[Upstream], now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        if self.relay is not None:
+            for ev in reported:
+                out += self.relay.upstream(ev, now)
+        return out
+
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        if self.relay is not None:
+            self.relay.expire(now)
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None if self.relay is None else self.relay.next_deadline()
+
+    def close(self, now: float) -> list[Outgoing]:
+        if self.relay is not None:
+            self.relay.close(now)
+        return []
