@@ -47,9 +47,13 @@ class Sink:
         return {"payload": bytes(data[:64]).hex()} if self.log_payload else {}
 
 
-def ip_reply(local: bytes, remote: bytes, protocol: int, payload: bytes, tos: int = 0) -> bytes:
-    """A reply's IP packet from us to remote: the one place a core builds an IP header."""
-    return Ipv4Header(src=local, dst=remote, protocol=protocol, tos=tos).emit(len(payload)) + payload
+def ip_reply(local: bytes, remote: bytes, protocol: int, payload: bytes, tos: int = 0,
+             dont_fragment: bool = True) -> bytes:
+    """A reply's IP packet from us to remote: the one place a core builds an IP header.
+
+    ``dont_fragment=False`` for a relayed datagram larger than the MTU, which we fragment."""
+    return Ipv4Header(src=local, dst=remote, protocol=protocol, tos=tos,
+                      dont_fragment=dont_fragment).emit(len(payload)) + payload
 
 
 class WorkerCore(Protocol):

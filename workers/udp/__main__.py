@@ -1,9 +1,16 @@
 """The UDP worker process: ``python -m workers.udp``."""
 
+from pipeline.config import env_float, forward_policy
 from pipeline.process import Process
 from workers import shell
 from workers.udp.core import UdpCore
+from workers.udp.relay import IDLE, IDLE_DNS, UdpRelay
 
 if __name__ == "__main__":
     proc = Process("udp")
-    shell.run(proc, UdpCore(shell.sink(proc), proc.config.stack_addr_bytes))
+    cfg = proc.config
+    sink = shell.sink(proc)
+    # Attach mode: datagrams to other addresses are relayed to real sockets opened from here.
+    relay = UdpRelay(sink, cfg.stack_addr_bytes, forward_policy(), cfg.mtu, env_float("USTACK_UDP_IDLE", IDLE),
+                     env_float("USTACK_UDP_IDLE_DNS", IDLE_DNS)) if cfg.forward else None
+    shell.run(proc, UdpCore(sink, cfg.stack_addr_bytes, relay))

@@ -1,4 +1,8 @@
-"""The UDP worker's core: datagrams to services, port unreachable for the rest."""
+"""The UDP worker's core: datagrams to services, port unreachable for the rest.
+
+In attach mode (a ``UdpRelay``) datagrams to other addresses are relayed
+(``workers.udp.relay``), which makes this a relaying core (``workers.relay``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ from pipeline.wire.addr import fmt_addr
 from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
 from pipeline.wire.udp import UdpDatagram, parse_udp
-from workers.core import Outgoing, Sink, StatelessCore, ip_reply
+from pipeline.flow import Flow
+from workers.relay import DatagramRelayCore
+from workers.core import Outgoing, Sink, ip_reply
+from workers.udp.relay import UdpRelay
 from workers.ratelimit import TokenBucket
 from workers.udp.services import SERVICES
 
@@ -17,11 +24,12 @@ from workers.udp.services import SERVICES
 ICMP_ERRORS_PER_SECOND = 200
 
 
-class UdpCore(StatelessCore):
-    def __init__(self, sink: Sink, address: bytes) -> None:
+class UdpCore(DatagramRelayCore):
+    def __init__(self, sink: Sink, address: bytes, relay_: UdpRelay | None = None) -> None:
         self.sink = sink
         self.address = address
         self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_PER_SECOND)
+        self.relay = relay_
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
@@ -35,6 +43,12 @@ class UdpCore(StatelessCore):
         if sink.debug:
             sink.log.debug("udp_in", src=fmt_addr(src), sport=dgram.src_port, dport=dgram.dst_port,
                            len=len(dgram.payload), **sink.payload(dgram.payload))
+        if ip.dst != self.address:  # ingress forwards only in attach mode
+            if self.relay is None:
+                sink.drop("not_for_us")
+                return []
+            return self.relay.datagram(Flow(src, dgram.src_port, dgram.dst_port, bytes(ip.dst)),
+                                       bytes(dgram.payload), bytes(data), now)
         service = SERVICES.get(dgram.dst_port)
         if service is None:
             sink.counters["port_unreachable"] += 1

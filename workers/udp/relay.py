@@ -1,0 +1,131 @@
+"""UDP relaying for attach mode: one upstream socket per flow, closed when idle.
+
+Contract (sans-IO, ``workers.relay``): a datagram from the namespace to
+another address opens (once per flow: client address and port, destination
+address and port) a connected upstream UDP socket and is sent on it; each
+datagram the socket receives goes back to the client from the destination's
+address and port, fragmented to the device MTU when larger (RFC 791 §3.2).
+A port unreachable the upstream network reports (ECONNREFUSED on the
+connected socket) becomes ICMP port unreachable toward the client, quoting
+the client's last datagram (RFC 1122 §3.2.2.1). A destination the policy
+refuses gets ICMP administratively prohibited (RFC 1812 §5.2.7.1) from the
+stack, once per flow. A flow idle for ``idle`` seconds (``idle_dns`` for
+port 53, whose flows are one question and one answer) is closed, and its
+record logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.flow import Flow
+from pipeline.forwarding import ForwardPolicy
+from pipeline.fragments import fragment_ipv4
+from pipeline.wire.icmp import ADMIN_PROHIBITED, PORT_UNREACHABLE, dest_unreachable
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP
+from pipeline.wire.udp import UdpDatagram
+from workers import relay
+from workers.core import Outgoing, Sink, ip_reply
+
+IDLE = 60.0       # seconds a UDP flow lives without traffic (Linux conntrack: 30 s unreplied, 120 s stream)
+IDLE_DNS = 10.0   # DNS: one question, one answer (retries come within seconds)
+MAX_QUOTE = 576   # bytes of the client's last datagram kept for an ICMP error's quote
+MAX_FLOWS = 4096  # open upstream sockets per worker; beyond, new flows are refused (counted)
+
+
+@dataclass(slots=True)
+class UdpFlow:
+    started: float
+    last: float
+    quote: bytes  # the client's last datagram (IP packet, truncated) for ICMP errors
+    denied: bool = False
+    bytes_up: int = 0
+    bytes_down: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+
+
+class UdpRelay:
+    def __init__(self, sink: Sink, address: bytes, policy: ForwardPolicy, mtu: int,
+                 idle: float = IDLE, idle_dns: float = IDLE_DNS, max_flows: int = MAX_FLOWS) -> None:
+        self.sink = sink
+        self.address = address
+        self.policy = policy
+        self.mtu = mtu
+        self.idle = idle
+        self.idle_dns = idle_dns
+        self.max_flows = max_flows
+        self.flows: dict[Flow, UdpFlow] = {}
+        self.commands: list[relay.Command] = []
+
+    def datagram(self, key: Flow, payload: bytes, packet: bytes, now: float) -> list[Outgoing]:
+        """A datagram from the namespace to ``key.local``: relay it (opening the flow) or refuse it."""
+        flow = self.flows.get(key)
+        if flow is None:
+            if len(self.flows) >= self.max_flows:
+                self.sink.drop("relay_udp_flows_full")
+                return []
+            target = self.policy.target(key.local)
+            flow = self.flows[key] = UdpFlow(now, now, packet[:MAX_QUOTE], denied=target is None)
+            if target is None:
+                relay.log_denied(self.sink, "udp", key)
+            else:
+                self.commands.append(relay.Open(key, relay.UDP, target, key.lport))
+        flow.last = now
+        if flow.denied:
+            # RFC 1812 §5.2.7.1: communication administratively prohibited, from us (the gateway).
+            icmp = dest_unreachable(ADMIN_PROHIBITED, packet).emit()
+            return [(ip_reply(self.address, key.remote, PROTO_ICMP, icmp), None)]
+        flow.quote = packet[:MAX_QUOTE]
+        flow.bytes_up += len(payload)
+        flow.datagrams_up += 1
+        self.commands.append(relay.Send(key, payload))
+        return []
+
+    def upstream(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
+        key: Flow = ev.key  # type: ignore[assignment]
+        flow = self.flows.get(key)
+        if flow is None:
+            return []
+        if ev.kind == relay.DATA:
+            flow.last = now
+            flow.bytes_down += len(ev.data)
+            flow.datagrams_down += 1
+            udp = UdpDatagram(key.lport, key.rport, ev.data).emit(key.local, key.remote)
+            packet = ip_reply(key.local, key.remote, PROTO_UDP, udp, dont_fragment=False)
+            return [(fragment, None) for fragment in fragment_ipv4(packet, self.mtu)]
+        if ev.kind == relay.REFUSED:
+            self.sink.counters["relay_udp_port_unreachable"] += 1
+            icmp = dest_unreachable(PORT_UNREACHABLE, flow.quote).emit()
+            return [(ip_reply(key.local, key.remote, PROTO_ICMP, icmp), None)]
+        if ev.kind == relay.UNREACHABLE:  # the socket could not even be opened (e.g. no route)
+            self.end(key, now, "upstream_unreachable", release=False)
+        return []
+
+    def expire(self, now: float) -> None:
+        for key, flow in list(self.flows.items()):
+            if flow.last + self._idle(key) <= now:
+                self.end(key, now, "idle")
+
+    def next_deadline(self) -> float | None:
+        return min((f.last + self._idle(k) for k, f in self.flows.items()), default=None)
+
+    def end(self, key: Flow, now: float, reason: str, release: bool = True) -> None:
+        flow = self.flows.pop(key)
+        if flow.denied:
+            return
+        if release:
+            self.commands.append(relay.Close(key))
+        relay.log_flow(self.sink, "udp", key, flow.started, now, reason, bytes_up=flow.bytes_up,
+                       bytes_down=flow.bytes_down, packets_up=flow.datagrams_up, packets_down=flow.datagrams_down)
+
+    def close(self, now: float) -> None:
+        for key in list(self.flows):
+            self.end(key, now, "shutdown")
+
+    def take_commands(self) -> list[relay.Command]:
+        commands, self.commands = self.commands, []
+        return commands
+
+    def _idle(self, key: Flow) -> float:
+        return self.idle_dns if key.lport == 53 else self.idle
