@@ -125,7 +125,7 @@ def test_loss_probe_retransmits_the_last_segment_twice_then_the_rto():
     c.handle_timer(t2)
     [p2] = c.segments_to_send(t2)
     assert p2.seq == segs[-1].seq
-    assert c._timers.keys() == {Timer.RETRANSMIT}  # then only the RTO is left
+    assert c.timers.armed() == {Timer.RETRANSMIT}  # then only the RTO is left
 
 
 def test_loss_probe_sends_new_data_beyond_cwnd():
