@@ -40,5 +40,5 @@ class TcpConfig:
             raise ValueError("buffers must hold at least one segment")
         if self.max_send_segment is not None and self.max_send_segment < 1:
             raise ValueError("max_send_segment must be positive")
-        if self.fin_wait2_timeout <= 0:
+        if not self.fin_wait2_timeout > 0:  # also rejects NaN
             raise ValueError("fin_wait2_timeout must be positive")
