@@ -48,19 +48,15 @@ from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
 from workers.tcp.events import Closed, Connected, Event, PeerClosed
-from workers.tcp.options import DEFAULT, Negotiated, window_shift
-from workers.tcp.receiver import Receiver, ts_clock
+from workers.tcp.options import DEFAULT, Negotiated, syn_options
+from workers.tcp.receiver import CHALLENGE_ACK_LIMIT, Receiver, ts_clock
 from workers.tcp.recovery import Recovery
 from workers.tcp.sender import Sender
 from workers.tcp.timers import Timer, TimerTable
 
 __all__ = ["CHALLENGE_ACK_LIMIT", "Connection", "InvalidOperation", "Negotiated", "State", "Timer"]
 
-CHALLENGE_ACK_LIMIT = 10     # challenge ACKs per second per connection (RFC 5961 §7)
-
 _ACK = Flags.ACK
-_SYN = Flags.SYN
-_SYN_ACK = Flags.SYN | Flags.ACK
 _RST = Flags.RST
 _RST_ACK = Flags.RST | Flags.ACK
 _F_FIN, _F_SYN, _F_RST, _F_ACK, _F_ECE, _F_CWR = 0x01, 0x02, 0x04, 0x10, 0x40, 0x80
@@ -114,7 +110,7 @@ class Connection:
         "iss", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd", "irs", "rcv_nxt", "rcv_adv",
         # roles, timers, output, events
         "sender", "receiver", "recovery", "timers", "_out", "_events", "_orphan",
-        "_last_recv", "_ka_probes", "_challenge_start", "_challenge_count",
+        "last_recv", "ka_probes",
         # counters
         "segments_in", "segments_out", "retransmissions", "timeouts", "fast_retransmits", "dup_acks",
         "challenge_acks", "challenge_acks_suppressed", "invalid_segments", "paws_rejected", "ooo_segments",
@@ -147,10 +143,9 @@ class Connection:
         self._out: list[TcpSegment] = []
         self._events: deque[Event] = deque()
         self._orphan = False  # close() (not shutdown()) was called: FIN-WAIT-2 is bounded
-        self._last_recv = now
-        self._ka_probes = 0
-        self._challenge_start = float("-inf")
-        self._challenge_count = 0
+        # RFC 9293 §3.8.4 keepalive: when the peer was last heard, probes unanswered since.
+        self.last_recv = now
+        self.ka_probes = 0
         self.segments_in = self.segments_out = self.retransmissions = self.timeouts = 0
         self.fast_retransmits = self.dup_acks = self.challenge_acks = self.challenge_acks_suppressed = 0
         self.invalid_segments = self.paws_rejected = self.ooo_segments = 0
@@ -227,7 +222,7 @@ class Connection:
         c.rcv_adv = c.rcv_nxt + min(config.recv_buffer, 0xFFFF)
         c.receiver.last_ack_sent = c.rcv_nxt
         c.segments_in += 1
-        c._last_recv = now
+        c.last_recv = now
         c._established()
         c._process_text(ack.seq, ack.payload, ack.fin, now)
         return c
@@ -244,69 +239,33 @@ class Connection:
 
     # == negotiated options and helper state, for the shell and stackctl ============
 
-    @property
-    def peer_mss(self) -> int:
-        return self.options.peer_mss
-
-    @property
-    def ws_ok(self) -> bool:
-        return self.options.snd_wscale is not None
-
-    @property
-    def snd_wscale(self) -> int:
-        """Shift applied to the peer's window field."""
-        return self.options.snd_wscale or 0
-
-    @property
-    def rcv_wscale(self) -> int:
-        """Shift applied to our window field."""
-        return self.options.rcv_wscale
-
-    @property
-    def sack_ok(self) -> bool:
-        return self.options.sack
-
-    @property
-    def ts_ok(self) -> bool:
-        return self.options.timestamps
-
-    @property
-    def ecn_ok(self) -> bool:
-        return self.options.ecn
-
-    @property
-    def ts_recent(self) -> int:
-        return self.receiver.ts_recent
-
-    @property
-    def rto(self) -> float:
-        return self.sender.rtt.rto
-
-    @property
-    def srtt(self) -> float | None:
-        return self.sender.rtt.srtt
-
-    @property
-    def cwnd(self) -> int:
-        return self.sender.cc.cwnd
-
-    @property
-    def ssthresh(self) -> int:
-        return self.sender.cc.ssthresh
-
-    @property
-    def in_recovery(self) -> bool:
-        """In fast recovery (RFC 6582 or RFC 6675 §5), not after a timeout."""
-        return self.recovery.in_fast_recovery
-
-    @property
-    def fin_queued(self) -> bool:
-        """close() or shutdown() was called: our FIN follows the queued data."""
-        return self.sender.fin_queued
+    peer_mss = property(lambda self: self.options.peer_mss, doc="The peer's MSS option.")
+    ws_ok = property(lambda self: self.options.snd_wscale is not None, doc="Window scaling on (RFC 7323 §2).")
+    snd_wscale = property(lambda self: self.options.snd_wscale or 0, doc="Shift applied to the peer's window.")
+    rcv_wscale = property(lambda self: self.options.rcv_wscale, doc="Shift applied to our window field.")
+    sack_ok = property(lambda self: self.options.sack, doc="SACK negotiated (RFC 2018 §2).")
+    ts_ok = property(lambda self: self.options.timestamps, doc="Timestamps negotiated (RFC 7323 §3.2).")
+    ecn_ok = property(lambda self: self.options.ecn, doc="ECN negotiated (RFC 3168 §6.1.1).")
+    ts_recent = property(lambda self: self.receiver.ts_recent, doc="RFC 7323 TS.Recent.")
+    rto = property(lambda self: self.sender.rtt.rto, doc="RFC 6298 RTO, with backoff.")
+    srtt = property(lambda self: self.sender.rtt.srtt, doc="RFC 6298 SRTT, None before a sample.")
+    cwnd = property(lambda self: self.sender.cc.cwnd, doc="Congestion window (bytes).")
+    ssthresh = property(lambda self: self.sender.cc.ssthresh, doc="Slow-start threshold (bytes).")
+    in_recovery = property(lambda self: self.recovery.in_fast_recovery,
+                           doc="In fast recovery (RFC 6582 or RFC 6675 §5), not after a timeout.")
+    fin_queued = property(lambda self: self.sender.fin_queued, doc="close() or shutdown() was called.")
 
     def sends(self) -> bool:
         """Data or our FIN may be (re)transmitted in this state."""
         return self.state in _SENDS
+
+    def synchronized(self) -> bool:
+        """Past the SYN exchange (RFC 9293 §3.3.2: not SYN-SENT or SYN-RECEIVED)."""
+        return self.state is not State.SYN_SENT and self.state is not State.SYN_RECEIVED
+
+    def resend_syn(self, now: float) -> None:
+        """The retransmission timer repeats our SYN or SYN-ACK."""
+        self._send_syn(now)
 
     # == application API =============================================================
 
@@ -353,7 +312,7 @@ class Connection:
             self._close("closed")
             return
         if st is State.FIN_WAIT_2 and orphan:
-            self._arm_fin_wait_2(self._last_recv)  # shutdown() first, close() later
+            self._arm_fin_wait_2(self.last_recv)  # shutdown() first, close() later
         snd = self.sender
         if st not in (State.SYN_RECEIVED, State.ESTABLISHED, State.CLOSE_WAIT) or snd.fin_queued:
             return  # already closing or closed: close() is idempotent
@@ -407,30 +366,15 @@ class Connection:
 
     def _send_syn(self, now: float) -> None:
         """SYN (SYN-SENT) or SYN-ACK (SYN-RECEIVED) at ISS with our options."""
-        cfg = self.config
         window = self.receiver.syn_window()
         if self.state is State.SYN_SENT:
-            opts = TcpOptions(
-                mss=cfg.mss,
-                window_scale=window_shift(cfg.recv_buffer) if cfg.window_scaling else None,
-                sack_permitted=cfg.sack,
-                timestamp=(ts_clock(now), 0) if cfg.timestamps else None,
-            )
-            flags = _SYN | Flags.ECE | Flags.CWR if cfg.ecn else _SYN  # RFC 3168 §6.1.1 ECN-setup SYN
+            flags, opts = syn_options(self.config, ts_clock(now))
             self._out.append(TcpSegment(self.local_port, self.remote_port, self.iss, SeqNum(0), flags, window,
                                         options=opts))
             return
-        # SYN-ACK: only options the peer offered (RFC 7323 §2.2, §3.2; RFC 2018 §2).
-        o = self.options
-        opts = TcpOptions(
-            mss=cfg.mss,
-            window_scale=o.rcv_wscale if o.ws_ok else None,
-            sack_permitted=o.sack,
-            timestamp=(ts_clock(now), self.receiver.ts_recent) if o.timestamps else None,
-        )
+        flags, opts = self.options.syn_ack_options(self.config, ts_clock(now), self.receiver.ts_recent)
         self.rcv_adv = self.rcv_nxt + window
         self.receiver.last_ack_sent = self.rcv_nxt
-        flags = _SYN_ACK | Flags.ECE if o.ecn else _SYN_ACK  # RFC 3168 §6.1.1 ECN-setup SYN-ACK
         self._out.append(TcpSegment(self.local_port, self.remote_port, self.iss, self.rcv_nxt, flags, window,
                                     options=opts))
 
@@ -439,18 +383,6 @@ class Connection:
             self._out.append(TcpSegment(self.local_port, self.remote_port, seq, SeqNum(0), _RST, 0))
         else:
             self._out.append(TcpSegment(self.local_port, self.remote_port, seq, ack, _RST_ACK, 0))
-
-    def _challenge_ack(self, now: float) -> None:
-        """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate-limited (§7)."""
-        if now - self._challenge_start >= 1.0:
-            self._challenge_start = now
-            self._challenge_count = 0
-        if self._challenge_count >= CHALLENGE_ACK_LIMIT:
-            self.challenge_acks_suppressed += 1
-            return
-        self._challenge_count += 1
-        self.challenge_acks += 1
-        self.receiver.ack_now = True
 
     # == input =======================================================================
 
@@ -502,7 +434,7 @@ class Connection:
         f = int(seg.flags) & (_F_ECE | _F_CWR)
         ecn = self.config.ecn and (f == _F_ECE if ack_ok else f == _F_ECE | _F_CWR)
         self._negotiate(Negotiated.from_syn(seg.options, self.config, ecn), seg.options, now)
-        self._last_recv = now
+        self.last_recv = now
         # The peer may send up to the unscaled window of our SYN until our next segment.
         self.rcv_adv = self.rcv_nxt + min(self.config.recv_buffer, 0xFFFF)
         self.snd_wnd = self.max_snd_wnd = seg.window  # RFC 7323 §2.2: unscaled in a SYN
@@ -549,8 +481,8 @@ class Connection:
                     # TIME-WAIT: a retransmitted FIN is re-ACKed and restarts the 2 MSL timeout.
                     self.timers.arm(Timer.TIME_WAIT, now + 2 * self.config.msl)
             return
-        self._last_recv = now
-        self._ka_probes = 0
+        self.last_recv = now
+        self.ka_probes = 0
         if ts is not None:
             rcv.note_timestamp(ts[0], seg.seq, now)
         # second: RST (RFC 5961 §3.2): exact match resets, anything else in window is challenged.
@@ -559,31 +491,22 @@ class Connection:
             if seg.seq == self.rcv_nxt:
                 self._close("closed" if st in _CLOSED_BY_USER else "reset")
             else:
-                self._challenge_ack(now)
+                self.receiver.challenge_ack(now)
             return
         # fourth: SYN in a synchronized state (RFC 5961 §4.2): challenge ACK, drop.
         if f & _F_SYN:
-            self._challenge_ack(now)
+            self.receiver.challenge_ack(now)
             return
         # fifth: ACK.
         if not f & _F_ACK:
             self.invalid_segments += 1
             return
         if self.options.ecn:
-            self._ecn_in(f, ce)
+            rcv.ecn_in(f & _F_CWR != 0, ce)
         if not self._process_ack(seg, fin, now):
             return
         # sixth (URG) is not supported; seventh and eighth: text and FIN.
         self._process_text(seg.seq, seg.payload, fin, now)
-
-    def _ecn_in(self, f: int, ce: bool) -> None:
-        """RFC 3168 §6.1.3: CWR stops our ECE echo; CE (re)starts it."""
-        rcv = self.receiver
-        if f & _F_CWR:
-            rcv.ece = False
-        if ce:
-            self.ce_received += 1
-            rcv.ece = True
 
     def _process_ack(self, seg: TcpSegment, fin: bool, now: float) -> bool:
         """RFC 9293 §3.10.7.4 fifth; False if the segment is dropped."""
@@ -603,21 +526,12 @@ class Connection:
         # RFC 5961 §5.2: acceptable iff SND.UNA - MAX.SND.WND <= SEG.ACK <= SND.NXT.
         if ack > self.snd_nxt or ack < self.snd_una - self.max_snd_wnd:
             self.invalid_segments += 1
-            self._challenge_ack(now)
+            self.receiver.challenge_ack(now)
             return False
         # RFC 5681 §2 duplicate ACK: outstanding data, no text, no SYN/FIN, same ACK and window.
         dup = (ack == self.snd_una and self.snd_una != self.snd_nxt and not seg.payload and not fin
                and wnd == self.snd_wnd and wnd > 0)
-        # RFC 9293 §3.10.7.4: update the send window only from a newer segment (SND.WL1/WL2).
-        if self.snd_una <= ack and (self.snd_wl1 < seg.seq or (self.snd_wl1 == seg.seq and self.snd_wl2 <= ack)):
-            if wnd and self.snd_wnd == 0:
-                self.timers.cancel(Timer.ZERO_WINDOW_PROBE)
-            self.snd_wnd = wnd
-            self.max_snd_wnd = max(self.max_snd_wnd, wnd)
-            self.snd_wl1 = seg.seq
-            self.snd_wl2 = ack
-        if self.snd_wnd == 0:
-            self.sender.retries = 0  # RFC 9293 §3.8.6.1: a peer answering probes is alive
+        self.sender.update_window(seg.seq, ack, wnd)
         acked = 0
         if ack > self.snd_una:
             acked = ack - self.snd_una - (self.snd_una == self.iss)  # the SYN is no data
@@ -697,7 +611,8 @@ class Connection:
         """Fire every timer due at now."""
         for timer in self.timers.due(now):
             if timer is Timer.RETRANSMIT:
-                self._on_retransmit_timer(now)
+                if not self.sender.on_rto(now):
+                    self._close("timeout")  # RFC 9293 §3.8.3 R2, or the SYN's retries
             elif timer is Timer.ZERO_WINDOW_PROBE:
                 if self.snd_una == self.snd_nxt and self.state in _SENDS:
                     self.sender.on_persist(now)
@@ -706,7 +621,9 @@ class Connection:
             elif timer is Timer.LOSS_PROBE:
                 self.recovery.on_loss_probe(now)
             elif timer is Timer.KEEPALIVE:
-                self._on_keepalive(now)
+                if self.config.keepalive is not None and self.state in _KEEPALIVE_STATES:
+                    if not self.sender.keepalive(now):
+                        self._close("timeout")
             elif timer is Timer.TIME_WAIT:
                 self._close("closed")
             elif timer is Timer.FIN_WAIT_2:
@@ -715,79 +632,17 @@ class Connection:
             if self.state is State.CLOSED:
                 return
 
-    def _on_retransmit_timer(self, now: float) -> None:
-        """RFC 6298 §5.4-§5.6 for SYN, SYN-ACK, data and FIN."""
-        st = self.state
-        snd = self.sender
-        if st is State.SYN_SENT or st is State.SYN_RECEIVED:
-            if snd.retries >= self.config.max_syn_retries:
-                self._close("timeout")
-                return
-            snd.retries += 1
-            self.retransmissions += 1
-            self.timeouts += 1
-            snd.rtt.backoff()
-            snd.rtt_seq = None
-            snd.rtx_ts.append((self.iss, self.iss + 1, ts_clock(now)))  # no echo sample of the first
-            self._send_syn(now)
-            self.timers.arm(Timer.RETRANSMIT, now + snd.rtt.rto)
-            return
-        if self.snd_una == self.snd_nxt or st not in _SENDS:
-            return
-        if snd.retries >= self.config.max_retries:
-            self._close("timeout")  # RFC 9293 §3.8.3 R2
-            return
-        snd.retries += 1
-        self.timeouts += 1
-        self.recovery.on_rto(now)
-        self.timers.arm(Timer.RETRANSMIT, now + snd.rtt.rto)  # RFC 6298 §5.6
-
-    def _on_keepalive(self, now: float) -> None:
-        """RFC 9293 §3.8.4: probe an idle connection with SEG.SEQ = SND.NXT - 1."""
-        cfg = self.config
-        if cfg.keepalive is None or self.state not in _KEEPALIVE_STATES:
-            return
-        idle_deadline = self._last_recv + cfg.keepalive  # the same float as the armed deadline
-        if self._ka_probes == 0 and now < idle_deadline:
-            self.timers.arm(Timer.KEEPALIVE, idle_deadline)
-            return
-        if self._ka_probes >= cfg.keepalive_probes:
-            self._close("timeout")
-            return
-        self._ka_probes += 1
-        self.keepalive_probes_sent += 1
-        self.receiver.emit(self.snd_nxt - 1, _ACK, b"", now)
-        self.timers.arm(Timer.KEEPALIVE, now + cfg.keepalive_interval)
-
     def _update_timers(self, now: float) -> None:
         """Arm or cancel timers to match the state after a driver call."""
         st = self.state
         timers = self.timers
         if st is State.CLOSED or st is State.TIME_WAIT:
             return
-        idle = self.snd_una == self.snd_nxt
-        rto = self.sender.rtt.rto
-        # RFC 6298 §5.1/§5.2: the retransmission timer runs while anything is outstanding.
-        if idle:
-            timers.cancel(Timer.RETRANSMIT)
-        else:
-            timers.arm_once(Timer.RETRANSMIT, now + rto)
-        rec = self.recovery
-        if rec.tlp_rearm:
-            rec.tlp_rearm = False
-            rec.arm_loss_probe(now)
-        elif idle:
-            timers.cancel(Timer.LOSS_PROBE)
-        # Persist: data held back (zero window, RFC 9293 §3.8.6.1, or sender SWS
-        # avoidance, §3.8.6.2.1) with nothing outstanding: probe after one RTO.
-        if idle and st in _SENDS and self.sender.has_unsent():
-            timers.arm_once(Timer.ZERO_WINDOW_PROBE, now + rto)
-        else:
-            timers.cancel(Timer.ZERO_WINDOW_PROBE)
+        self.sender.rearm(now, st in _SENDS)
         # RFC 9293 §3.8.4: keepalive after idle time, off unless configured.
         if self.config.keepalive is not None and st in _KEEPALIVE_STATES:
-            if self._ka_probes == 0:
-                timers.arm(Timer.KEEPALIVE, self._last_recv + self.config.keepalive)
+            if self.ka_probes == 0:
+                timers.arm(Timer.KEEPALIVE, self.last_recv + self.config.keepalive)
         else:
             timers.cancel(Timer.KEEPALIVE)
 

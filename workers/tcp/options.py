@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.wire.tcp import TcpOptions
+from pipeline.wire.tcp import Flags, TcpOptions
 from workers.tcp.config import TcpConfig
 
 DEFAULT_MSS = 536            # RFC 9293 §3.7.1: send MSS when the peer sent no MSS option (IPv4)
@@ -81,9 +81,32 @@ class Negotiated:
         """
         return min(self.peer_mss, config.mss) - (TS_OPTION_SPACE if self.timestamps else 0)
 
+    def syn_ack_options(self, config: TcpConfig, tsval: int, ts_recent: int) -> tuple[Flags, TcpOptions]:
+        """Flags and options of our SYN-ACK: only what the peer offered (RFC 7323 §2.2, §3.2; RFC 2018 §2)."""
+        opts = TcpOptions(
+            mss=config.mss,
+            window_scale=self.rcv_wscale if self.ws_ok else None,
+            sack_permitted=self.sack,
+            timestamp=(tsval, ts_recent) if self.timestamps else None,
+        )
+        flags = Flags.SYN | Flags.ACK
+        return (flags | Flags.ECE if self.ecn else flags), opts  # RFC 3168 §6.1.1 ECN-setup SYN-ACK
+
     def rcv_full(self, config: TcpConfig) -> int:
         """Payload of a full-sized segment from the peer."""
         return config.mss - (TS_OPTION_SPACE if self.timestamps else 0)
 
 
 DEFAULT = Negotiated()
+
+
+def syn_options(config: TcpConfig, tsval: int) -> tuple[Flags, TcpOptions]:
+    """Flags and options of our SYN (active open): everything config allows."""
+    opts = TcpOptions(
+        mss=config.mss,
+        window_scale=window_shift(config.recv_buffer) if config.window_scaling else None,
+        sack_permitted=config.sack,
+        timestamp=(tsval, 0) if config.timestamps else None,
+    )
+    # RFC 3168 §6.1.1: an ECN-setup SYN carries ECE and CWR.
+    return (Flags.SYN | Flags.ECE | Flags.CWR if config.ecn else Flags.SYN), opts

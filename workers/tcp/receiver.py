@@ -28,6 +28,7 @@ from workers.tcp.timers import Timer
 if TYPE_CHECKING:
     from workers.tcp.connection import Connection
 
+CHALLENGE_ACK_LIMIT = 10     # challenge ACKs per second per connection (RFC 5961 §7)
 PAWS_IDLE_LIMIT = 24 * 86400.0  # RFC 7323 §5.5: TS.Recent is invalid after 24 days idle
 _ACK = Flags.ACK
 
@@ -41,7 +42,7 @@ class Receiver:
     """Receive buffer, reassembly, ACK scheduling and window advertisement."""
 
     __slots__ = ("c", "rcvbuf", "reasm", "fin_seq", "ack_now", "unacked_bytes", "seg_max", "data_event_armed",
-                 "last_ack_sent", "ts_recent", "ts_recent_time", "ece")
+                 "last_ack_sent", "ts_recent", "ts_recent_time", "ece", "_challenge_start", "_challenge_count")
 
     def __init__(self, conn: Connection, now: float) -> None:
         cfg = conn.config
@@ -57,6 +58,8 @@ class Receiver:
         self.ts_recent = 0
         self.ts_recent_time = now
         self.ece = False  # RFC 3168 §6.1.3: CE received, echo ECE until the peer's CWR
+        self._challenge_start = float("-inf")
+        self._challenge_count = 0
 
     def negotiated(self) -> None:
         """The options are known: size a full segment from the peer."""
@@ -90,6 +93,27 @@ class Receiver:
         if SeqNum(tsval) >= SeqNum(self.ts_recent) and seq <= self.last_ack_sent:
             self.ts_recent = tsval
             self.ts_recent_time = now
+
+    def challenge_ack(self, now: float) -> None:
+        """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate-limited (§7)."""
+        c = self.c
+        if now - self._challenge_start >= 1.0:
+            self._challenge_start = now
+            self._challenge_count = 0
+        if self._challenge_count >= CHALLENGE_ACK_LIMIT:
+            c.challenge_acks_suppressed += 1
+            return
+        self._challenge_count += 1
+        c.challenge_acks += 1
+        self.ack_now = True
+
+    def ecn_in(self, cwr: bool, ce: bool) -> None:
+        """RFC 3168 §6.1.3: the peer's CWR stops our ECE echo; a CE mark (re)starts it."""
+        if cwr:
+            self.ece = False
+        if ce:
+            self.c.ce_received += 1
+            self.ece = True
 
     # == text and FIN ================================================================
 

@@ -188,6 +188,19 @@ class Sender:
 
     # == acknowledgments =============================================================
 
+    def update_window(self, seq: SeqNum, ack: SeqNum, wnd: int) -> None:
+        """RFC 9293 §3.10.7.4: update the send window only from a newer segment (SND.WL1/WL2)."""
+        c = self.c
+        if c.snd_una <= ack and (c.snd_wl1 < seq or (c.snd_wl1 == seq and c.snd_wl2 <= ack)):
+            if wnd and c.snd_wnd == 0:
+                c.timers.cancel(Timer.ZERO_WINDOW_PROBE)
+            c.snd_wnd = wnd
+            c.max_snd_wnd = max(c.max_snd_wnd, wnd)
+            c.snd_wl1 = seq
+            c.snd_wl2 = ack
+        if c.snd_wnd == 0:
+            self.retries = 0  # RFC 9293 §3.8.6.1: a peer answering probes is alive
+
     def ack_advance(self, seg: TcpSegment, now: float) -> None:
         """SND.UNA moves to SEG.ACK: free the acknowledged bytes, sample RTT, restart the timer."""
         c = self.c
@@ -260,7 +273,74 @@ class Sender:
         self.cc.on_loss(c.snd_nxt - c.snd_una, now)  # ssthresh per RFC 5681 eq. 4, cwnd = ssthresh
         self.cwr_pending = True
 
-    # == persist timer ===============================================================
+    # == timers ======================================================================
+
+    def on_rto(self, now: float) -> bool:
+        """RFC 6298 §5.4-§5.6 for SYN, SYN-ACK, data and FIN; False: give up (too many retries)."""
+        c = self.c
+        if not c.synchronized():
+            if self.retries >= c.config.max_syn_retries:
+                return False
+            self.retries += 1
+            c.retransmissions += 1
+            c.timeouts += 1
+            self.rtt.backoff()
+            self.rtt_seq = None
+            self.rtx_ts.append((c.iss, c.iss + 1, ts_clock(now)))  # no echo sample of the first
+            c.resend_syn(now)
+            c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)
+            return True
+        if c.snd_una == c.snd_nxt or not c.sends():
+            return True
+        if self.retries >= c.config.max_retries:
+            return False  # RFC 9293 §3.8.3 R2
+        self.retries += 1
+        c.timeouts += 1
+        c.recovery.on_rto(now)
+        c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)  # RFC 6298 §5.6
+        return True
+
+
+    def rearm(self, now: float, sends: bool) -> None:
+        """After a driver call: the retransmission, loss-probe and persist timers match the flight."""
+        c = self.c
+        timers = c.timers
+        idle = c.snd_una == c.snd_nxt
+        rto = self.rtt.rto
+        # RFC 6298 §5.1/§5.2: the retransmission timer runs while anything is outstanding.
+        if idle:
+            timers.cancel(Timer.RETRANSMIT)
+        else:
+            timers.arm_once(Timer.RETRANSMIT, now + rto)
+        rec = c.recovery
+        if rec.tlp_rearm:
+            rec.tlp_rearm = False
+            rec.arm_loss_probe(now)
+        elif idle:
+            timers.cancel(Timer.LOSS_PROBE)
+        # Persist: data held back (zero window, RFC 9293 §3.8.6.1, or sender SWS
+        # avoidance, §3.8.6.2.1) with nothing outstanding: probe after one RTO.
+        if idle and sends and self.has_unsent():
+            timers.arm_once(Timer.ZERO_WINDOW_PROBE, now + rto)
+        else:
+            timers.cancel(Timer.ZERO_WINDOW_PROBE)
+
+    def keepalive(self, now: float) -> bool:
+        """RFC 9293 §3.8.4: probe an idle connection with SEG.SEQ = SND.NXT - 1; False: give up."""
+        c = self.c
+        cfg = c.config
+        assert cfg.keepalive is not None
+        idle_deadline = c.last_recv + cfg.keepalive  # the same float as the armed deadline
+        if c.ka_probes == 0 and now < idle_deadline:
+            c.timers.arm(Timer.KEEPALIVE, idle_deadline)
+            return True
+        if c.ka_probes >= cfg.keepalive_probes:
+            return False
+        c.ka_probes += 1
+        c.keepalive_probes_sent += 1
+        c.receiver.emit(c.snd_nxt - 1, _ACK, b"", now)
+        c.timers.arm(Timer.KEEPALIVE, now + cfg.keepalive_interval)
+        return True
 
     def on_persist(self, now: float) -> None:
         """The persist timer: data waits, nothing is in flight to bring an ACK.
