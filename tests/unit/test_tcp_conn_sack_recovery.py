@@ -197,6 +197,9 @@ def test_second_timeout_of_one_segment_forgets_sack_in_case_the_receiver_reneged
     segs = send(c, 4 * MSS)
     sack_ack(c, segs[0].seq, [(segs[2].seq, end(segs[3]))], T0 + 0.01)
     t = c.get_timer()
+    c.handle_timer(t)  # RACK's reorder timer (RFC 8985 §6.2): 0 and 1 are lost, fast retransmit
+    assert [s.seq for s in c.segments_to_send(t)] == [segs[0].seq] and c.timeouts == 0
+    t = c.get_timer()
     c.handle_timer(t)  # first RTO: the SACKed segments are skipped (RFC 6675 §5.1)
     assert [s.seq for s in c.segments_to_send(t)] == [segs[0].seq]
     t = c.get_timer()

@@ -533,10 +533,11 @@ class Connection:
                and wnd == self.snd_wnd and wnd > 0)
         self.sender.update_window(seg.seq, ack, wnd)
         acked = 0
-        if ack > self.snd_una:
-            acked = ack - self.snd_una - (self.snd_una == self.iss)  # the SYN is no data
+        old_una = self.snd_una
+        if ack > old_una:
+            acked = ack - old_una - (old_una == self.iss)  # the SYN is no data
             self.sender.ack_advance(seg, now)
-        self.recovery.on_ack(seg, acked, dup, now)
+        self.recovery.on_ack(seg, old_una, acked, dup, now)
         if self.options.ecn and int(seg.flags) & _F_ECE:
             self.ece_received += 1
             self.sender.on_ece(now)  # RFC 3168 §6.1.2
@@ -620,6 +621,8 @@ class Connection:
                 self.receiver.ack_now = True
             elif timer is Timer.LOSS_PROBE:
                 self.recovery.on_loss_probe(now)
+            elif timer is Timer.REORDER:
+                self.recovery.on_reorder_timer(now)
             elif timer is Timer.KEEPALIVE:
                 if self.config.keepalive is not None and self.state in _KEEPALIVE_STATES:
                     if not self.sender.keepalive(now):

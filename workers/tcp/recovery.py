@@ -1,35 +1,40 @@
-"""Loss detection and recovery (gVisor ``sack_recovery.go`` / ``reno_recovery.go``).
+"""Loss recovery (gVisor ``sack_recovery.go`` / ``reno_recovery.go``): what to resend, how much.
 
 Contract: the recovery state is one :class:`RecoveryState`; the connection
 reports every acceptable ACK (:meth:`Recovery.on_ack`), the retransmission
-timeout (:meth:`on_rto`) and the loss-probe timer (:meth:`on_loss_probe`), and
-before new data goes out asks :meth:`output` to retransmit what is lost and
-return the right edge up to which the sender may send new data.  Sequence
-variables stay in the connection; the SACK scoreboard lives here.
+timeout (:meth:`on_rto`), the loss-probe timer (:meth:`on_loss_probe`) and the
+RACK reorder timer (:meth:`on_reorder_timer`), and before new data goes out asks
+:meth:`output` to retransmit what is lost and return the right edge up to which
+the sender may send new data.  Sequence variables stay in the connection; the
+SACK scoreboard and the RACK sent-segment log (:mod:`rack`) live here.
 
-With SACK: RFC 6675 -- IsLost() with DupThresh counted in bytes, pipe,
-NextSeg() rules 1, 2 and 4, one loop that resends every lost hole cwnd allows,
-in TSO-sized chunks; after a timeout the same loop resends what is not SACKed up
-to the recovery point (RFC 6675 §5.1, state RTO_RECOVERY).  Outside recovery
+With SACK, RFC 8985 RACK is the loss detector: data is lost once something sent
+after it was delivered and RACK.rtt + reo_wnd has passed (a lost retransmission
+too, and the data before a delivered tail loss probe); when RACK marks SND.UNA's
+data lost, fast recovery starts.  Repair follows RFC 6675: pipe, NextSeg() rules
+1, 2 and 4, every lost hole the budget allows in TSO-sized chunks; how much may
+be sent per ACK in fast recovery is RFC 6937 Proportional Rate Reduction
+(PRR-SSRB).  After a timeout the same loop resends what is not SACKed up to the
+recovery point, by cwnd (RFC 6675 §5.1, state RTO_RECOVERY).  Outside recovery
 SACKed bytes count as gone, so new data keeps flowing (RFC 3042 generalized).
-From RFC 8985: a tail loss probe (new data, else the last segment) 2*SRTT after
-the last send or ACK, a retransmission found lost again when data sent after it
-is SACKed, and the data sent before a SACKed probe is lost.  Without SACK:
-NewReno (RFC 6582) with limited transmit (RFC 3042), and go-back-N after a
-timeout from ``rtx_nxt`` (the BSD ``snd_nxt`` rewind, without breaking the RFC's
-ACK acceptability test).  Our deviations, each commented where it is made: up to
-two probes per ACK and probes in recovery too; cwnd in recovery is used in whole
-segments; a timestamp echo is an RTT sample even for retransmitted data unless it
-predates the last timeout.
+RFC 8985 §7 tail loss probes: new data, else the last segment, 2*SRTT after the
+last send or ACK.  Without SACK: NewReno (RFC 6582) with limited transmit (RFC
+3042), and go-back-N after a timeout from ``rtx_nxt`` (the BSD ``snd_nxt``
+rewind, without breaking the RFC's ACK acceptability test).  Our deviations, each
+commented where it is made: up to two probes per ACK and probes in recovery too;
+cwnd and the PRR budget are used in whole segments; a timestamp echo is an RTT
+sample even for retransmitted data unless it predates the last timeout.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from typing import TYPE_CHECKING
 
 from pipeline.wire.seqnum import SeqNum, seq_max
 from pipeline.wire.tcp import TcpSegment
+from workers.tcp.rack import Rack
 from workers.tcp.scoreboard import SackScoreboard
 from workers.tcp.timers import Timer
 
@@ -58,26 +63,32 @@ _RTO = RecoveryState.RTO_RECOVERY
 class Recovery:
     """Recovery state, SACK scoreboard, retransmission log and tail loss probes."""
 
-    __slots__ = ("c", "state", "scoreboard", "recover", "dupacks", "high_rxt", "rescue_done", "rtx_log", "relost",
-                 "rtx_nxt", "tlp_out", "tlp_end", "tlp_rearm", "probe_seqs", "probe_lost")
+    __slots__ = ("c", "state", "scoreboard", "rack", "recover", "dupacks", "high_rxt", "rescue_done", "relost",
+                 "rtx_nxt", "tlp_out", "tlp_end", "tlp_rearm", "prr_delivered", "prr_out", "recover_fs", "budget",
+                 "_sacked_prev")
 
     def __init__(self, conn: Connection, iss: SeqNum) -> None:
         self.c = conn
         self.state = _OPEN
         self.scoreboard = SackScoreboard()
+        self.rack = Rack(iss)  # RFC 8985 state and the sent-segment log (SACK connections)
         self.recover = iss  # RFC 6582 recover / RFC 6675 RecoveryPoint
         self.dupacks = 0
         self.high_rxt = iss  # RFC 6675 HighRxt: end of the highest retransmission
         self.rescue_done = False  # RFC 6675 §4 NextSeg rule 4, once per recovery
-        self.rtx_log: list[tuple[SeqNum, SeqNum, SeqNum]] = []  # (start, end, SND.NXT) of retransmissions
-        self.relost: list[tuple[SeqNum, SeqNum]] = []  # retransmissions found lost again
+        self.relost: list[tuple[SeqNum, SeqNum]] = []  # retransmissions RACK found lost again
         self.rtx_nxt: SeqNum | None = None  # go-back-N point after a timeout without SACK
         # RFC 8985 §7 tail loss probe (with SACK only): up to MAX_LOSS_PROBES per ACK of new data.
         self.tlp_out = 0  # probes sent since new data was last acknowledged
         self.tlp_end: SeqNum | None = None  # end of a retransmitted probe awaiting its verdict
         self.tlp_rearm = False  # new data sent or acknowledged: (re)start the PTO
-        self.probe_seqs: list[SeqNum] = []  # starts of new-data probes not yet acknowledged
-        self.probe_lost: SeqNum | None = None  # un-SACKed data below this was sent before a delivered probe
+        # RFC 6937 PRR: delivered and sent since fast recovery began, FlightSize then,
+        # and what the last ACK allows (sndcnt) still unsent.
+        self.prr_delivered = 0
+        self.prr_out = 0
+        self.recover_fs = 0
+        self.budget = 0
+        self._sacked_prev = 0  # SACKed bytes after the previous ACK (RFC 6937 DeliveredData)
 
     @property
     def in_fast_recovery(self) -> bool:
@@ -88,10 +99,22 @@ class Recovery:
         return self.state is not _OPEN
 
     def end(self) -> None:
+        if self.state is _SACK:
+            self.rack.on_recovery_exit()
         self.state = _OPEN
         self.dupacks = 0
-        self.rtx_log.clear()
+        self.rack.forget_retransmissions()
         self.relost.clear()
+
+    def on_send(self, seq: SeqNum, end: SeqNum, now: float, rtx: bool) -> None:
+        """Every transmission (the sender's): RACK's log, and PRR's prr_out."""
+        if not self.c.options.sack:
+            return
+        self.rack.on_send(seq, end, now, rtx)
+        if self.state is _SACK:
+            n = end - seq
+            self.prr_out += n
+            self.budget -= n
 
     # == ACK processing ==============================================================
 
@@ -104,30 +127,83 @@ class Recovery:
         if self.rtx_nxt is not None and self.rtx_nxt < ack:
             self.rtx_nxt = ack
         self.scoreboard.advance(ack)
+        self.rack.advance(ack)
 
-    def on_ack(self, seg: TcpSegment, acked: int, dup: bool, now: float) -> None:
+    def on_ack(self, seg: TcpSegment, old_una: SeqNum, acked: int, dup: bool, now: float) -> None:
         """An acceptable ACK after SND.UNA and the window were updated."""
         c = self.c
         sack = c.options.sack
         blocks = seg.options.sack_blocks if sack else ()
-        if blocks:
-            self.scoreboard.update(blocks, c.snd_una, c.snd_nxt)
+        sb = self.scoreboard
+        if sack:
+            fack = sb.highest_sacked
+            if blocks:
+                sb.update(blocks, c.snd_una, c.snd_nxt)
+            if blocks and self._dsack(seg):
+                self.rack.on_dsack(c.snd_una, c.snd_nxt)
+            if acked > 0 or blocks:
+                ts = seg.options.timestamp if c.options.timestamps else None
+                self.rack.on_ack(c.snd_una, old_una, blocks, sb, fack, ts[1] if ts else None, now)
         if self.tlp_end is not None:
             self._tlp_verdict(seg, now)
-        if self.probe_seqs and blocks:
-            self._probe_delivered()
-        if self.rtx_log and blocks and self.state is not _OPEN:
-            self._detect_lost_retransmissions()
         if acked > 0:
             self._on_acked(acked, now)
         elif dup:
             self._on_dup_ack(now)
-        if (self.state is _OPEN and blocks and c.snd_una >= self.recover
-                and (self.scoreboard.is_lost(c.snd_una, c.send_mss)
-                     or (self.probe_lost is not None and self.probe_lost > c.snd_una))):
-            # RFC 6675 §5: enough SACKed above SND.UNA marks it lost without three
-            # pure duplicate ACKs (ACKs on data, or one ACK per GRO batch, are not).
+        if sack:
+            delivered = max(0, acked) + sb.sacked_bytes - self._sacked_prev
+            self._detect(now)
+            if self.state is _SACK:
+                self._prr(delivered)
+            self._sacked_prev = sb.sacked_bytes
+
+    def _dsack(self, seg: TcpSegment) -> bool:
+        """RFC 2883 §4: the first block reports a duplicate (below SEG.ACK, or inside the second)."""
+        blocks = seg.options.sack_blocks
+        return blocks[0][1] <= seg.ack or (len(blocks) > 1 and blocks[1][0] <= blocks[0][0]
+                                           and blocks[0][1] <= blocks[1][1])
+
+    def _detect(self, now: float) -> None:
+        """RFC 8985 §6.2 step 5, and fast recovery when SND.UNA's data is found lost."""
+        c = self.c
+        sb = self.scoreboard
+        rack = self.rack
+        reo_wnd = rack.reo_wnd(self.state is not _OPEN, sb.sacked_bytes, c.send_mss, c.sender.rtt.srtt)
+        relost, deadline = rack.detect(sb, reo_wnd, now)
+        if relost:
+            c.lost_retransmissions += len(relost)
+            self.relost.extend(relost)
+            self.relost.sort()
+        if deadline is None:
+            c.timers.cancel(Timer.REORDER)
+        else:
+            c.timers.arm(Timer.REORDER, max(deadline, now))
+        lost = rack.lost_below()
+        if (self.state is _OPEN and lost is not None and lost > c.snd_una and c.snd_una >= self.recover
+                and not sb.is_sacked(c.snd_una)):
             self._enter(now)
+
+    def on_reorder_timer(self, now: float) -> None:
+        """RFC 8985 §6.2 step 5: the reorder window of a segment has passed; look again."""
+        if self.c.snd_una != self.c.snd_nxt and self.c.sends():
+            self._detect(now)
+
+    def _prr(self, delivered: int) -> None:
+        """RFC 6937 §3.1 on each ACK in fast recovery: sndcnt, as PRR-SSRB."""
+        c = self.c
+        cc = c.sender.cc
+        self.prr_delivered += delivered
+        pipe = self._pipe(self._lost_edge())
+        ssthresh = cc.ssthresh
+        if pipe > ssthresh:
+            # Proportional part: sndcnt = CEIL(prr_delivered * ssthresh / RecoverFS) - prr_out.
+            sndcnt = math.ceil(self.prr_delivered * ssthresh / max(1, self.recover_fs)) - self.prr_out
+        else:
+            # Slow start reduction bound: catch up to ssthresh, at most one SMSS beyond what was delivered.
+            limit = max(self.prr_delivered - self.prr_out, delivered) + c.send_mss
+            sndcnt = min(ssthresh - pipe, limit)
+        self.budget = max(sndcnt, 0)
+        cc.cwnd = pipe + self.budget  # RFC 6937: cwnd = pipe + sndcnt
 
     def _on_acked(self, acked: int, now: float) -> None:
         """New data acknowledged: grow cwnd, or NewReno partial/full ACK (RFC 6582 §3.2)."""
@@ -163,12 +239,9 @@ class Recovery:
                 c.sender.cc.cwnd += c.send_mss  # step 4: inflate by one SMSS per duplicate ACK
             return  # with SACK, RFC 6675 counts pipe instead of inflating
         # step 2: only if the ACK covers more than recover (no second reduction per window).
-        # With SACK the scoreboard tells new losses from old ones, so a loss right at
-        # the recovery point may start a new recovery (RFC 6675 §5 ends the old one
-        # when HighACK >= RecoveryPoint); without it, that would be a second reduction
-        # for one window of data.
-        covered = c.snd_una >= self.recover if c.options.sack else c.snd_una > self.recover
-        if self.dupacks == DUP_ACK_THRESHOLD and covered and self.state is not _RTO:
+        if c.options.sack:
+            return  # RACK (RFC 8985) decides; a duplicate ACK carries SACK blocks for it
+        if self.dupacks == DUP_ACK_THRESHOLD and c.snd_una > self.recover:
             self._enter(now)
 
     def _enter(self, now: float) -> None:
@@ -179,15 +252,16 @@ class Recovery:
         self.recover = c.snd_nxt
         cc.on_loss(c.snd_nxt - c.snd_una, now)
         if c.options.sack:
-            # RFC 6675 §5 steps (4.1)-(4.3): RecoveryPoint = HighData, cwnd = ssthresh,
-            # retransmit the first segment now; (4.4) the rest by pipe in output().
+            # RFC 6675 §5 steps (4.1)-(4.3): RecoveryPoint = HighData, retransmit the
+            # first segment now; (4.4) the rest as PRR allows in output().  RFC 6937:
+            # RecoverFS = snd.nxt - snd.una, nothing delivered or sent yet.
             self.state = _SACK
             self.rescue_done = False
-            self.rtx_log.clear()
             self.relost.clear()
+            self.prr_delivered = self.prr_out = self.budget = 0
+            self.recover_fs = c.snd_nxt - c.snd_una
             used = c.sender.send_range(c.snd_una, min(c.snd_nxt - c.snd_una, c.send_mss), now, rtx=True)
             self.high_rxt = c.snd_una + used
-            self.rtx_log.append((c.snd_una, self.high_rxt, c.snd_nxt))
             self.tlp_rearm = True
             return
         self.state = _NEWRENO
@@ -227,12 +301,12 @@ class Recovery:
             # The same segment timed out again: the receiver may have reneged on what it
             # SACKed (RFC 2018 §8), so stop skipping that data (RFC 6675 §5.1).
             self.scoreboard.clear()
+            self._sacked_prev = 0
         if c.options.sack and c.snd_wnd > 0:
             # RFC 6675 §5.1: resend what is not SACKed up to the recovery point, by
             # pipe, and do not enter fast recovery again before it is acknowledged.
             self.state = _RTO
             self.high_rxt = c.snd_una + used
-            self.rtx_log.append((c.snd_una, self.high_rxt, c.snd_nxt))
             self.tlp_out = 0
             self.tlp_rearm = True
         else:
@@ -248,6 +322,8 @@ class Recovery:
             # 1. RFC 6675 §5 (C): lost segments while cwnd - pipe allows (in whole
             # segments), then new data in what is left (NextSeg rule 2), within rwnd.
             room = self._sack_recovery_output(now)
+            if self.state is _SACK:
+                room = self.budget  # RFC 6937: what PRR still allows after the retransmissions
             edge = c.snd_nxt + (max(room, c.send_mss) if room > 0 else 0)
             wnd_edge = c.snd_una + c.snd_wnd
             if edge > wnd_edge:
@@ -290,16 +366,9 @@ class Recovery:
         return edge
 
     def _lost_edge(self) -> SeqNum | None:
-        """Un-SACKed data below this sequence number is deemed lost (RFC 6675 §4 IsLost)."""
+        """Un-SACKed data below this sequence number is deemed lost (RFC 8985 §6.2 via RACK)."""
         c = self.c
-        sb = self.scoreboard
-        lost = sb.lost_edge(c.send_mss) if sb.sacked_bytes else None
-        probe = self.probe_lost
-        if probe is not None:
-            if probe <= c.snd_una:
-                self.probe_lost = None
-            elif lost is None or lost < probe:
-                lost = probe
+        lost = self.rack.lost_below()
         if self.state is _RTO:
             # RFC 6675 §5.1: after a timeout everything outstanding up to the
             # recovery point and not SACKed is presumed lost (go-back-N skipping SACKed).
@@ -330,7 +399,6 @@ class Recovery:
         c = self.c
         used = c.sender.send_range(s, min(e - s, max(c.send_mss, room), wnd_edge - s), now, rtx=True)
         if used:
-            self.rtx_log.append((s, s + used, c.snd_nxt))
             self.tlp_rearm = True
         return used
 
@@ -343,11 +411,12 @@ class Recovery:
         """
         c = self.c
         mss = c.send_mss
-        cwnd = c.sender.cc.cwnd
         una = c.snd_una
         wnd_edge = una + c.snd_wnd
         lost = self._lost_edge()
         pipe = self._pipe(lost)
+        # Fast recovery sends what PRR allows (RFC 6937), after a timeout what cwnd allows.
+        cwnd = pipe + self.budget if self.state is _SACK else c.sender.cc.cwnd
         # Retransmissions lost again (lost-retransmission detection, as RFC 8985
         # RACK finds them: data sent after the retransmission was SACKed) go first.
         relost = self.relost
@@ -412,38 +481,11 @@ class Recovery:
 
     # == loss detection beyond DupThresh =============================================
 
-    def _detect_lost_retransmissions(self) -> None:
-        """A retransmission is lost if data sent after it was SACKed and it was not."""
-        top = self.scoreboard.highest_sacked
-        if top is None:
-            return
-        c = self.c
-        una = c.snd_una
-        keep = []
-        found = False
-        for entry in self.rtx_log:
-            start, end, nxt = entry
-            if end <= una:
-                continue
-            if top > nxt:
-                s, e = self._unsacked_from(seq_max(start, una))
-                if s < end:
-                    self.relost.append((s, end))
-                    c.lost_retransmissions += 1
-                    found = True
-                continue
-            keep.append(entry)
-        self.rtx_log = keep
-        if found:
-            self.relost.sort()
-
     def _tlp_verdict(self, seg: TcpSegment, now: float) -> None:
         """RFC 8985 §7.4: did the retransmitted probe repair a loss?"""
         c = self.c
-        blocks = seg.options.sack_blocks
         assert self.tlp_end is not None
-        if blocks and (blocks[0][1] <= seg.ack or (len(blocks) > 1 and blocks[1][0] <= blocks[0][0]
-                                                    and blocks[0][1] <= blocks[1][1])):
+        if seg.options.sack_blocks and self._dsack(seg):
             self.tlp_end = None  # a D-SACK (RFC 2883 §4): the probe was a duplicate, nothing was lost
         elif c.snd_una >= self.tlp_end:
             # §7.4.2: the probe alone repaired a loss -- respond to congestion as for
@@ -451,29 +493,6 @@ class Recovery:
             self.tlp_end = None
             if self.state is _OPEN:
                 c.sender.cc.on_loss(c.snd_nxt - c.snd_una, now)
-
-    def _probe_delivered(self) -> None:
-        """RFC 8985 §6.2 (RACK), for probes only: data sent before a delivered probe is lost.
-
-        A new-data probe leaves at least a PTO (2*SRTT) after everything below it,
-        more than RACK's reordering window, so once it is SACKed, the un-SACKed data
-        below it is lost -- even when too little is SACKed for RFC 6675 IsLost()
-        (one lost TSO segment followed by a one-SMSS probe).
-        """
-        top = self.scoreboard.highest_sacked
-        if top is None:
-            return
-        una = self.c.snd_una
-        keep = []
-        for start in self.probe_seqs:
-            if start < una:
-                continue
-            if start < top and self.scoreboard.is_sacked(start):
-                if self.probe_lost is None or self.probe_lost < start:
-                    self.probe_lost = start
-                continue
-            keep.append(start)
-        self.probe_seqs = keep
 
     # == tail loss probe =============================================================
 
@@ -497,8 +516,6 @@ class Recovery:
             start = c.snd_nxt
             used = snd.send_range(start, min(unsent, room, c.send_mss), now, rtx=False)
             c.snd_nxt += used
-            if used:
-                self.probe_seqs.append(start)
         else:
             # Else the last segment sent, up to SMSS.
             start = seq_max(una, c.snd_nxt - c.send_mss)
@@ -518,7 +535,9 @@ class Recovery:
         """
         c = self.c
         una = c.snd_una
-        for k, (start, end, _nxt) in enumerate(self.rtx_log):
+        rack = self.rack
+        for r in list(rack.rtx):
+            start, end = rack.seq(r.start), rack.seq(r.end)
             if end <= una:
                 continue
             s, e = self._unsacked_from(seq_max(start, una))
@@ -530,8 +549,8 @@ class Recovery:
             self.tlp_out += 1
             self.tlp_rearm = True
             c.loss_probes += 1
-            used = c.sender.send_range(s, e - s, now, rtx=True)
-            self.rtx_log[k] = (s, s + used, c.snd_nxt)
+            rack.rtx.remove(r)  # the probe is its newest transmission (logged by on_send)
+            c.sender.send_range(s, e - s, now, rtx=True)
             c.timers.arm(Timer.RETRANSMIT, now + c.sender.rtt.rto)  # RFC 8985 §7.3
             return
 

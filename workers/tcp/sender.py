@@ -169,6 +169,7 @@ class Sender:
                     flags |= _CWR  # RFC 3168 §6.1.2: on the first new data after the reduction
                 self._ect_seqs.add(int(seq))
         rcv.emit(seq, flags, payload, now, options)
+        c.recovery.on_send(seq, seq + n + fin, now, rtx)
         c.timers.arm_once(Timer.RETRANSMIT, now + self.rtt.rto)  # RFC 6298 §5.1
         return n + fin
 

@@ -22,6 +22,7 @@ class Timer(enum.Enum):
     TIME_WAIT = 5          # 2 MSL, RFC 9293 §3.10.7.4
     LOSS_PROBE = 6         # RFC 8985 §7 PTO
     FIN_WAIT_2 = 7         # orphaned FIN-WAIT-2 (Linux tcp_fin_timeout)
+    REORDER = 8            # RFC 8985 §6.2 step 5 RACK reorder timer
 
 
 class TimerTable:
