@@ -52,7 +52,7 @@ class Rack:
 
     __slots__ = ("_anchor", "_anchor_abs", "_starts", "_ends", "_times", "rtx",
                  "xmit_ts", "end_seq", "rtt", "min_rtt", "reordering_seen", "reo_wnd_mult", "reo_wnd_persist",
-                 "dsack_round", "lost_edge")
+                 "dsack_round", "lost_edge", "fack", "rxt_high")
 
     def __init__(self, snd_una: SeqNum) -> None:
         self._anchor = SeqNum(snd_una)
@@ -71,6 +71,8 @@ class Rack:
         self.reo_wnd_persist = REO_WND_PERSIST
         self.dsack_round: int | None = None
         self.lost_edge: int | None = None  # un-SACKed first transmissions below this are lost
+        self.fack = 0  # RFC 8985 §6.1 RACK.fack: the highest sequence delivered so far (a position)
+        self.rxt_high = 0  # end of the highest retransmission ever (a position)
 
     # == coordinates =================================================================
 
@@ -106,6 +108,8 @@ class Rack:
             self._ends.append(b)
             self._times.append(now)
             return
+        if b > self.rxt_high:
+            self.rxt_high = b
         count = 2
         for r in self.rtx:
             if r.start < b and a < r.end:
@@ -138,10 +142,14 @@ class Rack:
             self.min_rtt = rtt
 
     def on_ack(self, una: SeqNum, old_una: SeqNum, blocks: tuple[tuple[SeqNum, SeqNum], ...], sb: SackScoreboard,
-               fack_before: SeqNum | None, tsecr: int | None, now: float) -> None:
+               tsecr: int | None, now: float) -> None:
         """Steps 1-3 for one ACK: which transmissions it delivered, and reordering."""
         una_p = self.pos(una)
         old_p = self.pos(old_una)
+        # Step 3: data below RACK.fack delivered, never retransmitted (nothing at or
+        # above it was), arrived out of order.
+        if una_p > old_p and old_p < self.fack and old_p >= self.rxt_high:
+            self.reordering_seen = True
         # Retransmissions delivered (cumulatively or wholly SACKed).  Step 2: an
         # ambiguous one -- the echo predates it, or it came back faster than any
         # RTT -- says nothing about when it was sent.
@@ -166,14 +174,13 @@ class Rack:
             first = self.first_xmit(p - 1)
             if first is not None and not self._retransmitted(p - 1):
                 self._update(first[0], first[1], now)
-        # Step 3: data below the highest SACKed byte delivered without having been
-        # retransmitted arrived out of order.
-        if fack_before is not None and una_p > old_p and old_p < self.pos(fack_before):
-            if not self._retransmitted(old_p):
-                self.reordering_seen = True
+        for p in edges:
+            if p > self.fack:
+                self.fack = p
 
     def _retransmitted(self, p: int) -> bool:
         return any(r.start <= p < r.end for r in self.rtx)
+
 
     def on_dsack(self, snd_una: SeqNum, snd_nxt: SeqNum) -> None:
         """Step 4: a D-SACK widens the reordering window, once per round trip."""

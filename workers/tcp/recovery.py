@@ -136,14 +136,13 @@ class Recovery:
         blocks = seg.options.sack_blocks if sack else ()
         sb = self.scoreboard
         if sack:
-            fack = sb.highest_sacked
             if blocks:
                 sb.update(blocks, c.snd_una, c.snd_nxt)
             if blocks and self._dsack(seg):
                 self.rack.on_dsack(c.snd_una, c.snd_nxt)
             if acked > 0 or blocks:
                 ts = seg.options.timestamp if c.options.timestamps else None
-                self.rack.on_ack(c.snd_una, old_una, blocks, sb, fack, ts[1] if ts else None, now)
+                self.rack.on_ack(c.snd_una, old_una, blocks, sb, ts[1] if ts else None, now)
         if self.tlp_end is not None:
             self._tlp_verdict(seg, now)
         if acked > 0:
