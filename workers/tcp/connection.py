@@ -6,11 +6,13 @@ Rules of this module (h11 ``_state.py`` style):
   §3.3.1: ``iss``, ``snd_una``, ``snd_nxt``, ``snd_wnd``, ``snd_wl1``, ``snd_wl2``,
   ``irs``, ``rcv_nxt``, ``rcv_adv``), the RFC 9293 §3.10 event processing and the
   application interface.  It calls downward only, into its roles (gVisor's
-  split): :mod:`sender` (send buffer, Nagle, SWS, segments, RTT, cwnd, persist),
-  :mod:`receiver` (acceptability, text, reassembly, window, ACKs), :mod:`recovery`
-  (loss detection and repair, loss probes), :mod:`options` (what the SYNs agreed,
-  one frozen value) and :mod:`timers` (one table of deadlines).  Each role reads
-  the TCB through its ``c`` reference, as gVisor's sender reads ``s.ep``.
+  split): :mod:`sender` (send buffer, Nagle, SWS, segments, RTT, cwnd, RTO,
+  persist, keepalive), :mod:`receiver` (acceptability, text, reassembly, window,
+  ACKs), :mod:`recovery` (repair, PRR, loss probes) with :mod:`rack` (RFC 8985
+  loss detection from per-segment send times), :mod:`options` (what the SYNs
+  agreed, one frozen value) and :mod:`timers` (one table of deadlines).  Each
+  role reads the TCB through its ``c`` reference, as gVisor's sender reads
+  ``s.ep``; none calls back into the state machine.
 * It never reads a clock or a socket.  Drivers: ``receive(seg, now, ce)``,
   ``handle_timer(now)`` and the application calls ``send``/``recv``/``close``/
   ``shutdown``/``abort``.  Outputs: ``segments_to_send(now)`` (drains),
@@ -31,6 +33,11 @@ FIN-WAIT-2 lasts at most ``config.fin_wait2_timeout`` (Linux ``tcp_fin_timeout``
 for a closed socket), so a peer that never sends its FIN cannot pin the
 connection; ``shutdown()`` is the half-close that waits for the peer's FIN as
 long as it takes (Linux ``shutdown(SHUT_WR)``).
+
+ECN (RFC 3168 §6.1): an ECN-setup SYN is answered with an ECN-setup SYN-ACK
+(``config.ecn``); ``receive(..., ce=True)`` starts the ECE echo, the peer's CWR
+stops it; ECE reduces cwnd once per window and the next new data carries CWR;
+``ect(seg)`` tells the shell which segments of the last batch to send ECT(0).
 
 Not implemented: urgent data (URG is ignored and its bytes are ordinary data,
 RFC 6093), data in SYN segments (not acknowledged, so the peer resends it),
@@ -259,13 +266,6 @@ class Connection:
         """Data or our FIN may be (re)transmitted in this state."""
         return self.state in _SENDS
 
-    def synchronized(self) -> bool:
-        """Past the SYN exchange (RFC 9293 §3.3.2: not SYN-SENT or SYN-RECEIVED)."""
-        return self.state is not State.SYN_SENT and self.state is not State.SYN_RECEIVED
-
-    def resend_syn(self, now: float) -> None:
-        """The retransmission timer repeats our SYN or SYN-ACK."""
-        self._send_syn(now)
 
     # == application API =============================================================
 
@@ -612,8 +612,13 @@ class Connection:
         """Fire every timer due at now."""
         for timer in self.timers.due(now):
             if timer is Timer.RETRANSMIT:
-                if not self.sender.on_rto(now):
-                    self._close("timeout")  # RFC 9293 §3.8.3 R2, or the SYN's retries
+                if self.state is State.SYN_SENT or self.state is State.SYN_RECEIVED:
+                    if self.sender.on_syn_rto(now):
+                        self._send_syn(now)
+                    else:
+                        self._close("timeout")
+                elif not self.sender.on_rto(now):
+                    self._close("timeout")  # RFC 9293 §3.8.3 R2
             elif timer is Timer.ZERO_WINDOW_PROBE:
                 if self.snd_una == self.snd_nxt and self.state in _SENDS:
                     self.sender.on_persist(now)

@@ -276,21 +276,23 @@ class Sender:
 
     # == timers ======================================================================
 
-    def on_rto(self, now: float) -> bool:
-        """RFC 6298 §5.4-§5.6 for SYN, SYN-ACK, data and FIN; False: give up (too many retries)."""
+    def on_syn_rto(self, now: float) -> bool:
+        """RFC 6298 §5.5-§5.6 for our SYN or SYN-ACK; True: the caller resends it, False: give up."""
         c = self.c
-        if not c.synchronized():
-            if self.retries >= c.config.max_syn_retries:
-                return False
-            self.retries += 1
-            c.retransmissions += 1
-            c.timeouts += 1
-            self.rtt.backoff()
-            self.rtt_seq = None
-            self.rtx_ts.append((c.iss, c.iss + 1, ts_clock(now)))  # no echo sample of the first
-            c.resend_syn(now)
-            c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)
-            return True
+        if self.retries >= c.config.max_syn_retries:
+            return False
+        self.retries += 1
+        c.retransmissions += 1
+        c.timeouts += 1
+        self.rtt.backoff()
+        self.rtt_seq = None
+        self.rtx_ts.append((c.iss, c.iss + 1, ts_clock(now)))  # no echo sample of the first
+        c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)
+        return True
+
+    def on_rto(self, now: float) -> bool:
+        """RFC 6298 §5.4-§5.6 for data and FIN; False: give up (too many retries)."""
+        c = self.c
         if c.snd_una == c.snd_nxt or not c.sends():
             return True
         if self.retries >= c.config.max_retries:
