@@ -1,7 +1,7 @@
 """ECN (RFC 3168 §6.1): negotiation, echoing CE, reacting to ECE once per window, CWR,
 and which segments go out ECT(0) (``conn.ect(seg)``)."""
 
-from pipeline.wire.tcp import Flags, TcpSegment
+from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from tests.unit.tcp_builders import (
     LOCAL_ISS, LOCAL_PORT, PLAIN, REMOTE_ISS, REMOTE_PORT, T0, Pair, config, drain, elicit_ack, fire, seg, syn,
 )
@@ -11,8 +11,8 @@ ECN = Flags.ECE | Flags.CWR
 MSS = 1460
 
 
-def ecn_syn():
-    s = syn(PLAIN)
+def ecn_syn(options=PLAIN):
+    s = syn(options)
     return TcpSegment(s.src_port, s.dst_port, s.seq, s.ack, Flags.SYN | ECN, s.window, options=s.options)
 
 
@@ -99,3 +99,20 @@ def test_ece_reduces_cwnd_once_per_window_and_sets_cwr():
     new = [s for s in c.segments_to_send(T0 + 0.01) if s.payload]
     assert new and new[0].flags & Flags.CWR and c.ect(new[0])
     assert all(not s.flags & Flags.CWR for s in new[1:])
+
+
+def test_new_data_queued_by_a_timer_is_ect_in_the_next_batch():
+    c, _ = accepted(config(ecn=True, nagle=False, sack=True, timestamps=True),
+                    ecn_syn(TcpOptions(mss=MSS, sack_permitted=True, timestamp=(1, 0))))
+    assert c.sack_ok and c.ts_ok and c.ecn_ok
+    c.send(b"k" * 100)
+    [s] = c.segments_to_send(T0)
+    c.receive(seg(c, "A", options=TcpOptions(timestamp=(2, s.options.timestamp[0]))), T0 + 0.01)
+    c.send(b"a" * 2 * (MSS - 12))
+    out = c.segments_to_send(T0 + 0.02)
+    assert len(out) == 2
+    c.send(b"b" * 100)  # waits: the loss probe will carry it
+    t = c.get_timer()
+    c.handle_timer(t)  # RFC 8985 §7.3: new data as the probe, queued inside handle_timer
+    [probe] = c.segments_to_send(t)
+    assert probe.payload == b"b" * 100 and c.ect(probe) and not any(c.ect(s) for s in out)

@@ -339,7 +339,6 @@ class Connection:
 
     def segments_to_send(self, now: float) -> list[TcpSegment]:
         """Everything to transmit now: retransmissions, new data, FIN, ACKs."""
-        self.sender.drained()
         if self.state in _SENDS:
             edge = self.recovery.output(now)
             if edge is not None:
@@ -350,6 +349,7 @@ class Connection:
                 rcv.emit(self.snd_nxt, _ACK, b"", now)
             rcv.ack_now = False
         self._update_timers(now)
+        self.sender.drained()
         out = self._out
         self._out = []
         self.segments_out += len(out)

@@ -42,7 +42,7 @@ class Sender:
     """Send buffer, segmentation, Nagle/SWS, RTT estimation and the congestion window."""
 
     __slots__ = ("c", "sndbuf", "buf_seq", "fin_queued", "fin_seq", "send_blocked", "rtt", "cc", "rtt_seq",
-                 "rtt_time", "rtx_ts", "rto_rtx_end", "retries", "cwr_pending", "ecn_recover", "_ect_seqs")
+                 "rtt_time", "rtx_ts", "rto_rtx_end", "retries", "cwr_pending", "ecn_recover", "_ect_new", "_ect_batch")
 
     def __init__(self, conn: Connection, iss: SeqNum) -> None:
         cfg = conn.config
@@ -61,7 +61,8 @@ class Sender:
         self.retries = 0
         self.cwr_pending = False  # RFC 3168 §6.1.2: CWR on the next new data segment
         self.ecn_recover = iss  # no second ECE reduction before snd_una passes this
-        self._ect_seqs: set[int] = set()  # new data emitted since the last drain (sent ECT(0))
+        self._ect_new: set[int] = set()  # new data queued since the last drain (to go out ECT(0))
+        self._ect_batch: set[int] = set()  # the same, for the batch the shell took last
 
     def negotiated(self) -> None:
         """The MSS is known: restart the congestion controller with it."""
@@ -167,7 +168,7 @@ class Sender:
                 if self.cwr_pending:
                     self.cwr_pending = False
                     flags |= _CWR  # RFC 3168 §6.1.2: on the first new data after the reduction
-                self._ect_seqs.add(int(seq))
+                self._ect_new.add(int(seq))
         rcv.emit(seq, flags, payload, now, options)
         c.recovery.on_send(seq, seq + n + fin, now, rtx)
         c.timers.arm_once(Timer.RETRANSMIT, now + self.rtt.rto)  # RFC 6298 §5.1
@@ -175,11 +176,13 @@ class Sender:
 
     def ect(self, seg: TcpSegment) -> bool:
         """Send this segment ECT(0)?  New data only (RFC 3168 §6.1.4, §6.1.5)."""
-        return bool(seg.payload) and not seg.syn and int(seg.seq) in self._ect_seqs
+        return bool(seg.payload) and not seg.syn and int(seg.seq) in self._ect_batch
 
     def drained(self) -> None:
-        """The shell took the last batch of segments (after it asked ect() about them)."""
-        self._ect_seqs.clear()
+        """The shell takes a batch: ect() now answers for it (and whatever was queued
+        since the previous batch, by receive() or handle_timer() too)."""
+        self._ect_batch = self._ect_new
+        self._ect_new = set()
 
     def start_rtt(self, seq: SeqNum, now: float) -> None:
         """Time one segment per RTT (RFC 6298 §3); the fallback when no timestamp echo is usable."""
