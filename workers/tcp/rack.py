@@ -224,11 +224,16 @@ class Rack:
             edge = ends[k_lost - 1]
             if self.lost_edge is None or edge > self.lost_edge:
                 self.lost_edge = edge
-        # The first one not yet lost with a hole in it starts the reorder timer.
-        for k in range(k_lost, k_rack):
-            if not sb.covers(self.seq(self._starts[k]), self.seq(ends[k])):
-                deadline = times[k] + self.rtt + reo_wnd
-                break
+        # The first one not yet lost with a hole in it starts the reorder timer (the
+        # scoreboard finds the hole, so SACKed segments cost nothing here).
+        if k_lost < k_rack:
+            hole = sb.next_hole(self.seq(self._starts[k_lost]), self.seq(ends[k_rack - 1]))
+            if hole is None and not sb.sacked_bytes:
+                hole = (self.seq(self._starts[k_lost]), self.seq(ends[k_rack - 1]))
+            if hole is not None:
+                k = bisect_right(ends, self.pos(hole[0]), k_lost, k_rack)
+                if k < k_rack:
+                    deadline = times[k] + self.rtt + reo_wnd
         relost: list[tuple[SeqNum, SeqNum]] = []
         keep = []
         for r in self.rtx:
