@@ -103,6 +103,15 @@ _CLOSED_BY_USER = frozenset({State.CLOSING, State.LAST_ACK, State.TIME_WAIT})
 _KEEPALIVE_STATES = frozenset({State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_2})
 
 
+# Counters: plain ints the shell logs when a connection closes.
+_COUNTERS = (
+    "segments_in", "segments_out", "retransmissions", "timeouts", "fast_retransmits", "dup_acks",
+    "challenge_acks", "challenge_acks_suppressed", "invalid_segments", "paws_rejected", "ooo_segments",
+    "zero_window_probes", "keepalive_probes_sent", "bytes_sent", "bytes_received", "bytes_acked",
+    "loss_probes", "lost_retransmissions", "ce_received", "ece_received",
+)
+
+
 def _ecn_setup_syn(seg: TcpSegment) -> bool:
     """RFC 3168 §6.1.1: an ECN-setup SYN carries ECE and CWR."""
     return int(seg.flags) & (_F_ECE | _F_CWR) == _F_ECE | _F_CWR
@@ -118,11 +127,7 @@ class Connection:
         # roles, timers, output, events
         "sender", "receiver", "recovery", "timers", "_out", "_events", "_orphan",
         "last_recv", "ka_probes",
-        # counters
-        "segments_in", "segments_out", "retransmissions", "timeouts", "fast_retransmits", "dup_acks",
-        "challenge_acks", "challenge_acks_suppressed", "invalid_segments", "paws_rejected", "ooo_segments",
-        "zero_window_probes", "keepalive_probes_sent", "bytes_sent", "bytes_received", "bytes_acked",
-        "loss_probes", "lost_retransmissions", "ce_received", "ece_received",
+        *_COUNTERS,
     )
 
     def __init__(self, local_port: int, remote_port: int, iss: SeqNum, config: TcpConfig, now: float) -> None:
@@ -136,16 +141,9 @@ class Connection:
         self.options = DEFAULT
         self.send_mss = DEFAULT.send_mss(config)
         self.peer_fin = False
-        self.iss = iss
-        self.snd_una = iss
-        self.snd_nxt = iss
-        self.snd_wnd = 0
-        self.snd_wl1 = SeqNum(0)
-        self.snd_wl2 = iss
-        self.max_snd_wnd = 0
-        self.irs = SeqNum(0)
-        self.rcv_nxt = SeqNum(0)
-        self.rcv_adv = SeqNum(0)
+        self.iss = self.snd_una = self.snd_nxt = self.snd_wl2 = iss
+        self.snd_wnd = self.max_snd_wnd = 0
+        self.snd_wl1 = self.irs = self.rcv_nxt = self.rcv_adv = SeqNum(0)
         self.timers = TimerTable()
         self._out: list[TcpSegment] = []
         self._events: deque[Event] = deque()
@@ -153,12 +151,8 @@ class Connection:
         # RFC 9293 §3.8.4 keepalive: when the peer was last heard, probes unanswered since.
         self.last_recv = now
         self.ka_probes = 0
-        self.segments_in = self.segments_out = self.retransmissions = self.timeouts = 0
-        self.fast_retransmits = self.dup_acks = self.challenge_acks = self.challenge_acks_suppressed = 0
-        self.invalid_segments = self.paws_rejected = self.ooo_segments = 0
-        self.zero_window_probes = self.keepalive_probes_sent = 0
-        self.bytes_sent = self.bytes_received = self.bytes_acked = 0
-        self.loss_probes = self.lost_retransmissions = self.ce_received = self.ece_received = 0
+        for name in _COUNTERS:
+            setattr(self, name, 0)
         self.receiver = Receiver(self, now)
         self.sender = Sender(self, iss)
         self.recovery = Recovery(self, iss)
@@ -523,24 +517,10 @@ class Connection:
             self.max_snd_wnd = max(self.max_snd_wnd, wnd)
             self.snd_wl1 = seg.seq
             self.snd_wl2 = ack
-        # RFC 5961 §5.2: acceptable iff SND.UNA - MAX.SND.WND <= SEG.ACK <= SND.NXT.
-        if ack > self.snd_nxt or ack < self.snd_una - self.max_snd_wnd:
+        if not self.sender.on_ack(seg, wnd, fin, now):
             self.invalid_segments += 1
-            self.receiver.challenge_ack(now)
+            self.receiver.challenge_ack(now)  # RFC 5961 §5.2
             return False
-        # RFC 5681 §2 duplicate ACK: outstanding data, no text, no SYN/FIN, same ACK and window.
-        dup = (ack == self.snd_una and self.snd_una != self.snd_nxt and not seg.payload and not fin
-               and wnd == self.snd_wnd and wnd > 0)
-        self.sender.update_window(seg.seq, ack, wnd)
-        acked = 0
-        old_una = self.snd_una
-        if ack > old_una:
-            acked = ack - old_una - (old_una == self.iss)  # the SYN is no data
-            self.sender.ack_advance(seg, now)
-        self.recovery.on_ack(seg, old_una, acked, dup, now)
-        if self.options.ecn and int(seg.flags) & _F_ECE:
-            self.ece_received += 1
-            self.sender.on_ece(now)  # RFC 3168 §6.1.2
         # State-specific ACK processing: our FIN acknowledged.
         snd = self.sender
         if snd.fin_queued and self.snd_una > snd.fin_seq:

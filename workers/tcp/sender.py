@@ -36,6 +36,7 @@ _ACK = Flags.ACK
 _ACK_PSH = Flags.ACK | Flags.PSH
 _FIN = Flags.FIN
 _CWR = Flags.CWR
+_F_ECE = 0x40
 
 
 class Sender:
@@ -191,6 +192,28 @@ class Sender:
             self.rtt_time = now
 
     # == acknowledgments =============================================================
+
+    def on_ack(self, seg: TcpSegment, wnd: int, fin: bool, now: float) -> bool:
+        """RFC 9293 §3.10.7.4 fifth, after SYN-RECEIVED: False if SEG.ACK is not acceptable."""
+        c = self.c
+        ack = seg.ack
+        # RFC 5961 §5.2: acceptable iff SND.UNA - MAX.SND.WND <= SEG.ACK <= SND.NXT.
+        if ack > c.snd_nxt or ack < c.snd_una - c.max_snd_wnd:
+            return False
+        # RFC 5681 §2 duplicate ACK: outstanding data, no text, no SYN/FIN, same ACK and window.
+        dup = (ack == c.snd_una and c.snd_una != c.snd_nxt and not seg.payload and not fin
+               and wnd == c.snd_wnd and wnd > 0)
+        self.update_window(seg.seq, ack, wnd)
+        acked = 0
+        old_una = c.snd_una
+        if ack > old_una:
+            acked = ack - old_una - (old_una == c.iss)  # the SYN is no data
+            self.ack_advance(seg, now)
+        c.recovery.on_ack(seg, old_una, acked, dup, now)
+        if c.options.ecn and int(seg.flags) & _F_ECE:
+            c.ece_received += 1
+            self.on_ece(now)  # RFC 3168 §6.1.2
+        return True
 
     def update_window(self, seq: SeqNum, ack: SeqNum, wnd: int) -> None:
         """RFC 9293 §3.10.7.4: update the send window only from a newer segment (SND.WL1/WL2)."""
