@@ -178,7 +178,7 @@ class Connection:
         c.snd_nxt = c.iss + 1
         c._send_syn(now)
         c.sender.start_rtt(c.iss, now)
-        c.timers.arm(Timer.RETRANSMIT, now + c.sender.rtt.rto)
+        c.sender.rto_restart(now)
         return c
 
     @classmethod
@@ -190,7 +190,7 @@ class Connection:
         c.snd_nxt = c.iss + 1
         c._send_syn(now)
         c.sender.start_rtt(c.iss, now)
-        c.timers.arm(Timer.RETRANSMIT, now + c.sender.rtt.rto)
+        c.sender.rto_restart(now)
         return c
 
     @classmethod

@@ -520,7 +520,7 @@ class Recovery:
             start = seq_max(una, c.snd_nxt - c.send_mss)
             snd.send_range(start, c.snd_nxt - start, now, rtx=True)
             self.tlp_end = c.snd_nxt
-        c.timers.arm(Timer.RETRANSMIT, now + snd.rtt.rto)  # §7.3: rearm the RTO
+        snd.rto_restart(now)  # §7.3: rearm the RTO
 
     def _recovery_probe(self, now: float) -> None:
         """In recovery, no ACK for 2*SRTT after a retransmission: it was lost again.
@@ -550,7 +550,7 @@ class Recovery:
             c.loss_probes += 1
             rack.rtx.remove(r)  # the probe is its newest transmission (logged by on_send)
             c.sender.send_range(s, e - s, now, rtx=True)
-            c.timers.arm(Timer.RETRANSMIT, now + c.sender.rtt.rto)  # RFC 8985 §7.3
+            c.sender.rto_restart(now)  # RFC 8985 §7.3
             return
 
     def arm_loss_probe(self, now: float) -> None:

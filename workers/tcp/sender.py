@@ -172,7 +172,7 @@ class Sender:
                 self._ect_new.add(int(seq))
         rcv.emit(seq, flags, payload, now, options)
         c.recovery.on_send(seq, seq + n + fin, now, rtx)
-        c.timers.arm_once(Timer.RETRANSMIT, now + self.rtt.rto)  # RFC 6298 §5.1
+        self.rto_start(now)
         return n + fin
 
     def ect(self, seg: TcpSegment) -> bool:
@@ -184,6 +184,20 @@ class Sender:
         since the previous batch, by receive() or handle_timer() too)."""
         self._ect_batch = self._ect_new
         self._ect_new = set()
+
+    # RFC 6298 §5: the retransmission timer, armed only through these three.
+
+    def rto_start(self, now: float) -> None:
+        """§5.1: start the timer if it is not running."""
+        self.c.timers.arm_once(Timer.RETRANSMIT, now + self.rtt.rto)
+
+    def rto_restart(self, now: float) -> None:
+        """§5.3/§5.6 (and RFC 8985 §7.3): restart it to expire after the current RTO."""
+        self.c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)
+
+    def rto_stop(self) -> None:
+        """§5.2: all outstanding data acknowledged."""
+        self.c.timers.cancel(Timer.RETRANSMIT)
 
     def start_rtt(self, seq: SeqNum, now: float) -> None:
         """Time one segment per RTT (RFC 6298 §3); the fallback when no timestamp echo is usable."""
@@ -284,9 +298,9 @@ class Sender:
         c.recovery.advance(ack)
         # RFC 6298 §5.2/§5.3: stop the timer when all is acknowledged, else restart it.
         if ack == c.snd_nxt:
-            c.timers.cancel(Timer.RETRANSMIT)
+            self.rto_stop()
         else:
-            c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)
+            self.rto_restart(now)
         if self.send_blocked and c.send_space >= max(1, c.config.send_buffer // 2):
             self.send_blocked = False
             c._events.append(SendSpace())
@@ -313,7 +327,7 @@ class Sender:
         self.rtt.backoff()
         self.rtt_seq = None
         self.rtx_ts.append((c.iss, c.iss + 1, ts_clock(now)))  # no echo sample of the first
-        c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)
+        self.rto_restart(now)
         return True
 
     def on_rto(self, now: float) -> bool:
@@ -326,7 +340,7 @@ class Sender:
         self.retries += 1
         c.timeouts += 1
         c.recovery.on_rto(now)
-        c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)  # RFC 6298 §5.6
+        self.rto_restart(now)  # RFC 6298 §5.6
         return True
 
 
@@ -338,9 +352,9 @@ class Sender:
         rto = self.rtt.rto
         # RFC 6298 §5.1/§5.2: the retransmission timer runs while anything is outstanding.
         if idle:
-            timers.cancel(Timer.RETRANSMIT)
+            self.rto_stop()
         else:
-            timers.arm_once(Timer.RETRANSMIT, now + rto)
+            self.rto_start(now)
         rec = c.recovery
         if rec.tlp_rearm:
             rec.tlp_rearm = False
@@ -389,4 +403,4 @@ class Sender:
             # The octet is now outstanding: the retransmission timer repeats the
             # probe, backing off exponentially, until the window opens.
             self.rtt.backoff()
-        c.timers.arm(Timer.RETRANSMIT, now + self.rtt.rto)
+        self.rto_restart(now)
