@@ -55,13 +55,15 @@ from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
 from workers.tcp.events import Closed, Connected, Event, PeerClosed
-from workers.tcp.options import DEFAULT, Negotiated, syn_options
+from workers.tcp.options import DEFAULT, MAX_WINDOW_SHIFT, Negotiated, syn_options, window_shift
 from workers.tcp.receiver import CHALLENGE_ACK_LIMIT, Receiver, ts_clock
 from workers.tcp.recovery import Recovery
 from workers.tcp.sender import Sender
 from workers.tcp.timers import Timer, TimerTable
 
-__all__ = ["CHALLENGE_ACK_LIMIT", "Connection", "InvalidOperation", "Negotiated", "State", "Timer"]
+# Re-exported for the demultiplexer and tests, which import them from here.
+__all__ = ["CHALLENGE_ACK_LIMIT", "MAX_WINDOW_SHIFT", "Connection", "InvalidOperation", "Negotiated", "State", "Timer",
+           "ts_clock", "window_shift"]
 
 _ACK = Flags.ACK
 _RST = Flags.RST
