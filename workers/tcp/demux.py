@@ -211,7 +211,11 @@ class TcpDemux:
         self.relay.log_flow("tcp", key, FlowRecord(held.started), now, "upstream_" + kind)
 
     def stats(self) -> dict[str, int]:
-        return {"connections": len(self.connections)}
+        stats = {"connections": len(self.connections)}
+        if self.relay is not None:  # attach mode: how many of them are relayed, and connects under way
+            stats["relayed"] = sum(1 for key in self.connections if key.local)
+            stats["relay_connecting"] = len(self.relay.pending)
+        return stats
 
     def flows(self) -> list[Flow]:
         return list(self.connections)
