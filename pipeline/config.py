@@ -148,10 +148,15 @@ def load() -> StackConfig:
     if offload and sys.platform != "linux":
         raise SystemExit("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
     attach = attach_path(env_str("USTACK_ATTACH", ""))
+    try:
+        forward = env_bool("USTACK_FORWARD", bool(attach))
+        default_route = env_bool("USTACK_DEFAULT_ROUTE", True)
+    except SystemExit as exc:
+        raise config_error(str(exc.code)) from None
     return StackConfig(
         attach=attach,
-        forward=env_bool("USTACK_FORWARD", bool(attach)),
-        default_route=env_bool("USTACK_DEFAULT_ROUTE", True),
+        forward=forward,
+        default_route=default_route,
         tun_name=tun_name,
         host_interface=host,
         stack_address=addr,
