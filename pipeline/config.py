@@ -114,6 +114,16 @@ def forward_policy():  # type: ignore[no-untyped-def]
         raise config_error(f"USTACK_FORWARD_DENY/_ALLOW/USTACK_HOST_ALIAS: {exc}") from None
 
 
+def published(proto: str) -> dict[int, int]:
+    """USTACK_PUBLISH's ports of one protocol: port where the stack runs -> port in the namespace."""
+    from pipeline.forwarding import parse_publish
+
+    try:
+        return {outer: inner for p, outer, inner in parse_publish(env_str("USTACK_PUBLISH", "")) if p == proto}
+    except ValueError as exc:
+        raise config_error(f"USTACK_PUBLISH: {exc}") from None
+
+
 def load() -> StackConfig:
     """Read and validate the environment; exit with a clear message on bad values."""
     try:

@@ -48,3 +48,22 @@ class ForwardPolicy:
         if self.allow:
             return dst if any(addr in net for net in self.allow) else None
         return None if any(addr in net for net in self.deny) else dst
+
+
+def parse_publish(raw: str) -> tuple[tuple[str, int, int], ...]:
+    """USTACK_PUBLISH, "tcp:8080:80,udp:5353:53": (protocol, port where the stack runs, port in the
+    namespace) each; ValueError naming the bad entry."""
+    out = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            proto, outer, inner = parts[0].lower(), int(parts[1]), int(parts[2])
+            if len(parts) != 3 or proto not in ("tcp", "udp") or not (0 < outer < 65536 and 0 < inner < 65536):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(f"{item!r} is not proto:port:port (proto tcp or udp, ports 1..65535)") from None
+        out.append((proto, outer, inner))
+    return tuple(out)

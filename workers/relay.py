@@ -34,6 +34,8 @@ EOF = "eof"
 RESET = "reset"
 BLOCKED = "blocked"          # a write did not go out whole: the rest waits in the shell
 DRAINED = "drained"          # everything written is out: send more
+ACCEPTED = "accepted"        # a published port took a connection: ``key`` is its provisional key,
+                             # ``detail`` the listening port; the core renames it with ``Adopt``
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,24 @@ class Close:
     reset: bool = False
 
 
-Command = Open | Send | ShutWrite | Pause | Close
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Publish: accept connections (TCP) on ``port`` where the stack runs (SO_REUSEPORT)."""
+
+    key: Hashable
+    proto: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """An accepted socket's provisional key becomes ``new`` (the flow the core opened for it)."""
+
+    key: Hashable
+    new: Hashable
+
+
+Command = Open | Send | ShutWrite | Pause | Close | Listen | Adopt
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +110,18 @@ class RelayCore(Protocol):
         """What the upstream sockets reported; packets to send out."""
 
 
-def log_flow(sink: Sink, proto: str, key: Flow, started: float, now: float, reason: str, **fields: object) -> None:
-    """The one JSON record of a relayed flow, when it ends (issue 10: observability)."""
+def log_flow(sink: Sink, proto: str, key: Flow, started: float, now: float, reason: str, published: int = 0,
+             **fields: object) -> None:
+    """The one JSON record of a relayed flow, when it ends (issue 10: observability).
+
+    ``published``: an inbound flow accepted on that port where the stack runs, relayed to
+    ``key.remote`` (the namespace's address) and ``key.rport``."""
     sink.counters["relay_flows_closed"] += 1
-    sink.log.info("relay_flow", proto=proto, src=fmt_addr(key.remote), sport=key.rport, dst=fmt_addr(key.local),
-                  dport=key.lport, duration=round(now - started, 3), reason=reason, **fields)
+    if published:
+        ends = {"src": "published", "sport": published, "dst": fmt_addr(key.remote), "dport": key.rport}
+    else:
+        ends = {"src": fmt_addr(key.remote), "sport": key.rport, "dst": fmt_addr(key.local), "dport": key.lport}
+    sink.log.info("relay_flow", proto=proto, **ends, duration=round(now - started, 3), reason=reason, **fields)
 
 
 def log_denied(sink: Sink, proto: str, key: Flow) -> None:

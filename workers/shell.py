@@ -104,11 +104,13 @@ def run(proc: Process, core: WorkerCore) -> None:
                 out += core.handle_timer(now)
             if upstreams is not None:
                 out += carry_out(core, upstreams)
-            if out:
-                send(out)
+            # Flows first: a connection we open (a published port's) is announced before its SYN
+            # leaves, so ingress routes the answer to us.
             opened, closed = core.flow_changes()
             if opened or closed:
                 tell_ingress(messages.encode_flows(proc.name, False, opened, closed))
+            if out:
+                send(out)
         send(core.close(time.monotonic()))
         if upstreams is not None:
             carry_out(core, upstreams)

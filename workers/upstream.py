@@ -29,6 +29,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RS
 _UNREACHABLE = {errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net"}
 _SOCK_TYPE = {relay.TCP: (socket.SOCK_STREAM, 0), relay.UDP: (socket.SOCK_DGRAM, 0),
               relay.ICMP: (socket.SOCK_DGRAM, None)}
+LISTENING = "listening"  # an entry's proto while it is a published port's listening socket
+ACCEPTS_PER_WAKE = 16
 
 
 class _Entry:
@@ -50,6 +52,7 @@ class Upstreams:
         self.poller = poller
         self.by_key: dict[Hashable, _Entry] = {}
         self.by_fd: dict[int, _Entry] = {}
+        self.accepted = 0  # provisional keys of accepted sockets
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -63,6 +66,9 @@ class Upstreams:
             if isinstance(cmd, relay.Open):
                 if entry is None:
                     self._open(cmd, events)
+            elif isinstance(cmd, relay.Listen):
+                if entry is None:
+                    self._listen(cmd)
             elif entry is None:
                 continue  # already gone (its close raced the command)
             elif isinstance(cmd, relay.Send):
@@ -76,7 +82,41 @@ class Upstreams:
                     self._shut(entry)
             elif isinstance(cmd, relay.Close):
                 self._close(entry, cmd.reset)
+            elif isinstance(cmd, relay.Adopt):
+                del self.by_key[entry.key]
+                entry.key = cmd.new
+                self.by_key[cmd.new] = entry
         return events
+
+    def _listen(self, cmd: relay.Listen) -> None:
+        """A published port: every TCP worker listens on it and the kernel spreads connections."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("0.0.0.0", cmd.port))  # an error here is a configuration error: let it stop the worker
+        sock.listen(512)
+        entry = _Entry(cmd.key, sock, LISTENING, connecting=False)
+        entry.paused = False
+        self.by_key[cmd.key] = entry
+        self.by_fd[sock.fileno()] = entry
+        self._watch(entry)
+
+    def _accept(self, listener: _Entry, events: list[Upstream]) -> None:
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                sock, _peer = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError:
+                return  # e.g. ECONNABORTED, EMFILE: the client retries
+            sock.setblocking(False)
+            self.accepted += 1
+            key = ("accepted", self.accepted)
+            entry = _Entry(key, sock, relay.TCP, connecting=False)
+            self.by_key[key] = entry
+            self.by_fd[sock.fileno()] = entry
+            self._watch(entry)  # paused: nothing is read until the namespace side is connected
+            events.append(Upstream(key, relay.ACCEPTED, detail=str(listener.sock.getsockname()[1])))
 
     def _open(self, cmd: relay.Open, events: list[Upstream]) -> None:
         family = socket.AF_INET if len(cmd.address) == 4 else socket.AF_INET6
@@ -171,6 +211,9 @@ class Upstreams:
         entry = self.by_fd.get(fd)
         events: list[Upstream] = []
         if entry is None:
+            return events
+        if entry.proto == LISTENING:
+            self._accept(entry, events)
             return events
         if entry.connecting:
             code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -221,3 +221,45 @@ def test_flow_records_and_the_guard(topo, stack, servers):
     assert record["proto"] == "tcp" and record["dst"] == SERVER and record["dport"] == 7
     assert record["reason"] == "closed" and "retransmissions" in record and record["duration"] >= 0
     assert topo.escaped() == 0
+
+
+def test_published_port_relays_inbound_connections_into_the_namespace(topo):
+    # A second stack on its own topology, publishing host port 8080 to the namespace's port 80.
+    t = Topology()
+    try:
+        s = attached_stack(t, env={"USTACK_PUBLISH": "tcp:8080:80"})
+        try:
+            inside = Server(t.client, "10.0.0.1", 80, echo)  # a server in the attached namespace
+            outside = t.host.socket()  # a client where the stack runs
+            outside.settimeout(STALL)
+            for _ in range(50):  # the workers listen once they have started
+                try:
+                    outside.connect(("127.0.0.1", 8080))
+                    break
+                except ConnectionRefusedError:
+                    time.sleep(0.1)
+            data = payload(2 * 1024 * 1024)
+            received: list[bytes] = []
+            reader = threading.Thread(target=lambda: received.append(read_all(outside)))
+            reader.start()
+            outside.sendall(data)
+            outside.shutdown(socket.SHUT_WR)
+            reader.join(60)
+            outside.close()
+            assert received and received[0] == data
+            assert inside.accepted == 1
+            s.wait_for(lambda rs: any(r.get("event") == "relay_flow" and r.get("src") == "published"
+                                      and r.get("sport") == 8080 and r.get("dport") == 80 for r in rs),
+                       what="the published flow's record")
+            # Nobody listening inside: the outer client is reset, not left hanging.
+            inside.close()
+            refused = t.host.socket()
+            refused.settimeout(STALL)
+            with pytest.raises(ConnectionResetError):
+                refused.connect(("127.0.0.1", 8080))  # accepted where the stack runs, then reset
+                refused.recv(10)  # (the reset may come before connect() even returns)
+            refused.close()
+        finally:
+            s.stop()
+    finally:
+        t.delete()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.config import env_bool, env_float, env_int, env_str, forward_policy
+from pipeline.config import env_bool, env_float, env_int, env_str, forward_policy, published
 from pipeline.process import Process
 from workers import shell
 from workers.tcp.config import TcpConfig
@@ -54,7 +54,8 @@ if __name__ == "__main__":
         raise SystemExit(f"TCP_SYN_QUEUE={syn_queue}: expected at least 1")
     sink = shell.sink(proc)
     # Attach mode: flows to other addresses are relayed to real sockets opened from here.
-    relay = TcpRelay(sink, forward_policy(), env_float("USTACK_RELAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT)) \
-        if cfg.forward else None
+    relay = TcpRelay(sink, forward_policy(), env_float("USTACK_RELAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+                     publish=published("tcp"), namespace_address=cfg.host_interface.ip.packed) \
+        if cfg.forward or published("tcp") else None
     shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
                              secret=os.urandom(32), offload=cfg.offload, syn_queue_limit=syn_queue, relay_=relay))

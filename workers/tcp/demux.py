@@ -19,6 +19,7 @@ and the next deadline out. It owns
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 
 from pipeline.flow import Flow
@@ -46,6 +47,7 @@ from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_opti
 # Linux (tcp_timewait_state_process): a reopened connection's ISN is the old SND.NXT plus this.
 TIME_WAIT_ISN_GAP = 65535 + 2
 _SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
+EPHEMERAL_FIRST, EPHEMERAL_COUNT = 32768, 28232  # Linux's default ip_local_port_range, 32768-60999
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
 # Connection counters logged with tcp_closed.
@@ -82,6 +84,7 @@ class TcpDemux:
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
         self.relay = relay_  # attach mode: flows to other addresses are relayed (None: reset)
+        self._port_counter = 0  # RFC 6056 §3.3.4: ephemeral ports for published (inbound) flows
 
     # -- drivers -------------------------------------------------------------
 
@@ -166,6 +169,9 @@ class TcpDemux:
         tcp_relay.now = now
         for ev in reported:
             key = ev.key
+            if ev.kind == relay.ACCEPTED:
+                self._publish_accepted(ev, now, out)
+                continue
             held = tcp_relay.settle(key)  # type: ignore[arg-type]
             if held is not None:
                 self._relay_settled(key, held, ev, now, out)  # type: ignore[arg-type]
@@ -178,6 +184,40 @@ class TcpDemux:
             app.on_upstream(ev, now)
             self._after(key, conn, before, now, out)  # type: ignore[arg-type]
         return out
+
+    def _publish_accepted(self, ev: relay.Upstream, now: float, out: list[Outgoing]) -> None:
+        """A connection accepted on a published port: open ours to the namespace (RFC 9293 §3.10.1)."""
+        tcp_relay = self.relay
+        assert tcp_relay is not None
+        remote, rport = tcp_relay.namespace_address, tcp_relay.publish[int(ev.detail)]
+        lport = self._ephemeral_port(remote, rport)
+        if lport is None:
+            tcp_relay.commands.append(relay.Close(ev.key, reset=True))
+            self.sink.drop("publish_no_port")
+            return
+        key = Flow(remote, rport, lport)
+        tcp_relay.commands.append(relay.Adopt(ev.key, key))
+        tcp_relay.published[key] = int(ev.detail)
+        tcp_relay.sink.counters["relay_published_accepted"] += 1
+        iss = initial_sequence_number(self.secret, (self.address, lport), (remote, rport), now)
+        conn = Connection.connect(lport, rport, iss, self.config, now)
+        self.connections[key] = conn
+        self._opened.append(key)  # announced before the SYN leaves, so the SYN-ACK is routed here
+        self._after(key, conn, State.CLOSED, now, out)
+
+    def _ephemeral_port(self, remote: bytes, rport: int) -> int | None:
+        """A local port for an active open: RFC 6056 §3.3.4 (algorithm 4, a keyed hash plus a counter).
+
+        Each worker has its own secret, so workers rarely pick the same port; one in use here is skipped.
+        """
+        self._port_counter += 1
+        base = hashlib.blake2s(remote + rport.to_bytes(2, "big"), key=self.secret[:32]).digest()
+        offset = int.from_bytes(base[:2], "big") + self._port_counter
+        for i in range(EPHEMERAL_COUNT):
+            port = EPHEMERAL_FIRST + (offset + i) % EPHEMERAL_COUNT
+            if Flow(remote, rport, port) not in self.connections:
+                return port
+        return None
 
     def _relay_syn(self, key: Flow, seg: TcpSegment, packet: bytes, now: float, out: list[Outgoing]) -> None:
         """A segment to another address with no connection: a SYN starts an upstream connect."""
@@ -362,8 +402,8 @@ class TcpDemux:
             if isinstance(ev, events.Connected):
                 log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                          **({"local": fmt_addr(key.local)} if key.local else {}))
-                app = RelayService(conn, key, self.relay, now) if key.local and self.relay is not None \
-                    else self.services[key.lport](conn)
+                relayed = self.relay is not None and (key.local or key in self.relay.published)
+                app = RelayService(conn, key, self.relay, now) if relayed else self.services[key.lport](conn)
                 self.apps[key] = app
             elif app is None:
                 pass
@@ -377,6 +417,11 @@ class TcpDemux:
                 self._log_closed(key, conn, ev.reason)
                 if isinstance(app, RelayService):
                     app.on_closed(ev.reason, now)
+                if self.relay is not None and key in self.relay.published:
+                    if app is None:  # the namespace refused or never answered: reset the outer client
+                        self.relay.commands.append(relay.Close(key, reset=True))
+                        self.relay.log_flow("tcp", key, FlowRecord(now), now, "namespace_" + ev.reason)
+                    del self.relay.published[key]
         if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)

@@ -23,7 +23,12 @@ stream interface (``workers.tcp.apps``) and mirrors, in both directions:
   ``SO_LINGER`` 0, the upstream's ECONNRESET aborts the connection
   (RFC 9293 §3.10.5).
 
-Each flow's record (bytes and segments each way, duration, close reason,
+Inbound (``USTACK_PUBLISH``), the same bridge runs the other way round: a
+connection accepted where the stack runs makes the demux actively open a
+connection from the stack's address to the namespace's address and port
+(RFC 9293 §3.10.1); once established, ``RelayService`` joins the two.
+
+Each flow's record (bytes each way, duration, close reason,
 retransmissions) is logged once when it ends.
 """
 
@@ -65,12 +70,20 @@ class FlowRecord:
 class TcpRelay:
     """The relayed flows of one TCP worker: held SYNs, commands for the shell, flow records."""
 
-    def __init__(self, sink: Sink, policy: ForwardPolicy, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, sink: Sink, policy: ForwardPolicy, connect_timeout: float = CONNECT_TIMEOUT,
+                 publish: dict[int, int] | None = None, namespace_address: bytes = b"") -> None:
         self.sink = sink
         self.policy = policy
         self.connect_timeout = connect_timeout
         self.pending: dict[Flow, PendingSyn] = {}
         self.commands: list[relay.Command] = []
+        # Inbound (USTACK_PUBLISH): port where the stack runs -> port of namespace_address (the
+        # kernel side of the device), and each inbound flow's published port.
+        self.publish = publish or {}
+        self.namespace_address = namespace_address
+        self.published: dict[Flow, int] = {}
+        for port in self.publish:
+            self.commands.append(relay.Listen(("listen", port), relay.TCP, port))
         self.now = 0.0  # the demux's current time, for services (whose callbacks take none)
 
     def open(self, key: Flow, syn: TcpSegment, packet: bytes, now: float) -> bool:
@@ -108,8 +121,8 @@ class TcpRelay:
 
     def log_flow(self, proto: str, key: Flow, record: FlowRecord, now: float, reason: str) -> None:
         """The one JSON record of a relayed flow, when it ends."""
-        relay.log_flow(self.sink, proto, key, record.started, now, reason, bytes_up=record.bytes_up,
-                       bytes_down=record.bytes_down, **record.extra)
+        relay.log_flow(self.sink, proto, key, record.started, now, reason, published=self.published.get(key, 0),
+                       bytes_up=record.bytes_up, bytes_down=record.bytes_down, **record.extra)
 
 
 class RelayService:
