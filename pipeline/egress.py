@@ -27,7 +27,7 @@ def main() -> None:
         device = tun.open_device(cfg.tun_name, writer_only=True, offload=cfg.offload, run_dir=cfg.run_dir)
     except tun.TunError as exc:
         log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
-        raise SystemExit(1) from None
+        raise SystemExit(tun.exit_status(exc)) from None
     ctx = zmq.Context()
     auth = endpoints.start_authenticator(ctx, cfg)
     inbox = endpoints.egress_pull(ctx, cfg)

@@ -244,7 +244,7 @@ def main() -> None:
         tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu)
     except tun.TunError as exc:
         proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
-        raise SystemExit(1) from None
+        raise SystemExit(tun.exit_status(exc)) from None
     ctx = zmq.Context()
     ingress = Ingress(proc, device, ctx)
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),

@@ -28,6 +28,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.bus import messages
 from pipeline.config import StackConfig
+from pipeline.stacklock import ensure_run_dir  # noqa: F401  (processes create the run directory through here)
 
 # How long a socket may hold unsent messages at close; without it, close blocks
 # forever when a peer is gone (libzmq's default LINGER is -1).
@@ -42,13 +43,6 @@ MAX_MESSAGE = 70_000
 SERVER_KEY = "server.key_secret"  # the stages' key pair (stays on the stages' host)
 SERVER_PUBLIC = "server.key"      # its public half, copied to every worker host
 AUTHORIZED = "authorized"         # public keys of the workers allowed in
-
-
-def ensure_run_dir(path: str) -> None:
-    """Create the run directory 0700, and make an existing one private again."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o700)
 
 
 def uses_curve(cfg: StackConfig) -> bool:
