@@ -78,6 +78,10 @@ class StackConfig:
     egress_bind: str
     control_endpoint: str
     control_bind: str
+    publish_endpoint: str  # every process publishes telemetry here (ingress binds an XSUB)
+    publish_bind: str
+    monitor_endpoint: str  # stackctl subscribes to telemetry here (ingress binds an XPUB)
+    monitor_bind: str
     keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
     client_key: str   # this worker's key pair (tcp:// endpoints)
 
@@ -118,7 +122,7 @@ def load() -> StackConfig:
         raise ConfigError(f"USTACK_MTU {mtu}: expected 576..65535")
     run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
     endpoints = {}
-    for stage in ("ingress", "egress", "control"):
+    for stage in ("ingress", "egress", "control", "publish", "monitor"):
         default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
         connect = env_str(f"USTACK_{stage.upper()}_ENDPOINT", default)
         bind = env_str(f"USTACK_{stage.upper()}_BIND", connect)
@@ -147,6 +151,10 @@ def load() -> StackConfig:
         egress_bind=endpoints["egress"][1],
         control_endpoint=endpoints["control"][0],
         control_bind=endpoints["control"][1],
+        publish_endpoint=endpoints["publish"][0],
+        publish_bind=endpoints["publish"][1],
+        monitor_endpoint=endpoints["monitor"][0],
+        monitor_bind=endpoints["monitor"][1],
         keys_dir=keys_dir,
         client_key=env_str("USTACK_CLIENT_KEY", os.path.join(keys_dir, "client.key_secret")),
     )

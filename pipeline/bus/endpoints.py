@@ -7,6 +7,12 @@
   egress   DEALER  connect ingress endpoint   heartbeats with egress's counters
   egress   PULL    bind    egress endpoint    packets in from all workers
   workers  PUSH    connect egress endpoint
+  all      XPUB    connect publish endpoint   telemetry (log records, packet copies, connection
+                                              tables), sent only on topics someone subscribed to
+  ingress  XSUB    bind    publish endpoint   forwards telemetry to the monitor endpoint
+  ingress  XPUB    bind    monitor endpoint   stackctl's subscriptions in, telemetry out
+  stackctl SUB     connect monitor endpoint
+  stackctl REQ     connect control endpoint
 
 Workers connect and the stages bind: a worker's first heartbeat and its
 replies queue in ZeroMQ until the stage it talks to is up, so processes can
@@ -37,6 +43,9 @@ LINGER_MS = 200
 # the bound on memory between two stages. A message is a batch of packets, and
 # TCP windows, not this queue, are what keep a pipeline full.
 HWM = 1000
+# Telemetry messages queued per peer before ZeroMQ drops them: a slow or absent reader
+# costs a publisher nothing but lost copies (PUB semantics never block).
+TELEMETRY_HWM = 10_000
 # Largest message accepted from a tcp:// peer: a 64 KB packet and its metadata.
 MAX_MESSAGE = 70_000
 
@@ -46,7 +55,8 @@ AUTHORIZED = "authorized"         # public keys of the workers allowed in
 
 
 def uses_curve(cfg: StackConfig) -> bool:
-    return any(e.startswith("tcp://") for e in (cfg.ingress_endpoint, cfg.egress_endpoint, cfg.control_endpoint))
+    return any(e.startswith("tcp://") for e in (cfg.ingress_endpoint, cfg.egress_endpoint, cfg.control_endpoint,
+                                                 cfg.publish_endpoint, cfg.monitor_endpoint))
 
 
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -141,6 +151,38 @@ def worker_push(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
 def control_request(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
     sock = _socket(ctx, zmq.REQ)
     _connect(sock, cfg.control_endpoint, cfg)
+    return sock
+
+
+def telemetry_publisher(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
+    sock = _socket(ctx, zmq.XPUB)
+    sock.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Every subscription reaches us, also a repeated one: subscribing is how stackctl asks.
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    _connect(sock, cfg.publish_endpoint, cfg)
+    return sock
+
+
+def telemetry_forwarder(ctx: zmq.Context, cfg: StackConfig) -> tuple[zmq.Socket, zmq.Socket]:
+    """Ingress's side: (XSUB for the publishers, XPUB for stackctl)."""
+    inbound = _socket(ctx, zmq.XSUB)
+    inbound.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
+    _bind(inbound, cfg.publish_bind, cfg)
+    outbound = _socket(ctx, zmq.XPUB)
+    outbound.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
+    # Each subscriber's subscribe and unsubscribe (and disconnect) is passed on, so the
+    # publishers see every request and stop publishing once the last reader is gone.
+    outbound.setsockopt(zmq.XPUB_VERBOSER, 1)
+    _bind(outbound, cfg.monitor_bind, cfg)
+    return inbound, outbound
+
+
+def telemetry_subscriber(ctx: zmq.Context, cfg: StackConfig, topic: bytes) -> zmq.Socket:
+    sock = _socket(ctx, zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
+    sock.setsockopt(zmq.SUBSCRIBE, topic)
+    _connect(sock, cfg.monitor_endpoint, cfg)
     return sock
 
 

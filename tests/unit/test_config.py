@@ -49,10 +49,9 @@ def test_bad_values_exit_with_a_clear_message(env, name, value, message):
 
 
 def test_validate_all_reports_every_bad_setting_at_once(env):
-    env.setenv("USTACK_ADDR", "10.0.0.300")
-    env.setenv("TCP_CONGESTION", "bbr")
-    env.setenv("TCP_SYN_QUEUE", "0")
-    env.setenv("LOG_FORMAT", "xml")
+    for name, value in {"USTACK_ADDR": "10.0.0.300", "TCP_CONGESTION": "bbr", "TCP_SYN_QUEUE": "0",
+                        "LOG_FORMAT": "xml"}.items():
+        env.setenv(name, value)
     errors = config.validate_all()
     assert len(errors) == 4
     assert any(e.startswith("USTACK_ADDR: bad address") for e in errors)

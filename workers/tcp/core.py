@@ -31,6 +31,7 @@ from workers.tcp import events
 from workers.tcp.apps import SERVICES, Service
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import Connection, State
+from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.syncookies import SynCookies
 
@@ -58,6 +59,7 @@ class TcpCore:
         self.services = SERVICES if services is None else services
         self.connections: dict[FlowKey, Connection] = {}
         self.apps: dict[FlowKey, Service] = {}
+        self.born: dict[FlowKey, float] = {}  # when each connection was created (stackctl conns)
         self.syn_queue: dict[int, set[FlowKey]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
         self._timers: list[tuple[float, FlowKey]] = []
@@ -122,6 +124,11 @@ class TcpCore:
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections)}
 
+    def connection_table(self, now: float) -> list[dict]:
+        """Every connection as a record for stackctl conns (workers.tcp.introspect)."""
+        return [connection_record(conn, self.address, key, self.born.get(key, now), now)
+                for key, conn in self.connections.items()]
+
     def flows(self) -> list[Flow]:
         return list(self.connections)
 
@@ -176,6 +183,7 @@ class TcpCore:
                 if mss is not None:
                     conn = Connection.from_cookie(key[2], key[1], seg, seg.ack - 1, mss, self.config, now)
                     self.connections[key] = conn
+                    self.born[key] = now
                     self._opened.append(key)
                     self.proc.counters["syn_cookies_accepted"] += 1
                     self._after(key, conn, State.LISTEN, now, out)
@@ -193,6 +201,7 @@ class TcpCore:
         iss = initial_sequence_number(self.secret, local, remote, now)
         conn = Connection.accept(port, key[1], seg, iss, self.config, now)
         self.connections[key] = conn
+        self.born[key] = now
         self._opened.append(key)
         queue.add(key)
         self._after(key, conn, State.LISTEN, now, out)
@@ -266,6 +275,7 @@ class TcpCore:
         self._closed.append(key)
         self._leave_syn_queue(key)
         self.apps.pop(key, None)
+        self.born.pop(key, None)
         self._deadline.pop(key, None)
 
     def _leave_syn_queue(self, key: FlowKey) -> None:
