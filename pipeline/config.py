@@ -226,9 +226,30 @@ def validate_all() -> list[str]:
     return errors
 
 
-def check_or_exit(who: str) -> None:
-    """At process start: report configuration errors once and exit EX_CONFIG (not restarted)."""
+def missing_keys(cfg: StackConfig, role: str) -> list[str]:
+    """The CURVE key files a process of ``role`` needs for its tcp:// endpoints and lacks."""
+    binds = {"ingress": (cfg.ingress_bind, cfg.control_bind, cfg.publish_bind, cfg.monitor_bind),
+             "egress": (cfg.egress_bind,)}.get(role, ())
+    connects = [cfg.publish_endpoint]
+    if role != "ingress":
+        connects.append(cfg.ingress_endpoint)
+    if role not in ("ingress", "egress"):
+        connects.append(cfg.egress_endpoint)
+    need = []
+    if any(e.startswith("tcp://") for e in binds):
+        need.append(os.path.join(cfg.keys_dir, "server.key_secret"))
+    if any(e.startswith("tcp://") for e in connects):
+        need += [os.path.join(cfg.keys_dir, "server.key"), cfg.client_key]
+    return [f"CURVE key {path} is missing (tcp:// endpoints need keys: make them with scripts/keys, "
+            "see USTACK_KEYS_DIR and USTACK_CLIENT_KEY)" for path in need if not os.path.isfile(path)]
+
+
+def check_or_exit(who: str, role: str | None = None) -> None:
+    """At process start: report configuration errors once and exit EX_CONFIG (not restarted);
+    with ``role``, also the CURVE keys that role needs."""
     errors = validate_all()
+    if not errors and role is not None:
+        errors = missing_keys(load(), role)
     if errors:
         print(f"{who}: configuration error: " + "; ".join(errors), file=sys.stderr, flush=True)
         raise SystemExit(EX_CONFIG)

@@ -32,7 +32,7 @@ class Process:
 
     def __init__(self, role: str) -> None:
         # All of it, once: a bad value stops this process with EX_CONFIG, which is not restarted.
-        config.check_or_exit(config.env_str("HONCHO_PROCESS_NAME", "") or role)
+        config.check_or_exit(config.env_str("HONCHO_PROCESS_NAME", "") or role, role)
         self.config = config.load()
         self.name = self.config.proc_name or role
         self.role = role

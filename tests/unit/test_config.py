@@ -78,3 +78,16 @@ def test_main_reads_env_file_like_honcho(env, tmp_path, capsys):
     dotenv.write_text("TCP_CONGESTION=bbr\n")
     assert config.main(["--env-file", str(dotenv)]) == config.EX_CONFIG
     assert "TCP_CONGESTION='bbr'" in capsys.readouterr().err
+
+
+def test_missing_curve_keys_are_a_configuration_error(env, tmp_path):
+    env.setenv("USTACK_KEYS_DIR", str(tmp_path))
+    env.setenv("USTACK_INGRESS_ENDPOINT", "tcp://127.0.0.1:5601")
+    cfg = config.load()
+    assert config.missing_keys(cfg, "egress") == config.missing_keys(cfg, "tcp")  # both connect to ingress
+    assert [e.split()[2] for e in config.missing_keys(cfg, "tcp")] == [str(tmp_path / "server.key"),
+                                                                       str(tmp_path / "client.key_secret")]
+    assert [e.split()[2] for e in config.missing_keys(cfg, "ingress")] == [str(tmp_path / "server.key_secret")]
+    for name in ("server.key", "server.key_secret", "client.key_secret"):
+        (tmp_path / name).write_text("")
+    assert config.missing_keys(cfg, "ingress") == config.missing_keys(cfg, "tcp") == []
