@@ -263,6 +263,8 @@ def render_conns(records: list[dict]) -> str:
 
 def capture(cfg: config.StackConfig, args: argparse.Namespace) -> int:
     flow = FlowFilter(args.flow) if args.flow else None
+    if args.write == "-" and sys.stdout.isatty():
+        raise SystemExit("stackctl: capture -w - writes binary pcap: pipe it (| tshark -r -) or give a file")
     out = sys.stdout.buffer if args.write == "-" else open(args.write, "wb")
     writer = PcapWriter(out)
     ctx, sock = _subscribe(cfg, messages.CAPTURE_TOPIC)

@@ -26,7 +26,7 @@ import fcntl
 import json
 import os
 import select
-import shutil
+import stat
 
 STACK_FILE = "stack"
 
@@ -110,6 +110,23 @@ def supervisor_gone(pid: int, started: int | None) -> str | None:
     return None
 
 
+def _remove_ours(run_dir: str) -> bool:
+    """Remove what a stack leaves in its run directory (its sockets and the stack file), nothing
+    else: USTACK_RUN_DIR may name a directory that holds other files. True if anything was there."""
+    found = False
+    for entry in os.listdir(run_dir):
+        path = os.path.join(run_dir, entry)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISSOCK(mode) or (entry == STACK_FILE and stat.S_ISREG(mode)):
+            found = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return found
+
+
 @contextlib.contextmanager
 def _parent_locked(run_dir: str):
     parent = os.path.dirname(os.path.abspath(run_dir))
@@ -150,14 +167,7 @@ class StackLock:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 self._fd = fd
                 return "joined"
-            stale = bool(os.listdir(self.run_dir))
-            for entry in os.listdir(self.run_dir):  # sockets and files of a stack that was killed
-                path = os.path.join(self.run_dir, entry)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            stale = _remove_ours(self.run_dir)  # sockets of a stack that was killed
             with open(os.path.join(self.run_dir, STACK_FILE), "w") as f:
                 json.dump({"id": self.id, "supervisor": self.supervisor,
                            "command": _cmdline(self.supervisor).replace(b"\0", b" ").decode(errors="replace").strip()},
@@ -177,8 +187,10 @@ class StackLock:
             except OSError:
                 os.close(fd)
                 return False  # others of this stack still run
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            _remove_ours(self.run_dir)
             os.close(fd)
+            with contextlib.suppress(OSError):  # not if someone keeps other files there
+                os.rmdir(self.run_dir)
             return True
 
     def _holder(self) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import pytest
 
@@ -45,11 +46,25 @@ def test_a_stale_directory_is_emptied_and_taken_over(run_dir, monkeypatch):
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "stack"), "w") as f:
         json.dump({"id": "dead", "supervisor": 1}, f)
-    open(os.path.join(run_dir, "ingress.sock"), "w").close()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(os.path.join(run_dir, "ingress.sock"))
+    stale.close()
     lock = _lock(run_dir, monkeypatch, "stack-1")
     assert lock.join() == "took_over"
     assert sorted(os.listdir(run_dir)) == ["stack"]
     lock.leave()
+
+
+def test_only_the_stacks_own_files_are_ever_removed(tmp_path, monkeypatch):
+    # USTACK_RUN_DIR pointed at a directory that holds other things: they survive.
+    run_dir = str(tmp_path / "shared")
+    os.makedirs(run_dir)
+    (tmp_path / "shared" / "notes.txt").write_text("keep me")
+    (tmp_path / "shared" / "sub").mkdir()
+    lock = _lock(run_dir, monkeypatch, "stack-1")
+    assert lock.join() == "created"
+    assert lock.leave() is True
+    assert sorted(os.listdir(run_dir)) == ["notes.txt", "sub"]
 
 
 def test_supervisor_checks(monkeypatch):
