@@ -2,6 +2,7 @@
 
     stackctl [--netns NAME] status [--json]     live processes, heartbeat age, connections, counters
     stackctl counters [--json]                  every drop by reason, per process
+    stackctl flows [--json]                     every TCP flow ingress routes, and the worker that owns it
     stackctl conns [--json] [--state S] [--addr A]   every TCP connection of every worker (like ss -tin)
     stackctl logs [--follow] [--proc GLOB] [--level L] [--event E] [--flow ADDR:PORT] [--console]
     stackctl capture -w FILE.pcap|- [-c N] [--flow ADDR:PORT]   packets both ways, as they crossed the device
@@ -30,7 +31,9 @@ import zmq
 
 from pipeline import config
 from pipeline.bus import endpoints, messages
+from pipeline.flow import Flow
 from pipeline.pcap import FlowFilter, PcapWriter
+from pipeline.wire.addr import fmt_addr
 
 TIMEOUT_MS = 2000
 CONNS_WAIT = 3.0  # seconds to wait for every tcp worker's connection table
@@ -102,6 +105,13 @@ def render(status: dict) -> str:
         lines.append(f"{p['name']:<12} {p['role']:<8} {p['heartbeat_age']:>8.1f}s "
                      f"{stats.get('connections', '-'):>6} {p['flows']:>6} {stats.get('packets_in', 0):>10} "
                      f"{stats.get('packets_out', 0):>10}  {_drops(stats)}")
+    return "\n".join(lines)
+
+
+def render_flows(rows: list[tuple[Flow, str]]) -> str:
+    lines = [f"{'remote':<40} {'local port':>10}  worker"]
+    for flow, worker in sorted(rows, key=lambda r: (r[1], r[0])):
+        lines.append(f"{fmt_addr(flow.remote) + ':' + str(flow.rport):<40} {flow.lport:>10}  {worker}")
     return "\n".join(lines)
 
 
@@ -298,6 +308,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s = sub.add_parser("counters", help="every drop by reason, per process")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("flows", help="TCP flows and the workers that own them")
+    s.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("stop", help="ordered shutdown: workers reset their connections, egress drains, ingress exits")
     s = sub.add_parser("conns", help="every TCP connection of every worker, like ss -tin")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -342,6 +354,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "counters":
         drops = drop_counters(request("status", cfg).payload)
         print(json.dumps(drops, indent=2, sort_keys=True) if args.json else render_counters(drops))
+    elif args.command == "flows":
+        rows = messages.decode_flow_table(request("flows", cfg).payload)
+        if args.json:
+            print(json.dumps([{"remote": fmt_addr(f.remote), "rport": f.rport, "lport": f.lport, "worker": w}
+                              for f, w in rows], indent=2))
+        else:
+            print(render_flows(rows))
     elif args.command == "stop":
         return stop(cfg)
     elif args.command == "conns":

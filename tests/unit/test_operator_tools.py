@@ -9,6 +9,7 @@ from scapy.utils import rdpcap
 
 from pipeline.bus import messages
 from pipeline.pcap import LINKTYPE_RAW, FlowFilter, PcapWriter
+from pipeline.flow import Flow
 from tests.unit import tcp_builders as b
 from workers.tcp.introspect import connection_record
 
@@ -67,7 +68,7 @@ def test_connection_record_of_a_connection_with_data_in_flight():
     b.drain(conn)
     conn.send(b"a" * 5000)
     conn.segments_to_send(now)
-    record = connection_record(conn, bytes([10, 0, 0, 2]), (bytes([10, 0, 0, 1]), b.REMOTE_PORT, b.LOCAL_PORT),
+    record = connection_record(conn, bytes([10, 0, 0, 2]), Flow(bytes([10, 0, 0, 1]), b.REMOTE_PORT, b.LOCAL_PORT),
                                born=b.T0, now=now + 1)
     assert record["local"] == f"10.0.0.2:{b.LOCAL_PORT}" and record["remote"] == f"10.0.0.1:{b.REMOTE_PORT}"
     assert record["state"] == "ESTABLISHED"

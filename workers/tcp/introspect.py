@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.flow import Flow
 from pipeline.wire.addr import fmt_addr
 
 # Details without a public accessor today: field -> how to read it.
@@ -30,9 +31,9 @@ def _private(conn: object, name: str) -> Any:
         return None
 
 
-def connection_record(conn: Any, local: bytes, flow: tuple[bytes, int, int], born: float, now: float) -> dict:
-    """The record of one connection; ``flow`` is (remote address, remote port, local port)."""
-    remote, rport, lport = flow
+def connection_record(conn: Any, local: bytes, flow: Flow, born: float, now: float) -> dict:
+    """The record of one connection (``local``: the stack's address)."""
+    remote, rport, lport = flow.remote, flow.rport, flow.lport
     cfg = conn.config
     record: dict[str, Any] = {
         "local": f"{fmt_addr(local)}:{lport}",
