@@ -11,8 +11,8 @@ privileges (EX_NOPERM) are passed on as its own exit status, so honcho (or
 systemd, with ``RestartPreventExitStatus=``) stops with the message on
 screen instead of restarting forever.
 
-Before it starts anything the wrapper checks the whole configuration and
-joins the stack that owns the run directory (``pipeline.stacklock``): a second
+Before it starts anything the wrapper checks the whole configuration (one
+process of the stack reports what is wrong) and joins the stack that owns the run directory (``pipeline.stacklock``): a second
 stack on the same device in the same namespace is refused. The stack dies
 with its supervisor: the child gets SIGTERM when the wrapper dies
 (PR_SET_PDEATHSIG), and the wrapper stops when honcho is gone or can no
@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ BACKOFF_MAX = 5.0
 HEALTHY_AFTER = 30.0  # a child that ran this long starts again from the first backoff
 WATCH_INTERVAL = 0.5  # seconds between looks at the supervisor
 STOP_GRACE = 5.0  # seconds a child gets to stop after SIGTERM before SIGKILL
+REPORT_HOLD = 1.0  # seconds the process that reports a configuration error keeps others quiet
 # Exit statuses a restart cannot cure (sysexits.h).
 FINAL = (config.EX_CONFIG, config.EX_NOPERM)
 _PR_SET_PDEATHSIG = 1
@@ -48,6 +50,24 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
+def report_once(name: str, supervisor: int, message: str) -> None:
+    """Print ``message`` from one process of the stack only: every process finds the same
+    bad setting, and one clear line says it. The first to bind a token (an abstract Unix
+    socket named after the stack, Linux) reports and holds the token a moment, so that
+    processes starting a little later see it taken; they exit silently."""
+    if sys.platform == "linux":
+        token = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            token.bind(b"\0ustack-report-" + stacklock.stack_id(supervisor).encode())
+        except OSError:
+            return  # another process of this stack has said it
+        print(f"{name}: {message}", file=sys.stderr, flush=True)
+        time.sleep(REPORT_HOLD)
+        token.close()
+        return
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m pipeline.respawn COMMAND [ARGS...]", file=sys.stderr)
@@ -57,15 +77,18 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         return 1
-    config.check_or_exit(name)
-    logger = log.setup(name).bind(wrapper="respawn")
     supervisor = stacklock.supervisor_pid()
+    errors = config.validate_all()
+    if errors:
+        report_once(name, supervisor, "configuration error: " + "; ".join(errors))
+        return config.EX_CONFIG
+    logger = log.setup(name).bind(wrapper="respawn")
     supervisor_started = stacklock.start_time(supervisor)
     lock = stacklock.StackLock(config.load().run_dir, supervisor)
     try:
         joined = lock.join()
     except stacklock.StackBusy as exc:
-        print(f"{name}: {exc}", file=sys.stderr, flush=True)
+        report_once(name, supervisor, str(exc))
         return config.EX_CONFIG
     except PermissionError as exc:
         print(f"{name}: cannot create the run directory {lock.run_dir}: {exc.strerror}: "
