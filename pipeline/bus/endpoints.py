@@ -45,7 +45,7 @@ LINGER_MS = 200
 HWM = 1000
 # Telemetry messages queued per peer before ZeroMQ drops them: a slow or absent reader
 # costs a publisher nothing but lost copies (PUB semantics never block).
-TELEMETRY_HWM = 10_000
+TELEMETRY_HWM = 1000  # a packet copy may be 64 KB: at most ~64 MB queued per peer
 # Largest message accepted from a tcp:// peer: a 64 KB packet and its metadata.
 MAX_MESSAGE = 70_000
 
