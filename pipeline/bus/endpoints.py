@@ -48,6 +48,8 @@ HWM = 1000
 TELEMETRY_HWM = 1000  # a packet copy may be 64 KB: at most ~64 MB queued per peer
 # Largest message accepted from a tcp:// peer: a 64 KB packet and its metadata.
 MAX_MESSAGE = 70_000
+# ... except on the telemetry stream, where one message is a worker's whole connection table.
+TELEMETRY_MAX_MESSAGE = 64 << 20
 
 SERVER_KEY = "server.key_secret"  # the stages' key pair (stays on the stages' host)
 SERVER_PUBLIC = "server.key"      # its public half, copied to every worker host
@@ -95,20 +97,20 @@ def start_authenticator(ctx: zmq.Context, cfg: StackConfig) -> ThreadAuthenticat
     return auth
 
 
-def _bind(sock: zmq.Socket, endpoint: str, cfg: StackConfig) -> None:
+def _bind(sock: zmq.Socket, endpoint: str, cfg: StackConfig, max_message: int = MAX_MESSAGE) -> None:
     if endpoint.startswith("tcp://"):
         public, secret = _key(os.path.join(cfg.keys_dir, SERVER_KEY))
         sock.curve_server = True
         sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.bind(endpoint)
 
 
-def _connect(sock: zmq.Socket, endpoint: str, cfg: StackConfig) -> None:
+def _connect(sock: zmq.Socket, endpoint: str, cfg: StackConfig, max_message: int = MAX_MESSAGE) -> None:
     if endpoint.startswith("tcp://"):
         sock.curve_serverkey = _public_key(os.path.join(cfg.keys_dir, SERVER_PUBLIC))
         sock.curve_publickey, sock.curve_secretkey = _key(cfg.client_key)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.connect(endpoint)
 
 
@@ -168,7 +170,7 @@ def telemetry_forwarder(ctx: zmq.Context, cfg: StackConfig) -> tuple[zmq.Socket,
     """Ingress's side: (XSUB for the publishers, XPUB for stackctl)."""
     inbound = _socket(ctx, zmq.XSUB)
     inbound.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
-    _bind(inbound, cfg.publish_bind, cfg)
+    _bind(inbound, cfg.publish_bind, cfg, TELEMETRY_MAX_MESSAGE)
     outbound = _socket(ctx, zmq.XPUB)
     outbound.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
     # Each subscriber's subscribe and unsubscribe (and disconnect) is passed on, so the
@@ -182,7 +184,7 @@ def telemetry_subscriber(ctx: zmq.Context, cfg: StackConfig, topic: bytes) -> zm
     sock = _socket(ctx, zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
     sock.setsockopt(zmq.SUBSCRIBE, topic)
-    _connect(sock, cfg.monitor_endpoint, cfg)
+    _connect(sock, cfg.monitor_endpoint, cfg, TELEMETRY_MAX_MESSAGE)
     return sock
 
 
