@@ -208,6 +208,8 @@ CHECKS: tuple[Callable[[], None], ...] = (
     _number("TCP_MSL", 30.0, 0.001, 3600.0),
     _number("TCP_DELAYED_ACK", 0.04, 0.0, 0.5),  # RFC 9293 §3.8.6.3: an ACK is delayed less than 0.5 s
     _boolean("TCP_NAGLE", True),
+    _boolean("TCP_ECN", True),
+    _number("TCP_FIN_WAIT2_TIMEOUT", 60.0, 0.001, 7 * 86400.0),  # "must be > 0"
     _number("TCP_KEEPALIVE", 0.0, 0.0, 7 * 86400.0),
     _number("TCP_SYN_QUEUE", 256, 1, 1 << 20, integer=True),
     _recv_buffer,

@@ -33,6 +33,7 @@ from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
 from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
+from workers.tcp.options import Negotiated
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 
@@ -44,7 +45,11 @@ RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us f
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
                "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
-               "challenge_acks")
+               "challenge_acks", "ce_received", "ece_received")
+# RFC 3168 §5: the ECN field, the low two bits of the IPv4 TOS / IPv6 traffic class.
+ECN_MASK = 0b11
+ECN_ECT0 = 0b10
+ECN_CE = 0b11
 
 
 class TcpDemux:
@@ -101,7 +106,7 @@ class TcpDemux:
                 self._reopen(key, conn, seg, now, out)
                 return out
             before = conn.state
-            conn.receive(seg, now)
+            conn.receive(seg, now, ip.tos & ECN_MASK == ECN_CE)
             self._after(key, conn, before, now, out)
         elif seg.dst_port in self.services:
             self._listen(key, seg, now, out)
@@ -258,26 +263,11 @@ class TcpDemux:
         out.append(self._ip(key.remote, reply))
 
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
-        """The connection a valid cookie ACK opens, with the options the cookie kept.
-
-        INTEGRATION: once ``Connection.from_cookie`` takes the negotiated
-        options, this whole body is that one call. Until then a connection
-        with options is reached through the front door: ``accept`` of the SYN
-        the cookie describes (its SYN-ACK was already sent, statelessly, so
-        it is discarded), then the ACK itself. Side effect of the replay: the
-        first RTT sample comes from the TSecr, which the option bits moved
-        back by up to 63 ms (as in Linux).
-        """
-        iss = ack.ack - 1
-        if not options.timestamps:
-            return Connection.from_cookie(key.lport, key.rport, ack, iss, options.mss, self.config, now)
-        syn = TcpSegment(key.rport, key.lport, ack.seq - 1, SeqNum(0), Flags.SYN, ack.window, options=TcpOptions(
-            mss=options.mss, window_scale=options.window_scale, sack_permitted=options.sack_permitted,
-            timestamp=(ack.options.timestamp[0], 0)))
-        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
-        conn.segments_to_send(now)  # the SYN-ACK the cookie stands for went out long ago
-        conn.receive(ack, now)
-        return conn
+        """The connection a valid cookie ACK opens, with the options the cookie kept (no ECN:
+        the cookie SYN-ACK never offers it)."""
+        negotiated = Negotiated.offered(self.config, options.mss, options.window_scale, options.sack_permitted,
+                                        options.timestamps)
+        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, self.config, now)
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
@@ -317,7 +307,7 @@ class TcpDemux:
                       old=before.name, new=conn.state.name)
         mss = min(conn.peer_mss, self.config.mss)
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key.remote, seg, mss))
+            out.append(self._ip(key.remote, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
@@ -350,13 +340,14 @@ class TcpDemux:
         if queue:
             queue.discard(key)
 
-    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
+    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None, tos: int = 0) -> Outgoing:
         if not self.offload:
-            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote)), None
+            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote), tos), None
         tcp_header_len = seg.header_len
         segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False)),
-                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
+        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False), tos),
+                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size,
+                            bool(seg.flags & Flags.CWR)))
 
 
 def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:

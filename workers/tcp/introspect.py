@@ -1,8 +1,8 @@
 """One TCP connection as a record for ``stackctl conns`` (what ``ss -tin`` shows).
 
 Contract: reads a :class:`~workers.tcp.connection.Connection` and changes
-nothing. It uses the connection's public attributes and properties; the few
-details the connection does not expose yet are read through ``_PRIVATE``
+nothing. It uses the connection's public attributes and properties; the two
+details it has no property for are read from its roles through ``_ROLES``
 only, each with a fallback, so a refactored connection degrades a field to
 None instead of breaking the command.
 """
@@ -14,19 +14,19 @@ from typing import Any
 from pipeline.flow import Flow
 from pipeline.wire.addr import fmt_addr
 
-# Details without a public accessor today: field -> how to read it.
-_PRIVATE = {
-    "rttvar": lambda conn: conn._rtt.rttvar,      # RFC 6298 RTTVAR
-    "send_queued": lambda conn: len(conn._sndbuf),  # bytes unacknowledged or unsent
+# Details without a property on the connection: field -> how to read it from its roles.
+_ROLES = {
+    "rttvar": lambda conn: conn.sender.rtt.rttvar,       # RFC 6298 RTTVAR
+    "send_queued": lambda conn: len(conn.sender.sndbuf),  # bytes unacknowledged or unsent
 }
 COUNTERS = ("bytes_sent", "bytes_received", "bytes_acked", "segments_in", "segments_out", "retransmissions",
             "timeouts", "fast_retransmits", "loss_probes", "lost_retransmissions", "dup_acks", "ooo_segments",
-            "zero_window_probes", "challenge_acks")
+            "zero_window_probes", "challenge_acks", "ce_received", "ece_received")
 
 
-def _private(conn: object, name: str) -> Any:
+def _role(conn: object, name: str) -> Any:
     try:
-        return _PRIVATE[name](conn)
+        return _ROLES[name](conn)
     except (AttributeError, TypeError):
         return None
 
@@ -46,15 +46,15 @@ def connection_record(conn: Any, local: bytes, flow: Flow, born: float, now: flo
         "cwnd": conn.cwnd,
         "ssthresh": conn.ssthresh,
         "srtt": conn.srtt,
-        "rttvar": _private(conn, "rttvar"),
+        "rttvar": _role(conn, "rttvar"),
         "rto": conn.rto,
         "mss": conn.send_mss,
         "in_recovery": conn.in_recovery,
         "sack": conn.sack_ok,
         "wscale": [conn.snd_wscale, conn.rcv_wscale] if conn.ws_ok else None,  # theirs, ours (RFC 7323 §2)
         "timestamps": conn.ts_ok,
-        "ecn": bool(getattr(conn, "ecn_ok", False)),
-        "send_buffer": [_private(conn, "send_queued"), cfg.send_buffer],  # used, size
+        "ecn": conn.ecn_ok,
+        "send_buffer": [_role(conn, "send_queued"), cfg.send_buffer],  # used, size
         "recv_buffer": [conn.readable, cfg.recv_buffer],
         "age": round(now - born, 3),
     }
