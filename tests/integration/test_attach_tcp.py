@@ -37,7 +37,7 @@ def topo():
 
 @pytest.fixture(scope="module")
 def stack(topo):
-    s = attached_stack(topo, env={"USTACK_RELAY_CONNECT_TIMEOUT": "8"})
+    s = attached_stack(topo, env={"USTACK_RELAY_CONNECT_TIMEOUT": "8", "USTACK_HOST_ALIAS": "10.0.2.2"})
     try:
         yield s
     finally:
@@ -52,6 +52,7 @@ def servers(topo, stack):
         "sink": Server(topo.server, SERVER, 9, read_until_eof_or_reset),
         "reset": Server(topo.server, SERVER, 13, reset_after_hello),
         "metadata": Server(topo.host, METADATA, 80, echo),
+        "host_loopback": Server(topo.host, "127.0.0.1", 8081, echo),
     }
     yield made
     for server in made.values():
@@ -207,6 +208,16 @@ def test_denied_destination_stays_unreachable(topo, stack, servers):
     stack.wait_for(lambda rs: any(r.get("event") == "relay_denied" and r["dst"] == METADATA for r in rs),
                    what="relay_denied record")
     assert servers["metadata"].accepted == 0
+
+
+def test_host_alias_reaches_the_loopback_where_the_stack_runs(topo, servers):
+    # USTACK_HOST_ALIAS=10.0.2.2 (like slirp4netns): the one way to the host's loopback, asked for.
+    sock = connect(topo, "10.0.2.2", 8081)
+    sock.sendall(b"to the host")
+    sock.shutdown(socket.SHUT_WR)
+    assert read_all(sock) == b"to the host"
+    sock.close()
+    assert servers["host_loopback"].accepted == 1
 
 
 def test_flow_records_and_the_guard(topo, stack, servers):
