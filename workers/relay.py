@@ -12,10 +12,12 @@ A key is any hashable value the core chooses per relayed flow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Hashable, Protocol
+from typing import Any, Hashable, Protocol
 
 from pipeline.flow import Flow
+from pipeline.forwarding import ForwardPolicy
 from pipeline.wire.addr import fmt_addr
 from workers.core import Outgoing, Sink, StatelessCore
 
@@ -34,6 +36,7 @@ EOF = "eof"
 RESET = "reset"
 BLOCKED = "blocked"          # a write did not go out whole: the rest waits in the shell
 DRAINED = "drained"          # everything written is out: send more
+RECEIVED = "received"        # a published UDP port got a datagram: ``detail`` is its sender, "address|port"
 ACCEPTED = "accepted"        # a published port took a connection: ``key`` is its provisional key,
                              # ``detail`` the listening port; the core renames it with ``Adopt``
 
@@ -77,7 +80,8 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    """Publish: accept connections (TCP) on ``port`` where the stack runs (SO_REUSEPORT)."""
+    """Publish: accept connections (TCP, SO_REUSEPORT) or receive datagrams (UDP) on ``port``
+    where the stack runs."""
 
     key: Hashable
     proto: str
@@ -92,7 +96,16 @@ class Adopt:
     new: Hashable
 
 
-Command = Open | Send | ShutWrite | Pause | Close | Listen | Adopt
+@dataclass(frozen=True, slots=True)
+class SendTo:
+    """A datagram from a published UDP port back to the sender ``peer`` ("address|port") of one it got."""
+
+    key: Hashable
+    data: bytes
+    peer: str
+
+
+Command = Open | Send | ShutWrite | Pause | Close | Listen | Adopt | SendTo
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +142,41 @@ def log_denied(sink: Sink, proto: str, key: Flow) -> None:
     sink.counters["relay_denied"] += 1
     sink.log.info("relay_denied", proto=proto, src=fmt_addr(key.remote), sport=key.rport, dst=fmt_addr(key.local),
                   dport=key.lport)
+
+
+class DatagramFlows:
+    """What the datagram relays (UDP, ICMP echo) share: their flows, admitted by the policy and a
+    limit, and the commands queued for the shell."""
+
+    proto = ""
+
+    def __init__(self, sink: Sink, address: bytes, policy: ForwardPolicy, idle: float, max_flows: int) -> None:
+        self.sink = sink
+        self.address = address  # the stack's: administratively prohibited comes from the gateway
+        self.policy = policy
+        self.idle = idle
+        self.max_flows = max_flows
+        self.flows: dict[Flow, Any] = {}
+        self.commands: list[Command] = []
+
+    def admit(self, key: Flow, port: int, make: Callable[[bool], Any]) -> Any:
+        """The flow of ``key``, new ones opened upstream (or marked denied); None when the table is full."""
+        flow = self.flows.get(key)
+        if flow is None:
+            if len(self.flows) >= self.max_flows:
+                self.sink.drop(f"relay_{self.proto}_flows_full")
+                return None
+            target = self.policy.target(key.local)
+            flow = self.flows[key] = make(target is None)
+            if target is None:
+                log_denied(self.sink, self.proto, key)
+            else:
+                self.commands.append(Open(key, self.proto, target, port))
+        return flow
+
+    def take_commands(self) -> list[Command]:
+        commands, self.commands = self.commands, []
+        return commands
 
 
 class DatagramRelay(Protocol):

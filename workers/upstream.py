@@ -30,6 +30,7 @@ _UNREACHABLE = {errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net"}
 _SOCK_TYPE = {relay.TCP: (socket.SOCK_STREAM, 0), relay.UDP: (socket.SOCK_DGRAM, 0),
               relay.ICMP: (socket.SOCK_DGRAM, None)}
 LISTENING = "listening"  # an entry's proto while it is a published port's listening socket
+LISTENING_UDP = "listening-udp"  # a published UDP port's socket
 ACCEPTS_PER_WAKE = 16
 
 
@@ -82,6 +83,10 @@ class Upstreams:
                     self._shut(entry)
             elif isinstance(cmd, relay.Close):
                 self._close(entry, cmd.reset)
+            elif isinstance(cmd, relay.SendTo):
+                address, _, port = cmd.peer.rpartition("|")
+                with contextlib.suppress(OSError):  # lost like any datagram the network drops
+                    entry.sock.sendto(cmd.data, (address, int(port)))
             elif isinstance(cmd, relay.Adopt):
                 del self.by_key[entry.key]
                 entry.key = cmd.new
@@ -90,12 +95,14 @@ class Upstreams:
 
     def _listen(self, cmd: relay.Listen) -> None:
         """A published port: every TCP worker listens on it and the kernel spreads connections."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        kind = socket.SOCK_STREAM if cmd.proto == relay.TCP else socket.SOCK_DGRAM
+        sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(("0.0.0.0", cmd.port))  # an error here is a configuration error: let it stop the worker
-        sock.listen(512)
-        entry = _Entry(cmd.key, sock, LISTENING, connecting=False)
+        if cmd.proto == relay.TCP:
+            sock.listen(512)
+        entry = _Entry(cmd.key, sock, LISTENING if cmd.proto == relay.TCP else LISTENING_UDP, connecting=False)
         entry.paused = False
         self.by_key[cmd.key] = entry
         self.by_fd[sock.fileno()] = entry
@@ -214,6 +221,14 @@ class Upstreams:
             return events
         if entry.proto == LISTENING:
             self._accept(entry, events)
+            return events
+        if entry.proto == LISTENING_UDP:
+            for _ in range(READS_PER_WAKE):
+                try:
+                    data, (address, port, *_) = entry.sock.recvfrom(65535)
+                except OSError:  # BlockingIOError, or an ICMP error for an earlier answer: nothing to do
+                    break
+                events.append(Upstream(entry.key, relay.RECEIVED, data, f"{address}|{port}"))
             return events
         if entry.connecting:
             code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -1,5 +1,6 @@
 import pytest
 
+from tests.integration.attach_topology import Topology
 from tests.integration.netns import Namespace, Stack, routed_client
 
 
@@ -52,3 +53,13 @@ def client(ns):
     finally:
         c.delete()
 
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """Attach mode's host, server and client namespaces with the guard (attach_topology)."""
+    t = Topology()
+    try:
+        yield t
+    finally:
+        t.delete()

@@ -12,19 +12,10 @@ import time
 
 import pytest
 
-from tests.integration.attach_topology import SERVER, Server, Topology, attached_stack, echo
+from tests.integration.attach_topology import SERVER, Server, attached_stack, echo
 from tests.integration.netns import ROOT, process_pid
 
 WORKERS = 4
-
-
-@pytest.fixture(scope="module")
-def topo():
-    t = Topology()
-    try:
-        yield t
-    finally:
-        t.delete()
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,6 @@ def payload(size: int = SIZE) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def topo():
-    t = Topology()
-    try:
-        yield t
-    finally:
-        t.delete()
-
-
-@pytest.fixture(scope="module")
 def stack(topo):
     s = attached_stack(topo, env={"USTACK_RELAY_CONNECT_TIMEOUT": "8", "USTACK_HOST_ALIAS": "10.0.2.2"})
     try:

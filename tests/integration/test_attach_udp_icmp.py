@@ -9,23 +9,14 @@ import time
 
 import pytest
 
-from tests.integration.attach_topology import ABSENT, METADATA, SERVER, Topology, UdpServer, attached_stack
+from tests.integration.attach_topology import ABSENT, METADATA, SERVER, UdpServer, attached_stack
 
 BIG = 3000  # a datagram larger than the MTU: fragmented toward the namespace
 
 
 @pytest.fixture(scope="module")
-def topo():
-    t = Topology()
-    try:
-        yield t
-    finally:
-        t.delete()
-
-
-@pytest.fixture(scope="module")
 def stack(topo):
-    s = attached_stack(topo, env={"USTACK_UDP_IDLE": "2"})
+    s = attached_stack(topo, env={"USTACK_UDP_IDLE": "2", "USTACK_PUBLISH": "udp:5353:53"})
     try:
         yield s
     finally:
@@ -99,6 +90,21 @@ def test_udp_flow_record_when_idle(topo, stack, udp_servers):
                                   and r.get("sport") == port and r.get("reason") == "idle"
                                   and r.get("bytes_up") == 100 and r.get("bytes_down") == 100 for r in rs),
                    timeout=10, what="the UDP flow's record")
+
+
+def test_published_udp_port_relays_into_the_namespace_and_back(topo, stack):
+    inside = UdpServer(topo.client, "10.0.0.1", 53, lambda data: b"answer to " + data)
+    try:
+        senders = [topo.host.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        for i, sock in enumerate(senders):  # two senders, each answered on its own
+            sock.settimeout(5)
+            sock.sendto(f"question {i}".encode(), ("127.0.0.1", 5353))
+            data, source = sock.recvfrom(100)
+            assert data == f"answer to question {i}".encode() and source == ("127.0.0.1", 5353)
+            sock.close()
+        assert inside.received == 2
+    finally:
+        inside.close()
 
 
 def test_ping_of_a_real_host_gets_its_real_answers(topo, stack):

@@ -22,7 +22,7 @@ from workers.icmp.relay import EchoRelay
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
 from workers.tcp.relay import TcpRelay
-from workers.udp.relay import UdpRelay
+from workers.udp.relay import IDLE, UdpRelay
 
 US = bytes([10, 0, 0, 2])
 CLIENT = bytes([10, 0, 0, 1])
@@ -234,3 +234,25 @@ def test_echo_relay_restores_the_clients_identifier_and_fakes_nothing():
     # Anything but an echo reply produces nothing.
     assert r.upstream(relay.Upstream(key, relay.DATA, request.emit()), T0 + 0.02) == []
     assert r.upstream(relay.Upstream(key, relay.DATA, b"\x00"), T0 + 0.02) == []
+
+
+def test_published_udp_port_maps_each_sender_to_a_port_inside_and_back():
+    ns_addr = CLIENT  # the namespace's kernel-side address
+    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500, publish={5353: 53}, namespace_address=ns_addr)
+    assert r.take_commands() == [relay.Listen(("listen", 5353), relay.UDP, 5353)]
+    outs = [r.upstream(relay.Upstream(("listen", 5353), relay.RECEIVED, b"q", peer), T0)
+            for peer in ("192.0.2.7|1000", "192.0.2.8|1000", "192.0.2.7|1000")]
+    ports = []
+    for [(pkt, _)] in outs:
+        header, payload = parse_ipv4(pkt)
+        assert (header.src, header.dst) == (US, ns_addr)
+        dgram = parse_udp(payload, US, ns_addr)
+        assert dgram.dst_port == 53 and dgram.payload == b"q"
+        ports.append(dgram.src_port)
+    assert ports[0] == ports[2] != ports[1]  # one port per sender, kept
+    assert r.answer(ns_addr, 53, ports[1], b"a", T0 + 1)
+    assert r.take_commands() == [relay.SendTo(("listen", 5353), b"a", "192.0.2.8|1000")]
+    assert not r.answer(ns_addr, 54, ports[1], b"a", T0 + 1)  # not from the published port
+    assert not r.answer(SERVER, 53, ports[1], b"a", T0 + 1)   # not from the namespace
+    r.expire(T0 + 1 + IDLE)
+    assert not r.answer(ns_addr, 53, ports[1], b"a", T0 + 100)  # the mapping idled out

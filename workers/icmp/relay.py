@@ -37,31 +37,19 @@ class EchoFlow:
     replies: int = 0
 
 
-class EchoRelay:
+class EchoRelay(relay.DatagramFlows):
+    proto = relay.ICMP
+
     def __init__(self, sink: Sink, address: bytes, policy: ForwardPolicy, idle: float = IDLE,
                  max_flows: int = MAX_FLOWS) -> None:
-        self.sink = sink
-        self.address = address
-        self.policy = policy
-        self.idle = idle
-        self.max_flows = max_flows
-        self.flows: dict[Flow, EchoFlow] = {}
-        self.commands: list[relay.Command] = []
+        super().__init__(sink, address, policy, idle, max_flows)
 
     def request(self, src: bytes, dst: bytes, msg: IcmpMessage, packet: bytes, now: float) -> list[Outgoing]:
         """An echo request from ``src`` to ``dst`` (not us): relay it, or refuse it."""
         key = Flow(src, msg.identifier, 0, dst)
-        flow = self.flows.get(key)
+        flow = self.admit(key, 0, lambda denied: EchoFlow(now, now, denied=denied))
         if flow is None:
-            if len(self.flows) >= self.max_flows:
-                self.sink.drop("relay_icmp_flows_full")
-                return []
-            target = self.policy.target(dst)
-            flow = self.flows[key] = EchoFlow(now, now, denied=target is None)
-            if target is None:
-                relay.log_denied(self.sink, "icmp", key)
-            else:
-                self.commands.append(relay.Open(key, relay.ICMP, target, 0))
+            return []
         flow.last = now
         if flow.denied:
             icmp = dest_unreachable(ADMIN_PROHIBITED, packet).emit()
@@ -107,7 +95,3 @@ class EchoRelay:
     def close(self, now: float) -> None:
         for key in list(self.flows):
             self.end(key, now, "shutdown")
-
-    def take_commands(self) -> list[relay.Command]:
-        commands, self.commands = self.commands, []
-        return commands

@@ -261,7 +261,7 @@ class TcpDemux:
 
     def connection_table(self, now: float) -> list[dict]:
         """Every connection as a record for stackctl conns (workers.tcp.introspect)."""
-        return [connection_record(conn, self.address, key, self.born.get(key, now), now)
+        return [connection_record(conn, key.local or self.address, key, self.born.get(key, now), now)
                 for key, conn in self.connections.items()]
 
     def flows(self) -> list[Flow]:

@@ -1,6 +1,6 @@
 """The UDP worker process: ``python -m workers.udp``."""
 
-from pipeline.config import env_float, forward_policy
+from pipeline.config import env_float, forward_policy, published
 from pipeline.process import Process
 from workers import shell
 from workers.udp.core import UdpCore
@@ -12,5 +12,6 @@ if __name__ == "__main__":
     sink = shell.sink(proc)
     # Attach mode: datagrams to other addresses are relayed to real sockets opened from here.
     relay = UdpRelay(sink, cfg.stack_addr_bytes, forward_policy(), cfg.mtu, env_float("USTACK_UDP_IDLE", IDLE),
-                     env_float("USTACK_UDP_IDLE_DNS", IDLE_DNS)) if cfg.forward else None
+                     env_float("USTACK_UDP_IDLE_DNS", IDLE_DNS), publish=published("udp"),
+                     namespace_address=cfg.host_interface.ip.packed) if cfg.forward or published("udp") else None
     shell.run(proc, UdpCore(sink, cfg.stack_addr_bytes, relay))

@@ -49,6 +49,9 @@ class UdpCore(DatagramRelayCore):
                 return []
             return self.relay.datagram(Flow(src, dgram.src_port, dgram.dst_port, bytes(ip.dst)),
                                        bytes(dgram.payload), bytes(data), now)
+        if self.relay is not None and self.relay.answer(src, dgram.src_port, dgram.dst_port,
+                                                        bytes(dgram.payload), now):
+            return []  # the namespace answering a published port's sender
         service = SERVICES.get(dgram.dst_port)
         if service is None:
             sink.counters["port_unreachable"] += 1

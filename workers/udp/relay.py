@@ -12,6 +12,12 @@ refuses gets ICMP administratively prohibited (RFC 1812 §5.2.7.1) from the
 stack, once per flow. A flow idle for ``idle`` seconds (``idle_dns`` for
 port 53, whose flows are one question and one answer) is closed, and its
 record logged.
+
+Inbound (``USTACK_PUBLISH=udp:HOST:NS``): a datagram received on a published
+port where the stack runs goes into the namespace from the stack's address
+and a port kept per sender (RFC 6056 style, from a counter), to the
+namespace's address and port; the namespace's answers to that port go back
+to the sender from the published port. Idle mappings expire like flows.
 """
 
 from __future__ import annotations
@@ -45,32 +51,78 @@ class UdpFlow:
     datagrams_down: int = 0
 
 
-class UdpRelay:
+@dataclass(slots=True)
+class Inbound:
+    """One sender of datagrams to a published port, and the port we use for it inside."""
+
+    listener: int   # the published port
+    peer: str       # the sender, "address|port"
+    port: int       # our source port toward the namespace
+    last: float
+
+
+INBOUND_FIRST, INBOUND_COUNT = 32768, 28232
+
+
+class UdpRelay(relay.DatagramFlows):
+    proto = relay.UDP
+
     def __init__(self, sink: Sink, address: bytes, policy: ForwardPolicy, mtu: int,
-                 idle: float = IDLE, idle_dns: float = IDLE_DNS, max_flows: int = MAX_FLOWS) -> None:
-        self.sink = sink
-        self.address = address
-        self.policy = policy
+                 idle: float = IDLE, idle_dns: float = IDLE_DNS, max_flows: int = MAX_FLOWS,
+                 publish: dict[int, int] | None = None, namespace_address: bytes = b"") -> None:
+        super().__init__(sink, address, policy, idle, max_flows)
         self.mtu = mtu
-        self.idle = idle
         self.idle_dns = idle_dns
-        self.max_flows = max_flows
-        self.flows: dict[Flow, UdpFlow] = {}
-        self.commands: list[relay.Command] = []
+        self.publish = publish or {}
+        self.namespace_address = namespace_address
+        self.inbound_by_peer: dict[tuple[int, str], Inbound] = {}
+        self.inbound_by_port: dict[int, Inbound] = {}
+        self._next_port = 0
+        for port in self.publish:
+            self.commands.append(relay.Listen(("listen", port), relay.UDP, port))
+
+    # -- inbound (published ports) ------------------------------------------------------
+
+    def received(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
+        """A datagram on a published port: into the namespace, from a port kept for its sender."""
+        listener = ev.key[1]  # type: ignore[index]
+        mapping = self.inbound_by_peer.get((listener, ev.detail))
+        if mapping is None:
+            port = self._free_port()
+            if port is None:
+                self.sink.drop("publish_udp_no_port")
+                return []
+            mapping = Inbound(listener, ev.detail, port, now)
+            self.inbound_by_peer[(listener, ev.detail)] = mapping
+            self.inbound_by_port[port] = mapping
+            self.sink.counters["relay_published_udp_peers"] += 1
+        mapping.last = now
+        udp = UdpDatagram(mapping.port, self.publish[listener], ev.data).emit(self.address, self.namespace_address)
+        packet = ip_reply(self.address, self.namespace_address, PROTO_UDP, udp, dont_fragment=False)
+        return [(fragment, None) for fragment in fragment_ipv4(packet, self.mtu)]
+
+    def answer(self, src: bytes, sport: int, dport: int, payload: bytes, now: float) -> bool:
+        """A datagram to the stack: if it answers a published port's sender, send it back; else False."""
+        mapping = self.inbound_by_port.get(dport)
+        if mapping is None or src != self.namespace_address or sport != self.publish[mapping.listener]:
+            return False
+        mapping.last = now
+        self.commands.append(relay.SendTo(("listen", mapping.listener), payload, mapping.peer))
+        return True
+
+    def _free_port(self) -> int | None:
+        for _ in range(INBOUND_COUNT):
+            self._next_port = (self._next_port + 1) % INBOUND_COUNT
+            port = INBOUND_FIRST + self._next_port
+            if port not in self.inbound_by_port:
+                return port
+        return None
 
     def datagram(self, key: Flow, payload: bytes, packet: bytes, now: float) -> list[Outgoing]:
         """A datagram from the namespace to ``key.local``: relay it (opening the flow) or refuse it."""
-        flow = self.flows.get(key)
+        flow = self.admit(key, key.lport, lambda denied: UdpFlow(now, now, packet[:MAX_QUOTE], denied=denied))
         if flow is None:
-            if len(self.flows) >= self.max_flows:
-                self.sink.drop("relay_udp_flows_full")
-                return []
-            target = self.policy.target(key.local)
-            flow = self.flows[key] = UdpFlow(now, now, packet[:MAX_QUOTE], denied=target is None)
-            if target is None:
-                relay.log_denied(self.sink, "udp", key)
-            else:
-                self.commands.append(relay.Open(key, relay.UDP, target, key.lport))
+            return []
         flow.last = now
         if flow.denied:
             # RFC 1812 §5.2.7.1: communication administratively prohibited, from us (the gateway).
@@ -83,6 +135,8 @@ class UdpRelay:
         return []
 
     def upstream(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
+        if ev.kind == relay.RECEIVED:
+            return self.received(ev, now)
         key: Flow = ev.key  # type: ignore[assignment]
         flow = self.flows.get(key)
         if flow is None:
@@ -106,9 +160,15 @@ class UdpRelay:
         for key, flow in list(self.flows.items()):
             if flow.last + self._idle(key) <= now:
                 self.end(key, now, "idle")
+        for mapping in list(self.inbound_by_port.values()):
+            if mapping.last + self.idle <= now:
+                del self.inbound_by_port[mapping.port]
+                del self.inbound_by_peer[(mapping.listener, mapping.peer)]
 
     def next_deadline(self) -> float | None:
-        return min((f.last + self._idle(k) for k, f in self.flows.items()), default=None)
+        flows = min((f.last + self._idle(k) for k, f in self.flows.items()), default=None)
+        inbound = min((m.last + self.idle for m in self.inbound_by_port.values()), default=None)
+        return inbound if flows is None else flows if inbound is None else min(flows, inbound)
 
     def end(self, key: Flow, now: float, reason: str, release: bool = True) -> None:
         flow = self.flows.pop(key)
@@ -122,10 +182,6 @@ class UdpRelay:
     def close(self, now: float) -> None:
         for key in list(self.flows):
             self.end(key, now, "shutdown")
-
-    def take_commands(self) -> list[relay.Command]:
-        commands, self.commands = self.commands, []
-        return commands
 
     def _idle(self, key: Flow) -> float:
         return self.idle_dns if key.lport == 53 else self.idle
