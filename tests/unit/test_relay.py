@@ -256,3 +256,18 @@ def test_published_udp_port_maps_each_sender_to_a_port_inside_and_back():
     assert not r.answer(SERVER, 53, ports[1], b"a", T0 + 1)   # not from the namespace
     r.expire(T0 + 1 + IDLE)
     assert not r.answer(ns_addr, 53, ports[1], b"a", T0 + 100)  # the mapping idled out
+
+
+def test_a_new_syn_on_a_relayed_flow_in_time_wait_waits_for_a_new_upstream(demux):
+    our = established(demux)
+    # The upstream finishes first: our FIN, then the client's; we hold TIME-WAIT.
+    [our_fin] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.EOF)], T0 + 0.01)]
+    assert our_fin.flags & Flags.FIN
+    fin = TcpSegment(40000, 80, SeqNum(1001), our_fin.seq + 1, Flags.ACK | Flags.FIN, 65535)
+    demux.handle_packet(tcp_packet(fin), T0 + 0.02)
+    assert demux.connections[KEY].state.name == "TIME_WAIT"
+    assert relay.Close(KEY) in demux.relay_commands()  # both directions done: the socket is released
+    # RFC 6191 reuse, but the old upstream socket is gone: the SYN is held for a new connect.
+    assert demux.handle_packet(tcp_packet(syn(seq=500_000)), T0 + 1) == []
+    assert demux.relay_commands() == [relay.Open(KEY, relay.TCP, SERVER, 80)]
+    assert KEY not in demux.connections

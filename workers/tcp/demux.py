@@ -115,7 +115,12 @@ class TcpDemux:
         if conn is not None:
             if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
                     and time_wait_reusable(conn, seg, self.config.timestamps):
-                self._reopen(key, conn, seg, now, out)
+                if key.local:  # a relayed flow's next incarnation needs its own upstream connect first
+                    self._log_closed(key, conn, "time_wait_reused")
+                    self._forget(key)
+                    self._relay_syn(key, seg, data, now, out)
+                else:
+                    self._reopen(key, conn, seg, now, out)
                 return out
             before = conn.state
             conn.receive(seg, now, ip.tos & ECN_MASK == ECN_CE)
