@@ -255,7 +255,10 @@ class TcpDemux:
             out.append((ip_reply(key.local, key.remote, PROTO_ICMP, icmp), None))
         # TIMED_OUT (or unreachable without an ICMPv4 to say it): silence, the client times out.
         assert self.relay is not None
-        self.relay.log_flow("tcp", key, FlowRecord(held.started), now, "upstream_" + kind)
+        record = FlowRecord(held.started)
+        if ev.data:  # an errno other than the usual ones: say which
+            record.extra["error"] = ev.data.decode(errors="replace")
+        self.relay.log_flow("tcp", key, record, now, "upstream_" + kind)
 
     def stats(self) -> dict[str, int]:
         stats = {"connections": len(self.connections)}
