@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 
 from tests.integration.attach_topology import SERVER, Server, attached_stack, echo
-from tests.integration.netns import ROOT, process_pid
+from tests.integration.netns import process_pid
+from tests.integration.test_scaling import stackctl
 
 WORKERS = 4
 
@@ -64,12 +64,9 @@ def test_200_relayed_connections_spread_over_all_workers(topo, stack, server):
         by_worker[table[port]] = by_worker.get(table[port], 0) + 1
     assert len(by_worker) == WORKERS, by_worker
     # stackctl status shows the relay's counters per worker (they travel in heartbeats).
-    env = dict(os.environ, USTACK_RUN_DIR=stack.run_dir)
     deadline = time.monotonic() + 5
     while True:
-        done = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), "status", "--json"], env=env,
-                              capture_output=True, text=True, timeout=10)
-        procs = json.loads(done.stdout)["processes"]
+        procs = json.loads(stackctl(stack, "status", "--json").stdout)["processes"]
         connects = sum(p.get("stats", {}).get("relay_connects", 0) for p in procs)
         if connects >= 200 or time.monotonic() > deadline:
             break

@@ -87,17 +87,22 @@ def test_curl_of_20_mb_arrives_intact(topo, stack, tmp_path):
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload()).hexdigest()
 
 
-def test_20_mb_echo_both_ways(topo, servers):
-    data = payload()
-    sock = connect(topo, SERVER, 7)
+def echo_through(sock: socket.socket, data: bytes, timeout: float = 120) -> bytes:
+    """Send ``data`` and finish while a thread reads everything that comes back."""
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(read_all(sock)))
     reader.start()
     sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
-    reader.join(120)
+    reader.join(timeout)
     sock.close()
-    assert hashlib.sha256(received[0]).digest() == hashlib.sha256(data).digest()
+    return received[0] if received else b""
+
+
+def test_20_mb_echo_both_ways(topo, servers):
+    data = payload()
+    got = echo_through(connect(topo, SERVER, 7), data)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
 
 def test_20_mb_echo_with_5_percent_loss_on_the_namespace_side(topo, servers):
@@ -242,14 +247,7 @@ def test_published_port_relays_inbound_connections_into_the_namespace(topo):
                 except ConnectionRefusedError:
                     time.sleep(0.1)
             data = payload(2 * 1024 * 1024)
-            received: list[bytes] = []
-            reader = threading.Thread(target=lambda: received.append(read_all(outside)))
-            reader.start()
-            outside.sendall(data)
-            outside.shutdown(socket.SHUT_WR)
-            reader.join(60)
-            outside.close()
-            assert received and received[0] == data
+            assert echo_through(outside, data, 60) == data
             assert inside.accepted == 1
             s.wait_for(lambda rs: any(r.get("event") == "relay_flow" and r.get("src") == "published"
                                       and r.get("sport") == 8080 and r.get("dport") == 80 for r in rs),
