@@ -458,6 +458,9 @@ class TcpDemux:
             heapq.heappush(self._timers, (deadline, key))
 
     def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
+        relayed = self.relay is not None and (key.local or key in self.relay.published)
+        if relayed and not self.sink.debug:
+            return  # its relay_flow record says it (one line fewer per flow through honcho)
         self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
                       **{name: getattr(conn, name) for name in CLOSE_STATS})
 
