@@ -15,6 +15,7 @@ and the next deadline out. It owns
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
 
 from pipeline.bus.messages import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
@@ -28,9 +29,10 @@ from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
 from workers.ratelimit import TokenBucket
 from workers.shell import Outgoing
 from workers.tcp import events
-from workers.tcp.apps import SERVICES, Service
+from workers.tcp.apps import SERVICES
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import Connection, State
+from workers.tcp.hosting import ServiceFactory, ServiceHost
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.syncookies import SynCookies
 
@@ -47,7 +49,7 @@ CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "r
 
 class TcpCore:
     def __init__(self, proc: Process, config: TcpConfig, secret: bytes,
-                 services: dict[int, type[Service]] | None = None, offload: bool = False,
+                 services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
                  syn_queue_limit: int = SYN_QUEUE_LIMIT) -> None:
         self.proc = proc
         self.log = proc.log
@@ -55,9 +57,9 @@ class TcpCore:
         self.address = proc.config.stack_addr_bytes
         self.secret = secret
         self.cookies = SynCookies(secret)
-        self.services = SERVICES if services is None else services
+        # The services on their ports (the worker passes the registry's table), fenced by the host.
+        self.host = ServiceHost(SERVICES if services is None else services, self.log, proc.counters)
         self.connections: dict[FlowKey, Connection] = {}
-        self.apps: dict[FlowKey, Service] = {}
         self.syn_queue: dict[int, set[FlowKey]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
         self._timers: list[tuple[float, FlowKey]] = []
@@ -91,10 +93,11 @@ class TcpCore:
             before = conn.state
             conn.receive(seg, now)
             self._after(key, conn, before, now, out)
-        elif seg.dst_port in self.services:
+        elif self.host.listens(seg.dst_port):
             self._listen(key, seg, now, out)
         else:
             self._reset(key, seg, now, out, "closed_port")
+        self._flush_woken(now, out)
         return out
 
     def handle_timer(self, now: float) -> list[Outgoing]:
@@ -110,7 +113,9 @@ class TcpCore:
                 continue
             before = conn.state
             conn.handle_timer(now)
+            self.host.fire(key, now)
             self._after(key, conn, before, now, out)
+        self._flush_woken(now, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -227,19 +232,9 @@ class TcpCore:
         """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
         log = self.log
         while (ev := conn.next_event()) is not None:
-            app = self.apps.get(key)
             if isinstance(ev, events.Connected):
                 log.info("tcp_established", remote=fmt_addr(key[0]), rport=key[1], lport=key[2])
-                app = self.services[key[2]](conn)
-                self.apps[key] = app
-            elif app is None:
-                pass
-            elif isinstance(ev, events.DataReceived):
-                app.on_readable()
-            elif isinstance(ev, events.SendSpace):
-                app.on_writable()
-            elif isinstance(ev, events.PeerClosed):
-                app.on_eof()
+            self.host.deliver(key, conn, ev, now)
             if isinstance(ev, events.Closed):
                 log.info("tcp_closed", remote=fmt_addr(key[0]), rport=key[1], lport=key[2], reason=ev.reason,
                          **{name: getattr(conn, name) for name in CLOSE_STATS})
@@ -255,6 +250,9 @@ class TcpCore:
         if conn.state is not State.SYN_RECEIVED:
             self._leave_syn_queue(key)
         deadline = conn.get_timer()
+        app_deadline = self.host.timer(key)
+        if app_deadline is not None and (deadline is None or app_deadline < deadline):
+            deadline = app_deadline
         if deadline is None:
             self._deadline.pop(key, None)
         elif self._deadline.get(key) != deadline:
@@ -265,8 +263,16 @@ class TcpCore:
         self.connections.pop(key)
         self._closed.append(key)
         self._leave_syn_queue(key)
-        self.apps.pop(key, None)
+        self.host.forget(key)
         self._deadline.pop(key, None)
+
+    def _flush_woken(self, now: float, out: list[Outgoing]) -> None:
+        """Collect the output of connections a service touched from another connection's callback."""
+        while woken := self.host.woken():
+            for key in woken:
+                conn = self.connections.get(key)
+                if conn is not None:
+                    self._after(key, conn, conn.state, now, out)
 
     def _leave_syn_queue(self, key: FlowKey) -> None:
         queue = self.syn_queue.get(key[2])

@@ -1,9 +1,9 @@
 """The UDP worker process: ``python -m workers.udp``."""
 
 from pipeline.process import Process
-from workers import shell
+from workers import registry, shell
 from workers.udp.core import UdpCore
 
 if __name__ == "__main__":
     proc = Process("udp")
-    shell.run(proc, UdpCore(proc))
+    shell.run(proc, UdpCore(proc, registry.services_or_exit("udp")))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable, Mapping
+
 from pipeline.offload import Offload, checksum_vouched
 from pipeline.process import Process
 from pipeline.wire import Malformed
@@ -19,8 +22,9 @@ ICMP_ERRORS_PER_SECOND = 200
 
 
 class UdpCore(StatelessCore):
-    def __init__(self, proc: Process) -> None:
+    def __init__(self, proc: Process, services: Mapping[int, Callable[[bytes], bytes | None]] | None = None) -> None:
         self.proc = proc
+        self.services = SERVICES if services is None else services
         self.address = proc.config.stack_addr_bytes
         self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_PER_SECOND)
 
@@ -35,7 +39,7 @@ class UdpCore(StatelessCore):
         if proc.debug:
             proc.log.debug("udp_in", src=fmt_addr(ip.src), sport=dgram.src_port, dport=dgram.dst_port,
                            len=len(dgram.payload), **proc.payload(dgram.payload))
-        service = SERVICES.get(dgram.dst_port)
+        service = self.services.get(dgram.dst_port)
         if service is None:
             proc.counters["port_unreachable"] += 1
             if not self.icmp_errors.allow(now):
@@ -43,7 +47,18 @@ class UdpCore(StatelessCore):
                 return []
             reply = dest_unreachable(PORT_UNREACHABLE, data).emit()
             return [(build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_ICMP), reply), None)]
+        try:
+            reply = service(bytes(dgram.payload))
+        except Exception as exc:  # a service's bug costs that datagram its answer, not the worker
+            proc.counters["service_errors"] += 1
+            proc.log.error("service_error", src=fmt_addr(ip.src), sport=dgram.src_port, dport=dgram.dst_port,
+                           error=f"{type(exc).__name__}: {exc}")
+            proc.log.debug("service_traceback", traceback=traceback.format_exc())
+            return []
+        if reply is None:
+            proc.counters["datagrams_unanswered"] += 1
+            return []
         proc.counters["datagrams_answered"] += 1
-        answer = UdpDatagram(dgram.dst_port, dgram.src_port, service(bytes(dgram.payload)))
+        answer = UdpDatagram(dgram.dst_port, dgram.src_port, bytes(reply))
         return [(build_ipv4(Ipv4Header(src=self.address, dst=ip.src, protocol=PROTO_UDP),
                             answer.emit(self.address, ip.src)), None)]
