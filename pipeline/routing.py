@@ -53,6 +53,21 @@ def key_flow(key: bytes) -> Flow:
     return (key[:4], *_PORTS.unpack_from(key, 4))
 
 
+# Services whose connections must share a worker with the client's other connections to them:
+# an iperf3 test is a control connection plus data streams, matched by cookie in one worker.
+STEERED_PORTS = frozenset({5201})
+_STEERED = frozenset(port.to_bytes(2, "big") for port in STEERED_PORTS)
+
+
+def affinity_key(key: bytes) -> bytes:
+    """What a new flow's worker is chosen by: the 8-byte flow key, or for STEERED_PORTS only
+    (remote address, local port), so that every connection of one client to such a port
+    lands on the same worker (rendezvous hashing keeps that true while workers are stable)."""
+    if key[6:8] in _STEERED:
+        return key[:4] + key[6:8]
+    return key
+
+
 class Router:
     def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float) -> None:
         self.address = address
@@ -87,7 +102,7 @@ class Router:
             return owner, role
         if now < self.settle_until and payload[13] & _TCP_SYN_ACK_MASK != _TCP_SYN:
             return None, role  # an existing flow whose owner has not re-announced yet
-        return self.members.pick(role, key), role
+        return self.members.pick(role, affinity_key(key)), role
 
     def hold(self, role: str, born: float, item: tuple[bytes, Offload | None]) -> None:
         """Keep a packet until its role has a worker (bounded: the oldest goes first)."""

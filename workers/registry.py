@@ -25,7 +25,6 @@ import os
 import re
 import resource
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -91,7 +90,10 @@ def process_cpu_seconds() -> tuple[float, float]:
 
 def builtin_tcp(env: Mapping[str, str]) -> dict[int, Callable[[Any], apps.Service]]:
     """The built-in TCP services of one worker (README "Services")."""
+    from workers.tcp.iperf3 import Iperf3Server
+
     table: dict[int, Callable[[Any], apps.Service]] = dict(apps.SERVICES)
+    table[5201] = Iperf3Server(cpu=process_cpu_seconds)  # one per worker: it holds the test running there
     return table
 
 

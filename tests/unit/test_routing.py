@@ -78,3 +78,12 @@ def test_other_protocols_go_to_their_role():
     assert r.route(udp, 200.0) == ("udp.1", "udp")
     odd = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=253), b"x")
     assert r.route(odd, 200.0) == (None, "icmp")  # held: no icmp worker yet
+
+
+def test_iperf3_connections_of_one_client_share_a_worker():
+    r, _ = make(now=0.0, workers=("tcp.1", "tcp.2", "tcp.3", "tcp.4"))
+    later = SETTLE_TIME + 1
+    # All of one client's connections to 5201 (control and data streams) go to one worker ...
+    assert len({r.route(tcp_packet(p, dport=5201, flags=0x02), later)[0] for p in range(40000, 40050)}) == 1
+    # ... while other ports still spread by the whole 4-tuple.
+    assert len({r.route(tcp_packet(p, dport=8000, flags=0x02), later)[0] for p in range(40000, 40050)}) == 4
