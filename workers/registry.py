@@ -94,6 +94,21 @@ def builtin_tcp(env: Mapping[str, str]) -> dict[int, Callable[[Any], apps.Servic
 
     table: dict[int, Callable[[Any], apps.Service]] = dict(apps.SERVICES)
     table[5201] = Iperf3Server(cpu=process_cpu_seconds)  # one per worker: it holds the test running there
+    root = env.get("USTACK_HTTP_ROOT", "")
+    if root:
+        from workers.tcp.files import FileStore
+        from workers.tcp.httpd import REQUEST_TIMEOUT, HttpServer
+
+        raw = env.get("USTACK_HTTP_TIMEOUT", str(REQUEST_TIMEOUT))
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise ConfigError(f"USTACK_HTTP_TIMEOUT={raw!r}: expected seconds") from None
+        if not timeout > 0:
+            raise ConfigError(f"USTACK_HTTP_TIMEOUT={raw!r}: expected more than 0 seconds")
+        if not os.path.isdir(root):
+            raise ConfigError(f"USTACK_HTTP_ROOT={root!r} is not a directory")
+        table[80] = HttpServer(FileStore(root), request_timeout=timeout)
     return table
 
 
