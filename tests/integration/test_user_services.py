@@ -32,9 +32,9 @@ USER_MODULE = textwrap.dedent('''
 def user_stack(ns, tmp_path_factory):
     mod_dir = tmp_path_factory.mktemp("usersvc")
     (mod_dir / "ustack_user_svc.py").write_text(USER_MODULE)
-    env = {"PYTHONPATH": f"{mod_dir}{os.pathsep}{ROOT}",
+    env = {"PYTHONPATH": os.pathsep.join([str(mod_dir), str(ROOT / "examples"), str(ROOT)]),
            "USTACK_SERVICES": "tcp/9000=ustack_user_svc:Upper, tcp/9001=ustack_user_svc:Raiser,"
-                              "udp/9002=ustack_user_svc:shout"}
+                              "udp/9002=ustack_user_svc:shout,tcp/9003=myservices:Reverse,udp/9003=myservices:reverse"}
     s = Stack(ns, env=env)
     try:
         s.wait_ready()
@@ -58,6 +58,15 @@ def test_user_tcp_service_answers(ns, user_stack):
         while chunk := sock.recv(4096):
             got += chunk
     assert got == b"HELLO USER SERVICE\n"
+
+
+def test_the_readme_tutorial_service(ns, user_stack):
+    done = ns.run("nc", "-N", "-w", "5", STACK_ADDR, "9003", input=b"hello\nworld\n")
+    assert done.stdout == b"olleh\ndlrow\n"
+    with ns.socket(type=socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(b"abc\n", (STACK_ADDR, 9003))
+        assert sock.recv(100) == b"cba\n"
 
 
 def test_user_udp_service_answers(ns, user_stack):
