@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from tests.integration.netns import STACK_ADDR, Stack
+from tests.integration.netns import STACK_ADDR
+from tests.integration.svc_clients import exchange, running_stack
 
 SIZES = [0, 1, 1460, 65536, 1_000_007, 100_000_000]
 URL = f"http://{STACK_ADDR}"
@@ -35,12 +36,8 @@ def www(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http_stack(ns, www):
-    s = Stack(ns, env={"USTACK_HTTP_ROOT": str(www[0]), "USTACK_HTTP_TIMEOUT": "1"})
-    try:
-        s.wait_ready()
+    with running_stack(ns, env={"USTACK_HTTP_ROOT": str(www[0]), "USTACK_HTTP_TIMEOUT": "1"}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def curl(ns, *args, timeout=120):
@@ -99,15 +96,8 @@ def test_ab_without_failed_requests(ns, http_stack):
     assert re.search(r"Non-2xx responses", out) is None
 
 
-def raw_exchange(ns, payload: bytes, wait_close=True) -> bytes:
-    with ns.socket() as sock:
-        sock.settimeout(10)
-        sock.connect((STACK_ADDR, 80))
-        sock.sendall(payload)
-        got = b""
-        while chunk := sock.recv(65536):
-            got += chunk
-        return got
+def raw_exchange(ns, payload: bytes) -> bytes:
+    return exchange(ns, 80, payload)
 
 
 MALFORMED = [

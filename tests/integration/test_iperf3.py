@@ -6,7 +6,8 @@ import struct
 
 import pytest
 
-from tests.integration.netns import STACK_ADDR, Stack
+from tests.integration.netns import STACK_ADDR
+from tests.integration.svc_clients import exchange, running_stack
 
 
 def iperf3(ns, *args, timeout=60):
@@ -44,14 +45,7 @@ def test_plain_text_output_and_udp_refused(ns, stack):
 
 def test_hostile_control_input_is_refused_and_the_server_lives(ns, stack):
     def session(payload: bytes) -> bytes:
-        with ns.socket() as sock:
-            sock.settimeout(15)
-            sock.connect((STACK_ADDR, 5201))
-            sock.sendall(payload)
-            got = b""
-            while chunk := sock.recv(100):
-                got += chunk
-            return got
+        return exchange(ns, 5201, payload)
 
     cookie = b"x" * 36 + b"\0"
     assert session(cookie + struct.pack("!I", 1 << 30)) == b"\x09" + struct.pack("!bii", -2, 114, 0)
@@ -60,31 +54,12 @@ def test_hostile_control_input_is_refused_and_the_server_lives(ns, stack):
     report(iperf3(ns, "-t", "1", "-J"))  # a real client right after
 
 
-@pytest.fixture(scope="module")
-def four_workers(fresh_module_ns):
-    s = Stack(fresh_module_ns, "-c", "tcp=4")
-    try:
-        s.wait_ready({"tcp": 4})
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
-def fresh_module_ns():
-    from tests.integration.netns import Namespace
-    namespace = Namespace()
-    try:
-        yield namespace
-    finally:
-        namespace.delete()
-
-
-def test_parallel_streams_over_four_workers(fresh_module_ns, four_workers):
-    for args in (("-P", "4"), ("-P", "4", "-R")):
-        end = report(iperf3(fresh_module_ns, "-t", "2", "-J", *args))["end"]
-        assert len(end["streams"]) == 4
-        assert all(s["receiver"]["bytes"] > 0 for s in end["streams"])
+def test_parallel_streams_over_four_workers(fresh_ns):
+    with running_stack(fresh_ns, "-c", "tcp=4", roles={"tcp": 4}) as four_workers:
+        for args in (("-P", "4"), ("-P", "4", "-R")):
+            end = report(iperf3(fresh_ns, "-t", "2", "-J", *args))["end"]
+            assert len(end["streams"]) == 4
+            assert all(s["receiver"]["bytes"] > 0 for s in end["streams"])
     tests = [r for r in four_workers.records() if r["event"] == "iperf3_test"]
     assert [t["streams"] for t in tests] == [4, 4]
     # Steering: every connection to 5201 of this client landed on the worker of its test.

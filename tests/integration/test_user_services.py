@@ -6,25 +6,26 @@ import textwrap
 
 import pytest
 
-from tests.integration.netns import ROOT, STACK_ADDR, Stack
+from tests.integration.netns import ROOT, STACK_ADDR
+from tests.integration.svc_clients import running_stack
 
 USER_MODULE = textwrap.dedent('''
     from workers.tcp.apps import Service
-
-    class Upper(Service):
-        """Each received byte sent back upper-cased (the tutorial's shape)."""
-
-        def on_readable(self):
-            while not self.pending and (data := self.stream.recv()):
-                self.write(data.upper())
 
     class Raiser(Service):
         def on_readable(self):
             if b"boom" in self.stream.recv():
                 raise RuntimeError("user bug")
 
-    def shout(payload):
-        return payload.upper() + b"!"
+    class Numbered:
+        # UDP, a class: one instance per worker numbers the datagrams it answers.
+
+        def __init__(self):
+            self.count = 0
+
+        def __call__(self, payload):
+            self.count += 1
+            return b"%d " % self.count + payload
 ''')
 
 
@@ -33,14 +34,10 @@ def user_stack(ns, tmp_path_factory):
     mod_dir = tmp_path_factory.mktemp("usersvc")
     (mod_dir / "ustack_user_svc.py").write_text(USER_MODULE)
     env = {"PYTHONPATH": os.pathsep.join([str(mod_dir), str(ROOT / "examples"), str(ROOT)]),
-           "USTACK_SERVICES": "tcp/9000=ustack_user_svc:Upper, tcp/9001=ustack_user_svc:Raiser,"
-                              "udp/9002=ustack_user_svc:shout,tcp/9003=myservices:Reverse,udp/9003=myservices:reverse"}
-    s = Stack(ns, env=env)
-    try:
-        s.wait_ready()
+           "USTACK_SERVICES": "tcp/9001=ustack_user_svc:Raiser, udp/9002=ustack_user_svc:Numbered,"
+                              "tcp/9003=myservices:Reverse,udp/9003=myservices:reverse"}
+    with running_stack(ns, env=env) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _connect(ns, port):
@@ -48,16 +45,6 @@ def _connect(ns, port):
     sock.settimeout(5)
     sock.connect((STACK_ADDR, port))
     return sock
-
-
-def test_user_tcp_service_answers(ns, user_stack):
-    with _connect(ns, 9000) as sock:
-        sock.sendall(b"hello user service\n")
-        sock.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := sock.recv(4096):
-            got += chunk
-    assert got == b"HELLO USER SERVICE\n"
 
 
 def test_the_readme_tutorial_service(ns, user_stack):
@@ -72,8 +59,9 @@ def test_the_readme_tutorial_service(ns, user_stack):
 def test_user_udp_service_answers(ns, user_stack):
     with ns.socket(type=socket.SOCK_DGRAM) as sock:
         sock.settimeout(5)
-        sock.sendto(b"quiet", (STACK_ADDR, 9002))
-        assert sock.recv(100) == b"QUIET!"
+        for n in (1, 2):
+            sock.sendto(b"hi", (STACK_ADDR, 9002))
+            assert sock.recv(100) == b"%d hi" % n
 
 
 def test_raising_service_resets_its_connection_and_the_worker_lives(ns, user_stack):
@@ -85,9 +73,9 @@ def test_raising_service_resets_its_connection_and_the_worker_lives(ns, user_sta
         bystander.sendall(b"still fine")  # the other connection of the same service lives on
     user_stack.wait_for(lambda recs: any(r["event"] == "service_error" and "user bug" in r["error"] for r in recs),
                         10, "service_error logged")
-    with _connect(ns, 9000) as sock:  # and so does the worker
-        sock.sendall(b"ok")
-        assert sock.recv(10) == b"OK"
+    with _connect(ns, 9003) as sock:  # and so does the worker
+        sock.sendall(b"ok\n")
+        assert sock.recv(10) == b"ko\n"
     starts = [r for r in user_stack.records() if r["event"] == "worker_started" and r["proc"] == "tcp.1"]
     assert len(starts) == 1  # never restarted
 

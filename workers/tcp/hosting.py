@@ -29,7 +29,7 @@ from pipeline.bus.messages import Flow
 from pipeline.wire.addr import fmt_addr
 from workers.tcp import events
 from workers.tcp.apps import Service
-from workers.tcp.connection import Connection
+from workers.tcp.connection import Connection, State
 
 ServiceFactory = Callable[["HostedStream"], Service]
 
@@ -129,6 +129,8 @@ class ServiceHost:
         if hosted is None:
             return
         stream, service = hosted
+        if stream._conn.state is State.CLOSED:
+            return  # its Closed event comes next; the service is done
         if stream.deadline is not None and stream.deadline <= now:
             stream.deadline = None
             stream.now = now

@@ -16,8 +16,9 @@ The protocol, as esnet/iperf's ``iperf_api.c``, ``iperf_server_api.c`` and
    stream there the server sends TEST_START and TEST_RUNNING, and data flows:
    to us normally, from us with ``-R`` (reverse), both ways with ``--bidir``
    (the first half of the streams towards us).
-4. The client sends TEST_END on the control connection; the server stops and
-   closes the data streams, sends EXCHANGE_RESULTS, reads the client's
+4. The client sends TEST_END on the control connection; the server stops
+   sending and closes the data streams (FIN after what is queued: the client
+   drains it), sends EXCHANGE_RESULTS, reads the client's
    results (length-prefixed JSON), sends its own (CPU use, per stream: id,
    bytes, retransmits, jitter, errors, packets, start/end time), then
    DISPLAY_RESULTS; the client answers IPERF_DONE and both close.
@@ -247,7 +248,7 @@ class Control:
 
     def on_readable(self) -> None:
         try:
-            while not self.conn.closed and self._step():
+            while not (self.conn.closed or self.conn.hanging_up) and self._step():
                 pass
         except ProtocolError as exc:
             self._fail(exc.ierrno, exc.reason)
@@ -471,19 +472,15 @@ class DataStream:
             self.on_writable()
 
     def finish(self, now: float) -> None:
-        """iperf closes every stream at TEST_END: we reset senders (their queued data is moot), close receivers."""
+        """iperf_handle_message_server closes every stream at TEST_END. A close, not a reset: in
+        reverse mode the client drains what we queued after sending TEST_END (iperf_run_client),
+        and a reset would fail its read."""
         if self.active:
             self.active = False
             self.end = now
             if self.sender and self.test.sender_has_retransmits == 1:
                 self.retransmits = self.stream.retransmissions - self.rtx_start
-        if self.conn.closed or self.conn.hanging_up:
-            return
-        if self.sender:
-            self.conn.closed = True
-            self.stream.abort()
-        else:
-            self.conn.hang_up()
+        self.conn.hang_up()
 
     def result(self, test: Test) -> dict[str, Any]:
         return {"id": self.id, "bytes": self.bytes_sent if self.sender else self.bytes_received,
