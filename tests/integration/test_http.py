@@ -36,12 +36,12 @@ def www(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http_stack(ns, www):
-    with running_stack(ns, env={"USTACK_HTTP_ROOT": str(www[0]), "USTACK_HTTP_TIMEOUT": "1"}) as s:
+    with running_stack(ns, env={"USTACK_HTTP_ROOT": str(www[0]), "USTACK_HTTP_TIMEOUT": "2"}) as s:
         yield s
 
 
-def curl(ns, *args, timeout=120):
-    done = ns.run("curl", "-sS", "--max-time", "100", *args, check=False, timeout=timeout)
+def curl(ns, *args, timeout=330):
+    done = ns.run("curl", "-sS", "--max-time", "300", *args, check=False, timeout=timeout)
     return done
 
 
@@ -112,7 +112,7 @@ MALFORMED = [
     (b"GET /hello.txt HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     (b"GET /nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
     (b"\x00\x01\x02\xff\r\n\r\n", 400),
-    (b"GET /hello.txt HTTP/1.1\r\nHost: x", 408),  # stalls mid-request: 1 s in this stack
+    (b"GET /hello.txt HTTP/1.1\r\nHost: x", 408),  # stalls mid-request: 2 s in this stack
 ]
 
 
