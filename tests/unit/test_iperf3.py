@@ -277,3 +277,16 @@ def test_client_terminate_ends_the_test():
     open_streams(server, 1)
     feed(ctl, state(iperf3.CLIENT_TERMINATE))
     assert server.test is None and cs.closed
+
+
+def test_omitted_start_is_left_out_of_the_results():
+    server = iperf3.Iperf3Server()
+    ctl, cs = open_control(server, {"omit": 1})
+    [d] = open_streams(server, 1, now=T0)
+    feed(d, b"x" * 1000, now=T0 + 0.5)   # during the omitted second
+    feed(d, b"x" * 300, now=T0 + 1.5)    # counted, from 1.5 s on
+    feed(ctl, state(iperf3.TEST_END), now=T0 + 3.5)
+    cs.take()
+    feed(ctl, framed({}))
+    stream = json.loads(cs.take()[4:-1])["streams"][0]
+    assert stream["bytes"] == 300 and stream["end_time"] == pytest.approx(2.0)

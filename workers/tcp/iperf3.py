@@ -119,6 +119,7 @@ class Test:
         self.parallel = 1
         self.blksize = DEFAULT_BLOCKSIZE
         self.byte_limit = 0      # reverse with -n/-k: stop sending after this many bytes
+        self.omit = 0            # -O: seconds at the start that the results leave out
         self.bytes_sent = 0
         self.running = False
         self.start = self.end = 0.0
@@ -326,8 +327,8 @@ class Control:
         num = _int_param(params, "num", 0)
         blocks = _int_param(params, "blockcount", 0)
         test.byte_limit = num if num > 0 else blocks * test.blksize
-        for name in ("time", "omit"):
-            _int_param(params, name, 0)
+        _int_param(params, "time", 0)
+        test.omit = max(0, _int_param(params, "omit", 0))
         self.phase = CREATE_STREAMS
         self._send_state(CREATE_STREAMS)
 
@@ -457,6 +458,8 @@ class DataStream:
         self.id = 1 if n == 1 else n + 1  # iperf_add_stream: 1, 3, 4, 5, ...
         self.sender = test.stream_sends(n - 1)
         self.bytes_received = self.bytes_sent = 0
+        self.bytes_sent_omit = 0  # sent during the omitted start (-O), left out of the results
+        self.omitting = False
         self.start = self.end = 0.0
         self.rtx_start = 0
         self.retransmits = -1
@@ -467,6 +470,7 @@ class DataStream:
     def begin(self, now: float) -> None:
         self.active = True
         self.start = now
+        self.omitting = self.test.omit > 0
         self.rtx_start = self.stream.retransmissions
         if self.sender:
             self.on_writable()
@@ -483,12 +487,23 @@ class DataStream:
         self.conn.hang_up()
 
     def result(self, test: Test) -> dict[str, Any]:
-        return {"id": self.id, "bytes": self.bytes_sent if self.sender else self.bytes_received,
+        return {"id": self.id, "bytes": self.bytes_sent - self.bytes_sent_omit if self.sender else self.bytes_received,
                 "retransmits": self.retransmits if self.sender else -1,
                 "jitter": 0, "errors": 0, "packets": 0,
                 "start_time": 0, "end_time": max(0.0, self.end - self.start)}
 
+    def _omit_over(self) -> None:
+        """iperf_reset_stats when the -O period ends: the results count from here."""
+        now = self.stream.now
+        if self.omitting and now >= self.test.start + self.test.omit:
+            self.omitting = False
+            self.start = now
+            self.bytes_received = 0
+            self.bytes_sent_omit = self.bytes_sent
+            self.rtx_start = self.stream.retransmissions
+
     def on_readable(self) -> None:
+        self._omit_over()
         while data := self.stream.recv():
             if self.active and not self.sender:
                 self.bytes_received += len(data)
@@ -497,6 +512,7 @@ class DataStream:
     def on_writable(self) -> None:
         test = self.test
         block = self._block
+        self._omit_over()
         while self.active and test.running and self.sender:
             size = len(block)
             if test.byte_limit:
