@@ -1,8 +1,8 @@
 """The iperf3 server on 5201 against Debian's unmodified iperf3 client in the stack's namespace."""
 
 import json
-import socket
 import struct
+import subprocess
 
 import pytest
 
@@ -65,3 +65,16 @@ def test_parallel_streams_over_four_workers(fresh_ns):
     # Steering: every connection to 5201 of this client landed on the worker of its test.
     workers = {r["proc"] for r in four_workers.records() if r["event"] == "tcp_established" and r["lport"] == 5201}
     assert workers == {tests[0]["proc"]}
+
+
+def test_second_client_during_a_test_is_told_the_server_is_busy(ns, stack):
+    established_before = sum(r["event"] == "tcp_established" and r["lport"] == 5201 for r in stack.records()) + 1
+    first = ns.popen("iperf3", "-c", STACK_ADDR, "-t", "3", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stack.wait_for(lambda recs: sum(r["event"] == "tcp_established" and r["lport"] == 5201 for r in recs)
+                       > established_before, 10, "the first test's connections")
+        second = iperf3(ns, "-t", "1")
+        assert second.returncode != 0 and b"busy" in second.stdout + second.stderr
+    finally:
+        out, err = first.communicate(timeout=30)
+    assert first.returncode == 0, out + err
