@@ -2,6 +2,7 @@
 
     stackctl status          live processes, their heartbeat age, connections and counters
     stackctl status --json   the same, for machines
+    stackctl flows [--json]  every TCP flow ingress routes, and the worker that owns it
 
 It reads the same environment as the stack (USTACK_RUN_DIR or
 USTACK_CONTROL_ENDPOINT, and the CURVE keys for a tcp:// control endpoint),
@@ -18,6 +19,8 @@ import zmq
 
 from pipeline import config
 from pipeline.bus import endpoints, messages
+from pipeline.flow import Flow
+from pipeline.wire.addr import fmt_addr
 
 TIMEOUT_MS = 2000
 
@@ -59,16 +62,33 @@ def render(status: dict) -> str:
     return "\n".join(lines)
 
 
+def render_flows(rows: list[tuple[Flow, str]]) -> str:
+    lines = [f"{'remote':<40} {'local port':>10}  worker"]
+    for flow, worker in sorted(rows, key=lambda r: (r[1], r[0])):
+        lines.append(f"{fmt_addr(flow.remote) + ':' + str(flow.rport):<40} {flow.lport:>10}  {worker}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stackctl", description="Inspect a running ustack pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="live processes and their counters")
     status.add_argument("--json", action="store_true", help="print JSON")
+    flows = sub.add_parser("flows", help="TCP flows and the workers that own them")
+    flows.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     reply = request(args.command)
     if reply.status != "ok":
         print(f"stackctl: {reply.reason}", file=sys.stderr)
         return 1
+    if args.command == "flows":
+        rows = messages.decode_flow_table(reply.payload)
+        if args.json:
+            print(json.dumps([{"remote": fmt_addr(f.remote), "rport": f.rport, "lport": f.lport, "worker": w}
+                              for f, w in rows], indent=2))
+        else:
+            print(render_flows(rows))
+        return 0
     print(json.dumps(reply.payload, indent=2, sort_keys=True) if args.json else render(reply.payload))
     return 0
 

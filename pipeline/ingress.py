@@ -15,6 +15,7 @@ import zmq
 
 from pipeline import tun
 from pipeline.bus import endpoints, messages
+from pipeline.flow import Flow
 from pipeline.membership import Membership
 from pipeline.process import Process
 from pipeline.routing import PENDING_MAX_AGE, Router
@@ -37,7 +38,7 @@ class Ingress:
         self.bus = endpoints.ingress_router(ctx, cfg)
         self.refusals = endpoints.auth_monitor(self.bus)
         self.control = endpoints.control_router(ctx, cfg)
-        self.orphans: list[tuple[float, messages.Flow]] = []
+        self.orphans: list[tuple[float, Flow]] = []
 
     # -- packets ---------------------------------------------------------------
 
@@ -115,7 +116,7 @@ class Ingress:
         self.orphans.extend((now, f) for f in orphans)
 
     def hand_out_orphans(self, now: float) -> None:
-        """Ask a live tcp worker to make the dead worker's peers reset (see workers.tcp.core)."""
+        """Ask a live tcp worker to make the dead worker's peers reset (see workers.tcp.demux)."""
         self.orphans = [(t, f) for t, f in self.orphans if now - t <= ORPHAN_MAX_AGE]
         if not self.orphans:
             return
@@ -190,6 +191,8 @@ class Ingress:
             else:
                 if isinstance(msg, messages.Request) and msg.command == "status":
                     reply = messages.encode_reply("ok", None, self.status(now))
+                elif isinstance(msg, messages.Request) and msg.command == "flows":
+                    reply = messages.encode_reply("ok", None, messages.flow_table(self.router.owned_flows()))
                 else:
                     reply = messages.encode_reply("error", "unknown_command", None)
             try:

@@ -1,8 +1,9 @@
 """Ingress routing: which worker gets each packet (pure: no sockets, no clock).
 
 The one checked IPv4 parse of the pipeline happens here (version, lengths,
-header checksum, fragments, destination); workers trust the bus and re-read
-the header without re-verifying. ICMP goes to ``icmp``, UDP to ``udp``, any
+header checksum, fragments, destination), and for TCP the check of the
+header's lengths that routing by ports needs; workers trust the bus and read
+those headers through trusted views, re-verifying nothing. ICMP goes to ``icmp``, UDP to ``udp``, any
 other protocol to ``icmp`` (which answers protocol unreachable, RFC 1122
 §3.2.2.1), and TCP to the worker that owns the flow:
 
@@ -22,14 +23,15 @@ and re-announced what they own, so an ingress restart resets nothing.
 from __future__ import annotations
 
 import collections
-import struct
 from collections.abc import Callable
 
-from pipeline.bus.messages import HEARTBEAT_INTERVAL, Flow
+from pipeline.bus.messages import HEARTBEAT_INTERVAL
+from pipeline.flow import Flow
 from pipeline.membership import Membership
 from pipeline.offload import Offload
 from pipeline.wire import Malformed
-from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Packet
+from pipeline.wire.tcp import TcpPacket
 
 PENDING_LIMIT = 512    # packets held per role while it has no live worker (or while settling)
 PENDING_MAX_AGE = 2.0  # seconds; older ones are dropped (the peer retransmits)
@@ -37,20 +39,8 @@ PENDING_MAX_AGE = 2.0  # seconds; older ones are dropped (the peer retransmits)
 SETTLE_TIME = HEARTBEAT_INTERVAL * 1.5
 
 _ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp"}
-_PORTS = struct.Struct("!HH")
-_TCP_SYN_ACK_MASK = 0x12
-_TCP_SYN = 0x02
 
 Pending = tuple[float, bytes, Offload | None]
-
-
-def flow_key(flow: Flow) -> bytes:
-    """The 8-byte key of a flow: remote address, remote port, local port."""
-    return flow[0] + _PORTS.pack(flow[1], flow[2])
-
-
-def key_flow(key: bytes) -> Flow:
-    return (key[:4], *_PORTS.unpack_from(key, 4))
 
 
 # Services whose connections must share a worker with the client's other connections to them:
@@ -60,11 +50,11 @@ _STEERED = frozenset(port.to_bytes(2, "big") for port in STEERED_PORTS)
 
 
 def affinity_key(key: bytes) -> bytes:
-    """What a new flow's worker is chosen by: the 8-byte flow key, or for STEERED_PORTS only
-    (remote address, local port), so that every connection of one client to such a port
-    lands on the same worker (rendezvous hashing keeps that true while workers are stable)."""
-    if key[6:8] in _STEERED:
-        return key[:4] + key[6:8]
+    """What a new flow's worker is chosen by: its Flow.key, or for STEERED_PORTS only (remote
+    address, local port), so that every connection of one client to such a port lands on the
+    same worker (rendezvous hashing keeps that true while the workers stay the same)."""
+    if key[-2:] in _STEERED:
+        return key[:-4] + key[-2:]
     return key
 
 
@@ -74,7 +64,7 @@ class Router:
         self.members = members
         self.drop = drop
         self.settle_until = started + SETTLE_TIME
-        self.flows: dict[bytes, str] = {}  # flow key -> the worker that announced it
+        self.flows: dict[bytes, str] = {}  # Flow.key -> the worker that announced it
         self.pending: dict[str, collections.deque[Pending]] = collections.defaultdict(
             lambda: collections.deque(maxlen=PENDING_LIMIT))
 
@@ -84,23 +74,26 @@ class Router:
             self.drop("not_ipv4", version=packet[0] >> 4 if packet else None)
             return None, ""
         try:
-            header, payload = parse_ipv4(packet)
+            ip = Ipv4Packet.checked(packet)
         except Malformed as exc:
             self.drop(exc.reason, layer="ipv4")
             return None, ""
-        if header.dst != self.address:
+        if ip.dst != self.address:
             self.drop("not_for_us")
             return None, ""
-        role = _ROLE_BY_PROTO.get(header.protocol, "icmp")
+        role = _ROLE_BY_PROTO.get(ip.protocol, "icmp")
         if role != "tcp":
             return self.members.pick(role, b""), role
-        if len(payload) < 14:
-            return self.members.pick(role, b""), role  # malformed: the worker counts the drop
-        key = header.src + bytes(payload[:4])
+        try:
+            tcp = TcpPacket.checked(ip.payload)
+        except Malformed as exc:
+            self.drop(exc.reason, layer="tcp")
+            return None, ""
+        key = ip.src + tcp.port_bytes  # Flow(src, sport, dport).key without making the Flow
         owner = self.flows.get(key)
         if owner is not None and self.members.is_alive(owner):
             return owner, role
-        if now < self.settle_until and payload[13] & _TCP_SYN_ACK_MASK != _TCP_SYN:
+        if now < self.settle_until and not tcp.starts_connection:
             return None, role  # an existing flow whose owner has not re-announced yet
         return self.members.pick(role, affinity_key(key)), role
 
@@ -118,9 +111,9 @@ class Router:
             for key in [k for k, w in flows.items() if w == worker]:
                 del flows[key]
         for flow in opened:
-            flows[flow_key(flow)] = worker
+            flows[flow.key] = worker
         for flow in closed:
-            key = flow_key(flow)
+            key = flow.key
             if flows.get(key) == worker:
                 del flows[key]
 
@@ -129,7 +122,11 @@ class Router:
         keys = [k for k, w in self.flows.items() if w == worker]
         for key in keys:
             del self.flows[key]
-        return [key_flow(k) for k in keys]
+        return [Flow.from_key(k) for k in keys]
+
+    def owned_flows(self) -> list[tuple[Flow, str]]:
+        """Every announced flow with the worker that owns it."""
+        return [(Flow.from_key(key), worker) for key, worker in self.flows.items()]
 
     def flows_by_worker(self) -> collections.Counter[str]:
         return collections.Counter(self.flows.values())

@@ -13,61 +13,17 @@ when ingress hands them over. Nothing protocol-specific lives here.
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
 import zmq
 
 from pipeline.bus import endpoints, messages
-from pipeline.bus.messages import Flow
-from pipeline.offload import Offload
 from pipeline.process import Process
-
-# An IP packet to send, with the virtio-net header fields egress should write
-# with it (None: a complete packet, checksums filled in).
-Outgoing = tuple[bytes, Offload | None]
+from workers.core import Outgoing, Sink, WorkerCore
 
 
-class WorkerCore(Protocol):
-    def handle_packet(self, data: bytes, now: float, offload: Offload | None) -> list[Outgoing]:
-        """One IP packet (and its offload metadata from the device) in; packets to send out."""
-    def handle_timer(self, now: float) -> list[Outgoing]:
-        """Fire what is due at ``now``; packets to send out."""
-    def next_deadline(self) -> float | None: ...
-    def close(self, now: float) -> list[Outgoing]:
-        """Shutting down: release what is held (e.g. reset connections)."""
-    def stats(self) -> dict[str, int]:
-        """Gauges for the heartbeat (e.g. open connections)."""
-    def flows(self) -> list[Flow]:
-        """Every flow this worker holds."""
-    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
-        """Flows opened and closed since the last call."""
-    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
-        """Make the peers of another (dead) worker's flows reset their connections."""
-
-
-class StatelessCore:
-    """The membership part of WorkerCore for cores that hold no flows (ICMP, UDP)."""
-
-    def handle_timer(self, now: float) -> list[Outgoing]:
-        return []
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def close(self, now: float) -> list[Outgoing]:
-        return []
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-    def flows(self) -> list[Flow]:
-        return []
-
-    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
-        return [], []
-
-    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
-        return []
+def sink(proc: Process) -> Sink:
+    """The process's counters and logger as a core's sink (heartbeats read the same counters)."""
+    return Sink(proc.counters, proc.log, proc.debug, proc.log_payload)
 
 
 def run(proc: Process, core: WorkerCore) -> None:

@@ -20,12 +20,14 @@ so under load the per-message cost of ZeroMQ (a wake-up of its I/O thread)
 is paid once per batch, and at idle a batch is a single packet with no added
 delay. ``offloads`` is None when no packet has offload metadata, else a list
 with, per packet, None or the virtio-net header fields
-``[flags, gso_type, hdr_len, gso_size, csum_start, csum_offset]``. ``stats`` maps counter
-names to integers. A flow is ``[remote address (bytes), remote port, local
-port]``; ``full`` says ``opened`` is every flow the worker owns (sent after a
-WELCOME, so a restarted ingress learns who owns what). ``epoch`` identifies
+``[flags, gso_type, hdr_len, gso_size, csum_start, csum_offset]``. ``stats``
+maps counter names to integers. A flow is ``[remote address (bytes), remote
+port, local port]`` (``pipeline.flow.Flow.bus``); ``full`` says ``opened`` is
+every flow the worker owns (sent after a WELCOME, so a restarted ingress
+learns who owns what). ``epoch`` identifies
 one ingress lifetime. A REPLY's ``status`` is "ok" or "error" (with a
-``reason``). On ROUTER sockets ZeroMQ adds the peer's routing id as the first
+``reason``); the ``flows`` command's payload is ``[[flow, worker], ...]``
+(``flow_table``). On ROUTER sockets ZeroMQ adds the peer's routing id as the first
 frame; ``decode`` takes the frames after it.
 """
 
@@ -36,6 +38,7 @@ from typing import Any
 
 import msgpack
 
+from pipeline.flow import Flow
 from pipeline.offload import Offload
 
 VERSION = 1
@@ -50,8 +53,6 @@ ORPHANS = 7
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
 HEARTBEAT_TIMEOUT = 3.0   # ingress forgets a worker silent this long
-
-Flow = tuple[bytes, int, int]  # remote address, remote port, local port
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 # The common case, a plain packet with no offload metadata, costs nothing to encode.
@@ -146,7 +147,7 @@ def encode_welcome(epoch: int) -> list[bytes]:
 
 
 def encode_flows(name: str, full: bool, opened: list[Flow], closed: list[Flow]) -> list[bytes]:
-    return [_packb([VERSION, FLOWS, name, full, [list(f) for f in opened], [list(f) for f in closed]])]
+    return [_packb([VERSION, FLOWS, name, full, [f.bus() for f in opened], [f.bus() for f in closed]])]
 
 
 def encode_request(command: str) -> list[bytes]:
@@ -158,19 +159,35 @@ def encode_reply(status: str, reason: str | None, payload: Any) -> list[bytes]:
 
 
 def encode_orphans(flows: list[Flow]) -> list[bytes]:
-    return [_packb([VERSION, ORPHANS, [list(f) for f in flows]])]
+    return [_packb([VERSION, ORPHANS, [f.bus() for f in flows]])]
+
+
+def flow_table(rows: list[tuple[Flow, str]]) -> list[list[object]]:
+    """The payload of a REPLY to ``flows``: each flow ingress routes, with its owner."""
+    return [[flow.bus(), worker] for flow, worker in rows]
+
+
+def decode_flow_table(payload: object) -> list[tuple[Flow, str]]:
+    if not isinstance(payload, list):
+        raise BusError("bad_flow_table")
+    rows = []
+    for row in payload:
+        if not (isinstance(row, list) and len(row) == 2 and isinstance(row[1], str)):
+            raise BusError("bad_flow_table")
+        try:
+            rows.append((Flow.from_bus(row[0]), row[1]))
+        except ValueError:
+            raise BusError("bad_flow_table") from None
+    return rows
 
 
 def _flows(items: object) -> tuple[Flow, ...]:
     if not isinstance(items, list):
         raise BusError("bad_flows")
-    out = []
-    for f in items:
-        if not (isinstance(f, list) and len(f) == 3 and isinstance(f[0], bytes)
-                and isinstance(f[1], int) and isinstance(f[2], int)):
-            raise BusError("bad_flows")
-        out.append((f[0], f[1], f[2]))
-    return tuple(out)
+    try:
+        return tuple(Flow.from_bus(f) for f in items)
+    except ValueError:
+        raise BusError("bad_flows") from None
 
 
 def decode(frames: list[bytes]) -> Message:

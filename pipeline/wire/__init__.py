@@ -11,3 +11,8 @@ class Malformed(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def as_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """data as a memoryview (itself if it is one): views slice without copying."""
+    return data if isinstance(data, memoryview) else memoryview(data)

@@ -71,3 +71,13 @@ def update16(checksum: int, old: int, new: int) -> int:
     if folded == 0 and total:
         folded = 0xFFFF
     return ~folded & 0xFFFF
+
+
+def pseudo_header_sum6(src: bytes, dst: bytes, next_header: int, upper_len: int) -> int:
+    """Folded sum of the IPv6 pseudo header (RFC 8200 §8.1) for UDP, TCP and ICMPv6.
+
+    The 32-bit Upper-Layer Packet Length and the zero-padded Next Header are
+    added as plain integers: 2**16 == 1 (mod 0xFFFF) makes that congruent to
+    adding their 16-bit words.
+    """
+    return ones_sum(b"", int.from_bytes(src + dst, "big") + next_header + upper_len)

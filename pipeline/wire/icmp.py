@@ -1,7 +1,9 @@
 """ICMP messages (RFC 792): echo and the error messages a host sends.
 
-``parse_icmp`` checks length and checksum and raises only
-``Malformed(reason)``; ``IcmpMessage`` is a frozen value with ``emit``.
+``IcmpPacket.checked`` checks the length once and raises only
+``Malformed(reason)``; ``verify_checksum`` checks the sum over the whole
+message; ``parse_icmp`` is both steps. ``IcmpMessage`` is a frozen value
+with ``emit`` and ``emit_into``.
 The 32-bit word after the checksum is kept whole as ``rest``
 (identifier << 16 | sequence for echo, unused/zero for unreachable).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, ones_sum, verify
 
 ECHO_REPLY = 0
@@ -25,6 +27,11 @@ PORT_UNREACHABLE = 3
 
 _HEADER = struct.Struct("!BBHI")
 HEADER_LEN = 8
+# Field offsets (RFC 792), named once.
+_TYPE = 0
+_CODE = 1
+_REST = 4
+_U32 = struct.Struct("!I")
 
 # RFC 1812 §4.3.2.3 / RFC 1122 §3.2.2: quote as much of the offending
 # datagram as keeps the ICMP error within 576 octets (576 - 20 IP - 8 ICMP).
@@ -48,19 +55,65 @@ class IcmpMessage:
 
     def emit(self) -> bytes:
         """Header and payload with the checksum filled (RFC 792: over the whole message)."""
-        header = _HEADER.pack(self.type, self.code, 0, self.rest)
-        csum = internet_checksum(self.payload, ones_sum(header))
-        return _HEADER.pack(self.type, self.code, csum, self.rest) + self.payload
+        return self._header() + self.payload
+
+    def emit_into(self, buf: bytearray | memoryview, offset: int) -> int:
+        """Write the message at buf[offset:]; return its length."""
+        end = offset + HEADER_LEN + len(self.payload)
+        buf[offset:offset + HEADER_LEN] = self._header()
+        buf[offset + HEADER_LEN:end] = self.payload
+        return end - offset
+
+    def _header(self) -> bytes:
+        csum = internet_checksum(self.payload, ones_sum(_HEADER.pack(self.type, self.code, 0, self.rest)))
+        return _HEADER.pack(self.type, self.code, csum, self.rest)
+
+
+class IcmpPacket:
+    """A view over one ICMP message (the whole IP payload); construct with ``checked``."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+
+    @classmethod
+    def checked(cls, data: bytes | bytearray | memoryview) -> IcmpPacket:
+        if len(data) < HEADER_LEN:
+            raise Malformed("truncated")
+        return cls(as_view(data))
+
+    @property
+    def type(self) -> int:
+        return self.buf[_TYPE]
+
+    @property
+    def code(self) -> int:
+        return self.buf[_CODE]
+
+    @property
+    def rest(self) -> int:
+        return _U32.unpack_from(self.buf, _REST)[0]
+
+    @property
+    def payload(self) -> memoryview:
+        return self.buf[HEADER_LEN:]
+
+    def verify_checksum(self) -> bool:
+        """RFC 792: the checksum covers the whole message."""
+        return verify(self.buf)
+
+    def message(self) -> IcmpMessage:
+        type_, code, _csum, rest = _HEADER.unpack_from(self.buf)
+        return IcmpMessage(type_, code, rest, bytes(self.buf[HEADER_LEN:]))
 
 
 def parse_icmp(data: bytes | memoryview) -> IcmpMessage:
     """Check and decode one ICMP message (data is the whole IP payload)."""
-    if len(data) < HEADER_LEN:
-        raise Malformed("truncated")
-    if not verify(data):
+    view = IcmpPacket.checked(data)
+    if not view.verify_checksum():
         raise Malformed("bad_checksum")
-    type_, code, _csum, rest = _HEADER.unpack_from(data)
-    return IcmpMessage(type_, code, rest, bytes(data[HEADER_LEN:]))
+    return view.message()
 
 
 def echo_reply(request: IcmpMessage) -> IcmpMessage:

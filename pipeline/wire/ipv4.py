@@ -1,10 +1,16 @@
-"""IPv4 headers (RFC 791 §3.1).
+"""IPv4 headers (RFC 791 §3.1): a checked view over the bytes, and a value to emit.
 
-``parse_ipv4`` checks a packet once and raises only ``Malformed(reason)``;
-it returns a frozen ``Ipv4Header`` and the payload as a memoryview cut to
-Total Length (no copy). Fragments are dropped with reason "fragment": we do
-not reassemble. Options are skipped (``header_len`` says how many bytes);
-``emit`` always writes a plain 20-byte header.
+``Ipv4Packet.checked`` checks a packet once (version, IHL, Total Length,
+header checksum, fragments) and raises only ``Malformed(reason)``; after it
+every accessor is infallible and reads the buffer in place (a memoryview,
+no copy). ``Ipv4Packet.trusted`` wraps bytes that ingress already checked,
+reading only IHL and Total Length: workers use it and re-verify nothing.
+Fragments are dropped with reason "fragment": we do not reassemble. Options
+are skipped (``header_len`` says how many bytes). ``Ipv4Header`` is the
+value form; ``emit_into`` writes a plain 20-byte header into a caller's
+buffer, ``emit`` returns one. The accessors a worker needs (``src``,
+``dst``, ``protocol``, ``payload``) are named so an IPv6 view can offer the
+same ones.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, verify
 
 PROTO_ICMP = 1
@@ -24,6 +30,21 @@ PROTO_UDP = 17
 _HEADER = struct.Struct("!BBHHHBBH4s4s")
 HEADER_LEN = 20
 MAX_TOTAL_LEN = 0xFFFF
+
+# Field offsets (RFC 791 §3.1), named once.
+_VER_IHL = 0
+_TOS = 1
+_TOTAL_LEN = 2
+_IDENT = 4
+_FLAGS_FRAG = 6
+_TTL = 8
+_PROTOCOL = 9
+_CHECKSUM = 10
+_SRC = 12
+_DST = 16
+_U16 = struct.Struct("!H")
+# What checked() reads, in one call: version/IHL, Total Length, flags/fragment offset.
+_CHECKED_FIELDS = struct.Struct("!BxHxxH")
 
 _FLAG_DF = 0x4000
 _FLAG_MF = 0x2000
@@ -41,18 +62,101 @@ class Ipv4Header:
     tos: int = 0
     header_len: int = HEADER_LEN  # from IHL on parse; emit always writes 20 bytes
 
-    def emit(self, payload_len: int) -> bytes:
-        """The 20-byte header for a payload of payload_len bytes, checksum filled."""
+    def emit_into(self, buf: bytearray | memoryview, offset: int, payload_len: int) -> None:
+        """Write the 20-byte header for a payload of payload_len bytes at buf[offset:], checksum filled."""
         total_len = HEADER_LEN + payload_len
         if total_len > MAX_TOTAL_LEN:
             raise ValueError(f"IPv4 total length {total_len} exceeds 65535")
-        fields = (
-            0x45, self.tos, total_len, self.ident, _FLAG_DF if self.dont_fragment else 0,
-            self.ttl, self.protocol,
-        )
         # RFC 791 §3.1: checksum over the header with the field taken as zero.
-        csum = internet_checksum(_HEADER.pack(*fields, 0, self.src, self.dst))
-        return _HEADER.pack(*fields, csum, self.src, self.dst)
+        _HEADER.pack_into(buf, offset, 0x45, self.tos, total_len, self.ident,
+                          _FLAG_DF if self.dont_fragment else 0, self.ttl, self.protocol, 0, self.src, self.dst)
+        _U16.pack_into(buf, offset + _CHECKSUM,
+                       internet_checksum(memoryview(buf)[offset:offset + HEADER_LEN]))
+
+    def emit(self, payload_len: int) -> bytes:
+        """The 20-byte header for a payload of payload_len bytes, checksum filled."""
+        buf = bytearray(HEADER_LEN)
+        self.emit_into(buf, 0, payload_len)
+        return bytes(buf)
+
+
+class Ipv4Packet:
+    """A view over one IPv4 packet; construct with ``checked`` or ``trusted``."""
+
+    __slots__ = ("buf", "header_len", "total_len")
+
+    def __init__(self, buf: memoryview, header_len: int, total_len: int) -> None:
+        self.buf = buf
+        self.header_len = header_len
+        self.total_len = total_len
+
+    @classmethod
+    def checked(cls, packet: bytes | bytearray | memoryview, verify_checksum: bool = True) -> Ipv4Packet:
+        """The one check of untrusted bytes; Malformed(reason) if they are no IPv4 packet we take."""
+        n = len(packet)
+        if n < HEADER_LEN:
+            raise Malformed("truncated")
+        ver_ihl, total_len, frag = _CHECKED_FIELDS.unpack_from(packet, _VER_IHL)
+        if ver_ihl >> 4 != 4:
+            raise Malformed("bad_version")
+        header_len = (ver_ihl & 0x0F) << 2
+        # RFC 791 §3.1: IHL is in 32-bit words, minimum 5.
+        if header_len < HEADER_LEN or header_len > n:
+            raise Malformed("bad_ihl")
+        # Trailing bytes past Total Length (link padding) are ignored.
+        if total_len < header_len or total_len > n:
+            raise Malformed("bad_total_length")
+        view = as_view(packet)
+        if verify_checksum and not verify(view[:header_len]):
+            raise Malformed("bad_checksum")
+        # RFC 791 §3.2: MF set or a non-zero offset means a fragment; no reassembly here.
+        if frag & (_FLAG_MF | _FRAG_OFFSET_MASK):
+            raise Malformed("fragment")
+        return cls(view, header_len, total_len)
+
+    @classmethod
+    def trusted(cls, packet: bytes | bytearray | memoryview) -> Ipv4Packet:
+        """A view over a packet ``checked`` already accepted (ingress did): nothing is re-verified."""
+        view = as_view(packet)
+        return cls(view, (packet[_VER_IHL] & 0x0F) << 2, _U16.unpack_from(packet, _TOTAL_LEN)[0])
+
+    @property
+    def tos(self) -> int:
+        return self.buf[_TOS]
+
+    @property
+    def ident(self) -> int:
+        return _U16.unpack_from(self.buf, _IDENT)[0]
+
+    @property
+    def dont_fragment(self) -> bool:
+        return self.buf[_FLAGS_FRAG] & (_FLAG_DF >> 8) != 0
+
+    @property
+    def ttl(self) -> int:
+        return self.buf[_TTL]
+
+    @property
+    def protocol(self) -> int:
+        return self.buf[_PROTOCOL]
+
+    @property
+    def src(self) -> bytes:
+        return bytes(self.buf[_SRC:_SRC + 4])
+
+    @property
+    def dst(self) -> bytes:
+        return bytes(self.buf[_DST:_DST + 4])
+
+    @property
+    def payload(self) -> memoryview:
+        """The transport bytes, cut to Total Length (a view: no copy)."""
+        return self.buf[self.header_len:self.total_len]
+
+    def header(self) -> Ipv4Header:
+        """The value form of this header."""
+        _, tos, _, ident, frag, ttl, protocol, _, src, dst = _HEADER.unpack_from(self.buf)
+        return Ipv4Header(src, dst, protocol, ttl, ident, bool(frag & _FLAG_DF), tos, self.header_len)
 
 
 def build_ipv4(header: Ipv4Header, payload: bytes) -> bytes:
@@ -62,24 +166,5 @@ def build_ipv4(header: Ipv4Header, payload: bytes) -> bytes:
 
 def parse_ipv4(packet: bytes | memoryview, verify_checksum: bool = True) -> tuple[Ipv4Header, memoryview]:
     """Check one IPv4 packet; return its header and payload (a view, cut to Total Length)."""
-    n = len(packet)
-    if n < HEADER_LEN:
-        raise Malformed("truncated")
-    ver_ihl, tos, total_len, ident, frag, ttl, protocol, _csum, src, dst = _HEADER.unpack_from(packet)
-    if ver_ihl >> 4 != 4:
-        raise Malformed("bad_version")
-    header_len = (ver_ihl & 0x0F) << 2
-    # RFC 791 §3.1: IHL is in 32-bit words, minimum 5.
-    if header_len < HEADER_LEN or header_len > n:
-        raise Malformed("bad_ihl")
-    # Trailing bytes past Total Length (link padding) are ignored.
-    if total_len < header_len or total_len > n:
-        raise Malformed("bad_total_length")
-    view = packet if isinstance(packet, memoryview) else memoryview(packet)
-    if verify_checksum and not verify(view[:header_len]):
-        raise Malformed("bad_checksum")
-    # RFC 791 §3.2: MF set or a non-zero offset means a fragment; no reassembly here.
-    if frag & (_FLAG_MF | _FRAG_OFFSET_MASK):
-        raise Malformed("fragment")
-    header = Ipv4Header(src, dst, protocol, ttl, ident, bool(frag & _FLAG_DF), tos, header_len)
-    return header, view[header_len:total_len]
+    view = Ipv4Packet.checked(packet, verify_checksum)
+    return view.header(), view.payload

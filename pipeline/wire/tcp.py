@@ -1,7 +1,10 @@
 """TCP segments (RFC 9293 §3.1) with MSS, window scale, SACK and timestamps.
 
-``parse_tcp`` checks a buffer once and raises only ``Malformed(reason)``;
-the result is a frozen ``TcpSegment`` whose ``emit`` writes it back. Options
+``TcpPacket.checked`` checks a buffer's lengths once (header, Data Offset)
+and raises only ``Malformed(reason)``; its accessors then read the header
+in place (ingress routes by its ports and flags without decoding more).
+``TcpPacket.segment`` decodes the options into a frozen ``TcpSegment``, whose
+``emit`` writes it back; ``parse_tcp`` is both steps plus the checksum. Options
 (RFC 9293 §3.2, RFC 7323, RFC 2018) are parsed strictly: unknown kinds are
 skipped by their length, anything that cannot be walked is "bad_option".
 Segments may be up to 64 KB (TSO/GRO); nothing here assumes one MSS.
@@ -18,16 +21,23 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, ones_sum, pseudo_header_sum, verify
+from pipeline.wire.ports import PortsView
 from pipeline.wire.seqnum import SeqNum
 
 PROTO_TCP = 6
 
-# RFC 9293 §3.1 header layout; the checksum field sits at offset 16.
+# RFC 9293 §3.1 header layout and field offsets, named once.
 _HEADER = struct.Struct("!HHIIBBHHH")
 HEADER_LEN = 20
+_SEQ = 4  # the ports before it: pipeline.wire.ports
+_ACK = 8
+_DATA_OFFSET = 12
+_FLAGS_OFFSET = 13
+_WINDOW = 14
 CHECKSUM_OFFSET = 16
+_URGENT = 18
 MAX_OPTIONS_LEN = 40
 
 # Option kinds (RFC 9293 §3.2, RFC 7323 §2-3, RFC 2018 §2-3).
@@ -40,6 +50,7 @@ OPT_SACK = 5
 OPT_TIMESTAMP = 8
 
 _U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 _U32X2 = struct.Struct("!II")
 _TS_ALIGNED = b"\x01\x01\x08\x0a"  # NOP NOP TS: the common data-segment layout
 
@@ -57,6 +68,7 @@ class Flags(enum.IntFlag):
 
 # Flag values built once: constructing an IntFlag per packet is slow.
 _FLAGS = tuple(Flags(i) for i in range(256))
+_SYN_ACK_BITS = Flags.SYN.value | Flags.ACK.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +177,19 @@ class TcpSegment:
 
     def emit(self, src: bytes, dst: bytes, checksum: bool = True) -> bytes:
         """Header, options and payload; checksum=False leaves the pseudo-header sum (offload)."""
+        return b"".join(self._parts(src, dst, checksum))
+
+    def emit_into(self, buf: bytearray | memoryview, offset: int, src: bytes, dst: bytes,
+                  checksum: bool = True) -> int:
+        """Write the segment at buf[offset:] (``header_len + len(payload)`` bytes); return that length."""
+        end = offset
+        for part in self._parts(src, dst, checksum):
+            buf[end:end + len(part)] = part
+            end += len(part)
+        return end - offset
+
+    def _parts(self, src: bytes, dst: bytes, checksum: bool) -> tuple[bytes, bytes, bytes]:
+        """Header (checksum or pseudo-header sum filled), options, payload."""
         opts = b"" if self.options is NO_OPTIONS else _emit_options(self.options)
         header_len = HEADER_LEN + len(opts)
         payload = self.payload
@@ -175,13 +200,11 @@ class TcpSegment:
             (header_len >> 2) << 4, int(self.flags), self.window,
         )
         if not checksum:
-            header = _HEADER.pack(*fields, partial, self.urgent)
-            return b"".join((header, opts, payload))
+            return _HEADER.pack(*fields, partial, self.urgent), opts, payload
         # Header and options are whole 16-bit words, so their sums and the
         # payload's add up without concatenating first.
         partial = ones_sum(opts, ones_sum(_HEADER.pack(*fields, 0, self.urgent), partial))
-        header = _HEADER.pack(*fields, internet_checksum(payload, partial), self.urgent)
-        return b"".join((header, opts, payload))
+        return _HEADER.pack(*fields, internet_checksum(payload, partial), self.urgent), opts, payload
 
 
 def _parse_options(opts: bytes) -> TcpOptions:
@@ -236,20 +259,76 @@ def _parse_options(opts: bytes) -> TcpOptions:
     return TcpOptions(mss, ws, sack_permitted, sack_blocks, ts)
 
 
+class TcpPacket(PortsView):
+    """A view over one TCP segment's bytes; construct with ``checked`` or ``trusted``."""
+
+    __slots__ = ("header_len",)
+
+    def __init__(self, buf: memoryview, header_len: int) -> None:
+        self.buf = buf
+        self.header_len = header_len
+
+    @classmethod
+    def checked(cls, data: bytes | bytearray | memoryview) -> TcpPacket:
+        """The one length check of untrusted bytes (data is the whole IP payload)."""
+        n = len(data)
+        if n < HEADER_LEN:
+            raise Malformed("truncated")
+        header_len = (data[_DATA_OFFSET] >> 4) << 2
+        # RFC 9293 §3.1: Data Offset counts 32-bit words, at least 5.
+        if header_len < HEADER_LEN or header_len > n:
+            raise Malformed("bad_data_offset")
+        return cls(as_view(data), header_len)
+
+    @classmethod
+    def trusted(cls, data: bytes | bytearray | memoryview) -> TcpPacket:
+        """A view over bytes ``checked`` already accepted."""
+        return cls(as_view(data), (data[_DATA_OFFSET] >> 4) << 2)
+
+    @property
+    def seq(self) -> SeqNum:
+        return SeqNum(_U32.unpack_from(self.buf, _SEQ)[0])
+
+    @property
+    def ack(self) -> SeqNum:
+        return SeqNum(_U32.unpack_from(self.buf, _ACK)[0])
+
+    @property
+    def flags(self) -> Flags:
+        return _FLAGS[self.buf[_FLAGS_OFFSET]]
+
+    @property
+    def starts_connection(self) -> bool:
+        """SYN without ACK: a segment that may open a connection (RFC 9293 §3.10.7.2)."""
+        return self.buf[_FLAGS_OFFSET] & _SYN_ACK_BITS == Flags.SYN.value
+
+    @property
+    def window(self) -> int:
+        return _U16.unpack_from(self.buf, _WINDOW)[0]
+
+    @property
+    def payload(self) -> memoryview:
+        return self.buf[self.header_len:]
+
+    def verify_checksum(self, src: bytes, dst: bytes) -> bool:
+        """True if the checksum over the pseudo header, header and data is right (RFC 9293 §3.1)."""
+        return verify(self.buf, pseudo_header_sum(src, dst, PROTO_TCP, len(self.buf)))
+
+    def segment(self) -> TcpSegment:
+        """The value form; the options are parsed strictly (Malformed("bad_option"))."""
+        data = self.buf
+        header_len = self.header_len
+        src_port, dst_port, seq, ack, _offset, flags, window, _csum, urgent = _HEADER.unpack_from(data)
+        options = NO_OPTIONS if header_len == HEADER_LEN else _parse_options(bytes(data[HEADER_LEN:header_len]))
+        return TcpSegment(
+            src_port, dst_port, SeqNum(seq), SeqNum(ack), _FLAGS[flags], window,
+            bytes(data[header_len:]), options, urgent,
+        )
+
+
 def parse_tcp(data: bytes | memoryview, src: bytes, dst: bytes, verify_checksum: bool = True) -> TcpSegment:
     """Check and decode one TCP segment (data is the whole IP payload)."""
-    n = len(data)
-    if n < HEADER_LEN:
-        raise Malformed("truncated")
-    src_port, dst_port, seq, ack, offset, flags, window, _csum, urgent = _HEADER.unpack_from(data)
-    header_len = (offset >> 4) << 2
-    # RFC 9293 §3.1: Data Offset counts 32-bit words, at least 5.
-    if header_len < HEADER_LEN or header_len > n:
-        raise Malformed("bad_data_offset")
-    if verify_checksum and not verify(data, pseudo_header_sum(src, dst, PROTO_TCP, n)):
+    view = TcpPacket.checked(data)
+    if verify_checksum and not view.verify_checksum(src, dst):
         raise Malformed("bad_checksum")
-    options = NO_OPTIONS if header_len == HEADER_LEN else _parse_options(bytes(data[HEADER_LEN:header_len]))
-    return TcpSegment(
-        src_port, dst_port, SeqNum(seq), SeqNum(ack), _FLAGS[flags], window,
-        bytes(data[header_len:]), options, urgent,
-    )
+    return view.segment()

@@ -1,8 +1,10 @@
-"""UDP datagrams (RFC 768).
+"""UDP datagrams (RFC 768): a checked view over the bytes, and a value to emit.
 
-``parse_udp`` checks the length field and (if present) the checksum over the
-IPv4 pseudo header and raises only ``Malformed(reason)``; ``UdpDatagram`` is
-a frozen value whose ``emit`` always computes the checksum.
+``UdpPacket.checked`` checks the length field once and raises only
+``Malformed(reason)``; ``verify_checksum`` checks the checksum over the
+pseudo header (a zero field means none was sent). ``parse_udp`` is both
+steps. ``UdpDatagram`` is the frozen value form; ``emit``/``emit_into``
+always compute the checksum.
 """
 
 from __future__ import annotations
@@ -10,14 +12,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, pseudo_header_sum, verify
+from pipeline.wire.ports import PortsView
 
 PROTO_UDP = 17
 
 _HEADER = struct.Struct("!HHHH")
 HEADER_LEN = 8
 MAX_LEN = 0xFFFF
+# Field offsets (RFC 768), named once; the ports before them: pipeline.wire.ports.
+_LENGTH = 4
+_CHECKSUM = 6
+_U16 = struct.Struct("!H")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +35,16 @@ class UdpDatagram:
 
     def emit(self, src: bytes, dst: bytes) -> bytes:
         """Header and payload with the checksum over the pseudo header (RFC 768)."""
+        return self._header(src, dst) + self.payload
+
+    def emit_into(self, buf: bytearray | memoryview, offset: int, src: bytes, dst: bytes) -> int:
+        """Write the datagram at buf[offset:]; return its length (header and payload)."""
+        end = offset + HEADER_LEN + len(self.payload)
+        buf[offset:offset + HEADER_LEN] = self._header(src, dst)
+        buf[offset + HEADER_LEN:end] = self.payload
+        return end - offset
+
+    def _header(self, src: bytes, dst: bytes) -> bytes:
         length = HEADER_LEN + len(self.payload)
         if length > MAX_LEN:
             raise ValueError(f"UDP length {length} exceeds 65535")
@@ -38,7 +55,39 @@ class UdpDatagram:
         # RFC 768: a computed zero is sent as all ones; zero means "no checksum".
         if csum == 0:
             csum = 0xFFFF
-        return _HEADER.pack(self.src_port, self.dst_port, length, csum) + self.payload
+        return _HEADER.pack(self.src_port, self.dst_port, length, csum)
+
+
+class UdpPacket(PortsView):
+    """A view over one UDP datagram, cut to its Length field; construct with ``checked``."""
+
+    __slots__ = ()
+
+    @classmethod
+    def checked(cls, data: bytes | bytearray | memoryview) -> UdpPacket:
+        """The one length check of untrusted bytes (data is the whole IP payload)."""
+        n = len(data)
+        if n < HEADER_LEN:
+            raise Malformed("truncated")
+        length = _U16.unpack_from(data, _LENGTH)[0]
+        # RFC 768: Length covers header and data; bytes past it are ignored.
+        if length < HEADER_LEN or length > n:
+            raise Malformed("bad_length")
+        view = as_view(data)
+        return cls(view if length == n else view[:length])
+
+    @property
+    def payload(self) -> memoryview:
+        return self.buf[HEADER_LEN:]
+
+    def verify_checksum(self, src: bytes, dst: bytes) -> bool:
+        """True if there is no checksum (a zero field, RFC 768) or it is right."""
+        if _U16.unpack_from(self.buf, _CHECKSUM)[0] == 0:
+            return True
+        return verify(self.buf, pseudo_header_sum(src, dst, PROTO_UDP, len(self.buf)))
+
+    def datagram(self) -> UdpDatagram:
+        return UdpDatagram(*self.ports, bytes(self.buf[HEADER_LEN:]))
 
 
 def parse_udp(data: bytes | memoryview, src: bytes, dst: bytes, verify_checksum: bool = True) -> UdpDatagram:
@@ -47,16 +96,7 @@ def parse_udp(data: bytes | memoryview, src: bytes, dst: bytes, verify_checksum:
     ``verify_checksum=False`` is for datagrams whose checksum the device
     vouched for or left partial (checksum offload); lengths are still checked.
     """
-    n = len(data)
-    if n < HEADER_LEN:
-        raise Malformed("truncated")
-    src_port, dst_port, length, csum = _HEADER.unpack_from(data)
-    # RFC 768: Length covers header and data; bytes past it are ignored.
-    if length < HEADER_LEN or length > n:
-        raise Malformed("bad_length")
-    if length != n:
-        data = data[:length]
-    # RFC 768: an all-zero checksum field means the sender computed none.
-    if csum and verify_checksum and not verify(data, pseudo_header_sum(src, dst, PROTO_UDP, length)):
+    view = UdpPacket.checked(data)
+    if verify_checksum and not view.verify_checksum(src, dst):
         raise Malformed("bad_checksum")
-    return UdpDatagram(src_port, dst_port, bytes(data[HEADER_LEN:]))
+    return view.datagram()

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.integration.netns import ROOT, STACK_ADDR, Stack, process_pid
+from tests.integration.netns import CLIENT_ADDR, ROOT, STACK_ADDR, Stack, process_pid
 from tests.integration.test_tcp_bulk import rfc864_stream
 
 WORKERS = 4
@@ -86,6 +86,26 @@ def test_stackctl_status_lists_live_workers(stack):
         assert "connections" in p["stats"]
     text = stackctl(stack, "status")
     assert text.returncode == 0 and "tcp.4" in text.stdout
+
+
+def test_stackctl_flows_shows_each_flow_and_its_owner(client, stack):
+    with client.socket() as sock:
+        sock.settimeout(10)
+        sock.connect((STACK_ADDR, 8000))
+        port = sock.getsockname()[1]
+        stack.wait_for(lambda recs: port in owners(stack), 10, f"connection from port {port} established")
+        owner = owners(stack)[port]
+        deadline = time.monotonic() + 5
+        while True:  # the worker announces the flow right after its handshake: wait for it
+            done = stackctl(stack, "flows", "--json")
+            assert done.returncode == 0, done.stderr
+            mine = [f for f in json.loads(done.stdout) if f["rport"] == port and f["lport"] == 8000]
+            if mine or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert mine == [{"remote": CLIENT_ADDR, "rport": port, "lport": 8000, "worker": owner}]
+        text = stackctl(stack, "flows")
+        assert text.returncode == 0 and f"{CLIENT_ADDR}:{port}" in text.stdout and owner in text.stdout
 
 
 class Transfer:

@@ -92,3 +92,30 @@ def test_segment_for_no_connection_gets_a_reset(ns, stack):
                 resets[reply[TCP].dport] = reply[TCP]
     assert resets[40001].seq == 123456 and not resets[40001].flags.A
     assert resets[40002].seq == 0 and resets[40002].ack == 778 and resets[40002].flags.A
+
+
+def test_reconnect_from_the_same_port_reopens_our_time_wait(ns, stack):
+    """RFC 6191: the kernel reconnects from the port of a connection we hold in TIME-WAIT."""
+
+    def quote_from(port: int) -> tuple[bytes, int]:
+        sock = ns.socket()
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.settimeout(5)
+            sock.bind((HOST_ADDR, port))
+            sock.connect((STACK_ADDR, 17))
+            return _read_until_eof(sock), sock.getsockname()[1]
+
+    first, port = quote_from(0)  # QOTD closes first: our side ends in TIME-WAIT
+    stack.wait_for(lambda recs: any(r["event"] == "tcp_state" and r.get("rport") == port and r["new"] == "TIME_WAIT"
+                                    for r in recs), timeout=10, what=f"TIME-WAIT for port {port}")
+    # The kernel's side (LAST-ACK until our ACK arrives) must be gone before it can reuse the port.
+    deadline = time.monotonic() + 5
+    while ns.run("ss", "-Htan", "state", "all", f"sport = :{port}").stdout.strip():
+        assert time.monotonic() < deadline, "the kernel never closed its side"
+        time.sleep(0.02)
+    second, again = quote_from(port)
+    assert again == port and first == second and second.startswith(b"Be conservative")
+    stack.wait_for(lambda recs: any(r["event"] == "tcp_closed" and r.get("rport") == port
+                                    and r["reason"] == "time_wait_reused" for r in recs),
+                   timeout=10, what=f"TIME-WAIT of port {port} reused by the new SYN")

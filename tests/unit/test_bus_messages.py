@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.bus import messages as m
+from pipeline.flow import Flow
 
 
 def test_plain_packets_round_trip():
@@ -22,7 +23,7 @@ def test_control_messages_round_trip():
         m.Heartbeat("tcp.3", "tcp", 7, {"connections": 2})
     assert m.decode(m.encode_goodbye("tcp.3")) == m.Goodbye("tcp.3")
     assert m.decode(m.encode_welcome(99)) == m.Welcome(99)
-    flow = (b"\x0a\x00\x00\x01", 40000, 8000)
+    flow = Flow(b"\x0a\x00\x00\x01", 40000, 8000)
     assert m.decode(m.encode_flows("tcp.1", True, [flow], [])) == m.Flows("tcp.1", True, (flow,), ())
     assert m.decode(m.encode_request("status")) == m.Request("status")
     assert m.decode(m.encode_orphans([flow])) == m.Orphans((flow,))
@@ -61,3 +62,16 @@ def test_any_frames_decode_or_raise_bus_error(frames):
         m.decode(frames)
     except m.BusError:
         pass
+
+
+def test_flow_table_round_trips_through_a_reply():
+    rows = [(Flow(b"\x0a\x00\x00\x01", 40000, 8000), "tcp.1"), (Flow(bytes(range(16)), 1, 7), "tcp.2")]
+    reply = m.decode(m.encode_reply("ok", None, m.flow_table(rows)))
+    assert m.decode_flow_table(reply.payload) == rows
+
+
+@pytest.mark.parametrize("payload", [None, [[[b"\x0a\x00\x00\x01", 1, 2]]], [[[b"ab", 1, 2], "tcp.1"]],
+                                     [[[b"\x0a\x00\x00\x01", 1, 2], 3]]])
+def test_flow_table_rejects_what_is_not_one(payload):
+    with pytest.raises(m.BusError):
+        m.decode_flow_table(payload)

@@ -2,10 +2,10 @@
 
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpSegment
-from tests.unit.test_tcp_core import T0, FakeProc, handshake, packet, parse
+from tests.unit.test_tcp_demux import US, T0, handshake, packet, parse, sink
 from workers.tcp import apps
-from workers.tcp import core as core_mod
 from workers.tcp.config import TcpConfig
+from workers.tcp.demux import TcpDemux
 
 
 class Exploding(apps.Service):
@@ -42,7 +42,7 @@ class Pair(apps.Service):
 
 
 def make(services):
-    return core_mod.TcpCore(FakeProc(), TcpConfig(), secret=b"s" * 32, services=services)
+    return TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, services=services)
 
 
 def data(sport, dport, our_seq, payload, seq=1001):
@@ -56,7 +56,7 @@ def test_raising_service_resets_its_connection_only():
     assert core.handle_packet(data(40000, 9, a, b"fine"), T0)  # an ACK, nothing else
     out = [parse(p) for p in core.handle_packet(data(40001, 9, b, b"boom"), T0)]
     assert any(s.flags & Flags.RST for s in out)
-    assert core.proc.counters["service_errors"] == 1
+    assert core.sink.counters["service_errors"] == 1
     assert len(core.connections) == 1  # the other connection lives on
     assert core.handle_packet(data(40000, 9, a, b"more", seq=1005), T0)
 

@@ -4,7 +4,8 @@ import collections
 import struct
 
 from pipeline.membership import Membership
-from pipeline.routing import SETTLE_TIME, Router, flow_key, key_flow
+from pipeline.flow import Flow
+from pipeline.routing import SETTLE_TIME, Router
 from pipeline.wire.ipv4 import PROTO_TCP, PROTO_UDP, Ipv4Header, build_ipv4
 
 US = bytes([10, 0, 0, 2])
@@ -29,7 +30,7 @@ def test_announced_flows_stay_with_their_owner_when_a_worker_joins():
     later = SETTLE_TIME + 1
     owners = {p: r.route(tcp_packet(p), later)[0] for p in range(40000, 40200)}
     for p, w in owners.items():
-        r.update_flows(w, False, ((PEER, p, 8000),), ())
+        r.update_flows(w, False, (Flow(PEER, p, 8000),), ())
     r.members.seen("tcp.3", "tcp", later)
     assert {p: r.route(tcp_packet(p), later)[0] for p in owners} == owners
     # New connections do reach the newcomer.
@@ -40,25 +41,25 @@ def test_after_a_restart_unknown_flows_wait_but_new_connections_do_not():
     r, _ = make(now=100.0)
     assert r.route(tcp_packet(40000), 100.1) == (None, "tcp")   # held until owners re-announce
     assert r.route(tcp_packet(40000, flags=0x02), 100.1)[0] in ("tcp.1", "tcp.2")
-    r.update_flows("tcp.2", True, ((PEER, 40000, 8000),), ())
+    r.update_flows("tcp.2", True, (Flow(PEER, 40000, 8000),), ())
     assert r.route(tcp_packet(40000), 100.1) == ("tcp.2", "tcp")
     assert r.route(tcp_packet(40001), 100 + SETTLE_TIME + 0.1)[0] is not None
 
 
 def test_full_announcement_replaces_and_forget_returns_orphans():
     r, _ = make()
-    r.update_flows("tcp.1", False, ((PEER, 1, 8000), (PEER, 2, 8000)), ())
-    r.update_flows("tcp.1", True, ((PEER, 3, 8000),), ())
+    r.update_flows("tcp.1", False, (Flow(PEER, 1, 8000), Flow(PEER, 2, 8000)), ())
+    r.update_flows("tcp.1", True, (Flow(PEER, 3, 8000),), ())
     assert set(r.flows.values()) == {"tcp.1"} and len(r.flows) == 1
-    r.update_flows("tcp.2", False, ((PEER, 4, 7),), ((PEER, 3, 8000),))  # not tcp.2's to close
+    r.update_flows("tcp.2", False, (Flow(PEER, 4, 7),), (Flow(PEER, 3, 8000),))  # not tcp.2's to close
     assert len(r.flows) == 2
     assert r.forget_worker("tcp.1") == [(PEER, 3, 8000)]
-    assert flow_key((PEER, 4, 7)) in r.flows and key_flow(flow_key((PEER, 4, 7))) == (PEER, 4, 7)
+    assert Flow(PEER, 4, 7).key in r.flows and Flow.from_key(Flow(PEER, 4, 7).key) == (PEER, 4, 7)
 
 
 def test_flows_of_a_dead_worker_go_to_a_survivor():
     r, _ = make(now=0.0)
-    r.update_flows("tcp.1", False, ((PEER, 40000, 8000),), ())
+    r.update_flows("tcp.1", False, (Flow(PEER, 40000, 8000),), ())
     r.members.remove("tcp.1")
     assert r.route(tcp_packet(40000), 10.0) == ("tcp.2", "tcp")
 
@@ -78,6 +79,16 @@ def test_other_protocols_go_to_their_role():
     assert r.route(udp, 200.0) == ("udp.1", "udp")
     odd = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=253), b"x")
     assert r.route(odd, 200.0) == (None, "icmp")  # held: no icmp worker yet
+
+
+def test_tcp_header_is_checked_once_here():
+    # Workers read the TCP header through a trusted view: what it cannot hold stops at ingress.
+    r, drops = make()
+    short = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=PROTO_TCP), bytes(12))
+    bad_offset = bytearray(tcp_packet(40000))
+    bad_offset[20 + 12] = 15 << 4  # Data Offset 60 bytes, the segment has 20
+    assert r.route(short, 200.0) == (None, "") and r.route(bytes(bad_offset), 200.0) == (None, "")
+    assert drops == {"truncated": 1, "bad_data_offset": 1}
 
 
 def test_iperf3_connections_of_one_client_share_a_worker():

@@ -11,7 +11,9 @@ from workers.tcp.syncookies import (
     MAX_AGE,
     MSS_TABLE,
     PERIOD,
+    CookieOptions,
     SynCookies,
+    decode_cookie_options,
     decode_ts_options,
     encode_ts_options,
     mss_index,
@@ -145,3 +147,27 @@ def test_ts_options_invalid():
         encode_ts_options(100, 15, False)
     assert decode_ts_options(0x20) is None
     assert decode_ts_options(0x0F | 0x40) == (None, False)  # bits above 5 are the clock
+
+
+@given(
+    tsval=st.integers(0, 2**32 - 1),
+    peer_tsval=st.integers(0, 2**32 - 1),
+    wscale=st.one_of(st.none(), st.integers(0, 14)),
+    sack_ok=st.booleans(),
+    mss=st.sampled_from(MSS_TABLE),
+)
+def test_cookie_options_round_trip_through_the_echo(tsval, peer_tsval, wscale, sack_ok, mss):
+    # Our SYN-ACK's TSval comes back as the final ACK's TSecr (RFC 7323 §3.2).
+    ours = encode_ts_options(tsval, wscale, sack_ok)
+    assert 0 <= (tsval - ours) % 2**32 < 64  # never ahead of our clock (RFC 7323 §5.4)
+    assert decode_cookie_options((peer_tsval, ours), mss) == CookieOptions(mss, wscale, sack_ok, True)
+
+
+def test_cookie_options_without_timestamps_keep_only_the_mss():
+    assert decode_cookie_options(None, 1460) == CookieOptions(1460, None, False, False)
+
+
+def test_cookie_options_refuse_an_echo_we_cannot_have_sent():
+    assert decode_cookie_options((1, 0x20), 1460) is None  # the ECN bit: we never set it
+    assert decode_cookie_options((1, 0x0E), 1460) == CookieOptions(1460, 14, False, True)
+    assert decode_cookie_options((1, 0x40 | 0x0F), 1460) == CookieOptions(1460, None, False, True)

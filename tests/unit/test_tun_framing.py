@@ -74,3 +74,59 @@ def test_descriptor_passing_shares_one_open_file(tmp_path):
     assert tun.fetch_fd(str(tmp_path / "nobody.sock"), timeout=0.1) is None
     for s in (ours, theirs, shared):
         s.close()
+
+
+# IPv6 on utun: address family 30 (AF_INET6 in macOS <sys/socket.h>).
+
+
+def _ipv6_packets() -> list[bytes]:
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+
+    return [
+        bytes(IPv6(src="fd00::1", dst="fd00::2") / ICMPv6EchoRequest(id=1, seq=2, data=b"x" * 56)),
+        bytes(IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(dport=7) / b"e"),
+    ]
+
+
+def test_ipv6_packets_round_trip_through_family_30():
+    from pipeline.wire import ipv6
+
+    for packet in _ipv6_packets():
+        framed = tun.utun_frame(packet)
+        assert framed[:4] == tun.AF_HEADER.pack(tun.DARWIN_AF_INET6) == b"\x00\x00\x00\x1e"
+        assert tun.utun_unframe(framed) == packet
+        assert ipv6.parse(tun.utun_unframe(framed)).error is None
+
+
+def test_other_systems_ipv6_family_numbers_are_not_macos():
+    # AF_INET6 is 10 on Linux, 24 on OpenBSD/NetBSD, 28 on FreeBSD: only 30 is macOS's.
+    packet = _ipv6_packets()[0]
+    for family in (10, 24, 28):
+        assert tun.utun_unframe(tun.AF_HEADER.pack(family) + packet) is None
+    # The header is network byte order: 30 little-endian is another number.
+    assert tun.utun_unframe(b"\x1e\x00\x00\x00" + packet) is None
+
+
+def test_device_reads_mixed_families_and_frames_ipv6_fragments():
+    from pipeline.fragments import fragment_ipv6
+
+    v6 = _ipv6_packets()
+    sock = FakeSocket([b"\x00\x00\x00\x1e" + v6[0], b"\x00\x00\x00\x1c" + v6[1], b"\x00\x00\x00\x02" + V4,
+                       b"\x00\x00\x00\x1e" + v6[1]])
+    dev = tun.MacUtun(sock, "utun3")
+    assert dev.read() == (v6[0], None)
+    assert dev.read() == (V4, None)  # the FreeBSD-numbered frame was skipped
+    assert dev.read() == (v6[1], None)
+    assert dev.read() is None
+    big = bytes(v6[0][:4]) + (3000 - 40).to_bytes(2, "big") + v6[0][6:40] + bytes(3000 - 40)
+    fragments = fragment_ipv6(big, 1280, ident=7)
+    for fragment in fragments:
+        dev.write(fragment)
+    assert [frame[:4] for frame in sock.sent] == [b"\x00\x00\x00\x1e"] * len(fragments)
+    assert [frame[4:] for frame in sock.sent] == fragments
+
+
+def test_a_frame_of_only_the_family_header_is_an_empty_packet():
+    # recv() of exactly 4 bytes: nothing for ingress to parse; its checked parse counts it as truncated.
+    assert tun.utun_unframe(b"\x00\x00\x00\x1e") == b""

@@ -110,3 +110,31 @@ def test_update16_known():
     header[8] = 63
     header[10:12] = b"\x00\x00"
     assert new_csum == internet_checksum(bytes(header))
+
+
+def ref_pseudo_header6(src: bytes, dst: bytes, next_header: int, upper_len: int) -> bytes:
+    """RFC 8200 §8.1 figure: source, destination, 32-bit length, 3 zero bytes, next header."""
+    return src + dst + upper_len.to_bytes(4, "big") + b"\x00\x00\x00" + bytes([next_header])
+
+
+@given(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16), st.integers(0, 255),
+       st.integers(0, 0xFFFFFFFF))
+def test_pseudo_header6_matches_reference(src, dst, next_header, upper_len):
+    from pipeline.wire.checksum import pseudo_header_sum6
+
+    assert pseudo_header_sum6(src, dst, next_header, upper_len) == ref_ones_sum(
+        ref_pseudo_header6(src, dst, next_header, upper_len))
+
+
+def test_pseudo_header6_against_scapy():
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import IPv6
+
+    from pipeline.wire.checksum import pseudo_header_sum6
+
+    pkt = IPv6(bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=5353, dport=8000) / b"hello v6"))
+    udp = bytes(pkt[UDP])
+    src, dst = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("fd00" + "00" * 13 + "02")
+    assert verify(udp, pseudo_header_sum6(src, dst, 17, len(udp)))
+    zeroed = udp[:6] + b"\x00\x00" + udp[8:]
+    assert internet_checksum(zeroed, pseudo_header_sum6(src, dst, 17, len(udp))) == pkt[UDP].chksum

@@ -6,4 +6,4 @@ from workers.icmp.core import IcmpCore
 
 if __name__ == "__main__":
     proc = Process("icmp")
-    shell.run(proc, IcmpCore(proc))
+    shell.run(proc, IcmpCore(shell.sink(proc), proc.config.stack_addr_bytes))

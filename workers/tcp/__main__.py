@@ -8,7 +8,7 @@ from pipeline.config import env_bool, env_float, env_int, env_str
 from pipeline.process import Process
 from workers import registry, shell
 from workers.tcp.config import TcpConfig
-from workers.tcp.core import SYN_QUEUE_LIMIT, TcpCore
+from workers.tcp.demux import SYN_QUEUE_LIMIT, TcpDemux
 
 
 # With TSO the kernel cuts our segments to the MSS: emit up to this much payload
@@ -47,5 +47,6 @@ if __name__ == "__main__":
     if syn_queue < 1:
         raise SystemExit(f"TCP_SYN_QUEUE={syn_queue}: expected at least 1")
     services = registry.services_or_exit("tcp")
-    shell.run(proc, TcpCore(proc, tcp_config(cfg.mtu, cfg.offload), secret=os.urandom(32), services=services,
-                            offload=cfg.offload, syn_queue_limit=syn_queue))
+    shell.run(proc, TcpDemux(shell.sink(proc), cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
+                             secret=os.urandom(32), services=services, offload=cfg.offload,
+                             syn_queue_limit=syn_queue))

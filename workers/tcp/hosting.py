@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pipeline.bus.messages import Flow
+from pipeline.flow import Flow
 from pipeline.wire.addr import fmt_addr
 from workers.tcp import events
 from workers.tcp.apps import Service
@@ -45,10 +45,10 @@ class HostedStream:
         self._key = key
         self.now = now  # the time of the event being handled (seconds, monotonic)
         self.deadline: float | None = None  # when on_timer() is due
-        self.remote = fmt_addr(key[0])
-        self.remote_port = key[1]
-        self.local_port = key[2]
-        self.log = log.bind(remote=self.remote, rport=key[1], lport=key[2])
+        self.remote = fmt_addr(key.remote)
+        self.remote_port = key.rport
+        self.local_port = key.lport
+        self.log = log.bind(remote=self.remote, rport=key.rport, lport=key.lport)
 
     @property
     def readable(self) -> int:
@@ -146,7 +146,7 @@ class ServiceHost:
         self._woken.discard(key)
 
     def _start(self, key: Flow, stream: HostedStream) -> None:
-        self._hosted[key] = (stream, self.factories[key[2]](stream))
+        self._hosted[key] = (stream, self.factories[key.lport](stream))
 
     def _touch(self, key: Flow) -> None:
         if key != self._current:

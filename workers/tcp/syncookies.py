@@ -21,17 +21,19 @@ blake2s, so the cookie is unpredictable without the secret and bound to the
 4-tuple and the client's ISN.
 
 What plain cookies lose (RFC 4987 §3.6): only the MSS survives, coarsely
-(rounded down to :data:`MSS_TABLE`).  Window scaling, SACK-permitted and
-timestamps from the SYN are forgotten, so the connection must run without
-them -- unless the caller uses :func:`encode_ts_options` /
-:func:`decode_ts_options`, which carry window scale and SACK-permitted in the
-low bits of our TSval as Linux does (only possible when the peer sent
-timestamps, since the final ACK then echoes the TSval in TSecr).
+(rounded down to :data:`MSS_TABLE`).  When the peer's SYN carries timestamps
+we keep the rest as Linux does (``cookie_init_timestamp``): the low 6 bits of
+our SYN-ACK's TSval carry the peer's window scale (4 bits, 0xF for none) and
+SACK-permitted (bit 4; bit 5, ECN, is never set), see
+:func:`encode_ts_options`.  The final ACK echoes that TSval in TSecr and
+:func:`decode_cookie_options` gives the options back as one plain value.
+Without timestamps only the MSS survives, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from pipeline.wire.seqnum import SeqNum
 
@@ -109,7 +111,7 @@ class SynCookies:
         return MSS_TABLE[idx]
 
 
-# --- optional: options in the timestamp (Linux cookie_init_timestamp layout idea) ---
+# --- options in the timestamp (Linux cookie_init_timestamp layout, our own code) ---
 
 _TS_WSCALE_NONE = 0xF
 
@@ -140,3 +142,29 @@ def decode_ts_options(tsecr: int) -> tuple[int | None, bool] | None:
     if wscale > 14:
         return None
     return wscale, sack_ok
+
+
+@dataclass(frozen=True, slots=True)
+class CookieOptions:
+    """What a cookie handshake negotiated, rebuilt from the final ACK."""
+
+    mss: int                   # the peer's MSS, rounded down to MSS_TABLE
+    window_scale: int | None   # the peer's shift count; None: no window scaling
+    sack_permitted: bool
+    timestamps: bool           # False: the peer sent none, so nothing but the MSS survived
+
+
+def decode_cookie_options(ack_timestamp: tuple[int, int] | None, mss: int) -> CookieOptions | None:
+    """The options of a cookie connection from the final ACK's timestamp option and the cookie's MSS.
+
+    ``ack_timestamp`` is the ACK's (TSval, TSecr) or None. None back means
+    the TSecr cannot be one of our cookie TSvals (a bit we never set): the
+    ACK is refused, as Linux's ``cookie_timestamp_decode`` does.
+    """
+    if ack_timestamp is None:
+        return CookieOptions(mss, None, False, False)
+    decoded = decode_ts_options(ack_timestamp[1])
+    if decoded is None:
+        return None
+    window_scale, sack_permitted = decoded
+    return CookieOptions(mss, window_scale, sack_permitted, True)

@@ -6,4 +6,4 @@ from workers.udp.core import UdpCore
 
 if __name__ == "__main__":
     proc = Process("udp")
-    shell.run(proc, UdpCore(proc, registry.services_or_exit("udp")))
+    shell.run(proc, UdpCore(shell.sink(proc), proc.config.stack_addr_bytes, registry.services_or_exit("udp")))

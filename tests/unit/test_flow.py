@@ -1,0 +1,33 @@
+"""Flow: one value with its routing key and its bus form, for IPv4 and IPv6 peers."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.flow import Flow
+
+ports = st.integers(0, 0xFFFF)
+addresses = st.one_of(st.binary(min_size=4, max_size=4), st.binary(min_size=16, max_size=16))
+
+
+@given(addresses, ports, ports)
+def test_key_and_bus_forms_round_trip(remote, rport, lport):
+    flow = Flow(remote, rport, lport)
+    assert Flow.from_key(flow.key) == flow
+    assert Flow.from_bus(flow.bus()) == flow
+    assert len(flow.key) == len(remote) + 4
+
+
+def test_key_is_address_then_remote_then_local_port():
+    assert Flow(b"\x0a\x00\x00\x01", 0x1234, 80).key == b"\x0a\x00\x00\x01\x12\x34\x00\x50"
+    # Still the plain tuple it replaces: tables keyed by either find each other.
+    assert Flow(b"\x0a\x00\x00\x01", 1, 2) == (b"\x0a\x00\x00\x01", 1, 2)
+
+
+@pytest.mark.parametrize("item", [
+    None, [], [b"\x0a\x00\x00\x01", 1], [b"abc", 1, 2], ["10.0.0.1", 1, 2],
+    [b"\x0a\x00\x00\x01", -1, 2], [b"\x0a\x00\x00\x01", 1, 65536], [b"\x0a\x00\x00\x01", True, 2],
+])
+def test_bus_form_rejects_what_is_not_a_flow(item):
+    with pytest.raises(ValueError):
+        Flow.from_bus(item)

@@ -1,0 +1,95 @@
+"""What a protocol core is, for the worker shell (``workers/shell.py``) to drive.
+
+Contract: a core is sans-IO (STYLE.md §2). In: IP packets with their
+offload metadata, and the time. Out: packets to send, the flows it holds
+(and their changes) and its next deadline. It never imports the shell, the
+bus or a clock; what it counts and drops goes to a ``Sink``, and the shell
+reads the same counters for its heartbeats. Cores build every reply's IP
+header with ``ip_reply`` (one place to add IPv6).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Protocol
+
+from pipeline.flow import Flow
+from pipeline.offload import Offload
+from pipeline.wire.ipv4 import HEADER_LEN as IPV4_HEADER_LEN
+from pipeline.wire.ipv4 import Ipv4Header
+
+# An IP packet to send, with the virtio-net header fields egress should write
+# with it (None: a complete packet, checksums filled in).
+Outgoing = tuple[bytes, Offload | None]
+
+REPLY_IP_HEADER_LEN = IPV4_HEADER_LEN  # ip_reply writes no options
+
+
+class Sink:
+    """Where a core counts: named counters, drops (counted plus one debug line) and a logger."""
+
+    __slots__ = ("counters", "log", "debug", "log_payload")
+
+    def __init__(self, counters: Counter[str], log: Any, debug: bool = False, log_payload: bool = False) -> None:
+        self.counters = counters
+        self.log = log  # a structlog logger (the core never configures one)
+        self.debug = debug
+        self.log_payload = log_payload
+
+    def drop(self, reason: str, **fields: object) -> None:
+        """Count a dropped packet and write one debug line saying why (STYLE.md §4)."""
+        self.counters["drop_" + reason] += 1
+        if self.debug:
+            self.log.debug("drop", reason=reason, **fields)
+
+    def payload(self, data: bytes | memoryview) -> dict[str, str]:
+        """Log fields for a packet's payload: none unless LOG_PAYLOAD=1 asked for them."""
+        return {"payload": bytes(data[:64]).hex()} if self.log_payload else {}
+
+
+def ip_reply(local: bytes, remote: bytes, protocol: int, payload: bytes, tos: int = 0) -> bytes:
+    """A reply's IP packet from us to remote: the one place a core builds an IP header."""
+    return Ipv4Header(src=local, dst=remote, protocol=protocol, tos=tos).emit(len(payload)) + payload
+
+
+class WorkerCore(Protocol):
+    def handle_packet(self, data: bytes, now: float, offload: Offload | None) -> list[Outgoing]:
+        """One IP packet (and its offload metadata from the device) in; packets to send out."""
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        """Fire what is due at ``now``; packets to send out."""
+    def next_deadline(self) -> float | None: ...
+    def close(self, now: float) -> list[Outgoing]:
+        """Shutting down: release what is held (e.g. reset connections)."""
+    def stats(self) -> dict[str, int]:
+        """Gauges for the heartbeat (e.g. open connections)."""
+    def flows(self) -> list[Flow]:
+        """Every flow this worker holds."""
+    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
+        """Flows opened and closed since the last call."""
+    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
+        """Make the peers of another (dead) worker's flows reset their connections."""
+
+
+class StatelessCore:
+    """The membership part of WorkerCore for cores that hold no flows (ICMP, UDP)."""
+
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def close(self, now: float) -> list[Outgoing]:
+        return []
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def flows(self) -> list[Flow]:
+        return []
+
+    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
+        return [], []
+
+    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
+        return []

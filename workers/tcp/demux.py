@@ -1,0 +1,380 @@
+"""The TCP worker's core, the demultiplexer: listeners, resets, timers and services.
+
+Sans-IO like the connections it drives: IP packets and ``now`` in, IP packets
+and the next deadline out. It owns
+
+- the connection table, keyed by (remote address, remote port, local port);
+- the listeners: a bounded SYN queue per port and, when it is full, SYN
+  cookies (RFC 4987 §3.6) so a SYN flood cannot exhaust memory or lock out
+  real clients;
+- resets for segments that belong to no connection (RFC 9293 §3.10.7.1);
+- the reuse of a connection in TIME-WAIT by a new SYN (RFC 6191);
+- one timer heap over every connection's next deadline (stale entries are
+  skipped lazily, so re-arming a timer costs O(log n) and nothing else).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+
+from pipeline.flow import Flow
+from pipeline.offload import Offload, checksum_vouched, tcp_offload
+from pipeline.wire import Malformed
+from pipeline.wire.addr import fmt_addr
+from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
+from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
+from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
+from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
+from workers.ratelimit import TokenBucket
+from workers.tcp import events
+from workers.tcp.apps import SERVICES
+from workers.tcp.config import TcpConfig
+from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
+from workers.tcp.hosting import ServiceFactory, ServiceHost
+from workers.tcp.isn import initial_sequence_number
+from workers.tcp.segments import reset_for, syn_ack
+from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
+
+# Linux (tcp_timewait_state_process): a reopened connection's ISN is the old SND.NXT plus this.
+TIME_WAIT_ISN_GAP = 65535 + 2
+_SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
+SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
+RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
+# Connection counters logged with tcp_closed.
+CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
+               "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
+               "challenge_acks")
+
+
+class TcpDemux:
+    def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
+                 services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
+                 syn_queue_limit: int = SYN_QUEUE_LIMIT) -> None:
+        self.sink = sink
+        self.log = sink.log
+        self.config = config
+        self.address = address
+        self.secret = secret
+        self.cookies = SynCookies(secret)
+        # The services on their ports (the worker passes the registry's table), fenced by the host.
+        self.host = ServiceHost(SERVICES if services is None else services, self.log, sink.counters)
+        self.connections: dict[Flow, Connection] = {}
+        self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
+        self.syn_queue_limit = syn_queue_limit
+        self._timers: list[tuple[float, Flow]] = []
+        self._deadline: dict[Flow, float] = {}
+        self.resets = TokenBucket(RESETS_PER_SECOND, RESETS_PER_SECOND)
+        self._opened: list[Flow] = []  # flow changes not yet announced to ingress
+        self._closed: list[Flow] = []
+        # With device offloads, the kernel finishes our checksums and cuts large
+        # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
+        self.offload = offload
+
+    # -- drivers -------------------------------------------------------------
+
+    def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
+        sink = self.sink
+        # Ingress checked the IPv4 header and the TCP lengths; the checksum and options are ours.
+        ip = Ipv4Packet.trusted(data)
+        tcp = TcpPacket.trusted(ip.payload)
+        src = ip.src
+        try:
+            if not checksum_vouched(offload) and not tcp.verify_checksum(src, ip.dst):
+                raise Malformed("bad_checksum")
+            seg = tcp.segment()
+        except Malformed as exc:
+            sink.drop(exc.reason, layer="tcp")
+            return []
+        if sink.debug:
+            sink.log.debug("tcp_in", src=fmt_addr(src), dst=fmt_addr(ip.dst), ttl=ip.ttl, sport=seg.src_port,
+                           dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
+                           window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
+                           **sink.payload(seg.payload))
+        key = Flow(src, seg.src_port, seg.dst_port)
+        conn = self.connections.get(key)
+        out: list[Outgoing] = []
+        if conn is not None:
+            if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
+                    and time_wait_reusable(conn, seg, self.config.timestamps):
+                self._reopen(key, conn, seg, now, out)
+                return out
+            before = conn.state
+            conn.receive(seg, now)
+            self._after(key, conn, before, now, out)
+        elif self.host.listens(seg.dst_port):
+            self._listen(key, seg, now, out)
+        else:
+            self._reset(key, seg, now, out, "closed_port")
+        self._flush_woken(now, out)
+        return out
+
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, key = heapq.heappop(timers)
+            if self._deadline.get(key) != deadline:
+                continue  # re-armed or gone since it was pushed
+            del self._deadline[key]
+            conn = self.connections.get(key)
+            if conn is None:
+                continue
+            before = conn.state
+            conn.handle_timer(now)
+            self.host.fire(key, now)
+            self._after(key, conn, before, now, out)
+        self._flush_woken(now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        timers = self._timers
+        while timers and self._deadline.get(timers[0][1]) != timers[0][0]:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def stats(self) -> dict[str, int]:
+        return {"connections": len(self.connections)}
+
+    def flows(self) -> list[Flow]:
+        return list(self.connections)
+
+    def flow_changes(self) -> tuple[list[Flow], list[Flow]]:
+        opened, closed = self._opened, self._closed
+        self._opened, self._closed = [], []
+        return opened, closed
+
+    def reset_orphans(self, flows: tuple[Flow, ...], now: float) -> list[Outgoing]:
+        """Make the peers of a dead worker's connections reset them.
+
+        We do not know their sequence numbers, so we provoke the peer into
+        telling us: a bare ACK far outside its window makes its TCP answer
+        with an ACK carrying its rcv_nxt (RFC 9293 §3.10.7.4), and that ACK,
+        arriving for no connection, is answered with <SEQ=SEG.ACK><CTL=RST>
+        (§3.10.7.1), which matches rcv_nxt exactly and so is accepted even
+        under RFC 5961 §3.2. Without this, a peer that is only receiving
+        would wait forever for data that will not come.
+        """
+        out: list[Outgoing] = []
+        for flow in flows:
+            if flow in self.connections:
+                continue
+            remote, rport, lport = flow
+            self.sink.counters["orphans_reset"] += 1
+            probe = TcpSegment(lport, rport, SeqNum(0), SeqNum(0), Flags.ACK, 0)
+            out.append(self._ip(remote, probe))
+        return out
+
+    def close(self, now: float) -> list[Outgoing]:
+        """Shutting down: reset every connection so no peer is left hanging."""
+        out: list[Outgoing] = []
+        for key, conn in list(self.connections.items()):
+            if conn.state not in (State.TIME_WAIT, State.CLOSED):
+                before = conn.state
+                conn.abort()
+                self._after(key, conn, before, now, out)
+        return out
+
+    # -- listeners -----------------------------------------------------------
+
+    def _listen(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing]) -> None:
+        """A segment for a listening port with no connection (RFC 9293 §3.10.7.2)."""
+        if seg.rst:
+            self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
+            return
+        remote, local = (key.remote, key.rport), (self.address, key.lport)
+        if seg.ack_flag:
+            # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
+            if not seg.syn:
+                mss = self.cookies.check(local, remote, seg.seq - 1, seg.ack - 1, now)
+                options = None if mss is None else decode_cookie_options(seg.options.timestamp, mss)
+                if options is not None:
+                    conn = self._cookie_connection(key, seg, options, now)
+                    self.connections[key] = conn
+                    self._opened.append(key)
+                    self.sink.counters["syn_cookies_accepted"] += 1
+                    self._after(key, conn, State.LISTEN, now, out)
+                    return
+            self._reset(key, seg, now, out, "ack_no_connection")
+            return
+        if not seg.syn:
+            self.sink.drop("no_syn_no_connection")  # §3.10.7.2: drop anything else
+            return
+        if len(self.syn_queue.setdefault(key.lport, set())) >= self.syn_queue_limit:
+            self._cookie_syn_ack(key, seg, now, out)
+            return
+        self._accept(key, seg, initial_sequence_number(self.secret, local, remote, now), now, out)
+
+    def _accept(self, key: Flow, syn: TcpSegment, iss: SeqNum, now: float, out: list[Outgoing],
+                announce: bool = True) -> None:
+        """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
+        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
+        self.connections[key] = conn
+        if announce:
+            self._opened.append(key)
+        self.syn_queue.setdefault(key.lport, set()).add(key)
+        self._after(key, conn, State.LISTEN, now, out)
+
+    def _reopen(self, key: Flow, old: Connection, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
+        """A new SYN ends a connection in TIME-WAIT and starts the next incarnation (RFC 6191).
+
+        RFC 9293 §3.6.1 (1): the new ISN is above every sequence number the
+        old incarnation used; like Linux we take its SND.NXT + 65535 + 2. The
+        flow stays ours, so ingress is told nothing (a close then an open of
+        the same flow would read as the flow gone).
+        """
+        self.sink.counters["time_wait_reused"] += 1
+        self._log_closed(key, old, "time_wait_reused")
+        self._discard(key)
+        self._accept(key, syn, old.snd_nxt + TIME_WAIT_ISN_GAP, now, out, announce=False)
+
+    def _cookie_syn_ack(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
+        """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6).
+
+        With timestamps the SYN-ACK also offers window scaling and SACK and
+        keeps the peer's in the low bits of its TSval (``syncookies``); without,
+        only the MSS survives, so nothing else is offered.
+        """
+        self.sink.counters["syn_cookies_sent"] += 1
+        cfg = self.config
+        opts = syn.options
+        peer_mss = opts.mss or 536  # RFC 9293 §3.7.1: default send MSS
+        cookie = self.cookies.make((self.address, key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
+        window_scale = sack = timestamp = None
+        if cfg.timestamps and opts.timestamp is not None:
+            # RFC 7323 §2.2 / RFC 2018 §2: offer only what the SYN offered; §2.3: a shift over 14 is 14.
+            peer_shift = min(opts.window_scale, MAX_WINDOW_SHIFT) if (
+                cfg.window_scaling and opts.window_scale is not None) else None
+            sack = cfg.sack and opts.sack_permitted
+            window_scale = None if peer_shift is None else window_shift(cfg.recv_buffer)
+            timestamp = (encode_ts_options(ts_clock(now), peer_shift, sack), opts.timestamp[0])
+        reply = syn_ack(key.lport, key.rport, cookie, syn.seq + 1, cfg.recv_buffer, cfg.mss,
+                        window_scale, bool(sack), timestamp)
+        out.append(self._ip(key.remote, reply))
+
+    def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
+        """The connection a valid cookie ACK opens, with the options the cookie kept.
+
+        INTEGRATION: once ``Connection.from_cookie`` takes the negotiated
+        options, this whole body is that one call. Until then a connection
+        with options is reached through the front door: ``accept`` of the SYN
+        the cookie describes (its SYN-ACK was already sent, statelessly, so
+        it is discarded), then the ACK itself. Side effect of the replay: the
+        first RTT sample comes from the TSecr, which the option bits moved
+        back by up to 63 ms (as in Linux).
+        """
+        iss = ack.ack - 1
+        if not options.timestamps:
+            return Connection.from_cookie(key.lport, key.rport, ack, iss, options.mss, self.config, now)
+        syn = TcpSegment(key.rport, key.lport, ack.seq - 1, SeqNum(0), Flags.SYN, ack.window, options=TcpOptions(
+            mss=options.mss, window_scale=options.window_scale, sack_permitted=options.sack_permitted,
+            timestamp=(ack.options.timestamp[0], 0)))
+        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
+        conn.segments_to_send(now)  # the SYN-ACK the cookie stands for went out long ago
+        conn.receive(ack, now)
+        return conn
+
+    def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
+        """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
+        rst = reset_for(seg)
+        if rst is None:
+            self.sink.drop("rst_no_connection")
+            return
+        self.sink.counters["resets_sent_" + reason] += 1
+        if not self.resets.allow(now):
+            self.sink.drop("reset_rate_limited")
+            return
+        out.append(self._ip(key.remote, rst))
+
+    # -- connections ---------------------------------------------------------
+
+    def _after(self, key: Flow, conn: Connection, before: State, now: float, out: list[Outgoing]) -> None:
+        """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
+        log = self.log
+        while (ev := conn.next_event()) is not None:
+            if isinstance(ev, events.Connected):
+                log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport)
+            self.host.deliver(key, conn, ev, now)
+            if isinstance(ev, events.Closed):
+                self._log_closed(key, conn, ev.reason)
+        if self.sink.debug and conn.state is not before:
+            log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
+                      old=before.name, new=conn.state.name)
+        mss = min(conn.peer_mss, self.config.mss)
+        for seg in conn.segments_to_send(now):
+            out.append(self._ip(key.remote, seg, mss))
+        if conn.state is State.CLOSED:
+            self._forget(key)
+            return
+        if conn.state is not State.SYN_RECEIVED:
+            self._leave_syn_queue(key)
+        deadline = conn.get_timer()
+        app_deadline = self.host.timer(key)
+        if app_deadline is not None and (deadline is None or app_deadline < deadline):
+            deadline = app_deadline
+        if deadline is None:
+            self._deadline.pop(key, None)
+        elif self._deadline.get(key) != deadline:
+            self._deadline[key] = deadline
+            heapq.heappush(self._timers, (deadline, key))
+
+    def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
+        self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
+                      **{name: getattr(conn, name) for name in CLOSE_STATS})
+
+    def _forget(self, key: Flow) -> None:
+        self._discard(key)
+        self._closed.append(key)
+
+    def _discard(self, key: Flow) -> None:
+        self.connections.pop(key)
+        self._leave_syn_queue(key)
+        self.host.forget(key)
+        self._deadline.pop(key, None)
+
+    def _flush_woken(self, now: float, out: list[Outgoing]) -> None:
+        """Collect the output of connections a service touched from another connection's callback."""
+        while woken := self.host.woken():
+            for key in woken:
+                conn = self.connections.get(key)
+                if conn is not None:
+                    self._after(key, conn, conn.state, now, out)
+
+    def _leave_syn_queue(self, key: Flow) -> None:
+        queue = self.syn_queue.get(key.lport)
+        if queue:
+            queue.discard(key)
+
+    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
+        if not self.offload:
+            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote)), None
+        tcp_header_len = seg.header_len
+        segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
+        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False)),
+                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
+
+
+def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:
+    """May this SYN reopen a connection in TIME-WAIT? (RFC 6191 §2)
+
+    ``timestamps``: our configuration allows them for the new incarnation.
+    With timestamps on both incarnations the SYN's TSval must be newer than
+    TS.Recent (or equal, with a sequence number above RCV.NXT); otherwise its
+    sequence number must be above RCV.NXT (RFC 1122 §4.2.2.13). A SYN that
+    fails is an old duplicate, left to the TIME-WAIT connection as before.
+    """
+    ts = syn.options.timestamp
+    if conn.ts_ok and timestamps and ts is not None:
+        newer = SeqNum(ts[0]) - SeqNum(conn.ts_recent)  # RFC 7323 §5.3: timestamps compare modulo 2**32
+        if newer != 0:
+            return newer > 0
+    return syn.seq > conn.rcv_nxt
+
+
+def _fmt_options(o: TcpOptions) -> dict[str, object]:
+    shown = {"mss": o.mss, "ws": o.window_scale, "sack_ok": o.sack_permitted or None,
+             "ts": list(o.timestamp) if o.timestamp else None,
+             "sack": [[int(a), int(b)] for a, b in o.sack_blocks] or None}
+    return {k: v for k, v in shown.items() if v is not None}
+

@@ -1,0 +1,41 @@
+"""The one builder of each TCP control segment that more than one place sends.
+
+Contract: pure functions from what the RFC says the segment depends on to a
+``TcpSegment``; no state, no clock. The demultiplexer uses them for
+segments of no connection and for cookie SYN-ACKs; a connection's own
+reset and SYN-ACK are the same segments (integration point for
+``workers/tcp/connection.py``).
+"""
+
+from __future__ import annotations
+
+from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
+
+_RST = Flags.RST
+_RST_ACK = Flags.RST | Flags.ACK
+_SYN_ACK = Flags.SYN | Flags.ACK
+
+
+def reset_for(seg: TcpSegment) -> TcpSegment | None:
+    """The reset answering seg when no connection takes it (RFC 9293 §3.10.7.1); None for a RST.
+
+    "If the ACK bit is off, sequence number zero is used, <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>;
+    if the ACK bit is on, <SEQ=SEG.ACK><CTL=RST>." A reset is never answered.
+    """
+    if seg.rst:
+        return None
+    if seg.ack_flag:
+        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, SeqNum(0), _RST, 0)
+    return TcpSegment(seg.dst_port, seg.src_port, SeqNum(0), seg.seq + seg.seg_len, _RST_ACK, 0)
+
+
+def syn_ack(local_port: int, remote_port: int, iss: SeqNum, rcv_nxt: SeqNum, window: int, mss: int,
+            window_scale: int | None, sack_permitted: bool, timestamp: tuple[int, int] | None) -> TcpSegment:
+    """<SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK> (RFC 9293 §3.10.7.2) with our options.
+
+    Only options the peer's SYN offered may be passed (RFC 7323 §2.2, §3.2;
+    RFC 2018 §2); the window of a SYN is never scaled (RFC 7323 §2.2).
+    """
+    options = TcpOptions(mss=mss, window_scale=window_scale, sack_permitted=sack_permitted, timestamp=timestamp)
+    return TcpSegment(local_port, remote_port, iss, rcv_nxt, _SYN_ACK, min(window, 0xFFFF), options=options)
