@@ -12,59 +12,35 @@ table. What each kind of entry must be:
   reply's payload or None for no reply. A class is instantiated once per
   worker, without arguments, and its instance is what gets called.
 
-A bad value (syntax, a module or name that cannot be loaded, two services on
-one port, a port a built-in already serves) stops the worker with a clear
-message on stderr and exit status 78 (EX_CONFIG, sysexits.h): restarting
-cannot fix a configuration.
+Every process checks the syntax at start with the rest of the configuration
+(``pipeline.config.parse_services``). What only loading can tell — a module
+or name that cannot be loaded, a port a built-in already serves — stops the
+TCP or UDP worker with one message on stderr and exit status 78 (EX_CONFIG),
+which the respawn wrapper does not restart.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import re
 import resource
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
+from pipeline.config import EX_CONFIG, ConfigError, env_str, parse_services
 from workers.tcp import apps
 from workers.udp import services as udp_services
 
-EX_CONFIG = 78  # sysexits.h: configuration error
-
-_ENTRY = re.compile(r"(tcp|udp)/(\d{1,5})=([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
-
-
-class ConfigError(Exception):
-    """USTACK_SERVICES (or a built-in's own setting) cannot be used."""
+__all__ = ["EX_CONFIG", "ConfigError", "config_exit", "load", "parse", "services", "services_or_exit"]
+parse = parse_services  # the syntax is checked with the rest of the configuration (pipeline/config.py)
 
 
 def config_exit(message: str) -> NoReturn:
-    """Stop this process for a configuration error: the message on stderr, exit status 78."""
-    print(f"{os.environ.get('HONCHO_PROCESS_NAME', 'ustack')}: {message}", file=sys.stderr, flush=True)
+    """Stop this process for a configuration error: the message on stderr, exit status 78 (not restarted)."""
+    who = env_str("HONCHO_PROCESS_NAME", "") or "ustack"
+    print(f"{who}: configuration error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(EX_CONFIG)
-
-
-def parse(value: str) -> list[tuple[str, int, str, str]]:
-    """``USTACK_SERVICES`` as (protocol, port, module, name) entries; ConfigError if malformed."""
-    entries: list[tuple[str, int, str, str]] = []
-    seen: set[tuple[str, int]] = set()
-    for raw in value.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        m = _ENTRY.fullmatch(item)
-        if m is None:
-            raise ConfigError(f"USTACK_SERVICES entry {item!r}: expected tcp/PORT=module:Name or udp/PORT=module:Name")
-        proto, port, module, name = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"USTACK_SERVICES entry {item!r}: port {port} is not 1..65535")
-        if (proto, port) in seen:
-            raise ConfigError(f"USTACK_SERVICES names {proto}/{port} twice")
-        seen.add((proto, port))
-        entries.append((proto, port, module, name))
-    return entries
 
 
 def load(module: str, name: str) -> Any:

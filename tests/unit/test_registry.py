@@ -82,3 +82,14 @@ def test_config_exit_is_status_78_with_message_on_stderr():
     code = "from workers import registry; registry.config_exit('USTACK_SERVICES: broken')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 78 and "USTACK_SERVICES: broken" in done.stderr
+
+
+@pytest.mark.parametrize("name, value, reason", [
+    ("USTACK_SERVICES", "tcp/9000", "expected tcp/PORT=module:Name"),
+    ("USTACK_HTTP_ROOT", "/nonexistent/ustack-www", "expected a directory"),
+    ("USTACK_HTTP_TIMEOUT", "0", "USTACK_HTTP_TIMEOUT=0.0: expected"),
+])
+def test_every_process_checks_the_service_settings_at_start(monkeypatch, name, value, reason):
+    from pipeline import config
+    monkeypatch.setenv(name, value)
+    assert any(reason in e for e in config.validate_all())

@@ -124,17 +124,21 @@ def test_max_ranges_keeps_lowest(base):
     assert sb.sacked_bytes == 30
 
 
-def test_is_lost_rfc6675(base):
+def test_sacked_above(base):
     sb = SackScoreboard()
     nxt = base + 10000
-    sb.update([(base + 100, base + 200)], base, nxt)
-    assert not sb.is_lost(base, MSS)
-    sb.update([(base + 300, base + 400)], base, nxt)
-    assert not sb.is_lost(base, MSS)  # 200 bytes == (3-1)*SMSS: not more than
-    sb.update([(base + 500, base + 501)], base, nxt)
-    assert sb.is_lost(base, MSS)  # three discontiguous ranges, and > 200 bytes
-    assert not sb.is_lost(base + 150, MSS)  # SACKed itself
+    sb.update([(base + 100, base + 200), (base + 300, base + 400), (base + 500, base + 501)], base, nxt)
+    assert sb.sacked_above(base) == 201
     assert sb.sacked_above(base + 150) == 49 + 100 + 1
+
+
+def test_covers(base):
+    sb = SackScoreboard()
+    sb.update([(base + 200, base + 300), (base + 400, base + 500)], base, base + 1000)
+    assert sb.covers(base + 200, base + 300) and sb.covers(base + 250, base + 260)
+    assert not sb.covers(base + 199, base + 300) and not sb.covers(base + 200, base + 301)
+    assert not sb.covers(base + 250, base + 450)  # a hole in between
+    assert not SackScoreboard().covers(base, base + 1)
 
 
 def test_clear(base):
@@ -169,6 +173,8 @@ def test_matches_a_set_model(isn, acks):
         assert sb.sacked_bytes == len(model)
         for off in range(una_off, nxt_off, 7):
             assert sb.is_sacked(base + off) == (off in model)
+            for n in (1, 13, 60):  # covers(): every byte of [off, off + n) SACKed
+                assert sb.covers(base + off, base + off + n) == all(b in model for b in range(off, off + n))
         # Holes are exactly the unSACKed bytes below the highest SACKed byte.
         holes = set()
         p = base + una_off

@@ -33,7 +33,9 @@ from workers.tcp.apps import SERVICES
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
 from workers.tcp.hosting import ServiceFactory, ServiceHost
+from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
+from workers.tcp.options import Negotiated
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 
@@ -45,7 +47,11 @@ RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us f
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
                "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
-               "challenge_acks")
+               "challenge_acks", "ce_received", "ece_received")
+# RFC 3168 §5: the ECN field, the low two bits of the IPv4 TOS / IPv6 traffic class.
+ECN_MASK = 0b11
+ECN_ECT0 = 0b10
+ECN_CE = 0b11
 
 
 class TcpDemux:
@@ -61,6 +67,7 @@ class TcpDemux:
         # The services on their ports (the worker passes the registry's table), fenced by the host.
         self.host = ServiceHost(SERVICES if services is None else services, self.log, sink.counters)
         self.connections: dict[Flow, Connection] = {}
+        self.born: dict[Flow, float] = {}  # when each connection was created (stackctl conns)
         self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
         self._timers: list[tuple[float, Flow]] = []
@@ -101,7 +108,7 @@ class TcpDemux:
                 self._reopen(key, conn, seg, now, out)
                 return out
             before = conn.state
-            conn.receive(seg, now)
+            conn.receive(seg, now, ip.tos & ECN_MASK == ECN_CE)
             self._after(key, conn, before, now, out)
         elif self.host.listens(seg.dst_port):
             self._listen(key, seg, now, out)
@@ -136,6 +143,11 @@ class TcpDemux:
 
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections)}
+
+    def connection_table(self, now: float) -> list[dict]:
+        """Every connection as a record for stackctl conns (workers.tcp.introspect)."""
+        return [connection_record(conn, self.address, key, self.born.get(key, now), now)
+                for key, conn in self.connections.items()]
 
     def flows(self) -> list[Flow]:
         return list(self.connections)
@@ -192,6 +204,7 @@ class TcpDemux:
                 if options is not None:
                     conn = self._cookie_connection(key, seg, options, now)
                     self.connections[key] = conn
+                    self.born[key] = now
                     self._opened.append(key)
                     self.sink.counters["syn_cookies_accepted"] += 1
                     self._after(key, conn, State.LISTEN, now, out)
@@ -211,6 +224,7 @@ class TcpDemux:
         """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
         conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
         self.connections[key] = conn
+        self.born[key] = now
         if announce:
             self._opened.append(key)
         self.syn_queue.setdefault(key.lport, set()).add(key)
@@ -254,26 +268,11 @@ class TcpDemux:
         out.append(self._ip(key.remote, reply))
 
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
-        """The connection a valid cookie ACK opens, with the options the cookie kept.
-
-        INTEGRATION: once ``Connection.from_cookie`` takes the negotiated
-        options, this whole body is that one call. Until then a connection
-        with options is reached through the front door: ``accept`` of the SYN
-        the cookie describes (its SYN-ACK was already sent, statelessly, so
-        it is discarded), then the ACK itself. Side effect of the replay: the
-        first RTT sample comes from the TSecr, which the option bits moved
-        back by up to 63 ms (as in Linux).
-        """
-        iss = ack.ack - 1
-        if not options.timestamps:
-            return Connection.from_cookie(key.lport, key.rport, ack, iss, options.mss, self.config, now)
-        syn = TcpSegment(key.rport, key.lport, ack.seq - 1, SeqNum(0), Flags.SYN, ack.window, options=TcpOptions(
-            mss=options.mss, window_scale=options.window_scale, sack_permitted=options.sack_permitted,
-            timestamp=(ack.options.timestamp[0], 0)))
-        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
-        conn.segments_to_send(now)  # the SYN-ACK the cookie stands for went out long ago
-        conn.receive(ack, now)
-        return conn
+        """The connection a valid cookie ACK opens, with the options the cookie kept (no ECN:
+        the cookie SYN-ACK never offers it)."""
+        negotiated = Negotiated.offered(self.config, options.mss, options.window_scale, options.sack_permitted,
+                                        options.timestamps)
+        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, self.config, now)
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
@@ -303,7 +302,7 @@ class TcpDemux:
                       old=before.name, new=conn.state.name)
         mss = min(conn.peer_mss, self.config.mss)
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key.remote, seg, mss))
+            out.append(self._ip(key.remote, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
@@ -331,6 +330,7 @@ class TcpDemux:
         self.connections.pop(key)
         self._leave_syn_queue(key)
         self.host.forget(key)
+        self.born.pop(key, None)
         self._deadline.pop(key, None)
 
     def _flush_woken(self, now: float, out: list[Outgoing]) -> None:
@@ -346,13 +346,14 @@ class TcpDemux:
         if queue:
             queue.discard(key)
 
-    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
+    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None, tos: int = 0) -> Outgoing:
         if not self.offload:
-            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote)), None
+            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote), tos), None
         tcp_header_len = seg.header_len
         segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False)),
-                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
+        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False), tos),
+                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size,
+                            bool(seg.flags & Flags.CWR)))
 
 
 def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:
