@@ -79,8 +79,8 @@ class StackConfig:
     egress_bind: str
     control_endpoint: str
     control_bind: str
-    publish_endpoint: str  # every process publishes telemetry here (ingress binds an XSUB)
-    publish_bind: str
+    telemetry_endpoint: str  # every process publishes telemetry here (ingress binds an XSUB)
+    telemetry_bind: str
     monitor_endpoint: str  # stackctl subscribes to telemetry here (ingress binds an XPUB)
     monitor_bind: str
     keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
@@ -123,7 +123,7 @@ def load() -> StackConfig:
         raise ConfigError(f"USTACK_MTU {mtu}: expected 576..65535")
     run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
     endpoints = {}
-    for stage in ("ingress", "egress", "control", "publish", "monitor"):
+    for stage in ("ingress", "egress", "control", "telemetry", "monitor"):
         default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
         connect = env_str(f"USTACK_{stage.upper()}_ENDPOINT", default)
         bind = env_str(f"USTACK_{stage.upper()}_BIND", connect)
@@ -152,8 +152,8 @@ def load() -> StackConfig:
         egress_bind=endpoints["egress"][1],
         control_endpoint=endpoints["control"][0],
         control_bind=endpoints["control"][1],
-        publish_endpoint=endpoints["publish"][0],
-        publish_bind=endpoints["publish"][1],
+        telemetry_endpoint=endpoints["telemetry"][0],
+        telemetry_bind=endpoints["telemetry"][1],
         monitor_endpoint=endpoints["monitor"][0],
         monitor_bind=endpoints["monitor"][1],
         keys_dir=keys_dir,
@@ -270,9 +270,9 @@ def validate_all() -> list[str]:
 
 def missing_keys(cfg: StackConfig, role: str) -> list[str]:
     """The CURVE key files a process of ``role`` needs for its tcp:// endpoints and lacks."""
-    binds = {"ingress": (cfg.ingress_bind, cfg.control_bind, cfg.publish_bind, cfg.monitor_bind),
+    binds = {"ingress": (cfg.ingress_bind, cfg.control_bind, cfg.telemetry_bind, cfg.monitor_bind),
              "egress": (cfg.egress_bind,)}.get(role, ())
-    connects = [cfg.publish_endpoint]
+    connects = [cfg.telemetry_endpoint]
     if role != "ingress":
         connects.append(cfg.ingress_endpoint)
     if role not in ("ingress", "egress"):

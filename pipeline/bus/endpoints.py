@@ -7,9 +7,9 @@
   egress   DEALER  connect ingress endpoint   heartbeats with egress's counters
   egress   PULL    bind    egress endpoint    packets in from all workers
   workers  PUSH    connect egress endpoint
-  all      XPUB    connect publish endpoint   telemetry (log records, packet copies, connection
-                                              tables), sent only on topics someone subscribed to
-  ingress  XSUB    bind    publish endpoint   forwards telemetry to the monitor endpoint
+  all      XPUB    connect telemetry endpoint  telemetry (log records, packet copies, connection
+                                                tables), sent only on topics someone subscribed to
+  ingress  XSUB    bind    telemetry endpoint  forwards telemetry to the monitor endpoint
   ingress  XPUB    bind    monitor endpoint   stackctl's subscriptions in, telemetry out
   stackctl SUB     connect monitor endpoint
   stackctl REQ     connect control endpoint
@@ -58,7 +58,7 @@ AUTHORIZED = "authorized"         # public keys of the workers allowed in
 
 def uses_curve(cfg: StackConfig) -> bool:
     return any(e.startswith("tcp://") for e in (cfg.ingress_endpoint, cfg.egress_endpoint, cfg.control_endpoint,
-                                                 cfg.publish_endpoint, cfg.monitor_endpoint))
+                                                 cfg.telemetry_endpoint, cfg.monitor_endpoint))
 
 
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -162,7 +162,7 @@ def telemetry_publisher(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     # Every subscription reaches us, also a repeated one: subscribing is how stackctl asks.
     sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-    _connect(sock, cfg.publish_endpoint, cfg)
+    _connect(sock, cfg.telemetry_endpoint, cfg)
     return sock
 
 
@@ -170,7 +170,7 @@ def telemetry_forwarder(ctx: zmq.Context, cfg: StackConfig) -> tuple[zmq.Socket,
     """Ingress's side: (XSUB for the publishers, XPUB for stackctl)."""
     inbound = _socket(ctx, zmq.XSUB)
     inbound.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
-    _bind(inbound, cfg.publish_bind, cfg, TELEMETRY_MAX_MESSAGE)
+    _bind(inbound, cfg.telemetry_bind, cfg, TELEMETRY_MAX_MESSAGE)
     outbound = _socket(ctx, zmq.XPUB)
     outbound.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
     # Each subscriber's subscribe and unsubscribe (and disconnect) is passed on, so the

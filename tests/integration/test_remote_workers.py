@@ -65,7 +65,7 @@ def test_a_remote_worker_publishes_its_logs_over_curve(fresh_ns, tmp_path):
     keys = tmp_path / "keys"
     make_keys(str(keys), ["client", "worker-b"])
     env = {"USTACK_INGRESS_ENDPOINT": "tcp://127.0.0.1:5611", "USTACK_EGRESS_ENDPOINT": "tcp://127.0.0.1:5612",
-           "USTACK_PUBLISH_ENDPOINT": "tcp://127.0.0.1:5613", "USTACK_KEYS_DIR": str(keys)}
+           "USTACK_TELEMETRY_ENDPOINT": "tcp://127.0.0.1:5613", "USTACK_KEYS_DIR": str(keys)}
     host_a = Stack(ns, env=env)
     host_b = Stack(ns, "tcp", run_dir=f"{host_a.run_dir}-b",
                    env={**env, "USTACK_CLIENT_KEY": str(keys / "worker-b.key_secret"), "USTACK_NAME_PREFIX": "b-"})
