@@ -50,6 +50,24 @@ _ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp"}
 Pending = tuple[float, bytes, Offload | None]
 
 
+# Services whose connections must share a worker with the client's other connections to them:
+# an iperf3 test is a control connection plus data streams, matched by cookie in one worker.
+STEERED_PORTS = frozenset({5201})
+_STEERED = frozenset(port.to_bytes(2, "big") for port in STEERED_PORTS)
+
+
+_LOCAL_KEY_LENGTHS = (8, 20)  # Flow.key of the stack's own flows: IPv4, IPv6 (no relayed destination)
+
+
+def affinity_key(key: bytes) -> bytes:
+    """What a new flow's worker is chosen by: its Flow.key, or for STEERED_PORTS only (remote
+    address, local port), so that every connection of one client to such a port lands on the
+    same worker (rendezvous hashing keeps that true while the workers stay the same)."""
+    if key[-2:] in _STEERED and len(key) in _LOCAL_KEY_LENGTHS:  # relayed flows (Flow.local) are not steered
+        return key[:-4] + key[-2:]
+    return key
+
+
 class Router:
     def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float,
                  forward: bool = False) -> None:
@@ -95,7 +113,7 @@ class Router:
             return owner, role
         if now < self.settle_until and not tcp.starts_connection:
             return None, role  # an existing flow whose owner has not re-announced yet
-        return self.members.pick(role, key), role
+        return self.members.pick(role, affinity_key(key)), role
 
     def hold(self, role: str, born: float, item: tuple[bytes, Offload | None]) -> None:
         """Keep a packet until its role has a worker (bounded: the oldest goes first)."""

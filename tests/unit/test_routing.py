@@ -115,3 +115,12 @@ def test_forwarded_flows_are_keyed_by_destination_and_keep_their_owner():
     for dst in (bytes([224, 0, 0, 1]), bytes([255] * 4), bytes(4)):
         assert r.route(tcp_packet(40000, flags=0x02, dst=dst), later) == (None, "")
     assert drops["not_unicast"] == 3
+
+
+def test_iperf3_connections_of_one_client_share_a_worker():
+    r, _ = make(now=0.0, workers=("tcp.1", "tcp.2", "tcp.3", "tcp.4"))
+    later = SETTLE_TIME + 1
+    # All of one client's connections to 5201 (control and data streams) go to one worker ...
+    assert len({r.route(tcp_packet(p, dport=5201, flags=0x02), later)[0] for p in range(40000, 40050)}) == 1
+    # ... while other ports still spread by the whole 4-tuple.
+    assert len({r.route(tcp_packet(p, dport=8000, flags=0x02), later)[0] for p in range(40000, 40050)}) == 4

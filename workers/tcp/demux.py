@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+from collections.abc import Mapping
 
 from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
@@ -35,9 +36,10 @@ from workers import relay
 from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
-from workers.tcp.apps import SERVICES, Service
+from workers.tcp.apps import SERVICES
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
+from workers.tcp.hosting import ServiceFactory, ServiceHost
 from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.options import Negotiated
@@ -63,7 +65,7 @@ ECN_CE = 0b11
 
 class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
-                 services: dict[int, type[Service]] | None = None, offload: bool = False,
+                 services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
                  syn_queue_limit: int = SYN_QUEUE_LIMIT, relay_: TcpRelay | None = None) -> None:
         self.sink = sink
         self.log = sink.log
@@ -71,9 +73,9 @@ class TcpDemux:
         self.address = address
         self.secret = secret
         self.cookies = SynCookies(secret)
-        self.services = SERVICES if services is None else services
+        # The services on their ports (the worker passes the registry's table), fenced by the host.
+        self.host = ServiceHost(SERVICES if services is None else services, self.log, sink.counters)
         self.connections: dict[Flow, Connection] = {}
-        self.apps: dict[Flow, Service] = {}
         self.born: dict[Flow, float] = {}  # when each connection was created (stackctl conns)
         self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
@@ -86,6 +88,7 @@ class TcpDemux:
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
         self.relay = relay_  # attach mode: flows to other addresses are relayed (None: reset)
+        self.relays: dict[Flow, RelayService] = {}  # relayed connections' bridges (not hosted services)
         self._port_counter = 0  # RFC 6056 §3.3.4: ephemeral ports for published (inbound) flows
 
     # -- drivers -------------------------------------------------------------
@@ -127,10 +130,11 @@ class TcpDemux:
             self._after(key, conn, before, now, out)
         elif key.local:
             self._relay_syn(key, seg, data, now, out)
-        elif seg.dst_port in self.services:
+        elif self.host.listens(seg.dst_port):
             self._listen(key, seg, now, out)
         else:
             self._reset(key, seg, now, out, "closed_port")
+        self._flush_woken(now, out)
         return out
 
     def handle_timer(self, now: float) -> list[Outgoing]:
@@ -149,7 +153,9 @@ class TcpDemux:
                 continue
             before = conn.state
             conn.handle_timer(now)
+            self.host.fire(key, now)
             self._after(key, conn, before, now, out)
+        self._flush_woken(now, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -184,8 +190,8 @@ class TcpDemux:
                 self._relay_settled(key, held, ev, now, out)  # type: ignore[arg-type]
                 continue
             conn = self.connections.get(key)  # type: ignore[arg-type]
-            app = self.apps.get(key)  # type: ignore[arg-type]
-            if conn is None or not isinstance(app, RelayService):
+            app = self.relays.get(key)  # type: ignore[arg-type]
+            if conn is None or app is None:
                 continue  # the connection ended meanwhile
             before = conn.state
             app.on_upstream(ev, now)
@@ -415,15 +421,14 @@ class TcpDemux:
         """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
         log = self.log
         while (ev := conn.next_event()) is not None:
-            app = self.apps.get(key)
             if isinstance(ev, events.Connected):
                 log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                          **({"local": fmt_addr(key.local)} if key.local else {}))
-                relayed = self.relay is not None and (key.local or key in self.relay.published)
-                app = RelayService(conn, key, self.relay, now) if relayed else self.services[key.lport](conn)
-                self.apps[key] = app
-            elif app is None:
-                pass
+                if self.relay is not None and (key.local or key in self.relay.published):
+                    self.relays[key] = RelayService(conn, key, self.relay, now)
+            app = self.relays.get(key)
+            if app is None:
+                self.host.deliver(key, conn, ev, now)
             elif isinstance(ev, events.DataReceived):
                 app.on_readable()
             elif isinstance(ev, events.SendSpace):
@@ -432,7 +437,7 @@ class TcpDemux:
                 app.on_eof()
             if isinstance(ev, events.Closed):
                 self._log_closed(key, conn, ev.reason)
-                if isinstance(app, RelayService):
+                if app is not None:
                     app.on_closed(ev.reason, now)
                 if self.relay is not None and key in self.relay.published:
                     if app is None:  # the namespace refused or never answered: reset the outer client
@@ -451,6 +456,9 @@ class TcpDemux:
         if conn.state is not State.SYN_RECEIVED:
             self._leave_syn_queue(key)
         deadline = conn.get_timer()
+        app_deadline = self.host.timer(key)
+        if app_deadline is not None and (deadline is None or app_deadline < deadline):
+            deadline = app_deadline
         if deadline is None:
             self._deadline.pop(key, None)
         elif self._deadline.get(key) != deadline:
@@ -471,9 +479,18 @@ class TcpDemux:
     def _discard(self, key: Flow) -> None:
         self.connections.pop(key)
         self._leave_syn_queue(key)
-        self.apps.pop(key, None)
+        self.host.forget(key)
+        self.relays.pop(key, None)
         self.born.pop(key, None)
         self._deadline.pop(key, None)
+
+    def _flush_woken(self, now: float, out: list[Outgoing]) -> None:
+        """Collect the output of connections a service touched from another connection's callback."""
+        while woken := self.host.woken():
+            for key in woken:
+                conn = self.connections.get(key)
+                if conn is not None:
+                    self._after(key, conn, conn.state, now, out)
 
     def _leave_syn_queue(self, key: Flow) -> None:
         queue = self.syn_queue.get(key.lport)

@@ -2,7 +2,7 @@
 
 from pipeline.config import env_float, forward_policy, published
 from pipeline.process import Process
-from workers import shell
+from workers import registry, shell
 from workers.udp.core import UdpCore
 from workers.udp.relay import IDLE, IDLE_DNS, UdpRelay
 
@@ -14,4 +14,4 @@ if __name__ == "__main__":
     relay = UdpRelay(sink, cfg.stack_addr_bytes, forward_policy(), cfg.mtu, env_float("USTACK_UDP_IDLE", IDLE),
                      env_float("USTACK_UDP_IDLE_DNS", IDLE_DNS), publish=published("udp"),
                      namespace_address=cfg.host_interface.ip.packed) if cfg.forward or published("udp") else None
-    shell.run(proc, UdpCore(sink, cfg.stack_addr_bytes, relay))
+    shell.run(proc, UdpCore(sink, cfg.stack_addr_bytes, registry.services_or_exit("udp"), relay))
