@@ -20,6 +20,8 @@ import subprocess
 import time
 import uuid
 
+from pipeline.respawn import die_with_parent
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STACK_ADDR = "10.0.0.2"
 HOST_ADDR = "10.0.0.1"
@@ -136,8 +138,10 @@ class Stack:
         full_env.update({"USTACK_RUN_DIR": self.run_dir, "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self._log_file = open(self.log_path, "wb")
+        # honcho goes (and stops the stack) if whoever started it dies without cleaning up.
         self.proc = ns.popen("honcho", "start", *honcho_args, cwd=ROOT, env=full_env,
-                             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=die_with_parent)
 
     def records(self) -> list[dict]:
         """Every JSON log record the processes wrote so far (honcho's prefix removed)."""
