@@ -1,8 +1,8 @@
 """Configuration from environment variables (honcho reads `.env`).
 
 Every knob is documented in the README's configuration table; defaults give a
-working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24,
-stack address 10.0.0.2.
+working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24 and
+fd00::1/64, stack addresses 10.0.0.2 and fd00::2 (``USTACK_IPV6=0``: IPv4 only).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class StackConfig:
     tun_name: str
     host_interface: ipaddress.IPv4Interface  # the kernel's side of the link
     stack_address: ipaddress.IPv4Address     # the address this stack answers for
+    host_interface6: ipaddress.IPv6Interface | None  # the kernel's IPv6 side; None: IPv6 off
+    stack_address6: ipaddress.IPv6Address | None
     mtu: int
     run_dir: str
     proc_name: str  # honcho's process name (with USTACK_NAME_PREFIX); empty outside honcho
@@ -69,6 +71,31 @@ class StackConfig:
     @property
     def stack_addr_bytes(self) -> bytes:
         return self.stack_address.packed
+
+    @property
+    def stack_addr6_bytes(self) -> bytes | None:
+        return None if self.stack_address6 is None else self.stack_address6.packed
+
+
+IPV6_MIN_MTU = 1280
+
+
+def _ipv6_addresses() -> tuple[ipaddress.IPv6Interface | None, ipaddress.IPv6Address | None]:
+    """USTACK_HOST_ADDR6 and USTACK_ADDR6, checked like the IPv4 pair; (None, None) with USTACK_IPV6=0."""
+    if not env_bool("USTACK_IPV6", True):
+        return None, None
+    try:
+        host = ipaddress.IPv6Interface(env_str("USTACK_HOST_ADDR6", "fd00::1/64"))
+        addr = ipaddress.IPv6Address(env_str("USTACK_ADDR6", "fd00::2"))
+    except ValueError as exc:
+        raise SystemExit(f"bad IPv6 address configuration: {exc}") from None
+    if addr not in host.network:
+        raise SystemExit(f"USTACK_ADDR6 {addr} is not inside USTACK_HOST_ADDR6 {host.network}")
+    if addr == host.ip:
+        raise SystemExit("USTACK_ADDR6 must differ from the kernel side's USTACK_HOST_ADDR6")
+    if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
+        raise SystemExit(f"USTACK_ADDR6 {addr}: not a unicast address")
+    return host, addr
 
 
 def default_run_dir(tun_name: str) -> str:
@@ -92,12 +119,16 @@ def load() -> StackConfig:
         raise SystemExit(f"USTACK_ADDR {addr} is not inside USTACK_HOST_ADDR {host.network}")
     if addr == host.ip:
         raise SystemExit("USTACK_ADDR must differ from the kernel side's USTACK_HOST_ADDR")
+    host6, addr6 = _ipv6_addresses()
     tun_name = env_str("USTACK_TUN", "ustack0")
     if not 0 < len(tun_name) < 16:
         raise SystemExit(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
     mtu = env_int("USTACK_MTU", 1500)
     if not 576 <= mtu <= 65535:
         raise SystemExit(f"USTACK_MTU {mtu}: expected 576..65535")
+    if addr6 is not None and mtu < IPV6_MIN_MTU:
+        # RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280.
+        raise SystemExit(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
     run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
     endpoints = {}
     for stage in ("ingress", "egress", "control"):
@@ -118,6 +149,8 @@ def load() -> StackConfig:
         tun_name=tun_name,
         host_interface=host,
         stack_address=addr,
+        host_interface6=host6,
+        stack_address6=addr6,
         mtu=mtu,
         run_dir=run_dir,
         # A worker's identity on the bus; the prefix keeps names unique across hosts.

@@ -372,3 +372,53 @@ def upper_layer_checksum_ok(src: bytes, dst: bytes, protocol: int, data: bytes |
     if protocol == UDP and len(data) >= 8 and data[6] == 0 and data[7] == 0:
         return False
     return verify(data, pseudo_header_sum6(src, dst, protocol, len(data)))
+
+
+class Ipv6Datagram:
+    """A whole IPv6 packet ingress already accepted, read as a worker reads an ``Ipv4Packet``.
+
+    ``trusted`` re-verifies nothing: it finds the upper-layer header after
+    any extension headers (the lenient walk) so ``protocol`` and ``payload``
+    mean what they mean for IPv4, and ``tos``/``ttl`` name the traffic class
+    and hop limit so cores read both families through the same accessors.
+    """
+
+    __slots__ = ("buf", "protocol", "header_len")
+
+    def __init__(self, buf: memoryview, protocol: int, header_len: int) -> None:
+        self.buf = buf
+        self.protocol = protocol
+        self.header_len = header_len  # the IPv6 header and every extension header before the upper layer
+
+    @classmethod
+    def trusted(cls, packet: bytes | bytearray | memoryview) -> Ipv6Datagram:
+        buf = packet if isinstance(packet, memoryview) else memoryview(packet)
+        end = HEADER_LEN + ((buf[PAYLOAD_LEN_OFFSET] << 8) | buf[PAYLOAD_LEN_OFFSET + 1])
+        buf = buf[:end]
+        found = skip_extension_headers(buf, buf[NEXT_HEADER_OFFSET], HEADER_LEN, end)
+        protocol, off = found if found is not None else (NO_NEXT_HEADER, end)
+        return cls(buf, protocol, off)
+
+    @property
+    def src(self) -> bytes:
+        return bytes(self.buf[SRC_OFFSET:DST_OFFSET])
+
+    @property
+    def dst(self) -> bytes:
+        return bytes(self.buf[DST_OFFSET:HEADER_LEN])
+
+    @property
+    def tos(self) -> int:
+        return ((self.buf[0] & 0x0F) << 4) | (self.buf[1] >> 4)
+
+    @property
+    def ttl(self) -> int:
+        return self.buf[HOP_LIMIT_OFFSET]
+
+    @property
+    def dont_fragment(self) -> bool:
+        return False  # RFC 8200 §4.5: any IPv6 source may fragment what it sends
+
+    @property
+    def payload(self) -> memoryview:
+        return self.buf[self.header_len:]
