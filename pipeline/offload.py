@@ -17,6 +17,7 @@ NEEDS_CSUM = 1   # only the pseudo-header sum is in the checksum field: finish i
 DATA_VALID = 2   # the kernel already verified the checksum
 GSO_NONE = 0
 GSO_TCPV4 = 1
+GSO_TCPV6 = 4
 
 Offload = tuple[int, int, int, int, int, int]
 
@@ -32,9 +33,10 @@ def checksum_vouched(offload: Offload | None) -> bool:
     return offload is not None and offload[0] & (NEEDS_CSUM | DATA_VALID) != 0
 
 
-def tcp_offload(ip_header_len: int, tcp_header_len: int, payload_len: int, segment_size: int) -> Offload:
+def tcp_offload(ip_header_len: int, tcp_header_len: int, payload_len: int, segment_size: int,
+                ipv6: bool = False) -> Offload:
     """Ask the kernel to finish the TCP checksum and, if the payload is larger than
-    ``segment_size``, to cut it into segments of that size (TSO)."""
+    ``segment_size``, to cut it into segments of that size (TSO, or TSO6 over IPv6)."""
     gso = payload_len > segment_size
-    return (NEEDS_CSUM, GSO_TCPV4 if gso else GSO_NONE, ip_header_len + tcp_header_len,
+    return (NEEDS_CSUM, (GSO_TCPV6 if ipv6 else GSO_TCPV4) if gso else GSO_NONE, ip_header_len + tcp_header_len,
             segment_size if gso else 0, ip_header_len, _TCP_CHECKSUM_OFFSET)

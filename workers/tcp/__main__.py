@@ -47,4 +47,5 @@ if __name__ == "__main__":
     if syn_queue < 1:
         raise SystemExit(f"TCP_SYN_QUEUE={syn_queue}: expected at least 1")
     shell.run(proc, TcpDemux(shell.sink(proc), cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
-                             secret=os.urandom(32), offload=cfg.offload, syn_queue_limit=syn_queue))
+                             secret=os.urandom(32), offload=cfg.offload, syn_queue_limit=syn_queue,
+                             address6=cfg.stack_addr6_bytes))

@@ -10,27 +10,35 @@ and the next deadline out. It owns
 - resets for segments that belong to no connection (RFC 9293 §3.10.7.1);
 - the reuse of a connection in TIME-WAIT by a new SYN (RFC 6191);
 - one timer heap over every connection's next deadline (stale entries are
-  skipped lazily, so re-arming a timer costs O(log n) and nothing else).
+  skipped lazily, so re-arming a timer costs O(log n) and nothing else);
+- the ICMP errors ingress routes here because they quote one of our
+  segments (``icmp_errors.py`` says what each one does).
+
+Both families: a flow's remote address is 4 or 16 bytes, our address and
+the MSS we offer (MTU - 40, or MTU - 60 over IPv6) follow from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 
 from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
-from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
+from pipeline.wire import ipv6
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
-from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
+from workers.core import IPV6_ADDRESS_LEN, Addresses, Outgoing, Sink, ip_reply, ip_view, reply_header_len
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
 from workers.tcp.apps import SERVICES, Service
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
+from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
@@ -40,6 +48,7 @@ TIME_WAIT_ISN_GAP = 65535 + 2
 _SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
+IPV6_EXTRA_HEADER = 20  # RFC 8200 §3: 40 bytes of IP header against IPv4's 20, so MSS = MTU - 60
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
                "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
@@ -49,11 +58,14 @@ CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "r
 class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
                  services: dict[int, type[Service]] | None = None, offload: bool = False,
-                 syn_queue_limit: int = SYN_QUEUE_LIMIT) -> None:
+                 syn_queue_limit: int = SYN_QUEUE_LIMIT, address6: bytes | None = None) -> None:
         self.sink = sink
         self.log = sink.log
         self.config = config
+        # Over IPv6 every segment carries 20 more bytes of IP header: a smaller MSS (RFC 9293 §3.7.1).
+        self.config6 = dataclasses.replace(config, mss=config.mss - IPV6_EXTRA_HEADER)
         self.address = address
+        self.addresses = Addresses(address, address6)
         self.secret = secret
         self.cookies = SynCookies(secret)
         self.services = SERVICES if services is None else services
@@ -69,13 +81,21 @@ class TcpDemux:
         # With device offloads, the kernel finishes our checksums and cuts large
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
+        self.icmp_errors = IcmpErrors(sink)
 
     # -- drivers -------------------------------------------------------------
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
-        # Ingress checked the IPv4 header and the TCP lengths; the checksum and options are ours.
-        ip = Ipv4Packet.trusted(data)
+        # Ingress checked the IP header and the TCP lengths; the checksum and options are ours.
+        ip = ip_view(data)
+        if ip.protocol in (PROTO_ICMP, ipv6.ICMPV6):
+            out: list[Outgoing] = []
+            conn = self.icmp_errors.handle(ip, self.connections, now)
+            if conn is not None:
+                key, connection, before = conn
+                self._after(key, connection, before, now, out)
+            return out
         tcp = TcpPacket.trusted(ip.payload)
         src = ip.src
         try:
@@ -92,7 +112,7 @@ class TcpDemux:
                            **sink.payload(seg.payload))
         key = Flow(src, seg.src_port, seg.dst_port)
         conn = self.connections.get(key)
-        out: list[Outgoing] = []
+        out = []
         if conn is not None:
             if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
                     and time_wait_reusable(conn, seg, self.config.timestamps):
@@ -178,7 +198,7 @@ class TcpDemux:
         if seg.rst:
             self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
             return
-        remote, local = (key.remote, key.rport), (self.address, key.lport)
+        remote, local = (key.remote, key.rport), (self.addresses.local(key.remote), key.lport)
         if seg.ack_flag:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
@@ -204,7 +224,7 @@ class TcpDemux:
     def _accept(self, key: Flow, syn: TcpSegment, iss: SeqNum, now: float, out: list[Outgoing],
                 announce: bool = True) -> None:
         """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
-        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
+        conn = Connection.accept(key.lport, key.rport, syn, iss, self._config(key.remote), now)
         self.connections[key] = conn
         if announce:
             self._opened.append(key)
@@ -232,10 +252,10 @@ class TcpDemux:
         only the MSS survives, so nothing else is offered.
         """
         self.sink.counters["syn_cookies_sent"] += 1
-        cfg = self.config
+        cfg = self._config(key.remote)
         opts = syn.options
         peer_mss = opts.mss or 536  # RFC 9293 §3.7.1: default send MSS
-        cookie = self.cookies.make((self.address, key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
+        cookie = self.cookies.make((self.addresses.local(key.remote), key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
         window_scale = sack = timestamp = None
         if cfg.timestamps and opts.timestamp is not None:
             # RFC 7323 §2.2 / RFC 2018 §2: offer only what the SYN offered; §2.3: a shift over 14 is 14.
@@ -260,12 +280,13 @@ class TcpDemux:
         back by up to 63 ms (as in Linux).
         """
         iss = ack.ack - 1
+        config = self._config(key.remote)
         if not options.timestamps:
-            return Connection.from_cookie(key.lport, key.rport, ack, iss, options.mss, self.config, now)
+            return Connection.from_cookie(key.lport, key.rport, ack, iss, options.mss, config, now)
         syn = TcpSegment(key.rport, key.lport, ack.seq - 1, SeqNum(0), Flags.SYN, ack.window, options=TcpOptions(
             mss=options.mss, window_scale=options.window_scale, sack_permitted=options.sack_permitted,
             timestamp=(ack.options.timestamp[0], 0)))
-        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
+        conn = Connection.accept(key.lport, key.rport, syn, iss, config, now)
         conn.segments_to_send(now)  # the SYN-ACK the cookie stands for went out long ago
         conn.receive(ack, now)
         return conn
@@ -306,7 +327,7 @@ class TcpDemux:
         if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
-        mss = min(conn.peer_mss, self.config.mss)
+        mss = self.icmp_errors.path_mss(key, min(conn.peer_mss, conn.config.mss))
         for seg in conn.segments_to_send(now):
             out.append(self._ip(key.remote, seg, mss))
         if conn.state is State.CLOSED:
@@ -322,11 +343,13 @@ class TcpDemux:
             heapq.heappush(self._timers, (deadline, key))
 
     def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
+        soft = self.icmp_errors.soft.get(key)  # RFC 1122 §4.2.3.9: reported if the connection fails
         self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
-                      **{name: getattr(conn, name) for name in CLOSE_STATS})
+                      **({"soft_error": soft} if soft else {}), **{name: getattr(conn, name) for name in CLOSE_STATS})
 
     def _forget(self, key: Flow) -> None:
         self._discard(key)
+        self.icmp_errors.forget(key)
         self._closed.append(key)
 
     def _discard(self, key: Flow) -> None:
@@ -340,13 +363,18 @@ class TcpDemux:
         if queue:
             queue.discard(key)
 
+    def _config(self, remote: bytes) -> TcpConfig:
+        return self.config6 if len(remote) == IPV6_ADDRESS_LEN else self.config
+
     def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
+        local = self.addresses.local(remote)
         if not self.offload:
-            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote)), None
+            return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote)), None
         tcp_header_len = seg.header_len
-        segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False)),
-                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size))
+        segment_size = (mss or self._config(remote).mss) - (tcp_header_len - TCP_HEADER_LEN)
+        return (ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote, checksum=False)),
+                tcp_offload(reply_header_len(remote), tcp_header_len, len(seg.payload), segment_size,
+                            ipv6=len(remote) == IPV6_ADDRESS_LEN))
 
 
 def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:
