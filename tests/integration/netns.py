@@ -23,6 +23,8 @@ import uuid
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STACK_ADDR = "10.0.0.2"
 HOST_ADDR = "10.0.0.1"
+STACK_ADDR6 = "fd00::2"
+HOST_ADDR6 = "fd00::1"
 RUN_DIR_BASE = "/run/ustack-test"  # each stack's ipc sockets: RUN_DIR_BASE/<namespace>
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -100,6 +102,13 @@ class Namespace:
 
 CLIENT_ADDR = "192.168.77.2"
 ROUTER_ADDR = "192.168.77.1"
+CLIENT_ADDR6 = "fd77::2"
+ROUTER_ADDR6 = "fd77::1"
+
+
+def _wire_ipv6(ns: Namespace, address: str, dev: str) -> None:
+    """An IPv6 address usable at once (nodad: no second of 'tentative')."""
+    ns.run("ip", "-6", "addr", "add", address, "dev", dev, "nodad")
 
 
 def routed_client(stack_ns: Namespace) -> Namespace:
@@ -120,6 +129,10 @@ def routed_client(stack_ns: Namespace) -> Namespace:
     client.run("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", "ve-client")
     client.run("ip", "link", "set", "ve-client", "up")
     client.run("ip", "route", "add", "default", "via", ROUTER_ADDR)
+    stack_ns.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    _wire_ipv6(stack_ns, f"{ROUTER_ADDR6}/64", "ve-stack")
+    _wire_ipv6(client, f"{CLIENT_ADDR6}/64", "ve-client")
+    client.run("ip", "-6", "route", "add", "default", "via", ROUTER_ADDR6)
     return client
 
 

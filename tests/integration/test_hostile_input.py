@@ -38,7 +38,8 @@ MALFORMED = {
     "udp_bad_length": (bytes(_ip() / UDP(sport=5000, dport=7, len=99, chksum=0) / b"x"), "bad_length"),
     "tcp_bad_checksum": (_with_bad_l4_checksum(_ip() / TCP(sport=5000, dport=8000, flags="S")), "bad_checksum"),
     "tcp_bad_data_offset": (bytes(_ip() / TCP(sport=5000, dport=8000, flags="S", dataofs=15)), "bad_data_offset"),
-    "ip_fragment": (bytes(_ip(flags="MF") / UDP(sport=5000, dport=7) / b"frag"), "fragment"),
+    # RFC 791 §3.2: a fragment with more to come holds a multiple of 8 octets (this one 12).
+    "ip_fragment_odd_length": (bytes(_ip(flags="MF") / UDP(sport=5000, dport=7) / b"frag"), "fragment_odd_length"),
 }
 
 
@@ -88,6 +89,6 @@ def test_drops_are_counted_at_shutdown(ns, stack):
     stack.stop()
     stopped = {r["proc"]: r for r in stack.records() if r["event"] in ("ingress_stopped", "worker_stopped")}
     assert stopped["ingress.1"].get("drop_bad_checksum", 0) >= 1
-    assert stopped["ingress.1"].get("drop_fragment", 0) >= 1
+    assert stopped["ingress.1"].get("drop_fragment_odd_length", 0) >= 1
     assert sum(v for k, v in stopped["udp.1"].items() if k.startswith("drop_")) >= 2
     assert stopped["tcp.1"].get("drop_bad_checksum", 0) >= 1
