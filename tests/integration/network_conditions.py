@@ -34,6 +34,21 @@ table inet ustack_loss {{
 
 
 @contextlib.contextmanager
+def ce_marks(stack_ns: Namespace, percent: int):
+    """Congestion Experienced on ``percent`` % of forwarded ECN-capable (ECT(0)) IPv4 packets, as an
+    AQM router would mark them (RFC 3168 §5); packets not marked ECT pass untouched."""
+    script = f"""
+table inet ustack_ce {{
+  chain ce_marks {{ type filter hook forward priority 0; ip ecn ect0 numgen random mod 100 < {percent} ip ecn set ce; }}
+}}"""
+    stack_ns.run("nft", "-f", "-", input=script.encode())
+    try:
+        yield
+    finally:
+        stack_ns.run("nft", "delete", "table", "inet", "ustack_ce")
+
+
+@contextlib.contextmanager
 def bottleneck(stack_ns: Namespace, mbit: int):
     for dev in (TUN, VETH):  # towards the stack, and towards the client
         stack_ns.run("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",

@@ -2,8 +2,9 @@
 state (smoltcp ``socket_established()`` style), a terse segment constructor for the
 remote end, and a two-connection pump with a hand-driven clock.
 
-The builders set fields directly; ``test_tcp_conn_builders.py`` checks each one against
-the state reached through real transitions, so tests may trust them.
+The builders reach each state through the public interface only (segments, time and
+application calls); ``test_tcp_conn_builders.py`` checks each one against the state
+reached through a full handshake, so tests may trust them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable, Iterable
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import NO_OPTIONS, Flags, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
-from workers.tcp.connection import Connection, State, Timer
+from workers.tcp.connection import Connection
+from workers.tcp.options import Negotiated
 from workers.tcp.events import Event
 
 LOCAL_PORT = 80
@@ -31,7 +33,7 @@ _FLAG_LETTERS = {"S": Flags.SYN, "A": Flags.ACK, "F": Flags.FIN, "R": Flags.RST,
 
 def config(**changes: object) -> TcpConfig:
     """TcpConfig with test-friendly defaults, overridden by changes."""
-    base: dict[str, object] = {"window_scaling": False, "timestamps": False, "sack": False}
+    base: dict[str, object] = {"window_scaling": False, "timestamps": False, "sack": False, "ecn": False}
     base.update(changes)
     return TcpConfig(**base)  # type: ignore[arg-type]
 
@@ -53,6 +55,11 @@ def seg(conn: Connection, fl: str = "A", payload: bytes = b"", *, seq: int | Non
 
 def syn(options: TcpOptions = PLAIN, iss: SeqNum = REMOTE_ISS, window: int = 65535) -> TcpSegment:
     return TcpSegment(REMOTE_PORT, LOCAL_PORT, iss, SeqNum(0), Flags.SYN, window, options=options)
+
+
+def elicit_ack(conn: Connection, now: float = T0) -> None:
+    """The remote end repeats an old octet: RFC 9293 §3.10.7.4 first makes us ACK it."""
+    conn.receive(seg(conn, "A", b"\0", seq=conn.rcv_nxt - 1, options=_peer_options(conn)), now)
 
 
 def drain(conn: Connection) -> list[Event]:
@@ -80,93 +87,80 @@ def syn_received(cfg: TcpConfig | None = None, options: TcpOptions = PLAIN, now:
     return c
 
 
+def _peer_options(c: Connection) -> TcpOptions:
+    """The timestamp option the remote end puts on its segments (if negotiated).
+
+    TSval stays at TS.Recent; TSecr echoes nothing of ours, so no segment of a
+    builder yields an RTT sample from it.
+    """
+    return TcpOptions(timestamp=(c.ts_recent, 1)) if c.ts_ok else NO_OPTIONS
+
+
+def _exchange(c: Connection, segment: TcpSegment, now: float) -> Connection:
+    """The remote end sends segment; our answers are drained."""
+    c.receive(segment, now)
+    c.segments_to_send(now)
+    drain(c)
+    return c
+
+
 def established(cfg: TcpConfig | None = None, options: TcpOptions = PLAIN, now: float = T0,
                 peer_window: int = 65535) -> Connection:
-    """ESTABLISHED after a passive open, fields set directly (nothing sent or received yet)."""
+    """ESTABLISHED after a passive open, nothing sent or received yet.
+
+    Reached through the SYN-cookie path: the handshake's final ACK creates the
+    connection, with the options of the peer's SYN.  A full handshake would time
+    the SYN-ACK and leave an RTT sample; tests of RTO and loss probes start from
+    RFC 6298 §2.1's initial RTO with no sample, and this is the public way to it.
+    """
     cfg = cfg or config()
-    c = Connection(LOCAL_PORT, REMOTE_PORT, LOCAL_ISS, cfg, now)
-    c.passive = True
-    c.irs = REMOTE_ISS
-    c.rcv_nxt = REMOTE_ISS + 1
-    c._negotiate(options, now)
-    c.state = State.ESTABLISHED
-    c.snd_una = c.snd_nxt = LOCAL_ISS + 1
-    c.snd_wnd = c.max_snd_wnd = peer_window << c.snd_wscale
-    c.snd_wl1 = REMOTE_ISS + 1
-    c.snd_wl2 = LOCAL_ISS + 1
-    c.rcv_adv = c.rcv_nxt + min(cfg.recv_buffer, 0xFFFF)  # what the SYN-ACK offered
-    c._last_ack_sent = c.rcv_nxt
-    if cfg.keepalive is not None:
-        c._timers[Timer.KEEPALIVE] = now + cfg.keepalive
+    agreed = Negotiated.from_syn(options, cfg)
+    ts = (options.timestamp[0], 1) if agreed.timestamps and options.timestamp is not None else None
+    ack = TcpSegment(REMOTE_PORT, LOCAL_PORT, REMOTE_ISS + 1, LOCAL_ISS + 1, Flags.ACK, peer_window,
+                     options=TcpOptions(timestamp=ts))
+    c = Connection.from_cookie(LOCAL_PORT, REMOTE_PORT, ack, LOCAL_ISS, agreed, cfg, now)
+    c.segments_to_send(now)
+    drain(c)
     return c
-
-
-def _sent(c: Connection) -> Connection:
-    """Account for a segment we sent: it advertised our current window."""
-    c._advertise()
-    c._last_ack_sent = c.rcv_nxt
-    return c
-
-
-def _fin_sent(c: Connection, now: float) -> Connection:
-    """Our FIN queued and sent at snd_nxt, timed and awaiting its ACK."""
-    c._fin_queued = True
-    c._fin_seq = c.snd_nxt
-    c.snd_nxt = c.snd_nxt + 1
-    c._rtt_seq, c._rtt_time = c._fin_seq, now
-    c._timers[Timer.RETRANSMIT] = now + c.rto
-    return _sent(c)
 
 
 def fin_wait_1(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
-    """ESTABLISHED, then close(): our FIN sent, not yet acknowledged."""
+    """ESTABLISHED, then shutdown() (the half-close without a FIN-WAIT-2 timeout):
+    our FIN sent, not yet acknowledged."""
     c = established(cfg, now=now, **kw)  # type: ignore[arg-type]
-    c.state = State.FIN_WAIT_1
-    return _fin_sent(c, now)
+    c.shutdown()
+    c.segments_to_send(now)
+    return c
 
 
 def fin_wait_2(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
+    """Our FIN acknowledged (the FIN was timed: this ACK is an RTT sample)."""
     c = fin_wait_1(cfg, now, **kw)
-    c.state = State.FIN_WAIT_2
-    c.snd_una = c.snd_wl2 = c.snd_nxt
-    c._rtt_seq = None
-    del c._timers[Timer.RETRANSMIT]
-    return c
+    return _exchange(c, seg(c, "A", options=_peer_options(c)), now)
 
 
 def close_wait(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
     """ESTABLISHED, then the peer's FIN arrived (and was acknowledged)."""
     c = established(cfg, now=now, **kw)  # type: ignore[arg-type]
-    c.state = State.CLOSE_WAIT
-    c.rcv_nxt = c.rcv_nxt + 1
-    c.peer_fin = True
-    return _sent(c)
+    return _exchange(c, seg(c, "AF", options=_peer_options(c)), now)
 
 
 def last_ack(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
     c = close_wait(cfg, now, **kw)
-    c.state = State.LAST_ACK
-    return _fin_sent(c, now)
+    c.close()
+    c.segments_to_send(now)
+    return c
 
 
 def closing(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
     """Simultaneous close: our FIN sent and unacknowledged, the peer's FIN received."""
     c = fin_wait_1(cfg, now, **kw)
-    c.state = State.CLOSING
-    c.rcv_nxt = c.rcv_nxt + 1
-    c.peer_fin = True
-    return _sent(c)
+    return _exchange(c, seg(c, "AF", ack=c.snd_una, options=_peer_options(c)), now)
 
 
 def time_wait(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
     c = fin_wait_2(cfg, now, **kw)
-    c.state = State.TIME_WAIT
-    c.rcv_nxt = c.rcv_nxt + 1
-    c.peer_fin = True
-    c._last_ack_sent = c.rcv_nxt
-    c._timers.clear()
-    c._timers[Timer.TIME_WAIT] = now + 2 * c.config.msl
-    return _sent(c)
+    return _exchange(c, seg(c, "AF", options=_peer_options(c)), now)
 
 
 def snapshot(c: Connection) -> dict[str, object]:
@@ -175,8 +169,8 @@ def snapshot(c: Connection) -> dict[str, object]:
         "state": c.state, "snd_una": c.snd_una, "snd_nxt": c.snd_nxt, "snd_wnd": c.snd_wnd,
         "snd_wl1": c.snd_wl1, "snd_wl2": c.snd_wl2, "rcv_nxt": c.rcv_nxt, "rcv_adv": c.rcv_adv,
         "snd_wscale": c.snd_wscale, "rcv_wscale": c.rcv_wscale, "ws_ok": c.ws_ok, "sack_ok": c.sack_ok,
-        "ts_ok": c.ts_ok, "send_mss": c.send_mss, "peer_mss": c.peer_mss, "fin_queued": c._fin_queued,
-        "peer_fin": c.peer_fin, "timers": sorted(t.name for t in c._timers), "readable": c.readable,
+        "ts_ok": c.ts_ok, "send_mss": c.send_mss, "peer_mss": c.peer_mss, "fin_queued": c.fin_queued,
+        "peer_fin": c.peer_fin, "timers": sorted(t.name for t in c.timers.armed()), "readable": c.readable,
         "send_space": c.send_space,
     }
 

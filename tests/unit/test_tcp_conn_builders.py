@@ -28,7 +28,7 @@ def real_established(cfg, opts):
 
 def real_fin_wait_1(cfg, opts):
     c = real_established(cfg, opts)
-    c.close()
+    c.shutdown()
     out = c.segments_to_send(T0)
     assert [s.flags for s in out] == [b.flags("AF")]
     return c

@@ -233,7 +233,7 @@ def test_keepalive_answer_resets_the_probes():
     c.segments_to_send(now)
     c.receive(seg(c, "A"), now + 1)  # the peer answers
     c.segments_to_send(now + 1)
-    assert c.get_timer() == now + 1 + 100 and c._timers.keys() == {Timer.KEEPALIVE}
+    assert c.get_timer() == now + 1 + 100 and c.timers.armed() == {Timer.KEEPALIVE}
 
 
 def test_keepalive_off_by_default():

@@ -4,7 +4,7 @@ sequence wrap, reassembly, delayed ACKs, flow control, SWS avoidance, Nagle, MSS
 import pytest
 
 from pipeline.wire.tcp import Flags, TcpOptions
-from tests.unit.tcp_builders import LOCAL_ISS, REMOTE_ISS, T0, config, drain, established, fire, seg
+from tests.unit.tcp_builders import LOCAL_ISS, REMOTE_ISS, T0, config, drain, elicit_ack, established, fire, seg
 from workers.tcp.connection import CHALLENGE_ACK_LIMIT, InvalidOperation, State, Timer
 from workers.tcp.events import Closed, DataReceived, SendSpace
 
@@ -200,7 +200,7 @@ def test_fin_beyond_a_gap_waits_for_the_gap():
 def test_large_incoming_segment_is_one_byte_range():
     c = established(config(recv_buffer=1 << 20, window_scaling=True), options=TcpOptions(mss=1460, window_scale=7))
     c.segments_to_send(T0)  # advertise the scaled window
-    c._ack_now = True
+    elicit_ack(c)
     c.segments_to_send(T0)
     blob = bytes(range(256)) * 256  # 64 KB, as GRO/TSO delivers it
     c.receive(seg(c, "PA", blob), T0)
@@ -225,7 +225,7 @@ def test_every_second_full_segment_is_acked_at_once():
     c.receive(seg(c, "A", b"x" * MSS), T0)
     c.receive(seg(c, "A", b"y" * MSS), T0)
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == REMOTE_ISS + 1 + 2 * MSS and Timer.DELAYED_ACK not in c._timers
+    assert ack.ack == REMOTE_ISS + 1 + 2 * MSS and Timer.DELAYED_ACK not in c.timers
 
 
 def test_delayed_ack_rides_on_data():
@@ -233,7 +233,7 @@ def test_delayed_ack_rides_on_data():
     c.receive(seg(c, "PA", b"ping"), T0)
     c.send(b"pong")
     [s] = c.segments_to_send(T0)
-    assert s.payload == b"pong" and s.ack == REMOTE_ISS + 5 and Timer.DELAYED_ACK not in c._timers
+    assert s.payload == b"pong" and s.ack == REMOTE_ISS + 5 and Timer.DELAYED_ACK not in c.timers
 
 
 # -- flow control: our window ----------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_window_is_free_buffer_space_and_reopens_on_read():
     assert ack.window == 0
     assert c.recv(500) == b"a" * 500  # small read: receiver SWS avoidance, no update
     assert c.segments_to_send(T0) == []
-    c._ack_now = True
+    elicit_ack(c)
     [ack] = c.segments_to_send(T0)
     assert ack.window == 0  # an increase below min(RCV.BUFF/2, MSS) is not advertised
     c.recv(1500)  # now 2000 free: >= 2 segments, send a window update (RFC 9293 §3.8.6.2.2)
@@ -260,7 +260,7 @@ def test_window_is_free_buffer_space_and_reopens_on_read():
 def test_right_edge_never_moves_left():
     c = established(config(recv_buffer=8192, window_scaling=True, mss=1000),
                     options=TcpOptions(mss=1000, window_scale=0))
-    c._ack_now = True
+    elicit_ack(c)
     [first] = c.segments_to_send(T0)
     edge = first.ack + first.window
     c.receive(seg(c, "A", b"x" * 3000), T0)
@@ -274,7 +274,7 @@ def test_window_scaling_applies_both_ways():
     assert c.snd_wnd == 16000
     c.receive(seg(c, "A", window=2000), T0)
     assert c.snd_wnd == 32000  # RFC 7323 §2.3: SND.WND = SEG.WND << Snd.Wind.Shift
-    c._ack_now = True
+    elicit_ack(c)
     [ack] = c.segments_to_send(T0)
     assert c.rcv_wscale == 5 and ack.window == (1 << 20) >> 5
 
@@ -311,7 +311,7 @@ def test_zero_window_probe_with_backoff_and_no_abort_while_answered():
     c = established(config(max_retries=2), peer_window=0)
     c.send(b"abcdefgh")
     assert c.segments_to_send(T0) == []
-    assert c._timers[Timer.ZERO_WINDOW_PROBE] == T0 + 1.0
+    assert c.timers.deadline(Timer.ZERO_WINDOW_PROBE) == T0 + 1.0
     now = fire(c)
     [probe] = c.segments_to_send(now)
     assert probe.payload == b"a" and c.zero_window_probes == 1  # RFC 9293 §3.8.6.1: one new octet
@@ -458,7 +458,7 @@ def test_lost_window_update_does_not_stall_a_small_window():
     assert sum(len(s.payload) for s in out) == 2 * MSS
     c.receive(seg(c, "A", window=1000), T0 + 0.1)  # all acked, but only 1000 bytes of window
     assert c.segments_to_send(T0 + 0.1) == []
-    assert c._timers.keys() == {Timer.ZERO_WINDOW_PROBE}
+    assert c.timers.armed() == {Timer.ZERO_WINDOW_PROBE}
     now = fire(c)
     [s] = c.segments_to_send(now)
     assert len(s.payload) == 1000 and c.zero_window_probes == 0

@@ -220,4 +220,4 @@ def test_pair_negotiates_everything_across_the_wrap():
     for c in (p.client, p.server):
         assert c.ws_ok and c.sack_ok and c.ts_ok
     assert p.client.snd_wscale == p.server.rcv_wscale == 3
-    assert Timer.RETRANSMIT not in p.client._timers
+    assert Timer.RETRANSMIT not in p.client.timers

@@ -154,15 +154,18 @@ def test_sack_recovery_retransmits_only_holes():
     c.receive(seg(c, "A", ack=segs[2].seq), T0 + 0.1)  # 0 and 1 arrived
     assert sacked(c, segs, 2, [(3, 3)]) == []
     assert sacked(c, segs, 2, [(3, 4)]) == []
-    # more than 2*SMSS SACKed above 2: IsLost (RFC 6675 §4), fast retransmit, cwnd = ssthresh
+    # DupThresh SMSS SACKed: RACK's reordering window is zero (RFC 8985 §6.2 step 4) and
+    # 2, sent before the delivered 6, is lost: fast retransmit, cwnd = ssthresh
     [r] = sacked(c, segs, 2, [(6, 6), (3, 4)])
     assert r.seq == segs[2].seq and c.in_recovery
     assert c.ssthresh == c.cwnd == 4 * MSS  # FlightSize 8 segments / 2, no inflation (pipe instead)
-    assert sacked(c, segs, 2, [(6, 7), (3, 4)]) == []  # pipe = 4 segments = cwnd; 5 is not yet lost
+    # 7 delivered: 5 was sent before it, and in recovery reo_wnd is zero -- lost at once
+    # (RFC 6675 IsLost() waited for DupThresh SMSS above it); PRR-SSRB allows one segment.
+    assert [s.seq for s in sacked(c, segs, 2, [(6, 7), (3, 4)])] == [segs[5].seq]
     out = sacked(c, segs, 2, [(6, 8), (3, 4)])
-    # 5 is lost now (3 SMSS SACKed above it): retransmitted; nothing new to send, so the
-    # highest outstanding segment goes out once as the rescue retransmission (NextSeg rule 4).
-    assert [s.seq for s in out] == [segs[5].seq, segs[9].seq]
+    # Nothing new to send, so the highest outstanding segment goes out once as the
+    # rescue retransmission (NextSeg rule 4).
+    assert [s.seq for s in out] == [segs[9].seq]
     assert sacked(c, segs, 2, [(6, 9), (3, 4)]) == []  # no SACKed data is ever resent
     # the retransmitted 2 arrives: partial ACK up to the next hole, already resent
     c.receive(seg(c, "A", ack=segs[5].seq, options=TcpOptions(sack_blocks=((segs[6].seq, end(segs[9])),))),

@@ -125,7 +125,7 @@ def test_loss_probe_retransmits_the_last_segment_twice_then_the_rto():
     c.handle_timer(t2)
     [p2] = c.segments_to_send(t2)
     assert p2.seq == segs[-1].seq
-    assert c._timers.keys() == {Timer.RETRANSMIT}  # then only the RTO is left
+    assert c.timers.armed() == {Timer.RETRANSMIT}  # then only the RTO is left
 
 
 def test_loss_probe_sends_new_data_beyond_cwnd():
@@ -196,6 +196,9 @@ def test_second_timeout_of_one_segment_forgets_sack_in_case_the_receiver_reneged
     c = established(config(sack=True), options=SACK)
     segs = send(c, 4 * MSS)
     sack_ack(c, segs[0].seq, [(segs[2].seq, end(segs[3]))], T0 + 0.01)
+    t = c.get_timer()
+    c.handle_timer(t)  # RACK's reorder timer (RFC 8985 §6.2): 0 and 1 are lost, fast retransmit
+    assert [s.seq for s in c.segments_to_send(t)] == [segs[0].seq] and c.timeouts == 0
     t = c.get_timer()
     c.handle_timer(t)  # first RTO: the SACKed segments are skipped (RFC 6675 §5.1)
     assert [s.seq for s in c.segments_to_send(t)] == [segs[0].seq]

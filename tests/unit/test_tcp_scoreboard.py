@@ -137,6 +137,15 @@ def test_is_lost_rfc6675(base):
     assert sb.sacked_above(base + 150) == 49 + 100 + 1
 
 
+def test_covers(base):
+    sb = SackScoreboard()
+    sb.update([(base + 200, base + 300), (base + 400, base + 500)], base, base + 1000)
+    assert sb.covers(base + 200, base + 300) and sb.covers(base + 250, base + 260)
+    assert not sb.covers(base + 199, base + 300) and not sb.covers(base + 200, base + 301)
+    assert not sb.covers(base + 250, base + 450)  # a hole in between
+    assert not SackScoreboard().covers(base, base + 1)
+
+
 def test_clear(base):
     sb = SackScoreboard()
     sb.update([(base + 200, base + 300)], base, base + 1000)
@@ -169,6 +178,8 @@ def test_matches_a_set_model(isn, acks):
         assert sb.sacked_bytes == len(model)
         for off in range(una_off, nxt_off, 7):
             assert sb.is_sacked(base + off) == (off in model)
+            for n in (1, 13, 60):  # covers(): every byte of [off, off + n) SACKed
+                assert sb.covers(base + off, base + off + n) == all(b in model for b in range(off, off + n))
         # Holes are exactly the unSACKed bytes below the highest SACKed byte.
         holes = set()
         p = base + una_off

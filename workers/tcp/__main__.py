@@ -22,6 +22,9 @@ def tcp_config(mtu: int, offload: bool) -> TcpConfig:
     if congestion not in ("newreno", "cubic"):
         raise SystemExit(f"TCP_CONGESTION={congestion!r}: expected newreno or cubic")
     keepalive = env_float("TCP_KEEPALIVE", 0.0)
+    fin_wait2_timeout = env_float("TCP_FIN_WAIT2_TIMEOUT", 60.0)
+    if not fin_wait2_timeout > 0:
+        raise SystemExit(f"TCP_FIN_WAIT2_TIMEOUT={fin_wait2_timeout}: expected seconds > 0")
     return TcpConfig(
         mss=mtu - 40,  # RFC 9293 §3.7.1: MTU minus fixed IPv4 and TCP headers
         # 1 MiB each: the pipeline's round trip is long next to a kernel's, so in-flight data
@@ -35,6 +38,8 @@ def tcp_config(mtu: int, offload: bool) -> TcpConfig:
         nagle=env_bool("TCP_NAGLE", True),
         keepalive=keepalive if keepalive > 0 else None,
         max_send_segment=TSO_MAX_SEGMENT if offload else None,
+        fin_wait2_timeout=fin_wait2_timeout,
+        ecn=env_bool("TCP_ECN", True),
     )
 
 

@@ -30,6 +30,8 @@ class TcpConfig:
     timestamps: bool = True         # RFC 7323 §3
     sack: bool = True               # RFC 2018
     max_send_segment: int | None = None  # largest payload per emitted segment; None = peer MSS
+    fin_wait2_timeout: float = 60.0  # seconds in FIN-WAIT-2 after close() (Linux tcp_fin_timeout)
+    ecn: bool = True                # RFC 3168: accept ECN when the peer's SYN asks for it
 
     def __post_init__(self) -> None:
         if self.mss < 64 or self.mss > 65495:
@@ -38,3 +40,5 @@ class TcpConfig:
             raise ValueError("buffers must hold at least one segment")
         if self.max_send_segment is not None and self.max_send_segment < 1:
             raise ValueError("max_send_segment must be positive")
+        if not self.fin_wait2_timeout > 0:  # also rejects NaN
+            raise ValueError("fin_wait2_timeout must be positive")

@@ -40,6 +40,7 @@ from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
 from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.isn import initial_sequence_number
+from workers.tcp.options import Negotiated
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 
@@ -52,7 +53,11 @@ IPV6_EXTRA_HEADER = 20  # RFC 8200 §3: 40 bytes of IP header against IPv4's 20,
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
                "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
-               "challenge_acks")
+               "challenge_acks", "ce_received", "ece_received")
+# RFC 3168 §5: the ECN field, the low two bits of the IPv4 TOS / IPv6 traffic class.
+ECN_MASK = 0b11
+ECN_ECT0 = 0b10
+ECN_CE = 0b11
 
 
 class TcpDemux:
@@ -119,7 +124,7 @@ class TcpDemux:
                 self._reopen(key, conn, seg, now, out)
                 return out
             before = conn.state
-            conn.receive(seg, now)
+            conn.receive(seg, now, ip.tos & ECN_MASK == ECN_CE)
             self._after(key, conn, before, now, out)
         elif seg.dst_port in self.services:
             self._listen(key, seg, now, out)
@@ -269,27 +274,12 @@ class TcpDemux:
         out.append(self._ip(key.remote, reply))
 
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
-        """The connection a valid cookie ACK opens, with the options the cookie kept.
-
-        INTEGRATION: once ``Connection.from_cookie`` takes the negotiated
-        options, this whole body is that one call. Until then a connection
-        with options is reached through the front door: ``accept`` of the SYN
-        the cookie describes (its SYN-ACK was already sent, statelessly, so
-        it is discarded), then the ACK itself. Side effect of the replay: the
-        first RTT sample comes from the TSecr, which the option bits moved
-        back by up to 63 ms (as in Linux).
-        """
-        iss = ack.ack - 1
+        """The connection a valid cookie ACK opens, with the options the cookie kept (no ECN:
+        the cookie SYN-ACK never offers it)."""
         config = self._config(key.remote)
-        if not options.timestamps:
-            return Connection.from_cookie(key.lport, key.rport, ack, iss, options.mss, config, now)
-        syn = TcpSegment(key.rport, key.lport, ack.seq - 1, SeqNum(0), Flags.SYN, ack.window, options=TcpOptions(
-            mss=options.mss, window_scale=options.window_scale, sack_permitted=options.sack_permitted,
-            timestamp=(ack.options.timestamp[0], 0)))
-        conn = Connection.accept(key.lport, key.rport, syn, iss, config, now)
-        conn.segments_to_send(now)  # the SYN-ACK the cookie stands for went out long ago
-        conn.receive(ack, now)
-        return conn
+        negotiated = Negotiated.offered(config, options.mss, options.window_scale, options.sack_permitted,
+                                        options.timestamps)
+        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, config, now)
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
@@ -329,7 +319,7 @@ class TcpDemux:
                       old=before.name, new=conn.state.name)
         mss = self.icmp_errors.path_mss(key, min(conn.peer_mss, conn.config.mss))
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key.remote, seg, mss))
+            out.append(self._ip(key.remote, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
@@ -366,15 +356,15 @@ class TcpDemux:
     def _config(self, remote: bytes) -> TcpConfig:
         return self.config6 if len(remote) == IPV6_ADDRESS_LEN else self.config
 
-    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None) -> Outgoing:
+    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None, tos: int = 0) -> Outgoing:
         local = self.addresses.local(remote)
         if not self.offload:
-            return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote)), None
+            return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote), tos), None
         tcp_header_len = seg.header_len
         segment_size = (mss or self._config(remote).mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote, checksum=False)),
+        return (ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote, checksum=False), tos),
                 tcp_offload(reply_header_len(remote), tcp_header_len, len(seg.payload), segment_size,
-                            ipv6=len(remote) == IPV6_ADDRESS_LEN))
+                            bool(seg.flags & Flags.CWR), ipv6=len(remote) == IPV6_ADDRESS_LEN))
 
 
 def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:

@@ -146,6 +146,14 @@ class SackScoreboard:
         k = bisect_right(self._starts, p) - 1
         return k >= 0 and p < self._ends[k]
 
+    def covers(self, start: SeqNum, end: SeqNum) -> bool:
+        """True if every byte of [start, end) has been SACKed (one range holds it all)."""
+        if not self._starts:
+            return False
+        a = self._abs(start)
+        k = bisect_right(self._starts, a) - 1
+        return k >= 0 and self._abs(end) <= self._ends[k] and a < self._ends[k]
+
     def next_hole(self, start: SeqNum, snd_nxt: SeqNum) -> tuple[SeqNum, SeqNum] | None:
         """First un-SACKed range [a, b) at or after start and below the highest SACKed byte."""
         # RFC 6675 §4 NextSeg() rule 1: retransmit the lowest un-SACKed data

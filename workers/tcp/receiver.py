@@ -1,0 +1,263 @@
+"""The receiving half of a connection (gVisor ``rcv.go``): what comes in, what we ACK.
+
+Contract: the connection owns the receive sequence variables of the TCB
+(``irs``, ``rcv_nxt``, ``rcv_adv``); the receiver reads and moves them.  It owns
+the receive buffer, the reassembly queue, the peer's FIN beyond a gap, TS.Recent,
+ECN-Echo, and when to ACK: ``ack_now`` (send one with the next output) or the
+DELAYED_ACK timer.  It decides acceptability (RFC 9293 §3.10.7.4 first, RFC 7323
+§5.3 PAWS), takes segment text in order (seventh), tells the connection when the
+FIN is reached (eighth -- state changes stay with the connection), and builds
+every non-SYN segment's acknowledgment part: ACK number, window (honest, never
+shrinking, receiver SWS avoidance) and options (timestamps, SACK blocks).
+
+``rcv_adv`` is the right edge of the window we have advertised; RCV.WND is
+``rcv_adv - rcv_nxt``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.tcp import NO_OPTIONS, Flags, TcpOptions, TcpSegment
+from workers.tcp.events import DataReceived
+from workers.tcp.options import DEFAULT_MSS, TS_OPTION_SPACE
+from workers.tcp.reassembly import ReassemblyQueue
+from workers.tcp.timers import Timer
+
+if TYPE_CHECKING:
+    from workers.tcp.connection import Connection
+
+CHALLENGE_ACK_LIMIT = 10     # challenge ACKs per second per connection (RFC 5961 §7)
+PAWS_IDLE_LIMIT = 24 * 86400.0  # RFC 7323 §5.5: TS.Recent is invalid after 24 days idle
+_ACK = Flags.ACK
+
+
+def ts_clock(now: float) -> int:
+    """TSval: milliseconds, 32 bits (RFC 7323 §5.4: 1 ms - 1 s per tick)."""
+    return int(now * 1000) & 0xFFFFFFFF
+
+
+class Receiver:
+    """Receive buffer, reassembly, ACK scheduling and window advertisement."""
+
+    __slots__ = ("c", "rcvbuf", "reasm", "fin_seq", "ack_now", "unacked_bytes", "seg_max", "data_event_armed",
+                 "last_ack_sent", "ts_recent", "ts_recent_time", "ece", "_challenge_start", "_challenge_count")
+
+    def __init__(self, conn: Connection, now: float) -> None:
+        cfg = conn.config
+        self.c = conn
+        self.rcvbuf = bytearray()
+        self.reasm = ReassemblyQueue(cfg.recv_buffer)
+        self.fin_seq: SeqNum | None = None  # peer FIN seen beyond a gap
+        self.ack_now = False
+        self.unacked_bytes = 0
+        self.seg_max = min(DEFAULT_MSS, cfg.mss)  # largest segment seen, for "every second full segment"
+        self.data_event_armed = True
+        self.last_ack_sent = SeqNum(0)
+        self.ts_recent = 0
+        self.ts_recent_time = now
+        self.ece = False  # RFC 3168 §6.1.3: CE received, echo ECE until the peer's CWR
+        self._challenge_start = float("-inf")
+        self._challenge_count = 0
+
+    def negotiated(self) -> None:
+        """The options are known: size a full segment from the peer."""
+        c = self.c
+        self.seg_max = min(DEFAULT_MSS, c.options.rcv_full(c.config))
+
+    # == acceptability ===============================================================
+
+    def paws_reject(self, tsval: int, now: float) -> bool:
+        """RFC 7323 §5.3 R1: a timestamp older than TS.Recent marks an old duplicate."""
+        if now - self.ts_recent_time > PAWS_IDLE_LIMIT:
+            return False  # RFC 7323 §5.5: TS.Recent no longer valid
+        return SeqNum(tsval) < SeqNum(self.ts_recent)
+
+    def acceptable(self, seq: SeqNum, seg_len: int) -> bool:
+        """RFC 9293 §3.10.7.4 first: the four cases of the acceptability test."""
+        c = self.c
+        wnd = max(0, c.rcv_adv - c.rcv_nxt)
+        if seg_len == 0:
+            if wnd == 0:
+                return seq == c.rcv_nxt
+            return seq.in_window(c.rcv_nxt, wnd)
+        if wnd == 0:
+            # Not acceptable, but "special allowance should be made to accept valid ACKs,
+            # URGs, and RSTs": at rcv_nxt we go on with the controls; the text is trimmed away.
+            return seq == c.rcv_nxt
+        return seq.in_window(c.rcv_nxt, wnd) or (seq + seg_len - 1).in_window(c.rcv_nxt, wnd)
+
+    def note_timestamp(self, tsval: int, seq: SeqNum, now: float) -> None:
+        """RFC 7323 §4.3 (2): TS.Recent follows the segment that our last ACK covered."""
+        if SeqNum(tsval) >= SeqNum(self.ts_recent) and seq <= self.last_ack_sent:
+            self.ts_recent = tsval
+            self.ts_recent_time = now
+
+    def challenge_ack(self, now: float) -> None:
+        """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate-limited (§7)."""
+        c = self.c
+        if now - self._challenge_start >= 1.0:
+            self._challenge_start = now
+            self._challenge_count = 0
+        if self._challenge_count >= CHALLENGE_ACK_LIMIT:
+            c.challenge_acks_suppressed += 1
+            return
+        self._challenge_count += 1
+        c.challenge_acks += 1
+        self.ack_now = True
+
+    def ecn_in(self, cwr: bool, ce: bool) -> None:
+        """RFC 3168 §6.1.3: the peer's CWR stops our ECE echo; a CE mark (re)starts it."""
+        if cwr:
+            self.ece = False
+        if ce:
+            self.c.ce_received += 1
+            self.ece = True
+
+    # == text and FIN ================================================================
+
+    def text(self, seq: SeqNum, payload: bytes, fin: bool, now: float) -> bool:
+        """RFC 9293 §3.10.7.4 seventh and eighth; True when the peer's FIN is now in order."""
+        c = self.c
+        n = len(payload)
+        if n:
+            self._receive_bytes(seq, payload, now)
+        if fin:
+            fin_seq = seq + n
+            if fin_seq <= c.rcv_adv and fin_seq >= c.rcv_nxt:
+                self.fin_seq = fin_seq
+            elif fin_seq > c.rcv_adv:
+                self.ack_now = True  # FIN beyond the window: trimmed away
+        if self.fin_seq is not None and self.fin_seq == c.rcv_nxt:
+            # RFC 9293 §3.10.7.4 eighth: the FIN takes one sequence number and is ACKed at once.
+            self.fin_seq = None
+            c.rcv_nxt += 1
+            self.ack_now = True
+            return True
+        return False
+
+    def _receive_bytes(self, seq: SeqNum, payload: bytes, now: float) -> None:
+        """Trim to [rcv_nxt, rcv_adv), deliver in order, queue beyond a gap."""
+        c = self.c
+        view = memoryview(payload)
+        left = c.rcv_nxt - seq
+        if left > 0:
+            view = view[left:]  # RFC 9293 §3.10.7.4: trim what was received already
+            seq = c.rcv_nxt
+        right = (seq + len(view)) - c.rcv_adv
+        if right > 0:
+            view = view[:len(view) - right]  # beyond the window we advertised
+            self.ack_now = True
+        if not view:
+            self.ack_now = True
+            return
+        self.seg_max = max(self.seg_max, min(len(payload), c.options.rcv_full(c.config)))
+        if seq != c.rcv_nxt:
+            # Out of order: hold it, and ACK at once so the sender sees the gap
+            # (RFC 5681 §4.2; the SACK blocks ride on that ACK, RFC 2018 §4).
+            c.ooo_segments += 1
+            if self.ack_now:
+                # RFC 5681 §4.2: one duplicate ACK per out-of-order segment, even when
+                # several arrive before the shell asks for output; the sender counts them.
+                self.emit(c.snd_nxt, _ACK, b"", now)
+            self.reasm.add(seq, view, c.rcv_nxt)
+            self.ack_now = True
+            return
+        delivered = len(view)
+        self.rcvbuf += view
+        c.rcv_nxt += delivered
+        if self.reasm.bytes_held:
+            more = self.reasm.pop(c.rcv_nxt)
+            if more:
+                self.rcvbuf += more
+                c.rcv_nxt += len(more)
+                delivered += len(more)
+                self.ack_now = True  # RFC 5681 §4.2: ACK at once when a gap is filled
+        c.bytes_received += delivered
+        if self.data_event_armed:
+            self.data_event_armed = False
+            c._events.append(DataReceived())
+        # RFC 9293 §3.8.6.3 / RFC 5681 §4.2: delay ACKs, but ACK at least every second full segment.
+        self.unacked_bytes += delivered
+        if self.unacked_bytes >= 2 * self.seg_max:
+            self.ack_now = True
+        else:
+            c.timers.arm_once(Timer.DELAYED_ACK, now + c.config.delayed_ack)
+
+    def read(self, max_bytes: int, window_open: bool) -> bytes:
+        """The application's recv(): take bytes; ask for a window update if it opens enough."""
+        buf = self.rcvbuf
+        n = len(buf) if max_bytes < 0 else min(max_bytes, len(buf))
+        self.data_event_armed = True
+        if n == 0:
+            return b""
+        data = bytes(buf[:n])
+        del buf[:n]
+        # RFC 9293 §3.8.6.2.2 / RFC 1122 §4.2.3.3: reading opens the window; send a
+        # window update when the right edge can move by two segments or half the
+        # buffer (BSD's rule), so a peer stopped by a small window restarts.
+        if window_open:
+            c = self.c
+            cfg = c.config
+            free = cfg.recv_buffer - len(buf)
+            increase = free - max(0, c.rcv_adv - c.rcv_nxt)
+            if increase >= min(2 * cfg.mss, cfg.recv_buffer // 2):
+                self.ack_now = True
+        return data
+
+    # == what our segments carry =====================================================
+
+    def options(self, now: float) -> tuple[TcpOptions, int]:
+        """Options of a non-SYN segment and their length: TS (RFC 7323 §3), SACK (RFC 2018 §3)."""
+        opts = self.c.options
+        ts = (ts_clock(now), self.ts_recent) if opts.timestamps else None
+        blocks: tuple[tuple[SeqNum, SeqNum], ...] = ()
+        if opts.sack and self.reasm.bytes_held:
+            # RFC 2018 §3: at most 3 blocks next to a timestamp, 4 without.
+            blocks = tuple(self.reasm.sack_blocks(3 if ts else 4))
+        if ts is None and not blocks:
+            return NO_OPTIONS, 0
+        length = (TS_OPTION_SPACE if ts else 0) + (4 + 8 * len(blocks) if blocks else 0)
+        return TcpOptions(sack_blocks=blocks, timestamp=ts), length
+
+    def advertise(self) -> int:
+        """The window field to send; moves rcv_adv (honest, never shrinking, SWS-avoiding)."""
+        c = self.c
+        cfg = c.config
+        free = max(0, cfg.recv_buffer - len(self.rcvbuf))  # honest: free buffer space
+        cur = max(0, c.rcv_adv - c.rcv_nxt)
+        # RFC 9293 §3.8.6.2.2 receiver SWS avoidance: move the right edge only by
+        # at least min(RCV.BUFF/2, Eff.snd.MSS); RFC 7323 §2.4: never shrink it.
+        win = free if free - cur >= min(cfg.recv_buffer // 2, cfg.mss) else cur
+        shift = c.options.rcv_wscale
+        raw = win >> shift
+        if (raw << shift) < cur:
+            raw += 1  # rounding down would pull the right edge back
+        raw = min(raw, 0xFFFF)
+        edge = c.rcv_nxt + (raw << shift)
+        if edge > c.rcv_adv:
+            c.rcv_adv = edge
+        return raw
+
+    def syn_window(self) -> int:
+        """RFC 7323 §2.2: the window of a SYN is unscaled."""
+        return min(max(0, self.c.config.recv_buffer - len(self.rcvbuf)), 0xFFFF)
+
+    def emit(self, seq: SeqNum, flags: Flags, payload: bytes, now: float,
+             options: TcpOptions | None = None) -> None:
+        """Queue a non-SYN segment; its ACK carries rcv_nxt and our current window."""
+        c = self.c
+        if options is None:
+            options = self.options(now)[0]
+        if self.ece:
+            flags |= Flags.ECE  # RFC 3168 §6.1.3: every ACK until the peer's CWR
+        window = self.advertise()
+        self.last_ack_sent = c.rcv_nxt
+        self.ack_now = False
+        self.unacked_bytes = 0
+        c.timers.cancel(Timer.DELAYED_ACK)
+        c._out.append(TcpSegment(c.local_port, c.remote_port, seq, c.rcv_nxt, flags, window, payload, options))
+
+    def clear(self) -> None:
+        self.reasm.clear()
