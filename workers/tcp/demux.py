@@ -96,10 +96,9 @@ class TcpDemux:
         ip = ip_view(data)
         if ip.protocol in (PROTO_ICMP, ipv6.ICMPV6):
             out: list[Outgoing] = []
-            conn = self.icmp_errors.handle(ip, self.connections, now)
-            if conn is not None:
-                key, connection, before = conn
-                self._after(key, connection, before, now, out)
+            reached = self.icmp_errors.handle(ip, self.connections, now)
+            if reached is not None:
+                self._after(*reached, now, out)
             return out
         tcp = TcpPacket.trusted(ip.payload)
         src = ip.src
@@ -317,7 +316,7 @@ class TcpDemux:
         if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
-        mss = self.icmp_errors.path_mss(key, min(conn.peer_mss, conn.config.mss))
+        mss = conn.max_segment
         for seg in conn.segments_to_send(now):
             out.append(self._ip(key.remote, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
@@ -333,13 +332,12 @@ class TcpDemux:
             heapq.heappush(self._timers, (deadline, key))
 
     def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
-        soft = self.icmp_errors.soft.get(key)  # RFC 1122 §4.2.3.9: reported if the connection fails
+        soft = conn.soft_error  # RFC 1122 §4.2.3.9: reported if the connection fails
         self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
                       **({"soft_error": soft} if soft else {}), **{name: getattr(conn, name) for name in CLOSE_STATS})
 
     def _forget(self, key: Flow) -> None:
         self._discard(key)
-        self.icmp_errors.forget(key)
         self._closed.append(key)
 
     def _discard(self, key: Flow) -> None:
