@@ -65,6 +65,7 @@ class StackConfig:
     egress_bind: str
     control_endpoint: str
     control_bind: str
+    reassembly_timeout: float | None  # seconds for both families; None: 30 s IPv4, 60 s IPv6 (RFC 8200 §4.5)
     keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
     client_key: str   # this worker's key pair (tcp:// endpoints)
 
@@ -142,6 +143,9 @@ def load() -> StackConfig:
                 raise SystemExit(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
         endpoints[stage] = (connect, bind)
     keys_dir = env_str("USTACK_KEYS_DIR", "keys")
+    reassembly_timeout = env_float("USTACK_REASSEMBLY_TIMEOUT", 0.0) or None
+    if reassembly_timeout is not None and not 0 < reassembly_timeout <= 120:
+        raise SystemExit(f"USTACK_REASSEMBLY_TIMEOUT {reassembly_timeout}: expected 0 < seconds <= 120")
     offload = env_bool("USTACK_OFFLOAD", sys.platform == "linux")
     if offload and sys.platform != "linux":
         raise SystemExit("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
@@ -162,6 +166,7 @@ def load() -> StackConfig:
         egress_bind=endpoints["egress"][1],
         control_endpoint=endpoints["control"][0],
         control_bind=endpoints["control"][1],
+        reassembly_timeout=reassembly_timeout,
         keys_dir=keys_dir,
         client_key=env_str("USTACK_CLIENT_KEY", os.path.join(keys_dir, "client.key_secret")),
     )

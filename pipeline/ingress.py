@@ -15,13 +15,22 @@ import zmq
 
 from pipeline import tun
 from pipeline.bus import endpoints, messages
+from pipeline.config import StackConfig
 from pipeline.flow import Flow
+from pipeline.fragments import Limits, Reassembler
 from pipeline.membership import Membership
 from pipeline.process import Process
 from pipeline.routing import PENDING_MAX_AGE, Router
 
 DRAIN_BATCH = messages.MAX_BATCH  # device reads per wake-up before looking at the bus again
 ORPHAN_MAX_AGE = 5.0  # seconds to wait for a tcp worker that can reset a dead worker's peers
+
+
+def reassembler(cfg: StackConfig) -> Reassembler:
+    """The fragment reassembler with the RFC timeouts, or the configured one for both families."""
+    if cfg.reassembly_timeout is None:
+        return Reassembler()
+    return Reassembler(Limits(timeout_ipv4=cfg.reassembly_timeout, timeout_ipv6=cfg.reassembly_timeout))
 
 
 class Ingress:
@@ -34,7 +43,7 @@ class Ingress:
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.members = Membership(messages.HEARTBEAT_TIMEOUT)
         self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started,
-                             address6=cfg.stack_addr6_bytes, quiet=self.quiet)
+                             address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg))
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
         self.refusals = endpoints.auth_monitor(self.bus)

@@ -7,7 +7,7 @@ from pipeline import config
 def env(monkeypatch):
     for name in ("USTACK_TUN", "USTACK_HOST_ADDR", "USTACK_ADDR", "USTACK_MTU", "USTACK_RUN_DIR", "USTACK_OFFLOAD",
                  "USTACK_INGRESS_ENDPOINT", "USTACK_INGRESS_BIND", "HONCHO_PROCESS_NAME", "USTACK_NAME_PREFIX",
-                 "USTACK_IPV6", "USTACK_HOST_ADDR6", "USTACK_ADDR6"):
+                 "USTACK_IPV6", "USTACK_HOST_ADDR6", "USTACK_ADDR6", "USTACK_REASSEMBLY_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -51,6 +51,7 @@ def test_name_prefix_and_bind_override(env):
     ("USTACK_ADDR6", "10.0.0.2", "bad IPv6 address"),
     ("USTACK_HOST_ADDR6", "fd00::1/200", "bad IPv6 address"),
     ("USTACK_IPV6", "perhaps", "expected 1 or 0"),
+    ("USTACK_REASSEMBLY_TIMEOUT", "-1", "expected 0 < seconds <= 120"),
     ("USTACK_MTU", "big", "expected an integer"),
     ("USTACK_TUN", "a-name-far-too-long", "1..15"),
     ("USTACK_OFFLOAD", "maybe", "expected 1 or 0"),
