@@ -408,3 +408,16 @@ def test_trusted_view_agrees_with_the_checked_parse(pads, tc, hlim, data):
     view = ip_view(raw)
     assert (view.src, view.dst, view.protocol, view.tos, view.ttl) == (PEER6_B, US6_B, ipv6.UDP, tc, hlim)
     assert bytes(view.payload) == raw[parsed.payload_offset:parsed.payload_end]
+
+
+def test_syn_cookie_over_ipv6_opens_the_connection():
+    demux = TcpDemux(sink(), US4_B, TcpConfig(mss=1460), secret=b"s" * 32, address6=US6_B, syn_queue_limit=1)
+    demux.handle_packet(_syn(sport=40000), T0)  # holds the SYN queue
+    [synack] = _segments(demux.handle_packet(_syn(sport=40001), T0))
+    assert demux.sink.counters["syn_cookies_sent"] == 1 and dict(synack[TCP].options)["MSS"] == 1440
+    ack = IPv6(src=PEER6, dst=US6) / TCP(sport=40001, dport=7, flags="A", seq=1001, ack=synack[TCP].seq + 1,
+                                         window=65535)
+    assert demux.handle_packet(bytes(ack), T0 + 0.1) == []
+    assert demux.sink.counters["syn_cookies_accepted"] == 1
+    conn = demux.connections[Flow(PEER6_B, 40001, 7)]
+    assert conn.state is State.ESTABLISHED and conn.config.mss == 1440
