@@ -81,19 +81,26 @@ class StackConfig:
 IPV6_MIN_MTU = 1280
 
 
+def _address_pair(interface, address, suffix: str, host_default: str, addr_default: str, bad: str):
+    """USTACK_HOST_ADDR<suffix> (the kernel's side) and USTACK_ADDR<suffix> (ours, inside its prefix)."""
+    try:
+        host = interface(env_str(f"USTACK_HOST_ADDR{suffix}", host_default))
+        addr = address(env_str(f"USTACK_ADDR{suffix}", addr_default))
+    except ValueError as exc:
+        raise SystemExit(f"{bad}: {exc}") from None
+    if addr not in host.network:
+        raise SystemExit(f"USTACK_ADDR{suffix} {addr} is not inside USTACK_HOST_ADDR{suffix} {host.network}")
+    if addr == host.ip:
+        raise SystemExit(f"USTACK_ADDR{suffix} must differ from the kernel side's USTACK_HOST_ADDR{suffix}")
+    return host, addr
+
+
 def _ipv6_addresses() -> tuple[ipaddress.IPv6Interface | None, ipaddress.IPv6Address | None]:
     """USTACK_HOST_ADDR6 and USTACK_ADDR6, checked like the IPv4 pair; (None, None) with USTACK_IPV6=0."""
     if not env_bool("USTACK_IPV6", True):
         return None, None
-    try:
-        host = ipaddress.IPv6Interface(env_str("USTACK_HOST_ADDR6", "fd00::1/64"))
-        addr = ipaddress.IPv6Address(env_str("USTACK_ADDR6", "fd00::2"))
-    except ValueError as exc:
-        raise SystemExit(f"bad IPv6 address configuration: {exc}") from None
-    if addr not in host.network:
-        raise SystemExit(f"USTACK_ADDR6 {addr} is not inside USTACK_HOST_ADDR6 {host.network}")
-    if addr == host.ip:
-        raise SystemExit("USTACK_ADDR6 must differ from the kernel side's USTACK_HOST_ADDR6")
+    host, addr = _address_pair(ipaddress.IPv6Interface, ipaddress.IPv6Address, "6", "fd00::1/64", "fd00::2",
+                               "bad IPv6 address configuration")
     if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
         raise SystemExit(f"USTACK_ADDR6 {addr}: not a unicast address")
     return host, addr
@@ -111,15 +118,8 @@ def default_run_dir(tun_name: str) -> str:
 
 def load() -> StackConfig:
     """Read and validate the environment; exit with a clear message on bad values."""
-    try:
-        host = ipaddress.IPv4Interface(env_str("USTACK_HOST_ADDR", "10.0.0.1/24"))
-        addr = ipaddress.IPv4Address(env_str("USTACK_ADDR", "10.0.0.2"))
-    except ValueError as exc:
-        raise SystemExit(f"bad address configuration: {exc}") from None
-    if addr not in host.network:
-        raise SystemExit(f"USTACK_ADDR {addr} is not inside USTACK_HOST_ADDR {host.network}")
-    if addr == host.ip:
-        raise SystemExit("USTACK_ADDR must differ from the kernel side's USTACK_HOST_ADDR")
+    host, addr = _address_pair(ipaddress.IPv4Interface, ipaddress.IPv4Address, "", "10.0.0.1/24", "10.0.0.2",
+                               "bad address configuration")
     host6, addr6 = _ipv6_addresses()
     tun_name = env_str("USTACK_TUN", "ustack0")
     if not 0 < len(tun_name) < 16:

@@ -374,7 +374,7 @@ def upper_layer_checksum_ok(src: bytes, dst: bytes, protocol: int, data: bytes |
     return verify(data, pseudo_header_sum6(src, dst, protocol, len(data)))
 
 
-class Ipv6Datagram:
+class Ipv6Datagram(Ipv6View):
     """A whole IPv6 packet ingress already accepted, read as a worker reads an ``Ipv4Packet``.
 
     ``trusted`` re-verifies nothing: it finds the upper-layer header after
@@ -383,10 +383,10 @@ class Ipv6Datagram:
     and hop limit so cores read both families through the same accessors.
     """
 
-    __slots__ = ("buf", "protocol", "header_len")
+    __slots__ = ("protocol", "header_len")
 
     def __init__(self, buf: memoryview, protocol: int, header_len: int) -> None:
-        self.buf = buf
+        super().__init__(buf)
         self.protocol = protocol
         self.header_len = header_len  # the IPv6 header and every extension header before the upper layer
 
@@ -399,21 +399,8 @@ class Ipv6Datagram:
         protocol, off = found if found is not None else (NO_NEXT_HEADER, end)
         return cls(buf, protocol, off)
 
-    @property
-    def src(self) -> bytes:
-        return bytes(self.buf[SRC_OFFSET:DST_OFFSET])
-
-    @property
-    def dst(self) -> bytes:
-        return bytes(self.buf[DST_OFFSET:HEADER_LEN])
-
-    @property
-    def tos(self) -> int:
-        return ((self.buf[0] & 0x0F) << 4) | (self.buf[1] >> 4)
-
-    @property
-    def ttl(self) -> int:
-        return self.buf[HOP_LIMIT_OFFSET]
+    tos = Ipv6View.traffic_class
+    ttl = Ipv6View.hop_limit
 
     @property
     def dont_fragment(self) -> bool:
@@ -421,4 +408,5 @@ class Ipv6Datagram:
 
     @property
     def payload(self) -> memoryview:
+        """The upper-layer bytes (after every extension header)."""
         return self.buf[self.header_len:]
