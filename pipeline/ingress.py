@@ -305,7 +305,8 @@ def main() -> None:
     ctx = zmq.Context()
     ingress = Ingress(proc, device, ctx)
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),
-                  address=str(cfg.stack_address), host6=str(cfg.host_interface6), address6=str(cfg.stack_address6),
+                  address=str(cfg.stack_address), host6=cfg.host_interface6 and str(cfg.host_interface6),
+                  address6=cfg.stack_address6 and str(cfg.stack_address6),
                   offload=hex(getattr(device, "offload_bits", 0)),
                   epoch=ingress.epoch)
     try:

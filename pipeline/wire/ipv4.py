@@ -140,6 +140,15 @@ class Ipv4Packet:
         return _U16.unpack_from(self.buf, _FLAGS_FRAG)[0] & (_FLAG_MF | _FRAG_OFFSET_MASK) != 0
 
     @property
+    def more_fragments(self) -> bool:
+        return self.buf[_FLAGS_FRAG] & (_FLAG_MF >> 8) != 0
+
+    @property
+    def fragment_offset(self) -> int:
+        """Where this fragment's data goes in the datagram, in bytes (RFC 791 §3.1: in 8-octet units)."""
+        return (_U16.unpack_from(self.buf, _FLAGS_FRAG)[0] & _FRAG_OFFSET_MASK) * 8
+
+    @property
     def ttl(self) -> int:
         return self.buf[_TTL]
 

@@ -91,6 +91,7 @@ def test_stackctl_status_lists_live_workers(stack):
         assert "connections" in p["stats"]
     text = stackctl(stack, "status")
     assert text.returncode == 0 and "tcp.4" in text.stdout
+    assert f"ustack {STACK_ADDR} and {STACK_ADDR6} on" in text.stdout and "reassembly:" in text.stdout
 
 
 @pytest.mark.parametrize("family", FAMILIES)
