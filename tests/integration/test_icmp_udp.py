@@ -3,6 +3,10 @@
 import socket
 
 import pytest
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+
+from tests.integration.conftest import FAMILIES
+from tests.integration.netns import Stack
 
 
 def _ping(ns, family, *args: str):
@@ -65,3 +69,19 @@ def test_udp_many_datagrams_in_flight(ns, stack, family):
             sock.send(d)
         got = {sock.recv(2048) for _ in sent}
     assert got == sent
+
+
+def test_ipv6_off_is_ipv4_only(fresh_ns):
+    """USTACK_IPV6=0: no IPv6 address on the kernel side, IPv6 packets a counted drop, IPv4 served."""
+    stack = Stack(fresh_ns, env={"USTACK_IPV6": "0"})
+    try:
+        stack.wait_ready()
+        assert b"fd00::1" not in fresh_ns.run("ip", "-6", "addr", "show", "dev", "ustack0").stdout
+        assert b" 0% packet loss" in _ping(fresh_ns, FAMILIES["ipv4"]).stdout
+        sock = fresh_ns.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+        with sock:  # written onto the device from the kernel's side, as the kernel would send it
+            sock.sendto(bytes(IPv6(src="fd00::1", dst="fd00::2") / ICMPv6EchoRequest()), ("ustack0", 0x86DD))
+    finally:
+        stack.stop()
+    [stopped] = [r for r in stack.records() if r["event"] == "ingress_stopped"]
+    assert stopped.get("drop_not_ipv4", 0) >= 1
