@@ -156,8 +156,8 @@ class Router:
         return self._route_flow(quote.flow_key, False, packet, now)
 
     def _route_transport(self, packet: bytes, protocol: int, src: bytes, payload: memoryview, now: float) -> Route:
-        role = _ROLE_BY_PROTO.get(protocol, "icmp")
-        if role != "tcp":
+        if protocol != PROTO_TCP:
+            role = _ROLE_BY_PROTO.get(protocol, "icmp")
             return self.members.pick(role, b""), role, packet
         try:
             tcp = TcpPacket.checked(payload)
