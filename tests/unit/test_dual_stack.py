@@ -18,8 +18,10 @@ from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRe
 from pipeline.flow import Flow
 from pipeline.fragments import Reassembler, fragment_ipv4
 from pipeline.membership import Membership
+from pipeline.pcap import FlowFilter
 from pipeline.routing import Router
 from pipeline.wire import icmp, icmpv6, ipv6
+from pipeline.wire.addr import split_endpoint
 from workers.core import Sink, fit_mtu, ip_view
 from workers.icmp.core import IcmpCore
 from workers.tcp.config import TcpConfig
@@ -421,3 +423,34 @@ def test_syn_cookie_over_ipv6_opens_the_connection():
     assert demux.sink.counters["syn_cookies_accepted"] == 1
     conn = demux.connections[Flow(PEER6_B, 40001, 7)]
     assert conn.state is State.ESTABLISHED and conn.config.mss == 1440
+
+
+# -- operator tools over IPv6 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("[fd00::1]:40000", True), ("[fd00:0::2]:8000", True), ("fd00::1", True), (":8000", True),
+    ("[fd00::1]:8001", False), ("fd00::9", False), ("10.0.0.1", False),
+])
+def test_flow_filter_on_ipv6_packets_past_extension_headers(spec, match):
+    packet = bytes(IPv6(src=PEER6, dst=US6) / IPv6ExtHdrDestOpt() / TCP(sport=40000, dport=8000))
+    assert FlowFilter(spec).matches_packet(packet) is match
+
+
+def test_flow_filter_rejects_bad_ipv6_specs():
+    for bad in ("[fd00::1", "[fd00::1]8000", "[zz::1]:80", "fd00::1::2"):
+        with pytest.raises(ValueError):
+            FlowFilter(bad)
+
+
+def test_split_endpoint_both_families():
+    assert split_endpoint("[fd00::1]:80") == ("fd00::1", "80")
+    assert split_endpoint("fd00::1") == ("fd00::1", "")
+    assert split_endpoint("10.0.0.1:80") == ("10.0.0.1", "80")
+    assert split_endpoint(":80") == ("", "80")
+
+
+def test_stackctl_conns_record_of_an_ipv6_connection(demux):
+    _open(demux, v6=True)
+    [record] = demux.connection_table(T0 + 1)
+    assert record["local"] == "[fd00::2]:7" and record["remote"] == "[fd00::1]:40000" and record["mss"] == 1440

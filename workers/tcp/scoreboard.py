@@ -197,39 +197,6 @@ class SackScoreboard:
             total -= ends[k - 1] - p
         return total
 
-    def lost_edge(self, smss: int, dupthresh: int = 3) -> SeqNum | None:
-        """Every un-SACKed byte below the returned sequence number is IsLost(); None if none is."""
-        # RFC 6675 §4 IsLost(SeqNum) is monotone: an un-SACKed byte in the hole
-        # below SACKed range k sees all of ranges k.. above it.  So the edge is
-        # the start of the highest range that has DupThresh ranges, or more than
-        # (DupThresh - 1) * SMSS SACKed bytes, at or above it.
-        starts, ends = self._starts, self._ends
-        n = len(starts)
-        if not n:
-            return None
-        edge = starts[n - dupthresh] if n >= dupthresh else None
-        limit = (dupthresh - 1) * smss
-        total = 0
-        for k in range(n - 1, -1, -1):
-            total += ends[k] - starts[k]
-            if total > limit:
-                if edge is None or starts[k] > edge:
-                    edge = starts[k]
-                break
-            if edge is not None and starts[k] <= edge:
-                break
-        return None if edge is None else self._seq(edge)
-
-    def is_lost(self, seq: SeqNum, smss: int, dupthresh: int = 3) -> bool:
-        """RFC 6675 §4 IsLost(seq): enough SACKed data above seq to deem it lost."""
-        # RFC 6675 §4 IsLost: DupThresh discontiguous SACKed sequences above
-        # seq, or more than (DupThresh - 1) * SMSS bytes SACKed above it.
-        if not self._starts or self.is_sacked(seq):
-            return False
-        p = self._abs(seq)
-        above = len(self._starts) - bisect_right(self._starts, p)
-        return above >= dupthresh or self.sacked_above(seq) > (dupthresh - 1) * smss
-
     def __repr__(self) -> str:
         spans = ", ".join(f"[{int(a)},{int(b)})" for a, b in self.ranges())
         return f"SackScoreboard(sacked={self._sacked}, ranges=[{spans}])"
