@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,6 +233,42 @@ def _netns_name() -> None:
         raise ConfigError(f"USTACK_NETNS={name!r}: expected a network namespace name")
 
 
+_SERVICE_ENTRY = re.compile(r"(tcp|udp)/(\d{1,5})=([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
+
+
+def parse_services(value: str) -> list[tuple[str, int, str, str]]:
+    """A USTACK_SERVICES value as (protocol, port, module, name) entries; ConfigError if malformed.
+
+    Only the syntax: the TCP and UDP workers load the modules (workers/registry.py)."""
+    entries: list[tuple[str, int, str, str]] = []
+    seen: set[tuple[str, int]] = set()
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        m = _SERVICE_ENTRY.fullmatch(item)
+        if m is None:
+            raise ConfigError(f"USTACK_SERVICES entry {item!r}: expected tcp/PORT=module:Name or udp/PORT=module:Name")
+        proto, port, module, name = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"USTACK_SERVICES entry {item!r}: port {port} is not 1..65535")
+        if (proto, port) in seen:
+            raise ConfigError(f"USTACK_SERVICES names {proto}/{port} twice")
+        seen.add((proto, port))
+        entries.append((proto, port, module, name))
+    return entries
+
+
+def _services() -> None:
+    parse_services(env_str("USTACK_SERVICES", ""))
+
+
+def _http_root() -> None:
+    root = env_str("USTACK_HTTP_ROOT", "")
+    if root and not os.path.isdir(root):
+        raise ConfigError(f"USTACK_HTTP_ROOT={root!r}: expected a directory")
+
+
 # Every variable of the README's configuration table that load() does not cover. The
 # tcp worker reads the TCP_* values itself; they are checked here so that every
 # process (and scripts/run) rejects a typo before anything starts.
@@ -251,6 +288,9 @@ CHECKS: tuple[Callable[[], None], ...] = (
     _number("TCP_SYN_QUEUE", 256, 1, 1 << 20, integer=True),
     _recv_buffer,
     _number("TCP_SEND_BUFFER", 1 << 20, 1, 1 << 30, integer=True),
+    _services,
+    _http_root,
+    _number("USTACK_HTTP_TIMEOUT", 10.0, 0.001, 86400.0),
 )
 
 

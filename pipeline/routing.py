@@ -62,6 +62,21 @@ Route = tuple[str | None, str, bytes]
 _DROPPED: Route = (None, "", b"")
 
 
+# Services whose connections must share a worker with the client's other connections to them:
+# an iperf3 test is a control connection plus data streams, matched by cookie in one worker.
+STEERED_PORTS = frozenset({5201})
+_STEERED = frozenset(port.to_bytes(2, "big") for port in STEERED_PORTS)
+
+
+def affinity_key(key: bytes) -> bytes:
+    """What a new flow's worker is chosen by: its Flow.key, or for STEERED_PORTS only (remote
+    address, local port), so that every connection of one client to such a port lands on the
+    same worker (rendezvous hashing keeps that true while the workers stay the same)."""
+    if key[-2:] in _STEERED:
+        return key[:-4] + key[-2:]
+    return key
+
+
 class Router:
     def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float,
                  address6: bytes | None = None, quiet: Callable[..., None] | None = None,
@@ -173,7 +188,7 @@ class Router:
             return owner, "tcp", packet
         if now < self.settle_until and not starts_connection:
             return None, "tcp", packet  # an existing flow whose owner has not re-announced yet
-        return self.members.pick("tcp", key), "tcp", packet
+        return self.members.pick("tcp", affinity_key(key)), "tcp", packet
 
     def hold(self, role: str, born: float, item: tuple[bytes, Offload | None]) -> None:
         """Keep a packet until its role has a worker (bounded: the oldest goes first)."""

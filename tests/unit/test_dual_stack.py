@@ -135,7 +135,7 @@ def test_bare_first_fragment_gets_reassembly_time_exceeded(icmp_core, v6):
 
 @pytest.fixture
 def udp_core():
-    return UdpCore(sink(), US4_B, US6_B, mtu=1500)
+    return UdpCore(sink(), US4_B, address6=US6_B, mtu=1500)
 
 
 def test_udp_echo_over_ipv6(udp_core):

@@ -89,3 +89,12 @@ def test_tcp_header_is_checked_once_here():
     bad_offset[20 + 12] = 15 << 4  # Data Offset 60 bytes, the segment has 20
     assert r.route(short, 200.0)[:2] == (None, "") and r.route(bytes(bad_offset), 200.0)[:2] == (None, "")
     assert drops == {"truncated": 1, "bad_data_offset": 1}
+
+
+def test_iperf3_connections_of_one_client_share_a_worker():
+    r, _ = make(now=0.0, workers=("tcp.1", "tcp.2", "tcp.3", "tcp.4"))
+    later = SETTLE_TIME + 1
+    # All of one client's connections to 5201 (control and data streams) go to one worker ...
+    assert len({r.route(tcp_packet(p, dport=5201, flags=0x02), later)[0] for p in range(40000, 40050)}) == 1
+    # ... while other ports still spread by the whole 4-tuple.
+    assert len({r.route(tcp_packet(p, dport=8000, flags=0x02), later)[0] for p in range(40000, 40050)}) == 4

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections.abc import Mapping
 
 from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
@@ -35,9 +36,10 @@ from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
 from workers.core import IPV6_ADDRESS_LEN, Addresses, Outgoing, Sink, ip_reply, ip_view, reply_header_len
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
-from workers.tcp.apps import SERVICES, Service
+from workers.tcp.apps import SERVICES
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
+from workers.tcp.hosting import ServiceFactory, ServiceHost
 from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
@@ -63,7 +65,7 @@ ECN_CE = 0b11
 
 class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
-                 services: dict[int, type[Service]] | None = None, offload: bool = False,
+                 services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
                  syn_queue_limit: int = SYN_QUEUE_LIMIT, address6: bytes | None = None) -> None:
         self.sink = sink
         self.log = sink.log
@@ -74,9 +76,9 @@ class TcpDemux:
         self.addresses = Addresses(address, address6)
         self.secret = secret
         self.cookies = SynCookies(secret)
-        self.services = SERVICES if services is None else services
+        # The services on their ports (the worker passes the registry's table), fenced by the host.
+        self.host = ServiceHost(SERVICES if services is None else services, self.log, sink.counters)
         self.connections: dict[Flow, Connection] = {}
-        self.apps: dict[Flow, Service] = {}
         self.born: dict[Flow, float] = {}  # when each connection was created (stackctl conns)
         self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
@@ -127,10 +129,11 @@ class TcpDemux:
             before = conn.state
             conn.receive(seg, now, ip.tos & ECN_MASK == ECN_CE)
             self._after(key, conn, before, now, out)
-        elif seg.dst_port in self.services:
+        elif self.host.listens(seg.dst_port):
             self._listen(key, seg, now, out)
         else:
             self._reset(key, seg, now, out, "closed_port")
+        self._flush_woken(now, out)
         return out
 
     def handle_timer(self, now: float) -> list[Outgoing]:
@@ -146,7 +149,9 @@ class TcpDemux:
                 continue
             before = conn.state
             conn.handle_timer(now)
+            self.host.fire(key, now)
             self._after(key, conn, before, now, out)
+        self._flush_woken(now, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -307,19 +312,9 @@ class TcpDemux:
         """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
         log = self.log
         while (ev := conn.next_event()) is not None:
-            app = self.apps.get(key)
             if isinstance(ev, events.Connected):
                 log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport)
-                app = self.services[key.lport](conn)
-                self.apps[key] = app
-            elif app is None:
-                pass
-            elif isinstance(ev, events.DataReceived):
-                app.on_readable()
-            elif isinstance(ev, events.SendSpace):
-                app.on_writable()
-            elif isinstance(ev, events.PeerClosed):
-                app.on_eof()
+            self.host.deliver(key, conn, ev, now)
             if isinstance(ev, events.Closed):
                 self._log_closed(key, conn, ev.reason)
         if self.sink.debug and conn.state is not before:
@@ -334,6 +329,9 @@ class TcpDemux:
         if conn.state is not State.SYN_RECEIVED:
             self._leave_syn_queue(key)
         deadline = conn.get_timer()
+        app_deadline = self.host.timer(key)
+        if app_deadline is not None and (deadline is None or app_deadline < deadline):
+            deadline = app_deadline
         if deadline is None:
             self._deadline.pop(key, None)
         elif self._deadline.get(key) != deadline:
@@ -352,9 +350,17 @@ class TcpDemux:
     def _discard(self, key: Flow) -> None:
         self.connections.pop(key)
         self._leave_syn_queue(key)
-        self.apps.pop(key, None)
+        self.host.forget(key)
         self.born.pop(key, None)
         self._deadline.pop(key, None)
+
+    def _flush_woken(self, now: float, out: list[Outgoing]) -> None:
+        """Collect the output of connections a service touched from another connection's callback."""
+        while woken := self.host.woken():
+            for key in woken:
+                conn = self.connections.get(key)
+                if conn is not None:
+                    self._after(key, conn, conn.state, now, out)
 
     def _leave_syn_queue(self, key: Flow) -> None:
         queue = self.syn_queue.get(key.lport)

@@ -7,6 +7,9 @@ are counted (``icmp_errors_in``).
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable, Mapping
+
 from pipeline.offload import Offload, checksum_vouched
 from pipeline.wire import Malformed, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
@@ -24,10 +27,12 @@ DEFAULT_MTU = 1500
 
 
 class UdpCore(StatelessCore):
-    def __init__(self, sink: Sink, address: bytes, address6: bytes | None = None, mtu: int = DEFAULT_MTU,
-                 ident_seed: int = 0) -> None:
+    def __init__(self, sink: Sink, address: bytes,
+                 services: Mapping[int, Callable[[bytes], bytes | None]] | None = None,
+                 address6: bytes | None = None, mtu: int = DEFAULT_MTU, ident_seed: int = 0) -> None:
         self.sink = sink
         self.address = address
+        self.services = SERVICES if services is None else services  # the worker passes the registry's
         self.addresses = Addresses(address, address6)
         self.mtu = mtu
         self._ident = ident_seed  # Identification of fragmented replies
@@ -49,7 +54,7 @@ class UdpCore(StatelessCore):
             sink.log.debug("udp_in", src=fmt_addr(src), sport=dgram.src_port, dport=dgram.dst_port,
                            len=len(dgram.payload), **sink.payload(dgram.payload))
         local = self.addresses.local(src)
-        service = SERVICES.get(dgram.dst_port)
+        service = self.services.get(dgram.dst_port)
         if service is None:
             sink.counters["port_unreachable"] += 1
             if not self.icmp_errors.allow(now):
@@ -63,8 +68,19 @@ class UdpCore(StatelessCore):
                 return []
             error = icmpv6.dest_unreachable(icmpv6.PORT_UNREACHABLE, data).to_bytes(local, src)
             return [(ip_reply(local, src, ipv6.ICMPV6, error), None)]
+        try:
+            response = service(bytes(dgram.payload))
+        except Exception as exc:  # a service's bug costs that datagram its answer, not the worker
+            sink.counters["service_errors"] += 1
+            sink.log.error("service_error", src=fmt_addr(src), sport=dgram.src_port, dport=dgram.dst_port,
+                           error=f"{type(exc).__name__}: {exc}")
+            sink.log.debug("service_traceback", traceback=traceback.format_exc())
+            return []
+        if response is None:
+            sink.counters["datagrams_unanswered"] += 1
+            return []
         sink.counters["datagrams_answered"] += 1
-        answer = UdpDatagram(dgram.dst_port, dgram.src_port, service(bytes(dgram.payload)))
+        answer = UdpDatagram(dgram.dst_port, dgram.src_port, bytes(response))
         self._ident = (self._ident + 1) & 0xFFFFFFFF
         # RFC 791 §3.2: a reply larger than the link is fragmented, unless the request asked for DF.
         packet = ip_reply(local, src, PROTO_UDP, answer.emit(local, src), dont_fragment=ip.dont_fragment,
