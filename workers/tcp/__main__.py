@@ -54,4 +54,4 @@ if __name__ == "__main__":
     services = registry.services_or_exit("tcp")
     shell.run(proc, TcpDemux(shell.sink(proc), cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
                              secret=os.urandom(32), services=services, offload=cfg.offload,
-                             syn_queue_limit=syn_queue))
+                             syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes))
