@@ -342,24 +342,32 @@ def exit_status(exc: TunError) -> int:
     return EX_NOPERM if exc.no_privilege else 1
 
 
-def configure_kernel_side(name: str, host_interface: str, mtu: int, netns: str = "",
-                          default_route: bool = False) -> None:
-    """Give the kernel's side of the link its address and bring it up (idempotent).
+def configure_kernel_side(name: str, host_interface: str, mtu: int, host_interface6: str | None = None,
+                          netns: str = "", default_route: bool = False) -> None:
+    """Give the kernel's side of the link its addresses and bring it up (idempotent).
 
     Attached (``netns``), configure it inside that namespace and, with
-    ``default_route``, send the namespace's default traffic (IPv4 and, when
-    the namespace has IPv6, IPv6) through the device.
+    ``default_route``, send the namespace's default traffic (IPv4, and IPv6
+    when it has an IPv6 address) through the device.
     """
     if sys.platform == "linux":
         cmds = [["ip", "link", "set", "dev", name, "mtu", str(mtu), "up"],
                 ["ip", "addr", "replace", host_interface, "dev", name]]
+        if host_interface6 is not None:
+            # nodad: the link has one other node (us), and DAD would hold the address
+            # "tentative" (unusable) for a second after every start.
+            cmds.append(["ip", "-6", "addr", "replace", host_interface6, "dev", name, "nodad"])
         if netns and default_route:
             cmds.append(["ip", "route", "replace", "default", "dev", name])
+            if host_interface6 is not None:
+                cmds.append(["ip", "-6", "route", "replace", "default", "dev", name])
         if netns:
             cmds = [["nsenter", f"--net={netns}", *cmd] for cmd in cmds]
     else:
         ip, _, prefix = host_interface.partition("/")
         cmds = [["ifconfig", name, "inet", host_interface, ip, "mtu", str(mtu), "up"]]
+        if host_interface6 is not None:
+            cmds.append(["ifconfig", name, "inet6", host_interface6])
     for cmd in cmds:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

@@ -60,4 +60,4 @@ if __name__ == "__main__":
         if cfg.forward or published("tcp") else None
     shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
                              secret=os.urandom(32), services=services, offload=cfg.offload,
-                             syn_queue_limit=syn_queue, relay_=relay))
+                             syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay))

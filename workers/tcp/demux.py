@@ -11,6 +11,11 @@ and the next deadline out. It owns
 - the reuse of a connection in TIME-WAIT by a new SYN (RFC 6191);
 - one timer heap over every connection's next deadline (stale entries are
   skipped lazily, so re-arming a timer costs O(log n) and nothing else);
+- the ICMP errors ingress routes here because they quote one of our
+  segments (``icmp_errors.py`` says what each one does).
+
+Both families: a flow's remote address is 4 or 16 bytes, our address and
+the MSS we offer (MTU - 40, or MTU - 60 over IPv6) follow from it.
 - in attach mode, connections to other addresses (``Flow.local`` set):
   their SYN is held by ``workers.tcp.relay`` until the shell's upstream
   connect settles, then accepted (or reset, or answered with ICMP), and
@@ -19,6 +24,7 @@ and the next deadline out. It owns
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 from collections.abc import Mapping
@@ -27,19 +33,21 @@ from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
-from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, Ipv4Packet
+from pipeline.wire import ipv6
+from pipeline.wire.icmp import HOST_UNREACHABLE, NET_UNREACHABLE, dest_unreachable
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
-from pipeline.wire.icmp import HOST_UNREACHABLE, NET_UNREACHABLE, dest_unreachable
 from workers import relay
-from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
+from workers.core import IPV6_ADDRESS_LEN, Addresses, Outgoing, Sink, ip_reply, ip_view, reply_header_len
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
 from workers.tcp.apps import SERVICES
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
 from workers.tcp.hosting import ServiceFactory, ServiceHost
+from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.options import Negotiated
@@ -53,6 +61,7 @@ _SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
 EPHEMERAL_FIRST, EPHEMERAL_COUNT = 32768, 28232  # Linux's default ip_local_port_range, 32768-60999
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
+IPV6_EXTRA_HEADER = 20  # RFC 8200 §3: 40 bytes of IP header against IPv4's 20, so MSS = MTU - 60
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
                "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
@@ -66,11 +75,15 @@ ECN_CE = 0b11
 class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
                  services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
-                 syn_queue_limit: int = SYN_QUEUE_LIMIT, relay_: TcpRelay | None = None) -> None:
+                 syn_queue_limit: int = SYN_QUEUE_LIMIT, address6: bytes | None = None,
+                 relay_: TcpRelay | None = None) -> None:
         self.sink = sink
         self.log = sink.log
         self.config = config
+        # Over IPv6 every segment carries 20 more bytes of IP header: a smaller MSS (RFC 9293 §3.7.1).
+        self.config6 = dataclasses.replace(config, mss=config.mss - IPV6_EXTRA_HEADER)
         self.address = address
+        self.addresses = Addresses(address, address6)
         self.secret = secret
         self.cookies = SynCookies(secret)
         # The services on their ports (the worker passes the registry's table), fenced by the host.
@@ -87,6 +100,7 @@ class TcpDemux:
         # With device offloads, the kernel finishes our checksums and cuts large
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
+        self.icmp_errors = IcmpErrors(sink)
         self.relay = relay_  # attach mode: flows to other addresses are relayed (None: reset)
         self.relays: dict[Flow, RelayService] = {}  # relayed connections' bridges (not hosted services)
         self._port_counter = 0  # RFC 6056 §3.3.4: ephemeral ports for published (inbound) flows
@@ -95,8 +109,14 @@ class TcpDemux:
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
-        # Ingress checked the IPv4 header and the TCP lengths; the checksum and options are ours.
-        ip = Ipv4Packet.trusted(data)
+        # Ingress checked the IP header and the TCP lengths; the checksum and options are ours.
+        ip = ip_view(data)
+        if ip.protocol in (PROTO_ICMP, ipv6.ICMPV6):
+            out: list[Outgoing] = []
+            reached = self.icmp_errors.handle(ip, self.connections, now)
+            if reached is not None:
+                self._after(*reached, now, out)
+            return out
         tcp = TcpPacket.trusted(ip.payload)
         src = ip.src
         try:
@@ -112,9 +132,9 @@ class TcpDemux:
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
                            **sink.payload(seg.payload))
         dst = ip.dst
-        key = Flow(src, seg.src_port, seg.dst_port, b"" if dst == self.address else bytes(dst))
+        key = Flow(src, seg.src_port, seg.dst_port, b"" if dst == self.addresses.local(src) else bytes(dst))
         conn = self.connections.get(key)
-        out: list[Outgoing] = []
+        out = []
         if conn is not None:
             if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
                     and time_wait_reusable(conn, seg, self.config.timestamps):
@@ -275,7 +295,8 @@ class TcpDemux:
 
     def connection_table(self, now: float) -> list[dict]:
         """Every connection as a record for stackctl conns (workers.tcp.introspect)."""
-        return [connection_record(conn, key.local or self.address, key, self.born.get(key, now), now)
+        return [connection_record(conn, key.local or self.addresses.local(key.remote), key,
+                                  self.born.get(key, now), now)
                 for key, conn in self.connections.items()]
 
     def flows(self) -> list[Flow]:
@@ -324,7 +345,7 @@ class TcpDemux:
         if seg.rst:
             self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
             return
-        remote, local = (key.remote, key.rport), (self.address, key.lport)  # a listener: our own address
+        remote, local = (key.remote, key.rport), (self.addresses.local(key.remote), key.lport)  # a listener
         if seg.ack_flag:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
@@ -351,7 +372,7 @@ class TcpDemux:
     def _accept(self, key: Flow, syn: TcpSegment, iss: SeqNum, now: float, out: list[Outgoing],
                 announce: bool = True) -> None:
         """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
-        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
+        conn = Connection.accept(key.lport, key.rport, syn, iss, self._config(key.remote), now)
         self.connections[key] = conn
         self.born[key] = now
         if announce:
@@ -380,10 +401,10 @@ class TcpDemux:
         only the MSS survives, so nothing else is offered.
         """
         self.sink.counters["syn_cookies_sent"] += 1
-        cfg = self.config
+        cfg = self._config(key.remote)
         opts = syn.options
         peer_mss = opts.mss or 536  # RFC 9293 §3.7.1: default send MSS
-        cookie = self.cookies.make((self.address, key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
+        cookie = self.cookies.make((self.addresses.local(key.remote), key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
         window_scale = sack = timestamp = None
         if cfg.timestamps and opts.timestamp is not None:
             # RFC 7323 §2.2 / RFC 2018 §2: offer only what the SYN offered; §2.3: a shift over 14 is 14.
@@ -399,9 +420,10 @@ class TcpDemux:
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
         """The connection a valid cookie ACK opens, with the options the cookie kept (no ECN:
         the cookie SYN-ACK never offers it)."""
-        negotiated = Negotiated.offered(self.config, options.mss, options.window_scale, options.sack_permitted,
+        config = self._config(key.remote)
+        negotiated = Negotiated.offered(config, options.mss, options.window_scale, options.sack_permitted,
                                         options.timestamps)
-        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, self.config, now)
+        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, config, now)
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
@@ -447,7 +469,7 @@ class TcpDemux:
         if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
-        mss = min(conn.peer_mss, self.config.mss)
+        mss = conn.max_segment
         for seg in conn.segments_to_send(now):
             out.append(self._ip(key, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
@@ -469,8 +491,9 @@ class TcpDemux:
         relayed = self.relay is not None and (key.local or key in self.relay.published)
         if relayed and not self.sink.debug:
             return  # its relay_flow record says it (one line fewer per flow through honcho)
+        soft = conn.soft_error  # RFC 1122 §4.2.3.9: reported if the connection fails
         self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
-                      **{name: getattr(conn, name) for name in CLOSE_STATS})
+                      **({"soft_error": soft} if soft else {}), **{name: getattr(conn, name) for name in CLOSE_STATS})
 
     def _forget(self, key: Flow) -> None:
         self._discard(key)
@@ -497,17 +520,20 @@ class TcpDemux:
         if queue:
             queue.discard(key)
 
+    def _config(self, remote: bytes) -> TcpConfig:
+        return self.config6 if len(remote) == IPV6_ADDRESS_LEN else self.config
+
     def _ip(self, key: Flow, seg: TcpSegment, mss: int | None = None, tos: int = 0) -> Outgoing:
         """The segment in an IP packet from our side of ``key`` (a relayed flow's destination) to its peer."""
         remote = key.remote
-        local = key.local or self.address
+        local = key.local or self.addresses.local(remote)
         if not self.offload:
             return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote), tos), None
         tcp_header_len = seg.header_len
-        segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
+        segment_size = (mss or self._config(remote).mss) - (tcp_header_len - TCP_HEADER_LEN)
         return (ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote, checksum=False), tos),
-                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size,
-                            bool(seg.flags & Flags.CWR)))
+                tcp_offload(reply_header_len(remote), tcp_header_len, len(seg.payload), segment_size,
+                            bool(seg.flags & Flags.CWR), ipv6=len(remote) == IPV6_ADDRESS_LEN))
 
 
 def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:
