@@ -18,8 +18,10 @@ from typing import Any, Hashable, Protocol
 
 from pipeline.flow import Flow
 from pipeline.forwarding import ForwardPolicy
+from pipeline.wire import icmp, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
-from workers.core import Outgoing, Sink, StatelessCore
+from pipeline.wire.ipv4 import PROTO_ICMP
+from workers.core import Outgoing, Sink, StatelessCore, ip_reply
 
 # Upstream protocols.
 TCP = "tcp"
@@ -216,3 +218,19 @@ class DatagramRelayCore(StatelessCore):
         if self.relay is not None:
             self.relay.close(now)
         return []
+
+
+# Destination unreachable codes per family (RFC 792 / RFC 1812 §5.2.7.1; RFC 4443 §3.1).
+_UNREACHABLE_CODES = {"net": (icmp.NET_UNREACHABLE, icmpv6.NO_ROUTE),
+                      "host": (icmp.HOST_UNREACHABLE, icmpv6.ADDRESS_UNREACHABLE),
+                      "port": (icmp.PORT_UNREACHABLE, icmpv6.PORT_UNREACHABLE),
+                      "admin": (icmp.ADMIN_PROHIBITED, icmpv6.ADMIN_PROHIBITED)}
+
+
+def unreachable(local: bytes, remote: bytes, kind: str, quote: bytes) -> Outgoing:
+    """Destination unreachable (``kind``: net, host, port, admin) from ``local`` to ``remote``,
+    quoting the packet that caused it, in the family of the addresses."""
+    code4, code6 = _UNREACHABLE_CODES[kind]
+    if len(remote) == 16:
+        return ip_reply(local, remote, ipv6.ICMPV6, icmpv6.dest_unreachable(code6, quote).to_bytes(local, remote)), None
+    return ip_reply(local, remote, PROTO_ICMP, icmp.dest_unreachable(code4, quote).emit()), None

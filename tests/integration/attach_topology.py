@@ -34,7 +34,7 @@ table inet ustack_guard {
     oifname "lo" accept
     oifname "ve-host" ip daddr 192.0.2.0/24 accept
     oifname "ve-host" ip6 daddr 2001:db8::/64 accept
-    oifname "ve-host" ip6 daddr ff02::/16 accept
+    oifname "ve-host" ip6 daddr { ff02::/16, fe80::/10 } accept
     counter name escaped drop
   }
 }
@@ -153,8 +153,8 @@ def reset_after_hello(conn: socket.socket) -> str:
 class UdpServer:
     """A UDP server in a test namespace answering each datagram with ``answer(data)``."""
 
-    def __init__(self, ns: Namespace, address: str, port: int, answer) -> None:
-        self.sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, ns: Namespace, address: str, port: int, answer, family=socket.AF_INET) -> None:
+        self.sock = ns.socket(family, socket.SOCK_DGRAM)
         self.sock.bind((address, port))
         self.answer = answer
         self.received = 0

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.integration.attach_topology import (
-    ABSENT, METADATA, SERVER, Server, Topology, attached_stack, echo, pusher, read_until_eof_or_reset,
+    ABSENT, METADATA, SERVER, SERVER6, Server, Topology, attached_stack, echo, pusher, read_until_eof_or_reset,
     reset_after_hello)
 from tests.integration.netns import process_pid
 
@@ -39,6 +39,7 @@ def stack(topo):
 def servers(topo, stack):
     made = {
         "echo": Server(topo.server, SERVER, 7, echo),
+        "echo6": Server(topo.server, SERVER6, 7, echo, family=socket.AF_INET6),
         "push": Server(topo.server, SERVER, 19, pusher(payload())),
         "sink": Server(topo.server, SERVER, 9, read_until_eof_or_reset),
         "reset": Server(topo.server, SERVER, 13, reset_after_hello),
@@ -51,7 +52,7 @@ def servers(topo, stack):
 
 
 def connect(topo, address: str, port: int, timeout: float = STALL) -> socket.socket:
-    sock = topo.client.socket()
+    sock = topo.client.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     sock.settimeout(timeout)
     sock.connect((address, port))
     return sock
@@ -99,9 +100,10 @@ def echo_through(sock: socket.socket, data: bytes, timeout: float = 120) -> byte
     return received[0] if received else b""
 
 
-def test_20_mb_echo_both_ways(topo, servers):
+@pytest.mark.parametrize("server", [SERVER, SERVER6])
+def test_20_mb_echo_both_ways(topo, servers, server):
     data = payload()
-    got = echo_through(connect(topo, SERVER, 7), data)
+    got = echo_through(connect(topo, server, 7), data)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
 
@@ -111,7 +113,7 @@ def test_20_mb_echo_with_5_percent_loss_on_the_namespace_side(topo, servers):
   chain lossy { type filter hook input priority 0; iifname "ustack0" numgen random mod 100 < 5 drop; }
 }""")
     try:
-        test_20_mb_echo_both_ways(topo, servers)
+        test_20_mb_echo_both_ways(topo, servers, SERVER)
     finally:
         topo.client.run("nft", "delete", "table", "inet", "ustack_loss")
 
@@ -170,16 +172,18 @@ def test_back_pressure_bounds_memory_while_the_client_does_not_read(topo, stack,
     assert held and held[-1]["bytes_down"] == SIZE
 
 
-def test_refused_upstream_is_a_reset(topo, stack):
+@pytest.mark.parametrize("server", [SERVER, SERVER6])
+def test_refused_upstream_is_a_reset(topo, stack, server):
     start = time.monotonic()
     with pytest.raises(ConnectionRefusedError):
-        connect(topo, SERVER, 4)
+        connect(topo, server, 4)
     assert time.monotonic() - start < 2
 
 
-def test_unreachable_upstream_is_icmp_host_unreachable(topo, stack):
+@pytest.mark.parametrize("absent", [ABSENT, "2001:db8::99"])
+def test_unreachable_upstream_is_icmp_host_unreachable(topo, stack, absent):
     with pytest.raises(OSError) as err:
-        connect(topo, ABSENT, 80, timeout=30)
+        connect(topo, absent, 80, timeout=30)
     assert err.value.errno == 113  # EHOSTUNREACH: the ICMP error, not a time-out
 
 

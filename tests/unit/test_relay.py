@@ -213,7 +213,7 @@ def test_udp_denied_is_administratively_prohibited():
                         UdpDatagram(5000, 53, b"q").emit(CLIENT, METADATA))
     [(err, _)] = r.datagram(key, b"q", packet, T0)
     header, payload = parse_ipv4(err)
-    assert header.src == US and (parse_icmp(payload).type, parse_icmp(payload).code) == (3, 13)
+    assert header.src == METADATA and (parse_icmp(payload).type, parse_icmp(payload).code) == (3, 13)
     assert r.take_commands() == []
 
 

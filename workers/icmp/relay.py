@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pipeline.flow import Flow
 from pipeline.forwarding import ForwardPolicy
 from pipeline.wire import Malformed
-from pipeline.wire.icmp import ADMIN_PROHIBITED, ECHO_REPLY, IcmpMessage, IcmpPacket, dest_unreachable
+from pipeline.wire.icmp import ECHO_REPLY, IcmpMessage, IcmpPacket
 from pipeline.wire.ipv4 import PROTO_ICMP
 from workers import relay
 from workers.core import Outgoing, Sink, ip_reply
@@ -52,8 +52,7 @@ class EchoRelay(relay.DatagramFlows):
             return []
         flow.last = now
         if flow.denied:
-            icmp = dest_unreachable(ADMIN_PROHIBITED, packet).emit()
-            return [(ip_reply(self.address, src, PROTO_ICMP, icmp), None)]
+            return [relay.unreachable(dst, src, "admin", packet)]
         flow.requests += 1
         self.commands.append(relay.Send(key, msg.emit()))  # the kernel sets its own identifier and checksum
         return []

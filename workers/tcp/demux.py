@@ -34,7 +34,6 @@ from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire import ipv6
-from pipeline.wire.icmp import HOST_UNREACHABLE, NET_UNREACHABLE, dest_unreachable
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
@@ -274,12 +273,11 @@ class TcpDemux:
         counters["relay_connect_" + kind] += 1
         if kind == relay.REFUSED:
             self._reset(key, syn, now, out, "relay_refused")
-        elif kind == relay.UNREACHABLE and len(key.local) == 4:
-            # RFC 1812 §5.2.7.1: what the network said, quoting the client's SYN.
-            code = NET_UNREACHABLE if ev.detail == "net" else HOST_UNREACHABLE
-            icmp = dest_unreachable(code, held.packet).emit()
-            out.append((ip_reply(key.local, key.remote, PROTO_ICMP, icmp), None))
-        # TIMED_OUT (or unreachable without an ICMPv4 to say it): silence, the client times out.
+        elif kind == relay.UNREACHABLE:
+            # RFC 1812 §5.2.7.1 / RFC 4443 §3.1: what the network said, quoting the client's SYN.
+            out.append(relay.unreachable(key.local, key.remote, "net" if ev.detail == "net" else "host",
+                                         held.packet))
+        # TIMED_OUT: silence, the client times out.
         assert self.relay is not None
         record = FlowRecord(held.started)
         if ev.data:  # an errno other than the usual ones: say which

@@ -8,8 +8,7 @@ address and port, fragmented to the device MTU when larger (RFC 791 §3.2).
 A port unreachable the upstream network reports (ECONNREFUSED on the
 connected socket) becomes ICMP port unreachable toward the client, quoting
 the client's last datagram (RFC 1122 §3.2.2.1). A destination the policy
-refuses gets ICMP administratively prohibited (RFC 1812 §5.2.7.1) from the
-stack, once per flow. A flow idle for ``idle`` seconds (``idle_dns`` for
+refuses gets ICMP administratively prohibited (RFC 1812 §5.2.7.1). A flow idle for ``idle`` seconds (``idle_dns`` for
 port 53, whose flows are one question and one answer) is closed, and its
 record logged.
 
@@ -26,12 +25,10 @@ from dataclasses import dataclass
 
 from pipeline.flow import Flow
 from pipeline.forwarding import ForwardPolicy
-from pipeline.fragments import fragment_ipv4
-from pipeline.wire.icmp import ADMIN_PROHIBITED, PORT_UNREACHABLE, dest_unreachable
-from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP
+from pipeline.wire.ipv4 import PROTO_UDP
 from pipeline.wire.udp import UdpDatagram
 from workers import relay
-from workers.core import Outgoing, Sink, ip_reply
+from workers.core import Outgoing, Sink, fit_mtu, ip_reply
 
 IDLE = 60.0       # seconds a UDP flow lives without traffic (Linux conntrack: 30 s unreplied, 120 s stream)
 IDLE_DNS = 10.0   # DNS: one question, one answer (retries come within seconds)
@@ -73,6 +70,7 @@ class UdpRelay(relay.DatagramFlows):
         super().__init__(sink, address, policy, idle, max_flows)
         self.mtu = mtu
         self.idle_dns = idle_dns
+        self._ident = 0  # IPv4 Identification / IPv6 fragment id of the datagrams we fragment
         self.publish = publish or {}
         self.namespace_address = namespace_address
         self.inbound_by_peer: dict[tuple[int, str], Inbound] = {}
@@ -98,8 +96,13 @@ class UdpRelay(relay.DatagramFlows):
             self.sink.counters["relay_published_udp_peers"] += 1
         mapping.last = now
         udp = UdpDatagram(mapping.port, self.publish[listener], ev.data).emit(self.address, self.namespace_address)
-        packet = ip_reply(self.address, self.namespace_address, PROTO_UDP, udp, dont_fragment=False)
-        return [(fragment, None) for fragment in fragment_ipv4(packet, self.mtu)]
+        return self._fitted(self.address, self.namespace_address, udp)
+
+    def _fitted(self, src: bytes, dst: bytes, udp: bytes) -> list[Outgoing]:
+        """A datagram toward the namespace, fragmented to the device MTU (RFC 791 §3.2, RFC 8200 §4.5)."""
+        self._ident = (self._ident + 1) & 0xFFFFFFFF
+        packet = ip_reply(src, dst, PROTO_UDP, udp, dont_fragment=False, ident=self._ident & 0xFFFF)
+        return [(piece, None) for piece in fit_mtu(packet, self.mtu, self._ident) or []]
 
     def answer(self, src: bytes, sport: int, dport: int, payload: bytes, now: float) -> bool:
         """A datagram to the stack: if it answers a published port's sender, send it back; else False."""
@@ -125,9 +128,8 @@ class UdpRelay(relay.DatagramFlows):
             return []
         flow.last = now
         if flow.denied:
-            # RFC 1812 §5.2.7.1: communication administratively prohibited, from us (the gateway).
-            icmp = dest_unreachable(ADMIN_PROHIBITED, packet).emit()
-            return [(ip_reply(self.address, key.remote, PROTO_ICMP, icmp), None)]
+            # RFC 1812 §5.2.7.1 / RFC 4443 §3.1: administratively prohibited, from the destination.
+            return [relay.unreachable(key.local, key.remote, "admin", packet)]
         flow.quote = packet[:MAX_QUOTE]
         flow.bytes_up += len(payload)
         flow.datagrams_up += 1
@@ -146,12 +148,10 @@ class UdpRelay(relay.DatagramFlows):
             flow.bytes_down += len(ev.data)
             flow.datagrams_down += 1
             udp = UdpDatagram(key.lport, key.rport, ev.data).emit(key.local, key.remote)
-            packet = ip_reply(key.local, key.remote, PROTO_UDP, udp, dont_fragment=False)
-            return [(fragment, None) for fragment in fragment_ipv4(packet, self.mtu)]
+            return self._fitted(key.local, key.remote, udp)
         if ev.kind == relay.REFUSED:
             self.sink.counters["relay_udp_port_unreachable"] += 1
-            icmp = dest_unreachable(PORT_UNREACHABLE, flow.quote).emit()
-            return [(ip_reply(key.local, key.remote, PROTO_ICMP, icmp), None)]
+            return [relay.unreachable(key.local, key.remote, "port", flow.quote)]
         if ev.kind == relay.UNREACHABLE:  # the socket could not even be opened (e.g. no route)
             self.end(key, now, "upstream_unreachable", release=False)
         return []
