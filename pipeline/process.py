@@ -7,7 +7,7 @@ import signal
 
 import structlog
 
-from pipeline import config, log
+from pipeline import compiled, config, log
 
 
 class Stopper:
@@ -36,6 +36,7 @@ class Process:
         self.log_payload = self.debug and log.payload_wanted()
         self.stopper = Stopper()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.log.info("build", mode=compiled.MODE, why=compiled.REASON)  # compiled (mypyc) or pure
 
     def payload(self, data: bytes) -> dict[str, str]:
         """Log fields for a packet's payload: none unless LOG_PAYLOAD=1 asked for them."""
