@@ -48,6 +48,7 @@ MODULES: tuple[str, ...] = (
     "pipeline.fragments",
     "pipeline.flow",
     "pipeline.bus.messages",
+    "pipeline.admission",
     "workers.tcp.scoreboard",
     "workers.tcp.rtt",
     "workers.tcp.congestion",

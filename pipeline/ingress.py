@@ -14,6 +14,7 @@ import time
 import zmq
 
 from pipeline import tun
+from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
 from pipeline.flow import Flow
 from pipeline.membership import Membership
@@ -34,6 +35,7 @@ class Ingress:
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.members = Membership(messages.HEARTBEAT_TIMEOUT)
         self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started)
+        self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters, self.started)
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
         self.refusals = endpoints.auth_monitor(self.bus)
@@ -59,9 +61,12 @@ class Ingress:
         """Route packets, then send each worker its share in one message (STYLE: batch where it pays)."""
         batches: dict[str, list[messages.Item]] = {}
         router = self.router
+        admit = self.admission.admit
         for item in items:
             name, role = router.route(item[0], now)
             if name is not None:
+                if not admit(item[0], role, now):
+                    continue  # shed under overload, counted (pipeline.admission)
                 batches.setdefault(name, []).append(item)
             elif role:
                 router.hold(role, now, item)  # no live worker yet, or settling

@@ -11,6 +11,7 @@ there both sides would be the same code.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import importlib
@@ -290,6 +291,31 @@ def test_bus_messages(packets, name, seq, junk):
         assert outcome(fast.decode, frames) == outcome(slow.decode, frames)
         damaged = frames[:1] + [junk] + frames[2:]
         assert outcome(fast.decode, damaged) == outcome(slow.decode, damaged)
+
+
+@FEW
+@given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["S", "S", "A", "SA", "R"]), st.floats(0, 0.3)),
+                max_size=80))
+def test_admission(ops):
+    fast, slow = both("pipeline.admission")
+    results = []
+    for m in (fast, slow):
+        known: set[bytes] = set()
+        drops: list[str] = []
+        counters: collections.Counter[str] = collections.Counter()
+        adm = m.Admission(known.__contains__, lambda reason, **f: drops.append(reason), counters, 0.0,
+                          syn_rate=20.0, syn_burst=3, retry_rate=5.0, retry_burst=2, source_rate=5.0, source_burst=2)
+        now, verdicts = 0.0, []
+        for who, flags, dt in ops:
+            now += dt
+            src = bytes([10, 9, 0, who % 8])
+            packet = bytes(IP(src=".".join(map(str, src)), dst="10.0.0.2") /
+                           TCP(sport=1000 + who, dport=8000, seq=who * 1000, flags=flags))
+            if flags == "A" and who % 3 == 0:
+                known.add(src + (1000 + who).to_bytes(2, "big") + (8000).to_bytes(2, "big"))
+            verdicts.append(adm.admit(packet, "tcp", now))
+        results.append((verdicts, drops, dict(counters), sorted(adm.real)))
+    assert results[0] == results[1]
 
 
 # -- TCP helpers: the same operations give the same state ----------------------------------

@@ -1,0 +1,151 @@
+"""Overload control in ingress: which TCP SYNs reach a worker (pure: no sockets, no clock).
+
+Contract: ingress calls ``admit(packet, role, now)`` once per packet after
+routing accepted it (so the IPv4 and TCP headers are already checked) and
+forwards the packet only if it returns True. Everything that is not a SYN
+opening a connection is admitted at once: packets of established flows go
+first, and the cost of deciding is a flags test. SYNs are what a flood
+sends and what makes a worker spend (a SYN-ACK, maybe state), so they are
+admitted at the rate the TCP workers can answer (RFC 4987 §3.2-3.3 on why
+a flood must not consume per-SYN resources):
+
+1. a token bucket of ``syn_rate`` per second (burst ``syn_burst``) for
+   any SYN;
+2. when it is empty, a SYN that repeats one seen ``RETRY_MIN_GAP`` to
+   ``RETRY_MAX_AGE`` seconds ago (same addresses, ports and ISN) is a
+   retransmission (RFC 6298 §5, RFC 9293 §3.8.1): real clients retransmit,
+   spoofed random-source floods do not. These draw on their own bucket
+   (``retry_rate``), so replaying SYNs buys an attacker little;
+3. a source that holds an established flow here is real (a spoofer does
+   not see our SYN-ACK, so it cannot complete a handshake): its SYNs draw
+   on a bucket of its own (``source_rate``) when the shared one is empty,
+   so one real client cannot take it all and a flood cannot lock it out.
+
+Every SYN shed is counted by reason through ``drop`` (``shed_syn_rate``,
+``shed_retry_rate``, ``shed_source_rate``: the process adds ``drop_``).
+Memory is fixed whatever arrives: the table of recent SYNs is a
+direct-mapped array of ``RECENT_SLOTS`` fingerprints (a newer SYN may evict
+an older one: the cost is only a missed preference), the table of real
+sources holds at most ``REAL_SOURCES`` entries (oldest out first).
+
+Workers bound their own queues: the bus sockets have a high-water mark
+(``pipeline.bus.endpoints.HWM`` messages) and ingress sends without
+blocking, counting ``drop_worker_full`` when a worker is behind.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import Counter
+from collections.abc import Callable
+
+from pipeline.wire.ipv4 import Ipv4Packet
+from pipeline.wire.tcp import TcpPacket
+
+SYN_RATE = 3000.0    # SYNs/s into the TCP workers when nothing is known about them
+SYN_BURST = 300
+RETRY_RATE = 1000.0  # retransmitted SYNs/s when the shared bucket is empty
+RETRY_BURST = 100
+SOURCE_RATE = 500.0  # SYNs/s from one real source when the shared bucket is empty
+SOURCE_BURST = 64
+RETRY_MIN_GAP = 0.5  # s; Linux retransmits a SYN after 1 s, then 3, 7, ... (RFC 6298 §2.1: 1 s)
+RETRY_MAX_AGE = 32.0  # s; past this a repeat is treated as new
+RECENT_SLOTS = 1 << 17  # recent SYN fingerprints kept (2 MB with their times)
+REAL_SOURCES = 4096
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; ``take`` spends one if there is one."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        return False
+
+
+class Admission:
+    def __init__(self, is_known: Callable[[bytes], bool], drop: Callable[..., None], counters: Counter[str],
+                 now: float,
+                 syn_rate: float = SYN_RATE, syn_burst: int = SYN_BURST,
+                 retry_rate: float = RETRY_RATE, retry_burst: int = RETRY_BURST,
+                 source_rate: float = SOURCE_RATE, source_burst: int = SOURCE_BURST) -> None:
+        self.is_known = is_known  # Flow.key -> does a worker hold this flow
+        self.drop = drop
+        self.syns = TokenBucket(syn_rate, syn_burst, now)
+        self.retries = TokenBucket(retry_rate, retry_burst, now)
+        self.source_rate = source_rate
+        self.source_burst = source_burst
+        # Recent SYNs: slot = fingerprint & mask; the fingerprint and when it was seen.
+        self._recent = array("q", bytes(8 * RECENT_SLOTS))
+        self._recent_at = array("d", bytes(8 * RECENT_SLOTS))
+        self._mask = RECENT_SLOTS - 1
+        self.real: dict[bytes, TokenBucket] = {}  # source address -> its SYN bucket (insertion order)
+        self._last_real = b""
+        self.counters = counters  # admitted SYNs by way: syn_admitted, syn_admitted_retry, syn_admitted_source
+
+    def admit(self, packet: bytes | memoryview, role: str, now: float) -> bool:
+        """Forward this packet (routing already checked it)? Sheds only SYNs, counting why."""
+        if role != "tcp":
+            return True
+        ip = Ipv4Packet.trusted(packet)
+        tcp = TcpPacket.trusted(ip.payload)
+        if not tcp.starts_connection:
+            self._learn(ip.src, tcp)
+            return True
+        if self.syns.take(now):
+            self._remember(ip.src, tcp, now)
+            self.counters["syn_admitted"] += 1
+            return True
+        # Overloaded: only retransmissions and real sources get in.
+        src = ip.src
+        if self._remember(src, tcp, now):
+            if self.retries.take(now):
+                self.counters["syn_admitted_retry"] += 1
+                return True
+            self.drop("shed_retry_rate")
+            return False
+        bucket = self.real.get(src)
+        if bucket is None:
+            self.drop("shed_syn_rate")
+            return False
+        if bucket.take(now):
+            self.counters["syn_admitted_source"] += 1
+            return True
+        self.drop("shed_source_rate")
+        return False
+
+    def _remember(self, src: bytes, tcp: TcpPacket, now: float) -> bool:
+        """Record this SYN; True if it repeats one seen a moment ago (a retransmission)."""
+        # hash() is salted per process (PYTHONHASHSEED): outsiders cannot aim at a slot.
+        mark = hash((src, tcp.port_bytes, int(tcp.seq)))
+        slot = mark & self._mask
+        age = now - self._recent_at[slot]
+        if self._recent[slot] != mark or age > RETRY_MAX_AGE:
+            self._recent[slot] = mark  # new, or evicting another SYN: the newest is kept
+            self._recent_at[slot] = now
+            return False
+        return age >= RETRY_MIN_GAP  # the first sighting's time is kept across retransmissions
+
+    def _learn(self, src: bytes, tcp: TcpPacket) -> None:
+        """A packet of a flow a worker holds proves its source real (it completed a handshake)."""
+        if src == self._last_real:
+            return  # the common case, a run of one flow's packets: one comparison
+        if src not in self.real:
+            if not self.is_known(src + tcp.port_bytes):
+                return
+            if len(self.real) >= REAL_SOURCES:
+                del self.real[next(iter(self.real))]
+            self.real[src] = TokenBucket(self.source_rate, self.source_burst, float("-inf"))
+        self._last_real = src

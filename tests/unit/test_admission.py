@@ -1,0 +1,154 @@
+"""Overload control (pipeline.admission), driven by hand: packets and ``now`` in, verdicts out."""
+
+from __future__ import annotations
+
+import collections
+import tracemalloc
+
+
+from pipeline import admission
+from pipeline.admission import Admission, TokenBucket
+from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header
+from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.tcp import Flags, TcpSegment
+
+STACK = bytes([10, 0, 0, 2])
+CLIENT = bytes([10, 0, 0, 1])
+
+
+def segment(src: bytes, sport: int, isn: int, flags: Flags = Flags.SYN, dport: int = 8000) -> bytes:
+    tcp = TcpSegment(sport, dport, SeqNum(isn), SeqNum(0), flags, 65535).emit(src, STACK)
+    return Ipv4Header(src, STACK, PROTO_TCP).emit(len(tcp)) + tcp
+
+
+def spoofed(i: int) -> bytes:
+    """A flood SYN: a new random-looking source, port and ISN every time."""
+    return segment(bytes([100, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF]), 1024 + i % 60000, i * 7919)
+
+
+class Harness:
+    def __init__(self, **kw) -> None:
+        self.known: set[bytes] = set()
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.admitted: collections.Counter[str] = collections.Counter()
+        self.adm = Admission(self.known.__contains__, lambda reason, **f: self.drops.update([reason]),
+                             self.admitted, 0.0, **kw)
+
+    def establish(self, src: bytes, sport: int) -> None:
+        """A worker announced this flow (it completed the handshake)."""
+        self.known.add(src + sport.to_bytes(2, "big") + (8000).to_bytes(2, "big"))
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_burst():
+    b = TokenBucket(rate=10.0, burst=3, now=0.0)
+    assert [b.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert b.take(0.05) is False  # half a token
+    assert b.take(0.1) is True
+    assert [b.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped at burst
+
+
+def test_other_roles_and_non_syn_segments_are_never_shed():
+    h = Harness(syn_rate=1.0, syn_burst=1)
+    for i in range(50):
+        h.adm.admit(spoofed(i), "tcp", 0.0)  # empty the bucket
+    assert h.adm.admit(b"any udp bytes", "udp", 0.0)
+    assert h.adm.admit(b"any icmp bytes", "icmp", 0.0)
+    for flags in (Flags.ACK, Flags.SYN | Flags.ACK, Flags.RST, Flags.FIN | Flags.ACK, Flags.PSH | Flags.ACK):
+        assert h.adm.admit(segment(CLIENT, 5000, 1, flags), "tcp", 0.0), flags
+
+
+def test_syns_are_admitted_at_the_configured_rate_then_shed_and_counted():
+    h = Harness(syn_rate=100.0, syn_burst=10)
+    verdicts = [h.adm.admit(spoofed(i), "tcp", i * 0.001) for i in range(1000)]  # 1000 SYNs in 1 s
+    # 10 in the burst, then 100/s over the second.
+    assert 105 <= sum(verdicts) <= 111
+    assert h.drops["shed_syn_rate"] == 1000 - sum(verdicts)
+    assert h.admitted["syn_admitted"] == sum(verdicts)
+
+
+def test_under_a_flood_a_retransmitted_syn_gets_in():
+    h = Harness(syn_rate=10.0, syn_burst=10)
+    flood = iter(range(10**6))
+    now = 0.0
+    for _ in range(200):
+        h.adm.admit(spoofed(next(flood)), "tcp", now)
+    real = segment(CLIENT, 40000, 123456)
+    assert not h.adm.admit(real, "tcp", now)  # the first try is shed like the flood
+    for _ in range(5000):  # 1 s of flood at 5000/s
+        now += 0.0002
+        h.adm.admit(spoofed(next(flood)), "tcp", now)
+    assert h.adm.admit(real, "tcp", now)  # RFC 6298: the retransmission 1 s later
+    assert h.admitted["syn_admitted_retry"] == 1
+
+
+def test_a_repeat_too_soon_or_too_late_is_not_a_retransmission():
+    h = Harness(syn_rate=1.0, syn_burst=1)
+    h.adm.admit(spoofed(1), "tcp", 0.0)  # spend the only token
+    real = segment(CLIENT, 40000, 99)
+    assert not h.adm.admit(real, "tcp", 0.0)
+    assert not h.adm.admit(real, "tcp", admission.RETRY_MIN_GAP / 2)  # a duplicate, not a retransmission
+    late = admission.RETRY_MAX_AGE + 1
+    assert not h.adm.admit(segment(CLIENT, 40000, 98), "tcp", 0.0)
+    h.adm.syns = TokenBucket(0.0001, 1, late)
+    h.adm.syns.tokens = 0.0
+    assert not h.adm.admit(segment(CLIENT, 40000, 98), "tcp", late)  # too old: new again
+    assert h.drops["shed_syn_rate"] == 4
+
+
+def test_replayed_syns_draw_on_their_own_bounded_bucket():
+    h = Harness(syn_rate=1.0, syn_burst=1, retry_rate=10.0, retry_burst=5)
+    syns = [spoofed(i) for i in range(100)]
+    for s in syns:
+        h.adm.admit(s, "tcp", 0.0)
+    admitted = sum(h.adm.admit(s, "tcp", 1.0) for s in syns)  # every one replayed 1 s later
+    assert admitted == 5 + 1  # the retry burst, and one token the shared bucket regained
+    assert h.drops["shed_retry_rate"] == 100 - 5 - 1
+
+
+def test_a_real_source_has_its_own_bucket_when_the_shared_one_is_empty():
+    h = Harness(syn_rate=1.0, syn_burst=1, source_rate=10.0, source_burst=4)
+    h.establish(CLIENT, 50000)
+    assert h.adm.admit(segment(CLIENT, 50000, 1, Flags.ACK), "tcp", 0.0)  # proves CLIENT real
+    for i in range(100):
+        h.adm.admit(spoofed(i), "tcp", 0.0)
+    new = [h.adm.admit(segment(CLIENT, 50001 + i, 1000 + i), "tcp", 0.0) for i in range(10)]
+    assert new == [True] * 4 + [False] * 6  # its burst, then its own limit
+    assert h.drops["shed_source_rate"] == 6
+    assert h.adm.admit(segment(CLIENT, 50100, 5), "tcp", 0.1)  # refilled at its rate
+
+
+def test_a_packet_of_an_unknown_flow_does_not_make_its_source_real():
+    h = Harness(syn_rate=1.0, syn_burst=1)
+    spoof = bytes([100, 1, 2, 3])
+    assert h.adm.admit(segment(spoof, 50000, 1, Flags.ACK), "tcp", 0.0)  # admitted (the worker resets it)
+    h.adm.admit(spoofed(0), "tcp", 0.0)
+    assert not h.adm.admit(segment(spoof, 50001, 2), "tcp", 0.0)
+    assert h.adm.real == {}
+
+
+def test_real_sources_table_is_bounded_oldest_out():
+    h = Harness()
+    for i in range(admission.REAL_SOURCES + 10):
+        src = (0x0B000000 + i).to_bytes(4, "big")
+        h.establish(src, 1)
+        h.adm.admit(segment(src, 1, 0, Flags.ACK), "tcp", 0.0)
+    assert len(h.adm.real) == admission.REAL_SOURCES
+    assert (0x0B000000).to_bytes(4, "big") not in h.adm.real
+    assert (0x0B000000 + admission.REAL_SOURCES + 9).to_bytes(4, "big") in h.adm.real
+
+
+def test_memory_is_bounded_whatever_arrives():
+    h = Harness(syn_rate=100.0, syn_burst=10)
+    flood = [spoofed(i) for i in range(5000)]
+    for i, syn in enumerate(flood):  # warm up: every table and bucket exists
+        h.adm.admit(syn, "tcp", i * 1e-5)
+    tracemalloc.start()
+    try:
+        for i in range(4):
+            for j, syn in enumerate(flood):
+                h.adm.admit(syn[:12] + bytes([i + 1]) + syn[13:], "tcp", 1.0 + i + j * 1e-5)
+        grown = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000  # the tables were allocated up front; a flood adds nothing that stays
+    assert sum(h.drops.values()) + sum(h.admitted.values()) == 25000
