@@ -12,6 +12,7 @@ when ingress hands them over. Nothing protocol-specific lives here.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import zmq
@@ -19,6 +20,8 @@ import zmq
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
+
+MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) handled per wake-up
 
 
 def sink(proc: Process) -> Sink:
@@ -71,9 +74,10 @@ def run(proc: Process, core: WorkerCore) -> None:
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             out: list[Outgoing] = []
             if poller.poll(timeout_ms):
-                # Drain everything waiting before touching timers: one wake-up, many packets,
+                # Drain what is waiting before touching timers: one wake-up, many packets,
                 # and what they cause goes to egress together.
-                for _, msg in endpoints.drain(inbox, proc.drop):
+                # Bounded: under overload the inbox never empties, and heartbeats and timers must still run.
+                for _, msg in itertools.islice(endpoints.drain(inbox, proc.drop), MAX_DRAIN):
                     if isinstance(msg, messages.Packets):
                         counters["packets_in"] += len(msg.items)
                         now = time.monotonic()

@@ -2,7 +2,7 @@
 
 hping3 (``-S --rand-source``) sends SYNs from spoofed addresses to the stack's
 address inside the test's namespace, faster than the stack admits SYNs
-(``pipeline.admission``: 3000/s), so ingress sheds them. Behaviour, not speed:
+(``pipeline.admission``: 2000/s), so ingress sheds them. Behaviour, not speed:
 the kernel's clients still connect and exchange a line, ingress counts what
 it shed by reason, every process stays under a memory bound and none dies.
 """

@@ -71,6 +71,11 @@ def both(name: str) -> tuple[types.ModuleType, types.ModuleType]:
     return importlib.import_module(name), pure(name)
 
 
+def same_on_both(run, *names: str) -> None:
+    """run(*modules) gives the same result with the modules as the process runs them and interpreted."""
+    assert run(*[importlib.import_module(n) for n in names]) == run(*[pure(n) for n in names])
+
+
 def canon(value: object) -> object:
     """A value both builds produce equal when they mean the same (class identity aside)."""
     if isinstance(value, SeqNum):
@@ -247,15 +252,14 @@ def test_fragments(payload, mtu, rnd, dropped):
     packet6 = bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=1, dport=7) / payload)
     six = fast.fragment_ipv6(packet6, max(mtu, 1280), 99)
     assert [bytes(p) for p in six] == [bytes(p) for p in slow.fragment_ipv6(packet6, max(mtu, 1280), 99)]
-    ip6 = importlib.import_module("pipeline.wire.ipv6")
-    results = []
-    for m in (fast, slow):
+
+    def run(m, ip6):
         r = m.Reassembler()
         got = [outcome(r.add_ipv4, p, 1.0) for p in pieces]
         got += [outcome(r.add_ipv6, p, ip6.parse(p), 1.5) for p in six]
-        got.append((r.bytes_held, r.datagrams, r.next_deadline(), canon(r.expire(100.0))))
-        results.append(got)
-    assert results[0] == results[1]
+        return got + [(r.bytes_held, r.datagrams, r.next_deadline(), canon(r.expire(100.0)))]
+
+    same_on_both(run, "pipeline.fragments", "pipeline.wire.ipv6")
 
 
 @FEW
@@ -297,9 +301,7 @@ def test_bus_messages(packets, name, seq, junk):
 @given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["S", "S", "A", "SA", "R"]), st.floats(0, 0.3)),
                 max_size=80))
 def test_admission(ops):
-    fast, slow = both("pipeline.admission")
-    results = []
-    for m in (fast, slow):
+    def run(m):
         known: set[bytes] = set()
         drops: list[str] = []
         counters: collections.Counter[str] = collections.Counter()
@@ -314,8 +316,9 @@ def test_admission(ops):
             if flags == "A" and who % 3 == 0:
                 known.add(src + (1000 + who).to_bytes(2, "big") + (8000).to_bytes(2, "big"))
             verdicts.append(adm.admit(packet, "tcp", now))
-        results.append((verdicts, drops, dict(counters), sorted(adm.real)))
-    assert results[0] == results[1]
+        return verdicts, drops, dict(counters), sorted(adm.real)
+
+    same_on_both(run, "pipeline.admission")
 
 
 # -- TCP helpers: the same operations give the same state ----------------------------------
@@ -328,9 +331,7 @@ BASE = 2**32 - 3000  # sequence numbers that wrap during the test
 @FEW
 @given(st.lists(st.tuples(st.integers(0, 6000), st.integers(0, 1500), st.booleans()), max_size=30))
 def test_reassembly(ops):
-    fast, slow = both("workers.tcp.reassembly")
-    results = []
-    for m in (fast, slow):
+    def run(m):
         q = m.ReassemblyQueue(8000)
         nxt = SeqNum(BASE)
         trace = []
@@ -340,16 +341,15 @@ def test_reassembly(ops):
             got = q.pop(nxt)
             nxt = nxt + len(got)
             trace.append((got, q.bytes_held, canon(q.sack_blocks())))
-        results.append(trace)
-    assert results[0] == results[1]
+        return trace
+
+    same_on_both(run, "workers.tcp.reassembly")
 
 
 @FEW
 @given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20000), st.integers(1, 3000)), max_size=30))
 def test_scoreboard(ops):
-    fast, slow = both("workers.tcp.scoreboard")
-    results = []
-    for m in (fast, slow):
+    def run(m):
         sb = m.SackScoreboard()
         una, nxt = SeqNum(BASE), SeqNum(BASE + 30000)
         trace = []
@@ -363,18 +363,16 @@ def test_scoreboard(ops):
             trace.append((sb.sacked_bytes, canon(sb.highest_sacked), canon(sb.ranges()), sb.is_sacked(probe),
                           canon(sb.next_hole(una, nxt)), sb.sacked_above(probe), sb.sacked_below(probe),
                           sb.covers(una, probe)))
-        results.append(trace)
-    assert results[0] == results[1]
+        return trace
+
+    same_on_both(run, "workers.tcp.scoreboard")
 
 
 @FEW
 @given(st.lists(st.tuples(st.integers(0, 4), st.floats(0.0001, 3.0), st.integers(1, 100000)), max_size=40),
        st.sampled_from(["newreno", "cubic"]))
 def test_rtt_and_congestion(ops, algorithm):
-    rtt_fast, rtt_slow = both("workers.tcp.rtt")
-    cc_fast, cc_slow = both("workers.tcp.congestion")
-    results = []
-    for rtt_m, cc_m in ((rtt_fast, cc_fast), (rtt_slow, cc_slow)):
+    def run(rtt_m, cc_m):
         est = rtt_m.RttEstimator()
         cc = cc_m.make_congestion_control(algorithm, 1460)
         now, trace = 0.0, []
@@ -385,18 +383,17 @@ def test_rtt_and_congestion(ops, algorithm):
             if kind == 3:
                 cc.on_recovery_exit(now + 0.01)
             trace.append((est.rto, est.srtt, cc.cwnd, cc.ssthresh))
-        results.append(trace)
-    assert results[0] == results[1]
+        return trace
+
+    same_on_both(run, "workers.tcp.rtt", "workers.tcp.congestion")
 
 
 @FEW
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40), st.floats(0.0001, 0.2)), max_size=40))
 def test_rack(ops):
-    fast, slow = both("workers.tcp.rack")
-    sb_fast, sb_slow = both("workers.tcp.scoreboard")
     mss = 1000
-    results = []
-    for m, sbm in ((fast, sb_fast), (slow, sb_slow)):
+
+    def run(m, sbm):
         rack, sb = m.Rack(SeqNum(BASE)), sbm.SackScoreboard()
         una, nxt, now, trace = SeqNum(BASE), SeqNum(BASE), 0.0, []
         for kind, k, dt in ops:
@@ -419,5 +416,6 @@ def test_rack(ops):
                 rack.rtt_sample(dt)
             reo = rack.reo_wnd(kind == 3, sb.sacked_bytes, mss, dt)
             trace.append((reo, canon(rack.detect(sb, reo, now)), canon(rack.lost_below())))
-        results.append(trace)
-    assert results[0] == results[1]
+        return trace
+
+    same_on_both(run, "workers.tcp.rack", "workers.tcp.scoreboard")
