@@ -3,6 +3,12 @@
 Every knob is documented in the README's configuration table; defaults give a
 working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24,
 stack address 10.0.0.2.
+
+A bad value is a :class:`ConfigError`. Every process checks the whole
+configuration once at start (:func:`check_or_exit`) and exits with
+``EX_CONFIG`` (78, sysexits.h), which the respawn wrapper does not restart:
+a typo stops the stack with one message instead of a restart loop.
+``python -m pipeline.config`` runs the same check for ``scripts/run``.
 """
 
 from __future__ import annotations
@@ -10,7 +16,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+
+# sysexits.h: exit statuses that restarting cannot cure; pipeline.respawn gives up on them.
+EX_NOPERM = 77   # the stack lacks root (CAP_NET_ADMIN)
+EX_CONFIG = 78   # a configuration error, or another stack already runs on this device here
+
+
+class ConfigError(SystemExit):
+    """A setting with a bad value; the message names the variable and what it expects."""
 
 
 def env_str(name: str, default: str) -> str:
@@ -24,7 +39,7 @@ def env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r}: expected a number") from None
+        raise ConfigError(f"{name}={raw!r}: expected a number") from None
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -35,7 +50,7 @@ def env_bool(name: str, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise SystemExit(f"{name}={raw!r}: expected 1 or 0")
+    raise ConfigError(f"{name}={raw!r}: expected 1 or 0")
 
 
 def env_int(name: str, default: int) -> int:
@@ -45,7 +60,7 @@ def env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r}: expected an integer") from None
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,10 @@ class StackConfig:
     egress_bind: str
     control_endpoint: str
     control_bind: str
+    telemetry_endpoint: str  # every process publishes telemetry here (ingress binds an XSUB)
+    telemetry_bind: str
+    monitor_endpoint: str  # stackctl subscribes to telemetry here (ingress binds an XPUB)
+    monitor_bind: str
     keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
     client_key: str   # this worker's key pair (tcp:// endpoints)
 
@@ -85,35 +104,38 @@ def load() -> StackConfig:
     """Read and validate the environment; exit with a clear message on bad values."""
     try:
         host = ipaddress.IPv4Interface(env_str("USTACK_HOST_ADDR", "10.0.0.1/24"))
+    except ValueError as exc:
+        raise ConfigError(f"USTACK_HOST_ADDR: bad address configuration: {exc} (expected e.g. 10.0.0.1/24)") from None
+    try:
         addr = ipaddress.IPv4Address(env_str("USTACK_ADDR", "10.0.0.2"))
     except ValueError as exc:
-        raise SystemExit(f"bad address configuration: {exc}") from None
+        raise ConfigError(f"USTACK_ADDR: bad address configuration: {exc} (expected e.g. 10.0.0.2)") from None
     if addr not in host.network:
-        raise SystemExit(f"USTACK_ADDR {addr} is not inside USTACK_HOST_ADDR {host.network}")
+        raise ConfigError(f"USTACK_ADDR {addr} is not inside USTACK_HOST_ADDR {host.network}")
     if addr == host.ip:
-        raise SystemExit("USTACK_ADDR must differ from the kernel side's USTACK_HOST_ADDR")
+        raise ConfigError("USTACK_ADDR must differ from the kernel side's USTACK_HOST_ADDR")
     tun_name = env_str("USTACK_TUN", "ustack0")
     if not 0 < len(tun_name) < 16:
-        raise SystemExit(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
+        raise ConfigError(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
     mtu = env_int("USTACK_MTU", 1500)
     if not 576 <= mtu <= 65535:
-        raise SystemExit(f"USTACK_MTU {mtu}: expected 576..65535")
+        raise ConfigError(f"USTACK_MTU {mtu}: expected 576..65535")
     run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
     endpoints = {}
-    for stage in ("ingress", "egress", "control"):
+    for stage in ("ingress", "egress", "control", "telemetry", "monitor"):
         default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
         connect = env_str(f"USTACK_{stage.upper()}_ENDPOINT", default)
         bind = env_str(f"USTACK_{stage.upper()}_BIND", connect)
         for value in (connect, bind):
             if not value.startswith(("ipc://", "tcp://")):
-                raise SystemExit(f"USTACK_{stage.upper()}_*: {value!r} is neither ipc:// nor tcp://")
+                raise ConfigError(f"USTACK_{stage.upper()}_*: {value!r} is neither ipc:// nor tcp://")
             if value.startswith("ipc://") and len(value) - 6 > 107:
-                raise SystemExit(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
+                raise ConfigError(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
         endpoints[stage] = (connect, bind)
     keys_dir = env_str("USTACK_KEYS_DIR", "keys")
     offload = env_bool("USTACK_OFFLOAD", sys.platform == "linux")
     if offload and sys.platform != "linux":
-        raise SystemExit("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
+        raise ConfigError("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
     return StackConfig(
         tun_name=tun_name,
         host_interface=host,
@@ -129,6 +151,154 @@ def load() -> StackConfig:
         egress_bind=endpoints["egress"][1],
         control_endpoint=endpoints["control"][0],
         control_bind=endpoints["control"][1],
+        telemetry_endpoint=endpoints["telemetry"][0],
+        telemetry_bind=endpoints["telemetry"][1],
+        monitor_endpoint=endpoints["monitor"][0],
+        monitor_bind=endpoints["monitor"][1],
         keys_dir=keys_dir,
         client_key=env_str("USTACK_CLIENT_KEY", os.path.join(keys_dir, "client.key_secret")),
     )
+
+
+# -- the whole configuration, checked once at start -------------------------------------
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> Callable[[], None]:
+    def check() -> None:
+        value = env_str(name, default).lower()
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r}: expected {' or '.join(choices)}")
+    return check
+
+
+def _number(name: str, default: float, low: float, high: float, integer: bool = False) -> Callable[[], None]:
+    def check() -> None:
+        value = env_int(name, int(default)) if integer else env_float(name, default)
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value}: expected {low}..{high}")
+    return check
+
+
+def _boolean(name: str, default: bool) -> Callable[[], None]:
+    def check() -> None:
+        env_bool(name, default)
+    return check
+
+
+def _recv_buffer() -> None:
+    # At least one full segment (MTU - 40); at most what a scaled window can advertise (RFC 7323 §2.3).
+    _number("TCP_RECV_BUFFER", 1 << 20, max(576, env_int("USTACK_MTU", 1500)) - 40, 1 << 30, integer=True)()
+
+
+def _netns_name() -> None:
+    name = env_str("USTACK_NETNS", "ustack")
+    if not name or "/" in name or name in (".", "..") or len(name) > 64:
+        raise ConfigError(f"USTACK_NETNS={name!r}: expected a network namespace name")
+
+
+# Every variable of the README's configuration table that load() does not cover. The
+# tcp worker reads the TCP_* values itself; they are checked here so that every
+# process (and scripts/run) rejects a typo before anything starts.
+CHECKS: tuple[Callable[[], None], ...] = (
+    load,
+    _choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")),
+    _choice("LOG_FORMAT", "json", ("json", "console")),
+    _boolean("LOG_PAYLOAD", False),
+    _netns_name,
+    _choice("TCP_CONGESTION", "newreno", ("newreno", "cubic")),
+    _number("TCP_MSL", 30.0, 0.001, 3600.0),
+    _number("TCP_DELAYED_ACK", 0.04, 0.0, 0.5),  # RFC 9293 §3.8.6.3: an ACK is delayed less than 0.5 s
+    _boolean("TCP_NAGLE", True),
+    _boolean("TCP_ECN", True),
+    _number("TCP_FIN_WAIT2_TIMEOUT", 60.0, 0.001, 7 * 86400.0),  # "must be > 0"
+    _number("TCP_KEEPALIVE", 0.0, 0.0, 7 * 86400.0),
+    _number("TCP_SYN_QUEUE", 256, 1, 1 << 20, integer=True),
+    _recv_buffer,
+    _number("TCP_SEND_BUFFER", 1 << 20, 1, 1 << 30, integer=True),
+)
+
+
+def validate_all() -> list[str]:
+    """Every configuration error at once (empty when all is well)."""
+    errors = []
+    for check in CHECKS:
+        try:
+            check()
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def missing_keys(cfg: StackConfig, role: str) -> list[str]:
+    """The CURVE key files a process of ``role`` needs for its tcp:// endpoints and lacks."""
+    binds = {"ingress": (cfg.ingress_bind, cfg.control_bind, cfg.telemetry_bind, cfg.monitor_bind),
+             "egress": (cfg.egress_bind,)}.get(role, ())
+    connects = [cfg.telemetry_endpoint]
+    if role != "ingress":
+        connects.append(cfg.ingress_endpoint)
+    if role not in ("ingress", "egress"):
+        connects.append(cfg.egress_endpoint)
+    need = []
+    if any(e.startswith("tcp://") for e in binds):
+        need.append(os.path.join(cfg.keys_dir, "server.key_secret"))
+    if any(e.startswith("tcp://") for e in connects):
+        need += [os.path.join(cfg.keys_dir, "server.key"), cfg.client_key]
+    return [f"CURVE key {path} is missing (tcp:// endpoints need keys: make them with scripts/keys, "
+            "see USTACK_KEYS_DIR and USTACK_CLIENT_KEY)" for path in need if not os.path.isfile(path)]
+
+
+def check_or_exit(who: str, role: str | None = None) -> None:
+    """At process start: report configuration errors once and exit EX_CONFIG (not restarted);
+    with ``role``, also the CURVE keys that role needs."""
+    errors = validate_all()
+    if not errors and role is not None:
+        errors = missing_keys(load(), role)
+    if errors:
+        print(f"{who}: configuration error: " + "; ".join(errors), file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """NAME=value lines of a .env file the way honcho reads them (its values win over the environment)."""
+    values = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line or line.startswith("#") or "=" not in line:
+                    continue
+                name, _, value = line.partition("=")
+                if name.startswith("export "):
+                    continue  # honcho ignores these lines: so do we
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                values[name.strip()] = value
+    except FileNotFoundError:
+        pass
+    return values
+
+
+def main(argv: list[str]) -> int:
+    """``python -m pipeline.config [--env-file .env] [NAME...]``: check everything; print NAME=value."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
+    parser.add_argument("--env-file", help="a .env file whose values override the environment, as honcho does")
+    parser.add_argument("names", nargs="*", help="settings to print as NAME=value after a successful check")
+    args = parser.parse_args(argv)
+    if args.env_file:
+        os.environ.update(read_env_file(args.env_file))
+    errors = validate_all()
+    for error in errors:
+        print(f"configuration error: {error}", file=sys.stderr)
+    if errors:
+        return EX_CONFIG
+    defaults = {"USTACK_ADDR": "10.0.0.2", "USTACK_NETNS": "ustack", "USTACK_TUN": "ustack0",
+                "USTACK_HOST_ADDR": "10.0.0.1/24"}
+    for name in args.names:
+        print(f"{name}={os.environ.get(name) or defaults.get(name, '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,47 +1,93 @@
-"""stackctl: ask the running pipeline how it is doing.
+"""stackctl: look at a running stack, and stop it.
 
-    stackctl status          live processes, their heartbeat age, connections and counters
-    stackctl status --json   the same, for machines
-    stackctl flows [--json]  every TCP flow ingress routes, and the worker that owns it
+    stackctl [--netns NAME] status [--json]     live processes, heartbeat age, connections, counters
+    stackctl counters [--json]                  every drop by reason, per process
+    stackctl flows [--json]                     every TCP flow ingress routes, and the worker that owns it
+    stackctl conns [--json] [--state S] [--addr A]   every TCP connection of every worker (like ss -tin)
+    stackctl logs [--follow] [--proc GLOB] [--level L] [--event E] [--flow ADDR:PORT] [--console]
+    stackctl capture -w FILE.pcap|- [-c N] [--flow ADDR:PORT]   packets both ways, as they crossed the device
+    stackctl stop                               ordered shutdown: workers, then egress, then ingress
 
-It reads the same environment as the stack (USTACK_RUN_DIR or
-USTACK_CONTROL_ENDPOINT, and the CURVE keys for a tcp:// control endpoint),
-so it works from any shell on the stack's host.
+It reads the same environment as the stack (USTACK_RUN_DIR or the endpoint
+variables, and the CURVE keys for tcp:// endpoints). The default run
+directory is per network namespace: run it inside the stack's namespace, or
+give ``--netns NAME`` and it enters that namespace itself just to find the
+stack's sockets (it configures nothing there). ``status``, ``counters`` and
+``stop`` ask ingress over the control socket; ``logs``, ``capture`` and
+``conns`` subscribe to the telemetry stream (``pipeline.telemetry``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import fnmatch
 import json
+import os
 import sys
+import time
 
 import zmq
 
 from pipeline import config
 from pipeline.bus import endpoints, messages
 from pipeline.flow import Flow
+from pipeline.pcap import FlowFilter, PcapWriter
 from pipeline.wire.addr import fmt_addr
 
 TIMEOUT_MS = 2000
+CONNS_WAIT = 3.0  # seconds to wait for every tcp worker's connection table
+STOP_WAIT = 20.0  # seconds to wait for the stack to be gone after `stop`
+_CLONE_NEWNET = 0x40000000
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Log record fields that hold addresses and ports (pipeline and worker events).
+_ADDR_FIELDS = ("remote", "src", "dst", "address", "host")
+_PORT_FIELDS = ("rport", "lport", "sport", "dport")
 
 
-def request(command: str) -> messages.Reply:
-    cfg = config.load()
+def enter_netns(name: str) -> None:
+    """Move this (single-threaded) process into a named network namespace before any socket."""
+    path = name if "/" in name else f"/run/netns/{name}"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SystemExit(f"stackctl: network namespace {name!r}: {exc.strerror}") from None
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise SystemExit(f"stackctl: cannot enter network namespace {name!r}: {os.strerror(err)} "
+                             "(needs root)")
+    finally:
+        os.close(fd)
+
+
+def load_config() -> config.StackConfig:
+    try:
+        return config.load()
+    except config.ConfigError as exc:
+        raise SystemExit(f"stackctl: configuration error: {exc}") from None
+
+
+def request(command: str, cfg: config.StackConfig) -> messages.Reply:
     ctx = zmq.Context()
     sock = endpoints.control_request(ctx, cfg)
     try:
         sock.send_multipart(messages.encode_request(command))
         if not sock.poll(TIMEOUT_MS):
             raise SystemExit(f"stackctl: no answer from {cfg.control_endpoint} within {TIMEOUT_MS} ms "
-                             "(is the stack running, with the same USTACK_* settings?)")
+                             "(is the stack running, in this namespace (--netns), with the same USTACK_* settings?)")
         msg = messages.decode(sock.recv_multipart())
     finally:
         sock.close(linger=0)
         ctx.term()
     if not isinstance(msg, messages.Reply):
         raise SystemExit("stackctl: unexpected answer")
+    if msg.status != "ok":
+        raise SystemExit(f"stackctl: {msg.reason}")
     return msg
 
+
+# -- status, counters, stop ------------------------------------------------------------
 
 def _drops(stats: dict[str, int]) -> str:
     parts = [f"{k[5:]}={v}" for k, v in sorted(stats.items()) if k.startswith("drop_") and v]
@@ -69,27 +115,261 @@ def render_flows(rows: list[tuple[Flow, str]]) -> str:
     return "\n".join(lines)
 
 
+def drop_counters(status: dict) -> dict[str, dict[str, int]]:
+    return {p["name"]: {k[5:]: v for k, v in sorted(p["stats"].items()) if k.startswith("drop_")}
+            for p in status["processes"]}
+
+
+def render_counters(drops: dict[str, dict[str, int]]) -> str:
+    lines = [f"{'process':<12} {'drop reason':<28} {'packets':>10}"]
+    for name, reasons in drops.items():
+        if not reasons:
+            lines.append(f"{name:<12} {'-':<28} {0:>10}")
+        for reason, count in reasons.items():
+            lines.append(f"{name:<12} {reason:<28} {count:>10}")
+    return "\n".join(lines)
+
+
+def stop(cfg: config.StackConfig) -> int:
+    names = request("stop", cfg).payload.get("stopping", [])
+    print(f"stopping: {', '.join(names) or 'ingress'}", file=sys.stderr)
+    deadline = time.monotonic() + STOP_WAIT
+    ctx = zmq.Context()
+    try:
+        while time.monotonic() < deadline:  # the stack is gone when ingress stops answering
+            sock = endpoints.control_request(ctx, cfg)
+            sock.send_multipart(messages.encode_request("status"))
+            answered = sock.poll(500)
+            sock.close(linger=0)
+            if not answered:
+                print("stopped", file=sys.stderr)
+                return 0
+            time.sleep(0.2)
+    finally:
+        ctx.term()
+    print("stackctl: the stack still answers", file=sys.stderr)
+    return 1
+
+
+# -- telemetry: logs, conns, capture ----------------------------------------------------
+
+def _subscribe(cfg: config.StackConfig, topic: bytes) -> tuple[zmq.Context, zmq.Socket]:
+    ctx = zmq.Context()
+    return ctx, endpoints.telemetry_subscriber(ctx, cfg, topic)
+
+
+def _receive(sock: zmq.Socket, timeout_ms: int):
+    """The next telemetry message, None after ``timeout_ms`` of silence; malformed ones skipped."""
+    if not sock.poll(timeout_ms):
+        return None
+    try:
+        return messages.decode_telemetry(sock.recv_multipart())
+    except messages.BusError:
+        return _receive(sock, 0) if sock.poll(0) else None
+
+
+def record_fields(record: dict) -> tuple[set[str], set[int]]:
+    addrs = {str(record[k]) for k in _ADDR_FIELDS if k in record}
+    ports = {record[k] for k in _PORT_FIELDS if isinstance(record.get(k), int)}
+    return addrs, ports
+
+
+def log_filter(args: argparse.Namespace):
+    flow = FlowFilter(args.flow) if args.flow else None
+    lowest = _LEVELS.index(args.level)
+
+    def keep(record: dict) -> bool:
+        if args.proc and not fnmatch.fnmatchcase(str(record.get("proc", "")), args.proc):
+            return False
+        if args.event and not fnmatch.fnmatchcase(str(record.get("event", "")), args.event):
+            return False
+        level = str(record.get("level", "info"))
+        if level in _LEVELS and _LEVELS.index(level) < lowest:
+            return False
+        return flow is None or flow.matches(*record_fields(record))
+    return keep
+
+
+def logs(cfg: config.StackConfig, args: argparse.Namespace) -> int:
+    keep = log_filter(args)
+    if args.console:
+        import structlog
+
+        render_line = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    ctx, sock = _subscribe(cfg, messages.LOG_TOPIC)
+    deadline = None if args.follow else time.monotonic() + args.seconds
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            record = _receive(sock, 200)
+            if not isinstance(record, dict) or not keep(record):
+                continue
+            line = render_line(None, "", dict(record)) if args.console else json.dumps(record)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return 0
+
+
+def connection_tables(cfg: config.StackConfig) -> list[dict]:
+    """Every tcp worker's connections, each record with its ``worker``."""
+    workers = {p["name"] for p in request("status", cfg).payload["processes"] if p["role"] == "tcp"}
+    ctx, sock = _subscribe(cfg, messages.CONNS_TOPIC)  # subscribing asks every worker
+    tables: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + CONNS_WAIT
+    try:
+        while not workers <= tables.keys() and time.monotonic() < deadline:
+            msg = _receive(sock, 100)
+            if isinstance(msg, messages.Conns) and msg.name not in tables:
+                tables[msg.name] = msg.records
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    missing = workers - tables.keys()
+    if missing:
+        print(f"stackctl: no connection table from {', '.join(sorted(missing))}", file=sys.stderr)
+    return [{"worker": name, **r} for name in sorted(tables) for r in tables[name]]
+
+
+def conn_filter(args: argparse.Namespace):
+    state = args.state.upper().replace("_", "-") if args.state else None
+    flow = FlowFilter(args.addr) if args.addr else None
+
+    def keep(record: dict) -> bool:
+        if state is not None and record["state"] != state:
+            return False
+        if flow is None:
+            return True
+        ends = [record["local"].rpartition(":"), record["remote"].rpartition(":")]
+        return any(flow.matches({addr}, {int(port)}) for addr, _, port in ends)
+    return keep
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.3g}"
+
+
+def render_conns(records: list[dict]) -> str:
+    lines = [f"{'worker':<8} {'state':<12} {'local':<21} {'remote':<21} {'send-q':>9} {'recv-q':>9}"]
+    for r in records:
+        flags = [name for name in ("sack", "timestamps", "ecn") if r.get(name)]
+        if r.get("wscale"):
+            flags.append(f"wscale:{r['wscale'][0]},{r['wscale'][1]}")
+        lines.append(f"{r['worker']:<8} {r['state']:<12} {r['local']:<21} {r['remote']:<21} "
+                     f"{r['send_buffer'][0] if r['send_buffer'][0] is not None else '-':>9} "
+                     f"{r['recv_buffer'][0]:>9}")
+        lines.append(f"\t {' '.join(flags)} rto:{_ms(r['rto'])} rtt:{_ms(r['srtt'])}/{_ms(r['rttvar'])} "
+                     f"mss:{r['mss']} cwnd:{r['cwnd']} ssthresh:{r['ssthresh']} snd_una:{r['snd_una']} "
+                     f"snd_nxt:{r['snd_nxt']} rcv_nxt:{r['rcv_nxt']} snd_wnd:{r['snd_wnd']} "
+                     f"bytes_sent:{r['bytes_sent']} bytes_received:{r['bytes_received']} "
+                     f"segs_out:{r['segments_out']} segs_in:{r['segments_in']} "
+                     f"retrans:{r['retransmissions']} timeouts:{r['timeouts']} "
+                     f"sndbuf:{r['send_buffer'][1]} rcvbuf:{r['recv_buffer'][1]} age:{r['age']:.1f}s")
+    return "\n".join(lines)
+
+
+def capture(cfg: config.StackConfig, args: argparse.Namespace) -> int:
+    flow = FlowFilter(args.flow) if args.flow else None
+    if args.write == "-" and sys.stdout.isatty():
+        raise SystemExit("stackctl: capture -w - writes binary pcap: pipe it (| tshark -r -) or give a file")
+    out = sys.stdout.buffer if args.write == "-" else open(args.write, "wb")
+    writer = PcapWriter(out)
+    ctx, sock = _subscribe(cfg, messages.CAPTURE_TOPIC)
+    count = 0
+    try:
+        while args.count is None or count < args.count:
+            msg = _receive(sock, 200)
+            if isinstance(msg, messages.Capturing):
+                print(f"stackctl: capturing at {msg.name}", file=sys.stderr, flush=True)
+            elif isinstance(msg, messages.Captured) and (flow is None or flow.matches_packet(msg.packet)):
+                writer.write(msg.time, msg.packet)
+                count += 1
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        if out is not sys.stdout.buffer:
+            out.close()
+    print(f"stackctl: {count} packets captured", file=sys.stderr)
+    return 0
+
+
+# -- command line ---------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stackctl", description="Look at a running ustack, and stop it.")
+    p.add_argument("--netns", metavar="NAME", help="the stack's network namespace (entered only to reach it)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", help="live processes and their counters")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("counters", help="every drop by reason, per process")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("flows", help="TCP flows and the workers that own them")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("stop", help="ordered shutdown: workers reset their connections, egress drains, ingress exits")
+    s = sub.add_parser("conns", help="every TCP connection of every worker, like ss -tin")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--state", help="only connections in this state (e.g. ESTABLISHED, time-wait)")
+    s.add_argument("--addr", help="only connections with this ADDR:PORT, ADDR or :PORT at either end")
+    s = sub.add_parser("logs", help="log records of every process, one JSON object per line")
+    s.add_argument("-f", "--follow", action="store_true", help="until interrupted")
+    s.add_argument("--seconds", type=float, default=2.0, help="without --follow: how long to listen (default 2)")
+    s.add_argument("--proc", help="processes whose name matches this glob (e.g. 'tcp.*')")
+    s.add_argument("--level", choices=_LEVELS, default="debug", help="this level and above")
+    s.add_argument("--event", help="events matching this glob (e.g. 'tcp_*')")
+    s.add_argument("--flow", help="records with this ADDR:PORT, ADDR or :PORT")
+    s.add_argument("--console", action="store_true", help="readable lines instead of JSON")
+    s = sub.add_parser("capture", help="packets crossing the device, both ways, as pcap")
+    s.add_argument("-w", "--write", required=True, metavar="FILE", help="pcap file, or - for stdout")
+    s.add_argument("-c", "--count", type=int, help="stop after this many packets")
+    s.add_argument("--flow", help="packets with this ADDR:PORT, ADDR or :PORT")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stackctl", description="Inspect a running ustack pipeline.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="live processes and their counters")
-    status.add_argument("--json", action="store_true", help="print JSON")
-    flows = sub.add_parser("flows", help="TCP flows and the workers that own them")
-    flows.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
-    reply = request(args.command)
-    if reply.status != "ok":
-        print(f"stackctl: {reply.reason}", file=sys.stderr)
-        return 1
-    if args.command == "flows":
-        rows = messages.decode_flow_table(reply.payload)
+    try:
+        return run(parser().parse_args(argv))
+    except BrokenPipeError:  # `stackctl logs -f | head`: the reader is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("flow", "addr"):
+        if getattr(args, name, None):
+            try:
+                FlowFilter(getattr(args, name))
+            except ValueError as exc:
+                raise SystemExit(f"stackctl: --{name} {exc}") from None
+    if args.netns:
+        enter_netns(args.netns)
+    cfg = load_config()
+    if args.command == "status":
+        status = request("status", cfg).payload
+        print(json.dumps(status, indent=2, sort_keys=True) if args.json else render(status))
+    elif args.command == "counters":
+        drops = drop_counters(request("status", cfg).payload)
+        print(json.dumps(drops, indent=2, sort_keys=True) if args.json else render_counters(drops))
+    elif args.command == "flows":
+        rows = messages.decode_flow_table(request("flows", cfg).payload)
         if args.json:
             print(json.dumps([{"remote": fmt_addr(f.remote), "rport": f.rport, "lport": f.lport, "worker": w}
                               for f, w in rows], indent=2))
         else:
             print(render_flows(rows))
-        return 0
-    print(json.dumps(reply.payload, indent=2, sort_keys=True) if args.json else render(reply.payload))
+    elif args.command == "stop":
+        return stop(cfg)
+    elif args.command == "conns":
+        records = [r for r in connection_tables(cfg) if conn_filter(args)(r)]
+        print(json.dumps(records, indent=2) if args.json else render_conns(records))
+    elif args.command == "logs":
+        return logs(cfg, args)
+    elif args.command == "capture":
+        return capture(cfg, args)
     return 0
 
 

@@ -20,9 +20,12 @@ from pipeline.flow import Flow
 from pipeline.membership import Membership
 from pipeline.process import Process
 from pipeline.routing import PENDING_MAX_AGE, Router
+from pipeline.telemetry import Forwarder
 
 DRAIN_BATCH = messages.MAX_BATCH  # device reads per wake-up before looking at the bus again
 ORPHAN_MAX_AGE = 5.0  # seconds to wait for a tcp worker that can reset a dead worker's peers
+STOP_WORKERS_WAIT = 5.0  # stackctl stop: seconds the workers get to reset their connections
+STOP_EGRESS_WAIT = 3.0   # then seconds egress gets to write what they sent
 
 
 class Ingress:
@@ -41,6 +44,10 @@ class Ingress:
         self.refusals = endpoints.auth_monitor(self.bus)
         self.control = endpoints.control_router(ctx, cfg)
         self.orphans: list[tuple[float, Flow]] = []
+        self.telemetry = Forwarder(ctx, cfg, proc.counters)
+        # stackctl stop: None, then "workers" (they finish), "egress" (it drains), "done".
+        self.stop_phase: str | None = None
+        self.stop_deadline = 0.0
 
     # -- packets ---------------------------------------------------------------
 
@@ -88,6 +95,9 @@ class Ingress:
             items.append(got)
         if items:
             self.proc.counters["packets_in"] += len(items)
+            if self.proc.telemetry.capturing:
+                for data, _ in items:
+                    self.proc.telemetry.packet("in", data)
             self.route_and_forward(items, now)
 
     def flush_pending(self, now: float) -> None:
@@ -198,12 +208,45 @@ class Ingress:
                     reply = messages.encode_reply("ok", None, self.status(now))
                 elif isinstance(msg, messages.Request) and msg.command == "flows":
                     reply = messages.encode_reply("ok", None, messages.flow_table(self.router.owned_flows()))
+                elif isinstance(msg, messages.Request) and msg.command == "stop":
+                    reply = messages.encode_reply("ok", None, self.begin_stop(now))
                 else:
                     reply = messages.encode_reply("error", "unknown_command", None)
             try:
                 self.control.send_multipart([peer, delimiter, *reply], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+
+    # -- ordered stop (stackctl stop) ---------------------------------------------
+
+    def _tell(self, role_filter) -> list[str]:
+        names = [m.name for m in self.members.members() if role_filter(m.role)]
+        for name in names:
+            try:
+                self.bus.send_multipart([name.encode(), *messages.encode_stop()], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        return names
+
+    def begin_stop(self, now: float) -> dict:
+        """Stop in order: the workers reset their connections and say goodbye, then egress
+        writes what they sent, then ingress exits 0 (and honcho stops what is left)."""
+        if self.stop_phase is None:
+            self.log.info("stack_stopping", requested_by="stackctl")
+            self.stop_phase = "workers"
+            self.stop_deadline = now + STOP_WORKERS_WAIT
+            self._tell(lambda role: role != "egress")
+        return {"stopping": [m.name for m in self.members.members()]}
+
+    def advance_stop(self, now: float) -> None:
+        roles = [m.role for m in self.members.members()]
+        if self.stop_phase == "workers" and (now >= self.stop_deadline or all(r == "egress" for r in roles)):
+            self.stop_phase = "egress"
+            self.stop_deadline = now + STOP_EGRESS_WAIT
+            self._tell(lambda role: role == "egress")
+        elif self.stop_phase == "egress" and (now >= self.stop_deadline or not roles):
+            self.stop_phase = "done"
+            self.proc.stopper.stopping = True
 
     # -- loop --------------------------------------------------------------------
 
@@ -212,10 +255,17 @@ class Ingress:
         poller.register(self.bus, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.device.fileno(), zmq.POLLIN)
+        poller.register(self.telemetry.inbound, zmq.POLLIN)
+        poller.register(self.telemetry.outbound, zmq.POLLIN)
+        poller.register(self.proc.telemetry.socket, zmq.POLLIN)
         if self.refusals is not None:
             poller.register(self.refusals, zmq.POLLIN)
         device_fd = self.device.fileno()
+        reading = True
         while not self.proc.stopper.stopping:
+            if reading and self.stop_phase is not None:  # stopping: no new packets in
+                poller.unregister(device_fd)
+                reading = False
             self.proc.flush_logs()
             ready = dict(poller.poll(100))
             now = time.monotonic()
@@ -233,10 +283,15 @@ class Ingress:
                 self.flush_pending(now)
             if self.orphans:
                 self.hand_out_orphans(now)
+            if self.telemetry.inbound in ready or self.telemetry.outbound in ready:
+                self.telemetry.pump()
+            if self.stop_phase is not None:
+                self.advance_stop(now)
 
     def close(self) -> None:
         self.bus.close()
         self.control.close()
+        self.telemetry.close()
         if self.refusals is not None:
             self.refusals.close()
         if self.auth is not None:
@@ -252,7 +307,7 @@ def main() -> None:
         tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu)
     except tun.TunError as exc:
         proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
-        raise SystemExit(1) from None
+        raise SystemExit(tun.exit_status(exc)) from None
     ctx = zmq.Context()
     ingress = Ingress(proc, device, ctx)
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),

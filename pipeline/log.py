@@ -6,7 +6,8 @@ lines for a person; ``LOG_LEVEL`` sets the level (default ``info``);
 ``LOG_PAYLOAD=1`` adds packet payloads to the debug packet records (never
 otherwise).
 Tracebacks are rendered without local variables: those would leak packet
-bytes into the logs.
+bytes into the logs. While someone runs ``stackctl logs``, each record is also
+published (as JSON, whatever LOG_FORMAT says) on the telemetry stream.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Protocol
 
 import structlog
 
@@ -32,6 +34,29 @@ class _StdoutLogger:
         sys.stdout.write(message + "\n")
 
     log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
+
+
+class _Sink(Protocol):
+    logs: bool
+
+    def log(self, record: dict) -> None: ...
+
+
+_telemetry: _Sink | None = None
+
+
+def attach(sink: _Sink) -> None:
+    """Also publish each record to ``sink`` (``pipeline.telemetry``) while it has readers."""
+    global _telemetry
+    _telemetry = sink
+
+
+def _publish(logger: object, method: str, record: dict) -> dict:
+    """A processor: hand the record to the telemetry stream when someone follows it."""
+    sink = _telemetry
+    if sink is not None and sink.logs:
+        sink.log(record)
+    return record
 
 
 def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundLogger:
@@ -57,10 +82,11 @@ def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundL
         processors += [
             structlog.processors.ExceptionRenderer(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
+            _publish,
             structlog.processors.JSONRenderer(),
         ]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
+        processors += [_publish, structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import signal
+import time
 
 import structlog
 
-from pipeline import compiled, config, log
+from pipeline import compiled, config, log, telemetry
+
+
+PARK_MAX = 15.0  # seconds a process idles after an ordered stop before it exits by itself
 
 
 class Stopper:
@@ -26,17 +31,36 @@ class Process:
     """Configuration, logger, stop flag and drop/traffic counters of one process."""
 
     def __init__(self, role: str) -> None:
+        # All of it, once: a bad value stops this process with EX_CONFIG, which is not restarted.
+        config.check_or_exit(config.env_str("HONCHO_PROCESS_NAME", "") or role, role)
         self.config = config.load()
         self.name = self.config.proc_name or role
         self.role = role
         # Buffered: the process's loop calls flush_logs() once per wake-up.
         self.log: structlog.typing.FilteringBoundLogger = log.setup(self.name, buffered=True)
-        self.flush_logs = log.flush
         self.debug = log.debug_enabled()
         self.log_payload = self.debug and log.payload_wanted()
         self.stopper = Stopper()
         self.counters: collections.Counter[str] = collections.Counter()
         self.log.info("build", mode=compiled.MODE, why=compiled.REASON)  # compiled (mypyc) or pure
+        # Log records, packet copies and connection tables for stackctl, while it asks.
+        self.telemetry = telemetry.Publisher(self.config, self.name, role, self.counters)
+        log.attach(self.telemetry)
+        atexit.register(self.telemetry.close)
+
+    def park(self, most: float = PARK_MAX) -> None:
+        """Done after an ordered stop: idle (keeping sockets open) until SIGTERM, at most ``most`` s.
+
+        Exiting at once would make honcho stop the stack before the later stages finished."""
+        deadline = time.monotonic() + most
+        while not self.stopper.stopping and time.monotonic() < deadline:
+            self.flush_logs()
+            time.sleep(0.05)
+
+    def flush_logs(self) -> None:
+        """Once per wake-up of the process's loop: write buffered records, take telemetry requests."""
+        self.telemetry.service()
+        log.flush()
 
     def payload(self, data: bytes) -> dict[str, str]:
         """Log fields for a packet's payload: none unless LOG_PAYLOAD=1 asked for them."""

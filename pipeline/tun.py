@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Protocol
 
+from pipeline.config import EX_NOPERM
 from pipeline.offload import NO_VNET_HDR, VNET_HDR, Offload
 
 # <linux/if_tun.h>
@@ -85,8 +86,17 @@ class TunDevice(Protocol):
     def close(self) -> None: ...
 
 
+# Without CAP_NET_ADMIN the kernel answers EPERM (TUNSETIFF) or EACCES (/dev/net/tun).
+_NO_PRIVILEGE = (errno.EPERM, errno.EACCES)
+NEEDS_ROOT = "the stack needs root (CAP_NET_ADMIN) to create and configure its TUN device; run it as root"
+
+
 class TunError(OSError):
     """The device could not be opened or configured; the message says why."""
+
+    @property
+    def no_privilege(self) -> bool:
+        return self.errno in _NO_PRIVILEGE
 
 
 class LinuxTun:
@@ -96,8 +106,10 @@ class LinuxTun:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno in _NO_PRIVILEGE:
+                raise TunError(exc.errno, f"cannot open /dev/net/tun: {exc.strerror}: {NEEDS_ROOT}") from None
             raise TunError(exc.errno, f"cannot open /dev/net/tun: {exc.strerror} "
-                           "(is the tun module loaded, and are we root?)") from None
+                           "(is the tun module loaded?)") from None
         import fcntl  # Linux only
 
         try:
@@ -109,6 +121,8 @@ class LinuxTun:
                 self.offload_bits = _enable_offloads(fd) if offload else 0
         except OSError as exc:
             os.close(fd)
+            if exc.errno in _NO_PRIVILEGE:
+                raise TunError(exc.errno, f"TUN set-up of {name}: {exc.strerror}: {NEEDS_ROOT}") from None
             raise TunError(exc.errno, f"TUN set-up of {name}: {exc.strerror}" +
                            (" (try USTACK_OFFLOAD=0)" if offload else "")) from None
         self.name = name
@@ -270,6 +284,12 @@ def open_device(name: str, *, writer_only: bool, offload: bool, run_dir: str) ->
         serve_fd(os.path.join(run_dir, mine), device.fileno())
         return device
     raise TunError(errno.ENOTSUP, f"no TUN support on {sys.platform}")
+
+
+def exit_status(exc: TunError) -> int:
+    """A process's exit status for a device error: EX_NOPERM (not restarted) when privileges
+    are missing, else 1 (restarted: the device may come back)."""
+    return EX_NOPERM if exc.no_privilege else 1
 
 
 def configure_kernel_side(name: str, host_interface: str, mtu: int) -> None:

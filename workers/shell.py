@@ -38,6 +38,11 @@ def run(proc: Process, core: WorkerCore) -> None:
     outbox = endpoints.worker_push(ctx, cfg)
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    poller.register(proc.telemetry.socket, zmq.POLLIN)  # stackctl's requests (see pipeline.telemetry)
+    table = getattr(core, "connection_table", None)
+    if table is not None:
+        proc.telemetry.on_conns(lambda: table(time.monotonic()))
+    stop_asked = False  # stackctl stop: finish, say goodbye, then idle until the stack is stopped
     log = proc.log
     counters = proc.counters
     heartbeat_seq = 0
@@ -61,7 +66,7 @@ def run(proc: Process, core: WorkerCore) -> None:
             pass  # ingress is away: the next heartbeat and its welcome put things right
 
     try:
-        while not proc.stopper.stopping:
+        while not proc.stopper.stopping and not stop_asked:
             proc.flush_logs()
             now = time.monotonic()
             if now >= next_heartbeat:
@@ -89,6 +94,8 @@ def run(proc: Process, core: WorkerCore) -> None:
                         log.info("welcomed", epoch=msg.epoch)
                     elif isinstance(msg, messages.Orphans):
                         out += core.reset_orphans(msg.flows, time.monotonic())
+                    elif isinstance(msg, messages.Stop):
+                        stop_asked = True
                     else:
                         proc.drop("bus_unexpected_kind")
             now = time.monotonic()
@@ -102,6 +109,9 @@ def run(proc: Process, core: WorkerCore) -> None:
                 tell_ingress(messages.encode_flows(proc.name, False, opened, closed))
         send(core.close(time.monotonic()))
         tell_ingress(messages.encode_goodbye(proc.name))
+        if stop_asked:
+            log.info("worker_parked", **dict(proc.counters))
+            proc.park()
     finally:
         log.info("worker_stopped", **dict(proc.counters))
         inbox.close()

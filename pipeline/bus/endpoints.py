@@ -7,6 +7,12 @@
   egress   DEALER  connect ingress endpoint   heartbeats with egress's counters
   egress   PULL    bind    egress endpoint    packets in from all workers
   workers  PUSH    connect egress endpoint
+  all      XPUB    connect telemetry endpoint  telemetry (log records, packet copies, connection
+                                                tables), sent only on topics someone subscribed to
+  ingress  XSUB    bind    telemetry endpoint  forwards telemetry to the monitor endpoint
+  ingress  XPUB    bind    monitor endpoint   stackctl's subscriptions in, telemetry out
+  stackctl SUB     connect monitor endpoint
+  stackctl REQ     connect control endpoint
 
 Workers connect and the stages bind: a worker's first heartbeat and its
 replies queue in ZeroMQ until the stage it talks to is up, so processes can
@@ -28,6 +34,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.bus import messages
 from pipeline.config import StackConfig
+from pipeline.stacklock import ensure_run_dir  # noqa: F401  (processes create the run directory through here)
 
 # How long a socket may hold unsent messages at close; without it, close blocks
 # forever when a peer is gone (libzmq's default LINGER is -1).
@@ -36,23 +43,22 @@ LINGER_MS = 200
 # the bound on memory between two stages. A message is a batch of packets, and
 # TCP windows, not this queue, are what keep a pipeline full.
 HWM = 1000
+# Telemetry messages queued per peer before ZeroMQ drops them: a slow or absent reader
+# costs a publisher nothing but lost copies (PUB semantics never block).
+TELEMETRY_HWM = 1000  # a packet copy may be 64 KB: at most ~64 MB queued per peer
 # Largest message accepted from a tcp:// peer: a 64 KB packet and its metadata.
 MAX_MESSAGE = 70_000
+# ... except on the telemetry stream, where one message is a worker's whole connection table.
+TELEMETRY_MAX_MESSAGE = 64 << 20
 
 SERVER_KEY = "server.key_secret"  # the stages' key pair (stays on the stages' host)
 SERVER_PUBLIC = "server.key"      # its public half, copied to every worker host
 AUTHORIZED = "authorized"         # public keys of the workers allowed in
 
 
-def ensure_run_dir(path: str) -> None:
-    """Create the run directory 0700, and make an existing one private again."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o700)
-
-
 def uses_curve(cfg: StackConfig) -> bool:
-    return any(e.startswith("tcp://") for e in (cfg.ingress_endpoint, cfg.egress_endpoint, cfg.control_endpoint))
+    return any(e.startswith("tcp://") for e in (cfg.ingress_endpoint, cfg.egress_endpoint, cfg.control_endpoint,
+                                                 cfg.telemetry_endpoint, cfg.monitor_endpoint))
 
 
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -91,20 +97,20 @@ def start_authenticator(ctx: zmq.Context, cfg: StackConfig) -> ThreadAuthenticat
     return auth
 
 
-def _bind(sock: zmq.Socket, endpoint: str, cfg: StackConfig) -> None:
+def _bind(sock: zmq.Socket, endpoint: str, cfg: StackConfig, max_message: int = MAX_MESSAGE) -> None:
     if endpoint.startswith("tcp://"):
         public, secret = _key(os.path.join(cfg.keys_dir, SERVER_KEY))
         sock.curve_server = True
         sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.bind(endpoint)
 
 
-def _connect(sock: zmq.Socket, endpoint: str, cfg: StackConfig) -> None:
+def _connect(sock: zmq.Socket, endpoint: str, cfg: StackConfig, max_message: int = MAX_MESSAGE) -> None:
     if endpoint.startswith("tcp://"):
         sock.curve_serverkey = _public_key(os.path.join(cfg.keys_dir, SERVER_PUBLIC))
         sock.curve_publickey, sock.curve_secretkey = _key(cfg.client_key)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.connect(endpoint)
 
 
@@ -147,6 +153,38 @@ def worker_push(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
 def control_request(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
     sock = _socket(ctx, zmq.REQ)
     _connect(sock, cfg.control_endpoint, cfg)
+    return sock
+
+
+def telemetry_publisher(ctx: zmq.Context, cfg: StackConfig) -> zmq.Socket:
+    sock = _socket(ctx, zmq.XPUB)
+    sock.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Every subscription reaches us, also a repeated one: subscribing is how stackctl asks.
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    _connect(sock, cfg.telemetry_endpoint, cfg)
+    return sock
+
+
+def telemetry_forwarder(ctx: zmq.Context, cfg: StackConfig) -> tuple[zmq.Socket, zmq.Socket]:
+    """Ingress's side: (XSUB for the publishers, XPUB for stackctl)."""
+    inbound = _socket(ctx, zmq.XSUB)
+    inbound.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
+    _bind(inbound, cfg.telemetry_bind, cfg, TELEMETRY_MAX_MESSAGE)
+    outbound = _socket(ctx, zmq.XPUB)
+    outbound.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
+    # Each subscriber's subscribe and unsubscribe (and disconnect) is passed on, so the
+    # publishers see every request and stop publishing once the last reader is gone.
+    outbound.setsockopt(zmq.XPUB_VERBOSER, 1)
+    _bind(outbound, cfg.monitor_bind, cfg)
+    return inbound, outbound
+
+
+def telemetry_subscriber(ctx: zmq.Context, cfg: StackConfig, topic: bytes) -> zmq.Socket:
+    sock = _socket(ctx, zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
+    sock.setsockopt(zmq.SUBSCRIBE, topic)
+    _connect(sock, cfg.monitor_endpoint, cfg, TELEMETRY_MAX_MESSAGE)
     return sock
 
 

@@ -13,6 +13,20 @@ array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
   REPLY      [1, 6, status, reason, payload]                ingress -> stackctl
   ORPHANS    [1, 7, flows]                                  ingress -> tcp worker: flows of a dead worker,
                                                             whose peers must be made to reset
+  STOP       [1, 8]                                         ingress -> worker/egress: ordered shutdown
+                                                            (``stackctl stop``): finish, say goodbye, idle
+
+The telemetry stream (``pipeline.telemetry``) is PUB/SUB: its first frame is
+a topic, and a process publishes on a topic only while someone subscribes.
+
+  LOG        topic LOG_TOPIC,     then one JSON log record (UTF-8)
+  CAPTURING  topic CAPTURE_TOPIC, [1, 9, name]              a process starts publishing packet copies
+  CAPTURED   topic CAPTURE_TOPIC, [1, 10, name, direction, time] + packet
+                                                            a packet as it crossed the device; direction
+                                                            "in" (read by ingress) or "out" (written by
+                                                            egress); time in seconds since the epoch
+  CONNS      topic CONNS_TOPIC,   [1, 11, name, records]    a tcp worker's connections, sent when a
+                                                            subscription arrives (subscribing asks)
 
 PACKETS carries one or more IP packets, each in a frame of its own: a
 process sends everything it has for one peer after a wake-up as one message,
@@ -36,6 +50,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import json
+
 import msgpack
 
 from pipeline.flow import Flow
@@ -50,6 +66,16 @@ FLOWS = 4
 REQUEST = 5
 REPLY = 6
 ORPHANS = 7
+STOP = 8
+CAPTURING = 9
+CAPTURED = 10
+CONNS = 11
+
+# Telemetry topics: none is a prefix of another (ZeroMQ matches topics by prefix).
+LOG_TOPIC = b"log."
+CAPTURE_TOPIC = b"pcap."
+CONNS_TOPIC = b"conns."
+TOPICS = (LOG_TOPIC, CAPTURE_TOPIC, CONNS_TOPIC)
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
 HEARTBEAT_TIMEOUT = 3.0   # ingress forgets a worker silent this long
@@ -115,7 +141,84 @@ class Orphans:
     flows: tuple[Flow, ...]
 
 
-Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Capturing:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    name: str
+    direction: str
+    time: float
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Conns:
+    name: str
+    records: list[dict[str, Any]]
+
+
+Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans | Stop
+
+
+def encode_stop() -> list[bytes]:
+    return [_packb([VERSION, STOP])]
+
+
+def encode_log(record: bytes) -> list[bytes]:
+    return [LOG_TOPIC, record]
+
+
+def encode_capturing(name: str) -> list[bytes]:
+    return [CAPTURE_TOPIC, _packb([VERSION, CAPTURING, name])]
+
+
+def encode_captured(name: str, direction: str, time: float, packet: bytes) -> list[bytes]:
+    return [CAPTURE_TOPIC, _packb([VERSION, CAPTURED, name, direction, time]), packet]
+
+
+def encode_conns(name: str, records: list[dict[str, Any]]) -> list[bytes]:
+    return [CONNS_TOPIC, _packb([VERSION, CONNS, name, records])]
+
+
+def decode_telemetry(frames: list[bytes]) -> dict[str, Any] | Capturing | Captured | Conns:
+    """One telemetry message (topic frame first): a log record (a dict), or one of the
+    capture and connection messages; BusError on anything malformed."""
+    if len(frames) < 2:
+        raise BusError("telemetry_frames")
+    topic = frames[0]
+    if topic == LOG_TOPIC:
+        try:
+            record = json.loads(frames[1])
+        except ValueError as exc:
+            raise BusError("bad_log") from exc
+        if not isinstance(record, dict):
+            raise BusError("bad_log")
+        return record
+    try:
+        meta = msgpack.unpackb(frames[1], use_list=True, raw=False)
+    except Exception as exc:  # msgpack raises several types; all mean "bad frame"
+        raise BusError("bad_msgpack") from exc
+    if not (isinstance(meta, list) and len(meta) >= 3 and meta[0] == VERSION and isinstance(meta[2], str)):
+        raise BusError("bad_meta")
+    kind, name = meta[1], meta[2]
+    if topic == CAPTURE_TOPIC and kind == CAPTURING and len(meta) == 3:
+        return Capturing(name)
+    if topic == CAPTURE_TOPIC and kind == CAPTURED and len(meta) == 5 and len(frames) == 3:
+        direction, when = meta[3], meta[4]
+        if direction in ("in", "out") and isinstance(when, (int, float)):
+            return Captured(name, direction, float(when), frames[2])
+    if topic == CONNS_TOPIC and kind == CONNS and len(meta) == 4 and isinstance(meta[3], list) \
+            and all(isinstance(r, dict) for r in meta[3]):
+        return Conns(name, meta[3])
+    raise BusError("bad_telemetry")
 
 
 def encode_packets(items: list[Item]) -> list[bytes]:
@@ -241,6 +344,10 @@ def decode(frames: list[bytes]) -> Message:
             if not (isinstance(name, str) and isinstance(full, bool)):
                 raise BusError("bad_flows")
             return Flows(name, full, _flows(opened), _flows(closed))
+        if kind == STOP:
+            if fields:
+                raise BusError("bad_fields")
+            return Stop()
         if kind == ORPHANS:
             (flows,) = fields
             return Orphans(_flows(flows))

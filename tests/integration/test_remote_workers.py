@@ -5,7 +5,10 @@ Inside the test's namespace, loopback stands in for the network between hosts.
 
 import json
 import os
+import queue
 import subprocess
+import threading
+import time
 
 import zmq.auth
 
@@ -53,3 +56,41 @@ def test_worker_with_unauthorised_key_is_refused_and_gets_no_traffic(fresh_ns, t
     assert not any(r["event"] == "welcomed" for r in rogue_records)
     established = [r for r in stack.records() if r["event"] == "tcp_established"]
     assert len(established) == 20 and {r["proc"] for r in established} == {"tcp.1"}
+
+
+def test_a_remote_worker_publishes_its_logs_over_curve(fresh_ns, tmp_path):
+    """A worker of "host B" (its own run directory and stack lock, tcp:// with its own key)
+    appears in `stackctl logs` on host A."""
+    ns = fresh_ns
+    keys = tmp_path / "keys"
+    make_keys(str(keys), ["client", "worker-b"])
+    env = {"USTACK_INGRESS_ENDPOINT": "tcp://127.0.0.1:5611", "USTACK_EGRESS_ENDPOINT": "tcp://127.0.0.1:5612",
+           "USTACK_TELEMETRY_ENDPOINT": "tcp://127.0.0.1:5613", "USTACK_KEYS_DIR": str(keys)}
+    host_a = Stack(ns, env=env)
+    host_b = Stack(ns, "tcp", run_dir=f"{host_a.run_dir}-b",
+                   env={**env, "USTACK_CLIENT_KEY": str(keys / "worker-b.key_secret"), "USTACK_NAME_PREFIX": "b-"})
+    follow = None
+    try:
+        host_a.wait_ready({"icmp": 1, "udp": 1, "tcp": 2})
+        follow = subprocess.Popen([str(ROOT / ".venv" / "bin" / "stackctl"), "--netns", ns.name, "logs", "-f",
+                                   "--proc", "b-*", "--event", "tcp_established"],
+                                  env=dict(os.environ, **env, USTACK_RUN_DIR=host_a.run_dir),
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in follow.stdout], daemon=True).start()
+        deadline = time.monotonic() + 20
+        while lines.empty() and time.monotonic() < deadline:  # connections until one lands on b-tcp.1
+            with ns.socket() as sock:
+                sock.settimeout(5)
+                sock.connect((STACK_ADDR, 8000))
+                sock.sendall(b"where\n")
+                assert sock.recv(100) == b"erehw\n"
+            time.sleep(0.2)
+        record = json.loads(lines.get(timeout=5))
+        assert record["proc"] == "b-tcp.1" and record["event"] == "tcp_established"
+    finally:
+        if follow is not None:
+            follow.terminate()
+            follow.wait(10)
+        host_b.stop()
+        host_a.stop()

@@ -13,21 +13,12 @@ import socket
 
 import pytest
 
-from tests.integration.netns import Stack
 from tests.integration.network_conditions import ce_marks
-from tests.integration.test_tcp_bulk import _closed_record, _connect, _payload, _read_exactly_or_eof, rfc864_stream
+# The stack without debug logging, as the bulk tests run it.
+from tests.integration.test_tcp_bulk import (  # noqa: F401 (stack is a fixture)
+    _closed_record, _connect, _payload, _read_exactly_or_eof, rfc864_stream, stack)
 
 SIZE = 4 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def stack(ns, offload_env):
-    s = Stack(ns, env=offload_env)
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def test_name_prefix_and_bind_override(env):
 @pytest.mark.parametrize("name,value,message", [
     ("USTACK_ADDR", "10.9.9.9", "is not inside"),
     ("USTACK_ADDR", "10.0.0.1", "must differ"),
-    ("USTACK_HOST_ADDR", "not-an-address", "bad address"),
+    ("USTACK_HOST_ADDR", "not-an-address", "USTACK_HOST_ADDR: bad address"),
     ("USTACK_MTU", "100", "576..65535"),
     ("USTACK_MTU", "big", "expected an integer"),
     ("USTACK_TUN", "a-name-far-too-long", "1..15"),
@@ -46,3 +46,48 @@ def test_bad_values_exit_with_a_clear_message(env, name, value, message):
     with pytest.raises(SystemExit) as exc:
         config.load()
     assert message in str(exc.value)
+
+
+def test_validate_all_reports_every_bad_setting_at_once(env):
+    for name, value in {"USTACK_ADDR": "10.0.0.300", "TCP_CONGESTION": "bbr", "TCP_SYN_QUEUE": "0",
+                        "LOG_FORMAT": "xml"}.items():
+        env.setenv(name, value)
+    errors = config.validate_all()
+    assert len(errors) == 4
+    assert any(e.startswith("USTACK_ADDR: bad address") for e in errors)
+    assert "TCP_CONGESTION='bbr': expected newreno or cubic" in errors
+    assert "TCP_SYN_QUEUE=0: expected 1..1048576" in errors
+
+
+def test_check_or_exit_uses_ex_config(env, capsys):
+    env.setenv("TCP_DELAYED_ACK", "2")
+    with pytest.raises(SystemExit) as exc:
+        config.check_or_exit("tcp.1")
+    assert exc.value.code == config.EX_CONFIG == 78
+    assert "tcp.1: configuration error: TCP_DELAYED_ACK=2.0: expected 0.0..0.5" in capsys.readouterr().err
+
+
+def test_main_reads_env_file_like_honcho(env, tmp_path, capsys):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("# comment\nUSTACK_ADDR=10.0.0.7\nexport USTACK_NETNS=ignored\nUSTACK_NETNS='lab'\n")
+    env.setenv("USTACK_NETNS", "from-environment")
+    env.setenv("USTACK_ADDR", "10.0.0.2")
+    env.setenv("TCP_CONGESTION", "newreno")  # main() updates os.environ: monkeypatch restores these three
+    assert config.main(["--env-file", str(dotenv), "USTACK_NETNS", "USTACK_ADDR"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["USTACK_NETNS=lab", "USTACK_ADDR=10.0.0.7"]
+    dotenv.write_text("TCP_CONGESTION=bbr\n")
+    assert config.main(["--env-file", str(dotenv)]) == config.EX_CONFIG
+    assert "TCP_CONGESTION='bbr'" in capsys.readouterr().err
+
+
+def test_missing_curve_keys_are_a_configuration_error(env, tmp_path):
+    env.setenv("USTACK_KEYS_DIR", str(tmp_path))
+    env.setenv("USTACK_INGRESS_ENDPOINT", "tcp://127.0.0.1:5601")
+    cfg = config.load()
+    assert config.missing_keys(cfg, "egress") == config.missing_keys(cfg, "tcp")  # both connect to ingress
+    assert [e.split()[2] for e in config.missing_keys(cfg, "tcp")] == [str(tmp_path / "server.key"),
+                                                                       str(tmp_path / "client.key_secret")]
+    assert [e.split()[2] for e in config.missing_keys(cfg, "ingress")] == [str(tmp_path / "server.key_secret")]
+    for name in ("server.key", "server.key_secret", "client.key_secret"):
+        (tmp_path / name).write_text("")
+    assert config.missing_keys(cfg, "ingress") == config.missing_keys(cfg, "tcp") == []

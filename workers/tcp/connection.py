@@ -252,6 +252,8 @@ class Connection:
     ts_recent = property(lambda self: self.receiver.ts_recent, doc="RFC 7323 TS.Recent.")
     rto = property(lambda self: self.sender.rtt.rto, doc="RFC 6298 RTO, with backoff.")
     srtt = property(lambda self: self.sender.rtt.srtt, doc="RFC 6298 SRTT, None before a sample.")
+    rttvar = property(lambda self: self.sender.rtt.rttvar, doc="RFC 6298 RTTVAR, None before a sample.")
+    send_queued = property(lambda self: len(self.sender.sndbuf), doc="Send-buffer bytes unacknowledged or unsent.")
     cwnd = property(lambda self: self.sender.cc.cwnd, doc="Congestion window (bytes).")
     ssthresh = property(lambda self: self.sender.cc.ssthresh, doc="Slow-start threshold (bytes).")
     in_recovery = property(lambda self: self.recovery.in_fast_recovery,

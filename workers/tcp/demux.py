@@ -31,6 +31,7 @@ from workers.tcp import events
 from workers.tcp.apps import SERVICES, Service
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
+from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.options import Negotiated
 from workers.tcp.segments import reset_for, syn_ack
@@ -64,6 +65,7 @@ class TcpDemux:
         self.services = SERVICES if services is None else services
         self.connections: dict[Flow, Connection] = {}
         self.apps: dict[Flow, Service] = {}
+        self.born: dict[Flow, float] = {}  # when each connection was created (stackctl conns)
         self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
         self._timers: list[tuple[float, Flow]] = []
@@ -137,6 +139,11 @@ class TcpDemux:
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections)}
 
+    def connection_table(self, now: float) -> list[dict]:
+        """Every connection as a record for stackctl conns (workers.tcp.introspect)."""
+        return [connection_record(conn, self.address, key, self.born.get(key, now), now)
+                for key, conn in self.connections.items()]
+
     def flows(self) -> list[Flow]:
         return list(self.connections)
 
@@ -192,6 +199,7 @@ class TcpDemux:
                 if options is not None:
                     conn = self._cookie_connection(key, seg, options, now)
                     self.connections[key] = conn
+                    self.born[key] = now
                     self._opened.append(key)
                     self.sink.counters["syn_cookies_accepted"] += 1
                     self._after(key, conn, State.LISTEN, now, out)
@@ -211,6 +219,7 @@ class TcpDemux:
         """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
         conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
         self.connections[key] = conn
+        self.born[key] = now
         if announce:
             self._opened.append(key)
         self.syn_queue.setdefault(key.lport, set()).add(key)
@@ -323,6 +332,7 @@ class TcpDemux:
         self.connections.pop(key)
         self._leave_syn_queue(key)
         self.apps.pop(key, None)
+        self.born.pop(key, None)
         self._deadline.pop(key, None)
 
     def _leave_syn_queue(self, key: Flow) -> None:

@@ -1,0 +1,66 @@
+"""Packet capture files and filters for ``stackctl capture``.
+
+Contract: the classic pcap format (tcpdump's, which tshark and Wireshark read),
+microsecond timestamps, link type LINKTYPE_RAW (101): each record is one IP
+packet exactly as it crossed the TUN device, so an offloaded 64 KB TCP
+segment is one record of up to 65535 bytes. Flow filters read the IPv4
+header once and never raise on malformed bytes (they simply do not match).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import BinaryIO
+
+LINKTYPE_RAW = 101  # the packet begins with the IPv4 or IPv6 header
+SNAPLEN = 65535
+_GLOBAL = struct.Struct("<IHHiIII")
+_RECORD = struct.Struct("<IIII")
+_MAGIC = 0xA1B2C3D4  # microsecond resolution
+_PORTS = struct.Struct("!HH")
+
+
+class PcapWriter:
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        out.write(_GLOBAL.pack(_MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_RAW))
+        out.flush()
+
+    def write(self, when: float, packet: bytes) -> None:
+        seconds = int(when)
+        micros = min(999_999, int(round((when - seconds) * 1_000_000)))
+        data = packet[:SNAPLEN]
+        self.out.write(_RECORD.pack(seconds, micros, len(data), len(packet)))
+        self.out.write(data)
+        self.out.flush()  # a pipe reader (tshark -r -) sees each packet at once
+
+
+class FlowFilter:
+    """``ADDR:PORT``, ``ADDR`` or ``:PORT``: a packet or record matches when one of its
+    addresses is ADDR and one of its ports is PORT (each part optional)."""
+
+    def __init__(self, spec: str) -> None:
+        addr, sep, port = spec.rpartition(":")
+        if not sep:
+            addr, port = spec, ""
+        try:
+            self.addr = str(ipaddress.IPv4Address(addr)) if addr else None
+            self.port = int(port) if port else None
+        except ValueError:
+            raise ValueError(f"{spec!r}: expected ADDR:PORT, ADDR or :PORT") from None
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ValueError(f"{spec!r}: port out of range")
+
+    def matches(self, addrs: set[str], ports: set[int]) -> bool:
+        return (self.addr is None or self.addr in addrs) and (self.port is None or self.port in ports)
+
+    def matches_packet(self, packet: bytes) -> bool:
+        if len(packet) < 20 or packet[0] >> 4 != 4:
+            return False
+        addrs = {str(ipaddress.IPv4Address(packet[12:16])), str(ipaddress.IPv4Address(packet[16:20]))}
+        ihl = (packet[0] & 0x0F) * 4
+        ports: set[int] = set()
+        if packet[9] in (6, 17) and len(packet) >= ihl + 4:  # TCP, UDP: ports lead the header
+            ports.update(_PORTS.unpack_from(packet, ihl))
+        return self.matches(addrs, ports)
