@@ -126,10 +126,19 @@ class Admission:
         self.drop("shed_source_rate")
         return False
 
+    def fingerprint(self, src: bytes, tcp: TcpPacket) -> int:
+        """A SYN's mark in the recent-SYN table (its slot: the low bits): addresses, ports, ISN."""
+        # hash() is salted per process (PYTHONHASHSEED): outsiders cannot aim at a slot.
+        return hash((src, tcp.port_bytes, int(tcp.seq)))
+
+    def slot(self, packet: bytes | memoryview) -> int:
+        """Where a (checked) SYN goes in the recent-SYN table."""
+        ip = Ipv4Packet.trusted(packet)
+        return self.fingerprint(ip.src, TcpPacket.trusted(ip.payload)) & self._mask
+
     def _remember(self, src: bytes, tcp: TcpPacket, now: float) -> bool:
         """Record this SYN; True if it repeats one seen a moment ago (a retransmission)."""
-        # hash() is salted per process (PYTHONHASHSEED): outsiders cannot aim at a slot.
-        mark = hash((src, tcp.port_bytes, int(tcp.seq)))
+        mark = self.fingerprint(src, tcp)
         slot = mark & self._mask
         age = now - self._recent_at[slot]
         if self._recent[slot] != mark or age > RETRY_MAX_AGE:

@@ -68,17 +68,32 @@ def test_syns_are_admitted_at_the_configured_rate_then_shed_and_counted():
 
 def test_under_a_flood_a_retransmitted_syn_gets_in():
     h = Harness(syn_rate=10.0, syn_burst=10)
-    flood = iter(range(10**6))
+    real = segment(CLIENT, 40000, 123456)
+    # A flood that happens not to land in the real SYN's slot (one that does evicts it:
+    # test_a_colliding_syn_costs_only_the_preference).
+    flood = (syn for syn in map(spoofed, range(10**6)) if h.adm.slot(syn) != h.adm.slot(real))
     now = 0.0
     for _ in range(200):
-        h.adm.admit(spoofed(next(flood)), "tcp", now)
-    real = segment(CLIENT, 40000, 123456)
+        h.adm.admit(next(flood), "tcp", now)
     assert not h.adm.admit(real, "tcp", now)  # the first try is shed like the flood
     for _ in range(5000):  # 1 s of flood at 5000/s
         now += 0.0002
-        h.adm.admit(spoofed(next(flood)), "tcp", now)
+        h.adm.admit(next(flood), "tcp", now)
     assert h.adm.admit(real, "tcp", now)  # RFC 6298: the retransmission 1 s later
     assert h.admitted["syn_admitted_retry"] == 1
+
+
+def test_a_colliding_syn_costs_only_the_preference():
+    h = Harness(syn_rate=1.0, syn_burst=1)
+    h.adm.admit(spoofed(0), "tcp", 0.0)  # spend the only token
+    real = segment(CLIENT, 40000, 123456)
+    assert not h.adm.admit(real, "tcp", 0.0)
+    template = spoofed(1)  # the rival: this SYN with whichever ISN lands in the real one's slot
+    isns = (template[:24] + isn.to_bytes(4, "big") + template[28:] for isn in range(2**32))
+    rival = next(syn for syn in isns if h.adm.slot(syn) == h.adm.slot(real))
+    assert not h.adm.admit(rival, "tcp", 0.5)  # takes the slot
+    assert not h.adm.admit(real, "tcp", 0.9)  # not known as a retransmission any more: shed as new
+    assert h.drops["shed_syn_rate"] == 3 and h.admitted["syn_admitted_retry"] == 0
 
 
 def test_a_repeat_too_soon_or_too_late_is_not_a_retransmission():
@@ -97,7 +112,8 @@ def test_a_repeat_too_soon_or_too_late_is_not_a_retransmission():
 
 def test_replayed_syns_draw_on_their_own_bounded_bucket():
     h = Harness(syn_rate=1.0, syn_burst=1, retry_rate=10.0, retry_burst=5)
-    syns = [spoofed(i) for i in range(100)]
+    by_slot = {h.adm.slot(syn): syn for syn in map(spoofed, range(200))}
+    syns = list(by_slot.values())[:100]  # one per slot: none evicts another
     for s in syns:
         h.adm.admit(s, "tcp", 0.0)
     admitted = sum(h.adm.admit(s, "tcp", 1.0) for s in syns)  # every one replayed 1 s later
