@@ -9,8 +9,14 @@ sends and what makes a worker spend (a SYN-ACK, maybe state), so they are
 admitted at the rate the TCP workers can answer (RFC 4987 §3.2-3.3 on why
 a flood must not consume per-SYN resources):
 
-1. a token bucket of ``syn_rate`` per second (burst ``syn_burst``) for
-   any SYN;
+1. a token bucket for any SYN, whose rate follows what the TCP workers
+   take in: ingress tells ``forwarded`` how many packets it sent each
+   worker and ``worker_report`` what the worker's heartbeat says it took
+   in; the difference is the worker's backlog. Above ``BACKLOG_HIGH``
+   packets the rate halves, below ``BACKLOG_LOW`` it grows by
+   ``SYN_RATE_STEP`` (AIMD, once per heartbeat), between ``SYN_RATE_MIN``
+   and ``syn_rate``. So a flood cannot build a standing queue in a worker
+   that delays everyone's packets;
 2. when it is empty, a SYN that repeats one seen ``RETRY_MIN_GAP`` to
    ``RETRY_MAX_AGE`` seconds ago (same addresses, ports and ISN) is a
    retransmission (RFC 6298 §5, RFC 9293 §3.8.1): real clients retransmit,
@@ -42,8 +48,12 @@ from collections.abc import Callable
 from pipeline.wire.ipv4 import Ipv4Packet
 from pipeline.wire.tcp import TcpPacket
 
-SYN_RATE = 2000.0    # SYNs/s into the TCP workers (one answered ~2,000-2,300/s on the loaded test VM)
+SYN_RATE = 2000.0    # SYNs/s at most into the TCP workers (the rate starts here and adapts below it)
+SYN_RATE_MIN = 200.0
+SYN_RATE_STEP = 250.0  # added per heartbeat while the workers keep up
 SYN_BURST = 200
+BACKLOG_HIGH = 512   # packets sent to a TCP worker and not yet taken in: it is falling behind
+BACKLOG_LOW = 128
 RETRY_RATE = 1000.0  # retransmitted SYNs/s when the shared bucket is empty
 RETRY_BURST = 100
 SOURCE_RATE = 500.0  # SYNs/s from one real source when the shared bucket is empty
@@ -84,6 +94,11 @@ class Admission:
         self.is_known = is_known  # Flow.key -> does a worker hold this flow
         self.drop = drop
         self.syns = TokenBucket(syn_rate, syn_burst, now)
+        self.syn_rate_max = syn_rate
+        self._sent: dict[str, int] = {}  # TCP worker -> packets ingress sent it
+        self._offset: dict[str, int] = {}  # worker -> sent - taken at its first report (a baseline)
+        self._taken: dict[str, int] = {}  # worker -> packets_in of its last report
+        self.backlogs: dict[str, int] = {}
         self.retries = TokenBucket(retry_rate, retry_burst, now)
         self.source_rate = source_rate
         self.source_burst = source_burst
@@ -125,6 +140,26 @@ class Admission:
             return True
         self.drop("shed_source_rate")
         return False
+
+    def forwarded(self, worker: str, packets: int) -> None:
+        """Ingress sent this many packets to a worker."""
+        self._sent[worker] = self._sent.get(worker, 0) + packets
+
+    def worker_report(self, worker: str, taken: int, now: float) -> None:
+        """A TCP worker's heartbeat: it has taken in ``taken`` packets so far. Adapts the SYN rate."""
+        sent = self._sent.get(worker, 0)
+        if worker not in self._taken or taken < self._taken[worker]:
+            self._offset[worker] = sent - taken  # first report, or a new process under the name
+        self._taken[worker] = taken
+        backlog = max(0, sent - taken - self._offset[worker])
+        self.backlogs[worker] = backlog
+        worst = max(self.backlogs.values())
+        syns = self.syns
+        if worst > BACKLOG_HIGH:
+            syns.rate = max(SYN_RATE_MIN, syns.rate / 2)
+        elif worst < BACKLOG_LOW:
+            syns.rate = min(self.syn_rate_max, syns.rate + SYN_RATE_STEP)
+        self.counters["syn_rate"] = int(syns.rate)  # shown by stackctl status
 
     def fingerprint(self, src: bytes, tcp: TcpPacket) -> int:
         """A SYN's mark in the recent-SYN table (its slot: the low bits): addresses, ports, ISN."""

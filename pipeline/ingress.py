@@ -62,6 +62,7 @@ class Ingress:
             self.worker_gone(name, "unreachable", exc.strerror)
             return False
         self.proc.counters["packets_out"] += len(items)
+        self.admission.forwarded(name, len(items))
         return True
 
     def route_and_forward(self, items: list[messages.Item], now: float) -> None:
@@ -157,6 +158,8 @@ class Ingress:
                     # A new process under the old name: whatever the old one held is gone.
                     self.worker_gone(msg.name, "restarted")
                     event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats)
+                if msg.role == "tcp":  # what it took in against what it was sent: the SYN rate adapts
+                    self.admission.worker_report(msg.name, msg.stats.get("packets_in", 0), now)
                 if event == "joined":
                     self.log.info("worker_joined", worker=msg.name, role=msg.role)
                     try:

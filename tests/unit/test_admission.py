@@ -168,3 +168,56 @@ def test_memory_is_bounded_whatever_arrives():
         tracemalloc.stop()
     assert grown < 50_000  # the tables were allocated up front; a flood adds nothing that stays
     assert sum(h.drops.values()) + sum(h.admitted.values()) == 25000
+
+
+def test_the_syn_rate_halves_while_a_worker_falls_behind_and_grows_back_when_it_keeps_up():
+    h = Harness(syn_rate=4000.0)
+    h.adm.forwarded("tcp.1", 100)
+    h.adm.worker_report("tcp.1", 100, 1.0)  # first report: the baseline
+    assert h.adm.syns.rate == 4000.0
+    sent = taken = 100
+    rates = []
+    for t in range(2, 6):  # it takes in 1,000 of the 3,000 packets sent each second
+        sent += 3000
+        taken += 1000
+        h.adm.forwarded("tcp.1", 3000)
+        h.adm.worker_report("tcp.1", taken, float(t))
+        rates.append(h.adm.syns.rate)
+    assert rates == [2000.0, 1000.0, 500.0, 250.0]
+    assert h.adm.backlogs["tcp.1"] == sent - taken
+    for t in range(6, 40):  # it catches up, then keeps up
+        h.adm.forwarded("tcp.1", 100)
+        taken = sent = sent + 100
+        h.adm.worker_report("tcp.1", taken, float(t))
+    assert h.adm.syns.rate == 4000.0  # back to the configured rate, not beyond
+    assert h.admitted["syn_rate"] == 4000
+
+
+def test_the_syn_rate_never_drops_below_its_floor():
+    h = Harness(syn_rate=4000.0)
+    h.adm.worker_report("tcp.1", 0, 0.0)
+    for t in range(1, 30):
+        h.adm.forwarded("tcp.1", 10_000)
+        h.adm.worker_report("tcp.1", 0, float(t))
+    assert h.adm.syns.rate == admission.SYN_RATE_MIN
+
+
+def test_a_restarted_worker_does_not_look_behind():
+    h = Harness(syn_rate=4000.0)
+    h.adm.forwarded("tcp.1", 50_000)
+    h.adm.worker_report("tcp.1", 50_000, 1.0)
+    h.adm.forwarded("tcp.1", 100)
+    h.adm.worker_report("tcp.1", 90, 2.0)  # a new process: its count starts again
+    assert h.adm.backlogs["tcp.1"] == 0
+    assert h.adm.syns.rate == 4000.0
+
+
+def test_the_worst_worker_decides():
+    h = Harness(syn_rate=4000.0)
+    for w in ("tcp.1", "tcp.2"):
+        h.adm.worker_report(w, 0, 0.0)
+    h.adm.forwarded("tcp.1", 5000)  # tcp.1 is behind
+    h.adm.worker_report("tcp.1", 0, 1.0)
+    h.adm.forwarded("tcp.2", 10)
+    h.adm.worker_report("tcp.2", 10, 1.1)  # tcp.2 keeps up, but tcp.1 is still behind
+    assert h.adm.syns.rate == 1000.0

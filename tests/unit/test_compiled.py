@@ -316,7 +316,10 @@ def test_admission(ops):
             if flags == "A" and who % 3 == 0:
                 known.add(src + (1000 + who).to_bytes(2, "big") + (8000).to_bytes(2, "big"))
             verdicts.append(adm.admit(packet, "tcp", now))
-        return verdicts, drops, dict(counters), sorted(adm.real)
+            adm.forwarded(f"tcp.{who % 2}", who * 40)
+            if flags == "R":  # now and then a worker's heartbeat: the SYN rate adapts
+                adm.worker_report(f"tcp.{who % 2}", who * 500, now)
+        return verdicts, drops, dict(counters), sorted(adm.real), adm.syns.rate, adm.backlogs
 
     same_on_both(run, "pipeline.admission")
 
