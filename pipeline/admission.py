@@ -45,7 +45,8 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 
-from pipeline.wire.ipv4 import Ipv4Packet
+from pipeline.wire import Malformed, ipv6
+from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
 from pipeline.wire.tcp import TcpPacket
 
 SYN_RATE = 2000.0    # SYNs/s at most into the TCP workers (the rate starts here and adapts below it)
@@ -114,17 +115,17 @@ class Admission:
         """Forward this packet (routing already checked it)? Sheds only SYNs, counting why."""
         if role != "tcp":
             return True
-        ip = Ipv4Packet.trusted(packet)
-        tcp = TcpPacket.trusted(ip.payload)
+        src, tcp = self._tcp(packet)
+        if tcp is None:
+            return True  # an ICMP error about a TCP flow: its owner needs it
         if not tcp.starts_connection:
-            self._learn(ip.src, tcp)
+            self._learn(src, tcp)
             return True
         if self.syns.take(now):
-            self._remember(ip.src, tcp, now)
+            self._remember(src, tcp, now)
             self.counters["syn_admitted"] += 1
             return True
         # Overloaded: only retransmissions and real sources get in.
-        src = ip.src
         if self._remember(src, tcp, now):
             if self.retries.take(now):
                 self.counters["syn_admitted_retry"] += 1
@@ -168,8 +169,25 @@ class Admission:
 
     def slot(self, packet: bytes | memoryview) -> int:
         """Where a (checked) SYN goes in the recent-SYN table."""
-        ip = Ipv4Packet.trusted(packet)
-        return self.fingerprint(ip.src, TcpPacket.trusted(ip.payload)) & self._mask
+        src, tcp = self._tcp(packet)
+        assert tcp is not None, "not a TCP segment"
+        return self.fingerprint(src, tcp) & self._mask
+
+    @staticmethod
+    def _tcp(packet: bytes | memoryview) -> tuple[bytes, TcpPacket | None]:
+        """The source address and TCP view of a packet routing checked; None if it carries no TCP."""
+        if packet[0] >> 4 == 4:
+            ip = Ipv4Packet.trusted(packet)
+            if ip.protocol != PROTO_TCP:
+                return b"", None
+            return ip.src, TcpPacket.trusted(ip.payload)
+        try:  # IPv6: walk the extension headers again (rare on this path; routing accepted them)
+            parsed = ipv6.parse(packet)
+        except Malformed:
+            return b"", None
+        if parsed.protocol != ipv6.TCP or parsed.fragment is not None:
+            return b"", None
+        return parsed.header.src, TcpPacket.trusted(memoryview(packet)[parsed.payload_offset:parsed.payload_end])
 
     def _remember(self, src: bytes, tcp: TcpPacket, now: float) -> bool:
         """Record this SYN; True if it repeats one seen a moment ago (a retransmission)."""

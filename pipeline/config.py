@@ -1,8 +1,8 @@
 """Configuration from environment variables (honcho reads `.env`).
 
 Every knob is documented in the README's configuration table; defaults give a
-working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24,
-stack address 10.0.0.2.
+working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24 and
+fd00::1/64, stack addresses 10.0.0.2 and fd00::2 (``USTACK_IPV6=0``: IPv4 only).
 
 A bad value is a :class:`ConfigError`. Every process checks the whole
 configuration once at start (:func:`check_or_exit`) and exits with
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class StackConfig:
     tun_name: str
     host_interface: ipaddress.IPv4Interface  # the kernel's side of the link
     stack_address: ipaddress.IPv4Address     # the address this stack answers for
+    host_interface6: ipaddress.IPv6Interface | None  # the kernel's IPv6 side; None: IPv6 off
+    stack_address6: ipaddress.IPv6Address | None
     mtu: int
     run_dir: str
     proc_name: str  # honcho's process name (with USTACK_NAME_PREFIX); empty outside honcho
@@ -82,12 +85,48 @@ class StackConfig:
     telemetry_bind: str
     monitor_endpoint: str  # stackctl subscribes to telemetry here (ingress binds an XPUB)
     monitor_bind: str
+    reassembly_timeout: float | None  # seconds for both families; None: 30 s IPv4, 60 s IPv6 (RFC 8200 §4.5)
     keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
     client_key: str   # this worker's key pair (tcp:// endpoints)
 
     @property
     def stack_addr_bytes(self) -> bytes:
         return self.stack_address.packed
+
+    @property
+    def stack_addr6_bytes(self) -> bytes | None:
+        return None if self.stack_address6 is None else self.stack_address6.packed
+
+
+IPV6_MIN_MTU = 1280
+
+
+def _address_pair(interface, address, suffix: str, host_default: str, addr_default: str):
+    """USTACK_HOST_ADDR<suffix> (the kernel's side) and USTACK_ADDR<suffix> (ours, inside its prefix)."""
+    host_var, addr_var = f"USTACK_HOST_ADDR{suffix}", f"USTACK_ADDR{suffix}"
+    try:
+        host = interface(env_str(host_var, host_default))
+    except ValueError as exc:
+        raise ConfigError(f"{host_var}: bad address configuration: {exc} (expected e.g. {host_default})") from None
+    try:
+        addr = address(env_str(addr_var, addr_default))
+    except ValueError as exc:
+        raise ConfigError(f"{addr_var}: bad address configuration: {exc} (expected e.g. {addr_default})") from None
+    if addr not in host.network:
+        raise ConfigError(f"{addr_var} {addr} is not inside {host_var} {host.network}")
+    if addr == host.ip:
+        raise ConfigError(f"{addr_var} must differ from the kernel side's {host_var}")
+    return host, addr
+
+
+def _ipv6_addresses() -> tuple[ipaddress.IPv6Interface | None, ipaddress.IPv6Address | None]:
+    """USTACK_HOST_ADDR6 and USTACK_ADDR6, checked like the IPv4 pair; (None, None) with USTACK_IPV6=0."""
+    if not env_bool("USTACK_IPV6", True):
+        return None, None
+    host, addr = _address_pair(ipaddress.IPv6Interface, ipaddress.IPv6Address, "6", "fd00::1/64", "fd00::2")
+    if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
+        raise ConfigError(f"USTACK_ADDR6 {addr}: not a unicast address")
+    return host, addr
 
 
 def default_run_dir(tun_name: str) -> str:
@@ -102,24 +141,17 @@ def default_run_dir(tun_name: str) -> str:
 
 def load() -> StackConfig:
     """Read and validate the environment; exit with a clear message on bad values."""
-    try:
-        host = ipaddress.IPv4Interface(env_str("USTACK_HOST_ADDR", "10.0.0.1/24"))
-    except ValueError as exc:
-        raise ConfigError(f"USTACK_HOST_ADDR: bad address configuration: {exc} (expected e.g. 10.0.0.1/24)") from None
-    try:
-        addr = ipaddress.IPv4Address(env_str("USTACK_ADDR", "10.0.0.2"))
-    except ValueError as exc:
-        raise ConfigError(f"USTACK_ADDR: bad address configuration: {exc} (expected e.g. 10.0.0.2)") from None
-    if addr not in host.network:
-        raise ConfigError(f"USTACK_ADDR {addr} is not inside USTACK_HOST_ADDR {host.network}")
-    if addr == host.ip:
-        raise ConfigError("USTACK_ADDR must differ from the kernel side's USTACK_HOST_ADDR")
+    host, addr = _address_pair(ipaddress.IPv4Interface, ipaddress.IPv4Address, "", "10.0.0.1/24", "10.0.0.2")
+    host6, addr6 = _ipv6_addresses()
     tun_name = env_str("USTACK_TUN", "ustack0")
     if not 0 < len(tun_name) < 16:
         raise ConfigError(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
     mtu = env_int("USTACK_MTU", 1500)
     if not 576 <= mtu <= 65535:
         raise ConfigError(f"USTACK_MTU {mtu}: expected 576..65535")
+    if addr6 is not None and mtu < IPV6_MIN_MTU:
+        # RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280.
+        raise ConfigError(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
     run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
     endpoints = {}
     for stage in ("ingress", "egress", "control", "telemetry", "monitor"):
@@ -133,6 +165,9 @@ def load() -> StackConfig:
                 raise ConfigError(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
         endpoints[stage] = (connect, bind)
     keys_dir = env_str("USTACK_KEYS_DIR", "keys")
+    reassembly_timeout = env_float("USTACK_REASSEMBLY_TIMEOUT", 0.0) or None
+    if reassembly_timeout is not None and not 0 < reassembly_timeout <= 120:
+        raise ConfigError(f"USTACK_REASSEMBLY_TIMEOUT {reassembly_timeout}: expected 0 < seconds <= 120")
     offload = env_bool("USTACK_OFFLOAD", sys.platform == "linux")
     if offload and sys.platform != "linux":
         raise ConfigError("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
@@ -140,6 +175,8 @@ def load() -> StackConfig:
         tun_name=tun_name,
         host_interface=host,
         stack_address=addr,
+        host_interface6=host6,
+        stack_address6=addr6,
         mtu=mtu,
         run_dir=run_dir,
         # A worker's identity on the bus; the prefix keeps names unique across hosts.
@@ -155,6 +192,7 @@ def load() -> StackConfig:
         telemetry_bind=endpoints["telemetry"][1],
         monitor_endpoint=endpoints["monitor"][0],
         monitor_bind=endpoints["monitor"][1],
+        reassembly_timeout=reassembly_timeout,
         keys_dir=keys_dir,
         client_key=env_str("USTACK_CLIENT_KEY", os.path.join(keys_dir, "client.key_secret")),
     )
@@ -195,6 +233,42 @@ def _netns_name() -> None:
         raise ConfigError(f"USTACK_NETNS={name!r}: expected a network namespace name")
 
 
+_SERVICE_ENTRY = re.compile(r"(tcp|udp)/(\d{1,5})=([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
+
+
+def parse_services(value: str) -> list[tuple[str, int, str, str]]:
+    """A USTACK_SERVICES value as (protocol, port, module, name) entries; ConfigError if malformed.
+
+    Only the syntax: the TCP and UDP workers load the modules (workers/registry.py)."""
+    entries: list[tuple[str, int, str, str]] = []
+    seen: set[tuple[str, int]] = set()
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        m = _SERVICE_ENTRY.fullmatch(item)
+        if m is None:
+            raise ConfigError(f"USTACK_SERVICES entry {item!r}: expected tcp/PORT=module:Name or udp/PORT=module:Name")
+        proto, port, module, name = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"USTACK_SERVICES entry {item!r}: port {port} is not 1..65535")
+        if (proto, port) in seen:
+            raise ConfigError(f"USTACK_SERVICES names {proto}/{port} twice")
+        seen.add((proto, port))
+        entries.append((proto, port, module, name))
+    return entries
+
+
+def _services() -> None:
+    parse_services(env_str("USTACK_SERVICES", ""))
+
+
+def _http_root() -> None:
+    root = env_str("USTACK_HTTP_ROOT", "")
+    if root and not os.path.isdir(root):
+        raise ConfigError(f"USTACK_HTTP_ROOT={root!r}: expected a directory")
+
+
 # Every variable of the README's configuration table that load() does not cover. The
 # tcp worker reads the TCP_* values itself; they are checked here so that every
 # process (and scripts/run) rejects a typo before anything starts.
@@ -214,6 +288,9 @@ CHECKS: tuple[Callable[[], None], ...] = (
     _number("TCP_SYN_QUEUE", 256, 1, 1 << 20, integer=True),
     _recv_buffer,
     _number("TCP_SEND_BUFFER", 1 << 20, 1, 1 << 30, integer=True),
+    _services,
+    _http_root,
+    _number("USTACK_HTTP_TIMEOUT", 10.0, 0.001, 86400.0),
 )
 
 

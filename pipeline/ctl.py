@@ -33,7 +33,7 @@ from pipeline import config
 from pipeline.bus import endpoints, messages
 from pipeline.flow import Flow
 from pipeline.pcap import FlowFilter, PcapWriter
-from pipeline.wire.addr import fmt_addr
+from pipeline.wire.addr import fmt_addr, fmt_endpoint, split_endpoint
 
 TIMEOUT_MS = 2000
 CONNS_WAIT = 3.0  # seconds to wait for every tcp worker's connection table
@@ -95,8 +95,13 @@ def _drops(stats: dict[str, int]) -> str:
 
 
 def render(status: dict) -> str:
-    lines = [f"ustack {status['address']} on {status['device']}, ingress up {status['uptime']:.0f} s "
-             f"(epoch {status['epoch']:08x})", ""]
+    addresses = " and ".join(a for a in (status["address"], status.get("address6")) if a)
+    lines = [f"ustack {addresses} on {status['device']}, ingress up {status['uptime']:.0f} s "
+             f"(epoch {status['epoch']:08x})"]
+    reassembly = status.get("reassembly")
+    if reassembly is not None:
+        lines.append(f"reassembly: {reassembly['datagrams']} datagrams, {reassembly['bytes']} bytes held")
+    lines.append("")
     header = f"{'process':<12} {'role':<8} {'heartbeat':>9} {'conns':>6} {'flows':>6} {'pkts in':>10} " \
              f"{'pkts out':>10}  drops"
     lines.append(header)
@@ -111,7 +116,7 @@ def render(status: dict) -> str:
 def render_flows(rows: list[tuple[Flow, str]]) -> str:
     lines = [f"{'remote':<40} {'local port':>10}  worker"]
     for flow, worker in sorted(rows, key=lambda r: (r[1], r[0])):
-        lines.append(f"{fmt_addr(flow.remote) + ':' + str(flow.rport):<40} {flow.lport:>10}  {worker}")
+        lines.append(f"{fmt_endpoint(flow.remote, flow.rport):<40} {flow.lport:>10}  {worker}")
     return "\n".join(lines)
 
 
@@ -243,8 +248,8 @@ def conn_filter(args: argparse.Namespace):
             return False
         if flow is None:
             return True
-        ends = [record["local"].rpartition(":"), record["remote"].rpartition(":")]
-        return any(flow.matches({addr}, {int(port)}) for addr, _, port in ends)
+        ends = [split_endpoint(record["local"]), split_endpoint(record["remote"])]
+        return any(flow.matches({addr}, {int(port)}) for addr, port in ends)
     return keep
 
 

@@ -37,16 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.wire import ipv6
+from pipeline.wire.ipv4 import Ipv4Packet
 from pipeline.wire.checksum import internet_checksum
 
-# IPv4 header fields this module reads or rewrites (RFC 791 §3.1).
+# IPv4 header fields this module rewrites (RFC 791 §3.1); it reads them through Ipv4Packet.
 _V4_TOTAL_LEN = 2
-_V4_IDENT = 4
 _V4_FLAGS_OFFSET = 6
-_V4_PROTOCOL = 9
 _V4_CHECKSUM = 10
-_V4_SRC = 12
-_V4_DST = 16
 _V4_MIN_HEADER = 20
 _V4_DF = 0x4000
 _V4_MF = 0x2000
@@ -133,17 +130,15 @@ class Reassembler:
 
     def add_ipv4(self, packet: bytes | memoryview, now: float) -> bytes | None:
         """One checked IPv4 fragment (cut to Total Length); the whole datagram when complete (RFC 791 §3.2)."""
-        header_len = (packet[0] & 0x0F) * 4
-        field = (packet[_V4_FLAGS_OFFSET] << 8) | packet[_V4_FLAGS_OFFSET + 1]
-        more = bool(field & _V4_MF)
-        start = (field & _V4_OFFSET_MASK) * 8
+        ip = Ipv4Packet.trusted(packet)
+        more = ip.more_fragments
+        start = ip.fragment_offset
         if not more and start == 0:
             raise ValueError("not a fragment")
-        src, dst = bytes(packet[_V4_SRC:_V4_SRC + 4]), bytes(packet[_V4_DST:_V4_DST + 4])
-        ident = (packet[_V4_IDENT] << 8) | packet[_V4_IDENT + 1]
+        src, dst = ip.src, ip.dst
         # RFC 791 §3.2: a datagram is named by source, destination, protocol and identification.
-        key = (4, src, dst, packet[_V4_PROTOCOL], ident)
-        data = packet[header_len:]
+        key = (4, src, dst, ip.protocol, ip.ident)
+        data = ip.payload
         # Even with the smallest header the datagram could not exceed 65,535 octets.
         if start + len(data) + _V4_MIN_HEADER > MAX_PACKET:
             self.drops["oversize"] += 1

@@ -16,7 +16,9 @@ import zmq
 from pipeline import tun
 from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
+from pipeline.config import StackConfig
 from pipeline.flow import Flow
+from pipeline.fragments import Limits, Reassembler
 from pipeline.membership import Membership
 from pipeline.process import Process
 from pipeline.routing import PENDING_MAX_AGE, Router
@@ -28,6 +30,13 @@ STOP_WORKERS_WAIT = 5.0  # stackctl stop: seconds the workers get to reset their
 STOP_EGRESS_WAIT = 3.0   # then seconds egress gets to write what they sent
 
 
+def reassembler(cfg: StackConfig) -> Reassembler:
+    """The fragment reassembler with the RFC timeouts, or the configured one for both families."""
+    if cfg.reassembly_timeout is None:
+        return Reassembler()
+    return Reassembler(Limits(timeout_ipv4=cfg.reassembly_timeout, timeout_ipv6=cfg.reassembly_timeout))
+
+
 class Ingress:
     def __init__(self, proc: Process, device: tun.TunDevice, ctx: zmq.Context) -> None:
         cfg = proc.config
@@ -37,7 +46,8 @@ class Ingress:
         self.started = time.monotonic()
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.members = Membership(messages.HEARTBEAT_TIMEOUT)
-        self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started)
+        self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started,
+                             address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg))
         self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters, self.started)
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
@@ -50,6 +60,12 @@ class Ingress:
         self.stop_deadline = 0.0
 
     # -- packets ---------------------------------------------------------------
+
+    def quiet(self, reason: str, **fields: object) -> None:
+        """The kernel's own IPv6 chatter: its own counter, one debug line, never a drop or a warning."""
+        self.proc.counters[reason] += 1
+        if self.proc.debug:
+            self.log.debug("ignored", reason=reason, **fields)
 
     def forward(self, name: str, items: list[messages.Item]) -> bool:
         """Send packets to one worker as one message; False if the worker is gone."""
@@ -70,19 +86,21 @@ class Ingress:
         batches: dict[str, list[messages.Item]] = {}
         router = self.router
         admit = self.admission.admit
-        for item in items:
-            name, role = router.route(item[0], now)
+        for data, offload in items:
+            name, role, packet = router.route(data, now)
+            if packet is not data:
+                offload = None  # reassembled from fragments: a new packet, checksums unvouched
             if name is not None:
-                if not admit(item[0], role, now):
+                if not admit(packet, role, now):
                     continue  # shed under overload, counted (pipeline.admission)
-                batches.setdefault(name, []).append(item)
+                batches.setdefault(name, []).append((packet, offload))
             elif role:
-                router.hold(role, now, item)  # no live worker yet, or settling
+                router.hold(role, now, (packet, offload))  # no live worker yet, or settling
         for name, batch in batches.items():
             if not self.forward(name, batch):
                 # The worker vanished under us: route again among the living (or hold).
                 for data, offload in batch:
-                    again, role = router.route(data, now)
+                    again, role, _ = router.route(data, now)
                     if again is None or not self.forward(again, [(data, offload)]):
                         router.hold(role, now, (data, offload))
 
@@ -100,6 +118,8 @@ class Ingress:
                 for data, _ in items:
                     self.proc.telemetry.packet("in", data)
             self.route_and_forward(items, now)
+            if self.router.reassembler.drops:
+                self.count_fragment_drops()
 
     def flush_pending(self, now: float) -> None:
         for role, queue in self.router.pending.items():
@@ -112,13 +132,36 @@ class Ingress:
                 if not self.members.has_role(role):
                     break
                 queue.popleft()
-                name, _ = self.router.route(packet, now)
+                name, _, _ = self.router.route(packet, now)
                 if name is None:
                     queue.appendleft((born, packet, offload))
                     break
                 if not self.forward(name, [(packet, offload)]):
                     queue.appendleft((born, packet, offload))
                     break
+
+    def expire_fragments(self, now: float) -> None:
+        """Give up datagrams whose reassembly timer ran out; count the reassembler's drops.
+
+        One whose first fragment came is owed ICMP Time Exceeded (fragment
+        reassembly, RFC 1122 §3.3.2, RFC 8200 §4.5): that bare fragment goes
+        to ``icmp``, the only way a fragment reaches a worker, and it builds
+        the error.
+        """
+        owed = [(e.first_fragment, None) for e in self.router.reassembler.expire(now) if e.icmp_owed]
+        self.count_fragment_drops()
+        name = self.members.pick("icmp", b"")
+        if owed and name is not None:
+            self.forward(name, owed)
+
+    def count_fragment_drops(self) -> None:
+        """The reassembler's refusals (overlap, bounds, timeouts) as drop_fragment_<reason> counters."""
+        reassembler = self.router.reassembler
+        for reason, n in reassembler.drops.items():
+            self.proc.counters["drop_fragment_" + reason] += n
+            if self.proc.debug:
+                self.log.debug("drop", reason="fragment_" + reason, count=n)
+        reassembler.drops.clear()
 
     # -- membership ------------------------------------------------------------
 
@@ -185,6 +228,9 @@ class Ingress:
             "uptime": round(now - self.started, 3),
             "device": self.device.name,
             "address": str(self.proc.config.stack_address),
+            "address6": None if self.proc.config.stack_address6 is None else str(self.proc.config.stack_address6),
+            "reassembly": {"datagrams": self.router.reassembler.datagrams,
+                           "bytes": self.router.reassembler.bytes_held},
             "processes": [{"name": self.proc.name, "role": "ingress", "heartbeat_age": 0.0,
                            "flows": len(self.router.flows), "stats": dict(self.proc.counters)}] + [
                 {"name": m.name, "role": m.role, "heartbeat_age": round(now - m.last_seen, 3),
@@ -264,13 +310,18 @@ class Ingress:
         if self.refusals is not None:
             poller.register(self.refusals, zmq.POLLIN)
         device_fd = self.device.fileno()
+        reassembler = self.router.reassembler
         reading = True
         while not self.proc.stopper.stopping:
             if reading and self.stop_phase is not None:  # stopping: no new packets in
                 poller.unregister(device_fd)
                 reading = False
             self.proc.flush_logs()
-            ready = dict(poller.poll(100))
+            timeout = 100
+            deadline = reassembler.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0, int((deadline - time.monotonic()) * 1000) + 1))
+            ready = dict(poller.poll(timeout))
             now = time.monotonic()
             if self.bus in ready:
                 self.read_bus(now)
@@ -280,6 +331,8 @@ class Ingress:
                 self.read_control(now)
             if self.refusals is not None and self.refusals in ready:
                 endpoints.log_refusals(self.refusals, self.log)
+            if deadline is not None and deadline <= now:
+                self.expire_fragments(now)
             for name in self.members.expire(now):
                 self.worker_gone(name, "heartbeat_timeout")
             if any(self.router.pending.values()):
@@ -307,14 +360,17 @@ def main() -> None:
     endpoints.ensure_run_dir(cfg.run_dir)
     try:
         device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload, run_dir=cfg.run_dir)
-        tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu)
+        tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu,
+                                  None if cfg.host_interface6 is None else str(cfg.host_interface6))
     except tun.TunError as exc:
         proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(tun.exit_status(exc)) from None
     ctx = zmq.Context()
     ingress = Ingress(proc, device, ctx)
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),
-                  address=str(cfg.stack_address), offload=hex(getattr(device, "offload_bits", 0)),
+                  address=str(cfg.stack_address), host6=cfg.host_interface6 and str(cfg.host_interface6),
+                  address6=cfg.stack_address6 and str(cfg.stack_address6),
+                  offload=hex(getattr(device, "offload_bits", 0)),
                   epoch=ingress.epoch)
     try:
         ingress.run()

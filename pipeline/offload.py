@@ -17,6 +17,7 @@ NEEDS_CSUM = 1   # only the pseudo-header sum is in the checksum field: finish i
 DATA_VALID = 2   # the kernel already verified the checksum
 GSO_NONE = 0
 GSO_TCPV4 = 1
+GSO_TCPV6 = 4
 # The segment carries CWR: the kernel keeps it on the first of the cut segments only (RFC 3168 §6.1.2).
 GSO_ECN = 0x80
 
@@ -35,10 +36,10 @@ def checksum_vouched(offload: Offload | None) -> bool:
 
 
 def tcp_offload(ip_header_len: int, tcp_header_len: int, payload_len: int, segment_size: int,
-                cwr: bool = False) -> Offload:
+                cwr: bool = False, ipv6: bool = False) -> Offload:
     """Ask the kernel to finish the TCP checksum and, if the payload is larger than
-    ``segment_size``, to cut it into segments of that size (TSO)."""
+    ``segment_size``, to cut it into segments of that size (TSO, or TSO6 over IPv6)."""
     gso = payload_len > segment_size
-    gso_type = (GSO_TCPV4 | (GSO_ECN if cwr else 0)) if gso else GSO_NONE
+    gso_type = ((GSO_TCPV6 if ipv6 else GSO_TCPV4) | (GSO_ECN if cwr else 0)) if gso else GSO_NONE
     return (NEEDS_CSUM, gso_type, ip_header_len + tcp_header_len,
             segment_size if gso else 0, ip_header_len, _TCP_CHECKSUM_OFFSET)

@@ -3,8 +3,9 @@
 Contract: the classic pcap format (tcpdump's, which tshark and Wireshark read),
 microsecond timestamps, link type LINKTYPE_RAW (101): each record is one IP
 packet exactly as it crossed the TUN device, so an offloaded 64 KB TCP
-segment is one record of up to 65535 bytes. Flow filters read the IPv4
-header once and never raise on malformed bytes (they simply do not match).
+segment is one record of up to 65535 bytes. Flow filters read the IP header
+(either family) once and never raise on malformed bytes (they simply do not
+match).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import ipaddress
 import struct
 from typing import BinaryIO
+
+from pipeline.wire import ipv6
+from pipeline.wire.addr import split_endpoint
 
 LINKTYPE_RAW = 101  # the packet begins with the IPv4 or IPv6 header
 SNAPLEN = 65535
@@ -37,15 +41,13 @@ class PcapWriter:
 
 
 class FlowFilter:
-    """``ADDR:PORT``, ``ADDR`` or ``:PORT``: a packet or record matches when one of its
-    addresses is ADDR and one of its ports is PORT (each part optional)."""
+    """``ADDR:PORT`` (``[IPv6]:PORT``), ``ADDR`` or ``:PORT``: a packet or record matches when
+    one of its addresses is ADDR and one of its ports is PORT (each part optional)."""
 
     def __init__(self, spec: str) -> None:
-        addr, sep, port = spec.rpartition(":")
-        if not sep:
-            addr, port = spec, ""
         try:
-            self.addr = str(ipaddress.IPv4Address(addr)) if addr else None
+            addr, port = split_endpoint(spec)
+            self.addr = str(ipaddress.ip_address(addr)) if addr else None
             self.port = int(port) if port else None
         except ValueError:
             raise ValueError(f"{spec!r}: expected ADDR:PORT, ADDR or :PORT") from None
@@ -56,11 +58,20 @@ class FlowFilter:
         return (self.addr is None or self.addr in addrs) and (self.port is None or self.port in ports)
 
     def matches_packet(self, packet: bytes) -> bool:
-        if len(packet) < 20 or packet[0] >> 4 != 4:
+        version = packet[0] >> 4 if packet else None
+        if version == 4 and len(packet) >= 20:
+            addrs = {str(ipaddress.IPv4Address(packet[12:16])), str(ipaddress.IPv4Address(packet[16:20]))}
+            protocol, upper = packet[9], (packet[0] & 0x0F) * 4
+        elif version == 6 and len(packet) >= ipv6.HEADER_LEN:
+            addrs = {str(ipaddress.IPv6Address(packet[ipv6.SRC_OFFSET:ipv6.DST_OFFSET])),
+                     str(ipaddress.IPv6Address(packet[ipv6.DST_OFFSET:ipv6.HEADER_LEN]))}
+            # The lenient walk past any extension headers (None if they run past the end).
+            found = ipv6.skip_extension_headers(memoryview(packet), packet[ipv6.NEXT_HEADER_OFFSET], ipv6.HEADER_LEN,
+                                                len(packet))
+            protocol, upper = found if found is not None else (ipv6.NO_NEXT_HEADER, len(packet))
+        else:
             return False
-        addrs = {str(ipaddress.IPv4Address(packet[12:16])), str(ipaddress.IPv4Address(packet[16:20]))}
-        ihl = (packet[0] & 0x0F) * 4
         ports: set[int] = set()
-        if packet[9] in (6, 17) and len(packet) >= ihl + 4:  # TCP, UDP: ports lead the header
-            ports.update(_PORTS.unpack_from(packet, ihl))
+        if protocol in (6, 17) and len(packet) >= upper + 4:  # TCP, UDP: ports lead the header
+            ports.update(_PORTS.unpack_from(packet, upper))
         return self.matches(addrs, ports)

@@ -1,11 +1,24 @@
 """Ingress routing: which worker gets each packet (pure: no sockets, no clock).
 
-The one checked IPv4 parse of the pipeline happens here (version, lengths,
-header checksum, fragments, destination), and for TCP the check of the
-header's lengths that routing by ports needs; workers trust the bus and read
-those headers through trusted views, re-verifying nothing. ICMP goes to ``icmp``, UDP to ``udp``, any
-other protocol to ``icmp`` (which answers protocol unreachable, RFC 1122
-§3.2.2.1), and TCP to the worker that owns the flow:
+The one checked parse of the pipeline happens here, for both families: IPv4
+(version, lengths, header checksum, destination) and IPv6 with its
+extension-header walk (RFC 8200 §4), and for TCP the check of the header's
+lengths that routing by ports needs; workers trust the bus and read those
+headers through trusted views, re-verifying nothing.
+
+Fragments of either family go to the ``Reassembler`` (RFC 791, RFC 8200
+§4.5) before anything else looks at them: a worker always sees whole
+datagrams, which are routed like any packet. Packets owed an ICMP error that
+ingress finds (IPv4 protocols we lack, IPv6 Parameter Problems) go to
+``icmp``, which builds the error: replies stay out of ingress. The kernel's
+own IPv6 interface chatter (router solicitations, MLD, DAD) is counted
+quietly (``chatter_<kind>``) and never answered.
+
+ICMP and ICMPv6 go to ``icmp``, UDP to ``udp``, any other IPv4 protocol to
+``icmp`` (protocol unreachable, RFC 1122 §3.2.2.1), and TCP to the worker
+that owns the flow. An ICMP error that quotes a packet of ours goes where
+the quoted flow lives (RFC 1122 §4.2.3.9, RFC 4443 §2.4 (b)): a TCP flow's
+owner, the UDP worker for UDP. For TCP:
 
 * a flow a worker has announced (it holds the connection) goes to that
   worker while it lives: a worker joining never steals existing flows;
@@ -27,9 +40,10 @@ from collections.abc import Callable
 
 from pipeline.bus.messages import HEARTBEAT_INTERVAL
 from pipeline.flow import Flow
+from pipeline.fragments import Reassembler
 from pipeline.membership import Membership
 from pipeline.offload import Offload
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, icmp, icmpv6, ipv6
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Packet
 from pipeline.wire.tcp import TcpPacket
 
@@ -38,49 +52,143 @@ PENDING_MAX_AGE = 2.0  # seconds; older ones are dropped (the peer retransmits)
 # Long enough for every live worker's next heartbeat and its flow list to arrive.
 SETTLE_TIME = HEARTBEAT_INTERVAL * 1.5
 
-_ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp"}
+_ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp", ipv6.ICMPV6: "icmp"}
+_ICMP_HEADER_LEN = 8  # type, code, checksum, one 32-bit word: then the quote (RFC 792, RFC 4443 §2.1)
 
 Pending = tuple[float, bytes, Offload | None]
+# (worker, role, packet): worker None and a role: hold the packet; role "": dropped (or a
+# fragment kept for reassembly). packet: what to forward (the whole datagram after reassembly).
+Route = tuple[str | None, str, bytes]
+_DROPPED: Route = (None, "", b"")
+
+
+# Services whose connections must share a worker with the client's other connections to them:
+# an iperf3 test is a control connection plus data streams, matched by cookie in one worker.
+STEERED_PORTS = frozenset({5201})
+_STEERED = frozenset(port.to_bytes(2, "big") for port in STEERED_PORTS)
+
+
+def affinity_key(key: bytes) -> bytes:
+    """What a new flow's worker is chosen by: its Flow.key, or for STEERED_PORTS only (remote
+    address, local port), so that every connection of one client to such a port lands on the
+    same worker (rendezvous hashing keeps that true while the workers stay the same)."""
+    if key[-2:] in _STEERED:
+        return key[:-4] + key[-2:]
+    return key
 
 
 class Router:
-    def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float) -> None:
+    def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float,
+                 address6: bytes | None = None, quiet: Callable[..., None] | None = None,
+                 reassembler: Reassembler | None = None) -> None:
         self.address = address
+        self.address6 = address6  # None: IPv6 is off, and a counted drop as before
         self.members = members
         self.drop = drop
+        self.quiet = quiet or drop  # the kernel's IPv6 chatter: counted, logged at debug only
+        self.reassembler = reassembler or Reassembler()
         self.settle_until = started + SETTLE_TIME
         self.flows: dict[bytes, str] = {}  # Flow.key -> the worker that announced it
         self.pending: dict[str, collections.deque[Pending]] = collections.defaultdict(
             lambda: collections.deque(maxlen=PENDING_LIMIT))
 
-    def route(self, packet: bytes, now: float) -> tuple[str | None, str]:
-        """(worker, role) for a packet. (None, role): hold it for later; (None, ""): dropped."""
-        if not packet or packet[0] >> 4 != 4:
-            self.drop("not_ipv4", version=packet[0] >> 4 if packet else None)
-            return None, ""
+    def route(self, packet: bytes, now: float) -> Route:
+        """(worker, role, packet to forward) for a packet read from the device."""
+        version = packet[0] >> 4 if packet else None
+        if version == 4:
+            return self._route_ipv4(packet, now)
+        if version == 6 and self.address6 is not None:
+            return self._route_ipv6(packet, now)
+        self.drop("not_ipv4" if self.address6 is None else "bad_version", version=version)
+        return _DROPPED
+
+    def _route_ipv4(self, packet: bytes, now: float, reassembled: bool = False) -> Route:
         try:
-            ip = Ipv4Packet.checked(packet)
+            ip = Ipv4Packet.checked(packet, fragments=not reassembled)
         except Malformed as exc:
             self.drop(exc.reason, layer="ipv4")
-            return None, ""
+            return _DROPPED
         if ip.dst != self.address:
             self.drop("not_for_us")
-            return None, ""
-        role = _ROLE_BY_PROTO.get(ip.protocol, "icmp")
-        if role != "tcp":
-            return self.members.pick(role, b""), role
+            return _DROPPED
+        if ip.is_fragment:
+            whole = self.reassembler.add_ipv4(ip.buf[:ip.total_len], now)
+            return _DROPPED if whole is None else self._route_ipv4(whole, now, reassembled=True)
+        protocol = ip.protocol
+        if protocol == PROTO_ICMP and len(ip.payload) > _ICMP_HEADER_LEN and ip.payload[0] in icmp.QUOTING_ERRORS:
+            return self._route_error(icmp.quoted_ipv4(ip.payload[_ICMP_HEADER_LEN:]), packet, now)
+        return self._route_transport(packet, protocol, ip.src, ip.payload, now)
+
+    def _route_ipv6(self, packet: bytes, now: float, reassembled: bool = False) -> Route:
         try:
-            tcp = TcpPacket.checked(ip.payload)
+            parsed = ipv6.parse(packet)
+        except Malformed as exc:
+            self.drop(exc.reason, layer="ipv6")
+            return _DROPPED
+        header = parsed.header
+        if header.dst != self.address6:
+            # Checked before not_for_us: the kernel's chatter goes to multicast groups.
+            kind = self._chatter(packet, parsed)
+            if kind is not None:
+                self.quiet("chatter_" + kind)
+            else:
+                self.drop("not_for_us")
+            return _DROPPED
+        if parsed.error is not None:
+            return self.members.pick("icmp", b""), "icmp", packet  # it builds the Parameter Problem
+        if parsed.fragment is not None:
+            if reassembled:  # a Fragment header inside a reassembled packet
+                self.drop("nested_fragment", layer="ipv6")
+                return _DROPPED
+            whole = self.reassembler.add_ipv6(packet, parsed, now)
+            return _DROPPED if whole is None else self._route_ipv6(whole, now, reassembled=True)
+        if parsed.protocol == ipv6.NO_NEXT_HEADER:
+            self.drop("no_next_header", layer="ipv6")  # RFC 8200 §4.7: nothing to deliver
+            return _DROPPED
+        payload = memoryview(packet)[parsed.payload_offset:parsed.payload_end]
+        if parsed.protocol == ipv6.ICMPV6 and len(payload) > _ICMP_HEADER_LEN and payload[0] < icmpv6.ECHO_REQUEST:
+            return self._route_error(icmpv6.quoted_ipv6(payload[_ICMP_HEADER_LEN:]), packet, now)
+        return self._route_transport(packet, parsed.protocol, header.src, payload, now)
+
+    def _chatter(self, packet: bytes, parsed: ipv6.Ipv6Packet) -> str | None:
+        """The kind of the local kernel's own ICMPv6 chatter this packet is, if it is (RFC 4861, 3810, 4862)."""
+        if parsed.protocol != ipv6.ICMPV6 or parsed.error is not None or parsed.fragment is not None:
+            return None
+        try:
+            msg = icmpv6.parse(memoryview(packet)[parsed.payload_offset:parsed.payload_end],
+                               parsed.header.src, parsed.header.dst, verify_checksum=False)
+        except Malformed:
+            return None
+        return icmpv6.chatter(msg, parsed.header.src)
+
+    def _route_error(self, quote: icmp.Quote | None, packet: bytes, now: float) -> Route:
+        """An ICMP error: to the owner of the flow whose packet it quotes (ICMP ones, and junk, to icmp)."""
+        if quote is None or quote.src not in (self.address, self.address6) \
+                or quote.protocol not in (PROTO_TCP, PROTO_UDP):
+            return self.members.pick("icmp", b""), "icmp", packet  # counted and ignored there
+        if quote.protocol == PROTO_UDP:
+            return self.members.pick("udp", b""), "udp", packet
+        return self._route_flow(quote.flow_key, False, packet, now)
+
+    def _route_transport(self, packet: bytes, protocol: int, src: bytes, payload: memoryview, now: float) -> Route:
+        if protocol != PROTO_TCP:
+            role = _ROLE_BY_PROTO.get(protocol, "icmp")
+            return self.members.pick(role, b""), role, packet
+        try:
+            tcp = TcpPacket.checked(payload)
         except Malformed as exc:
             self.drop(exc.reason, layer="tcp")
-            return None, ""
-        key = ip.src + tcp.port_bytes  # Flow(src, sport, dport).key without making the Flow
+            return _DROPPED
+        # Flow(src, sport, dport).key without making the Flow
+        return self._route_flow(src + tcp.port_bytes, tcp.starts_connection, packet, now)
+
+    def _route_flow(self, key: bytes, starts_connection: bool, packet: bytes, now: float) -> Route:
         owner = self.flows.get(key)
         if owner is not None and self.members.is_alive(owner):
-            return owner, role
-        if now < self.settle_until and not tcp.starts_connection:
-            return None, role  # an existing flow whose owner has not re-announced yet
-        return self.members.pick(role, key), role
+            return owner, "tcp", packet
+        if now < self.settle_until and not starts_connection:
+            return None, "tcp", packet  # an existing flow whose owner has not re-announced yet
+        return self.members.pick("tcp", affinity_key(key)), "tcp", packet
 
     def hold(self, role: str, born: float, item: tuple[bytes, Offload | None]) -> None:
         """Keep a packet until its role has a worker (bounded: the oldest goes first)."""

@@ -292,14 +292,20 @@ def exit_status(exc: TunError) -> int:
     return EX_NOPERM if exc.no_privilege else 1
 
 
-def configure_kernel_side(name: str, host_interface: str, mtu: int) -> None:
-    """Give the kernel's side of the link its address and bring it up (idempotent)."""
+def configure_kernel_side(name: str, host_interface: str, mtu: int, host_interface6: str | None = None) -> None:
+    """Give the kernel's side of the link its addresses and bring it up (idempotent)."""
     if sys.platform == "linux":
         cmds = [["ip", "link", "set", "dev", name, "mtu", str(mtu), "up"],
                 ["ip", "addr", "replace", host_interface, "dev", name]]
+        if host_interface6 is not None:
+            # nodad: the link has one other node (us), and DAD would hold the address
+            # "tentative" (unusable) for a second after every start.
+            cmds.append(["ip", "-6", "addr", "replace", host_interface6, "dev", name, "nodad"])
     else:
         ip, _, prefix = host_interface.partition("/")
         cmds = [["ifconfig", name, "inet", host_interface, ip, "mtu", str(mtu), "up"]]
+        if host_interface6 is not None:
+            cmds.append(["ifconfig", name, "inet6", host_interface6])
     for cmd in cmds:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

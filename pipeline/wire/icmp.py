@@ -20,10 +20,18 @@ ECHO_REPLY = 0
 DEST_UNREACHABLE = 3
 ECHO_REQUEST = 8
 TIME_EXCEEDED = 11
+PARAM_PROBLEM = 12
+# The errors that quote a packet of ours and so belong to the flow that sent it (RFC 792).
+QUOTING_ERRORS = frozenset({DEST_UNREACHABLE, TIME_EXCEEDED, PARAM_PROBLEM})
 
-# Destination Unreachable codes (RFC 792).
+# Destination Unreachable codes (RFC 792, RFC 1191 §4).
 PROTOCOL_UNREACHABLE = 2
 PORT_UNREACHABLE = 3
+FRAGMENTATION_NEEDED = 4
+# RFC 1122 §4.2.3.9: codes 2-4 are hard errors; 4 is path MTU discovery's (RFC 1191), not fatal.
+HARD_UNREACHABLE = frozenset({PROTOCOL_UNREACHABLE, PORT_UNREACHABLE})
+# Time Exceeded codes (RFC 792).
+REASSEMBLY_TIME_EXCEEDED = 1
 
 _HEADER = struct.Struct("!BBHI")
 HEADER_LEN = 8
@@ -38,12 +46,11 @@ _U32 = struct.Struct("!I")
 MAX_QUOTE = 548
 
 
-@dataclass(frozen=True, slots=True)
-class IcmpMessage:
-    type: int
-    code: int
-    rest: int  # the 32-bit "rest of header" word
-    payload: bytes
+class EchoFields:
+    """identifier and sequence: the halves of the word after the checksum (RFC 792, RFC 4443 §4)."""
+
+    __slots__ = ()
+    rest: int
 
     @property
     def identifier(self) -> int:
@@ -51,6 +58,19 @@ class IcmpMessage:
 
     @property
     def sequence(self) -> int:
+        return self.rest & 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpMessage(EchoFields):
+    type: int
+    code: int
+    rest: int  # the 32-bit "rest of header" word
+    payload: bytes
+
+    @property
+    def next_hop_mtu(self) -> int:
+        """Fragmentation Needed: the next hop's MTU, zero from old routers (RFC 1191 §4)."""
         return self.rest & 0xFFFF
 
     def emit(self) -> bytes:
@@ -133,3 +153,39 @@ def dest_unreachable(code: int, original_ip_packet: bytes | memoryview) -> IcmpM
     (RFC 1122 §3.2.2) is the caller's job.
     """
     return IcmpMessage(DEST_UNREACHABLE, code, 0, bytes(original_ip_packet[:MAX_QUOTE]))
+
+
+def time_exceeded(code: int, original_ip_packet: bytes | memoryview) -> IcmpMessage:
+    """Time Exceeded quoting the original (RFC 792); code 1 for fragment reassembly (RFC 1122 §3.3.2)."""
+    return IcmpMessage(TIME_EXCEEDED, code, 0, bytes(original_ip_packet[:MAX_QUOTE]))
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """The start of a packet an ICMP error quotes: one we sent, so src is ours and dst the peer."""
+
+    protocol: int
+    src: bytes
+    dst: bytes
+    transport: bytes  # the first 8 bytes of its transport header (all RFC 792 guarantees)
+
+    @property
+    def flow_key(self) -> bytes:
+        """``Flow.key`` of the flow the quoted packet belongs to, seen from us (remote, rport, lport)."""
+        t = self.transport
+        return self.dst + t[2:4] + t[0:2]
+
+    @property
+    def tcp_seq(self) -> int:
+        """The quoted TCP segment's sequence number (RFC 5927 §4.1 checks it)."""
+        return _U32.unpack_from(self.transport, 4)[0]
+
+
+def quoted_ipv4(quote: bytes | memoryview) -> Quote | None:
+    """What an ICMP error's payload says about the IPv4 packet it quotes; None if too little is quoted."""
+    if len(quote) < 20 or quote[0] >> 4 != 4:
+        return None
+    header_len = (quote[0] & 0x0F) * 4
+    if header_len < 20 or len(quote) < header_len + 8:
+        return None
+    return Quote(quote[9], bytes(quote[12:16]), bytes(quote[16:20]), bytes(quote[header_len:header_len + 8]))

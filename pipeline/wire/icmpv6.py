@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pipeline.wire import Malformed
 from pipeline.wire import ipv6
 from pipeline.wire.checksum import internet_checksum, pseudo_header_sum6, verify
+from pipeline.wire.icmp import EchoFields, Quote
 
 # Types (RFC 4443 §2.1, RFC 4861 §4, RFC 2710 §3, RFC 3810 §5). Below 128: errors.
 DEST_UNREACHABLE = 1
@@ -52,6 +53,8 @@ ADDRESS_UNREACHABLE = 3
 PORT_UNREACHABLE = 4
 SOURCE_POLICY_FAILED = 5
 REJECT_ROUTE = 6
+# RFC 4443 §3.1 / RFC 5461 §4: the codes that end a connection attempt (hard errors).
+HARD_UNREACHABLE = frozenset({ADMIN_PROHIBITED, PORT_UNREACHABLE})
 # Time Exceeded codes (RFC 4443 §3.3).
 HOP_LIMIT_EXCEEDED = 0
 FRAGMENT_REASSEMBLY_TIME_EXCEEDED = 1
@@ -73,19 +76,11 @@ _UNSPECIFIED = bytes(16)
 
 
 @dataclass(frozen=True, slots=True)
-class Icmpv6Message:
+class Icmpv6Message(EchoFields):
     type: int
     code: int
     rest: int  # the 32-bit word after the checksum
     payload: bytes
-
-    @property
-    def identifier(self) -> int:
-        return self.rest >> 16
-
-    @property
-    def sequence(self) -> int:
-        return self.rest & 0xFFFF
 
     @property
     def mtu(self) -> int:
@@ -203,3 +198,16 @@ def chatter(message: Icmpv6Message, src: bytes) -> str | None:
     if t == NEIGHBOR_SOLICITATION and src == _UNSPECIFIED:
         return "duplicate_address_detection"
     return None
+
+
+def quoted_ipv6(quote: bytes | memoryview) -> Quote | None:
+    """What an ICMPv6 error's payload says about the IPv6 packet it quotes; None if too little is quoted."""
+    if len(quote) < ipv6.HEADER_LEN or quote[0] >> 4 != 6:
+        return None
+    buf = quote if isinstance(quote, memoryview) else memoryview(quote)
+    found = ipv6.skip_extension_headers(buf, buf[ipv6.NEXT_HEADER_OFFSET], ipv6.HEADER_LEN, len(buf))
+    if found is None or len(buf) < found[1] + 8:
+        return None
+    upper, off = found
+    return Quote(upper, bytes(buf[ipv6.SRC_OFFSET:ipv6.DST_OFFSET]), bytes(buf[ipv6.DST_OFFSET:ipv6.HEADER_LEN]),
+                 bytes(buf[off:off + 8]))

@@ -5,7 +5,8 @@ header checksum, fragments) and raises only ``Malformed(reason)``; after it
 every accessor is infallible and reads the buffer in place (a memoryview,
 no copy). ``Ipv4Packet.trusted`` wraps bytes that ingress already checked,
 reading only IHL and Total Length: workers use it and re-verify nothing.
-Fragments are dropped with reason "fragment": we do not reassemble. Options
+Fragments raise ``Malformed("fragment")`` unless the caller takes them
+(``fragments=True``: ingress hands them to ``pipeline.fragments``). Options
 are skipped (``header_len`` says how many bytes). ``Ipv4Header`` is the
 value form; ``emit_into`` writes a plain 20-byte header into a caller's
 buffer, ``emit`` returns one. The accessors a worker needs (``src``,
@@ -91,7 +92,8 @@ class Ipv4Packet:
         self.total_len = total_len
 
     @classmethod
-    def checked(cls, packet: bytes | bytearray | memoryview, verify_checksum: bool = True) -> Ipv4Packet:
+    def checked(cls, packet: bytes | bytearray | memoryview, verify_checksum: bool = True,
+                fragments: bool = False) -> Ipv4Packet:
         """The one check of untrusted bytes; Malformed(reason) if they are no IPv4 packet we take."""
         n = len(packet)
         if n < HEADER_LEN:
@@ -109,8 +111,8 @@ class Ipv4Packet:
         view = as_view(packet)
         if verify_checksum and not verify(view[:header_len]):
             raise Malformed("bad_checksum")
-        # RFC 791 §3.2: MF set or a non-zero offset means a fragment; no reassembly here.
-        if frag & (_FLAG_MF | _FRAG_OFFSET_MASK):
+        # RFC 791 §3.2: MF set or a non-zero offset means a fragment; only a reassembler takes it.
+        if not fragments and frag & (_FLAG_MF | _FRAG_OFFSET_MASK):
             raise Malformed("fragment")
         return cls(view, header_len, total_len)
 
@@ -131,6 +133,20 @@ class Ipv4Packet:
     @property
     def dont_fragment(self) -> bool:
         return self.buf[_FLAGS_FRAG] & (_FLAG_DF >> 8) != 0
+
+    @property
+    def is_fragment(self) -> bool:
+        """MF set or a non-zero offset (RFC 791 §3.2)."""
+        return _U16.unpack_from(self.buf, _FLAGS_FRAG)[0] & (_FLAG_MF | _FRAG_OFFSET_MASK) != 0
+
+    @property
+    def more_fragments(self) -> bool:
+        return self.buf[_FLAGS_FRAG] & (_FLAG_MF >> 8) != 0
+
+    @property
+    def fragment_offset(self) -> int:
+        """Where this fragment's data goes in the datagram, in bytes (RFC 791 §3.1: in 8-octet units)."""
+        return (_U16.unpack_from(self.buf, _FLAGS_FRAG)[0] & _FRAG_OFFSET_MASK) * 8
 
     @property
     def ttl(self) -> int:

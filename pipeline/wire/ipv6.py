@@ -372,3 +372,48 @@ def upper_layer_checksum_ok(src: bytes, dst: bytes, protocol: int, data: bytes |
     if protocol == UDP and len(data) >= 8 and data[6] == 0 and data[7] == 0:
         return False
     return verify(data, pseudo_header_sum6(src, dst, protocol, len(data)))
+
+
+class Ipv6Datagram(Ipv6View):
+    """A whole IPv6 packet ingress already accepted, read as a worker reads an ``Ipv4Packet``.
+
+    ``trusted`` re-verifies nothing: it finds the upper-layer header after
+    any extension headers (the lenient walk) so ``protocol`` and ``payload``
+    mean what they mean for IPv4, and ``tos``/``ttl`` name the traffic class
+    and hop limit so cores read both families through the same accessors.
+    """
+
+    __slots__ = ("protocol", "header_len")
+
+    def __init__(self, buf: memoryview, protocol: int, header_len: int) -> None:
+        super().__init__(buf)
+        self.protocol = protocol
+        self.header_len = header_len  # the IPv6 header and every extension header before the upper layer
+
+    @classmethod
+    def trusted(cls, packet: bytes | bytearray | memoryview) -> Ipv6Datagram:
+        buf = packet if isinstance(packet, memoryview) else memoryview(packet)
+        end = HEADER_LEN + ((buf[PAYLOAD_LEN_OFFSET] << 8) | buf[PAYLOAD_LEN_OFFSET + 1])
+        buf = buf[:end]
+        found = skip_extension_headers(buf, buf[NEXT_HEADER_OFFSET], HEADER_LEN, end)
+        protocol, off = found if found is not None else (NO_NEXT_HEADER, end)
+        return cls(buf, protocol, off)
+
+    # Properties, not aliases of Ipv6View's (tos = Ipv6View.traffic_class): compiled by mypyc,
+    # such an alias is a plain class attribute holding the descriptor.
+    @property
+    def tos(self) -> int:
+        return self.traffic_class
+
+    @property
+    def ttl(self) -> int:
+        return self.hop_limit
+
+    @property
+    def dont_fragment(self) -> bool:
+        return False  # RFC 8200 §4.5: any IPv6 source may fragment what it sends
+
+    @property
+    def payload(self) -> memoryview:
+        """The upper-layer bytes (after every extension header)."""
+        return self.buf[self.header_len:]

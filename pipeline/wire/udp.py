@@ -58,6 +58,9 @@ class UdpDatagram:
         return _HEADER.pack(self.src_port, self.dst_port, length, csum)
 
 
+_IPV6_ADDRESS_LEN = 16
+
+
 class UdpPacket(PortsView):
     """A view over one UDP datagram, cut to its Length field; construct with ``checked``."""
 
@@ -81,9 +84,13 @@ class UdpPacket(PortsView):
         return self.buf[HEADER_LEN:]
 
     def verify_checksum(self, src: bytes, dst: bytes) -> bool:
-        """True if there is no checksum (a zero field, RFC 768) or it is right."""
+        """True if there is no checksum (a zero field, RFC 768) or it is right; over IPv6 zero is wrong.
+
+        RFC 8200 §8.1: the checksum is mandatory over IPv6 (16-byte addresses);
+        the pseudo-header sum is the same formula for both families.
+        """
         if _U16.unpack_from(self.buf, _CHECKSUM)[0] == 0:
-            return True
+            return len(src) != _IPV6_ADDRESS_LEN
         return verify(self.buf, pseudo_header_sum(src, dst, PROTO_UDP, len(self.buf)))
 
     def datagram(self) -> UdpDatagram:
@@ -97,6 +104,8 @@ def parse_udp(data: bytes | memoryview, src: bytes, dst: bytes, verify_checksum:
     vouched for or left partial (checksum offload); lengths are still checked.
     """
     view = UdpPacket.checked(data)
+    if len(src) == _IPV6_ADDRESS_LEN and _U16.unpack_from(view.buf, _CHECKSUM)[0] == 0:
+        raise Malformed("zero_checksum")  # RFC 8200 §8.1, whatever the device says
     if verify_checksum and not view.verify_checksum(src, dst):
         raise Malformed("bad_checksum")
     return view.datagram()

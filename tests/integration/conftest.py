@@ -1,6 +1,28 @@
+import socket
+from typing import NamedTuple
+
 import pytest
 
-from tests.integration.netns import Namespace, Stack, routed_client
+from tests.integration.netns import HOST_ADDR, HOST_ADDR6, STACK_ADDR, STACK_ADDR6, Namespace, Stack, routed_client
+
+
+class Family(NamedTuple):
+    """One IP family as a test uses it: socket family, the stack's and the kernel side's addresses."""
+
+    name: str
+    af: int
+    stack: str
+    host: str
+
+
+FAMILIES = {"ipv4": Family("ipv4", socket.AF_INET, STACK_ADDR, HOST_ADDR),
+            "ipv6": Family("ipv6", socket.AF_INET6, STACK_ADDR6, HOST_ADDR6)}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> Family:
+    """Run the test once over IPv4 and once over IPv6 (same stack, same processes)."""
+    return FAMILIES[request.param]
 
 
 @pytest.fixture(scope="module")

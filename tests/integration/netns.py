@@ -20,9 +20,13 @@ import subprocess
 import time
 import uuid
 
+from pipeline.respawn import die_with_parent
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STACK_ADDR = "10.0.0.2"
 HOST_ADDR = "10.0.0.1"
+STACK_ADDR6 = "fd00::2"
+HOST_ADDR6 = "fd00::1"
 RUN_DIR_BASE = "/run/ustack-test"  # each stack's ipc sockets: RUN_DIR_BASE/<namespace>
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -100,6 +104,13 @@ class Namespace:
 
 CLIENT_ADDR = "192.168.77.2"
 ROUTER_ADDR = "192.168.77.1"
+CLIENT_ADDR6 = "fd77::2"
+ROUTER_ADDR6 = "fd77::1"
+
+
+def _wire_ipv6(ns: Namespace, address: str, dev: str) -> None:
+    """An IPv6 address usable at once (nodad: no second of 'tentative')."""
+    ns.run("ip", "-6", "addr", "add", address, "dev", dev, "nodad")
 
 
 def routed_client(stack_ns: Namespace) -> Namespace:
@@ -120,6 +131,10 @@ def routed_client(stack_ns: Namespace) -> Namespace:
     client.run("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", "ve-client")
     client.run("ip", "link", "set", "ve-client", "up")
     client.run("ip", "route", "add", "default", "via", ROUTER_ADDR)
+    stack_ns.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    _wire_ipv6(stack_ns, f"{ROUTER_ADDR6}/64", "ve-stack")
+    _wire_ipv6(client, f"{CLIENT_ADDR6}/64", "ve-client")
+    client.run("ip", "-6", "route", "add", "default", "via", ROUTER_ADDR6)
     return client
 
 
@@ -136,8 +151,10 @@ class Stack:
         full_env.update({"USTACK_RUN_DIR": self.run_dir, "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self._log_file = open(self.log_path, "wb")
+        # honcho goes (and stops the stack) if whoever started it dies without cleaning up.
         self.proc = ns.popen("honcho", "start", *honcho_args, cwd=ROOT, env=full_env,
-                             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=die_with_parent)
 
     def records(self) -> list[dict]:
         """Every JSON log record the processes wrote so far (honcho's prefix removed)."""
@@ -207,3 +224,44 @@ def process_pid(ns: Namespace, name: str, module: str) -> int:
         if f"HONCHO_PROCESS_NAME={name}".encode() in env:
             return int(entry)
     raise LookupError(f"no running {module} named {name}")
+
+
+NARROW_ROUTER = ("192.168.78.1", "fd78::1")  # the stack's namespace, on the narrow link
+NARROW_MID = ("192.168.78.2", "fd78::2")
+FAR_ROUTER = ("192.168.79.1", "fd79::1")  # the middle namespace, on the client's link
+FAR_CLIENT = ("192.168.79.2", "fd79::2")
+
+
+def narrow_path_client(stack_ns: Namespace, mtu: int) -> tuple[Namespace, Namespace]:
+    """A client two router hops away whose path has a narrow link in the middle: (middle, client).
+
+    stack ns  ustack0 (1500) | ve-narrow ==MTU== ve-narrow-m | middle ns | ve-far (1500) -- ve-client | client ns
+
+    Both ends have the bigger MTU (the client offers an MSS for 1500), so
+    only the stack's namespace, forwarding our segments onto the narrow link,
+    can tell us: with ICMP "fragmentation needed" or Packet Too Big. IPv6
+    is wired only when the narrow MTU allows it (RFC 8200 §5: 1280).
+    """
+    ipv6 = mtu >= 1280
+    middle, client = Namespace("usmid"), Namespace("usclient")
+    stack_ns.run("ip", "link", "add", "ve-narrow", "mtu", str(mtu), "type", "veth", "peer", "name", "ve-narrow-m",
+                 "mtu", str(mtu), "netns", middle.name)
+    middle.run("ip", "link", "add", "ve-far", "type", "veth", "peer", "name", "ve-client", "netns", client.name)
+    links = ((stack_ns, "ve-narrow", NARROW_ROUTER), (middle, "ve-narrow-m", NARROW_MID),
+             (middle, "ve-far", FAR_ROUTER), (client, "ve-client", FAR_CLIENT))
+    for ns, dev, (addr4, addr6) in links:
+        ns.run("ip", "addr", "add", f"{addr4}/24", "dev", dev)
+        if ipv6:
+            _wire_ipv6(ns, f"{addr6}/64", dev)
+        ns.run("ip", "link", "set", dev, "up")
+    for ns in (stack_ns, middle):
+        ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if ipv6:
+            ns.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    routes = ((stack_ns, "192.168.79.0/24", NARROW_MID[0]), (middle, "10.0.0.0/24", NARROW_ROUTER[0]),
+              (client, "default", FAR_ROUTER[0]))
+    routes6 = ((stack_ns, "fd79::/64", NARROW_MID[1]), (middle, "fd00::/64", NARROW_ROUTER[1]),
+               (client, "default", FAR_ROUTER[1]))
+    for ns, prefix, via in routes + (routes6 if ipv6 else ()):
+        ns.run("ip", "-6" if ":" in via else "-4", "route", "add", prefix, "via", via)
+    return middle, client

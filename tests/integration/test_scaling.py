@@ -2,7 +2,8 @@
 
 The stack runs with `honcho start -c tcp=4`, each process under the respawn
 wrapper exactly as the Procfile says; clients are the kernel's TCP in a
-routed client namespace.
+routed client namespace, over both families at once (flows with 4- and
+16-byte addresses share the workers).
 """
 
 import concurrent.futures
@@ -16,10 +17,13 @@ import time
 
 import pytest
 
-from tests.integration.netns import CLIENT_ADDR, ROOT, STACK_ADDR, Stack, process_pid
+from tests.integration.netns import CLIENT_ADDR, CLIENT_ADDR6, ROOT, STACK_ADDR, STACK_ADDR6, Stack, process_pid
 from tests.integration.test_tcp_bulk import rfc864_stream
 
 WORKERS = 4
+# (socket family, the stack's address, the client's address as logs and stackctl print it)
+FAMILIES = {"ipv4": (socket.AF_INET, STACK_ADDR, CLIENT_ADDR), "ipv6": (socket.AF_INET6, STACK_ADDR6, CLIENT_ADDR6)}
+BOTH = list(FAMILIES.values())
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +36,9 @@ def stack(ns):
         s.stop()
 
 
-def owners(stack) -> dict[int, str]:
-    """Client port -> the tcp worker that logged the connection as established."""
-    return {r["rport"]: r["proc"] for r in stack.records() if r["event"] == "tcp_established"}
+def owners(stack) -> dict[tuple[str, int], str]:
+    """(client address, port) -> the tcp worker that logged the connection as established."""
+    return {(r["remote"], r["rport"]): r["proc"] for r in stack.records() if r["event"] == "tcp_established"}
 
 
 def stackctl(stack, *args) -> subprocess.CompletedProcess:
@@ -44,11 +48,12 @@ def stackctl(stack, *args) -> subprocess.CompletedProcess:
 
 
 def test_connections_are_spread_over_all_workers(client, stack):
-    def chat(i: int) -> tuple[int, bytes]:
-        with client.socket() as sock:
+    def chat(i: int) -> tuple[tuple[str, int], bytes]:
+        af, address, client_address = BOTH[i % 2]
+        with client.socket(af) as sock:
             sock.settimeout(15)
-            sock.connect((STACK_ADDR, 8000))
-            port = sock.getsockname()[1]
+            sock.connect((address, 8000))
+            port = client_address, sock.getsockname()[1]
             sock.sendall(f"hello {i}\n".encode())
             sock.shutdown(socket.SHUT_WR)
             data = b""
@@ -86,15 +91,19 @@ def test_stackctl_status_lists_live_workers(stack):
         assert "connections" in p["stats"]
     text = stackctl(stack, "status")
     assert text.returncode == 0 and "tcp.4" in text.stdout
+    assert f"ustack {STACK_ADDR} and {STACK_ADDR6} on" in text.stdout and "reassembly:" in text.stdout
 
 
-def test_stackctl_flows_shows_each_flow_and_its_owner(client, stack):
-    with client.socket() as sock:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stackctl_flows_shows_each_flow_and_its_owner(client, stack, family):
+    af, address, client_address = FAMILIES[family]
+    with client.socket(af) as sock:
         sock.settimeout(10)
-        sock.connect((STACK_ADDR, 8000))
+        sock.connect((address, 8000))
         port = sock.getsockname()[1]
-        stack.wait_for(lambda recs: port in owners(stack), 10, f"connection from port {port} established")
-        owner = owners(stack)[port]
+        key = client_address, port
+        stack.wait_for(lambda recs: key in owners(stack), 10, f"connection from port {port} established")
+        owner = owners(stack)[key]
         deadline = time.monotonic() + 5
         while True:  # the worker announces the flow right after its handshake: wait for it
             done = stackctl(stack, "flows", "--json")
@@ -103,9 +112,10 @@ def test_stackctl_flows_shows_each_flow_and_its_owner(client, stack):
             if mine or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        assert mine == [{"remote": CLIENT_ADDR, "rport": port, "lport": 8000, "worker": owner}]
+        assert mine == [{"remote": client_address, "rport": port, "lport": 8000, "worker": owner}]
         text = stackctl(stack, "flows")
-        assert text.returncode == 0 and f"{CLIENT_ADDR}:{port}" in text.stdout and owner in text.stdout
+        endpoint = f"[{client_address}]:{port}" if family == "ipv6" else f"{client_address}:{port}"
+        assert text.returncode == 0 and endpoint in text.stdout and owner in text.stdout
 
 
 class Transfer:
@@ -115,12 +125,14 @@ class Transfer:
     CHUNK = 64 * 1024
     PAUSE = 0.04  # ~1.5 MB/s per connection: ~4 s in all
 
-    def __init__(self, client, kind: str):
+    def __init__(self, client, kind: str, family: tuple[int, str, str] = BOTH[0]):
         self.kind = kind
-        self.sock = client.socket()
+        af, address, client_address = family
+        self.sock = client.socket(af)
         self.sock.settimeout(20)
-        self.sock.connect((STACK_ADDR, 19 if kind == "download" else 7))
+        self.sock.connect((address, 19 if kind == "download" else 7))
         self.port = self.sock.getsockname()[1]
+        self.key = client_address, self.port
         self.error: str | None = None
         self.ended_at: float | None = None
         self.intact = False
@@ -160,27 +172,32 @@ class Transfer:
 
 
 def test_killed_worker_resets_its_connections_and_survivors_finish(ns, client, stack):
-    transfers = [Transfer(client, "download" if i % 2 else "upload") for i in range(40)]
+    transfers = [Transfer(client, "download" if i % 2 else "upload", BOTH[i // 2 % 2]) for i in range(40)]
     with concurrent.futures.ThreadPoolExecutor(len(transfers)) as pool:
         futures = [pool.submit(t.run) for t in transfers]
         time.sleep(1.0)
-        stack.wait_for(lambda recs: all(t.port in owners(stack) for t in transfers), 10, "owners logged")
-        victim = "tcp.2"
+        stack.wait_for(lambda recs: all(t.key in owners(stack) for t in transfers), 10, "owners logged")
+        table = owners(stack)
+        families = {}
+        for t in transfers:
+            families.setdefault(table[t.key], set()).add(t.key[0])
+        victim = min(w for w, seen in families.items() if len(seen) == 2)  # it holds flows of both families
         os.kill(process_pid(ns, victim, "workers.tcp"), signal.SIGKILL)
         killed_at = time.monotonic()
         time.sleep(3.0)
-        with client.socket() as sock:  # new connections go to the survivors at once
-            sock.settimeout(5)
-            sock.connect((STACK_ADDR, 8000))
-            sock.sendall(b"after\n")
-            assert sock.recv(100) == b"retfa\n"
+        for af, address, _ in BOTH:
+            with client.socket(af) as sock:  # new connections go to the survivors at once
+                sock.settimeout(5)
+                sock.connect((address, 8000))
+                sock.sendall(b"after\n")
+                assert sock.recv(100) == b"retfa\n"
         done = [f.result(timeout=60) for f in futures]
     table = owners(stack)
-    dead = [t for t in done if table[t.port] == victim]
-    alive = [t for t in done if table[t.port] != victim]
-    assert dead and alive
+    dead = [t for t in done if table[t.key] == victim]
+    alive = [t for t in done if table[t.key] != victim]
+    assert {t.key[0] for t in dead} == {t.key[0] for t in alive} == {CLIENT_ADDR, CLIENT_ADDR6}
     for t in alive:
-        assert t.error is None and t.intact, (t.kind, t.port, table[t.port], t.error)
+        assert t.error is None and t.intact, (t.kind, t.key, table[t.key], t.error)
     for t in dead:
         assert t.error is not None or not t.intact, (t.kind, t.port)
         assert t.ended_at - killed_at < 5.0, (t.kind, t.ended_at - killed_at)
@@ -188,7 +205,7 @@ def test_killed_worker_resets_its_connections_and_survivors_finish(ns, client, s
 
 @pytest.mark.parametrize("stage,module", [("ingress.1", "pipeline.ingress"), ("egress.1", "pipeline.egress")])
 def test_stage_restart_loses_no_connection(ns, client, stack, stage, module):
-    transfers = [Transfer(client, "download" if i % 2 else "upload") for i in range(10)]
+    transfers = [Transfer(client, "download" if i % 2 else "upload", BOTH[i // 2 % 2]) for i in range(12)]
     with concurrent.futures.ThreadPoolExecutor(len(transfers)) as pool:
         futures = [pool.submit(t.run) for t in transfers]
         time.sleep(1.0)

@@ -1,6 +1,6 @@
 """20 MB transfers against the kernel's TCP: into discard, out of chargen, through echo.
 
-Each runs clean, with 5 % random loss in each direction, and behind a token
+Into discard and out of chargen run over both families; each runs clean, with 5 % random loss in each direction, and behind a token
 bucket bottleneck; each must arrive intact (length and SHA-256) in bounded
 time. A socket that sees no progress for STALL seconds fails the test.
 """
@@ -42,10 +42,10 @@ def rfc864_stream(n: int) -> bytes:
     return (cycle * (n // len(cycle) + 1))[:n]
 
 
-def _connect(client, port):
-    sock = client.socket()
+def _connect(client, port, family=None):
+    sock = client.socket(family.af if family else socket.AF_INET)
     sock.settimeout(STALL)
-    sock.connect((STACK_ADDR, port))
+    sock.connect((family.stack if family else STACK_ADDR, port))
     return sock
 
 
@@ -68,10 +68,10 @@ def _closed_record(stack, port, after):
 
 
 @pytest.mark.parametrize("condition", CONDITIONS)
-def test_bulk_into_discard(ns, client, stack, condition):
+def test_bulk_into_discard(ns, client, stack, condition, family):
     data = _payload()
     with CONDITIONS[condition](ns):
-        with _connect(client, 9) as sock:
+        with _connect(client, 9, family) as sock:
             port = sock.getsockname()[1]
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
@@ -81,9 +81,9 @@ def test_bulk_into_discard(ns, client, stack, condition):
 
 
 @pytest.mark.parametrize("condition", CONDITIONS)
-def test_bulk_out_of_chargen(ns, client, stack, condition):
+def test_bulk_out_of_chargen(ns, client, stack, condition, family):
     with CONDITIONS[condition](ns):
-        with _connect(client, 19) as sock:
+        with _connect(client, 19, family) as sock:
             got = _read_exactly_or_eof(sock, SIZE)
     assert len(got) == SIZE
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(rfc864_stream(SIZE)).hexdigest()

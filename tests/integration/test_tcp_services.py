@@ -8,13 +8,17 @@ import time
 import pytest
 from scapy.layers.inet import IP, TCP
 
+from tests.integration.conftest import FAMILIES
 from tests.integration.netns import HOST_ADDR, STACK_ADDR
 
 
-def _connect(ns, port: int, timeout: float = 5.0) -> socket.socket:
-    sock = ns.socket()
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4  # <linux/tcp.h>
+
+
+def _connect(ns, port: int, timeout: float = 5.0, family=None) -> socket.socket:
+    sock = ns.socket(family.af if family else socket.AF_INET)
     sock.settimeout(timeout)
-    sock.connect((STACK_ADDR, port))
+    sock.connect((family.stack if family else STACK_ADDR, port))
     return sock
 
 
@@ -25,8 +29,8 @@ def _read_until_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def test_nc_chat_with_line_service(ns, stack):
-    done = ns.run("nc", "-N", "-w", "5", STACK_ADDR, "8000", input=b"hello\nworld\n")
+def test_nc_chat_with_line_service(ns, stack, family):
+    done = ns.run("nc", "-N", "-w", "5", family.stack, "8000", input=b"hello\nworld\n")
     assert done.stdout == b"olleh\ndlrow\n"
 
 
@@ -40,9 +44,9 @@ def test_lines_split_across_segments(ns, stack):
         assert _read_until_eof(sock) == b"cba\nfed\n\nihg\n"
 
 
-def test_echo_one_megabyte(ns, stack):
+def test_echo_one_megabyte(ns, stack, family):
     data = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB
-    with _connect(ns, 7) as sock:
+    with _connect(ns, 7, family=family) as sock:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             reader = pool.submit(_read_until_eof, sock)
             sock.sendall(data)
@@ -50,9 +54,9 @@ def test_echo_one_megabyte(ns, stack):
             assert hashlib.sha256(reader.result(30)).digest() == hashlib.sha256(data).digest()
 
 
-def test_several_connections_at_once(ns, stack):
+def test_several_connections_at_once(ns, stack, family):
     def chat(i: int) -> bytes:
-        with _connect(ns, 8000) as sock:
+        with _connect(ns, 8000, family=family) as sock:
             sock.sendall(f"connection {i}\n".encode())
             sock.shutdown(socket.SHUT_WR)
             return _read_until_eof(sock)
@@ -62,16 +66,16 @@ def test_several_connections_at_once(ns, stack):
     assert answers == [f"connection {i}\n".encode()[::-1][1:] + b"\n" for i in range(40)]
 
 
-def test_server_closes_first(ns, stack):
-    with _connect(ns, 17) as sock:
+def test_server_closes_first(ns, stack, family):
+    with _connect(ns, 17, family=family) as sock:
         quote = _read_until_eof(sock)  # our stack sends FIN first: active close on its side
     assert quote.startswith(b"Be conservative") and quote.endswith(b"\r\n")
 
 
-def test_closed_port_is_refused_at_once(ns, stack):
+def test_closed_port_is_refused_at_once(ns, stack, family):
     start = time.monotonic()
     with pytest.raises(ConnectionRefusedError):
-        _connect(ns, 4321)
+        _connect(ns, 4321, family=family)
     assert time.monotonic() - start < 2  # a reset, not a SYN retransmission timeout
 
 
@@ -119,3 +123,15 @@ def test_reconnect_from_the_same_port_reopens_our_time_wait(ns, stack):
     stack.wait_for(lambda recs: any(r["event"] == "tcp_closed" and r.get("rport") == port
                                     and r["reason"] == "time_wait_reused" for r in recs),
                    timeout=10, what=f"TIME-WAIT of port {port} reused by the new SYN")
+
+
+def test_ipv6_connection_gets_mss_and_options(ns, stack):
+    """Over IPv6 our MSS is MTU - 60, and window scaling, SACK and timestamps are agreed."""
+    with _connect(ns, 7, family=FAMILIES["ipv6"]) as sock:
+        sock.sendall(b"x" * 100_000)
+        assert len(sock.recv(1)) == 1
+        # The kernel's send MSS: our 1440 less the 12 bytes of the timestamp option.
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 1500 - 60 - 12
+        # struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales.
+        options = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[5]
+    assert options & TCPI_OPT_TIMESTAMPS and options & TCPI_OPT_SACK and options & TCPI_OPT_WSCALE

@@ -221,3 +221,25 @@ def test_the_worst_worker_decides():
     h.adm.forwarded("tcp.2", 10)
     h.adm.worker_report("tcp.2", 10, 1.1)  # tcp.2 keeps up, but tcp.1 is still behind
     assert h.adm.syns.rate == 1000.0
+
+
+def test_ipv6_syns_are_admitted_and_shed_like_ipv4_ones():
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
+    from scapy.layers.inet import TCP
+    h = Harness(syn_rate=1.0, syn_burst=2)
+    syn6 = [bytes(IPv6(src=f"fd00::{i + 10:x}", dst="fd00::2") / TCP(sport=1000 + i, dport=8000, flags="S"))
+            for i in range(4)]
+    with_options = bytes(IPv6(src="fd00::99", dst="fd00::2") / IPv6ExtHdrDestOpt() / TCP(dport=8000, flags="S"))
+    assert [h.adm.admit(p, "tcp", 0.0) for p in syn6] == [True, True, False, False]
+    assert not h.adm.admit(with_options, "tcp", 0.0)  # found behind its extension header
+    assert h.adm.admit(bytes(IPv6(src="fd00::10", dst="fd00::2") / TCP(dport=8000, flags="A")), "tcp", 0.0)
+    assert h.drops["shed_syn_rate"] == 3
+
+
+def test_an_icmp_error_routed_to_a_tcp_worker_is_never_shed():
+    from scapy.layers.inet import ICMP, IP, TCP
+    h = Harness(syn_rate=1.0, syn_burst=1)
+    h.adm.admit(spoofed(0), "tcp", 0.0)  # the bucket is empty
+    quoted = IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=8000, dport=40000, flags="S")
+    error = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=3, code=4) / bytes(quoted)[:28])
+    assert h.adm.admit(error, "tcp", 0.0)  # routing gives it to the flow's owner (role tcp)

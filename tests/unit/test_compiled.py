@@ -176,7 +176,7 @@ def ipv4_packets(draw):
 
 @FEW
 @given(ipv4_packets(), st.booleans())
-def test_ipv4_tcp_udp_icmp(packet, verify):
+def test_ipv4_tcp_udp(packet, verify):
     checks = [
         ("pipeline.wire.ipv4", lambda m: m.parse_ipv4(packet, verify)),
         ("pipeline.wire.ipv4", lambda m: (lambda h, p: m.build_ipv4(h, bytes(p)))(*m.parse_ipv4(packet, False))),
@@ -187,9 +187,6 @@ def test_ipv4_tcp_udp_icmp(packet, verify):
         ("pipeline.wire.udp", lambda m: m.parse_udp(packet[20:], SRC, DST, verify)),
         ("pipeline.wire.udp", lambda m: m.parse_udp(packet[20:], SRC, DST, False).emit(SRC, DST)),
         ("pipeline.wire.udp", lambda m: _view(m.UdpPacket.checked(packet[20:]))),
-        ("pipeline.wire.icmp", lambda m: m.parse_icmp(packet[20:])),
-        ("pipeline.wire.icmp", lambda m: m.echo_reply(m.parse_icmp(packet[20:])).emit()),
-        ("pipeline.wire.icmp", lambda m: m.dest_unreachable(3, packet).emit()),
     ]
     for name, call in checks:
         fast, slow = both(name)
@@ -220,20 +217,11 @@ def ipv6_packets(draw):
 
 @FEW
 @given(ipv6_packets(), st.booleans())
-def test_ipv6_icmpv6(packet, verify):
+def test_ipv6(packet, verify):
     fast6, slow6 = both("pipeline.wire.ipv6")
     assert outcome(fast6.parse, packet) == outcome(slow6.parse, packet)
     assert outcome(lambda: _view(fast6.Ipv6View.checked(packet))) == outcome(lambda: _view(slow6.Ipv6View.checked(packet)))
 
-    def icmpv6(m):
-        msg = m.parse(packet[40:], SRC6, DST6, verify)
-        reply = m.echo_reply(msg)
-        buf = bytearray(b"\xa5" * reply.buffer_len())
-        reply.emit(buf, DST6, SRC6)
-        return msg, bytes(buf), m.dest_unreachable(4, packet), m.error_allowed(packet, 1, 4), m.chatter(msg, SRC6)
-
-    fast, slow = both("pipeline.wire.icmpv6")
-    assert outcome(icmpv6, fast) == outcome(icmpv6, slow)
 
 
 # -- fragments, flows, bus messages ---------------------------------------------------------

@@ -39,10 +39,10 @@ def test_announced_flows_stay_with_their_owner_when_a_worker_joins():
 
 def test_after_a_restart_unknown_flows_wait_but_new_connections_do_not():
     r, _ = make(now=100.0)
-    assert r.route(tcp_packet(40000), 100.1) == (None, "tcp")   # held until owners re-announce
+    assert r.route(tcp_packet(40000), 100.1)[:2] == (None, "tcp")   # held until owners re-announce
     assert r.route(tcp_packet(40000, flags=0x02), 100.1)[0] in ("tcp.1", "tcp.2")
     r.update_flows("tcp.2", True, (Flow(PEER, 40000, 8000),), ())
-    assert r.route(tcp_packet(40000), 100.1) == ("tcp.2", "tcp")
+    assert r.route(tcp_packet(40000), 100.1)[:2] == ("tcp.2", "tcp")
     assert r.route(tcp_packet(40001), 100 + SETTLE_TIME + 0.1)[0] is not None
 
 
@@ -61,14 +61,14 @@ def test_flows_of_a_dead_worker_go_to_a_survivor():
     r, _ = make(now=0.0)
     r.update_flows("tcp.1", False, (Flow(PEER, 40000, 8000),), ())
     r.members.remove("tcp.1")
-    assert r.route(tcp_packet(40000), 10.0) == ("tcp.2", "tcp")
+    assert r.route(tcp_packet(40000), 10.0)[:2] == ("tcp.2", "tcp")
 
 
 def test_not_for_us_and_malformed_are_dropped():
     r, drops = make()
-    assert r.route(tcp_packet(1, dst=bytes([10, 0, 0, 9])), 200.0) == (None, "")
-    assert r.route(b"\x45\x00", 200.0) == (None, "")
-    assert r.route(b"", 200.0) == (None, "")
+    assert r.route(tcp_packet(1, dst=bytes([10, 0, 0, 9])), 200.0)[:2] == (None, "")
+    assert r.route(b"\x45\x00", 200.0)[:2] == (None, "")
+    assert r.route(b"", 200.0)[:2] == (None, "")
     assert drops == {"not_for_us": 1, "truncated": 1, "not_ipv4": 1}
 
 
@@ -76,9 +76,9 @@ def test_other_protocols_go_to_their_role():
     r, _ = make()
     r.members.seen("udp.1", "udp", 0.0)
     udp = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=PROTO_UDP), struct.pack("!HHHH", 1, 7, 8, 0))
-    assert r.route(udp, 200.0) == ("udp.1", "udp")
+    assert r.route(udp, 200.0)[:2] == ("udp.1", "udp")
     odd = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=253), b"x")
-    assert r.route(odd, 200.0) == (None, "icmp")  # held: no icmp worker yet
+    assert r.route(odd, 200.0)[:2] == (None, "icmp")  # held: no icmp worker yet
 
 
 def test_tcp_header_is_checked_once_here():
@@ -87,5 +87,14 @@ def test_tcp_header_is_checked_once_here():
     short = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=PROTO_TCP), bytes(12))
     bad_offset = bytearray(tcp_packet(40000))
     bad_offset[20 + 12] = 15 << 4  # Data Offset 60 bytes, the segment has 20
-    assert r.route(short, 200.0) == (None, "") and r.route(bytes(bad_offset), 200.0) == (None, "")
+    assert r.route(short, 200.0)[:2] == (None, "") and r.route(bytes(bad_offset), 200.0)[:2] == (None, "")
     assert drops == {"truncated": 1, "bad_data_offset": 1}
+
+
+def test_iperf3_connections_of_one_client_share_a_worker():
+    r, _ = make(now=0.0, workers=("tcp.1", "tcp.2", "tcp.3", "tcp.4"))
+    later = SETTLE_TIME + 1
+    # All of one client's connections to 5201 (control and data streams) go to one worker ...
+    assert len({r.route(tcp_packet(p, dport=5201, flags=0x02), later)[0] for p in range(40000, 40050)}) == 1
+    # ... while other ports still spread by the whole 4-tuple.
+    assert len({r.route(tcp_packet(p, dport=8000, flags=0x02), later)[0] for p in range(40000, 40050)}) == 4

@@ -6,7 +6,7 @@ import os
 
 from pipeline.config import env_bool, env_float, env_int, env_str
 from pipeline.process import Process
-from workers import shell
+from workers import registry, shell
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import SYN_QUEUE_LIMIT, TcpDemux
 
@@ -51,5 +51,7 @@ if __name__ == "__main__":
     syn_queue = env_int("TCP_SYN_QUEUE", SYN_QUEUE_LIMIT)
     if syn_queue < 1:
         raise SystemExit(f"TCP_SYN_QUEUE={syn_queue}: expected at least 1")
+    services = registry.services_or_exit("tcp")
     shell.run(proc, TcpDemux(shell.sink(proc), cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
-                             secret=os.urandom(32), offload=cfg.offload, syn_queue_limit=syn_queue))
+                             secret=os.urandom(32), services=services, offload=cfg.offload,
+                             syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes))

@@ -19,7 +19,16 @@ from workers.seed import reverse_line
 
 
 class Stream(Protocol):
-    """What a service may do with its connection."""
+    """What a service may do with its connection (the worker's is ``hosting.HostedStream``).
+
+    ``send`` takes what the send buffer has room for and returns how many bytes
+    it took (0: full; ``on_writable`` follows when room opens). ``close`` sends
+    FIN after everything queued; ``abort`` resets at once. ``now`` is the time
+    of the event being handled; ``set_timer(deadline)`` asks for one
+    ``on_timer`` call at that time (None cancels).
+    """
+
+    now: float
 
     @property
     def readable(self) -> int:
@@ -28,6 +37,7 @@ class Stream(Protocol):
     def send(self, data: bytes) -> int: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
+    def set_timer(self, deadline: float | None) -> None: ...
 
 
 class Service:
@@ -57,6 +67,12 @@ class Service:
         self.eof = True
         self.on_readable()
         self._maybe_finish()
+
+    def on_timer(self) -> None:
+        """The deadline given to ``stream.set_timer`` has come."""
+
+    def on_closed(self) -> None:
+        """The connection is gone (closed, reset, timed out or aborted); the stream is dead."""
 
     def write(self, data: bytes) -> bool:
         """Send or hold ``data``; True if nothing is held back."""

@@ -128,7 +128,7 @@ class Connection:
         "iss", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd", "irs", "rcv_nxt", "rcv_adv",
         # roles, timers, output, events
         "sender", "receiver", "recovery", "timers", "_out", "_events", "_orphan",
-        "last_recv", "ka_probes",
+        "last_recv", "ka_probes", "soft_error",
         *_COUNTERS,
     )
 
@@ -153,6 +153,7 @@ class Connection:
         # RFC 9293 §3.8.4 keepalive: when the peer was last heard, probes unanswered since.
         self.last_recv = now
         self.ka_probes = 0
+        self.soft_error: str | None = None  # the last ICMP soft error (RFC 1122 §4.2.3.9)
         for name in _COUNTERS:
             setattr(self, name, 0)
         self.receiver = Receiver(self, now)
@@ -328,6 +329,30 @@ class Connection:
             self._send_rst(self.snd_nxt)
         if self.state is not State.CLOSED:
             self._close("aborted")
+
+    # == ICMP errors from the lower level (RFC 9293 §3.9.2.2) =======================
+    # The caller checked that the error quotes a segment of ours still in
+    # SND.UNA..SND.NXT (RFC 5927 §4.1): a forged one must not reach these.
+
+    def path_mtu(self, mss: int, now: float) -> None:
+        """Fragmentation needed / Packet Too Big: segments of at most mss payload octets fit the path."""
+        self.sender.lower_path_mss(mss, now)
+
+    def icmp_error(self, error: str, hard: bool) -> None:
+        """Any other ICMP error about our segments.
+
+        RFC 1122 §4.2.3.9, RFC 5461 §4: a hard error (protocol or port
+        unreachable) ends a connection still being set up, without a reset
+        (the peer said it is not there); any other error, and a hard one on
+        an established connection, is a soft error: remembered, not fatal.
+        """
+        if hard and self.state in (State.SYN_SENT, State.SYN_RECEIVED):
+            self._close("unreachable")
+        else:
+            self.soft_error = error
+
+    max_segment = property(lambda self: self.sender.max_segment(),
+                           doc="Payload of a full segment without options (the MSS, or the path's if smaller).")
 
     def next_event(self) -> Event | None:
         """The next application event, or None."""

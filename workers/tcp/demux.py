@@ -10,27 +10,37 @@ and the next deadline out. It owns
 - resets for segments that belong to no connection (RFC 9293 §3.10.7.1);
 - the reuse of a connection in TIME-WAIT by a new SYN (RFC 6191);
 - one timer heap over every connection's next deadline (stale entries are
-  skipped lazily, so re-arming a timer costs O(log n) and nothing else).
+  skipped lazily, so re-arming a timer costs O(log n) and nothing else);
+- the ICMP errors ingress routes here because they quote one of our
+  segments (``icmp_errors.py`` says what each one does).
+
+Both families: a flow's remote address is 4 or 16 bytes, our address and
+the MSS we offer (MTU - 40, or MTU - 60 over IPv6) follow from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+from collections.abc import Mapping
 
 from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched, tcp_offload
 from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
-from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
+from pipeline.wire import ipv6
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
-from workers.core import REPLY_IP_HEADER_LEN, Outgoing, Sink, ip_reply
+from workers.core import IPV6_ADDRESS_LEN, Addresses, Outgoing, Sink, ip_reply, ip_view, reply_header_len
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
-from workers.tcp.apps import SERVICES, Service
+from workers.tcp.apps import SERVICES
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
+from workers.tcp.hosting import ServiceFactory, ServiceHost
+from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.options import Negotiated
@@ -42,6 +52,7 @@ TIME_WAIT_ISN_GAP = 65535 + 2
 _SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
+IPV6_EXTRA_HEADER = 20  # RFC 8200 §3: 40 bytes of IP header against IPv4's 20, so MSS = MTU - 60
 # Connection counters logged with tcp_closed.
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
                "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
@@ -54,17 +65,20 @@ ECN_CE = 0b11
 
 class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
-                 services: dict[int, type[Service]] | None = None, offload: bool = False,
-                 syn_queue_limit: int = SYN_QUEUE_LIMIT) -> None:
+                 services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
+                 syn_queue_limit: int = SYN_QUEUE_LIMIT, address6: bytes | None = None) -> None:
         self.sink = sink
         self.log = sink.log
         self.config = config
+        # Over IPv6 every segment carries 20 more bytes of IP header: a smaller MSS (RFC 9293 §3.7.1).
+        self.config6 = dataclasses.replace(config, mss=config.mss - IPV6_EXTRA_HEADER)
         self.address = address
+        self.addresses = Addresses(address, address6)
         self.secret = secret
         self.cookies = SynCookies(secret)
-        self.services = SERVICES if services is None else services
+        # The services on their ports (the worker passes the registry's table), fenced by the host.
+        self.host = ServiceHost(SERVICES if services is None else services, self.log, sink.counters)
         self.connections: dict[Flow, Connection] = {}
-        self.apps: dict[Flow, Service] = {}
         self.born: dict[Flow, float] = {}  # when each connection was created (stackctl conns)
         self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
@@ -76,13 +90,20 @@ class TcpDemux:
         # With device offloads, the kernel finishes our checksums and cuts large
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
+        self.icmp_errors = IcmpErrors(sink)
 
     # -- drivers -------------------------------------------------------------
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
-        # Ingress checked the IPv4 header and the TCP lengths; the checksum and options are ours.
-        ip = Ipv4Packet.trusted(data)
+        # Ingress checked the IP header and the TCP lengths; the checksum and options are ours.
+        ip = ip_view(data)
+        if ip.protocol in (PROTO_ICMP, ipv6.ICMPV6):
+            out: list[Outgoing] = []
+            reached = self.icmp_errors.handle(ip, self.connections, now)
+            if reached is not None:
+                self._after(*reached, now, out)
+            return out
         tcp = TcpPacket.trusted(ip.payload)
         src = ip.src
         try:
@@ -99,7 +120,7 @@ class TcpDemux:
                            **sink.payload(seg.payload))
         key = Flow(src, seg.src_port, seg.dst_port)
         conn = self.connections.get(key)
-        out: list[Outgoing] = []
+        out = []
         if conn is not None:
             if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
                     and time_wait_reusable(conn, seg, self.config.timestamps):
@@ -108,10 +129,11 @@ class TcpDemux:
             before = conn.state
             conn.receive(seg, now, ip.tos & ECN_MASK == ECN_CE)
             self._after(key, conn, before, now, out)
-        elif seg.dst_port in self.services:
+        elif self.host.listens(seg.dst_port):
             self._listen(key, seg, now, out)
         else:
             self._reset(key, seg, now, out, "closed_port")
+        self._flush_woken(now, out)
         return out
 
     def handle_timer(self, now: float) -> list[Outgoing]:
@@ -127,7 +149,9 @@ class TcpDemux:
                 continue
             before = conn.state
             conn.handle_timer(now)
+            self.host.fire(key, now)
             self._after(key, conn, before, now, out)
+        self._flush_woken(now, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -141,7 +165,7 @@ class TcpDemux:
 
     def connection_table(self, now: float) -> list[dict]:
         """Every connection as a record for stackctl conns (workers.tcp.introspect)."""
-        return [connection_record(conn, self.address, key, self.born.get(key, now), now)
+        return [connection_record(conn, self.addresses.local(key.remote), key, self.born.get(key, now), now)
                 for key, conn in self.connections.items()]
 
     def flows(self) -> list[Flow]:
@@ -190,7 +214,7 @@ class TcpDemux:
         if seg.rst:
             self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
             return
-        remote, local = (key.remote, key.rport), (self.address, key.lport)
+        remote, local = (key.remote, key.rport), (self.addresses.local(key.remote), key.lport)
         if seg.ack_flag:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
@@ -217,7 +241,7 @@ class TcpDemux:
     def _accept(self, key: Flow, syn: TcpSegment, iss: SeqNum, now: float, out: list[Outgoing],
                 announce: bool = True) -> None:
         """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
-        conn = Connection.accept(key.lport, key.rport, syn, iss, self.config, now)
+        conn = Connection.accept(key.lport, key.rport, syn, iss, self._config(key.remote), now)
         self.connections[key] = conn
         self.born[key] = now
         if announce:
@@ -246,10 +270,10 @@ class TcpDemux:
         only the MSS survives, so nothing else is offered.
         """
         self.sink.counters["syn_cookies_sent"] += 1
-        cfg = self.config
+        cfg = self._config(key.remote)
         opts = syn.options
         peer_mss = opts.mss or 536  # RFC 9293 §3.7.1: default send MSS
-        cookie = self.cookies.make((self.address, key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
+        cookie = self.cookies.make((self.addresses.local(key.remote), key.lport), (key.remote, key.rport), syn.seq, peer_mss, now)
         window_scale = sack = timestamp = None
         if cfg.timestamps and opts.timestamp is not None:
             # RFC 7323 §2.2 / RFC 2018 §2: offer only what the SYN offered; §2.3: a shift over 14 is 14.
@@ -265,9 +289,10 @@ class TcpDemux:
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
         """The connection a valid cookie ACK opens, with the options the cookie kept (no ECN:
         the cookie SYN-ACK never offers it)."""
-        negotiated = Negotiated.offered(self.config, options.mss, options.window_scale, options.sack_permitted,
+        config = self._config(key.remote)
+        negotiated = Negotiated.offered(config, options.mss, options.window_scale, options.sack_permitted,
                                         options.timestamps)
-        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, self.config, now)
+        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, config, now)
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
@@ -287,25 +312,15 @@ class TcpDemux:
         """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
         log = self.log
         while (ev := conn.next_event()) is not None:
-            app = self.apps.get(key)
             if isinstance(ev, events.Connected):
                 log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport)
-                app = self.services[key.lport](conn)
-                self.apps[key] = app
-            elif app is None:
-                pass
-            elif isinstance(ev, events.DataReceived):
-                app.on_readable()
-            elif isinstance(ev, events.SendSpace):
-                app.on_writable()
-            elif isinstance(ev, events.PeerClosed):
-                app.on_eof()
+            self.host.deliver(key, conn, ev, now)
             if isinstance(ev, events.Closed):
                 self._log_closed(key, conn, ev.reason)
         if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
-        mss = min(conn.peer_mss, self.config.mss)
+        mss = conn.max_segment
         for seg in conn.segments_to_send(now):
             out.append(self._ip(key.remote, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
@@ -314,6 +329,9 @@ class TcpDemux:
         if conn.state is not State.SYN_RECEIVED:
             self._leave_syn_queue(key)
         deadline = conn.get_timer()
+        app_deadline = self.host.timer(key)
+        if app_deadline is not None and (deadline is None or app_deadline < deadline):
+            deadline = app_deadline
         if deadline is None:
             self._deadline.pop(key, None)
         elif self._deadline.get(key) != deadline:
@@ -321,8 +339,9 @@ class TcpDemux:
             heapq.heappush(self._timers, (deadline, key))
 
     def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
+        soft = conn.soft_error  # RFC 1122 §4.2.3.9: reported if the connection fails
         self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
-                      **{name: getattr(conn, name) for name in CLOSE_STATS})
+                      **({"soft_error": soft} if soft else {}), **{name: getattr(conn, name) for name in CLOSE_STATS})
 
     def _forget(self, key: Flow) -> None:
         self._discard(key)
@@ -331,23 +350,35 @@ class TcpDemux:
     def _discard(self, key: Flow) -> None:
         self.connections.pop(key)
         self._leave_syn_queue(key)
-        self.apps.pop(key, None)
+        self.host.forget(key)
         self.born.pop(key, None)
         self._deadline.pop(key, None)
+
+    def _flush_woken(self, now: float, out: list[Outgoing]) -> None:
+        """Collect the output of connections a service touched from another connection's callback."""
+        while woken := self.host.woken():
+            for key in woken:
+                conn = self.connections.get(key)
+                if conn is not None:
+                    self._after(key, conn, conn.state, now, out)
 
     def _leave_syn_queue(self, key: Flow) -> None:
         queue = self.syn_queue.get(key.lport)
         if queue:
             queue.discard(key)
 
+    def _config(self, remote: bytes) -> TcpConfig:
+        return self.config6 if len(remote) == IPV6_ADDRESS_LEN else self.config
+
     def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None, tos: int = 0) -> Outgoing:
+        local = self.addresses.local(remote)
         if not self.offload:
-            return ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote), tos), None
+            return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote), tos), None
         tcp_header_len = seg.header_len
-        segment_size = (mss or self.config.mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (ip_reply(self.address, remote, PROTO_TCP, seg.emit(self.address, remote, checksum=False), tos),
-                tcp_offload(REPLY_IP_HEADER_LEN, tcp_header_len, len(seg.payload), segment_size,
-                            bool(seg.flags & Flags.CWR)))
+        segment_size = (mss or self._config(remote).mss) - (tcp_header_len - TCP_HEADER_LEN)
+        return (ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote, checksum=False), tos),
+                tcp_offload(reply_header_len(remote), tcp_header_len, len(seg.payload), segment_size,
+                            bool(seg.flags & Flags.CWR), ipv6=len(remote) == IPV6_ADDRESS_LEN))
 
 
 def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.flow import Flow
-from pipeline.wire.addr import fmt_addr
+from pipeline.wire.addr import fmt_endpoint
 
 COUNTERS = ("bytes_sent", "bytes_received", "bytes_acked", "segments_in", "segments_out", "retransmissions",
             "timeouts", "fast_retransmits", "loss_probes", "lost_retransmissions", "dup_acks", "ooo_segments",
@@ -21,8 +21,8 @@ def connection_record(conn: Any, local: bytes, flow: Flow, born: float, now: flo
     remote, rport, lport = flow.remote, flow.rport, flow.lport
     cfg = conn.config
     record: dict[str, Any] = {
-        "local": f"{fmt_addr(local)}:{lport}",
-        "remote": f"{fmt_addr(remote)}:{rport}",
+        "local": fmt_endpoint(local, lport),
+        "remote": fmt_endpoint(remote, rport),
         "state": conn.state.value,
         "snd_una": int(conn.snd_una),
         "snd_nxt": int(conn.snd_nxt),

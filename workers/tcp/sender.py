@@ -24,6 +24,7 @@ from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpSegment
 from workers.tcp.congestion import make_congestion_control
 from workers.tcp.events import SendSpace
+from workers.tcp.options import TS_OPTION_SPACE
 from workers.tcp.receiver import ts_clock
 from workers.tcp.rtt import RttEstimator
 from workers.tcp.timers import Timer
@@ -43,7 +44,8 @@ class Sender:
     """Send buffer, segmentation, Nagle/SWS, RTT estimation and the congestion window."""
 
     __slots__ = ("c", "sndbuf", "buf_seq", "fin_queued", "fin_seq", "send_blocked", "rtt", "cc", "rtt_seq",
-                 "rtt_time", "rtx_ts", "rto_rtx_end", "retries", "cwr_pending", "ecn_recover", "_ect_new", "_ect_batch")
+                 "rtt_time", "rtx_ts", "rto_rtx_end", "retries", "cwr_pending", "ecn_recover", "_ect_new", "_ect_batch",
+                 "path_mss")
 
     def __init__(self, conn: Connection, iss: SeqNum) -> None:
         cfg = conn.config
@@ -64,6 +66,7 @@ class Sender:
         self.ecn_recover = iss  # no second ECE reduction before snd_una passes this
         self._ect_new: set[int] = set()  # new data queued since the last drain (to go out ECT(0))
         self._ect_batch: set[int] = set()  # the same, for the batch the shell took last
+        self.path_mss: int | None = None  # segment size the path takes (PMTUD), if it said less than the MSS
 
     def negotiated(self) -> None:
         """The MSS is known: restart the congestion controller with it."""
@@ -134,7 +137,32 @@ class Sender:
         c = self.c
         if c.config.max_send_segment is not None:
             return c.config.max_send_segment
-        return min(c.options.peer_mss, c.config.mss) - option_len
+        return self.max_segment() - option_len
+
+    def max_segment(self) -> int:
+        """Payload of a full segment without options: the MSS, or less if the path said so (PMTUD)."""
+        c = self.c
+        mss = min(c.options.peer_mss, c.config.mss)
+        return mss if self.path_mss is None or self.path_mss >= mss else self.path_mss
+
+    def lower_path_mss(self, mss: int, now: float) -> bool:
+        """The path takes segments of at most mss payload octets (RFC 9293 §3.7.2; RFC 1191 §6.3, RFC 8201 §5).
+
+        Never raised here (RFC 1191 §6.3: only a later probe may raise it; we
+        do not probe). What is in flight was cut for the old size and died on
+        the way: the first unacknowledged segment is resent at once at the new
+        size, as Linux's tcp_simple_retransmit does, and without a congestion
+        response (a smaller MTU says nothing about congestion); the rest is
+        resent at the new size as acknowledgments or the timer find it lost.
+        """
+        c = self.c
+        if mss >= self.max_segment():
+            return False
+        self.path_mss = mss
+        c.send_mss = min(c.send_mss, mss - (TS_OPTION_SPACE if c.options.timestamps else 0))
+        if c.snd_una != c.snd_nxt and c.sends():
+            self.send_range(c.snd_una, min(c.snd_nxt - c.snd_una, c.send_mss), now, rtx=True)
+        return True
 
     def send_range(self, seq: SeqNum, limit: int, now: float, rtx: bool) -> int:
         """Emit one segment of up to ``limit`` sequence octets at seq (data, then our FIN).

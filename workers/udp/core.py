@@ -1,32 +1,50 @@
-"""The UDP worker's core: datagrams to services, port unreachable for the rest."""
+"""The UDP worker's core, both families: datagrams to services, port unreachable for the rest.
+
+Ingress also routes here the ICMP errors that quote a datagram of ours
+(RFC 1122 §4.1.3.3: UDP passes them up); we have no sockets to tell, so they
+are counted (``icmp_errors_in``).
+"""
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable, Mapping
+
 from pipeline.offload import Offload, checksum_vouched
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
-from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable
-from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
+from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable, parse_icmp
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP
 from pipeline.wire.udp import UdpDatagram, parse_udp
-from workers.core import Outgoing, Sink, StatelessCore, ip_reply
+from workers.core import Addresses, Outgoing, Sink, StatelessCore, fit_mtu, ip_reply, ip_view
 from workers.ratelimit import TokenBucket
 from workers.udp.services import SERVICES
 
-# RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2: ICMP errors are rate limited so a flood of
-# datagrams to closed ports cannot be turned into a flood of replies.
+# RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2 / RFC 4443 §2.4 (f): ICMP errors are rate limited so a
+# flood of datagrams to closed ports cannot be turned into a flood of replies.
 ICMP_ERRORS_PER_SECOND = 200
+DEFAULT_MTU = 1500
 
 
 class UdpCore(StatelessCore):
-    def __init__(self, sink: Sink, address: bytes) -> None:
+    def __init__(self, sink: Sink, address: bytes,
+                 services: Mapping[int, Callable[[bytes], bytes | None]] | None = None,
+                 address6: bytes | None = None, mtu: int = DEFAULT_MTU, ident_seed: int = 0) -> None:
         self.sink = sink
         self.address = address
+        self.services = SERVICES if services is None else services  # the worker passes the registry's
+        self.addresses = Addresses(address, address6)
+        self.mtu = mtu
+        self._ident = ident_seed  # Identification of fragmented replies
         self.icmp_errors = TokenBucket(ICMP_ERRORS_PER_SECOND, ICMP_ERRORS_PER_SECOND)
 
     def handle_packet(self, data: bytes, now: float, offload: Offload | None = None) -> list[Outgoing]:
         sink = self.sink
-        ip = Ipv4Packet.trusted(data)  # ingress checked it
+        ip = ip_view(data)  # ingress checked it
         src = ip.src
+        if ip.protocol in (PROTO_ICMP, ipv6.ICMPV6):
+            self._icmp_error(ip.payload, src, ip.dst, ip.protocol)
+            return []
         try:
             dgram = parse_udp(ip.payload, src, ip.dst, verify_checksum=not checksum_vouched(offload))
         except Malformed as exc:
@@ -35,14 +53,51 @@ class UdpCore(StatelessCore):
         if sink.debug:
             sink.log.debug("udp_in", src=fmt_addr(src), sport=dgram.src_port, dport=dgram.dst_port,
                            len=len(dgram.payload), **sink.payload(dgram.payload))
-        service = SERVICES.get(dgram.dst_port)
+        local = self.addresses.local(src)
+        service = self.services.get(dgram.dst_port)
         if service is None:
             sink.counters["port_unreachable"] += 1
             if not self.icmp_errors.allow(now):
                 sink.drop("icmp_rate_limited")
                 return []
-            reply = dest_unreachable(PORT_UNREACHABLE, data).emit()
-            return [(ip_reply(self.address, src, PROTO_ICMP, reply), None)]
+            if len(src) == len(self.address):
+                reply = dest_unreachable(PORT_UNREACHABLE, data).emit()
+                return [(ip_reply(local, src, PROTO_ICMP, reply), None)]
+            if not icmpv6.error_allowed(data, icmpv6.DEST_UNREACHABLE, icmpv6.PORT_UNREACHABLE):
+                sink.drop("icmpv6_error_not_allowed")  # RFC 4443 §2.4 (e)
+                return []
+            error = icmpv6.dest_unreachable(icmpv6.PORT_UNREACHABLE, data).to_bytes(local, src)
+            return [(ip_reply(local, src, ipv6.ICMPV6, error), None)]
+        try:
+            response = service(bytes(dgram.payload))
+        except Exception as exc:  # a service's bug costs that datagram its answer, not the worker
+            sink.counters["service_errors"] += 1
+            sink.log.error("service_error", src=fmt_addr(src), sport=dgram.src_port, dport=dgram.dst_port,
+                           error=f"{type(exc).__name__}: {exc}")
+            sink.log.debug("service_traceback", traceback=traceback.format_exc())
+            return []
+        if response is None:
+            sink.counters["datagrams_unanswered"] += 1
+            return []
         sink.counters["datagrams_answered"] += 1
-        answer = UdpDatagram(dgram.dst_port, dgram.src_port, service(bytes(dgram.payload)))
-        return [(ip_reply(self.address, src, PROTO_UDP, answer.emit(self.address, src)), None)]
+        answer = UdpDatagram(dgram.dst_port, dgram.src_port, bytes(response))
+        self._ident = (self._ident + 1) & 0xFFFFFFFF
+        # RFC 791 §3.2: a reply larger than the link is fragmented, unless the request asked for DF.
+        packet = ip_reply(local, src, PROTO_UDP, answer.emit(local, src), dont_fragment=ip.dont_fragment,
+                          ident=self._ident & 0xFFFF)
+        pieces = fit_mtu(packet, self.mtu, self._ident)
+        if pieces is None:
+            sink.drop("reply_too_big_df")
+            return []
+        return [(piece, None) for piece in pieces]
+
+    def _icmp_error(self, body: memoryview, src: bytes, dst: bytes, protocol: int) -> None:
+        """An ICMP error about a datagram we sent (ingress matched the quote): count it."""
+        try:
+            msg = icmpv6.parse(body, src, dst) if protocol == ipv6.ICMPV6 else parse_icmp(body)
+        except Malformed as exc:
+            self.sink.drop(exc.reason, layer="icmp")
+            return
+        self.sink.counters["icmp_errors_in"] += 1
+        if self.sink.debug:
+            self.sink.log.debug("udp_icmp_error", src=fmt_addr(src), type=msg.type, code=msg.code)

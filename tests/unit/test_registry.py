@@ -1,0 +1,95 @@
+"""The service registry: USTACK_SERVICES parsed strictly, user modules loaded beside the built-ins."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from workers import registry
+from workers.tcp import apps
+
+USER_MODULE = textwrap.dedent('''
+    from workers.tcp.apps import Service
+
+    class Upper(Service):
+        def on_readable(self):
+            while not self.pending and (data := self.stream.recv()):
+                self.write(data.upper())
+
+    def shout(payload):
+        return payload.upper()
+
+    class Counter:
+        def __init__(self):
+            self.n = 0
+        def __call__(self, payload):
+            self.n += 1
+            return str(self.n).encode()
+
+    NOT_CALLABLE = 3
+''')
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "usermod_reg.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "usermod_reg"
+
+
+def test_parse_entries_and_whitespace():
+    assert registry.parse(" tcp/9000=a.b:C , udp/9001=m:f,") == [("tcp", 9000, "a.b", "C"), ("udp", 9001, "m", "f")]
+    assert registry.parse("") == []
+
+
+@pytest.mark.parametrize("bad", ["tcp/9000", "sctp/1=m:C", "tcp/x=m:C", "tcp/0=m:C", "tcp/70000=m:C",
+                                 "tcp/9000=m", "tcp/9000=m:C:D", "tcp/9000=1m:C", "tcp/9000=m:C,tcp/9000=n:D"])
+def test_parse_rejects(bad):
+    with pytest.raises(registry.ConfigError):
+        registry.parse(bad)
+
+
+def test_builtins_are_in_the_table():
+    tcp = registry.services("tcp", {})
+    assert tcp[7] is apps.Echo and tcp[8000] is apps.LineReverser and tcp[19] is apps.Chargen
+    assert registry.services("udp", {})[7](b"x") == b"x"
+
+
+def test_user_services_load_beside_builtins(user_module):
+    env = {"USTACK_SERVICES": f"tcp/9000={user_module}:Upper,udp/9001={user_module}:shout,"
+                              f"udp/9002={user_module}:Counter"}
+    tcp = registry.services("tcp", env)
+    assert tcp[9000].__name__ == "Upper" and 9001 not in tcp and tcp[7] is apps.Echo
+    udp = registry.services("udp", env)
+    assert udp[9001](b"hi") == b"HI"
+    counter = udp[9002]  # a class: one instance per worker, called per datagram
+    assert counter(b"") == b"1" and counter(b"") == b"2"
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("tcp/9000=no_such_module_xyz:C", "cannot import"),
+    ("tcp/9000={m}:Missing", "has no 'Missing'"),
+    ("tcp/9000={m}:NOT_CALLABLE", "not a class or function"),
+    ("tcp/7={m}:Upper", "already served by the built-in Echo"),
+])
+def test_bad_entries_name_the_problem(user_module, spec, reason):
+    with pytest.raises(registry.ConfigError, match=reason):
+        registry.services("tcp", {"USTACK_SERVICES": spec.format(m=user_module)})
+
+
+def test_config_exit_is_status_78_with_message_on_stderr():
+    code = "from workers import registry; registry.config_exit('USTACK_SERVICES: broken')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 78 and "USTACK_SERVICES: broken" in done.stderr
+
+
+@pytest.mark.parametrize("name, value, reason", [
+    ("USTACK_SERVICES", "tcp/9000", "expected tcp/PORT=module:Name"),
+    ("USTACK_HTTP_ROOT", "/nonexistent/ustack-www", "expected a directory"),
+    ("USTACK_HTTP_TIMEOUT", "0", "USTACK_HTTP_TIMEOUT=0.0: expected"),
+])
+def test_every_process_checks_the_service_settings_at_start(monkeypatch, name, value, reason):
+    from pipeline import config
+    monkeypatch.setenv(name, value)
+    assert any(reason in e for e in config.validate_all())
