@@ -21,31 +21,27 @@ VETH = "ve-stack"
 
 
 @contextlib.contextmanager
-def random_loss(stack_ns: Namespace, percent: int):
+def _forward_rule(stack_ns: Namespace, table: str, rule: str):
+    """One nftables rule in the stack namespace's forward hook, for the duration of the block."""
     script = f"""
-table inet ustack_loss {{
-  chain lossy {{ type filter hook forward priority 0; numgen random mod 100 < {percent} drop; }}
+table inet {table} {{
+  chain path {{ type filter hook forward priority 0; {rule}; }}
 }}"""
     stack_ns.run("nft", "-f", "-", input=script.encode())
     try:
         yield
     finally:
-        stack_ns.run("nft", "delete", "table", "inet", "ustack_loss")
+        stack_ns.run("nft", "delete", "table", "inet", table)
 
 
-@contextlib.contextmanager
+def random_loss(stack_ns: Namespace, percent: int):
+    return _forward_rule(stack_ns, "ustack_loss", f"numgen random mod 100 < {percent} drop")
+
+
 def ce_marks(stack_ns: Namespace, percent: int):
     """Congestion Experienced on ``percent`` % of forwarded ECN-capable (ECT(0)) IPv4 packets, as an
     AQM router would mark them (RFC 3168 §5); packets not marked ECT pass untouched."""
-    script = f"""
-table inet ustack_ce {{
-  chain ce_marks {{ type filter hook forward priority 0; ip ecn ect0 numgen random mod 100 < {percent} ip ecn set ce; }}
-}}"""
-    stack_ns.run("nft", "-f", "-", input=script.encode())
-    try:
-        yield
-    finally:
-        stack_ns.run("nft", "delete", "table", "inet", "ustack_ce")
+    return _forward_rule(stack_ns, "ustack_ce", f"ip ecn ect0 numgen random mod 100 < {percent} ip ecn set ce")
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ from workers.tcp.events import Closed, Connected, Event, PeerClosed
 from workers.tcp.options import DEFAULT, MAX_WINDOW_SHIFT, Negotiated, syn_options, window_shift
 from workers.tcp.receiver import CHALLENGE_ACK_LIMIT, Receiver, ts_clock
 from workers.tcp.recovery import Recovery
+from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.sender import Sender
 from workers.tcp.timers import Timer, TimerTable
 
@@ -67,7 +68,6 @@ __all__ = ["CHALLENGE_ACK_LIMIT", "MAX_WINDOW_SHIFT", "Connection", "InvalidOper
 
 _ACK = Flags.ACK
 _RST = Flags.RST
-_RST_ACK = Flags.RST | Flags.ACK
 _F_FIN, _F_SYN, _F_RST, _F_ACK, _F_ECE, _F_CWR = 0x01, 0x02, 0x04, 0x10, 0x40, 0x80
 
 
@@ -398,14 +398,12 @@ class Connection:
         flags, opts = self.options.syn_ack_options(self.config, ts_clock(now), self.receiver.ts_recent)
         self.rcv_adv = self.rcv_nxt + window
         self.receiver.last_ack_sent = self.rcv_nxt
-        self._out.append(TcpSegment(self.local_port, self.remote_port, self.iss, self.rcv_nxt, flags, window,
-                                    options=opts))
+        self._out.append(syn_ack(self.local_port, self.remote_port, self.iss, self.rcv_nxt, window, opts,
+                                 ece=bool(flags & Flags.ECE)))
 
-    def _send_rst(self, seq: SeqNum, ack: SeqNum | None = None) -> None:
-        if ack is None:
-            self._out.append(TcpSegment(self.local_port, self.remote_port, seq, SeqNum(0), _RST, 0))
-        else:
-            self._out.append(TcpSegment(self.local_port, self.remote_port, seq, ack, _RST_ACK, 0))
+    def _send_rst(self, seq: SeqNum) -> None:
+        """<SEQ=seq><CTL=RST>."""
+        self._out.append(TcpSegment(self.local_port, self.remote_port, seq, SeqNum(0), _RST, 0))
 
     # == input =======================================================================
 
@@ -422,12 +420,9 @@ class Connection:
 
     def _reply_closed(self, seg: TcpSegment) -> None:
         """RFC 9293 §3.10.7.1: CLOSED answers everything but a RST with a RST."""
-        if seg.rst:
-            return
-        if seg.ack_flag:
-            self._send_rst(seg.ack)
-        else:
-            self._send_rst(SeqNum(0), seg.seq + seg.seg_len)
+        rst = reset_for(seg)
+        if rst is not None:
+            self._out.append(rst)
 
     def _receive_syn_sent(self, seg: TcpSegment, now: float) -> None:
         """RFC 9293 §3.10.7.3."""

@@ -282,8 +282,8 @@ class TcpDemux:
             sack = cfg.sack and opts.sack_permitted
             window_scale = None if peer_shift is None else window_shift(cfg.recv_buffer)
             timestamp = (encode_ts_options(ts_clock(now), peer_shift, sack), opts.timestamp[0])
-        reply = syn_ack(key.lport, key.rport, cookie, syn.seq + 1, cfg.recv_buffer, cfg.mss,
-                        window_scale, bool(sack), timestamp)
+        reply = syn_ack(key.lport, key.rport, cookie, syn.seq + 1, cfg.recv_buffer, TcpOptions(
+            mss=cfg.mss, window_scale=window_scale, sack_permitted=bool(sack), timestamp=timestamp))
         out.append(self._ip(key.remote, reply))
 
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:

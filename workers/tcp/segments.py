@@ -2,9 +2,8 @@
 
 Contract: pure functions from what the RFC says the segment depends on to a
 ``TcpSegment``; no state, no clock. The demultiplexer uses them for
-segments of no connection and for cookie SYN-ACKs; a connection's own
-reset and SYN-ACK are the same segments (integration point for
-``workers/tcp/connection.py``).
+segments of no connection and for cookie SYN-ACKs, a connection for the
+reset it answers in CLOSED and for its SYN-ACK.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 _RST = Flags.RST
 _RST_ACK = Flags.RST | Flags.ACK
 _SYN_ACK = Flags.SYN | Flags.ACK
+_SYN_ACK_ECE = _SYN_ACK | Flags.ECE
 
 
 def reset_for(seg: TcpSegment) -> TcpSegment | None:
@@ -30,12 +30,13 @@ def reset_for(seg: TcpSegment) -> TcpSegment | None:
     return TcpSegment(seg.dst_port, seg.src_port, SeqNum(0), seg.seq + seg.seg_len, _RST_ACK, 0)
 
 
-def syn_ack(local_port: int, remote_port: int, iss: SeqNum, rcv_nxt: SeqNum, window: int, mss: int,
-            window_scale: int | None, sack_permitted: bool, timestamp: tuple[int, int] | None) -> TcpSegment:
+def syn_ack(local_port: int, remote_port: int, iss: SeqNum, rcv_nxt: SeqNum, window: int, options: TcpOptions,
+            ece: bool = False) -> TcpSegment:
     """<SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK> (RFC 9293 §3.10.7.2) with our options.
 
     Only options the peer's SYN offered may be passed (RFC 7323 §2.2, §3.2;
-    RFC 2018 §2); the window of a SYN is never scaled (RFC 7323 §2.2).
+    RFC 2018 §2); the window of a SYN is never scaled (RFC 7323 §2.2). ``ece``:
+    the ECN-setup SYN-ACK (RFC 3168 §6.1.1).
     """
-    options = TcpOptions(mss=mss, window_scale=window_scale, sack_permitted=sack_permitted, timestamp=timestamp)
-    return TcpSegment(local_port, remote_port, iss, rcv_nxt, _SYN_ACK, min(window, 0xFFFF), options=options)
+    return TcpSegment(local_port, remote_port, iss, rcv_nxt, _SYN_ACK_ECE if ece else _SYN_ACK, min(window, 0xFFFF),
+                      options=options)
