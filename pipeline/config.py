@@ -88,6 +88,9 @@ class StackConfig:
     reassembly_timeout: float | None  # seconds for both families; None: 30 s IPv4, 60 s IPv6 (RFC 8200 §4.5)
     keys_dir: str     # CURVE keys, needed when any endpoint is tcp://
     client_key: str   # this worker's key pair (tcp:// endpoints)
+    attach: str = ""  # attach mode: path of the namespace the device lives in (empty: our own)
+    forward: bool = False  # relay packets not addressed to the stack (attach mode's default)
+    default_route: bool = True  # attach mode: route the namespace's default traffic to the device
 
     @property
     def stack_addr_bytes(self) -> bytes:
@@ -139,6 +142,37 @@ def default_run_dir(tun_name: str) -> str:
     return f"/run/ustack/{netns}-{tun_name}"
 
 
+def attach_path(raw: str) -> str:
+    """USTACK_ATTACH: a namespace name under /run/netns, or a path such as /proc/PID/ns/net."""
+    if not raw:
+        return ""
+    path = raw if "/" in raw else os.path.join("/run/netns", raw)
+    if not os.path.exists(path):
+        raise ConfigError(f"USTACK_ATTACH={raw!r}: no network namespace at {path}")
+    return path
+
+
+def forward_policy():  # type: ignore[no-untyped-def]
+    """The relay's destination policy from USTACK_FORWARD_DENY / _ALLOW and USTACK_HOST_ALIAS."""
+    from pipeline.forwarding import ForwardPolicy
+
+    try:
+        return ForwardPolicy(deny=env_str("USTACK_FORWARD_DENY", ""), allow=env_str("USTACK_FORWARD_ALLOW", ""),
+                             host_alias=env_str("USTACK_HOST_ALIAS", ""))
+    except ValueError as exc:
+        raise ConfigError(f"USTACK_FORWARD_DENY/_ALLOW/USTACK_HOST_ALIAS: {exc}") from None
+
+
+def published(proto: str) -> dict[int, int]:
+    """USTACK_PUBLISH's ports of one protocol: port where the stack runs -> port in the namespace."""
+    from pipeline.forwarding import parse_publish
+
+    try:
+        return {outer: inner for p, outer, inner in parse_publish(env_str("USTACK_PUBLISH", "")) if p == proto}
+    except ValueError as exc:
+        raise ConfigError(f"USTACK_PUBLISH: {exc}") from None
+
+
 def load() -> StackConfig:
     """Read and validate the environment; exit with a clear message on bad values."""
     host, addr = _address_pair(ipaddress.IPv4Interface, ipaddress.IPv4Address, "", "10.0.0.1/24", "10.0.0.2")
@@ -171,7 +205,13 @@ def load() -> StackConfig:
     offload = env_bool("USTACK_OFFLOAD", sys.platform == "linux")
     if offload and sys.platform != "linux":
         raise ConfigError("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
+    attach = attach_path(env_str("USTACK_ATTACH", ""))
+    forward = env_bool("USTACK_FORWARD", bool(attach))
+    default_route = env_bool("USTACK_DEFAULT_ROUTE", True)
     return StackConfig(
+        attach=attach,
+        forward=forward,
+        default_route=default_route,
         tun_name=tun_name,
         host_interface=host,
         stack_address=addr,
@@ -291,6 +331,12 @@ CHECKS: tuple[Callable[[], None], ...] = (
     _services,
     _http_root,
     _number("USTACK_HTTP_TIMEOUT", 10.0, 0.001, 86400.0),
+    # Attach mode (load() checks USTACK_ATTACH, USTACK_FORWARD and USTACK_DEFAULT_ROUTE).
+    forward_policy,
+    lambda: published("tcp") and None,
+    _number("USTACK_RELAY_CONNECT_TIMEOUT", 30.0, 0.1, 3600.0),
+    _number("USTACK_UDP_IDLE", 60.0, 0.1, 86400.0),
+    _number("USTACK_UDP_IDLE_DNS", 10.0, 0.1, 86400.0),
 )
 
 

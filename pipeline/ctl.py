@@ -116,7 +116,8 @@ def render(status: dict) -> str:
 def render_flows(rows: list[tuple[Flow, str]]) -> str:
     lines = [f"{'remote':<40} {'local port':>10}  worker"]
     for flow, worker in sorted(rows, key=lambda r: (r[1], r[0])):
-        lines.append(f"{fmt_endpoint(flow.remote, flow.rport):<40} {flow.lport:>10}  {worker}")
+        local = f"{fmt_addr(flow.local)}:{flow.lport}" if flow.local else str(flow.lport)  # relayed: its destination
+        lines.append(f"{fmt_endpoint(flow.remote, flow.rport):<40} {local:>10}  {worker}")
     return "\n".join(lines)
 
 
@@ -362,8 +363,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "flows":
         rows = messages.decode_flow_table(request("flows", cfg).payload)
         if args.json:
-            print(json.dumps([{"remote": fmt_addr(f.remote), "rport": f.rport, "lport": f.lport, "worker": w}
-                              for f, w in rows], indent=2))
+            print(json.dumps([{"remote": fmt_addr(f.remote), "rport": f.rport, "lport": f.lport, "worker": w,
+                               **({"local": fmt_addr(f.local)} if f.local else {})} for f, w in rows], indent=2))
         else:
             print(render_flows(rows))
     elif args.command == "stop":

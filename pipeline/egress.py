@@ -24,7 +24,8 @@ def main() -> None:
     if cfg.egress_bind.startswith("ipc://") or cfg.ingress_endpoint.startswith("ipc://"):
         endpoints.ensure_run_dir(cfg.run_dir)
     try:
-        device = tun.open_device(cfg.tun_name, writer_only=True, offload=cfg.offload, run_dir=cfg.run_dir)
+        device = tun.open_device(cfg.tun_name, writer_only=True, offload=cfg.offload, run_dir=cfg.run_dir,
+                                 netns=cfg.attach)
     except tun.TunError as exc:
         log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(tun.exit_status(exc)) from None

@@ -1,14 +1,19 @@
 """One TCP flow as seen from the stack: the one form routing, workers, the bus and stackctl share.
 
-Contract: a ``Flow`` is a frozen ``(remote, rport, lport)`` value (a
+Contract: a ``Flow`` is a frozen ``(remote, rport, lport, local)`` value (a
 NamedTuple, so it hashes and compares like the plain tuple it replaces).
 ``remote`` is the peer's packed address: 4 bytes for IPv4, 16 for IPv6, so
-a second family fits without a new type. ``key`` is the routing key: the
-address bytes, then both ports in network order, as an incoming segment
-carries them (ingress builds it as ``src + view.port_bytes``); the lengths
-differ per family, so keys of two families never collide.
-``bus()``/``from_bus()`` are the msgpack-ready list form; the message layout
-around it stays in ``pipeline.bus.messages``.
+a second family fits without a new type. ``local`` is empty for a flow to
+the stack's own address and the packed destination address for a flow the
+stack relays in attach mode (the same client port may reach two
+destinations at once, so the destination is part of the flow). ``key`` is
+the routing key: the source address bytes, then both ports in network
+order, as an incoming segment carries them (ingress builds it as
+``src + view.port_bytes [+ dst]``), then ``local``; the key lengths (8, 20
+for local flows, 12, 36 for relayed ones) differ per family and kind, so
+keys never collide. ``bus()``/``from_bus()`` are the msgpack-ready list
+form (``local`` appended only when set); the message layout around it stays
+in ``pipeline.bus.messages``.
 """
 
 from __future__ import annotations
@@ -18,34 +23,42 @@ from typing import NamedTuple
 
 _PORTS = struct.Struct("!HH")
 _ADDRESS_LENGTHS = (4, 16)
+# Key length -> remote address length: local flows (8, 20), relayed flows (12, 36).
+_REMOTE_LENGTH_BY_KEY = {8: 4, 20: 16, 12: 4, 36: 16}
 
 
 class Flow(NamedTuple):
     remote: bytes  # the peer's address, packed (4 or 16 bytes)
     rport: int     # the peer's port
     lport: int     # our port
+    local: bytes = b""  # the relayed destination's address (attach mode); empty: the stack's own
 
     @property
     def key(self) -> bytes:
-        """The routing key: remote address, remote port, local port."""
-        return self.remote + _PORTS.pack(self.rport, self.lport)
+        """The routing key: remote address, remote port, local port, relayed destination."""
+        return self.remote + _PORTS.pack(self.rport, self.lport) + self.local
 
     @classmethod
     def from_key(cls, key: bytes) -> Flow:
-        n = len(key) - _PORTS.size
-        return cls(bytes(key[:n]), *_PORTS.unpack_from(key, n))
+        n = _REMOTE_LENGTH_BY_KEY[len(key)]
+        rport, lport = _PORTS.unpack_from(key, n)  # named: mypy cannot count a starred tuple
+        return cls(bytes(key[:n]), rport, lport, bytes(key[n + _PORTS.size:]))
 
     def bus(self) -> list[object]:
-        """The flow as a msgpack array: [remote, rport, lport]."""
-        return [self.remote, self.rport, self.lport]
+        """The flow as a msgpack array: [remote, rport, lport] (+ [local] when relayed)."""
+        return [self.remote, self.rport, self.lport, self.local] if self.local else \
+            [self.remote, self.rport, self.lport]
 
     @classmethod
     def from_bus(cls, item: object) -> Flow:
         """A flow from its bus form; ValueError if it is not one."""
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], bytes)
+        if not (isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], bytes)
                 and len(item[0]) in _ADDRESS_LENGTHS and _is_port(item[1]) and _is_port(item[2])):
             raise ValueError("bad_flow")
-        return cls(item[0], item[1], item[2])
+        local = item[3] if len(item) == 4 else b""
+        if local and not (isinstance(local, bytes) and len(local) == len(item[0])):
+            raise ValueError("bad_flow")
+        return cls(item[0], item[1], item[2], local)
 
 
 def _is_port(value: object) -> bool:

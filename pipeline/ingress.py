@@ -47,7 +47,8 @@ class Ingress:
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.members = Membership(messages.HEARTBEAT_TIMEOUT)
         self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started,
-                             address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg))
+                             address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg),
+                             forward=cfg.forward)
         self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters, self.started)
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
@@ -359,9 +360,11 @@ def main() -> None:
     cfg = proc.config
     endpoints.ensure_run_dir(cfg.run_dir)
     try:
-        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload, run_dir=cfg.run_dir)
+        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload, run_dir=cfg.run_dir,
+                                 netns=cfg.attach)
         tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu,
-                                  None if cfg.host_interface6 is None else str(cfg.host_interface6))
+                                  None if cfg.host_interface6 is None else str(cfg.host_interface6),
+                                  netns=cfg.attach, default_route=cfg.default_route)
     except tun.TunError as exc:
         proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(tun.exit_status(exc)) from None
@@ -369,8 +372,8 @@ def main() -> None:
     ingress = Ingress(proc, device, ctx)
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),
                   address=str(cfg.stack_address), host6=cfg.host_interface6 and str(cfg.host_interface6),
-                  address6=cfg.stack_address6 and str(cfg.stack_address6),
-                  offload=hex(getattr(device, "offload_bits", 0)),
+                  address6=cfg.stack_address6 and str(cfg.stack_address6), attach=cfg.attach or None,
+                  forward=cfg.forward, offload=hex(getattr(device, "offload_bits", 0)),
                   epoch=ingress.epoch)
     try:
         ingress.run()

@@ -28,6 +28,13 @@ owner, the UDP worker for UDP. For TCP:
   right (RFC 9293 §3.10.7.1) — that is how the connections of a dead worker
   end instead of hanging.
 
+With forwarding on (attach mode), a packet for another address is relayed:
+it goes to the worker of its protocol the same way (fragments are
+reassembled first), and a TCP flow's key then ends with its destination
+address (``Flow.local``), so relayed flows spread over the ``tcp`` workers,
+keep their affinity and are reset by a dead worker's successor exactly like
+the stack's own. Multicast and broadcast destinations are never relayed.
+
 Right after ingress (re)starts it knows no flows yet: for a short settling
 time TCP segments of unknown flows are held until the workers have joined
 and re-announced what they own, so an ingress restart resets nothing.
@@ -68,11 +75,14 @@ STEERED_PORTS = frozenset({5201})
 _STEERED = frozenset(port.to_bytes(2, "big") for port in STEERED_PORTS)
 
 
+_LOCAL_KEY_LENGTHS = (8, 20)  # Flow.key of the stack's own flows: IPv4, IPv6 (no relayed destination)
+
+
 def affinity_key(key: bytes) -> bytes:
     """What a new flow's worker is chosen by: its Flow.key, or for STEERED_PORTS only (remote
     address, local port), so that every connection of one client to such a port lands on the
     same worker (rendezvous hashing keeps that true while the workers stay the same)."""
-    if key[-2:] in _STEERED:
+    if key[-2:] in _STEERED and len(key) in _LOCAL_KEY_LENGTHS:  # relayed flows (Flow.local) are not steered
         return key[:-4] + key[-2:]
     return key
 
@@ -80,8 +90,9 @@ def affinity_key(key: bytes) -> bytes:
 class Router:
     def __init__(self, address: bytes, members: Membership, drop: Callable[..., None], started: float,
                  address6: bytes | None = None, quiet: Callable[..., None] | None = None,
-                 reassembler: Reassembler | None = None) -> None:
+                 reassembler: Reassembler | None = None, forward: bool = False) -> None:
         self.address = address
+        self.forward = forward  # attach mode: relay what is addressed elsewhere
         self.address6 = address6  # None: IPv6 is off, and a counted drop as before
         self.members = members
         self.drop = drop
@@ -108,16 +119,28 @@ class Router:
         except Malformed as exc:
             self.drop(exc.reason, layer="ipv4")
             return _DROPPED
+        relayed = b""
         if ip.dst != self.address:
-            self.drop("not_for_us")
-            return _DROPPED
+            relayed = self._relayed(ip.dst)
+            if not relayed:
+                return _DROPPED
         if ip.is_fragment:
             whole = self.reassembler.add_ipv4(ip.buf[:ip.total_len], now)
             return _DROPPED if whole is None else self._route_ipv4(whole, now, reassembled=True)
         protocol = ip.protocol
         if protocol == PROTO_ICMP and len(ip.payload) > _ICMP_HEADER_LEN and ip.payload[0] in icmp.QUOTING_ERRORS:
             return self._route_error(icmp.quoted_ipv4(ip.payload[_ICMP_HEADER_LEN:]), packet, now)
-        return self._route_transport(packet, protocol, ip.src, ip.payload, now)
+        return self._route_transport(packet, protocol, ip.src, ip.payload, now, relayed)
+
+    def _relayed(self, dst: bytes) -> bytes:
+        """``dst`` if packets to it are relayed, else b"" (counted as dropped)."""
+        if not self.forward:
+            self.drop("not_for_us")
+            return b""
+        if not _relayable(dst):
+            self.drop("not_unicast")
+            return b""
+        return bytes(dst)
 
     def _route_ipv6(self, packet: bytes, now: float, reassembled: bool = False) -> Route:
         try:
@@ -126,14 +149,16 @@ class Router:
             self.drop(exc.reason, layer="ipv6")
             return _DROPPED
         header = parsed.header
+        relayed = b""
         if header.dst != self.address6:
             # Checked before not_for_us: the kernel's chatter goes to multicast groups.
             kind = self._chatter(packet, parsed)
             if kind is not None:
                 self.quiet("chatter_" + kind)
-            else:
-                self.drop("not_for_us")
-            return _DROPPED
+                return _DROPPED
+            relayed = self._relayed(header.dst)
+            if not relayed:
+                return _DROPPED
         if parsed.error is not None:
             return self.members.pick("icmp", b""), "icmp", packet  # it builds the Parameter Problem
         if parsed.fragment is not None:
@@ -148,7 +173,7 @@ class Router:
         payload = memoryview(packet)[parsed.payload_offset:parsed.payload_end]
         if parsed.protocol == ipv6.ICMPV6 and len(payload) > _ICMP_HEADER_LEN and payload[0] < icmpv6.ECHO_REQUEST:
             return self._route_error(icmpv6.quoted_ipv6(payload[_ICMP_HEADER_LEN:]), packet, now)
-        return self._route_transport(packet, parsed.protocol, header.src, payload, now)
+        return self._route_transport(packet, parsed.protocol, header.src, payload, now, relayed)
 
     def _chatter(self, packet: bytes, parsed: ipv6.Ipv6Packet) -> str | None:
         """The kind of the local kernel's own ICMPv6 chatter this packet is, if it is (RFC 4861, 3810, 4862)."""
@@ -170,7 +195,8 @@ class Router:
             return self.members.pick("udp", b""), "udp", packet
         return self._route_flow(quote.flow_key, False, packet, now)
 
-    def _route_transport(self, packet: bytes, protocol: int, src: bytes, payload: memoryview, now: float) -> Route:
+    def _route_transport(self, packet: bytes, protocol: int, src: bytes, payload: memoryview, now: float,
+                         relayed: bytes = b"") -> Route:
         if protocol != PROTO_TCP:
             role = _ROLE_BY_PROTO.get(protocol, "icmp")
             return self.members.pick(role, b""), role, packet
@@ -179,8 +205,8 @@ class Router:
         except Malformed as exc:
             self.drop(exc.reason, layer="tcp")
             return _DROPPED
-        # Flow(src, sport, dport).key without making the Flow
-        return self._route_flow(src + tcp.port_bytes, tcp.starts_connection, packet, now)
+        # Flow(src, sport, dport, relayed).key without making the Flow
+        return self._route_flow(src + tcp.port_bytes + relayed, tcp.starts_connection, packet, now)
 
     def _route_flow(self, key: bytes, starts_connection: bool, packet: bytes, now: float) -> Route:
         owner = self.flows.get(key)
@@ -223,3 +249,11 @@ class Router:
 
     def flows_by_worker(self) -> collections.Counter[str]:
         return collections.Counter(self.flows.values())
+
+
+def _relayable(dst: bytes) -> bool:
+    """A unicast destination: IPv4 not 0/8, multicast (224/4) or broadcast (RFC 1122 §3.2.1.3);
+    IPv6 not unspecified or multicast (ff00::/8, RFC 4291 §2.7)."""
+    if len(dst) == 16:
+        return dst[0] != 0xFF and any(dst)
+    return 0 < dst[0] < 224

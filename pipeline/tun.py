@@ -28,6 +28,13 @@ asks its peer for the device and opens a new one only if no peer holds it,
 and the device lives while either holds it. The framing and the descriptor
 passing are unit-tested (the latter works the same on Linux); the device
 itself is untested on real macOS.
+
+Attach mode (``USTACK_ATTACH``, Linux): the device is created inside another
+network namespace. A short-lived thread switches itself into that namespace
+with ``setns`` (a network namespace is per thread), opens and sets up the
+queue there, and ends; the descriptor keeps working from the process's own
+namespace, where every ustack process stays and opens its real sockets.
+The kernel side is configured there too (``nsenter --net``).
 """
 
 from __future__ import annotations
@@ -270,10 +277,53 @@ def fetch_fd(path: str, timeout: float) -> int | None:
         time.sleep(0.05)
 
 
-def open_device(name: str, *, writer_only: bool, offload: bool, run_dir: str) -> TunDevice:
-    """Open (creating if needed) the device; a writer never receives traffic."""
+_CLONE_NEWNET = 0x40000000
+
+
+def _in_namespace(path: str, action):  # type: ignore[no-untyped-def]
+    """Run ``action()`` in a thread that has entered the network namespace at ``path``.
+
+    ``setns`` changes only the calling thread's namespace; a thread of its own
+    means the process's other threads (ZeroMQ's) never leave home.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            result.append(TunError(exc.errno, f"attach: cannot open namespace {path}: {exc.strerror}"))
+            return
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                result.append(TunError(err, f"attach: setns({path}): {os.strerror(err)}"))
+                return
+            result.append(action())
+        except BaseException as exc:  # handed to the caller's thread
+            result.append(exc)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, name="attach")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def open_device(name: str, *, writer_only: bool, offload: bool, run_dir: str, netns: str = "") -> TunDevice:
+    """Open (creating if needed) the device, inside ``netns`` when attached; a writer never receives traffic."""
     if sys.platform == "linux":
+        if netns:
+            return _in_namespace(netns, lambda: LinuxTun(name, writer_only=writer_only, offload=offload))
         return LinuxTun(name, writer_only=writer_only, offload=offload)
+    if netns:
+        raise TunError(errno.ENOTSUP, "attach mode (USTACK_ATTACH) needs Linux network namespaces")
     if sys.platform == "darwin":
         mine, peer = ("utun-egress.sock", "utun-ingress.sock") if writer_only else \
                      ("utun-ingress.sock", "utun-egress.sock")
@@ -292,8 +342,14 @@ def exit_status(exc: TunError) -> int:
     return EX_NOPERM if exc.no_privilege else 1
 
 
-def configure_kernel_side(name: str, host_interface: str, mtu: int, host_interface6: str | None = None) -> None:
-    """Give the kernel's side of the link its addresses and bring it up (idempotent)."""
+def configure_kernel_side(name: str, host_interface: str, mtu: int, host_interface6: str | None = None,
+                          netns: str = "", default_route: bool = False) -> None:
+    """Give the kernel's side of the link its addresses and bring it up (idempotent).
+
+    Attached (``netns``), configure it inside that namespace and, with
+    ``default_route``, send the namespace's default traffic (IPv4, and IPv6
+    when it has an IPv6 address) through the device.
+    """
     if sys.platform == "linux":
         cmds = [["ip", "link", "set", "dev", name, "mtu", str(mtu), "up"],
                 ["ip", "addr", "replace", host_interface, "dev", name]]
@@ -301,6 +357,12 @@ def configure_kernel_side(name: str, host_interface: str, mtu: int, host_interfa
             # nodad: the link has one other node (us), and DAD would hold the address
             # "tentative" (unusable) for a second after every start.
             cmds.append(["ip", "-6", "addr", "replace", host_interface6, "dev", name, "nodad"])
+        if netns and default_route:
+            cmds.append(["ip", "route", "replace", "default", "dev", name])
+            if host_interface6 is not None:
+                cmds.append(["ip", "-6", "route", "replace", "default", "dev", name])
+        if netns:
+            cmds = [["nsenter", f"--net={netns}", *cmd] for cmd in cmds]
     else:
         ip, _, prefix = host_interface.partition("/")
         cmds = [["ifconfig", name, "inet", host_interface, ip, "mtu", str(mtu), "up"]]

@@ -7,7 +7,10 @@ egress. Besides packets it speaks the membership protocol: a heartbeat with
 the worker's counters every HEARTBEAT_INTERVAL, the flows it holds whenever
 they change (all of them when ingress welcomes it, which is how a restarted
 ingress learns who owns what), and resets for the flows of a dead worker
-when ingress hands them over. Nothing protocol-specific lives here.
+when ingress hands them over. A core that relays flows (attach mode,
+``workers.relay``) also gets its commands carried out on real sockets
+(``workers.upstream``) whose descriptors share the poll, and is fed what
+they report. Nothing protocol-specific lives here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import zmq
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
+from workers.upstream import Upstreams
 
 MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) handled per wake-up
 
@@ -38,6 +42,8 @@ def run(proc: Process, core: WorkerCore) -> None:
     outbox = endpoints.worker_push(ctx, cfg)
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    # Relaying cores (attach mode) get real sockets, polled beside the bus.
+    upstreams = Upstreams(poller) if hasattr(core, "relay_commands") else None
     poller.register(proc.telemetry.socket, zmq.POLLIN)  # stackctl's requests (see pipeline.telemetry)
     table = getattr(core, "connection_table", None)
     if table is not None:
@@ -78,7 +84,12 @@ def run(proc: Process, core: WorkerCore) -> None:
             wake = next_heartbeat if deadline is None else min(deadline, next_heartbeat)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             out: list[Outgoing] = []
-            if poller.poll(timeout_ms):
+            ready = poller.poll(timeout_ms)
+            if upstreams is not None and ready:
+                reported = [ev for fd, flags in ready if fd is not inbox for ev in upstreams.ready(fd, flags)]
+                if reported:
+                    out += core.handle_upstream(reported, time.monotonic())  # type: ignore[attr-defined]
+            if ready:
                 # Drain what is waiting before touching timers: one wake-up, many packets,
                 # and what they cause goes to egress together.
                 # Bounded: under overload the inbox never empties, and heartbeats and timers must still run.
@@ -102,12 +113,19 @@ def run(proc: Process, core: WorkerCore) -> None:
             deadline = core.next_deadline()
             if deadline is not None and deadline <= now:
                 out += core.handle_timer(now)
-            if out:
-                send(out)
+            if upstreams is not None:
+                out += carry_out(core, upstreams)
+            # Flows first: a connection we open (a published port's) is announced before its SYN
+            # leaves, so ingress routes the answer to us.
             opened, closed = core.flow_changes()
             if opened or closed:
                 tell_ingress(messages.encode_flows(proc.name, False, opened, closed))
+            if out:
+                send(out)
         send(core.close(time.monotonic()))
+        if upstreams is not None:
+            carry_out(core, upstreams)
+            upstreams.close_all()
         tell_ingress(messages.encode_goodbye(proc.name))
         if stop_asked:
             log.info("worker_parked", **dict(proc.counters))
@@ -117,3 +135,13 @@ def run(proc: Process, core: WorkerCore) -> None:
         inbox.close()
         outbox.close()
         ctx.term()
+
+
+def carry_out(core: WorkerCore, upstreams: Upstreams) -> list[Outgoing]:
+    """Run a relaying core's commands on its sockets until it has none left; the packets that causes."""
+    out: list[Outgoing] = []
+    while commands := core.relay_commands():  # type: ignore[attr-defined]
+        reported = upstreams.execute(commands)
+        if reported:
+            out += core.handle_upstream(reported, time.monotonic())  # type: ignore[attr-defined]
+    return out

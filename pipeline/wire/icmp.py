@@ -24,10 +24,13 @@ PARAM_PROBLEM = 12
 # The errors that quote a packet of ours and so belong to the flow that sent it (RFC 792).
 QUOTING_ERRORS = frozenset({DEST_UNREACHABLE, TIME_EXCEEDED, PARAM_PROBLEM})
 
-# Destination Unreachable codes (RFC 792, RFC 1191 §4).
+# Destination Unreachable codes (RFC 792, RFC 1191 §4; 13 from RFC 1812 §5.2.7.1).
+NET_UNREACHABLE = 0
+HOST_UNREACHABLE = 1
 PROTOCOL_UNREACHABLE = 2
 PORT_UNREACHABLE = 3
 FRAGMENTATION_NEEDED = 4
+ADMIN_PROHIBITED = 13
 # RFC 1122 §4.2.3.9: codes 2-4 are hard errors; 4 is path MTU discovery's (RFC 1191), not fatal.
 HARD_UNREACHABLE = frozenset({PROTOCOL_UNREACHABLE, PORT_UNREACHABLE})
 # Time Exceeded codes (RFC 792).

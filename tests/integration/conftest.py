@@ -3,6 +3,7 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.integration.attach_topology import Topology
 from tests.integration.netns import HOST_ADDR, HOST_ADDR6, STACK_ADDR, STACK_ADDR6, Namespace, Stack, routed_client
 
 
@@ -74,3 +75,13 @@ def client(ns):
     finally:
         c.delete()
 
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """Attach mode's host, server and client namespaces with the guard (attach_topology)."""
+    t = Topology()
+    try:
+        yield t
+    finally:
+        t.delete()

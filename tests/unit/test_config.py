@@ -65,6 +65,43 @@ def test_bad_values_exit_with_a_clear_message(env, name, value, message):
     assert message in str(exc.value)
 
 
+ATTACH_VARS = ("USTACK_ATTACH", "USTACK_FORWARD", "USTACK_DEFAULT_ROUTE", "USTACK_FORWARD_DENY",
+               "USTACK_FORWARD_ALLOW", "USTACK_HOST_ALIAS")
+
+
+def test_attach_mode_forwards_by_default(env, tmp_path):
+    for name in ATTACH_VARS:
+        env.delenv(name, raising=False)
+    assert config.load().forward is False and config.load().attach == ""
+    target = tmp_path / "netns"
+    target.write_bytes(b"")  # any path: the namespace itself is opened only by the device code
+    env.setenv("USTACK_ATTACH", str(target))
+    cfg = config.load()
+    assert cfg.attach == str(target) and cfg.forward is True and cfg.default_route is True
+    env.setenv("USTACK_FORWARD", "0")
+    assert config.load().forward is False
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("USTACK_ATTACH", "no-such-namespace-here", "/run/netns/no-such-namespace-here"),
+    ("USTACK_FORWARD", "perhaps", "expected 1 or 0"),
+    ("USTACK_FORWARD_DENY", "10.0.0.0/8,bogus", "'bogus'"),
+    ("USTACK_FORWARD_ALLOW", "300.1.1.1", "'300.1.1.1'"),
+    ("USTACK_HOST_ALIAS", "localhost", "USTACK_HOST_ALIAS"),
+    ("USTACK_PUBLISH", "tcp:8080", "'tcp:8080'"),
+    ("USTACK_PUBLISH", "sctp:1:2", "'sctp:1:2'"),
+    ("USTACK_UDP_IDLE", "0", "USTACK_UDP_IDLE=0.0"),
+])
+def test_bad_attach_settings_exit_with_ex_config(env, capsys, name, value, message):
+    for var in ATTACH_VARS:
+        env.delenv(var, raising=False)
+    env.setenv(name, value)
+    with pytest.raises(SystemExit) as exc:
+        config.check_or_exit("tcp.1")
+    assert exc.value.code == config.EX_CONFIG == 78
+    assert message in capsys.readouterr().err
+
+
 def test_validate_all_reports_every_bad_setting_at_once(env):
     for name, value in {"USTACK_ADDR": "10.0.0.300", "TCP_CONGESTION": "bbr", "TCP_SYN_QUEUE": "0",
                         "LOG_FORMAT": "xml"}.items():

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-CORES = ["workers.icmp.core", "workers.udp.core", "workers.tcp.demux"]
-FORBIDDEN = ["zmq", "msgpack", "workers.shell", "pipeline.bus.messages", "pipeline.process"]
+CORES = ["workers.icmp.core", "workers.udp.core", "workers.tcp.demux",
+         "workers.tcp.relay", "workers.udp.relay", "workers.icmp.relay", "workers.relay"]
+FORBIDDEN = ["zmq", "msgpack", "workers.shell", "workers.upstream", "pipeline.bus.messages", "pipeline.process"]
 
 
 @pytest.mark.parametrize("module", CORES)

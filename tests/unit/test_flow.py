@@ -20,8 +20,23 @@ def test_key_and_bus_forms_round_trip(remote, rport, lport):
 
 def test_key_is_address_then_remote_then_local_port():
     assert Flow(b"\x0a\x00\x00\x01", 0x1234, 80).key == b"\x0a\x00\x00\x01\x12\x34\x00\x50"
-    # Still the plain tuple it replaces: tables keyed by either find each other.
-    assert Flow(b"\x0a\x00\x00\x01", 1, 2) == (b"\x0a\x00\x00\x01", 1, 2)
+    # A plain tuple underneath: the stack's own flows have an empty relayed destination.
+    assert Flow(b"\x0a\x00\x00\x01", 1, 2) == (b"\x0a\x00\x00\x01", 1, 2, b"")
+
+
+@given(addresses, ports, ports)
+def test_relayed_flows_key_and_bus_forms_round_trip(remote, rport, lport):
+    local = bytes(reversed(remote))  # a destination of the same family
+    flow = Flow(remote, rport, lport, local)
+    assert Flow.from_key(flow.key) == flow
+    assert Flow.from_bus(flow.bus()) == flow
+    assert flow.key == Flow(remote, rport, lport).key + local
+    assert Flow(remote, rport, lport) != flow
+
+
+def test_relayed_bus_form_rejects_a_destination_of_another_family():
+    with pytest.raises(ValueError):
+        Flow.from_bus([b"\x0a\x00\x00\x01", 1, 2, bytes(16)])
 
 
 @pytest.mark.parametrize("item", [

@@ -53,8 +53,8 @@ def test_full_announcement_replaces_and_forget_returns_orphans():
     assert set(r.flows.values()) == {"tcp.1"} and len(r.flows) == 1
     r.update_flows("tcp.2", False, (Flow(PEER, 4, 7),), (Flow(PEER, 3, 8000),))  # not tcp.2's to close
     assert len(r.flows) == 2
-    assert r.forget_worker("tcp.1") == [(PEER, 3, 8000)]
-    assert Flow(PEER, 4, 7).key in r.flows and Flow.from_key(Flow(PEER, 4, 7).key) == (PEER, 4, 7)
+    assert r.forget_worker("tcp.1") == [Flow(PEER, 3, 8000)]
+    assert Flow(PEER, 4, 7).key in r.flows and Flow.from_key(Flow(PEER, 4, 7).key) == Flow(PEER, 4, 7)
 
 
 def test_flows_of_a_dead_worker_go_to_a_survivor():
@@ -89,6 +89,32 @@ def test_tcp_header_is_checked_once_here():
     bad_offset[20 + 12] = 15 << 4  # Data Offset 60 bytes, the segment has 20
     assert r.route(short, 200.0)[:2] == (None, "") and r.route(bytes(bad_offset), 200.0)[:2] == (None, "")
     assert drops == {"truncated": 1, "bad_data_offset": 1}
+
+
+def test_without_forwarding_other_destinations_are_dropped():
+    r, drops = make(now=0.0)
+    assert r.route(tcp_packet(40000, flags=0x02, dst=bytes([192, 0, 2, 10])), 10.0)[:2] == (None, "")
+    assert drops["not_for_us"] == 1
+
+
+def test_forwarded_flows_are_keyed_by_destination_and_keep_their_owner():
+    r, drops = make(now=0.0)
+    r.forward = True
+    later = SETTLE_TIME + 1
+    server_a, server_b = bytes([192, 0, 2, 10]), bytes([192, 0, 2, 11])
+    # The same client port to two servers: two flows, each may live on its own worker.
+    for dst in (server_a, server_b):
+        owner, role, _ = r.route(tcp_packet(40000, flags=0x02, dst=dst), later)
+        assert role == "tcp" and owner is not None
+    r.update_flows("tcp.2", False, (Flow(PEER, 40000, 80, server_a),), ())
+    r.update_flows("tcp.1", False, (Flow(PEER, 40000, 80, server_b),), ())
+    assert r.route(tcp_packet(40000, 80, dst=server_a), later)[0] == "tcp.2"
+    assert r.route(tcp_packet(40000, 80, dst=server_b), later)[0] == "tcp.1"
+    assert sorted(r.forget_worker("tcp.2")) == [Flow(PEER, 40000, 80, server_a)]
+    # Never relayed: multicast, broadcast, "this network".
+    for dst in (bytes([224, 0, 0, 1]), bytes([255] * 4), bytes(4)):
+        assert r.route(tcp_packet(40000, flags=0x02, dst=dst), later)[:2] == (None, "")
+    assert drops["not_unicast"] == 3
 
 
 def test_iperf3_connections_of_one_client_share_a_worker():

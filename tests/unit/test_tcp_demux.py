@@ -5,6 +5,7 @@ import collections
 import pytest
 import structlog
 
+from pipeline.flow import Flow
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
@@ -87,7 +88,7 @@ def test_syn_flood_is_answered_with_cookies_and_real_clients_get_in(demux):
     [synack] = [parse(p) for p in demux.handle_packet(packet(syn(sport=50000, seq=9000)), T0)]
     ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK | Flags.PSH, 65535, b"hello")
     out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.1)]
-    assert demux.connections[(PEER, 50000, 7)].state is State.ESTABLISHED
+    assert demux.connections[Flow(PEER, 50000, 7)].state is State.ESTABLISHED
     assert b"".join(s.payload for s in out) == b"hello"
     assert demux.sink.counters["syn_cookies_accepted"] == 1
 
@@ -102,14 +103,14 @@ def test_cookie_connection_keeps_window_scale_sack_and_timestamps(demux):
     offer = TcpOptions(mss=1460, window_scale=7, sack_permitted=True, timestamp=(555, 0))
     first = TcpSegment(50000, 7, SeqNum(9000), SeqNum(0), Flags.SYN, 65535, options=offer)
     [synack] = [parse(p) for p in demux.handle_packet(packet(first), T0)]
-    assert (PEER, 50000, 7) not in demux.connections  # stateless: a cookie
+    assert Flow(PEER, 50000, 7) not in demux.connections  # stateless: a cookie
     o = synack.options
     assert o.window_scale is not None and o.sack_permitted and o.timestamp[1] == 555
     # The final ACK echoes our TSval; its window is scaled by the peer's shift (RFC 7323 §2.3).
     ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK | Flags.PSH, 100, b"hello",
                      options=TcpOptions(timestamp=(556, o.timestamp[0])))
     out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.01)]
-    conn = demux.connections[(PEER, 50000, 7)]
+    conn = demux.connections[Flow(PEER, 50000, 7)]
     assert conn.state is State.ESTABLISHED and demux.sink.counters["syn_cookies_accepted"] == 1
     assert conn.ws_ok and conn.snd_wscale == 7 and conn.snd_wnd == 100 << 7
     assert conn.sack_ok and conn.ts_ok and conn.ts_recent == 556
@@ -125,7 +126,7 @@ def test_cookie_without_timestamps_offers_and_keeps_only_the_mss(demux):
     assert synack.options == TcpOptions(mss=demux.config.mss)
     ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK, 100)
     demux.handle_packet(packet(ack), T0 + 0.01)
-    conn = demux.connections[(PEER, 50000, 7)]
+    conn = demux.connections[Flow(PEER, 50000, 7)]
     assert conn.state is State.ESTABLISHED and conn.peer_mss == 1460
     assert not (conn.ws_ok or conn.sack_ok or conn.ts_ok) and conn.snd_wnd == 100
 
@@ -138,7 +139,7 @@ def test_cookie_ack_with_an_impossible_echo_is_reset(demux):
     ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK, 100,
                      options=TcpOptions(timestamp=(556, synack.options.timestamp[0] | 0x20)))
     [rst] = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.01)]
-    assert rst.flags == Flags.RST and (PEER, 50000, 7) not in demux.connections
+    assert rst.flags == Flags.RST and Flow(PEER, 50000, 7) not in demux.connections
 
 
 def test_forged_cookie_ack_is_reset(demux):
@@ -146,7 +147,7 @@ def test_forged_cookie_ack_is_reset(demux):
         demux.handle_packet(packet(syn(sport=10000 + i)), T0)
     forged = TcpSegment(50001, 7, SeqNum(1), SeqNum(424242), Flags.ACK, 65535)
     [rst] = [parse(p) for p in demux.handle_packet(packet(forged), T0)]
-    assert rst.flags == Flags.RST and (PEER, 50001, 7) not in demux.connections
+    assert rst.flags == Flags.RST and Flow(PEER, 50001, 7) not in demux.connections
 
 
 def test_syn_ack_retransmitted_from_the_timer_heap(demux):
@@ -219,7 +220,7 @@ def time_wait(demux, ts: bool, sport=40000, now=T0):
     assert out and out[-1].fin  # the quote, then our FIN
     fin_end = out[-1].seq + out[-1].seg_len
     demux.handle_packet(packet(seg(fin_end, Flags.ACK | Flags.FIN, 102)), now)
-    conn = demux.connections[(PEER, sport, 17)]
+    conn = demux.connections[Flow(PEER, sport, 17)]
     assert conn.state is State.TIME_WAIT and conn.rcv_nxt == SeqNum(1002)
     demux.flow_changes()
     return conn
@@ -241,7 +242,7 @@ def test_new_syn_reopens_a_connection_in_time_wait(demux, ts, syn_seq, tsval):
     assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == SeqNum(syn_seq + 1)
     # RFC 9293 §3.6.1: the new ISN lies above everything the old incarnation sent.
     assert synack.seq == old.snd_nxt + demux_mod.TIME_WAIT_ISN_GAP
-    new = demux.connections[(PEER, 40000, 17)]
+    new = demux.connections[Flow(PEER, 40000, 17)]
     assert new is not old and new.state is State.SYN_RECEIVED
     assert demux.sink.counters["time_wait_reused"] == 1
     assert demux.flow_changes() == ([], [])  # still our flow: ingress hears nothing
@@ -259,6 +260,6 @@ def test_new_syn_reopens_a_connection_in_time_wait(demux, ts, syn_seq, tsval):
 def test_old_duplicate_syn_leaves_time_wait_alone(demux, ts, syn_seq, tsval):
     old = time_wait(demux, ts)
     out = [parse(p) for p in demux.handle_packet(packet(new_syn(syn_seq, tsval)), T0 + 1)]
-    assert demux.connections[(PEER, 40000, 17)] is old and old.state is State.TIME_WAIT
+    assert demux.connections[Flow(PEER, 40000, 17)] is old and old.state is State.TIME_WAIT
     assert demux.sink.counters["time_wait_reused"] == 0
     assert all(not s.syn for s in out)  # TIME-WAIT answers as it always did (an ACK at most)

@@ -15,6 +15,10 @@ ingress:
 Every error is rate limited (RFC 1812 §4.3.2.8, RFC 4443 §2.4 (f)); ICMPv6
 ones also pass ``icmpv6.error_allowed`` (RFC 4443 §2.4 (e)). Replies larger
 than the link MTU are fragmented (IPv4 only when the request allowed it).
+
+In attach mode (an ``EchoRelay``) IPv4 echo requests to other addresses are
+relayed to the real host (``workers.icmp.relay``); other ICMP to other
+addresses is dropped (ICMPv6 echo relaying is not there yet).
 """
 
 from __future__ import annotations
@@ -25,16 +29,19 @@ from pipeline.wire.addr import fmt_addr
 from pipeline.wire.icmp import (ECHO_REQUEST, PROTOCOL_UNREACHABLE, REASSEMBLY_TIME_EXCEEDED, IcmpMessage,
                                 dest_unreachable, echo_reply, parse_icmp, time_exceeded)
 from pipeline.wire.ipv4 import PROTO_ICMP, Ipv4Packet
-from workers.core import Addresses, Outgoing, Sink, StatelessCore, fit_mtu, ip_reply
+from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply
+from workers.icmp.relay import EchoRelay
 from workers.ratelimit import TokenBucket
+from workers.relay import DatagramRelayCore
 
 ICMP_ERRORS_PER_SECOND = 200  # as the UDP worker's port unreachables
 DEFAULT_MTU = 1500
 
 
-class IcmpCore(StatelessCore):
+class IcmpCore(DatagramRelayCore):
     def __init__(self, sink: Sink, address: bytes, address6: bytes | None = None, mtu: int = DEFAULT_MTU,
-                 ident_seed: int = 0) -> None:
+                 ident_seed: int = 0, relay_: EchoRelay | None = None) -> None:
+        self.relay = relay_
         self.sink = sink
         self.address = address
         self.addresses = Addresses(address, address6)
@@ -47,6 +54,10 @@ class IcmpCore(StatelessCore):
             return self._ipv6(data, now, offload)
         sink = self.sink
         ip = Ipv4Packet.trusted(data)  # ingress checked it
+        relayed = ip.dst != self.address  # ingress forwards other destinations only in attach mode
+        if relayed and (self.relay is None or ip.protocol != PROTO_ICMP or ip.is_fragment):
+            sink.drop("not_for_us" if self.relay is None else "relay_protocol")
+            return []
         if ip.is_fragment:
             return self._error(now, "reassembly_time_exceeded", ip.src,
                                lambda: ip_reply(self.address, ip.src, PROTO_ICMP,
@@ -64,6 +75,8 @@ class IcmpCore(StatelessCore):
             return []
         if not self._is_echo_request(msg, ip.src):
             return []
+        if relayed:
+            return self.relay.request(bytes(ip.src), bytes(ip.dst), msg, bytes(data), now)  # type: ignore[union-attr]
         # RFC 791 §3.2: the reply may be cut into fragments unless the request asked for DF.
         return self._send(ip_reply(self.address, ip.src, PROTO_ICMP, echo_reply(msg).emit(), ip.tos,
                                    dont_fragment=ip.dont_fragment, ident=self._next_ident() & 0xFFFF))
@@ -77,6 +90,9 @@ class IcmpCore(StatelessCore):
             return []
         src = parsed.header.src
         local = self.addresses.local(src)
+        if parsed.header.dst != local and parsed.error is None and parsed.fragment is None:
+            sink.drop("relay_icmpv6_unsupported")  # attach mode relays ICMPv6 echo not yet: no fake answer
+            return []
         if parsed.error is not None:
             error = icmpv6.param_problem(parsed.error, data)
             sink.counters["param_problem_" + parsed.error.reason] += 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
-from pipeline.config import env_bool, env_float, env_int, env_str
+from pipeline.config import env_bool, env_float, env_int, env_str, forward_policy, published
 from pipeline.process import Process
 from workers import registry, shell
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import SYN_QUEUE_LIMIT, TcpDemux
+from workers.tcp.relay import CONNECT_TIMEOUT, TcpRelay
 
 
 # With TSO the kernel cuts our segments to the MSS: emit up to this much payload
@@ -51,7 +52,12 @@ if __name__ == "__main__":
     syn_queue = env_int("TCP_SYN_QUEUE", SYN_QUEUE_LIMIT)
     if syn_queue < 1:
         raise SystemExit(f"TCP_SYN_QUEUE={syn_queue}: expected at least 1")
+    sink = shell.sink(proc)
     services = registry.services_or_exit("tcp")
-    shell.run(proc, TcpDemux(shell.sink(proc), cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
+    # Attach mode: flows to other addresses are relayed to real sockets opened from here.
+    relay = TcpRelay(sink, forward_policy(), env_float("USTACK_RELAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+                     publish=published("tcp"), namespace_address=cfg.host_interface.ip.packed) \
+        if cfg.forward or published("tcp") else None
+    shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
                              secret=os.urandom(32), services=services, offload=cfg.offload,
-                             syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes))
+                             syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay))

@@ -16,11 +16,16 @@ and the next deadline out. It owns
 
 Both families: a flow's remote address is 4 or 16 bytes, our address and
 the MSS we offer (MTU - 40, or MTU - 60 over IPv6) follow from it.
+- in attach mode, connections to other addresses (``Flow.local`` set):
+  their SYN is held by ``workers.tcp.relay`` until the shell's upstream
+  connect settles, then accepted (or reset, or answered with ICMP), and
+  their service is a ``RelayService`` (a relaying core, ``workers.relay``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 from collections.abc import Mapping
 
@@ -33,6 +38,7 @@ from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
+from workers import relay
 from workers.core import IPV6_ADDRESS_LEN, Addresses, Outgoing, Sink, ip_reply, ip_view, reply_header_len
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
@@ -44,12 +50,14 @@ from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.options import Negotiated
+from workers.tcp.relay import FlowRecord, PendingSyn, RelayService, TcpRelay
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 
 # Linux (tcp_timewait_state_process): a reopened connection's ISN is the old SND.NXT plus this.
 TIME_WAIT_ISN_GAP = 65535 + 2
 _SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
+EPHEMERAL_FIRST, EPHEMERAL_COUNT = 32768, 28232  # Linux's default ip_local_port_range, 32768-60999
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
 IPV6_EXTRA_HEADER = 20  # RFC 8200 §3: 40 bytes of IP header against IPv4's 20, so MSS = MTU - 60
@@ -66,7 +74,8 @@ ECN_CE = 0b11
 class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
                  services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
-                 syn_queue_limit: int = SYN_QUEUE_LIMIT, address6: bytes | None = None) -> None:
+                 syn_queue_limit: int = SYN_QUEUE_LIMIT, address6: bytes | None = None,
+                 relay_: TcpRelay | None = None) -> None:
         self.sink = sink
         self.log = sink.log
         self.config = config
@@ -91,6 +100,9 @@ class TcpDemux:
         # segments to the MSS (TSO): we emit up to config.max_send_segment at once.
         self.offload = offload
         self.icmp_errors = IcmpErrors(sink)
+        self.relay = relay_  # attach mode: flows to other addresses are relayed (None: reset)
+        self.relays: dict[Flow, RelayService] = {}  # relayed connections' bridges (not hosted services)
+        self._port_counter = 0  # RFC 6056 §3.3.4: ephemeral ports for published (inbound) flows
 
     # -- drivers -------------------------------------------------------------
 
@@ -118,17 +130,25 @@ class TcpDemux:
                            dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
                            **sink.payload(seg.payload))
-        key = Flow(src, seg.src_port, seg.dst_port)
+        dst = ip.dst
+        key = Flow(src, seg.src_port, seg.dst_port, b"" if dst == self.addresses.local(src) else bytes(dst))
         conn = self.connections.get(key)
         out = []
         if conn is not None:
             if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
                     and time_wait_reusable(conn, seg, self.config.timestamps):
-                self._reopen(key, conn, seg, now, out)
+                if key.local:  # a relayed flow's next incarnation needs its own upstream connect first
+                    self._log_closed(key, conn, "time_wait_reused")
+                    self._forget(key)
+                    self._relay_syn(key, seg, data, now, out)
+                else:
+                    self._reopen(key, conn, seg, now, out)
                 return out
             before = conn.state
             conn.receive(seg, now, ip.tos & ECN_MASK == ECN_CE)
             self._after(key, conn, before, now, out)
+        elif key.local:
+            self._relay_syn(key, seg, data, now, out)
         elif self.host.listens(seg.dst_port):
             self._listen(key, seg, now, out)
         else:
@@ -138,6 +158,9 @@ class TcpDemux:
 
     def handle_timer(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
+        if self.relay is not None:
+            self.relay.now = now
+            self.relay.expire(now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, key = heapq.heappop(timers)
@@ -158,14 +181,120 @@ class TcpDemux:
         timers = self._timers
         while timers and self._deadline.get(timers[0][1]) != timers[0][0]:
             heapq.heappop(timers)
-        return timers[0][0] if timers else None
+        first = timers[0][0] if timers else None
+        if self.relay is not None and self.relay.pending:
+            connect = self.relay.next_deadline()
+            return connect if first is None else min(first, connect)  # type: ignore[type-var]
+        return first
+
+    # -- relaying (attach mode) ---------------------------------------------------
+
+    def relay_commands(self) -> list[relay.Command]:
+        return [] if self.relay is None else self.relay.take_commands()
+
+    def handle_upstream(self, reported: list[relay.Upstream], now: float) -> list[Outgoing]:
+        """What the upstream sockets said: settle held SYNs, feed established relays."""
+        out: list[Outgoing] = []
+        tcp_relay = self.relay
+        if tcp_relay is None:
+            return out
+        tcp_relay.now = now
+        for ev in reported:
+            key = ev.key
+            if ev.kind == relay.ACCEPTED:
+                self._publish_accepted(ev, now, out)
+                continue
+            held = tcp_relay.settle(key)  # type: ignore[arg-type]
+            if held is not None:
+                self._relay_settled(key, held, ev, now, out)  # type: ignore[arg-type]
+                continue
+            conn = self.connections.get(key)  # type: ignore[arg-type]
+            app = self.relays.get(key)  # type: ignore[arg-type]
+            if conn is None or app is None:
+                continue  # the connection ended meanwhile
+            before = conn.state
+            app.on_upstream(ev, now)
+            self._after(key, conn, before, now, out)  # type: ignore[arg-type]
+        return out
+
+    def _publish_accepted(self, ev: relay.Upstream, now: float, out: list[Outgoing]) -> None:
+        """A connection accepted on a published port: open ours to the namespace (RFC 9293 §3.10.1)."""
+        tcp_relay = self.relay
+        assert tcp_relay is not None
+        remote, rport = tcp_relay.namespace_address, tcp_relay.publish[int(ev.detail)]
+        lport = self._ephemeral_port(remote, rport)
+        if lport is None:
+            tcp_relay.commands.append(relay.Close(ev.key, reset=True))
+            self.sink.drop("publish_no_port")
+            return
+        key = Flow(remote, rport, lport)
+        tcp_relay.commands.append(relay.Adopt(ev.key, key))
+        tcp_relay.published[key] = int(ev.detail)
+        tcp_relay.sink.counters["relay_published_accepted"] += 1
+        iss = initial_sequence_number(self.secret, (self.address, lport), (remote, rport), now)
+        conn = Connection.connect(lport, rport, iss, self.config, now)
+        self.connections[key] = conn
+        self._opened.append(key)  # announced before the SYN leaves, so the SYN-ACK is routed here
+        self._after(key, conn, State.CLOSED, now, out)
+
+    def _ephemeral_port(self, remote: bytes, rport: int) -> int | None:
+        """A local port for an active open: RFC 6056 §3.3.4 (algorithm 4, a keyed hash plus a counter).
+
+        Each worker has its own secret, so workers rarely pick the same port; one in use here is skipped.
+        """
+        self._port_counter += 1
+        base = hashlib.blake2s(remote + rport.to_bytes(2, "big"), key=self.secret[:32]).digest()
+        offset = int.from_bytes(base[:2], "big") + self._port_counter
+        for i in range(EPHEMERAL_COUNT):
+            port = EPHEMERAL_FIRST + (offset + i) % EPHEMERAL_COUNT
+            if Flow(remote, rport, port) not in self.connections:
+                return port
+        return None
+
+    def _relay_syn(self, key: Flow, seg: TcpSegment, packet: bytes, now: float, out: list[Outgoing]) -> None:
+        """A segment to another address with no connection: a SYN starts an upstream connect."""
+        if self.relay is None or seg.flags & _SYN_ACK_RST != Flags.SYN:
+            self._reset(key, seg, now, out, "relay_no_connection")
+            return
+        self.relay.now = now
+        if not self.relay.open(key, seg, bytes(packet), now):
+            self._reset(key, seg, now, out, "relay_denied")
+
+    def _relay_settled(self, key: Flow, held: PendingSyn, ev: relay.Upstream, now: float,
+                       out: list[Outgoing]) -> None:
+        """The upstream connect finished: accept the held SYN, or tell the client what the network said."""
+        kind, syn = ev.kind, held.syn
+        if kind == relay.CONNECTED:
+            local = (key.local, key.lport)
+            self._accept(key, syn, initial_sequence_number(self.secret, local, (key.remote, key.rport), now),
+                         now, out)
+            return
+        counters = self.sink.counters
+        counters["relay_connect_" + kind] += 1
+        if kind == relay.REFUSED:
+            self._reset(key, syn, now, out, "relay_refused")
+        elif kind == relay.UNREACHABLE:
+            # RFC 1812 §5.2.7.1 / RFC 4443 §3.1: what the network said, quoting the client's SYN.
+            out.append(relay.unreachable(key.local, key.remote, "net" if ev.detail == "net" else "host",
+                                         held.packet))
+        # TIMED_OUT: silence, the client times out.
+        assert self.relay is not None
+        record = FlowRecord(held.started)
+        if ev.data:  # an errno other than the usual ones: say which
+            record.extra["error"] = ev.data.decode(errors="replace")
+        self.relay.log_flow("tcp", key, record, now, "upstream_" + kind)
 
     def stats(self) -> dict[str, int]:
-        return {"connections": len(self.connections)}
+        stats = {"connections": len(self.connections)}
+        if self.relay is not None:  # attach mode: how many of them are relayed, and connects under way
+            stats["relayed"] = sum(1 for key in self.connections if key.local)
+            stats["relay_connecting"] = len(self.relay.pending)
+        return stats
 
     def connection_table(self, now: float) -> list[dict]:
         """Every connection as a record for stackctl conns (workers.tcp.introspect)."""
-        return [connection_record(conn, self.addresses.local(key.remote), key, self.born.get(key, now), now)
+        return [connection_record(conn, key.local or self.addresses.local(key.remote), key,
+                                  self.born.get(key, now), now)
                 for key, conn in self.connections.items()]
 
     def flows(self) -> list[Flow]:
@@ -191,10 +320,10 @@ class TcpDemux:
         for flow in flows:
             if flow in self.connections:
                 continue
-            remote, rport, lport = flow
+            rport, lport = flow.rport, flow.lport
             self.sink.counters["orphans_reset"] += 1
             probe = TcpSegment(lport, rport, SeqNum(0), SeqNum(0), Flags.ACK, 0)
-            out.append(self._ip(remote, probe))
+            out.append(self._ip(flow, probe))
         return out
 
     def close(self, now: float) -> list[Outgoing]:
@@ -214,7 +343,7 @@ class TcpDemux:
         if seg.rst:
             self.sink.drop("rst_no_connection")  # §3.10.7.2: an incoming RST is ignored
             return
-        remote, local = (key.remote, key.rport), (self.addresses.local(key.remote), key.lport)
+        remote, local = (key.remote, key.rport), (self.addresses.local(key.remote), key.lport)  # a listener
         if seg.ack_flag:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
@@ -284,7 +413,7 @@ class TcpDemux:
             timestamp = (encode_ts_options(ts_clock(now), peer_shift, sack), opts.timestamp[0])
         reply = syn_ack(key.lport, key.rport, cookie, syn.seq + 1, cfg.recv_buffer, TcpOptions(
             mss=cfg.mss, window_scale=window_scale, sack_permitted=bool(sack), timestamp=timestamp))
-        out.append(self._ip(key.remote, reply))
+        out.append(self._ip(key, reply))
 
     def _cookie_connection(self, key: Flow, ack: TcpSegment, options: CookieOptions, now: float) -> Connection:
         """The connection a valid cookie ACK opens, with the options the cookie kept (no ECN:
@@ -304,7 +433,7 @@ class TcpDemux:
         if not self.resets.allow(now):
             self.sink.drop("reset_rate_limited")
             return
-        out.append(self._ip(key.remote, rst))
+        out.append(self._ip(key, rst))
 
     # -- connections ---------------------------------------------------------
 
@@ -313,16 +442,34 @@ class TcpDemux:
         log = self.log
         while (ev := conn.next_event()) is not None:
             if isinstance(ev, events.Connected):
-                log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport)
-            self.host.deliver(key, conn, ev, now)
+                log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
+                         **({"local": fmt_addr(key.local)} if key.local else {}))
+                if self.relay is not None and (key.local or key in self.relay.published):
+                    self.relays[key] = RelayService(conn, key, self.relay, now)
+            app = self.relays.get(key)
+            if app is None:
+                self.host.deliver(key, conn, ev, now)
+            elif isinstance(ev, events.DataReceived):
+                app.on_readable()
+            elif isinstance(ev, events.SendSpace):
+                app.on_writable()
+            elif isinstance(ev, events.PeerClosed):
+                app.on_eof()
             if isinstance(ev, events.Closed):
                 self._log_closed(key, conn, ev.reason)
+                if app is not None:
+                    app.on_closed(ev.reason, now)
+                if self.relay is not None and key in self.relay.published:
+                    if app is None:  # the namespace refused or never answered: reset the outer client
+                        self.relay.commands.append(relay.Close(key, reset=True))
+                        self.relay.log_flow("tcp", key, FlowRecord(now), now, "namespace_" + ev.reason)
+                    del self.relay.published[key]
         if self.sink.debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
         mss = conn.max_segment
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key.remote, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
+            out.append(self._ip(key, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
@@ -339,6 +486,9 @@ class TcpDemux:
             heapq.heappush(self._timers, (deadline, key))
 
     def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
+        relayed = self.relay is not None and (key.local or key in self.relay.published)
+        if relayed and not self.sink.debug:
+            return  # its relay_flow record says it (one line fewer per flow through honcho)
         soft = conn.soft_error  # RFC 1122 §4.2.3.9: reported if the connection fails
         self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
                       **({"soft_error": soft} if soft else {}), **{name: getattr(conn, name) for name in CLOSE_STATS})
@@ -351,6 +501,7 @@ class TcpDemux:
         self.connections.pop(key)
         self._leave_syn_queue(key)
         self.host.forget(key)
+        self.relays.pop(key, None)
         self.born.pop(key, None)
         self._deadline.pop(key, None)
 
@@ -370,8 +521,10 @@ class TcpDemux:
     def _config(self, remote: bytes) -> TcpConfig:
         return self.config6 if len(remote) == IPV6_ADDRESS_LEN else self.config
 
-    def _ip(self, remote: bytes, seg: TcpSegment, mss: int | None = None, tos: int = 0) -> Outgoing:
-        local = self.addresses.local(remote)
+    def _ip(self, key: Flow, seg: TcpSegment, mss: int | None = None, tos: int = 0) -> Outgoing:
+        """The segment in an IP packet from our side of ``key`` (a relayed flow's destination) to its peer."""
+        remote = key.remote
+        local = key.local or self.addresses.local(remote)
         if not self.offload:
             return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote), tos), None
         tcp_header_len = seg.header_len

@@ -3,6 +3,9 @@
 Ingress also routes here the ICMP errors that quote a datagram of ours
 (RFC 1122 §4.1.3.3: UDP passes them up); we have no sockets to tell, so they
 are counted (``icmp_errors_in``).
+
+In attach mode (a ``UdpRelay``) datagrams to other addresses are relayed
+(``workers.udp.relay``), which makes this a relaying core (``workers.relay``).
 """
 
 from __future__ import annotations
@@ -10,14 +13,17 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Mapping
 
+from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched
 from pipeline.wire import Malformed, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable, parse_icmp
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP
 from pipeline.wire.udp import UdpDatagram, parse_udp
-from workers.core import Addresses, Outgoing, Sink, StatelessCore, fit_mtu, ip_reply, ip_view
+from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply, ip_view
 from workers.ratelimit import TokenBucket
+from workers.relay import DatagramRelayCore
+from workers.udp.relay import UdpRelay
 from workers.udp.services import SERVICES
 
 # RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2 / RFC 4443 §2.4 (f): ICMP errors are rate limited so a
@@ -26,10 +32,12 @@ ICMP_ERRORS_PER_SECOND = 200
 DEFAULT_MTU = 1500
 
 
-class UdpCore(StatelessCore):
+class UdpCore(DatagramRelayCore):
     def __init__(self, sink: Sink, address: bytes,
                  services: Mapping[int, Callable[[bytes], bytes | None]] | None = None,
-                 address6: bytes | None = None, mtu: int = DEFAULT_MTU, ident_seed: int = 0) -> None:
+                 address6: bytes | None = None, mtu: int = DEFAULT_MTU, ident_seed: int = 0,
+                 relay_: UdpRelay | None = None) -> None:
+        self.relay = relay_
         self.sink = sink
         self.address = address
         self.services = SERVICES if services is None else services  # the worker passes the registry's
@@ -54,6 +62,15 @@ class UdpCore(StatelessCore):
             sink.log.debug("udp_in", src=fmt_addr(src), sport=dgram.src_port, dport=dgram.dst_port,
                            len=len(dgram.payload), **sink.payload(dgram.payload))
         local = self.addresses.local(src)
+        if ip.dst != local:  # ingress forwards other destinations only in attach mode
+            if self.relay is None:
+                sink.drop("not_for_us")
+                return []
+            return self.relay.datagram(Flow(src, dgram.src_port, dgram.dst_port, bytes(ip.dst)),
+                                       bytes(dgram.payload), bytes(data), now)
+        if self.relay is not None and self.relay.answer(src, dgram.src_port, dgram.dst_port,
+                                                        bytes(dgram.payload), now):
+            return []  # the namespace answering a published port's sender
         service = self.services.get(dgram.dst_port)
         if service is None:
             sink.counters["port_unreachable"] += 1

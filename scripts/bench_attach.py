@@ -1,0 +1,135 @@
+"""`scripts/bench --attach`: attach mode against slirp4netns, the tool people use today, in one run.
+
+Three namespaces made here: a "host" namespace where ustack (attached to the
+first client namespace, with USTACK_HOST_ALIAS=10.0.2.2) and slirp4netns (for
+the second client namespace) both run, and where the servers listen on
+127.0.0.1: iperf3, and the benchmark's kernel servers (line reverse on 8000).
+In each client namespace 10.0.2.2 is the host namespace's loopback — slirp4netns's
+own convention — so both tools are driven by the same clients to the same
+servers: iperf3 one stream and four, both directions, and connections per
+second (connect, a line, its answer, close), at MTU 1500 and 65520. Each row
+is a ratio ustack / slirp4netns. Nothing touches the machine's main namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.netns import Namespace, Stack  # noqa: E402
+
+ALIAS = "10.0.2.2"
+IPERF_PORT = "5201"
+ROWS = [("iperf3 1 stream, namespace → host", []), ("iperf3 1 stream, host → namespace", ["-R"]),
+        ("iperf3 4 streams, namespace → host", ["-P", "4"]), ("iperf3 4 streams, host → namespace", ["-P", "4", "-R"])]
+
+
+def iperf(client: Namespace, args: list[str], seconds: float) -> float:
+    """Gbit/s received, from iperf3's JSON. The server takes one test at a time and may still be
+    finishing the previous one (a stalled stream ends with the server's own time-out): retry."""
+    for _ in range(20):
+        done = client.run("iperf3", "-c", ALIAS, "-p", IPERF_PORT, "-t", str(seconds), "-J", "--connect-timeout",
+                          "5000", *args, check=False, timeout=seconds + 60)
+        try:
+            report = json.loads(done.stdout or b"{}")
+        except ValueError:
+            report = {"error": done.stdout.decode(errors="replace")[-200:]}
+        if "busy" not in report.get("error", ""):
+            break
+        time.sleep(1)
+    if "error" in report or "end" not in report:
+        raise RuntimeError(f"iperf3 {' '.join(args)}: {report.get('error', done.stderr.decode()[-200:])}")
+    return report["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def measure(say, what: str, fn) -> float | None:
+    """One row's figure, said as soon as it is known; None (and why) when it could not be measured."""
+    try:
+        value = fn()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        say(f"attach bench: {what}: FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return None
+    say(f"attach bench: {what}: {value:,.3f}")
+    return value
+
+
+def run(quick: bool, conn_rate, say) -> dict:
+    """Every row for both tools at both MTUs; ``conn_rate`` and ``say`` come from scripts/bench."""
+    seconds = 2.0 if quick else 5.0
+    host = Namespace("usbhost")
+    clients: list[Namespace] = []
+    procs: list[subprocess.Popen] = []
+    results: dict = {}
+    try:
+        host.run("sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
+        procs.append(host.popen("iperf3", "-s", "-B", "127.0.0.1", "-p", IPERF_PORT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(host.popen(sys.executable, str(ROOT / "scripts" / "bench"), "--kernel-servers",
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        procs[-1].stdout.readline()  # "kernel_servers: ready"
+        for mtu in (1500, 65520):
+            for tool in ("ustack", "slirp4netns"):
+                client = Namespace("usbclient")
+                clients.append(client)
+                stack = None
+                slirp = None
+                try:
+                    if tool == "ustack":
+                        stack = Stack(host, env={"USTACK_ATTACH": client.name, "USTACK_HOST_ALIAS": ALIAS,
+                                                 "USTACK_MTU": str(mtu)},
+                                      run_dir=f"/run/ustack-test/{client.name}")
+                        stack.wait_ready()
+                    else:
+                        slirp = host.popen("slirp4netns", "--configure", f"--mtu={mtu}", "--netns-type=path",
+                                           f"/run/netns/{client.name}", "tap0",
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        for _ in range(100):
+                            if client.run("ip", "route", "show", "default", check=False).stdout:
+                                break
+                            time.sleep(0.05)
+                    row = results.setdefault(mtu, {})
+                    for label, args in ROWS:
+                        row.setdefault(label, {})[tool] = measure(say, f"{tool} MTU {mtu}: {label}",
+                                                                  lambda: iperf(client, args, seconds))
+                    row.setdefault("connections/s", {})[tool] = measure(
+                        say, f"{tool} MTU {mtu}: connections/s", lambda: conn_rate(client, ALIAS, 4, seconds)["rate"])
+                finally:
+                    if stack is not None:
+                        stack.stop()
+                        with contextlib.suppress(OSError):
+                            os.unlink(stack.log_path)
+                    if slirp is not None:
+                        slirp.terminate()
+                        slirp.wait(5)
+                    client.delete()
+                    clients.remove(client)
+    finally:
+        for p in procs:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        for client in clients:
+            client.delete()
+        host.delete()
+    return {str(mtu): rows for mtu, rows in results.items()}
+
+
+def table(results: dict) -> str:
+    lines = ["| MTU | measurement | ustack attach | slirp4netns | ratio |", "|---|---|---|---|---|"]
+    for mtu, rows in results.items():
+        for label, by_tool in rows.items():
+            unit = "" if label == "connections/s" else " Gbit/s"
+            ours, theirs = by_tool.get("ustack"), by_tool.get("slirp4netns")
+            fmt = (lambda v: "failed" if v is None else f"{v:,.0f}") if label == "connections/s" else \
+                (lambda v: "failed" if v is None else f"{v:.2f}")
+            ratio = f"{ours / theirs:.2f}" if ours and theirs else "-"
+            lines.append(f"| {mtu} | {label} | {fmt(ours)}{unit} | {fmt(theirs)}{unit} | {ratio} |")
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""Attach mode's sans-IO relays: the forwarding policy, TCP's held SYN and stream bridge, UDP and echo.
+
+Each relay is driven only through its front door: packets and upstream
+events in, packets and commands for the shell out; time by hand.
+"""
+
+import collections
+
+import pytest
+import structlog
+
+from pipeline.flow import Flow
+from pipeline.forwarding import ForwardPolicy
+from pipeline.wire.icmp import ECHO_REPLY, ECHO_REQUEST, IcmpMessage, parse_icmp
+from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header, build_ipv4, parse_ipv4
+from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
+from pipeline.wire.udp import UdpDatagram, parse_udp
+from workers import relay
+from workers.core import Sink
+from workers.icmp.relay import EchoRelay
+from workers.tcp.config import TcpConfig
+from workers.tcp.demux import TcpDemux
+from workers.tcp.relay import TcpRelay
+from workers.udp.relay import IDLE, UdpRelay
+
+US = bytes([10, 0, 0, 2])
+CLIENT = bytes([10, 0, 0, 1])
+SERVER = bytes([192, 0, 2, 10])
+METADATA = bytes([169, 254, 169, 254])
+T0 = 100.0
+KEY = Flow(CLIENT, 40000, 80, SERVER)
+
+
+def ip(addr: str) -> bytes:
+    return bytes(int(x) for x in addr.split("."))
+
+
+def test_policy_denies_loopback_link_local_and_metadata_by_default():
+    policy = ForwardPolicy()
+    assert policy.target(SERVER) == SERVER
+    for denied in ("127.0.0.1", "127.9.9.9", "169.254.169.254"):
+        assert policy.target(ip(denied)) is None
+    assert policy.target(bytes(15) + b"\x01") is None  # ::1
+    assert policy.target(b"\xfe\x80" + bytes(14)) is None  # fe80::
+    assert policy.target(b"\x20\x01\x0d\xb8" + bytes(12)) is not None
+
+
+def test_policy_lists_and_host_alias():
+    assert ForwardPolicy(deny="192.0.2.0/25").target(SERVER) is None
+    allow = ForwardPolicy(allow="192.0.2.0/24, 127.0.0.1")
+    assert allow.target(SERVER) == SERVER and allow.target(ip("198.51.100.1")) is None
+    assert allow.target(ip("127.0.0.1")) == ip("127.0.0.1")  # named in the allow list: wins over the default deny
+    alias = ForwardPolicy(host_alias="10.0.2.2")
+    assert alias.target(ip("10.0.2.2")) == ip("127.0.0.1")
+    with pytest.raises(ValueError):
+        ForwardPolicy(deny="not-a-network")
+
+
+# -- TCP ----------------------------------------------------------------------------
+
+
+def sink():
+    return Sink(collections.Counter(), structlog.get_logger())
+
+
+@pytest.fixture
+def demux():
+    s = sink()
+    return TcpDemux(s, US, TcpConfig(send_buffer=4096), secret=b"s" * 32,
+                    relay_=TcpRelay(s, ForwardPolicy(), connect_timeout=5.0))
+
+
+def tcp_packet(seg: TcpSegment, dst=SERVER) -> bytes:
+    return build_ipv4(Ipv4Header(src=CLIENT, dst=dst, protocol=PROTO_TCP), seg.emit(CLIENT, dst))
+
+
+def parse(out, src=SERVER):
+    pkt, _ = out
+    header, payload = parse_ipv4(pkt)
+    assert header.src == src and header.dst == CLIENT
+    if header.protocol == PROTO_TCP:
+        return parse_tcp(payload, header.src, header.dst)
+    return parse_icmp(payload)
+
+
+def syn(dport=80, seq=1000):
+    return TcpSegment(40000, dport, SeqNum(seq), SeqNum(0), Flags.SYN, 65535, options=TcpOptions(mss=1460))
+
+
+def test_syn_is_held_until_the_upstream_connect_succeeds(demux):
+    assert demux.handle_packet(tcp_packet(syn()), T0) == []
+    assert demux.relay_commands() == [relay.Open(KEY, relay.TCP, SERVER, 80)]
+    assert demux.handle_packet(tcp_packet(syn()), T0 + 1) == []  # the client's retransmission
+    assert demux.relay_commands() == []
+    [synack] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.CONNECTED)], T0 + 1.1)]
+    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == SeqNum(1001)
+    assert KEY in demux.connections
+
+
+@pytest.mark.parametrize("kind,detail", [(relay.REFUSED, ""), (relay.UNREACHABLE, "host"),
+                                         (relay.UNREACHABLE, "net"), (relay.TIMED_OUT, "")])
+def test_failed_connects_answer_as_the_network_did(demux, kind, detail):
+    demux.handle_packet(tcp_packet(syn()), T0)
+    demux.relay_commands()
+    out = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, kind, detail=detail)], T0 + 0.5)]
+    if kind == relay.REFUSED:
+        assert [s.flags for s in out] == [Flags.RST | Flags.ACK] and out[0].ack == SeqNum(1001)
+    elif kind == relay.UNREACHABLE:
+        [icmp] = out
+        assert (icmp.type, icmp.code) == (3, 1 if detail == "host" else 0)
+    else:
+        assert out == []  # silence: the client times out on its own
+    assert KEY not in demux.connections and not demux.relay.pending
+
+
+def test_connect_that_never_settles_is_given_up_silently(demux):
+    demux.handle_packet(tcp_packet(syn()), T0)
+    demux.relay_commands()
+    assert demux.next_deadline() == T0 + 5.0
+    assert demux.handle_timer(T0 + 5.0) == []
+    assert demux.relay_commands() == [relay.Close(KEY)]
+    assert demux.handle_packet(tcp_packet(syn()), T0 + 6) == []  # a later SYN starts over
+    assert demux.relay_commands() == [relay.Open(KEY, relay.TCP, SERVER, 80)]
+
+
+def test_denied_destination_is_reset_at_once(demux):
+    [rst] = [parse(p, METADATA) for p in demux.handle_packet(tcp_packet(syn(), METADATA), T0)]
+    assert rst.flags & Flags.RST
+    assert demux.relay_commands() == [] and demux.sink.counters["relay_denied"] == 1
+
+
+def established(demux):
+    demux.handle_packet(tcp_packet(syn()), T0)
+    demux.relay_commands()
+    [synack] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.CONNECTED)], T0)]
+    ack = TcpSegment(40000, 80, SeqNum(1001), synack.seq + 1, Flags.ACK, 65535)
+    demux.handle_packet(tcp_packet(ack), T0)
+    assert demux.relay_commands() == [relay.Pause(KEY, False)]  # established: start reading upstream
+    return synack.seq + 1
+
+
+def test_bytes_both_ways_with_back_pressure(demux):
+    our = established(demux)
+    data = TcpSegment(40000, 80, SeqNum(1001), our, Flags.ACK | Flags.PSH, 65535, b"GET /")
+    demux.handle_packet(tcp_packet(data), T0 + 0.01)
+    assert demux.relay_commands() == [relay.Send(KEY, b"GET /")]
+    # The upstream socket blocks: further bytes from the client stay in our receive buffer.
+    demux.handle_upstream([relay.Upstream(KEY, relay.BLOCKED)], T0 + 0.02)
+    more = TcpSegment(40000, 80, SeqNum(1006), our, Flags.ACK | Flags.PSH, 65535, b"more")
+    demux.handle_packet(tcp_packet(more), T0 + 0.03)
+    assert demux.relay_commands() == []
+    demux.handle_upstream([relay.Upstream(KEY, relay.DRAINED)], T0 + 0.04)
+    assert demux.relay_commands() == [relay.Send(KEY, b"more")]
+    # Upstream sends more than our 4 KiB send buffer holds: reading the socket pauses.
+    out = demux.handle_upstream([relay.Upstream(KEY, relay.DATA, b"x" * 10000)], T0 + 0.05)
+    assert sum(len(parse(p).payload) for p in out) > 0
+    assert demux.relay_commands() == [relay.Pause(KEY, True)]
+
+
+def test_half_close_both_ways_then_the_socket_is_released(demux):
+    our = established(demux)
+    fin = TcpSegment(40000, 80, SeqNum(1001), our, Flags.ACK | Flags.FIN, 65535, b"bye")
+    demux.handle_packet(tcp_packet(fin), T0 + 0.01)
+    assert demux.relay_commands() == [relay.Send(KEY, b"bye"), relay.ShutWrite(KEY)]
+    out = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.DATA, b"ok"),
+                                                     relay.Upstream(KEY, relay.EOF)], T0 + 0.02)]
+    assert b"".join(s.payload for s in out) == b"ok" and out[-1].flags & Flags.FIN
+    assert relay.Close(KEY) in demux.relay_commands()
+
+
+def test_upstream_reset_resets_the_client_and_client_reset_resets_upstream(demux):
+    established(demux)
+    out = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.RESET)], T0 + 0.01)]
+    assert out[-1].flags & Flags.RST and KEY not in demux.connections
+    assert demux.relay_commands() == []  # the shell closed that socket itself
+    demux.relay.now = T0
+    our = established(demux)
+    rst = TcpSegment(40000, 80, SeqNum(1001), our, Flags.RST, 0)
+    demux.handle_packet(tcp_packet(rst), T0 + 0.02)
+    assert demux.relay_commands() == [relay.Close(KEY, reset=True)]
+
+
+# -- UDP and echo ---------------------------------------------------------------------
+
+
+def test_udp_flow_relays_answers_errors_and_idles_out():
+    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500, idle=60.0, idle_dns=10.0)
+    key = Flow(CLIENT, 5000, 7, SERVER)
+    packet = build_ipv4(Ipv4Header(src=CLIENT, dst=SERVER, protocol=PROTO_UDP),
+                        UdpDatagram(5000, 7, b"hi").emit(CLIENT, SERVER))
+    assert r.datagram(key, b"hi", packet, T0) == []
+    assert r.take_commands() == [relay.Open(key, relay.UDP, SERVER, 7), relay.Send(key, b"hi")]
+    big = bytes(range(256)) * 12
+    fragments = r.upstream(relay.Upstream(key, relay.DATA, big), T0 + 0.1)
+    assert len(fragments) == 3 and all(len(p) <= 1500 for p, _ in fragments)
+    [(first, _)] = r.upstream(relay.Upstream(key, relay.DATA, b"yo"), T0 + 0.2)
+    header, payload = parse_ipv4(first)
+    assert (header.src, header.dst) == (SERVER, CLIENT)
+    assert parse_udp(payload, SERVER, CLIENT).payload == b"yo"
+    [(err, _)] = r.upstream(relay.Upstream(key, relay.REFUSED), T0 + 0.3)
+    icmp = parse_icmp(parse_ipv4(err)[1])
+    assert (icmp.type, icmp.code) == (3, 3) and packet[:28] in icmp.payload
+    assert r.next_deadline() == T0 + 0.2 + 60.0
+    r.expire(T0 + 61)
+    assert r.take_commands() == [relay.Close(key)] and not r.flows
+
+
+def test_udp_denied_is_administratively_prohibited():
+    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500)
+    key = Flow(CLIENT, 5000, 53, METADATA)
+    packet = build_ipv4(Ipv4Header(src=CLIENT, dst=METADATA, protocol=PROTO_UDP),
+                        UdpDatagram(5000, 53, b"q").emit(CLIENT, METADATA))
+    [(err, _)] = r.datagram(key, b"q", packet, T0)
+    header, payload = parse_ipv4(err)
+    assert header.src == METADATA and (parse_icmp(payload).type, parse_icmp(payload).code) == (3, 13)
+    assert r.take_commands() == []
+
+
+def test_echo_relay_restores_the_clients_identifier_and_fakes_nothing():
+    r = EchoRelay(sink(), US, ForwardPolicy())
+    request = IcmpMessage(ECHO_REQUEST, 0, (0x1234 << 16) | 7, b"ping data")
+    packet = build_ipv4(Ipv4Header(src=CLIENT, dst=SERVER, protocol=PROTO_ICMP), request.emit())
+    assert r.request(CLIENT, SERVER, request, packet, T0) == []
+    key = Flow(CLIENT, 0x1234, 0, SERVER)
+    assert r.take_commands() == [relay.Open(key, relay.ICMP, SERVER, 0), relay.Send(key, request.emit())]
+    # The kernel's socket used its own identifier (0x9999); the client gets its own back.
+    real = IcmpMessage(ECHO_REPLY, 0, (0x9999 << 16) | 7, b"ping data").emit()
+    [(reply, _)] = r.upstream(relay.Upstream(key, relay.DATA, real), T0 + 0.01)
+    header, payload = parse_ipv4(reply)
+    msg = parse_icmp(payload)
+    assert (header.src, header.dst) == (SERVER, CLIENT)
+    assert (msg.type, msg.identifier, msg.sequence, msg.payload) == (ECHO_REPLY, 0x1234, 7, b"ping data")
+    # Anything but an echo reply produces nothing.
+    assert r.upstream(relay.Upstream(key, relay.DATA, request.emit()), T0 + 0.02) == []
+    assert r.upstream(relay.Upstream(key, relay.DATA, b"\x00"), T0 + 0.02) == []
+
+
+def test_published_udp_port_maps_each_sender_to_a_port_inside_and_back():
+    ns_addr = CLIENT  # the namespace's kernel-side address
+    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500, publish={5353: 53}, namespace_address=ns_addr)
+    assert r.take_commands() == [relay.Listen(("listen", 5353), relay.UDP, 5353)]
+    outs = [r.upstream(relay.Upstream(("listen", 5353), relay.RECEIVED, b"q", peer), T0)
+            for peer in ("192.0.2.7|1000", "192.0.2.8|1000", "192.0.2.7|1000")]
+    ports = []
+    for [(pkt, _)] in outs:
+        header, payload = parse_ipv4(pkt)
+        assert (header.src, header.dst) == (US, ns_addr)
+        dgram = parse_udp(payload, US, ns_addr)
+        assert dgram.dst_port == 53 and dgram.payload == b"q"
+        ports.append(dgram.src_port)
+    assert ports[0] == ports[2] != ports[1]  # one port per sender, kept
+    assert r.answer(ns_addr, 53, ports[1], b"a", T0 + 1)
+    assert r.take_commands() == [relay.SendTo(("listen", 5353), b"a", "192.0.2.8|1000")]
+    assert not r.answer(ns_addr, 54, ports[1], b"a", T0 + 1)  # not from the published port
+    assert not r.answer(SERVER, 53, ports[1], b"a", T0 + 1)   # not from the namespace
+    r.expire(T0 + 1 + IDLE)
+    assert not r.answer(ns_addr, 53, ports[1], b"a", T0 + 100)  # the mapping idled out
+
+
+def test_a_new_syn_on_a_relayed_flow_in_time_wait_waits_for_a_new_upstream(demux):
+    our = established(demux)
+    # The upstream finishes first: our FIN, then the client's; we hold TIME-WAIT.
+    [our_fin] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.EOF)], T0 + 0.01)]
+    assert our_fin.flags & Flags.FIN
+    fin = TcpSegment(40000, 80, SeqNum(1001), our_fin.seq + 1, Flags.ACK | Flags.FIN, 65535)
+    demux.handle_packet(tcp_packet(fin), T0 + 0.02)
+    assert demux.connections[KEY].state.name == "TIME_WAIT"
+    assert relay.Close(KEY) in demux.relay_commands()  # both directions done: the socket is released
+    # RFC 6191 reuse, but the old upstream socket is gone: the SYN is held for a new connect.
+    assert demux.handle_packet(tcp_packet(syn(seq=500_000)), T0 + 1) == []
+    assert demux.relay_commands() == [relay.Open(KEY, relay.TCP, SERVER, 80)]
+    assert KEY not in demux.connections

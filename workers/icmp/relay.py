@@ -1,0 +1,96 @@
+"""ICMP echo relaying for attach mode: a real echo to the real host, and only its real answer back.
+
+Contract (sans-IO, ``workers.relay``): an echo request from the namespace
+to another address is sent from an unprivileged datagram ICMP socket (one
+per client address, destination and identifier; the kernel gives it its
+own identifier and checksum), and each echo reply that socket receives goes
+back to the client with the client's identifier restored (RFC 792). A host
+that does not answer gets no answer: nothing is ever made up here. A
+destination the policy refuses gets ICMP administratively prohibited
+(RFC 1812 §5.2.7.1) from the stack. Flows close after ``idle`` seconds.
+
+A flow is a ``Flow(client, identifier, 0, destination)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.flow import Flow
+from pipeline.forwarding import ForwardPolicy
+from pipeline.wire import Malformed
+from pipeline.wire.icmp import ECHO_REPLY, IcmpMessage, IcmpPacket
+from pipeline.wire.ipv4 import PROTO_ICMP
+from workers import relay
+from workers.core import Outgoing, Sink, ip_reply
+
+IDLE = 10.0        # seconds an echo flow lives after its last request or reply
+MAX_FLOWS = 1024   # open echo sockets per worker
+
+
+@dataclass(slots=True)
+class EchoFlow:
+    started: float
+    last: float
+    denied: bool = False
+    requests: int = 0
+    replies: int = 0
+
+
+class EchoRelay(relay.DatagramFlows):
+    proto = relay.ICMP
+
+    def __init__(self, sink: Sink, address: bytes, policy: ForwardPolicy, idle: float = IDLE,
+                 max_flows: int = MAX_FLOWS) -> None:
+        super().__init__(sink, address, policy, idle, max_flows)
+
+    def request(self, src: bytes, dst: bytes, msg: IcmpMessage, packet: bytes, now: float) -> list[Outgoing]:
+        """An echo request from ``src`` to ``dst`` (not us): relay it, or refuse it."""
+        key = Flow(src, msg.identifier, 0, dst)
+        flow = self.admit(key, 0, lambda denied: EchoFlow(now, now, denied=denied))
+        if flow is None:
+            return []
+        flow.last = now
+        if flow.denied:
+            return [relay.unreachable(dst, src, "admin", packet)]
+        flow.requests += 1
+        self.commands.append(relay.Send(key, msg.emit()))  # the kernel sets its own identifier and checksum
+        return []
+
+    def upstream(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
+        key: Flow = ev.key  # type: ignore[assignment]
+        flow = self.flows.get(key)
+        if flow is None or ev.kind != relay.DATA:
+            return []
+        try:
+            reply = IcmpPacket.checked(ev.data)
+        except Malformed:
+            self.sink.drop("relay_icmp_truncated")
+            return []
+        if reply.type != ECHO_REPLY:
+            return []
+        flow.last = now
+        flow.replies += 1
+        # The client's identifier back in place of the socket's (RFC 792: same identifier and sequence).
+        answer = IcmpMessage(ECHO_REPLY, 0, (key.rport << 16) | (reply.rest & 0xFFFF), bytes(reply.payload))
+        return [(ip_reply(key.local, key.remote, PROTO_ICMP, answer.emit()), None)]
+
+    def expire(self, now: float) -> None:
+        for key, flow in list(self.flows.items()):
+            if flow.last + self.idle <= now:
+                self.end(key, now, "idle")
+
+    def next_deadline(self) -> float | None:
+        return min((f.last + self.idle for f in self.flows.values()), default=None)
+
+    def end(self, key: Flow, now: float, reason: str) -> None:
+        flow = self.flows.pop(key)
+        if flow.denied:
+            return
+        self.commands.append(relay.Close(key))
+        relay.log_flow(self.sink, "icmp", key, flow.started, now, reason, packets_up=flow.requests,
+                       packets_down=flow.replies)
+
+    def close(self, now: float) -> None:
+        for key in list(self.flows):
+            self.end(key, now, "shutdown")

@@ -1,0 +1,306 @@
+"""The worker shell's real sockets for relayed flows (attach mode).
+
+Contract: ``Upstreams`` carries out a relaying core's commands
+(``workers.relay``) on non-blocking sockets opened in the namespace the
+worker runs in, registers their descriptors in the shell's poller next to
+the ZeroMQ socket, and turns what the kernel reports into ``Upstream``
+events. It holds at most what the core handed it to write (the core stops
+feeding it on BLOCKED) and reads only while the core has not paused the
+flow, so no buffer here grows without bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import struct
+from collections.abc import Hashable
+
+import zmq
+
+from workers import relay
+from workers.relay import Upstream
+
+READ_SIZE = 256 * 1024   # one recv per readiness: the core holds what the namespace cannot take yet
+READS_PER_WAKE = 4
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+_UNREACHABLE = {errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net"}
+_SOCK_TYPE = {relay.TCP: (socket.SOCK_STREAM, 0), relay.UDP: (socket.SOCK_DGRAM, 0),
+              relay.ICMP: (socket.SOCK_DGRAM, None)}
+LISTENING = "listening"  # an entry's proto while it is a published port's listening socket
+LISTENING_UDP = "listening-udp"  # a published UDP port's socket
+ACCEPTS_PER_WAKE = 16
+
+
+class _Entry:
+    __slots__ = ("key", "sock", "proto", "connecting", "paused", "out", "shut_pending", "eof")
+
+    def __init__(self, key: Hashable, sock: socket.socket, proto: str, connecting: bool) -> None:
+        self.key = key
+        self.sock = sock
+        self.proto = proto
+        self.connecting = connecting
+        self.paused = True  # a TCP flow reads only once its core resumes it (handshake done)
+        self.out = bytearray()
+        self.shut_pending = False
+        self.eof = False
+
+
+class Upstreams:
+    def __init__(self, poller: zmq.Poller) -> None:
+        self.poller = poller
+        self.by_key: dict[Hashable, _Entry] = {}
+        self.by_fd: dict[int, _Entry] = {}
+        self.accepted = 0  # provisional keys of accepted sockets
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    # -- commands --------------------------------------------------------------
+
+    def execute(self, commands: list[relay.Command]) -> list[Upstream]:
+        events: list[Upstream] = []
+        for cmd in commands:
+            entry = self.by_key.get(cmd.key)
+            if isinstance(cmd, relay.Open):
+                if entry is None:
+                    self._open(cmd, events)
+            elif isinstance(cmd, relay.Listen):
+                if entry is None:
+                    self._listen(cmd)
+            elif entry is None:
+                continue  # already gone (its close raced the command)
+            elif isinstance(cmd, relay.Send):
+                self._send(entry, cmd.data, events)
+            elif isinstance(cmd, relay.Pause):
+                entry.paused = cmd.paused
+                self._watch(entry)
+            elif isinstance(cmd, relay.ShutWrite):
+                entry.shut_pending = True
+                if not entry.out:
+                    self._shut(entry)
+            elif isinstance(cmd, relay.Close):
+                self._close(entry, cmd.reset)
+            elif isinstance(cmd, relay.SendTo):
+                address, _, port = cmd.peer.rpartition("|")
+                with contextlib.suppress(OSError):  # lost like any datagram the network drops
+                    entry.sock.sendto(cmd.data, (address, int(port)))
+            elif isinstance(cmd, relay.Adopt):
+                del self.by_key[entry.key]
+                entry.key = cmd.new
+                self.by_key[cmd.new] = entry
+        return events
+
+    def _listen(self, cmd: relay.Listen) -> None:
+        """A published port: every TCP worker listens on it and the kernel spreads connections."""
+        kind = socket.SOCK_STREAM if cmd.proto == relay.TCP else socket.SOCK_DGRAM
+        sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("0.0.0.0", cmd.port))  # an error here is a configuration error: let it stop the worker
+        if cmd.proto == relay.TCP:
+            sock.listen(512)
+        entry = _Entry(cmd.key, sock, LISTENING if cmd.proto == relay.TCP else LISTENING_UDP, connecting=False)
+        entry.paused = False
+        self.by_key[cmd.key] = entry
+        self.by_fd[sock.fileno()] = entry
+        self._watch(entry)
+
+    def _accept(self, listener: _Entry, events: list[Upstream]) -> None:
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                sock, _peer = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError:
+                return  # e.g. ECONNABORTED, EMFILE: the client retries
+            sock.setblocking(False)
+            self.accepted += 1
+            key = ("accepted", self.accepted)
+            entry = _Entry(key, sock, relay.TCP, connecting=False)
+            self.by_key[key] = entry
+            self.by_fd[sock.fileno()] = entry
+            self._watch(entry)  # paused: nothing is read until the namespace side is connected
+            events.append(Upstream(key, relay.ACCEPTED, detail=str(listener.sock.getsockname()[1])))
+
+    def _open(self, cmd: relay.Open, events: list[Upstream]) -> None:
+        family = socket.AF_INET if len(cmd.address) == 4 else socket.AF_INET6
+        kind, proto = _SOCK_TYPE[cmd.proto]
+        if proto is None:
+            proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
+        try:
+            sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+        except OSError as exc:  # e.g. EACCES for ping sockets outside net.ipv4.ping_group_range
+            events.append(Upstream(cmd.key, relay.UNREACHABLE, detail="host", data=str(exc).encode()))
+            return
+        address = socket.inet_ntop(family, cmd.address)
+        code = sock.connect_ex((address, cmd.port))
+        entry = _Entry(cmd.key, sock, cmd.proto, connecting=code == errno.EINPROGRESS)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            events.append(_connect_error(cmd.key, code))
+            return
+        if cmd.proto != relay.TCP:
+            entry.paused = False  # datagrams: read from the start
+        self.by_key[cmd.key] = entry
+        self.by_fd[sock.fileno()] = entry
+        self._watch(entry)
+        if not entry.connecting and cmd.proto == relay.TCP:
+            events.append(Upstream(cmd.key, relay.CONNECTED))
+
+    def _send(self, entry: _Entry, data: bytes, events: list[Upstream]) -> None:
+        if entry.proto != relay.TCP:
+            try:
+                entry.sock.send(data)
+            except BlockingIOError:
+                pass  # a datagram the socket has no room for is lost, as on the wire
+            except OSError as exc:
+                self._fail(entry, exc, events)
+            return
+        if entry.out:
+            entry.out += data
+            return
+        try:
+            sent = entry.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(entry, exc, events)
+            return
+        if sent < len(data):
+            entry.out += memoryview(data)[sent:]
+            self._watch(entry)
+            events.append(Upstream(entry.key, relay.BLOCKED))
+
+    def _shut(self, entry: _Entry) -> None:
+        entry.shut_pending = False
+        try:
+            entry.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already reset: its reader reports it
+
+    def _close(self, entry: _Entry, reset: bool) -> None:
+        fd = entry.sock.fileno()
+        self.by_key.pop(entry.key, None)
+        self.by_fd.pop(fd, None)
+        if fd >= 0:
+            _unregister(self.poller, fd)
+        if reset and entry.proto == relay.TCP:
+            try:
+                entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        entry.sock.close()
+
+    def close_all(self) -> None:
+        for entry in list(self.by_key.values()):
+            self._close(entry, reset=True)
+
+    def _watch(self, entry: _Entry) -> None:
+        """(Re-)register the descriptor for what we wait on: connect, writable, readable."""
+        flags = 0
+        if entry.connecting or entry.out:
+            flags |= zmq.POLLOUT
+        if not entry.paused and not entry.eof and not entry.connecting:
+            flags |= zmq.POLLIN
+        fd = entry.sock.fileno()
+        if flags:
+            self.poller.register(fd, flags)
+        else:
+            _unregister(self.poller, fd)
+
+    # -- readiness -------------------------------------------------------------
+
+    def ready(self, fd: int, flags: int) -> list[Upstream]:
+        """The poller says ``fd`` is ready: the events it brings."""
+        entry = self.by_fd.get(fd)
+        events: list[Upstream] = []
+        if entry is None:
+            return events
+        if entry.proto == LISTENING:
+            self._accept(entry, events)
+            return events
+        if entry.proto == LISTENING_UDP:
+            for _ in range(READS_PER_WAKE):
+                try:
+                    data, (address, port, *_) = entry.sock.recvfrom(65535)
+                except OSError:  # BlockingIOError, or an ICMP error for an earlier answer: nothing to do
+                    break
+                events.append(Upstream(entry.key, relay.RECEIVED, data, f"{address}|{port}"))
+            return events
+        if entry.connecting:
+            code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._close(entry, reset=False)
+                events.append(_connect_error(entry.key, code))
+                return events
+            entry.connecting = False
+            self._watch(entry)
+            events.append(Upstream(entry.key, relay.CONNECTED))
+            return events
+        if flags & zmq.POLLOUT and entry.out:
+            self._flush(entry, events)
+        if flags & (zmq.POLLIN | zmq.POLLERR) and not entry.paused and entry.key in self.by_key:
+            self._read(entry, events)
+        return events
+
+    def _flush(self, entry: _Entry, events: list[Upstream]) -> None:
+        try:
+            sent = entry.sock.send(entry.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(entry, exc, events)
+            return
+        del entry.out[:sent]
+        if not entry.out:
+            self._watch(entry)
+            if entry.shut_pending:
+                self._shut(entry)
+            events.append(Upstream(entry.key, relay.DRAINED))
+
+    def _read(self, entry: _Entry, events: list[Upstream]) -> None:
+        for _ in range(READS_PER_WAKE):
+            try:
+                data = entry.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(entry, exc, events)
+                return
+            if not data and entry.proto == relay.TCP:
+                entry.eof = True
+                self._watch(entry)
+                events.append(Upstream(entry.key, relay.EOF))
+                return
+            events.append(Upstream(entry.key, relay.DATA, data))
+            if entry.proto == relay.TCP:
+                return  # the core decides whether to keep reading (it may pause us)
+
+    def _fail(self, entry: _Entry, exc: OSError, events: list[Upstream]) -> None:
+        """A socket error: reset (TCP) or an ICMP error reported on a datagram socket."""
+        if entry.proto == relay.TCP:
+            self._close(entry, reset=False)
+            events.append(Upstream(entry.key, relay.RESET, detail=errno.errorcode.get(exc.errno or 0, "")))
+            return
+        if exc.errno == errno.ECONNREFUSED:
+            events.append(Upstream(entry.key, relay.REFUSED))
+        elif exc.errno in _UNREACHABLE:
+            events.append(Upstream(entry.key, relay.UNREACHABLE, detail=_UNREACHABLE[exc.errno]))
+
+
+def _unregister(poller: zmq.Poller, fd: int) -> None:
+    with contextlib.suppress(KeyError):
+        poller.unregister(fd)
+
+
+def _connect_error(key: Hashable, code: int) -> Upstream:
+    if code == errno.ECONNREFUSED:
+        return Upstream(key, relay.REFUSED)
+    if code in _UNREACHABLE:
+        return Upstream(key, relay.UNREACHABLE, detail=_UNREACHABLE[code])
+    if code == errno.ETIMEDOUT:
+        return Upstream(key, relay.TIMED_OUT)
+    return Upstream(key, relay.UNREACHABLE, detail="host", data=errno.errorcode.get(code, str(code)).encode())
