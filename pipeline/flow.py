@@ -41,7 +41,8 @@ class Flow(NamedTuple):
     @classmethod
     def from_key(cls, key: bytes) -> Flow:
         n = _REMOTE_LENGTH_BY_KEY[len(key)]
-        return cls(bytes(key[:n]), *_PORTS.unpack_from(key, n), bytes(key[n + _PORTS.size:]))
+        rport, lport = _PORTS.unpack_from(key, n)  # named: mypy cannot count a starred tuple
+        return cls(bytes(key[:n]), rport, lport, bytes(key[n + _PORTS.size:]))
 
     def bus(self) -> list[object]:
         """The flow as a msgpack array: [remote, rport, lport] (+ [local] when relayed)."""

@@ -196,16 +196,20 @@ class Reassembler:
             return None
         # RFC 5722 §4: any overlap discards the datagram and all its fragments.
         if (i > 0 and pieces[i - 1][1] > start) or (i < len(pieces) and pieces[i][0] < stop):
-            return self._kill(dg, "overlap")
+            self._kill(dg, "overlap")
+            return None
         if len(pieces) >= self.limits.max_fragments_per_datagram:
-            return self._kill(dg, "too_many_fragments")
+            self._kill(dg, "too_many_fragments")
+            return None
         # The last fragment fixes the length; nothing may disagree with it.
         if not more:
             if (dg.end is not None and dg.end != stop) or (pieces and pieces[-1][1] > stop):
-                return self._kill(dg, "inconsistent_length")
+                self._kill(dg, "inconsistent_length")
+                return None
             dg.end = stop
         elif dg.end is not None and stop >= dg.end:
-            return self._kill(dg, "inconsistent_length")
+            self._kill(dg, "inconsistent_length")
+            return None
         piece = bytes(data)
         pieces.insert(i, (start, stop, piece))
         dg.received += length
@@ -222,6 +226,7 @@ class Reassembler:
         if dg.first is None or dg.end is None or dg.received != dg.end:
             return None
         self._remove(dg)
+        assert dg.build is not None  # set with dg.first, from the same fragment
         return self._assemble(dg.build, dg.first, pieces, dg.end)
 
     def _assemble(self, build: _Build, first: bytes, pieces: list[tuple[int, int, bytes]], end: int) -> bytes | None:

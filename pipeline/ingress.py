@@ -14,6 +14,7 @@ import time
 import zmq
 
 from pipeline import tun
+from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
 from pipeline.config import StackConfig
 from pipeline.flow import Flow
@@ -48,6 +49,7 @@ class Ingress:
         self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started,
                              address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg),
                              forward=cfg.forward)
+        self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters, self.started)
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
         self.refusals = endpoints.auth_monitor(self.bus)
@@ -77,17 +79,21 @@ class Ingress:
             self.worker_gone(name, "unreachable", exc.strerror)
             return False
         self.proc.counters["packets_out"] += len(items)
+        self.admission.forwarded(name, len(items))
         return True
 
     def route_and_forward(self, items: list[messages.Item], now: float) -> None:
         """Route packets, then send each worker its share in one message (STYLE: batch where it pays)."""
         batches: dict[str, list[messages.Item]] = {}
         router = self.router
+        admit = self.admission.admit
         for data, offload in items:
             name, role, packet = router.route(data, now)
             if packet is not data:
                 offload = None  # reassembled from fragments: a new packet, checksums unvouched
             if name is not None:
+                if not admit(packet, role, now):
+                    continue  # shed under overload, counted (pipeline.admission)
                 batches.setdefault(name, []).append((packet, offload))
             elif role:
                 router.hold(role, now, (packet, offload))  # no live worker yet, or settling
@@ -196,6 +202,8 @@ class Ingress:
                     # A new process under the old name: whatever the old one held is gone.
                     self.worker_gone(msg.name, "restarted")
                     event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats)
+                if msg.role == "tcp":  # what it took in against what it was sent: the SYN rate adapts
+                    self.admission.worker_report(msg.name, msg.stats.get("packets_in", 0), now)
                 if event == "joined":
                     self.log.info("worker_joined", worker=msg.name, role=msg.role)
                     try:

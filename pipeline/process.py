@@ -9,7 +9,7 @@ import time
 
 import structlog
 
-from pipeline import config, log, telemetry
+from pipeline import compiled, config, log, telemetry
 
 
 PARK_MAX = 15.0  # seconds a process idles after an ordered stop before it exits by itself
@@ -42,6 +42,7 @@ class Process:
         self.log_payload = self.debug and log.payload_wanted()
         self.stopper = Stopper()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.log.info("build", mode=compiled.MODE, why=compiled.REASON)  # compiled (mypyc) or pure
         # Log records, packet copies and connection tables for stackctl, while it asks.
         self.telemetry = telemetry.Publisher(self.config, self.name, role, self.counters)
         log.attach(self.telemetry)

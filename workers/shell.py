@@ -15,6 +15,7 @@ they report. Nothing protocol-specific lives here.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import zmq
@@ -23,6 +24,8 @@ from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
 from workers.upstream import Upstreams
+
+MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) handled per wake-up
 
 
 def sink(proc: Process) -> Sink:
@@ -87,9 +90,10 @@ def run(proc: Process, core: WorkerCore) -> None:
                 if reported:
                     out += core.handle_upstream(reported, time.monotonic())  # type: ignore[attr-defined]
             if ready:
-                # Drain everything waiting before touching timers: one wake-up, many packets,
+                # Drain what is waiting before touching timers: one wake-up, many packets,
                 # and what they cause goes to egress together.
-                for _, msg in endpoints.drain(inbox, proc.drop):
+                # Bounded: under overload the inbox never empties, and heartbeats and timers must still run.
+                for _, msg in itertools.islice(endpoints.drain(inbox, proc.drop), MAX_DRAIN):
                     if isinstance(msg, messages.Packets):
                         counters["packets_in"] += len(msg.items)
                         now = time.monotonic()

@@ -14,7 +14,7 @@ from __future__ import annotations
 _FOLD_MIN = 4096  # bytes; above this, halving folds beat one big % (measured)
 
 
-def _sum_mod(data: bytes | memoryview, initial: int) -> int:
+def _sum_mod(data: bytes | bytearray | memoryview, initial: int) -> int:
     """A value congruent (mod 0xFFFF) to the word sum plus initial; zero only if both are."""
     n = len(data)
     x = int.from_bytes(data, "big")
@@ -32,7 +32,7 @@ def _sum_mod(data: bytes | memoryview, initial: int) -> int:
     return x + initial
 
 
-def ones_sum(data: bytes | memoryview, initial: int = 0) -> int:
+def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """The folded 16-bit one's complement sum of data (RFC 1071), not complemented."""
     total = _sum_mod(data, initial)
     folded = total % 0xFFFF
@@ -42,7 +42,7 @@ def ones_sum(data: bytes | memoryview, initial: int = 0) -> int:
     return folded
 
 
-def internet_checksum(data: bytes | memoryview, initial: int = 0) -> int:
+def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """The 16-bit checksum to store: the complement of the one's complement sum (RFC 1071)."""
     return ~ones_sum(data, initial) & 0xFFFF
 
@@ -57,7 +57,7 @@ def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int
     return folded
 
 
-def verify(data: bytes | memoryview, initial: int = 0) -> bool:
+def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
     """True if the sum over data, checksum field included, is 0xFFFF (RFC 1071 §1 (3))."""
     total = _sum_mod(data, initial)
     return total % 0xFFFF == 0 and total != 0

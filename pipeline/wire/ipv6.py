@@ -399,8 +399,15 @@ class Ipv6Datagram(Ipv6View):
         protocol, off = found if found is not None else (NO_NEXT_HEADER, end)
         return cls(buf, protocol, off)
 
-    tos = Ipv6View.traffic_class
-    ttl = Ipv6View.hop_limit
+    # Properties, not aliases of Ipv6View's (tos = Ipv6View.traffic_class): compiled by mypyc,
+    # such an alias is a plain class attribute holding the descriptor.
+    @property
+    def tos(self) -> int:
+        return self.traffic_class
+
+    @property
+    def ttl(self) -> int:
+        return self.hop_limit
 
     @property
     def dont_fragment(self) -> bool:

@@ -114,7 +114,7 @@ class ReassemblyQueue:
             r.start = rcv_abs
             self._starts[0] = rcv_abs
 
-    def add(self, seq: SeqNum, data: bytes, rcv_nxt: SeqNum) -> None:
+    def add(self, seq: SeqNum, data: bytes | memoryview, rcv_nxt: SeqNum) -> None:
         """Hold the part of ``data`` (starting at ``seq``) inside [rcv_nxt, rcv_nxt + capacity)."""
         if not data:
             return
@@ -137,8 +137,8 @@ class ReassemblyQueue:
             i += 1
         j = bisect_right(starts, hi)
         if i == j:
-            whole = lo == s and hi == e and type(data) is bytes
-            self._insert(i, lo, hi, data if whole else bytes(view[lo - s : hi - s]))
+            whole = lo == s and hi == e
+            self._insert(i, lo, hi, data if whole and type(data) is bytes else bytes(view[lo - s : hi - s]))
             return
         # Merge: new data fills the gaps around and between ranges i..j-1;
         # existing bytes win on overlap.  Grow the range with most chunks.
