@@ -44,11 +44,21 @@ ACCEPTED = "accepted"        # a published port took a connection: ``key`` is it
 
 
 @dataclass(frozen=True, slots=True)
+class Keepalive:
+    """Keepalive for a real TCP socket, the same settings as our own TCP's (RFC 1122 §4.2.3.6)."""
+
+    idle: float       # seconds without traffic before the first probe
+    interval: float   # seconds between probes
+    probes: int       # unanswered probes before the connection is dropped
+
+
+@dataclass(frozen=True, slots=True)
 class Open:
     key: Hashable
     proto: str
     address: bytes  # packed, 4 or 16 bytes: the socket's family follows
     port: int       # the destination port (0 for ICMP)
+    keepalive: Keepalive | None = None  # TCP: probe an idle upstream connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,7 @@ class Listen:
     key: Hashable
     proto: str
     port: int
+    keepalive: Keepalive | None = None  # TCP: accepted connections inherit it
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,7 @@ class Upstreams:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(("0.0.0.0", cmd.port))  # an error here is a configuration error: let it stop the worker
         if cmd.proto == relay.TCP:
+            _keepalive(sock, cmd.keepalive)
             sock.listen(512)
         entry = _Entry(cmd.key, sock, LISTENING if cmd.proto == relay.TCP else LISTENING_UDP, connecting=False)
         entry.paused = False
@@ -135,6 +136,8 @@ class Upstreams:
         except OSError as exc:  # e.g. EACCES for ping sockets outside net.ipv4.ping_group_range
             events.append(Upstream(cmd.key, relay.UNREACHABLE, detail="host", data=str(exc).encode()))
             return
+        if cmd.proto == relay.TCP:
+            _keepalive(sock, cmd.keepalive)
         address = socket.inet_ntop(family, cmd.address)
         code = sock.connect_ex((address, cmd.port))
         entry = _Entry(cmd.key, sock, cmd.proto, connecting=code == errno.EINPROGRESS)
@@ -304,3 +307,13 @@ def _connect_error(key: Hashable, code: int) -> Upstream:
     if code == errno.ETIMEDOUT:
         return Upstream(key, relay.TIMED_OUT)
     return Upstream(key, relay.UNREACHABLE, detail="host", data=errno.errorcode.get(code, str(code)).encode())
+
+
+def _keepalive(sock: socket.socket, keepalive: relay.Keepalive | None) -> None:
+    """The kernel's keepalive on a real TCP socket (Linux options; whole seconds, at least 1)."""
+    if keepalive is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(keepalive.idle)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(keepalive.interval)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, keepalive.probes))

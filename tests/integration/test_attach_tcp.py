@@ -19,6 +19,7 @@ from tests.integration.netns import process_pid
 
 SIZE = 20 * 1024 * 1024
 STALL = 30.0
+KEEPALIVE = 600  # TCP_KEEPALIVE: long enough that no probe disturbs a test
 
 
 def payload(size: int = SIZE) -> bytes:
@@ -28,7 +29,8 @@ def payload(size: int = SIZE) -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(topo):
-    s = attached_stack(topo, env={"USTACK_RELAY_CONNECT_TIMEOUT": "8", "USTACK_HOST_ALIAS": "10.0.2.2"})
+    s = attached_stack(topo, env={"USTACK_RELAY_CONNECT_TIMEOUT": "8", "USTACK_HOST_ALIAS": "10.0.2.2",
+                                  "TCP_KEEPALIVE": str(KEEPALIVE)})
     try:
         yield s
     finally:
@@ -268,3 +270,12 @@ def test_published_port_relays_inbound_connections_into_the_namespace(topo):
             s.stop()
     finally:
         t.delete()
+
+
+def test_upstream_sockets_keep_alive_like_our_tcp(topo, servers):
+    """TCP_KEEPALIVE applies to the real upstream socket too (idle, interval, probes)."""
+    with connect(topo, SERVER, 7) as sock:
+        sock.sendall(b"hello\n")
+        assert sock.recv(100) == b"hello\n"
+        shown = topo.host.run("ss", "-tnoH", "state", "established", "dst", SERVER).stdout.decode()
+    assert "timer:(keepalive," in shown, shown

@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.attach_topology import ABSENT, METADATA, SERVER, SERVER6, UdpServer, attached_stack
 
+ABSENT6 = "2001:db8::99"  # on the server's link, where nobody has it
 BIG = 3000  # a datagram larger than the MTU: fragmented toward the namespace
 
 
@@ -132,9 +133,25 @@ def test_ping_of_a_host_that_ignores_echo_gets_no_fake_answer(topo, stack):
     assert done.returncode != 0 and b" 0 received" in done.stdout
 
 
-def test_ping6_to_another_address_gets_no_fake_answer(topo, stack):
-    # Echo relaying speaks ICMPv4 only so far: an IPv6 ping is dropped (counted), never answered by us.
-    done = topo.client.run("ping", "-6", "-c", "1", "-W", "2", SERVER6, check=False)
+def test_ping6_of_a_real_host_gets_its_real_answers(topo, stack):
+    done = topo.client.run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-s", "1000", SERVER6, check=False)
+    assert done.returncode == 0, done.stdout
+    assert b"3 received" in done.stdout
+
+
+def test_ping6_of_an_absent_host_gets_no_answer(topo, stack):
+    done = topo.client.run("ping", "-6", "-c", "2", "-W", "3", ABSENT6, check=False)
+    assert done.returncode != 0 and b" 0 received" in done.stdout
+
+
+def test_ping6_of_a_host_that_ignores_echo_gets_no_fake_answer(topo, stack):
+    topo.server.run("nft", "-f", "-", input=b"""table inet ustack_mute6 {
+  chain in { type filter hook input priority 0; icmpv6 type echo-request drop; }
+}""")
+    try:
+        done = topo.client.run("ping", "-6", "-c", "2", "-W", "2", SERVER6, check=False)
+    finally:
+        topo.server.run("nft", "delete", "table", "inet", "ustack_mute6")
     assert done.returncode != 0 and b" 0 received" in done.stdout
 
 

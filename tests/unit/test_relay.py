@@ -11,7 +11,9 @@ import structlog
 
 from pipeline.flow import Flow
 from pipeline.forwarding import ForwardPolicy
+from pipeline.wire import icmpv6, ipv6
 from pipeline.wire.icmp import ECHO_REPLY, ECHO_REQUEST, IcmpMessage, parse_icmp
+from pipeline.wire.icmpv6 import Icmpv6Message
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
@@ -234,6 +236,23 @@ def test_echo_relay_restores_the_clients_identifier_and_fakes_nothing():
     # Anything but an echo reply produces nothing.
     assert r.upstream(relay.Upstream(key, relay.DATA, request.emit()), T0 + 0.02) == []
     assert r.upstream(relay.Upstream(key, relay.DATA, b"\x00"), T0 + 0.02) == []
+
+
+def test_echo_relay_over_ipv6_restores_the_clients_identifier():
+    client6, server6 = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("20010db8" + "00" * 11 + "10")
+    r = EchoRelay(sink(), US, ForwardPolicy())
+    request = Icmpv6Message(icmpv6.ECHO_REQUEST, 0, (0x1234 << 16) | 7, b"ping data")
+    assert r.request(client6, server6, request, b"", T0) == []
+    key = Flow(client6, 0x1234, 0, server6)
+    assert r.take_commands() == [relay.Open(key, relay.ICMP, server6, 0),
+                                 relay.Send(key, request.to_bytes(client6, server6))]
+    real = Icmpv6Message(icmpv6.ECHO_REPLY, 0, (0x9999 << 16) | 7, b"ping data").to_bytes(server6, client6)
+    [(reply, _)] = r.upstream(relay.Upstream(key, relay.DATA, real), T0 + 0.01)
+    parsed = ipv6.parse(reply)
+    assert (parsed.header.src, parsed.header.dst, parsed.protocol) == (server6, client6, ipv6.ICMPV6)
+    msg = icmpv6.parse(reply[parsed.payload_offset:], server6, client6)  # checksum verified
+    assert (msg.type, msg.identifier, msg.sequence, msg.payload) == (icmpv6.ECHO_REPLY, 0x1234, 7, b"ping data")
+    assert r.upstream(relay.Upstream(key, relay.DATA, request.to_bytes(server6, client6)), T0 + 0.02) == []
 
 
 def test_published_udp_port_maps_each_sender_to_a_port_inside_and_back():

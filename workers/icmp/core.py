@@ -18,7 +18,7 @@ than the link MTU are fragmented (IPv4 only when the request allowed it).
 
 In attach mode (an ``EchoRelay``) IPv4 echo requests to other addresses are
 relayed to the real host (``workers.icmp.relay``); other ICMP to other
-addresses is dropped (ICMPv6 echo relaying is not there yet).
+addresses is dropped.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ class IcmpCore(DatagramRelayCore):
             return []
         src = parsed.header.src
         local = self.addresses.local(src)
-        if parsed.header.dst != local and parsed.error is None and parsed.fragment is None:
-            sink.drop("relay_icmpv6_unsupported")  # attach mode relays ICMPv6 echo not yet: no fake answer
+        relayed = parsed.header.dst != local and parsed.error is None and parsed.fragment is None
+        if relayed and (self.relay is None or parsed.protocol != ipv6.ICMPV6):
+            sink.drop("not_for_us" if self.relay is None else "relay_protocol")
             return []
         if parsed.error is not None:
             error = icmpv6.param_problem(parsed.error, data)
@@ -108,6 +109,8 @@ class IcmpCore(DatagramRelayCore):
             return []
         if not self._is_echo_request(msg, src, icmpv6.ECHO_REQUEST):
             return []
+        if relayed:
+            return self.relay.request(bytes(src), bytes(parsed.header.dst), msg, bytes(data), now)  # type: ignore[union-attr]
         reply = icmpv6.echo_reply(msg).to_bytes(local, src)
         return self._send(ip_reply(local, src, ipv6.ICMPV6, reply, parsed.header.traffic_class))
 

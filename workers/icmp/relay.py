@@ -3,8 +3,9 @@
 Contract (sans-IO, ``workers.relay``): an echo request from the namespace
 to another address is sent from an unprivileged datagram ICMP socket (one
 per client address, destination and identifier; the kernel gives it its
-own identifier and checksum), and each echo reply that socket receives goes
-back to the client with the client's identifier restored (RFC 792). A host
+own identifier and checksum), ICMP or ICMPv6 by the destination's family, and
+each echo reply that socket receives goes back to the client with the
+client's identifier restored (RFC 792, RFC 4443 §4.2). A host
 that does not answer gets no answer: nothing is ever made up here. A
 destination the policy refuses gets ICMP administratively prohibited
 (RFC 1812 §5.2.7.1) from the stack. Flows close after ``idle`` seconds.
@@ -19,7 +20,10 @@ from dataclasses import dataclass
 from pipeline.flow import Flow
 from pipeline.forwarding import ForwardPolicy
 from pipeline.wire import Malformed
+from pipeline.wire import ipv6
 from pipeline.wire.icmp import ECHO_REPLY, IcmpMessage, IcmpPacket
+from pipeline.wire.icmpv6 import ECHO_REPLY as ECHO_REPLY6
+from pipeline.wire.icmpv6 import Icmpv6Message
 from pipeline.wire.ipv4 import PROTO_ICMP
 from workers import relay
 from workers.core import Outgoing, Sink, ip_reply
@@ -44,7 +48,8 @@ class EchoRelay(relay.DatagramFlows):
                  max_flows: int = MAX_FLOWS) -> None:
         super().__init__(sink, address, policy, idle, max_flows)
 
-    def request(self, src: bytes, dst: bytes, msg: IcmpMessage, packet: bytes, now: float) -> list[Outgoing]:
+    def request(self, src: bytes, dst: bytes, msg: IcmpMessage | Icmpv6Message, packet: bytes,
+                now: float) -> list[Outgoing]:
         """An echo request from ``src`` to ``dst`` (not us): relay it, or refuse it."""
         key = Flow(src, msg.identifier, 0, dst)
         flow = self.admit(key, 0, lambda denied: EchoFlow(now, now, denied=denied))
@@ -54,7 +59,9 @@ class EchoRelay(relay.DatagramFlows):
         if flow.denied:
             return [relay.unreachable(dst, src, "admin", packet)]
         flow.requests += 1
-        self.commands.append(relay.Send(key, msg.emit()))  # the kernel sets its own identifier and checksum
+        # The kernel sets its own identifier and checksum (a datagram ICMP or ICMPv6 socket).
+        wire = msg.to_bytes(src, dst) if isinstance(msg, Icmpv6Message) else msg.emit()
+        self.commands.append(relay.Send(key, wire))
         return []
 
     def upstream(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
@@ -67,12 +74,18 @@ class EchoRelay(relay.DatagramFlows):
         except Malformed:
             self.sink.drop("relay_icmp_truncated")
             return []
-        if reply.type != ECHO_REPLY:
+        v6 = len(key.remote) == 16
+        if reply.type != (ECHO_REPLY6 if v6 else ECHO_REPLY):
             return []
         flow.last = now
         flow.replies += 1
-        # The client's identifier back in place of the socket's (RFC 792: same identifier and sequence).
-        answer = IcmpMessage(ECHO_REPLY, 0, (key.rport << 16) | (reply.rest & 0xFFFF), bytes(reply.payload))
+        # The client's identifier back in place of the socket's (RFC 792, RFC 4443 §4.2: same identifier
+        # and sequence).
+        rest = (key.rport << 16) | (reply.rest & 0xFFFF)
+        if v6:
+            answer6 = Icmpv6Message(ECHO_REPLY6, 0, rest, bytes(reply.payload)).to_bytes(key.local, key.remote)
+            return [(ip_reply(key.local, key.remote, ipv6.ICMPV6, answer6), None)]
+        answer = IcmpMessage(ECHO_REPLY, 0, rest, bytes(reply.payload))
         return [(ip_reply(key.local, key.remote, PROTO_ICMP, answer.emit()), None)]
 
     def expire(self, now: float) -> None:

@@ -7,6 +7,7 @@ import os
 from pipeline.config import env_bool, env_float, env_int, env_str, forward_policy, published
 from pipeline.process import Process
 from workers import registry, shell
+from workers.relay import Keepalive
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import SYN_QUEUE_LIMIT, TcpDemux
 from workers.tcp.relay import CONNECT_TIMEOUT, TcpRelay
@@ -55,9 +56,12 @@ if __name__ == "__main__":
     sink = shell.sink(proc)
     services = registry.services_or_exit("tcp")
     # Attach mode: flows to other addresses are relayed to real sockets opened from here.
+    tcp = tcp_config(cfg.mtu, cfg.offload)
+    keepalive = None if tcp.keepalive is None else Keepalive(tcp.keepalive, tcp.keepalive_interval,
+                                                             tcp.keepalive_probes)
     relay = TcpRelay(sink, forward_policy(), env_float("USTACK_RELAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
-                     publish=published("tcp"), namespace_address=cfg.host_interface.ip.packed) \
-        if cfg.forward or published("tcp") else None
-    shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp_config(cfg.mtu, cfg.offload),
+                     publish=published("tcp"), namespace_address=cfg.host_interface.ip.packed,
+                     keepalive=keepalive) if cfg.forward or published("tcp") else None
+    shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp,
                              secret=os.urandom(32), services=services, offload=cfg.offload,
                              syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay))

@@ -71,10 +71,12 @@ class TcpRelay:
     """The relayed flows of one TCP worker: held SYNs, commands for the shell, flow records."""
 
     def __init__(self, sink: Sink, policy: ForwardPolicy, connect_timeout: float = CONNECT_TIMEOUT,
-                 publish: dict[int, int] | None = None, namespace_address: bytes = b"") -> None:
+                 publish: dict[int, int] | None = None, namespace_address: bytes = b"",
+                 keepalive: relay.Keepalive | None = None) -> None:
         self.sink = sink
         self.policy = policy
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive  # TCP_KEEPALIVE: the upstream sockets probe like our own TCP
         self.pending: dict[Flow, PendingSyn] = {}
         self.commands: list[relay.Command] = []
         # Inbound (USTACK_PUBLISH): port where the stack runs -> port of namespace_address (the
@@ -83,7 +85,7 @@ class TcpRelay:
         self.namespace_address = namespace_address
         self.published: dict[Flow, int] = {}
         for port in self.publish:
-            self.commands.append(relay.Listen(("listen", port), relay.TCP, port))
+            self.commands.append(relay.Listen(("listen", port), relay.TCP, port, self.keepalive))
         self.now = 0.0  # the demux's current time, for services (whose callbacks take none)
 
     def open(self, key: Flow, syn: TcpSegment, packet: bytes, now: float) -> bool:
@@ -96,7 +98,7 @@ class TcpRelay:
             relay.log_denied(self.sink, "tcp", key)
             return False
         self.pending[key] = PendingSyn(syn, packet, now, now + self.connect_timeout)
-        self.commands.append(relay.Open(key, relay.TCP, target, key.lport))
+        self.commands.append(relay.Open(key, relay.TCP, target, key.lport, self.keepalive))
         self.sink.counters["relay_connects"] += 1
         return True
 
