@@ -27,6 +27,10 @@ READS_PER_WAKE = 4
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 _UNREACHABLE = {errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net"}
+# <linux/in.h>, <linux/in6.h>: report every ICMP error on a datagram socket, not only port unreachable
+# (without them Linux reports host and network unreachable to nobody).
+_IP_RECVERR, _IPV6_RECVERR = 11, 25
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 _SOCK_TYPE = {relay.TCP: (socket.SOCK_STREAM, 0), relay.UDP: (socket.SOCK_DGRAM, 0),
               relay.ICMP: (socket.SOCK_DGRAM, None)}
 LISTENING = "listening"  # an entry's proto while it is a published port's listening socket
@@ -138,6 +142,11 @@ class Upstreams:
             return
         if cmd.proto == relay.TCP:
             _keepalive(sock, cmd.keepalive)
+        elif cmd.proto == relay.UDP:
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
         address = socket.inet_ntop(family, cmd.address)
         code = sock.connect_ex((address, cmd.port))
         entry = _Entry(cmd.key, sock, cmd.proto, connecting=code == errno.EINPROGRESS)
@@ -288,6 +297,11 @@ class Upstreams:
             self._close(entry, reset=False)
             events.append(Upstream(entry.key, relay.RESET, detail=errno.errorcode.get(exc.errno or 0, "")))
             return
+        # The error's copy on the error queue (IP_RECVERR) is not needed: the errno says it all, and an
+        # undrained queue would keep the socket readable for ever.
+        with contextlib.suppress(OSError):
+            while True:
+                entry.sock.recvmsg(1, 1024, _MSG_ERRQUEUE)
         if exc.errno == errno.ECONNREFUSED:
             events.append(Upstream(entry.key, relay.REFUSED))
         elif exc.errno in _UNREACHABLE:

@@ -111,6 +111,28 @@ def test_published_udp_port_relays_into_the_namespace_and_back(topo, stack):
         inside.close()
 
 
+def test_udp_to_an_absent_host_gets_host_unreachable(topo, stack):
+    """The host namespace's kernel finds no neighbour for ABSENT and says so to our upstream socket
+    (IP_RECVERR); the relay passes ICMP host unreachable on to the client."""
+    sock = udp_client(topo, ABSENT, 7)
+    sock.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR: the client sees host unreachable too
+    sock.settimeout(0.5)
+    error = None
+    deadline = time.monotonic() + 15
+    while error is None and time.monotonic() < deadline:
+        sock.send(b"anyone?")  # a client retrying, as DNS does; also keeps the flow from idling out
+        try:
+            sock.recv(100)
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            error = exc.errno
+    sock.close()
+    assert error == errno.EHOSTUNREACH
+    stack.wait_for(lambda rs: any(r.get("event") == "relay_flow" and r.get("reason") == "upstream_unreachable"
+                                  for r in rs), what="relay_flow closed as upstream_unreachable")
+
+
 def test_ping_of_a_real_host_gets_its_real_answers(topo, stack):
     done = topo.client.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "-s", "1000", SERVER, check=False)
     assert done.returncode == 0, done.stdout

@@ -152,8 +152,11 @@ class UdpRelay(relay.DatagramFlows):
         if ev.kind == relay.REFUSED:
             self.sink.counters["relay_udp_port_unreachable"] += 1
             return [relay.unreachable(key.local, key.remote, "port", flow.quote)]
-        if ev.kind == relay.UNREACHABLE:  # the socket could not even be opened (e.g. no route)
-            self.end(key, now, "upstream_unreachable", release=False)
+        if ev.kind == relay.UNREACHABLE:  # no route, or the network said host/net unreachable
+            self.sink.counters["relay_udp_unreachable"] += 1
+            self.end(key, now, "upstream_unreachable")
+            kind = ev.detail if ev.detail in ("host", "net") else "host"
+            return [relay.unreachable(key.local, key.remote, kind, flow.quote)]
         return []
 
     def expire(self, now: float) -> None:
@@ -170,12 +173,11 @@ class UdpRelay(relay.DatagramFlows):
         inbound = min((m.last + self.idle for m in self.inbound_by_port.values()), default=None)
         return inbound if flows is None else flows if inbound is None else min(flows, inbound)
 
-    def end(self, key: Flow, now: float, reason: str, release: bool = True) -> None:
+    def end(self, key: Flow, now: float, reason: str) -> None:
         flow = self.flows.pop(key)
         if flow.denied:
             return
-        if release:
-            self.commands.append(relay.Close(key))
+        self.commands.append(relay.Close(key))
         relay.log_flow(self.sink, "udp", key, flow.started, now, reason, bytes_up=flow.bytes_up,
                        bytes_down=flow.bytes_down, packets_up=flow.datagrams_up, packets_down=flow.datagrams_down)
 
