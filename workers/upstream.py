@@ -100,10 +100,12 @@ class Upstreams:
     def _listen(self, cmd: relay.Listen) -> None:
         """A published port: every TCP worker listens on it and the kernel spreads connections."""
         kind = socket.SOCK_STREAM if cmd.proto == relay.TCP else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        # One dual-stack socket: IPv6 clients, and IPv4 ones as mapped addresses (RFC 4291 §2.5.5.2).
+        sock = socket.socket(socket.AF_INET6, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("0.0.0.0", cmd.port))  # an error here is a configuration error: let it stop the worker
+        sock.bind(("::", cmd.port))  # an error here is a configuration error: let it stop the worker
         if cmd.proto == relay.TCP:
             _keepalive(sock, cmd.keepalive)
             sock.listen(512)

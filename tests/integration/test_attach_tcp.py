@@ -255,6 +255,11 @@ def test_published_port_relays_inbound_connections_into_the_namespace(topo):
             data = payload(2 * 1024 * 1024)
             assert echo_through(outside, data, 60) == data
             assert inside.accepted == 1
+            outside6 = t.host.socket(socket.AF_INET6)  # the published port takes IPv6 clients too
+            outside6.settimeout(STALL)
+            outside6.connect(("::1", 8080))
+            assert echo_through(outside6, data[:65536], 60) == data[:65536]
+            assert inside.accepted == 2
             s.wait_for(lambda rs: any(r.get("event") == "relay_flow" and r.get("src") == "published"
                                       and r.get("sport") == 8080 and r.get("dport") == 80 for r in rs),
                        what="the published flow's record")
