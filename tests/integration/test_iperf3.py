@@ -4,8 +4,6 @@ import json
 import struct
 import subprocess
 
-import pytest
-
 from tests.integration.netns import STACK_ADDR
 from tests.integration.svc_clients import exchange, running_stack
 

@@ -20,7 +20,6 @@ import struct
 import sys
 import types
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP

@@ -1,6 +1,5 @@
 """stackctl's building blocks: pcap files, flow filters, telemetry messages, connection records."""
 
-import io
 import struct
 
 import pytest

@@ -278,7 +278,7 @@ def test_published_udp_port_maps_each_sender_to_a_port_inside_and_back():
 
 
 def test_a_new_syn_on_a_relayed_flow_in_time_wait_waits_for_a_new_upstream(demux):
-    our = established(demux)
+    established(demux)
     # The upstream finishes first: our FIN, then the client's; we hold TIME-WAIT.
     [our_fin] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.EOF)], T0 + 0.01)]
     assert our_fin.flags & Flags.FIN
