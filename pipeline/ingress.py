@@ -71,7 +71,8 @@ class Ingress:
     def forward(self, name: str, items: list[messages.Item]) -> bool:
         """Send packets to one worker as one message; False if the worker is gone."""
         try:
-            self.bus.send_multipart([name.encode(), *messages.encode_packets(items)], flags=zmq.NOBLOCK)
+            self.bus.send_multipart([name.encode(), *messages.encode_packets(items)], flags=zmq.NOBLOCK,
+                                    copy=False)  # large frames zero-copy (endpoints.ZERO_COPY_MIN)
         except zmq.Again:
             self.proc.drop("worker_full", worker=name, packets=len(items))
             return True  # dropped, not to be retried: the peers retransmit

@@ -62,10 +62,12 @@ SETTLE_TIME = HEARTBEAT_INTERVAL * 1.5
 _ROLE_BY_PROTO = {PROTO_ICMP: "icmp", PROTO_UDP: "udp", PROTO_TCP: "tcp", ipv6.ICMPV6: "icmp"}
 _ICMP_HEADER_LEN = 8  # type, code, checksum, one 32-bit word: then the quote (RFC 792, RFC 4443 §2.1)
 
-Pending = tuple[float, bytes, Offload | None]
+# A packet as ingress reads it: bytes, or a view of bytes for a large one (``pipeline.tun``).
+Packet = bytes | memoryview
+Pending = tuple[float, Packet, Offload | None]
 # (worker, role, packet): worker None and a role: hold the packet; role "": dropped (or a
 # fragment kept for reassembly). packet: what to forward (the whole datagram after reassembly).
-Route = tuple[str | None, str, bytes]
+Route = tuple[str | None, str, Packet]
 _DROPPED: Route = (None, "", b"")
 
 
@@ -103,7 +105,7 @@ class Router:
         self.pending: dict[str, collections.deque[Pending]] = collections.defaultdict(
             lambda: collections.deque(maxlen=PENDING_LIMIT))
 
-    def route(self, packet: bytes, now: float) -> Route:
+    def route(self, packet: Packet, now: float) -> Route:
         """(worker, role, packet to forward) for a packet read from the device."""
         version = packet[0] >> 4 if packet else None
         if version == 4:
@@ -113,7 +115,7 @@ class Router:
         self.drop("not_ipv4" if self.address6 is None else "bad_version", version=version)
         return _DROPPED
 
-    def _route_ipv4(self, packet: bytes, now: float, reassembled: bool = False) -> Route:
+    def _route_ipv4(self, packet: Packet, now: float, reassembled: bool = False) -> Route:
         try:
             ip = Ipv4Packet.checked(packet, fragments=not reassembled)
         except Malformed as exc:
@@ -142,7 +144,7 @@ class Router:
             return b""
         return bytes(dst)
 
-    def _route_ipv6(self, packet: bytes, now: float, reassembled: bool = False) -> Route:
+    def _route_ipv6(self, packet: Packet, now: float, reassembled: bool = False) -> Route:
         try:
             parsed = ipv6.parse(packet)
         except Malformed as exc:
@@ -175,7 +177,7 @@ class Router:
             return self._route_error(icmpv6.quoted_ipv6(payload[_ICMP_HEADER_LEN:]), packet, now)
         return self._route_transport(packet, parsed.protocol, header.src, payload, now, relayed)
 
-    def _chatter(self, packet: bytes, parsed: ipv6.Ipv6Packet) -> str | None:
+    def _chatter(self, packet: Packet, parsed: ipv6.Ipv6Packet) -> str | None:
         """The kind of the local kernel's own ICMPv6 chatter this packet is, if it is (RFC 4861, 3810, 4862)."""
         if parsed.protocol != ipv6.ICMPV6 or parsed.error is not None or parsed.fragment is not None:
             return None
@@ -186,7 +188,7 @@ class Router:
             return None
         return icmpv6.chatter(msg, parsed.header.src)
 
-    def _route_error(self, quote: icmp.Quote | None, packet: bytes, now: float) -> Route:
+    def _route_error(self, quote: icmp.Quote | None, packet: Packet, now: float) -> Route:
         """An ICMP error: to the owner of the flow whose packet it quotes (ICMP ones, and junk, to icmp)."""
         if quote is None or quote.src not in (self.address, self.address6) \
                 or quote.protocol not in (PROTO_TCP, PROTO_UDP):
@@ -195,7 +197,7 @@ class Router:
             return self.members.pick("udp", b""), "udp", packet
         return self._route_flow(quote.flow_key, False, packet, now)
 
-    def _route_transport(self, packet: bytes, protocol: int, src: bytes, payload: memoryview, now: float,
+    def _route_transport(self, packet: Packet, protocol: int, src: bytes, payload: memoryview, now: float,
                          relayed: bytes = b"") -> Route:
         if protocol != PROTO_TCP:
             role = _ROLE_BY_PROTO.get(protocol, "icmp")
@@ -208,7 +210,7 @@ class Router:
         # Flow(src, sport, dport, relayed).key without making the Flow
         return self._route_flow(src + tcp.port_bytes + relayed, tcp.starts_connection, packet, now)
 
-    def _route_flow(self, key: bytes, starts_connection: bool, packet: bytes, now: float) -> Route:
+    def _route_flow(self, key: bytes, starts_connection: bool, packet: Packet, now: float) -> Route:
         owner = self.flows.get(key)
         if owner is not None and self.members.is_alive(owner):
             return owner, "tcp", packet
@@ -216,7 +218,7 @@ class Router:
             return None, "tcp", packet  # an existing flow whose owner has not re-announced yet
         return self.members.pick("tcp", affinity_key(key)), "tcp", packet
 
-    def hold(self, role: str, born: float, item: tuple[bytes, Offload | None]) -> None:
+    def hold(self, role: str, born: float, item: tuple[Packet, Offload | None]) -> None:
         """Keep a packet until its role has a worker (bounded: the oldest goes first)."""
         queue = self.pending[role]
         if len(queue) == queue.maxlen:

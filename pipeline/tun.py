@@ -78,6 +78,13 @@ DARWIN_AF_INET = 2
 DARWIN_AF_INET6 = 30
 
 READ_SIZE = 65535 + 64
+# With offloads, a packet longer than this is handed on as a view past the virtio-net header
+# instead of a slice: no copy, and no aliasing (each read makes a new bytes object, never
+# reused). Shorter ones are sliced: copying under 2 KB costs less than making a view
+# (measured per read: 74 B 1.4 us sliced / 1.7 viewed; 16 KB 2.6 / 2.3; 64 KB 5.5 / 4.3).
+# Reading into a preallocated buffer instead (os.readv into header and payload) still needs
+# one copy out, since what is handed on must not alias the next read: no fewer copies.
+SLICE_MAX = 2048
 
 
 class TunDevice(Protocol):
@@ -86,10 +93,11 @@ class TunDevice(Protocol):
     offload: bool
 
     def fileno(self) -> int: ...
-    def read(self) -> tuple[bytes, Offload | None] | None:
+    def read(self) -> tuple[bytes | memoryview, Offload | None] | None:
         """One IP packet and its virtio-net header fields (None without offload metadata),
-        or None when nothing is waiting (non-blocking)."""
-    def write(self, packet: bytes, offload: Offload | None = None) -> None: ...
+        or None when nothing is waiting (non-blocking). The packet is bytes, or a read-only
+        view of bytes that nothing else holds or reuses."""
+    def write(self, packet: bytes | memoryview, offload: Offload | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -139,7 +147,7 @@ class LinuxTun:
     def fileno(self) -> int:
         return self._fd
 
-    def read(self) -> tuple[bytes, Offload | None] | None:
+    def read(self) -> tuple[bytes | memoryview, Offload | None] | None:
         try:
             data = os.read(self._fd, READ_SIZE)
         except BlockingIOError:
@@ -149,10 +157,12 @@ class LinuxTun:
         if len(data) < VNET_HDR.size:
             return b"", None  # cannot happen with a sane kernel; the caller drops it as truncated
         fields = VNET_HDR.unpack_from(data)
+        packet = data[VNET_HDR.size:] if len(data) <= SLICE_MAX else memoryview(data)[VNET_HDR.size:]
         # Most small packets carry an all-zero header: don't send it around.
-        return data[VNET_HDR.size:], (fields if fields[0] or fields[1] else None)
+        return packet, (fields if fields[0] or fields[1] else None)
 
-    def write(self, packet: bytes, offload: Offload | None = None) -> None:
+    def write(self, packet: bytes | memoryview, offload: Offload | None = None) -> None:
+        # One system call per packet: the header and the packet go out together (writev).
         if self.offload:
             os.writev(self._fd, (NO_VNET_HDR if offload is None else VNET_HDR.pack(*offload), packet))
         else:

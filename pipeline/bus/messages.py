@@ -90,7 +90,9 @@ class BusError(ValueError):
     """A bus message that does not follow this layout (counted and dropped)."""
 
 
-Item = tuple[bytes, Offload | None]  # a packet and its virtio-net header fields
+# A packet and its virtio-net header fields. Ingress may hand on a large packet as a view of
+# the bytes it read (``pipeline.tun``); what a worker receives is always bytes.
+Item = tuple[bytes | memoryview, Offload | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +182,7 @@ def encode_capturing(name: str) -> list[bytes]:
     return [CAPTURE_TOPIC, _packb([VERSION, CAPTURING, name])]
 
 
-def encode_captured(name: str, direction: str, time: float, packet: bytes) -> list[bytes]:
+def encode_captured(name: str, direction: str, time: float, packet: bytes | memoryview) -> list[bytes | memoryview]:
     return [CAPTURE_TOPIC, _packb([VERSION, CAPTURED, name, direction, time]), packet]
 
 
@@ -221,8 +223,12 @@ def decode_telemetry(frames: list[bytes]) -> dict[str, Any] | Capturing | Captur
     raise BusError("bad_telemetry")
 
 
-def encode_packets(items: list[Item]) -> list[bytes]:
-    """One PACKETS message for up to MAX_BATCH packets (callers split longer lists)."""
+def encode_packets(items: list[Item]) -> list[bytes | memoryview]:
+    """One PACKETS message for up to MAX_BATCH packets (callers split longer lists).
+
+    Each packet is its own frame, as it came (no joining, no re-slicing): senders pass
+    ``copy=False`` and ZeroMQ then takes large frames without copying them
+    (``endpoints.ZERO_COPY_MIN``)."""
     if all(offload is None for _, offload in items):
         return [_PLAIN_PACKETS_META, *(data for data, _ in items)]
     meta = _packb([VERSION, PACKETS, [None if o is None else list(o) for _, o in items]])
