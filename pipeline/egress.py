@@ -3,17 +3,59 @@
 Egress holds a detached queue of the device (see ``pipeline.tun``): it can
 write, and the kernel never steers inbound traffic to it. It heartbeats to
 ingress like a worker, so ``stackctl status`` shows its counters.
+
+Each wake-up writes the packets of at most ``MAX_DRAIN`` bus messages, like
+a worker (``workers/shell.py``): when workers send faster than the device
+takes packets, the inbox never empties, and an unbounded drain would starve
+the heartbeat (ingress would declare egress lost after 3 s), stackctl's
+STOP and the telemetry requests.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import zmq
 
 from pipeline import tun
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
+
+MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) written per wake-up
+
+
+class Writer:
+    """Writes what the workers send to the device, one system call per packet."""
+
+    def __init__(self, device: tun.TunDevice, counters: Counter[str], drop: Callable[..., None],
+                 capture: Callable[[bytes], None] | None = None) -> None:
+        self.device = device
+        self.counters = counters
+        self.drop = drop
+        self.capture = capture  # called with each packet written while stackctl captures
+
+    def write_some(self, inbox: zmq.Socket) -> int:
+        """Write the packets of at most MAX_DRAIN waiting messages; return how many messages."""
+        taken = 0
+        write = self.device.write
+        for _, msg in itertools.islice(endpoints.drain(inbox, self.drop), MAX_DRAIN):
+            taken += 1
+            if not isinstance(msg, messages.Packets):
+                self.drop("bus_unexpected_kind")
+                continue
+            for data, offload in msg.items:
+                try:
+                    write(data, offload)
+                except OSError as exc:  # e.g. EINVAL for a packet the kernel refuses, EIO when down
+                    self.drop("write_failed", error=exc.strerror)
+                    continue
+                self.counters["packets_out"] += 1
+                if self.capture is not None:
+                    self.capture(data)
+        return taken
 
 
 def main() -> None:
@@ -43,20 +85,10 @@ def main() -> None:
     if refusals is not None:
         poller.register(refusals, zmq.POLLIN)
 
-    def write_all(sock: zmq.Socket) -> None:
-        for _, msg in endpoints.drain(sock, proc.drop):
-            if not isinstance(msg, messages.Packets):
-                proc.drop("bus_unexpected_kind")
-                continue
-            for data, offload in msg.items:
-                try:
-                    device.write(data, offload)
-                except OSError as exc:  # e.g. EINVAL for a packet the kernel refuses, EIO when down
-                    proc.drop("write_failed", error=exc.strerror)
-                    continue
-                counters["packets_out"] += 1
-                if telemetry.capturing:
-                    telemetry.packet("out", data)
+    writer = Writer(device, counters, proc.drop)
+
+    def capture(data: bytes) -> None:
+        telemetry.packet("out", data)
 
     log.info("egress_started", device=device.name, offload=cfg.offload)
     seq = 0
@@ -79,11 +111,12 @@ def main() -> None:
             if heartbeat in ready:
                 stop_asked = any(isinstance(msg, messages.Stop) for _, msg in endpoints.drain(heartbeat, proc.drop))
             if inbox in ready:
-                write_all(inbox)
+                writer.capture = capture if telemetry.capturing else None
+                writer.write_some(inbox)
         if stop_asked:
             # stackctl stop: the workers have said goodbye; write what they sent, then idle.
             while inbox.poll(200):
-                write_all(inbox)
+                writer.write_some(inbox)
             heartbeat.send_multipart(messages.encode_goodbye(proc.name), flags=zmq.NOBLOCK)
             log.info("egress_parked", **dict(counters))
             proc.park()
