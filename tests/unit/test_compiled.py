@@ -223,6 +223,46 @@ def test_ipv6(packet, verify):
 
 
 
+@st.composite
+def icmp_messages(draw):
+    """ICMP and ICMPv6 messages (scapy-built, then possibly damaged) and a packet an error quotes."""
+    payload = draw(st.binary(max_size=120))
+    ident, seq = draw(st.integers(0, 65535)), draw(st.integers(0, 65535))
+    v4 = bytes(ICMP(type=draw(st.sampled_from([0, 3, 8, 11, 12])), code=draw(st.integers(0, 4)), id=ident,
+                    seq=seq) / payload)
+    v6 = bytes(ICMPv6EchoRequest(id=ident, seq=seq, data=payload))
+    quoted = bytes(draw(st.sampled_from([IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=7, dport=40000),
+                                         IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=80, dport=40000, seq=9),
+                                         IPv6(src="fd00::2", dst="fd00::1") / TCP(sport=80, dport=9)]))
+                   / payload)
+    return mutations(v4, draw), mutations(v6, draw), mutations(quoted, draw)
+
+
+@FEW
+@given(icmp_messages(), st.booleans())
+def test_icmp_and_icmpv6(messages, verify):
+    v4, v6, quoted = messages
+    checks = [
+        ("pipeline.wire.icmp", lambda m: m.parse_icmp(v4)),
+        ("pipeline.wire.icmp", lambda m: (lambda msg: (msg.identifier, msg.sequence, msg.next_hop_mtu,
+                                                        m.echo_reply(msg).emit()))(m.parse_icmp(v4))),
+        ("pipeline.wire.icmp", lambda m: _view(m.IcmpPacket.checked(v4))),
+        ("pipeline.wire.icmp", lambda m: m.dest_unreachable(m.PORT_UNREACHABLE, quoted).emit()),
+        ("pipeline.wire.icmp", lambda m: m.time_exceeded(m.REASSEMBLY_TIME_EXCEEDED, memoryview(quoted)).emit()),
+        ("pipeline.wire.icmp", lambda m: (lambda q: q and (q, q.flow_key, q.tcp_seq))(m.quoted_ipv4(quoted))),
+        ("pipeline.wire.icmpv6", lambda m: m.parse(v6, SRC6, DST6, verify)),
+        ("pipeline.wire.icmpv6", lambda m: (lambda msg: (msg.identifier, msg.sequence, msg.is_error,
+                                                          m.echo_reply(msg).to_bytes(DST6, SRC6),
+                                                          m.chatter(msg, SRC6)))(m.parse(v6, SRC6, DST6, False))),
+        ("pipeline.wire.icmpv6", lambda m: m.dest_unreachable(m.PORT_UNREACHABLE, quoted).to_bytes(DST6, SRC6)),
+        ("pipeline.wire.icmpv6", lambda m: m.error_allowed(quoted, m.DEST_UNREACHABLE, m.PORT_UNREACHABLE)),
+        ("pipeline.wire.icmpv6", lambda m: (lambda q: q and (q, q.flow_key))(m.quoted_ipv6(quoted))),
+    ]
+    for name, call in checks:
+        fast, slow = both(name)
+        assert outcome(call, fast) == outcome(call, slow), name
+
+
 # -- fragments, flows, bus messages ---------------------------------------------------------
 
 
@@ -268,6 +308,7 @@ def test_bus_messages(packets, name, seq, junk):
     flow = importlib.import_module("pipeline.flow").Flow(SRC, 1, 2)
     encoders = [
         lambda m: m.encode_packets([(p, None) for p in packets]),
+        lambda m: m.encode_packets([(memoryview(p), (1, 1, 52, 1460, 20, 16)) for p in packets]),
         lambda m: m.encode_heartbeat(name, "tcp", seq, {"drop_x": seq}),
         lambda m: m.encode_goodbye(name),
         lambda m: m.encode_welcome(seq),
@@ -278,7 +319,7 @@ def test_bus_messages(packets, name, seq, junk):
     for encode in encoders:
         frames_fast, frames_slow = outcome(encode, fast), outcome(encode, slow)
         assert frames_fast == frames_slow
-        frames = encode(fast)
+        frames = [bytes(f) for f in encode(fast)]  # as the receiver gets them
         assert outcome(fast.decode, frames) == outcome(slow.decode, frames)
         damaged = frames[:1] + [junk] + frames[2:]
         assert outcome(fast.decode, damaged) == outcome(slow.decode, damaged)
@@ -309,6 +350,30 @@ def test_admission(ops):
         return verdicts, drops, dict(counters), sorted(adm.real), adm.syns.rate, adm.backlogs
 
     same_on_both(run, "pipeline.admission")
+
+
+@FEW
+@given(st.lists(st.one_of(ipv4_packets(), ipv6_packets()), min_size=1, max_size=12), st.booleans(),
+       st.booleans())
+def test_routing(packets, as_views, settled):
+    def run(m):
+        drops: list[str] = []
+        members = importlib.import_module("pipeline.membership").Membership(3.0)
+        for name, role in (("tcp.1", "tcp"), ("tcp.2", "tcp"), ("udp.1", "udp"), ("icmp.1", "icmp")):
+            members.seen(name, role, 0.0)
+        router = m.Router(DST, members, lambda reason, **f: drops.append(reason), 0.0, address6=DST6,
+                          quiet=lambda reason, **f: drops.append("quiet_" + reason))
+        router.update_flows("tcp.2", False, (importlib.import_module("pipeline.flow").Flow(SRC, 80, 9),), ())
+        now = m.SETTLE_TIME + 1 if settled else 0.1
+        routes = []
+        for packet in packets:
+            worker, role, out = router.route(memoryview(packet) if as_views else packet, now)
+            routes.append((worker, role, bytes(out)))
+            if worker is None and role:
+                router.hold(role, now, (out, None))
+        return routes, drops, {k: list(v) for k, v in router.pending.items()}, router.flows_by_worker()
+
+    same_on_both(run, "pipeline.routing")
 
 
 # -- TCP helpers: the same operations give the same state ----------------------------------
