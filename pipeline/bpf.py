@@ -4,7 +4,8 @@ Python has no wrapper for it, so this goes through libc's ``syscall`` with
 ctypes. Two commands: ``BPF_PROG_LOAD`` (the verifier checks the program;
 its log comes back in the error) and ``BPF_PROG_TEST_RUN`` (runs a loaded
 socket filter on a packet in the kernel: the tests check the filter's
-decisions with it, on the kernel that runs it). Loading needs
+decisions with it, on the kernel that runs it), and ``BPF_MAP_CREATE`` for
+the state a program keeps. Loading needs
 ``CAP_BPF``/``CAP_SYS_ADMIN`` (ingress runs as root); without it the caller
 gets a ``BpfError`` and carries on without the program.
 """
@@ -17,12 +18,16 @@ import platform
 import struct
 
 _SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+_MAP_CREATE = 0
 _PROG_LOAD = 5
 _PROG_TEST_RUN = 10
 PROG_TYPE_SOCKET_FILTER = 1
+MAP_TYPE_ARRAY = 2
 _LICENSE = ctypes.create_string_buffer(b"GPL")
 _LOG_SIZE = 64 * 1024
-# union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf (the rest 0)
+# union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, map_flags
+_MAP_CREATE_ATTR = struct.Struct("=IIIII")
+# BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf (the rest 0)
 _PROG_LOAD_ATTR = struct.Struct("=IIQQIIQ")
 # BPF_PROG_TEST_RUN: prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration
 _TEST_RUN_ATTR = struct.Struct("=IIIIQQII")
@@ -44,6 +49,13 @@ def _syscall(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf(2) command {cmd}: {os.strerror(err)}")
     return int(ret)
+
+
+def create_array_map(value_size: int, entries: int) -> int:
+    """An array map of ``entries`` zeroed values, keyed by a u32 index; returns its descriptor.
+    Its memory is the kernel's (charged to this process's cgroup), not the process's RSS."""
+    attr = _MAP_CREATE_ATTR.pack(MAP_TYPE_ARRAY, 4, value_size, entries, 0)
+    return _syscall(_MAP_CREATE, ctypes.create_string_buffer(attr, len(attr)))
 
 
 def load_socket_filter(insns: bytes) -> int:

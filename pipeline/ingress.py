@@ -51,6 +51,7 @@ class Ingress:
                              forward=cfg.forward)
         self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters, self.started)
         self.shedder: synfilter.SynShedder | None = None
+        self.recent_syns = -1  # the kernel filter's map of recent SYNs, made when it first goes on
         if cfg.syn_filter and isinstance(device, tun.LinuxTun):
             self.shedder = synfilter.SynShedder(self.started)
             self.set_syn_filter(synfilter.OFF)  # a filter a previous ingress left on the device
@@ -179,8 +180,10 @@ class Ingress:
             if decision.fraction is None:
                 self.device.set_filter(-1)
             else:
-                prog = bpf.load_socket_filter(
-                    synfilter.program(decision.fraction, list(decision.real4), list(decision.real6)))
+                if self.recent_syns < 0:  # kept across reloads, so the filter remembers SYNs it saw
+                    self.recent_syns = bpf.create_array_map(synfilter.RECENT_VALUE_SIZE, synfilter.RECENT_SLOTS)
+                prog = bpf.load_socket_filter(synfilter.program(
+                    decision.fraction, list(decision.real4), list(decision.real6), self.recent_syns))
                 try:
                     self.device.set_filter(prog)
                 finally:
@@ -425,6 +428,8 @@ def main() -> None:
         proc.log.info("ingress_stopped", **dict(proc.counters))
         if ingress.shedder is not None:
             ingress.set_syn_filter(synfilter.OFF)  # the device may outlive us (egress holds it)
+        if ingress.recent_syns >= 0:
+            os.close(ingress.recent_syns)
         ingress.close()
         ctx.term()
         device.close()
