@@ -110,6 +110,7 @@ class Admission:
         self.real: dict[bytes, TokenBucket] = {}  # source address -> its SYN bucket (insertion order)
         self._last_real = b""
         self.counters = counters  # admitted SYNs by way: syn_admitted, syn_admitted_retry, syn_admitted_source
+        self.syns_seen = 0  # opening SYNs offered, admitted or not (pipeline.synfilter reads it)
 
     def admit(self, packet: bytes | memoryview, role: str, now: float) -> bool:
         """Forward this packet (routing already checked it)? Sheds only SYNs, counting why."""
@@ -121,6 +122,7 @@ class Admission:
         if not tcp.starts_connection:
             self._learn(src, tcp)
             return True
+        self.syns_seen += 1
         if self.syns.take(now):
             self._remember(src, tcp, now)
             self.counters["syn_admitted"] += 1

@@ -91,6 +91,7 @@ class StackConfig:
     attach: str = ""  # attach mode: path of the namespace the device lives in (empty: our own)
     forward: bool = False  # relay packets not addressed to the stack (attach mode's default)
     default_route: bool = True  # attach mode: route the namespace's default traffic to the device
+    syn_filter: bool = True  # under a SYN flood, shed in the kernel with an eBPF filter on the device (Linux)
 
     @property
     def stack_addr_bytes(self) -> bytes:
@@ -208,7 +209,11 @@ def load() -> StackConfig:
     attach = attach_path(env_str("USTACK_ATTACH", ""))
     forward = env_bool("USTACK_FORWARD", bool(attach))
     default_route = env_bool("USTACK_DEFAULT_ROUTE", True)
+    syn_filter = env_bool("USTACK_SYN_FILTER", sys.platform == "linux")
+    if syn_filter and sys.platform != "linux":
+        raise ConfigError("USTACK_SYN_FILTER=1: the device's eBPF filter exists only on Linux")
     return StackConfig(
+        syn_filter=syn_filter,
         attach=attach,
         forward=forward,
         default_route=default_route,

@@ -13,7 +13,7 @@ import time
 
 import zmq
 
-from pipeline import tun
+from pipeline import bpf, synfilter, tun
 from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
 from pipeline.config import StackConfig
@@ -50,6 +50,12 @@ class Ingress:
                              address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg),
                              forward=cfg.forward)
         self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters, self.started)
+        self.shedder: synfilter.SynShedder | None = None
+        self.recent_syns = -1  # the kernel filter's map of recent SYNs, made when it first goes on
+        if cfg.syn_filter and isinstance(device, tun.LinuxTun):
+            self.shedder = synfilter.SynShedder(self.started)
+            self.set_syn_filter(synfilter.OFF)  # a filter a previous ingress left on the device
+        self.drains = 0  # wake-ups that read the device (for the shedder)
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
         self.refusals = endpoints.auth_monitor(self.bus)
@@ -114,6 +120,9 @@ class Ingress:
             if got is None:
                 break
             items.append(got)
+        self.drains += 1
+        if len(items) == DRAIN_BATCH:
+            self.proc.counters["device_backlogged"] += 1  # more waiting than one drain takes
         if items:
             self.proc.counters["packets_in"] += len(items)
             if self.proc.telemetry.capturing:
@@ -164,6 +173,35 @@ class Ingress:
             if self.proc.debug:
                 self.log.debug("drop", reason="fragment_" + reason, count=n)
         reassembler.drops.clear()
+
+    def set_syn_filter(self, decision: synfilter.Decision) -> None:
+        """Attach the filter ``decision`` asks for (or take it off); on failure, carry on without one."""
+        assert isinstance(self.device, tun.LinuxTun)
+        try:
+            if decision.fraction is None:
+                self.device.set_filter(-1)
+            else:
+                if self.recent_syns < 0:  # kept across reloads, so the filter remembers SYNs it saw
+                    self.recent_syns = bpf.create_array_map(synfilter.RECENT_VALUE_SIZE, synfilter.RECENT_SLOTS)
+                prog = bpf.load_socket_filter(synfilter.program(
+                    decision.fraction, list(decision.real4), list(decision.real6), self.recent_syns))
+                try:
+                    self.device.set_filter(prog)
+                finally:
+                    os.close(prog)
+        except OSError as exc:
+            self.log.warning("syn_filter_unavailable", error=str(exc), hint="USTACK_SYN_FILTER=0 turns it off")
+            self.proc.counters["syn_filter_unavailable"] = 1
+            self.shedder = None
+            return
+        ppm = 1_000_000 if decision.fraction is None else decision.fraction * 1_000_000 >> 32
+        was = self.proc.counters.get("syn_filter_pass_ppm", 1_000_000)
+        self.proc.counters["syn_filter_pass_ppm"] = ppm  # shown by stackctl status
+        if (ppm == 1_000_000) != (was == 1_000_000):
+            self.log.info("syn_filter_on" if ppm < 1_000_000 else "syn_filter_off", pass_ppm=ppm,
+                          real_sources=len(decision.real4) + len(decision.real6))
+        elif self.proc.debug:
+            self.log.debug("syn_filter", pass_ppm=ppm, real_sources=len(decision.real4) + len(decision.real6))
 
     # -- membership ------------------------------------------------------------
 
@@ -323,6 +361,8 @@ class Ingress:
             deadline = reassembler.next_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0, int((deadline - time.monotonic()) * 1000) + 1))
+            if self.shedder is not None:
+                timeout = min(timeout, max(0, int((self.shedder.next_deadline() - time.monotonic()) * 1000) + 1))
             ready = dict(poller.poll(timeout))
             now = time.monotonic()
             if self.bus in ready:
@@ -335,6 +375,13 @@ class Ingress:
                 endpoints.log_refusals(self.refusals, self.log)
             if deadline is not None and deadline <= now:
                 self.expire_fragments(now)
+            if self.shedder is not None and self.shedder.next_deadline() <= now:
+                counters = self.proc.counters
+                reading = synfilter.Reading(counters["packets_in"], self.admission.syns_seen, self.drains,
+                                            counters["device_backlogged"])
+                decision = self.shedder.tick(now, reading, list(self.admission.real))
+                if decision is not None:
+                    self.set_syn_filter(decision)
             for name in self.members.expire(now):
                 self.worker_gone(name, "heartbeat_timeout")
             if any(self.router.pending.values()):
@@ -380,6 +427,10 @@ def main() -> None:
         ingress.run()
     finally:
         proc.log.info("ingress_stopped", **dict(proc.counters))
+        if ingress.shedder is not None:
+            ingress.set_syn_filter(synfilter.OFF)  # the device may outlive us (egress holds it)
+        if ingress.recent_syns >= 0:
+            os.close(ingress.recent_syns)
         ingress.close()
         ctx.term()
         device.close()

@@ -62,6 +62,7 @@ _IFF_MULTI_QUEUE = 0x0100
 _IFF_DETACH_QUEUE = 0x0400
 _IFF_VNET_HDR = 0x4000
 _TUNSETOFFLOAD = 0x400454D0
+_TUNSETFILTEREBPF = 0x800454E1  # _IOR('T', 225, int)
 _IFREQ = struct.Struct("16sH")
 
 # TUNSETOFFLOAD bits: CSUM, TSO4, TSO6 (required), then USO4 | USO6 where the kernel has them (>= 6.2).
@@ -167,6 +168,14 @@ class LinuxTun:
             os.writev(self._fd, (NO_VNET_HDR if offload is None else VNET_HDR.pack(*offload), packet))
         else:
             os.write(self._fd, packet)
+
+    def set_filter(self, prog_fd: int) -> None:
+        """Attach a loaded eBPF socket filter to the device (every queue; see pipeline.synfilter),
+        replacing any; -1 takes it off. The device keeps its own reference: the caller may close
+        ``prog_fd``. Raises OSError if the kernel refuses."""
+        import fcntl
+
+        fcntl.ioctl(self._fd, _TUNSETFILTEREBPF, struct.pack("i", prog_fd))
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -207,6 +207,19 @@ class Stack:
         return time.monotonic() - start
 
 
+def exchange(sock: socket.socket, address: tuple, payload: bytes, timeout: float = 15) -> tuple[int, bytes]:
+    """Connect, send ``payload``, half-close, read until the peer's FIN: (our port, what came back)."""
+    sock.settimeout(timeout)
+    sock.connect(address)
+    port = sock.getsockname()[1]
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := sock.recv(1024):
+        data += chunk
+    return port, data
+
+
 def process_pid(ns: Namespace, name: str, module: str) -> int:
     """The pid of the pipeline process in ``ns`` running ``python -m module`` as honcho's
     ``name`` (the process itself, not its respawn wrapper)."""

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.integration.attach_topology import SERVER, Server, attached_stack, echo
-from tests.integration.netns import process_pid
+from tests.integration.netns import exchange, process_pid
 from tests.integration.test_scaling import stackctl
 
 WORKERS = 4
@@ -44,15 +44,7 @@ def owners(stack) -> dict[int, str]:
 def test_200_relayed_connections_spread_over_all_workers(topo, stack, server):
     def chat(i: int) -> tuple[int, bytes]:
         with topo.client.socket() as sock:
-            sock.settimeout(20)
-            sock.connect((SERVER, 7))
-            port = sock.getsockname()[1]
-            sock.sendall(f"hello {i}".encode())
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(1024):
-                data += chunk
-            return port, data
+            return exchange(sock, (SERVER, 7), f"hello {i}".encode(), timeout=20)
 
     with concurrent.futures.ThreadPoolExecutor(200) as pool:
         results = list(pool.map(chat, range(200)))

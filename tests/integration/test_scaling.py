@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.integration.netns import CLIENT_ADDR, CLIENT_ADDR6, ROOT, STACK_ADDR, STACK_ADDR6, Stack, process_pid
+from tests.integration.netns import (CLIENT_ADDR, CLIENT_ADDR6, ROOT, STACK_ADDR, STACK_ADDR6, Stack, exchange,
+                                     process_pid)
 from tests.integration.test_tcp_bulk import rfc864_stream
 
 WORKERS = 4
@@ -51,15 +52,8 @@ def test_connections_are_spread_over_all_workers(client, stack):
     def chat(i: int) -> tuple[tuple[str, int], bytes]:
         af, address, client_address = BOTH[i % 2]
         with client.socket(af) as sock:
-            sock.settimeout(15)
-            sock.connect((address, 8000))
-            port = client_address, sock.getsockname()[1]
-            sock.sendall(f"hello {i}\n".encode())
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(1024):
-                data += chunk
-            return port, data
+            port, data = exchange(sock, (address, 8000), f"hello {i}\n".encode())
+            return (client_address, port), data
 
     with concurrent.futures.ThreadPoolExecutor(200) as pool:
         results = list(pool.map(chat, range(200)))

@@ -5,6 +5,10 @@ address inside the test's namespace, faster than the stack admits SYNs
 (``pipeline.admission``: 2000/s), so ingress sheds them. Behaviour, not speed:
 the kernel's clients still connect and exchange a line, ingress counts what
 it shed by reason, every process stays under a memory bound and none dies.
+At hping3's full rate (``--flood``, far more than ingress can read) the
+kernel-side filter (``pipeline.synfilter``) goes on, lets the clients'
+source through (it holds an established flow), and comes off once the flood
+stops.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.integration.netns import ROOT, STACK_ADDR, Stack, process_pid
 
 RSS_BOUND_MB = 150  # each stack process; idle they take 30-80 MB (README, Performance)
-FLOOD_RATE = "u10"  # hping3 -i: ~10,000 SYNs/s here (FIELD-NOTES), over the SYN budget
+FLOOD_RATES = {"u10": ["-i", "u10"],  # ~10,000 SYNs/s here (FIELD-NOTES), over the SYN budget
+               "flood": ["--flood"]}  # ~110,000/s here: more than ingress reads
 PROCESSES = {"ingress.1": "pipeline.ingress", "egress.1": "pipeline.egress", "icmp.1": "workers.icmp",
              "udp.1": "workers.udp", "tcp.1": "workers.tcp"}
 
@@ -55,7 +62,8 @@ def status(stack) -> dict:
     return json.loads(out.stdout)
 
 
-def test_real_clients_get_through_a_random_source_syn_flood(fresh_ns):
+@pytest.mark.parametrize("rate", FLOOD_RATES)
+def test_real_clients_get_through_a_random_source_syn_flood(fresh_ns, rate):
     ns = fresh_ns
     stack = Stack(ns)
     flood = None
@@ -63,7 +71,7 @@ def test_real_clients_get_through_a_random_source_syn_flood(fresh_ns):
         stack.wait_ready()
         pids = {name: process_pid(ns, name, module) for name, module in PROCESSES.items()}
         exchange_line(ns, 0)  # before: the stack answers
-        flood = ns.popen("hping3", "-S", "--rand-source", "-p", "8000", "-i", FLOOD_RATE, STACK_ADDR,
+        flood = ns.popen("hping3", "-S", "--rand-source", "-p", "8000", *FLOOD_RATES[rate], STACK_ADDR,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # the flood is on
         peak = {name: 0.0 for name in pids}
@@ -90,5 +98,10 @@ def test_real_clients_get_through_a_random_source_syn_flood(fresh_ns):
     ingress = next(p for p in during["processes"] if p["role"] == "ingress")["stats"]
     assert ingress.get("drop_shed_syn_rate", 0) > 0, ingress  # the flood was shed, and counted why
     assert ingress.get("syn_admitted", 0) > 0
-    events = {r["event"] for r in stack.records()}
-    assert not events & {"worker_lost", "process_died"}, events
+    events = [r["event"] for r in stack.records()]
+    assert not set(events) & {"worker_lost", "process_died"}, events
+    if rate == "flood":
+        assert ingress["syn_filter_pass_ppm"] < 1_000_000, ingress  # shedding in the kernel during the flood
+        assert "syn_filter_on" in events
+        on = events.index("syn_filter_on")
+        assert "syn_filter_off" in events[on:], "the filter stayed on after the flood"
