@@ -36,8 +36,7 @@ MANIFEST = BUILD_DIR / "manifest.json"
 # (mypyc cannot compile an int subclass; its users see it as a Python class),
 # the package __init__ files, and modules other branches are reshaping now.
 # (A dataclass must not inherit an annotated attribute from a compiled mixin:
-# compiled, it looks like a field with a default, which is why icmp's and
-# icmpv6's messages each define their echo properties themselves.)
+# compiled, it looks like a field with a default; see icmp.EchoFields.)
 MODULES: tuple[str, ...] = (
     "pipeline.wire.addr",
     "pipeline.wire.checksum",

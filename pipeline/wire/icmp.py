@@ -49,25 +49,34 @@ _U32 = struct.Struct("!I")
 MAX_QUOTE = 548
 
 
+class EchoFields:
+    """identifier and sequence: the halves of the word after the checksum (RFC 792, RFC 4443 §4).
+
+    For the message classes below, which have a ``rest`` field. The mixin
+    declares no ``rest`` of its own: compiled by mypyc, a declared attribute
+    looks like a field with a default to a dataclass built on it, which then
+    refuses the fields after it that have none.
+    """
+
+    __slots__ = ()
+
+    @property
+    def identifier(self) -> int:
+        rest: int = getattr(self, "rest")
+        return rest >> 16
+
+    @property
+    def sequence(self) -> int:
+        rest: int = getattr(self, "rest")
+        return rest & 0xFFFF
+
+
 @dataclass(frozen=True, slots=True)
-class IcmpMessage:
+class IcmpMessage(EchoFields):
     type: int
     code: int
     rest: int  # the 32-bit "rest of header" word
     payload: bytes
-
-    # The echo halves of ``rest`` are properties of each message class, not of a shared
-    # mixin: compiled by mypyc, a mixin's ``rest: int`` looks to the dataclass built on it
-    # like a field with a default, and the fields after it would then need one too.
-    @property
-    def identifier(self) -> int:
-        """Echo: the identifier, the high half of ``rest`` (RFC 792)."""
-        return self.rest >> 16
-
-    @property
-    def sequence(self) -> int:
-        """Echo: the sequence number, the low half of ``rest`` (RFC 792)."""
-        return self.rest & 0xFFFF
 
     @property
     def next_hop_mtu(self) -> int:

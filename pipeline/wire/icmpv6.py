@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pipeline.wire import Malformed
 from pipeline.wire import ipv6
 from pipeline.wire.checksum import internet_checksum, pseudo_header_sum6, verify
-from pipeline.wire.icmp import Quote
+from pipeline.wire.icmp import EchoFields, Quote
 
 # Types (RFC 4443 §2.1, RFC 4861 §4, RFC 2710 §3, RFC 3810 §5). Below 128: errors.
 DEST_UNREACHABLE = 1
@@ -76,21 +76,11 @@ _UNSPECIFIED = bytes(16)
 
 
 @dataclass(frozen=True, slots=True)
-class Icmpv6Message:
+class Icmpv6Message(EchoFields):
     type: int
     code: int
     rest: int  # the 32-bit word after the checksum
     payload: bytes
-
-    @property
-    def identifier(self) -> int:
-        """Echo: the identifier, the high half of ``rest`` (RFC 4443 §4.1)."""
-        return self.rest >> 16
-
-    @property
-    def sequence(self) -> int:
-        """Echo: the sequence number, the low half of ``rest`` (RFC 4443 §4.1)."""
-        return self.rest & 0xFFFF
 
     @property
     def mtu(self) -> int:
