@@ -130,3 +130,37 @@ def test_device_reads_mixed_families_and_frames_ipv6_fragments():
 def test_a_frame_of_only_the_family_header_is_an_empty_packet():
     # recv() of exactly 4 bytes: nothing for ingress to parse; its checked parse counts it as truncated.
     assert tun.utun_unframe(b"\x00\x00\x00\x1e") == b""
+
+
+def _linux_tun_over(fd: int, offload: bool) -> tun.LinuxTun:
+    """A LinuxTun whose descriptor is one end of a datagram socket pair (one read, one packet, as on TUN)."""
+    device = tun.LinuxTun.__new__(tun.LinuxTun)
+    device.name, device.offload, device._fd = "pair0", offload, fd
+    return device
+
+
+def test_linux_reads_drop_the_vnet_header_and_large_packets_are_fresh_views():
+    import socket
+
+    from pipeline.offload import VNET_HDR
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    b.setblocking(False)
+    with a, b:
+        device = _linux_tun_over(b.fileno(), offload=True)
+        gso = (1, 1, 52, 1448, 20, 16)
+        small = V4 + b"s" * 100
+        large1, large2 = V4 + b"1" * 60000, V4 + b"2" * 60000
+        a.send(VNET_HDR.pack(0, 0, 0, 0, 0, 0) + small)
+        a.send(VNET_HDR.pack(*gso) + large1)
+        a.send(VNET_HDR.pack(*gso) + large2)
+        first, second, third = device.read(), device.read(), device.read()
+        assert device.read() is None  # nothing waiting: non-blocking
+        assert first == (small, None) and type(first[0]) is bytes  # short: sliced
+        assert isinstance(second[0], memoryview) and second[1] == gso  # long: a view, no copy
+        # Each read's view is of its own bytes: the next read changed nothing in it.
+        assert bytes(second[0]) == large1 and bytes(third[0]) == large2
+        a.send(large1)
+        assert _linux_tun_over(b.fileno(), offload=False).read() == (large1, None)
