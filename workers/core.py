@@ -61,16 +61,22 @@ def ip_view(data: bytes | memoryview) -> Ipv4Packet | ipv6.Ipv6Datagram:
 
 
 def ip_reply(local: bytes, remote: bytes, protocol: int, payload: bytes, tos: int = 0,
-             dont_fragment: bool = True, ident: int = 0) -> bytes:
+             dont_fragment: bool = True, ident: int = 0, transport_header: bytes = b"") -> bytes:
     """A reply's IP packet from us to remote: the one place a core builds an IP header.
 
     The family follows the address length; for IPv6 ``protocol`` is the Next
-    Header, and the traffic class carries ``tos`` (RFC 8200 §7).
+    Header, and the traffic class carries ``tos`` (RFC 8200 §7). A transport
+    header given apart goes between the IP header and ``payload``: the packet
+    is then made with one copy of the payload, not one for the transport
+    message and another for the IP packet.
     """
+    length = len(transport_header) + len(payload)
     if len(remote) == IPV6_ADDRESS_LEN:
-        return ipv6.Ipv6Header(local, remote, protocol, traffic_class=tos).to_bytes(len(payload)) + payload
-    header = Ipv4Header(src=local, dst=remote, protocol=protocol, tos=tos, dont_fragment=dont_fragment, ident=ident)
-    return header.emit(len(payload)) + payload
+        header = ipv6.Ipv6Header(local, remote, protocol, traffic_class=tos).to_bytes(length)
+    else:
+        header = Ipv4Header(src=local, dst=remote, protocol=protocol, tos=tos, dont_fragment=dont_fragment,
+                            ident=ident).emit(length)
+    return b"".join((header, transport_header, payload))
 
 
 def reply_header_len(remote: bytes) -> int:

@@ -85,16 +85,17 @@ class IcmpMessage(EchoFields):
 
     def emit(self) -> bytes:
         """Header and payload with the checksum filled (RFC 792: over the whole message)."""
-        return self._header() + self.payload
+        return self.header() + self.payload
 
     def emit_into(self, buf: bytearray | memoryview, offset: int) -> int:
         """Write the message at buf[offset:]; return its length."""
         end = offset + HEADER_LEN + len(self.payload)
-        buf[offset:offset + HEADER_LEN] = self._header()
+        buf[offset:offset + HEADER_LEN] = self.header()
         buf[offset + HEADER_LEN:end] = self.payload
         return end - offset
 
-    def _header(self) -> bytes:
+    def header(self) -> bytes:
+        """The 8-byte header alone, its checksum covering the payload too (for ``workers.core.ip_reply``)."""
         csum = internet_checksum(self.payload, ones_sum(_HEADER.pack(self.type, self.code, 0, self.rest)))
         return _HEADER.pack(self.type, self.code, csum, self.rest)
 

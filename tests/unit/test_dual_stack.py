@@ -454,3 +454,18 @@ def test_stackctl_conns_record_of_an_ipv6_connection(demux):
     _open(demux, v6=True)
     [record] = demux.connection_table(T0 + 1)
     assert record["local"] == "[fd00::2]:7" and record["remote"] == "[fd00::1]:40000" and record["mss"] == 1440
+
+
+@given(st.binary(max_size=300), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 255))
+@settings(max_examples=40, deadline=None)
+def test_ipv4_echo_reply_checks_out_with_scapy(data, ident, seq, tos):
+    core = IcmpCore(sink(), US4_B, US6_B, mtu=1500)
+    req = IP(src=PEER4, dst=US4, tos=tos) / ICMP(id=ident, seq=seq) / data
+    [(packet, offload)] = core.handle_packet(bytes(req), T0)
+    reply = IP(packet)
+    assert offload is None and (reply.src, reply.dst, reply.tos, reply.len) == (US4, PEER4, tos, len(packet))
+    assert (reply[ICMP].type, reply[ICMP].id, reply[ICMP].seq, bytes(reply[ICMP].payload)) == (0, ident, seq, data)
+    fresh = IP(packet)  # both checksums as scapy computes them, against ours
+    del fresh.chksum, fresh[ICMP].chksum
+    recomputed = IP(bytes(fresh))
+    assert (recomputed.chksum, recomputed[ICMP].chksum) == (reply.chksum, reply[ICMP].chksum)

@@ -78,8 +78,10 @@ class IcmpCore(DatagramRelayCore):
         if relayed:
             return self.relay.request(bytes(ip.src), bytes(ip.dst), msg, bytes(data), now)  # type: ignore[union-attr]
         # RFC 791 §3.2: the reply may be cut into fragments unless the request asked for DF.
-        return self._send(ip_reply(self.address, ip.src, PROTO_ICMP, echo_reply(msg).emit(), ip.tos,
-                                   dont_fragment=ip.dont_fragment, ident=self._next_ident() & 0xFFFF))
+        reply = echo_reply(msg)
+        return self._send(ip_reply(self.address, ip.src, PROTO_ICMP, reply.payload, ip.tos,
+                                   dont_fragment=ip.dont_fragment, ident=self._next_ident() & 0xFFFF,
+                                   transport_header=reply.header()))
 
     def _ipv6(self, data: bytes, now: float, offload: Offload | None) -> list[Outgoing]:
         sink = self.sink
