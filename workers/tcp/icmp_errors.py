@@ -25,7 +25,7 @@ from pipeline.flow import Flow
 from pipeline.wire import Malformed, icmp, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.ipv4 import PROTO_TCP
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_le, seq_lt
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from workers.core import Sink, reply_header_len
 from workers.tcp.connection import Connection, State
@@ -56,7 +56,7 @@ class IcmpErrors:
             sink.drop("icmp_error_no_connection")
             return None
         # RFC 5927 §4.1: the quoted segment must be one we sent and is not yet acknowledged.
-        if not conn.snd_una <= SeqNum(quote.tcp_seq) < conn.snd_nxt:
+        if not (seq_le(conn.snd_una, quote.tcp_seq) and seq_lt(quote.tcp_seq, conn.snd_nxt)):
             sink.drop("icmp_error_out_of_window")
             return None
         sink.counters["icmp_errors_in"] += 1
