@@ -55,6 +55,7 @@ from collections import deque
 from pipeline.wire.seqnum import seq_add, seq_gt, seq_le, seq_lt
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
+from workers.tcp.errors import InvalidOperation
 from workers.tcp.events import Closed, Connected, Event, PeerClosed
 from workers.tcp.options import DEFAULT, MAX_WINDOW_SHIFT, Negotiated, syn_options, window_shift
 from workers.tcp.receiver import CHALLENGE_ACK_LIMIT, Receiver, ts_clock
@@ -86,10 +87,6 @@ class State(enum.Enum):
     LAST_ACK = "LAST-ACK"
     TIME_WAIT = "TIME-WAIT"
     CLOSED = "CLOSED"
-
-
-class InvalidOperation(RuntimeError):
-    """The application called something the connection's state does not allow."""
 
 
 # RFC 9293 §3.10.7.4 seventh: states in which segment text is delivered.
@@ -154,8 +151,12 @@ class Connection:
         self.last_recv = now
         self.ka_probes = 0
         self.soft_error: str | None = None  # the last ICMP soft error (RFC 1122 §4.2.3.9)
-        for name in _COUNTERS:
-            setattr(self, name, 0)
+        # _COUNTERS, spelled out so that the compiled class has them as typed fields.
+        self.segments_in = self.segments_out = self.retransmissions = self.timeouts = self.fast_retransmits = 0
+        self.dup_acks = self.challenge_acks = self.challenge_acks_suppressed = self.invalid_segments = 0
+        self.paws_rejected = self.ooo_segments = self.zero_window_probes = self.keepalive_probes_sent = 0
+        self.bytes_sent = self.bytes_received = self.bytes_acked = self.loss_probes = 0
+        self.lost_retransmissions = self.ce_received = self.ece_received = 0
         self.receiver = Receiver(self, now)
         self.sender = Sender(self, iss)
         self.recovery = Recovery(self, iss)
@@ -242,23 +243,85 @@ class Connection:
 
     # == negotiated options and helper state, for the shell and stackctl ============
 
-    peer_mss = property(lambda self: self.options.peer_mss, doc="The peer's MSS option.")
-    ws_ok = property(lambda self: self.options.snd_wscale is not None, doc="Window scaling on (RFC 7323 §2).")
-    snd_wscale = property(lambda self: self.options.snd_wscale or 0, doc="Shift applied to the peer's window.")
-    rcv_wscale = property(lambda self: self.options.rcv_wscale, doc="Shift applied to our window field.")
-    sack_ok = property(lambda self: self.options.sack, doc="SACK negotiated (RFC 2018 §2).")
-    ts_ok = property(lambda self: self.options.timestamps, doc="Timestamps negotiated (RFC 7323 §3.2).")
-    ecn_ok = property(lambda self: self.options.ecn, doc="ECN negotiated (RFC 3168 §6.1.1).")
-    ts_recent = property(lambda self: self.receiver.ts_recent, doc="RFC 7323 TS.Recent.")
-    rto = property(lambda self: self.sender.rtt.rto, doc="RFC 6298 RTO, with backoff.")
-    srtt = property(lambda self: self.sender.rtt.srtt, doc="RFC 6298 SRTT, None before a sample.")
-    rttvar = property(lambda self: self.sender.rtt.rttvar, doc="RFC 6298 RTTVAR, None before a sample.")
-    send_queued = property(lambda self: len(self.sender.sndbuf), doc="Send-buffer bytes unacknowledged or unsent.")
-    cwnd = property(lambda self: self.sender.cc.cwnd, doc="Congestion window (bytes).")
-    ssthresh = property(lambda self: self.sender.cc.ssthresh, doc="Slow-start threshold (bytes).")
-    in_recovery = property(lambda self: self.recovery.in_fast_recovery,
-                           doc="In fast recovery (RFC 6582 or RFC 6675 §5), not after a timeout.")
-    fin_queued = property(lambda self: self.sender.fin_queued, doc="close() or shutdown() was called.")
+    @property
+    def peer_mss(self) -> int:
+        """The peer's MSS option."""
+        return self.options.peer_mss
+
+    @property
+    def ws_ok(self) -> bool:
+        """Window scaling on (RFC 7323 §2)."""
+        return self.options.snd_wscale is not None
+
+    @property
+    def snd_wscale(self) -> int:
+        """Shift applied to the peer's window."""
+        return self.options.snd_wscale or 0
+
+    @property
+    def rcv_wscale(self) -> int:
+        """Shift applied to our window field."""
+        return self.options.rcv_wscale
+
+    @property
+    def sack_ok(self) -> bool:
+        """SACK negotiated (RFC 2018 §2)."""
+        return self.options.sack
+
+    @property
+    def ts_ok(self) -> bool:
+        """Timestamps negotiated (RFC 7323 §3.2)."""
+        return self.options.timestamps
+
+    @property
+    def ecn_ok(self) -> bool:
+        """ECN negotiated (RFC 3168 §6.1.1)."""
+        return self.options.ecn
+
+    @property
+    def ts_recent(self) -> int:
+        """RFC 7323 TS.Recent."""
+        return self.receiver.ts_recent
+
+    @property
+    def rto(self) -> float:
+        """RFC 6298 RTO, with backoff."""
+        return self.sender.rtt.rto
+
+    @property
+    def srtt(self) -> float | None:
+        """RFC 6298 SRTT, None before a sample."""
+        return self.sender.rtt.srtt
+
+    @property
+    def rttvar(self) -> float | None:
+        """RFC 6298 RTTVAR, None before a sample."""
+        return self.sender.rtt.rttvar
+
+    @property
+    def send_queued(self) -> int:
+        """Send-buffer bytes unacknowledged or unsent."""
+        return len(self.sender.sndbuf)
+
+    @property
+    def cwnd(self) -> int:
+        """Congestion window (bytes)."""
+        return self.sender.cc.cwnd
+
+    @property
+    def ssthresh(self) -> int:
+        """Slow-start threshold (bytes)."""
+        return self.sender.cc.ssthresh
+
+    @property
+    def in_recovery(self) -> bool:
+        """In fast recovery (RFC 6582 or RFC 6675 §5), not after a timeout."""
+        return self.recovery.in_fast_recovery
+
+    @property
+    def fin_queued(self) -> bool:
+        """close() or shutdown() was called."""
+        return self.sender.fin_queued
 
     def sends(self) -> bool:
         """Data or our FIN may be (re)transmitted in this state."""
@@ -279,7 +342,7 @@ class Connection:
         """Bytes waiting in the receive buffer."""
         return len(self.receiver.rcvbuf)
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes | bytearray | memoryview) -> int:
         """Queue up to send_space bytes; return how many were accepted (0 = buffer full)."""
         if self.state not in _APP_SEND or self.sender.fin_queued:
             after = " after close()" if self.sender.fin_queued else ""
@@ -350,8 +413,10 @@ class Connection:
         else:
             self.soft_error = error
 
-    max_segment = property(lambda self: self.sender.max_segment(),
-                           doc="Payload of a full segment without options (the MSS, or the path's if smaller).")
+    @property
+    def max_segment(self) -> int:
+        """Payload of a full segment without options (the MSS, or the path's if smaller)."""
+        return self.sender.max_segment()
 
     def next_event(self) -> Event | None:
         """The next application event, or None."""

@@ -208,8 +208,8 @@ class TcpDemux:
             if held is not None:
                 self._relay_settled(key, held, ev, now, out)  # type: ignore[arg-type]
                 continue
-            conn = self.connections.get(key)  # type: ignore[arg-type]
-            app = self.relays.get(key)  # type: ignore[arg-type]
+            conn = self.connections.get(key)  # type: ignore[arg-type, call-overload]
+            app = self.relays.get(key)  # type: ignore[arg-type, call-overload]
             if conn is None or app is None:
                 continue  # the connection ended meanwhile
             before = conn.state
@@ -445,7 +445,7 @@ class TcpDemux:
                 log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                          **({"local": fmt_addr(key.local)} if key.local else {}))
                 if self.relay is not None and (key.local or key in self.relay.published):
-                    self.relays[key] = RelayService(conn, key, self.relay, now)
+                    self.relays[key] = RelayService(conn, key, self.relay, now)  # type: ignore[arg-type]
             app = self.relays.get(key)
             if app is None:
                 self.host.deliver(key, conn, ev, now)

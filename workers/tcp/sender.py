@@ -74,7 +74,7 @@ class Sender:
 
     # == the application's side ======================================================
 
-    def queue(self, data: bytes) -> int:
+    def queue(self, data: bytes | bytearray | memoryview) -> int:
         """Take up to the free buffer space of data; return how much."""
         n = min(len(data), self.c.config.send_buffer - len(self.sndbuf))
         if n < len(data):
