@@ -147,7 +147,7 @@ class TcpSegment:
     @property
     def seg_len(self) -> int:
         """SEG.LEN: payload octets plus one each for SYN and FIN (RFC 9293 §3.4)."""
-        f = self.flags
+        f = int(self.flags)  # a plain int: IntFlag's & is a Python-level call, even compiled
         return len(self.payload) + (f & 0x02 != 0) + (f & 0x01 != 0)
 
     @property
@@ -156,23 +156,23 @@ class TcpSegment:
 
     @property
     def syn(self) -> bool:
-        return self.flags & 0x02 != 0
+        return int(self.flags) & 0x02 != 0
 
     @property
     def fin(self) -> bool:
-        return self.flags & 0x01 != 0
+        return int(self.flags) & 0x01 != 0
 
     @property
     def rst(self) -> bool:
-        return self.flags & 0x04 != 0
+        return int(self.flags) & 0x04 != 0
 
     @property
     def ack_flag(self) -> bool:
-        return self.flags & 0x10 != 0
+        return int(self.flags) & 0x10 != 0
 
     @property
     def psh(self) -> bool:
-        return self.flags & 0x08 != 0
+        return int(self.flags) & 0x08 != 0
 
     def emit(self, src: bytes, dst: bytes, checksum: bool = True) -> bytes:
         """Header, options and payload; checksum=False leaves the pseudo-header sum (offload)."""

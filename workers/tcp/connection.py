@@ -88,6 +88,8 @@ class State(enum.Enum):
     TIME_WAIT = "TIME-WAIT"
     CLOSED = "CLOSED"
 
+    __hash__ = object.__hash__  # identity, in C: the state sets below are tested on every segment
+
 
 # RFC 9293 §3.10.7.4 seventh: states in which segment text is delivered.
 _RECEIVES_TEXT = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
