@@ -74,7 +74,8 @@ def run(s: dict) -> dict[str, object]:
                 wire.update(b"c" + raw)
                 packets += 1
                 if rng.random() >= s["loss"]:
-                    to_client(demux.handle_packet(build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=PROTO_TCP), raw), now))
+                    packet = build_ipv4(Ipv4Header(src=PEER, dst=US, protocol=PROTO_TCP), raw)
+                    to_client(demux.handle_packet(packet, now))
         got += client.recv()
         deadlines = [t for t in (client.get_timer(), demux.next_deadline()) if t is not None]
         if not deadlines:

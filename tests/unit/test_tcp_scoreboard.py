@@ -81,7 +81,7 @@ def test_next_hole_walk(base):
     # Sent [0, 1000); SACKed [200, 300), [500, 600), [800, 900).
     sb = SackScoreboard()
     una, nxt = base, seq_add(base, 1000)
-    sb.update([(seq_add(base, 200), seq_add(base, 300)), (seq_add(base, 500), seq_add(base, 600)), (seq_add(base, 800), seq_add(base, 900))], una, nxt)
+    sb.update([(seq_add(base, a), seq_add(base, a + 100)) for a in (200, 500, 800)], una, nxt)
     holes = []
     p = una
     while (h := sb.next_hole(p, nxt)) is not None:
@@ -127,7 +127,7 @@ def test_max_ranges_keeps_lowest(base):
 def test_sacked_above(base):
     sb = SackScoreboard()
     nxt = seq_add(base, 10000)
-    sb.update([(seq_add(base, 100), seq_add(base, 200)), (seq_add(base, 300), seq_add(base, 400)), (seq_add(base, 500), seq_add(base, 501))], base, nxt)
+    sb.update([(seq_add(base, a), seq_add(base, b)) for a, b in ((100, 200), (300, 400), (500, 501))], base, nxt)
     assert sb.sacked_above(base) == 201
     assert sb.sacked_above(seq_add(base, 150)) == 49 + 100 + 1
 

@@ -63,7 +63,8 @@ class IcmpErrors:
         before = conn.state
         if isinstance(msg, icmpv6.Icmpv6Message) and msg.type == icmpv6.PACKET_TOO_BIG:  # v6 parsed it
             self._path_mtu(flow, conn, max(msg.mtu, MIN_PMTU_IPV6), now)
-        elif isinstance(msg, icmp.IcmpMessage) and msg.type == icmp.DEST_UNREACHABLE and msg.code == icmp.FRAGMENTATION_NEEDED:
+        elif (isinstance(msg, icmp.IcmpMessage) and msg.type == icmp.DEST_UNREACHABLE
+              and msg.code == icmp.FRAGMENTATION_NEEDED):
             # RFC 1191 §5: an old router says no MTU (zero); take the floor.
             self._path_mtu(flow, conn, max(msg.next_hop_mtu, MIN_PMTU_IPV4), now)
         else:

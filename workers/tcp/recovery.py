@@ -179,8 +179,8 @@ class Recovery:
         else:
             c.timers.arm(Timer.REORDER, max(deadline, now))
         lost = rack.lost_below()
-        if (self.state is _OPEN and lost is not None and seq_gt(lost, c.snd_una) and seq_ge(c.snd_una, self.recover)
-                and not sb.is_sacked(c.snd_una)):
+        if (self.state is _OPEN and lost is not None and seq_gt(lost, c.snd_una)
+                and seq_ge(c.snd_una, self.recover) and not sb.is_sacked(c.snd_una)):
             self._enter(now)
 
     def on_reorder_timer(self, now: float) -> None:
@@ -354,7 +354,8 @@ class Recovery:
                 break
             # In flight: what lies below start and was not SACKed (RFC 6675 §2 "pipe").
             sacked_below = sb.sacked_bytes - sb.sacked_above(seq_add(start, -1)) if sb.sacked_bytes else 0
-            room = min(cc.cwnd - (seq_sub(start, c.snd_una) - sacked_below), seq_sub(seq_add(c.snd_una, c.snd_wnd), start))
+            room = min(cc.cwnd - (seq_sub(start, c.snd_una) - sacked_below),
+                       seq_sub(seq_add(c.snd_una, c.snd_wnd), start))
             if room <= 0:
                 self.rtx_nxt = start
                 return None
