@@ -50,7 +50,6 @@ says SHOULD drop).
 from __future__ import annotations
 
 import enum
-from collections import deque
 
 from pipeline.wire.seqnum import seq_add, seq_gt, seq_le, seq_lt
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
@@ -147,7 +146,7 @@ class Connection:
         self.snd_wl1 = self.irs = self.rcv_nxt = self.rcv_adv = 0
         self.timers = TimerTable()
         self._out: list[TcpSegment] = []
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []  # a few at most: a list is 700 bytes lighter per connection than a deque
         self._orphan = False  # close() (not shutdown()) was called: FIN-WAIT-2 is bounded
         # RFC 9293 §3.8.4 keepalive: when the peer was last heard, probes unanswered since.
         self.last_recv = now
@@ -422,7 +421,7 @@ class Connection:
 
     def next_event(self) -> Event | None:
         """The next application event, or None."""
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     # == output ======================================================================
 

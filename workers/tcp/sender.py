@@ -64,8 +64,10 @@ class Sender:
         self.retries = 0
         self.cwr_pending = False  # RFC 3168 §6.1.2: CWR on the next new data segment
         self.ecn_recover = iss  # no second ECE reduction before snd_una passes this
-        self._ect_new: set[int] = set()  # new data queued since the last drain (to go out ECT(0))
-        self._ect_batch: set[int] = set()  # the same, for the batch the shell took last
+        # New data queued since the last drain (to go out ECT(0)); None, not an empty set, while there is
+        # none: most connections never have any, and two empty sets weigh 430 bytes.
+        self._ect_new: set[int] | None = None
+        self._ect_batch: set[int] | None = None  # the same, for the batch the shell took last
         self.path_mss: int | None = None  # segment size the path takes (PMTUD), if it said less than the MSS
 
     def negotiated(self) -> None:
@@ -197,6 +199,8 @@ class Sender:
                 if self.cwr_pending:
                     self.cwr_pending = False
                     flags |= _CWR  # RFC 3168 §6.1.2: on the first new data after the reduction
+                if self._ect_new is None:
+                    self._ect_new = set()
                 self._ect_new.add(seq)
         rcv.emit(seq, flags, payload, now, options)
         c.recovery.on_send(seq, seq_add(seq, n + fin), now, rtx)
@@ -205,13 +209,14 @@ class Sender:
 
     def ect(self, seg: TcpSegment) -> bool:
         """Send this segment ECT(0)?  New data only (RFC 3168 §6.1.4, §6.1.5)."""
-        return bool(seg.payload) and not seg.syn and seg.seq in self._ect_batch
+        batch = self._ect_batch
+        return batch is not None and bool(seg.payload) and not seg.syn and seg.seq in batch
 
     def drained(self) -> None:
         """The shell takes a batch: ect() now answers for it (and whatever was queued
         since the previous batch, by receive() or handle_timer() too)."""
         self._ect_batch = self._ect_new
-        self._ect_new = set()
+        self._ect_new = None
 
     # RFC 6298 §5: the retransmission timer, armed only through these three.
 
