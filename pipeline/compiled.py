@@ -13,6 +13,16 @@ stale one: everything runs interpreted. ``MODE`` says which ("compiled" or
 
 The build is all or nothing, so compiled and interpreted versions of one
 class never meet in a process.
+
+What compiling changes for the code around it: compiled functions check
+their arguments against the annotations (an annotation that lies fails
+compiled only); calls between compiled modules are direct, so replacing a
+function or attribute of a compiled module or class from outside (a test's
+monkeypatch) has no effect on them or fails; interpreted code may not
+subclass a compiled class (mypyc's ``allow_interpreted_subclasses`` would
+allow it, slower).  ``tests/unit/test_compiled.py`` runs each listed module
+both ways on the same inputs, the TCP core end to end in a process of each
+build (``tests/unit/tcp_script.py``).
 """
 
 from __future__ import annotations
@@ -32,11 +42,20 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILD_DIR = ROOT / "build" / "mypyc"
 MANIFEST = BUILD_DIR / "manifest.json"
 
-# Stable, hot, and compiled without changing behaviour. Not here: seqnum
-# (mypyc cannot compile an int subclass; its users see it as a Python class),
-# the package __init__ files, and modules other branches are reshaping now.
-# (A dataclass must not inherit an annotated attribute from a compiled mixin:
-# compiled, it looks like a field with a default; see icmp.EchoFields.)
+# Stable, hot, and compiled without changing behaviour: the wire codecs, the
+# bus codec, admission, routing, and the whole TCP core -- sequence numbers
+# (plain ints since seqnum became functions, so the core's arithmetic runs on
+# machine integers), the connection and its roles, the demultiplexer and the
+# small modules they import.  Not here: workers.tcp.errors (mypyc cannot
+# compile a subclass of RuntimeError); workers.core (its StatelessCore is the
+# base of interpreted cores, which a compiled class cannot be without a
+# mypyc-only decorator); the services, hosting and relay (application code
+# above the connection, not tried); the package __init__ files; and the
+# process shells (worker shell, ingress, egress), mostly I/O.  A dataclass
+# must not inherit an annotated attribute from a compiled mixin (compiled, it
+# looks like a field with a default; see icmp.EchoFields).  Interpreted code
+# calls compiled classes as usual, but must not monkeypatch them or their
+# modules (tests inject instead).
 MODULES: tuple[str, ...] = (
     "pipeline.wire.addr",
     "pipeline.wire.checksum",
@@ -57,6 +76,20 @@ MODULES: tuple[str, ...] = (
     "workers.tcp.congestion",
     "workers.tcp.reassembly",
     "workers.tcp.rack",
+    "pipeline.wire.seqnum",
+    "workers.tcp.config",
+    "workers.tcp.events",
+    "workers.tcp.options",
+    "workers.tcp.timers",
+    "workers.tcp.segments",
+    "workers.tcp.isn",
+    "workers.tcp.syncookies",
+    "workers.tcp.receiver",
+    "workers.tcp.sender",
+    "workers.tcp.recovery",
+    "workers.tcp.connection",
+    "workers.tcp.icmp_errors",
+    "workers.tcp.demux",
 )
 
 MODE = "pure"

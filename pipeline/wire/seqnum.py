@@ -1,63 +1,57 @@
-"""TCP sequence numbers: 32-bit values compared modulo 2**32 (RFC 9293 §3.4).
+"""TCP sequence numbers: plain ints in [0, 2**32) compared modulo 2**32.
 
-``SeqNum`` is an ``int`` subclass kept in [0, 2**32); arithmetic with an int
-wraps, subtraction of two SeqNums gives the signed distance, and comparisons
-are the RFC's circular ones: ``a < b`` iff ``(a - b) mod 2**32 >= 2**31``.
-Never compare sequence numbers as bare ints.
+RFC 9293 §3.4 (serial number arithmetic as in RFC 1982 §3.2): ``a < b`` iff
+``(a - b) mod 2**32 >= 2**31``.  Sequence numbers are plain ``int`` values,
+always reduced, so ``==`` is plain equality; every other comparison, every
+addition of a length and every distance goes through the functions here,
+never through the bare operators.  Plain ints (not an ``int`` subclass) let
+mypyc compile these helpers and their callers to machine integers.
 """
 
 from __future__ import annotations
 
-_MOD = 1 << 32
-_MASK = _MOD - 1
-_HALF = 1 << 31
+from typing import Final
+
+MOD: Final = 1 << 32
+MASK: Final = MOD - 1
+HALF: Final = 1 << 31
 
 
-class SeqNum(int):
-    """A sequence number; ``SeqNum(x)`` reduces x modulo 2**32."""
-
-    __slots__ = ()
-
-    def __new__(cls, value: int) -> SeqNum:
-        return int.__new__(cls, value & _MASK)
-
-    def __add__(self, n: int) -> SeqNum:  # type: ignore[override]
-        return SeqNum(int(self) + int(n))
-
-    __radd__ = __add__
-
-    def __sub__(self, other: int) -> SeqNum | int:  # type: ignore[override]
-        """SeqNum - SeqNum is the signed distance; SeqNum - int is a SeqNum."""
-        if isinstance(other, SeqNum):
-            d = (int(self) - int(other)) & _MASK
-            return d - _MOD if d >= _HALF else d
-        return SeqNum(int(self) - int(other))
-
-    def __lt__(self, other: int) -> bool:  # type: ignore[override]
-        return ((int(self) - int(other)) & _MASK) >= _HALF
-
-    def __le__(self, other: int) -> bool:  # type: ignore[override]
-        return int(self) == int(other) or self.__lt__(other)
-
-    def __gt__(self, other: int) -> bool:  # type: ignore[override]
-        return SeqNum(other).__lt__(self)
-
-    def __ge__(self, other: int) -> bool:  # type: ignore[override]
-        return int(self) == int(other) or self.__gt__(other)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, int) and (int(self) - int(other)) & _MASK == 0
-
-    def __hash__(self) -> int:
-        return int.__hash__(self)
-
-    def __repr__(self) -> str:
-        return f"SeqNum({int(self)})"
-
-    def in_window(self, start: SeqNum, length: int) -> bool:
-        """start <= self < start + length, modulo 2**32."""
-        return 0 <= (int(self) - int(start)) & _MASK < length
+def seq_add(a: int, n: int) -> int:
+    """a + n modulo 2**32 (n may be negative)."""
+    return (a + n) & MASK
 
 
-def seq_max(a: SeqNum, b: SeqNum) -> SeqNum:
-    return b if a < b else a
+def seq_sub(a: int, b: int) -> int:
+    """The signed distance a - b, in [-2**31, 2**31)."""
+    d = (a - b) & MASK
+    return d - MOD if d >= HALF else d
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return ((a - b) & MASK) >= HALF
+
+
+def seq_le(a: int, b: int) -> bool:
+    return a == b or ((a - b) & MASK) >= HALF
+
+
+def seq_gt(a: int, b: int) -> bool:
+    return ((b - a) & MASK) >= HALF
+
+
+def seq_ge(a: int, b: int) -> bool:
+    return a == b or ((b - a) & MASK) >= HALF
+
+
+def seq_in_window(seq: int, start: int, length: int) -> bool:
+    """start <= seq < start + length, modulo 2**32."""
+    return ((seq - start) & MASK) < length
+
+
+def seq_max(a: int, b: int) -> int:
+    return b if ((a - b) & MASK) >= HALF else a
+
+
+def seq_min(a: int, b: int) -> int:
+    return a if ((a - b) & MASK) >= HALF else b

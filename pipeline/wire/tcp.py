@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, ones_sum, pseudo_header_sum, verify
 from pipeline.wire.ports import PortsView
-from pipeline.wire.seqnum import SeqNum
 
 PROTO_TCP = 6
 
@@ -76,7 +75,7 @@ class TcpOptions:
     mss: int | None = None
     window_scale: int | None = None  # shift count as sent (RFC 7323 §2.3); parse keeps the raw value
     sack_permitted: bool = False
-    sack_blocks: tuple[tuple[SeqNum, SeqNum], ...] = ()  # (left edge, right edge), at most 4 (3 with timestamps)
+    sack_blocks: tuple[tuple[int, int], ...] = ()  # (left edge, right edge), at most 4 (3 with timestamps)
     timestamp: tuple[int, int] | None = None  # (TSval, TSecr)
 
 
@@ -137,8 +136,8 @@ def _emit_options(o: TcpOptions) -> bytes:
 class TcpSegment:
     src_port: int
     dst_port: int
-    seq: SeqNum
-    ack: SeqNum
+    seq: int  # sequence numbers: plain ints in [0, 2**32), compared with pipeline.wire.seqnum
+    ack: int
     flags: Flags
     window: int  # the raw 16-bit field (unscaled)
     payload: bytes = b""
@@ -148,7 +147,7 @@ class TcpSegment:
     @property
     def seg_len(self) -> int:
         """SEG.LEN: payload octets plus one each for SYN and FIN (RFC 9293 §3.4)."""
-        f = self.flags
+        f = int(self.flags)  # a plain int: IntFlag's & is a Python-level call, even compiled
         return len(self.payload) + (f & 0x02 != 0) + (f & 0x01 != 0)
 
     @property
@@ -157,23 +156,23 @@ class TcpSegment:
 
     @property
     def syn(self) -> bool:
-        return self.flags & 0x02 != 0
+        return int(self.flags) & 0x02 != 0
 
     @property
     def fin(self) -> bool:
-        return self.flags & 0x01 != 0
+        return int(self.flags) & 0x01 != 0
 
     @property
     def rst(self) -> bool:
-        return self.flags & 0x04 != 0
+        return int(self.flags) & 0x04 != 0
 
     @property
     def ack_flag(self) -> bool:
-        return self.flags & 0x10 != 0
+        return int(self.flags) & 0x10 != 0
 
     @property
     def psh(self) -> bool:
-        return self.flags & 0x08 != 0
+        return int(self.flags) & 0x08 != 0
 
     def emit(self, src: bytes, dst: bytes, checksum: bool = True) -> bytes:
         """Header, options and payload; checksum=False leaves the pseudo-header sum (offload)."""
@@ -196,7 +195,7 @@ class TcpSegment:
         # RFC 9293 §3.1: the pseudo header's TCP length counts header and data.
         partial = pseudo_header_sum(src, dst, PROTO_TCP, header_len + len(payload))
         fields = (
-            self.src_port, self.dst_port, int(self.seq), int(self.ack),
+            self.src_port, self.dst_port, self.seq, self.ack,
             (header_len >> 2) << 4, int(self.flags), self.window,
         )
         if not checksum:
@@ -214,7 +213,7 @@ def _parse_options(opts: bytes) -> TcpOptions:
         return TcpOptions(None, None, False, (), _U32X2.unpack_from(opts, 4))
     mss = ws = ts = None
     sack_permitted = False
-    sack_blocks: tuple[tuple[SeqNum, SeqNum], ...] = ()
+    sack_blocks: tuple[tuple[int, int], ...] = ()
     i = 0
     end = len(opts)
     while i < end:
@@ -247,7 +246,7 @@ def _parse_options(opts: bytes) -> TcpOptions:
                 raise Malformed("bad_option")
             edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
             sack_blocks = tuple(
-                (SeqNum(edges[k]), SeqNum(edges[k + 1])) for k in range(0, len(edges), 2)
+                (edges[k], edges[k + 1]) for k in range(0, len(edges), 2)
             )
         elif kind == OPT_TIMESTAMP:
             if length != 10:
@@ -286,12 +285,12 @@ class TcpPacket(PortsView):
         return cls(as_view(data), (data[_DATA_OFFSET] >> 4) << 2)
 
     @property
-    def seq(self) -> SeqNum:
-        return SeqNum(_U32.unpack_from(self.buf, _SEQ)[0])
+    def seq(self) -> int:
+        return _U32.unpack_from(self.buf, _SEQ)[0]
 
     @property
-    def ack(self) -> SeqNum:
-        return SeqNum(_U32.unpack_from(self.buf, _ACK)[0])
+    def ack(self) -> int:
+        return _U32.unpack_from(self.buf, _ACK)[0]
 
     @property
     def flags(self) -> Flags:
@@ -321,7 +320,7 @@ class TcpPacket(PortsView):
         src_port, dst_port, seq, ack, _offset, flags, window, _csum, urgent = _HEADER.unpack_from(data)
         options = NO_OPTIONS if header_len == HEADER_LEN else _parse_options(bytes(data[HEADER_LEN:header_len]))
         return TcpSegment(
-            src_port, dst_port, SeqNum(seq), SeqNum(ack), _FLAGS[flags], window,
+            src_port, dst_port, seq, ack, _FLAGS[flags], window,
             bytes(data[header_len:]), options, urgent,
         )
 

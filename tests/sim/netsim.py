@@ -14,7 +14,7 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpSegment, parse_tcp
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import Connection, State
@@ -62,8 +62,8 @@ class Simulation:
         self._queue: list[tuple[float, int, str, bytes]] = []  # (time, tiebreak, destination, wire bytes)
         self._tiebreak = 0
         self.delivered = self.dropped = self.duplicated = 0
-        client_iss = SeqNum(2**32 - self.rng.randrange(1, 200_000))  # both ISNs near the wrap
-        server_iss = SeqNum(2**32 - self.rng.randrange(1, 200_000))
+        client_iss = 2**32 - self.rng.randrange(1, 200_000)  # both ISNs near the wrap
+        server_iss = 2**32 - self.rng.randrange(1, 200_000)
         cconn = Connection.connect(CLIENT_PORT, SERVER_PORT, client_iss, client_cfg, self.now)
         self.client = Endpoint("client", cconn, client_payload)
         self.server: Endpoint | None = None
@@ -84,7 +84,7 @@ class Simulation:
             for off in range(0, len(payload), size):
                 flags = seg.flags if off >= last else seg.flags & ~(Flags.FIN | Flags.PSH)
                 self._transmit_one(sender, link, dataclasses.replace(
-                    seg, seq=seg.seq + off, flags=flags, payload=payload[off:off + size]))
+                    seg, seq=seq_add(seg.seq, off), flags=flags, payload=payload[off:off + size]))
             return
         self._transmit_one(sender, link, seg)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import NO_OPTIONS, Flags, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import Connection
@@ -22,8 +22,8 @@ LOCAL_PORT = 80
 REMOTE_PORT = 40000
 T0 = 1000.0
 # ISNs just below 2**32 on both sides: every test crosses the wrap.
-LOCAL_ISS = SeqNum(2**32 - 3)
-REMOTE_ISS = SeqNum(2**32 - 1000)
+LOCAL_ISS = 2**32 - 3
+REMOTE_ISS = 2**32 - 1000
 
 PLAIN = TcpOptions(mss=1460)  # a peer SYN with only an MSS option
 FULL = TcpOptions(mss=1460, window_scale=7, sack_permitted=True, timestamp=(5000, 0))
@@ -48,18 +48,18 @@ def flags(text: str) -> Flags:
 def seg(conn: Connection, fl: str = "A", payload: bytes = b"", *, seq: int | None = None, ack: int | None = None,
         window: int = 65535, options: TcpOptions = NO_OPTIONS) -> TcpSegment:
     """A segment from the remote end; seq defaults to conn.rcv_nxt, ack to conn.snd_nxt."""
-    s = conn.rcv_nxt if seq is None else SeqNum(seq)
-    a = conn.snd_nxt if ack is None else SeqNum(ack)
+    s = conn.rcv_nxt if seq is None else seq
+    a = conn.snd_nxt if ack is None else ack
     return TcpSegment(conn.remote_port, conn.local_port, s, a, flags(fl), window, payload, options)
 
 
-def syn(options: TcpOptions = PLAIN, iss: SeqNum = REMOTE_ISS, window: int = 65535) -> TcpSegment:
-    return TcpSegment(REMOTE_PORT, LOCAL_PORT, iss, SeqNum(0), Flags.SYN, window, options=options)
+def syn(options: TcpOptions = PLAIN, iss: int = REMOTE_ISS, window: int = 65535) -> TcpSegment:
+    return TcpSegment(REMOTE_PORT, LOCAL_PORT, iss, 0, Flags.SYN, window, options=options)
 
 
 def elicit_ack(conn: Connection, now: float = T0) -> None:
     """The remote end repeats an old octet: RFC 9293 §3.10.7.4 first makes us ACK it."""
-    conn.receive(seg(conn, "A", b"\0", seq=conn.rcv_nxt - 1, options=_peer_options(conn)), now)
+    conn.receive(seg(conn, "A", b"\0", seq=seq_add(conn.rcv_nxt, -1), options=_peer_options(conn)), now)
 
 
 def drain(conn: Connection) -> list[Event]:
@@ -116,7 +116,7 @@ def established(cfg: TcpConfig | None = None, options: TcpOptions = PLAIN, now: 
     cfg = cfg or config()
     agreed = Negotiated.from_syn(options, cfg)
     ts = (options.timestamp[0], 1) if agreed.timestamps and options.timestamp is not None else None
-    ack = TcpSegment(REMOTE_PORT, LOCAL_PORT, REMOTE_ISS + 1, LOCAL_ISS + 1, Flags.ACK, peer_window,
+    ack = TcpSegment(REMOTE_PORT, LOCAL_PORT, seq_add(REMOTE_ISS, 1), seq_add(LOCAL_ISS, 1), Flags.ACK, peer_window,
                      options=TcpOptions(timestamp=ts))
     c = Connection.from_cookie(LOCAL_PORT, REMOTE_PORT, ack, LOCAL_ISS, agreed, cfg, now)
     c.segments_to_send(now)
@@ -184,7 +184,7 @@ class Pair:
     """A client and a server Connection wired back to back, delivering instantly."""
 
     def __init__(self, ccfg: TcpConfig | None = None, scfg: TcpConfig | None = None,
-                 client_iss: SeqNum = SeqNum(2**32 - 7), server_iss: SeqNum = LOCAL_ISS, now: float = T0) -> None:
+                 client_iss: int = 2**32 - 7, server_iss: int = LOCAL_ISS, now: float = T0) -> None:
         self.now = now
         self.client = Connection.connect(REMOTE_PORT, LOCAL_PORT, client_iss, ccfg or config(), now)
         first = self.client.segments_to_send(now)

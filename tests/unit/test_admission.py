@@ -9,7 +9,6 @@ import tracemalloc
 from pipeline import admission
 from pipeline.admission import Admission, TokenBucket
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header
-from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpSegment
 
 STACK = bytes([10, 0, 0, 2])
@@ -17,7 +16,7 @@ CLIENT = bytes([10, 0, 0, 1])
 
 
 def segment(src: bytes, sport: int, isn: int, flags: Flags = Flags.SYN, dport: int = 8000) -> bytes:
-    tcp = TcpSegment(sport, dport, SeqNum(isn), SeqNum(0), flags, 65535).emit(src, STACK)
+    tcp = TcpSegment(sport, dport, isn, 0, flags, 65535).emit(src, STACK)
     return Ipv4Header(src, STACK, PROTO_TCP).emit(len(tcp)) + tcp
 
 

@@ -22,11 +22,13 @@ from pipeline.pcap import FlowFilter
 from pipeline.routing import Router
 from pipeline.wire import icmp, icmpv6, ipv6
 from pipeline.wire.addr import split_endpoint
+from pipeline.wire.seqnum import seq_add, seq_lt
 from workers.core import Sink, fit_mtu, ip_view
 from workers.icmp.core import IcmpCore
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import State
 from workers.tcp.demux import TcpDemux
+from workers.tcp.isn import TICKS_PER_SECOND, isn_offset
 from workers.udp.core import UdpCore
 
 US4, PEER4 = "10.0.0.2", "10.0.0.1"
@@ -192,11 +194,11 @@ def _syn(v6=True, sport=40000, dport=7):
     return bytes(ip / TCP(sport=sport, dport=dport, flags="S", seq=1000, window=65535, options=[("MSS", 1440)]))
 
 
-def _open(demux, v6=True, sport=40000, dport=7):
-    [synack] = _segments(demux.handle_packet(_syn(v6, sport, dport), T0))
+def _open(demux, v6=True, sport=40000, dport=7, now=T0):
+    [synack] = _segments(demux.handle_packet(_syn(v6, sport, dport), now))
     ip = IPv6(src=PEER6, dst=US6) if v6 else IP(src=PEER4, dst=US4)
-    ack = ip / TCP(sport=sport, dport=dport, flags="A", seq=1001, ack=synack[TCP].seq + 1, window=65535)
-    assert demux.handle_packet(bytes(ack), T0) == []
+    ack = ip / TCP(sport=sport, dport=dport, flags="A", seq=1001, ack=seq_add(synack[TCP].seq, 1), window=65535)
+    assert demux.handle_packet(bytes(ack), now) == []
     return synack
 
 
@@ -214,12 +216,12 @@ def test_tcp_over_ipv6_closed_port_gets_a_reset(demux):
     assert rst.dst == PEER6 and rst[TCP].flags == "RA" and rst[TCP].ack == 1001
 
 
-def _send_bulk(demux, v6, n=20000):
+def _send_bulk(demux, v6, n=20000, now=T0):
     """Make the echo service send n bytes: the peer sends them, acknowledging nothing it gets back."""
-    synack = _open(demux, v6)
+    synack = _open(demux, v6, now=now)
     ip = IPv6(src=PEER6, dst=US6) if v6 else IP(src=PEER4, dst=US4)
-    data = ip / TCP(sport=40000, dport=7, flags="PA", seq=1001, ack=synack[TCP].seq + 1, window=65535) / bytes(n)
-    return synack, _segments(demux.handle_packet(bytes(data), T0 + 0.01))
+    data = ip / TCP(sport=40000, dport=7, flags="PA", seq=1001, ack=seq_add(synack[TCP].seq, 1), window=65535) / bytes(n)
+    return synack, _segments(demux.handle_packet(bytes(data), now + 0.01))
 
 
 def _error_about(seg, v6: bool, mtu: int, kind: str = "ptb"):
@@ -249,10 +251,27 @@ def test_packet_too_big_lowers_the_mss_and_resends_at_the_new_size(demux, v6, mt
 def test_error_quoting_a_sequence_number_outside_the_flight_is_ignored(demux):
     _, sent = _send_bulk(demux, True)
     forged = IPv6(bytes(sent[0]))
-    forged[TCP].seq = forged[TCP].seq + 10_000_000  # RFC 5927 §4.1: not one we have in flight
+    forged[TCP].seq = seq_add(forged[TCP].seq, 10_000_000)  # RFC 5927 §4.1: not one we have in flight
     assert demux.handle_packet(_error_about(forged, True, 1280), T0 + 0.02) == []
     assert demux.sink.counters["drop_icmp_error_out_of_window"] == 1
     assert next(iter(demux.connections.values())).max_segment == 1440
+
+
+def test_error_check_across_the_sequence_wrap(demux):
+    # RFC 6528 §3: ISN = M + F(4-tuple); start when it is 5,000 below 2**32, so the flight wraps.
+    f = isn_offset(b"s" * 32, (US6_B, 7), (PEER6_B, 40000))
+    now = ((2**32 - 5000 - f) % 2**32 + 0.5) / TICKS_PER_SECOND
+    synack, sent = _send_bulk(demux, True, now=now)
+    data = [s for s in sent if len(s[TCP].payload)]
+    assert seq_lt(2**32 - 6000, synack[TCP].seq) and seq_lt(synack[TCP].seq, 2**32 - 4000)
+    wrapped = [s for s in data if s[TCP].seq < 20_000]  # sent after SND.NXT wrapped: still in flight
+    assert wrapped
+    forged = IPv6(bytes(wrapped[0]))
+    forged[TCP].seq = seq_add(forged[TCP].seq, 10_000_000)  # beyond SND.NXT, just past the wrap too
+    assert demux.handle_packet(_error_about(forged, True, 1280), now + 0.02) == []
+    assert demux.sink.counters["drop_icmp_error_out_of_window"] == 1
+    out = _segments(demux.handle_packet(_error_about(wrapped[0], True, 1280), now + 0.02))
+    assert demux.sink.counters["pmtu_lowered"] == 1 and [s[TCP].seq for s in out] == [data[0][TCP].seq]
 
 
 @pytest.mark.parametrize("v6", [False, True])

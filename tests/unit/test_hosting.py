@@ -1,6 +1,5 @@
 """Services hosted by the TCP core: a raising service costs only its connection; timers; cross-connection sends."""
 
-from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpSegment
 from tests.unit.test_tcp_demux import US, T0, handshake, packet, parse, sink
 from workers.tcp import apps
@@ -46,7 +45,7 @@ def make(services):
 
 
 def data(sport, dport, our_seq, payload, seq=1001):
-    return packet(TcpSegment(sport, dport, SeqNum(seq), our_seq, Flags.ACK | Flags.PSH, 65535, payload))
+    return packet(TcpSegment(sport, dport, seq, our_seq, Flags.ACK | Flags.PSH, 65535, payload))
 
 
 def test_raising_service_resets_its_connection_only():

@@ -15,7 +15,7 @@ from pipeline.wire import icmpv6, ipv6
 from pipeline.wire.icmp import ECHO_REPLY, ECHO_REQUEST, IcmpMessage, parse_icmp
 from pipeline.wire.icmpv6 import Icmpv6Message
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header, build_ipv4, parse_ipv4
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
 from pipeline.wire.udp import UdpDatagram, parse_udp
 from workers import relay
@@ -87,7 +87,7 @@ def parse(out, src=SERVER):
 
 
 def syn(dport=80, seq=1000):
-    return TcpSegment(40000, dport, SeqNum(seq), SeqNum(0), Flags.SYN, 65535, options=TcpOptions(mss=1460))
+    return TcpSegment(40000, dport, seq, 0, Flags.SYN, 65535, options=TcpOptions(mss=1460))
 
 
 def test_syn_is_held_until_the_upstream_connect_succeeds(demux):
@@ -96,7 +96,7 @@ def test_syn_is_held_until_the_upstream_connect_succeeds(demux):
     assert demux.handle_packet(tcp_packet(syn()), T0 + 1) == []  # the client's retransmission
     assert demux.relay_commands() == []
     [synack] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.CONNECTED)], T0 + 1.1)]
-    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == SeqNum(1001)
+    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == 1001
     assert KEY in demux.connections
 
 
@@ -107,7 +107,7 @@ def test_failed_connects_answer_as_the_network_did(demux, kind, detail):
     demux.relay_commands()
     out = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, kind, detail=detail)], T0 + 0.5)]
     if kind == relay.REFUSED:
-        assert [s.flags for s in out] == [Flags.RST | Flags.ACK] and out[0].ack == SeqNum(1001)
+        assert [s.flags for s in out] == [Flags.RST | Flags.ACK] and out[0].ack == 1001
     elif kind == relay.UNREACHABLE:
         [icmp] = out
         assert (icmp.type, icmp.code) == (3, 1 if detail == "host" else 0)
@@ -136,20 +136,20 @@ def established(demux):
     demux.handle_packet(tcp_packet(syn()), T0)
     demux.relay_commands()
     [synack] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.CONNECTED)], T0)]
-    ack = TcpSegment(40000, 80, SeqNum(1001), synack.seq + 1, Flags.ACK, 65535)
+    ack = TcpSegment(40000, 80, 1001, seq_add(synack.seq, 1), Flags.ACK, 65535)
     demux.handle_packet(tcp_packet(ack), T0)
     assert demux.relay_commands() == [relay.Pause(KEY, False)]  # established: start reading upstream
-    return synack.seq + 1
+    return seq_add(synack.seq, 1)
 
 
 def test_bytes_both_ways_with_back_pressure(demux):
     our = established(demux)
-    data = TcpSegment(40000, 80, SeqNum(1001), our, Flags.ACK | Flags.PSH, 65535, b"GET /")
+    data = TcpSegment(40000, 80, 1001, our, Flags.ACK | Flags.PSH, 65535, b"GET /")
     demux.handle_packet(tcp_packet(data), T0 + 0.01)
     assert demux.relay_commands() == [relay.Send(KEY, b"GET /")]
     # The upstream socket blocks: further bytes from the client stay in our receive buffer.
     demux.handle_upstream([relay.Upstream(KEY, relay.BLOCKED)], T0 + 0.02)
-    more = TcpSegment(40000, 80, SeqNum(1006), our, Flags.ACK | Flags.PSH, 65535, b"more")
+    more = TcpSegment(40000, 80, 1006, our, Flags.ACK | Flags.PSH, 65535, b"more")
     demux.handle_packet(tcp_packet(more), T0 + 0.03)
     assert demux.relay_commands() == []
     demux.handle_upstream([relay.Upstream(KEY, relay.DRAINED)], T0 + 0.04)
@@ -162,7 +162,7 @@ def test_bytes_both_ways_with_back_pressure(demux):
 
 def test_half_close_both_ways_then_the_socket_is_released(demux):
     our = established(demux)
-    fin = TcpSegment(40000, 80, SeqNum(1001), our, Flags.ACK | Flags.FIN, 65535, b"bye")
+    fin = TcpSegment(40000, 80, 1001, our, Flags.ACK | Flags.FIN, 65535, b"bye")
     demux.handle_packet(tcp_packet(fin), T0 + 0.01)
     assert demux.relay_commands() == [relay.Send(KEY, b"bye"), relay.ShutWrite(KEY)]
     out = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.DATA, b"ok"),
@@ -178,7 +178,7 @@ def test_upstream_reset_resets_the_client_and_client_reset_resets_upstream(demux
     assert demux.relay_commands() == []  # the shell closed that socket itself
     demux.relay.now = T0
     our = established(demux)
-    rst = TcpSegment(40000, 80, SeqNum(1001), our, Flags.RST, 0)
+    rst = TcpSegment(40000, 80, 1001, our, Flags.RST, 0)
     demux.handle_packet(tcp_packet(rst), T0 + 0.02)
     assert demux.relay_commands() == [relay.Close(KEY, reset=True)]
 
@@ -282,7 +282,7 @@ def test_a_new_syn_on_a_relayed_flow_in_time_wait_waits_for_a_new_upstream(demux
     # The upstream finishes first: our FIN, then the client's; we hold TIME-WAIT.
     [our_fin] = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.EOF)], T0 + 0.01)]
     assert our_fin.flags & Flags.FIN
-    fin = TcpSegment(40000, 80, SeqNum(1001), our_fin.seq + 1, Flags.ACK | Flags.FIN, 65535)
+    fin = TcpSegment(40000, 80, 1001, seq_add(our_fin.seq, 1), Flags.ACK | Flags.FIN, 65535)
     demux.handle_packet(tcp_packet(fin), T0 + 0.02)
     assert demux.connections[KEY].state.name == "TIME_WAIT"
     assert relay.Close(KEY) in demux.relay_commands()  # both directions done: the socket is released

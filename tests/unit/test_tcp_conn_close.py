@@ -1,6 +1,7 @@
 """Closing (RFC 9293 §3.6, §3.10.4, §3.10.7.4): active, passive, simultaneous close, half-close,
 TIME-WAIT, FIN retransmission, abort, keepalive (§3.8.4)."""
 
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags
 from tests.unit.tcp_builders import (
     T0, Pair, close_wait, closing, config, drain, established, fin_wait_1, fin_wait_2, fire, last_ack, seg, time_wait,
@@ -32,7 +33,7 @@ def test_fin_is_retransmitted():
     c = fin_wait_1()
     now = fire(c)
     [s] = c.segments_to_send(now)
-    assert s.flags == Flags.ACK | Flags.FIN and s.seq == c.snd_nxt - 1
+    assert s.flags == Flags.ACK | Flags.FIN and s.seq == seq_add(c.snd_nxt, -1)
 
 
 def test_fin_retransmission_gives_up():
@@ -98,7 +99,7 @@ def test_simultaneous_close_through_real_exchange():
 def test_time_wait_reacks_retransmitted_fin_and_restarts_2msl():
     c = time_wait()
     later = T0 + 10
-    c.receive(seg(c, "FA", seq=c.rcv_nxt - 1), later)
+    c.receive(seg(c, "FA", seq=seq_add(c.rcv_nxt, -1)), later)
     [ack] = c.segments_to_send(later)
     assert ack.flags == Flags.ACK and ack.ack == c.rcv_nxt
     assert c.get_timer() == later + 2 * MSL and c.state is State.TIME_WAIT
@@ -221,7 +222,7 @@ def test_keepalive_probes_after_idle_and_gives_up():
         out = c.segments_to_send(now)
         if c.state is State.ESTABLISHED:
             [probe] = out
-            assert probe.seq == c.snd_nxt - 1 and not probe.payload  # SEG.SEQ = SND.NXT - 1
+            assert probe.seq == seq_add(c.snd_nxt, -1) and not probe.payload  # SEG.SEQ = SND.NXT - 1
             times.append(now - T0)
     assert times == [100, 110, 120] and drain(c) == [Closed("timeout")]
 

@@ -1,6 +1,7 @@
 """Connections from a SYN cookie (RFC 4987 §3.6) keep the options the cookie carried:
 ``Connection.from_cookie(..., options=Negotiated.offered(...), ...)``."""
 
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from tests.unit.tcp_builders import LOCAL_ISS, LOCAL_PORT, REMOTE_ISS, REMOTE_PORT, T0, config, drain, seg
 from workers.tcp.connection import Connection, State
@@ -13,7 +14,7 @@ COOKIE_TSVAL = 0x12345  # our SYN-ACK's TSval, with the cookie's option bits in 
 
 def cookie_ack(window=1000, tsval=777, payload=b""):
     ts = (tsval, COOKIE_TSVAL) if tsval is not None else None
-    return TcpSegment(REMOTE_PORT, LOCAL_PORT, REMOTE_ISS + 1, LOCAL_ISS + 1, Flags.ACK, window, payload,
+    return TcpSegment(REMOTE_PORT, LOCAL_PORT, seq_add(REMOTE_ISS, 1), seq_add(LOCAL_ISS, 1), Flags.ACK, window, payload,
                       TcpOptions(timestamp=ts))
 
 
@@ -32,10 +33,10 @@ def test_cookie_keeps_window_scaling_sack_and_timestamps():
     assert c.send_mss == 1400 - 12 and c.peer_mss == 1400
     assert c.ts_recent == 777 and c.srtt is None  # the cookie's TSecr is no RTT sample
     # Our segments carry the echo and a scaled window.
-    c.receive(seg(c, "A", b"x" * 100, seq=c.rcv_nxt + 100, options=TcpOptions(timestamp=(778, 0))), T0)
+    c.receive(seg(c, "A", b"x" * 100, seq=seq_add(c.rcv_nxt, 100), options=TcpOptions(timestamp=(778, 0))), T0)
     [ack] = c.segments_to_send(T0)
     assert ack.options.timestamp == (int(T0 * 1000), 777)
-    assert ack.options.sack_blocks == ((REMOTE_ISS + 101, REMOTE_ISS + 201),)
+    assert ack.options.sack_blocks == ((seq_add(REMOTE_ISS, 101), seq_add(REMOTE_ISS, 201)),)
     assert ack.window == ((1 << 20) - 0) >> 5
 
 
@@ -64,4 +65,4 @@ def test_cookie_ack_with_data_delivers_it():
     cfg = config(**ALL)
     opts = Negotiated.offered(cfg, mss=1460, window_scale=0, sack_permitted=True, timestamps=True)
     c = from_cookie(cfg, opts, cookie_ack(payload=b"hello"))
-    assert c.recv() == b"hello" and c.rcv_nxt == REMOTE_ISS + 6
+    assert c.recv() == b"hello" and c.rcv_nxt == seq_add(REMOTE_ISS, 6)

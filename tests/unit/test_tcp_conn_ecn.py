@@ -1,6 +1,7 @@
 """ECN (RFC 3168 §6.1): negotiation, echoing CE, reacting to ECE once per window, CWR,
 and which segments go out ECT(0) (``conn.ect(seg)``)."""
 
+from pipeline.wire.seqnum import seq_add, seq_sub
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from tests.unit.tcp_builders import (
     LOCAL_ISS, LOCAL_PORT, PLAIN, REMOTE_ISS, REMOTE_PORT, T0, Pair, config, drain, elicit_ack, fire, seg, syn,
@@ -87,12 +88,12 @@ def test_ece_reduces_cwnd_once_per_window_and_sets_cwr():
     out = c.segments_to_send(T0)
     cwnd = c.cwnd
     ece = Flags.ACK | Flags.ECE
-    c.receive(TcpSegment(REMOTE_PORT, LOCAL_PORT, c.rcv_nxt, out[0].seq + MSS, ece, 65535), T0 + 0.01)
-    flight = c.snd_nxt - c.snd_una  # RFC 5681 eq. 4 FlightSize, once the ACK is taken
+    c.receive(TcpSegment(REMOTE_PORT, LOCAL_PORT, c.rcv_nxt, seq_add(out[0].seq, MSS), ece, 65535), T0 + 0.01)
+    flight = seq_sub(c.snd_nxt, c.snd_una)  # RFC 5681 eq. 4 FlightSize, once the ACK is taken
     assert c.ssthresh == max(flight // 2, 2 * MSS) and c.cwnd == c.ssthresh < cwnd
     assert c.ece_received == 1 and c.retransmissions == 0 and not c.in_recovery
     reduced = c.cwnd
-    c.receive(TcpSegment(REMOTE_PORT, LOCAL_PORT, c.rcv_nxt, out[0].seq + 2 * MSS, ece, 65535), T0 + 0.01)
+    c.receive(TcpSegment(REMOTE_PORT, LOCAL_PORT, c.rcv_nxt, seq_add(out[0].seq, 2 * MSS), ece, 65535), T0 + 0.01)
     assert c.cwnd >= reduced  # the same window: no second reduction
     c.receive(seg(c, "A", ack=c.snd_nxt), T0 + 0.02)  # the rest of the window, without ECE
     c.send(b"n" * MSS)

@@ -3,6 +3,7 @@ sequence wrap, reassembly, delayed ACKs, flow control, SWS avoidance, Nagle, MSS
 
 import pytest
 
+from pipeline.wire.seqnum import seq_add, seq_ge
 from pipeline.wire.tcp import Flags, TcpOptions
 from tests.unit.tcp_builders import LOCAL_ISS, REMOTE_ISS, T0, config, drain, elicit_ack, established, fire, seg
 from workers.tcp.connection import CHALLENGE_ACK_LIMIT, InvalidOperation, State, Timer
@@ -19,28 +20,28 @@ def acks(out):
 
 def test_empty_segment_in_window_is_accepted():
     c = established()
-    c.receive(seg(c, "A", seq=c.rcv_nxt + 10), T0)  # len 0, wnd > 0: RCV.NXT =< SEG.SEQ < RCV.NXT+RCV.WND
+    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, 10)), T0)  # len 0, wnd > 0: RCV.NXT =< SEG.SEQ < RCV.NXT+RCV.WND
     assert c.segments_to_send(T0) == [] and c.invalid_segments == 0
 
 
 def test_empty_segment_outside_window_gets_ack():
     c = established()
-    c.receive(seg(c, "A", seq=c.rcv_nxt - 1), T0)
+    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, -1)), T0)
     [ack] = c.segments_to_send(T0)
     assert ack.ack == c.rcv_nxt and ack.seq == c.snd_nxt and c.invalid_segments == 1
 
 
 def test_old_data_is_acked_and_dropped():
     c = established()
-    c.receive(seg(c, "PA", b"x" * 100, seq=c.rcv_nxt - 100), T0)  # entirely before RCV.NXT
+    c.receive(seg(c, "PA", b"x" * 100, seq=seq_add(c.rcv_nxt, -100)), T0)  # entirely before RCV.NXT
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == REMOTE_ISS + 1 and c.readable == 0
+    assert ack.ack == seq_add(REMOTE_ISS, 1) and c.readable == 0
 
 
 def test_overlapping_data_is_trimmed_at_the_left():
     c = established()
     c.receive(seg(c, "PA", b"abcdef"), T0)
-    c.receive(seg(c, "PA", b"defghi", seq=c.rcv_nxt - 3), T0)  # last byte in window: acceptable
+    c.receive(seg(c, "PA", b"defghi", seq=seq_add(c.rcv_nxt, -3)), T0)  # last byte in window: acceptable
     assert c.recv() == b"abcdefghi"
 
 
@@ -49,7 +50,7 @@ def test_data_beyond_window_is_trimmed_at_the_right():
     c.receive(seg(c, "PA", b"z" * 5000), T0)
     assert c.readable == 4000
     [ack] = c.segments_to_send(T0)
-    assert ack.window == 0 and ack.ack == REMOTE_ISS + 1 + 4000
+    assert ack.window == 0 and ack.ack == seq_add(REMOTE_ISS, 1 + 4000)
 
 
 def zero_window():
@@ -64,7 +65,7 @@ def test_zero_window_accepts_only_exact_empty_segment():
     c = zero_window()
     c.receive(seg(c, "A"), T0)  # len 0, wnd 0: SEG.SEQ = RCV.NXT
     assert c.segments_to_send(T0) == []
-    c.receive(seg(c, "A", seq=c.rcv_nxt + 1), T0)
+    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, 1)), T0)
     assert len(c.segments_to_send(T0)) == 1 and c.invalid_segments == 1
 
 
@@ -75,7 +76,7 @@ def test_zero_window_drops_data_but_processes_its_ack():
     c.receive(seg(c, "PA", b"more"), T0)  # len > 0, wnd 0: text not acceptable, ACK is
     assert c.snd_una == c.snd_nxt and c.readable == 2000
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == REMOTE_ISS + 1 + 2000 and ack.window == 0
+    assert ack.ack == seq_add(REMOTE_ISS, 1 + 2000) and ack.window == 0
 
 
 # -- RFC 5961 ------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def test_rst_exact_sequence_resets():
 
 def test_rst_in_window_gets_challenge_ack():
     c = established()
-    c.receive(seg(c, "R", seq=c.rcv_nxt + 1), T0)  # RFC 5961 §3.2
+    c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 1)), T0)  # RFC 5961 §3.2
     assert c.state is State.ESTABLISHED
     [ack] = c.segments_to_send(T0)
     assert ack.flags == Flags.ACK and ack.ack == c.rcv_nxt and c.challenge_acks == 1
@@ -96,13 +97,13 @@ def test_rst_in_window_gets_challenge_ack():
 
 def test_rst_outside_window_is_silently_dropped():
     c = established()
-    c.receive(seg(c, "R", seq=c.rcv_nxt + 100000), T0)
+    c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 100000)), T0)
     assert c.state is State.ESTABLISHED and c.segments_to_send(T0) == []
 
 
 def test_syn_in_established_gets_challenge_ack():
     c = established()
-    c.receive(seg(c, "S", seq=c.rcv_nxt + 5), T0)  # RFC 5961 §4.2, whatever the sequence number
+    c.receive(seg(c, "S", seq=seq_add(c.rcv_nxt, 5)), T0)  # RFC 5961 §4.2, whatever the sequence number
     assert c.state is State.ESTABLISHED
     [ack] = c.segments_to_send(T0)
     assert ack.flags == Flags.ACK and c.challenge_acks == 1
@@ -110,27 +111,27 @@ def test_syn_in_established_gets_challenge_ack():
 
 def test_ack_of_unsent_data_gets_ack_and_is_dropped():
     c = established()
-    c.receive(seg(c, "PA", b"data", ack=c.snd_nxt + 1000), T0)  # RFC 5961 §5.2 / RFC 9293 fifth
+    c.receive(seg(c, "PA", b"data", ack=seq_add(c.snd_nxt, 1000)), T0)  # RFC 5961 §5.2 / RFC 9293 fifth
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == REMOTE_ISS + 1 and c.readable == 0
+    assert ack.ack == seq_add(REMOTE_ISS, 1) and c.readable == 0
 
 
 def test_ack_too_old_is_dropped():
     c = established()
     c.send(b"x" * 100)
     c.segments_to_send(T0)
-    c.receive(seg(c, "PA", b"data", ack=c.snd_una - 70000), T0)  # below SND.UNA - MAX.SND.WND
+    c.receive(seg(c, "PA", b"data", ack=seq_add(c.snd_una, -70000)), T0)  # below SND.UNA - MAX.SND.WND
     assert c.readable == 0 and len(c.segments_to_send(T0)) == 1
 
 
 def test_challenge_acks_are_rate_limited():
     c = established()
     for _ in range(3 * CHALLENGE_ACK_LIMIT):
-        c.receive(seg(c, "R", seq=c.rcv_nxt + 7), T0)
+        c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 7)), T0)
         c.segments_to_send(T0)
     assert c.challenge_acks == CHALLENGE_ACK_LIMIT
     assert c.challenge_acks_suppressed == 2 * CHALLENGE_ACK_LIMIT
-    c.receive(seg(c, "R", seq=c.rcv_nxt + 7), T0 + 1.0)
+    c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 7)), T0 + 1.0)
     assert c.challenge_acks == CHALLENGE_ACK_LIMIT + 1
 
 
@@ -145,8 +146,8 @@ def test_sending_across_sequence_wrap():
     assert b"".join(s.payload for s in out) == data
     assert [len(s.payload) for s in out] == [MSS, MSS, MSS, 740]
     assert int(out[1].seq) < 2000  # wrapped
-    c.receive(seg(c, "A", ack=out[-1].seq + len(out[-1].payload)), T0 + 0.01)
-    assert c.snd_una == c.snd_nxt == LOCAL_ISS + 1 + len(data)
+    c.receive(seg(c, "A", ack=seq_add(out[-1].seq, len(out[-1].payload))), T0 + 0.01)
+    assert c.snd_una == c.snd_nxt == seq_add(LOCAL_ISS, 1 + len(data))
     assert c.get_timer() is None
 
 
@@ -155,7 +156,7 @@ def test_receiving_across_sequence_wrap():
     base = c.rcv_nxt
     for k in range(3):
         c.receive(seg(c, "PA", bytes([k]) * 1000), T0)
-    assert c.rcv_nxt == base + 3000 and int(c.rcv_nxt) < int(base)
+    assert c.rcv_nxt == seq_add(base, 3000) and int(c.rcv_nxt) < int(base)
     assert c.recv() == b"\0" * 1000 + b"\1" * 1000 + b"\2" * 1000
 
 
@@ -167,23 +168,23 @@ def test_out_of_order_is_held_acked_at_once_and_reassembled():
     blob = bytes(range(250)) * 16  # 4000 bytes; segment k is blob[1000k:1000(k+1)]
 
     def part(a, b):
-        return seg(c, "A", blob[a:b], seq=start + a)
+        return seg(c, "A", blob[a:b], seq=seq_add(start, a))
 
     c.receive(part(1000, 2000), T0)
     [dup] = c.segments_to_send(T0)  # RFC 5681 §4.2: immediate duplicate ACK
-    assert dup.ack == start and dup.options.sack_blocks == ((start + 1000, start + 2000),)
+    assert dup.ack == start and dup.options.sack_blocks == ((seq_add(start, 1000), seq_add(start, 2000)),)
     c.receive(part(3000, 4000), T0)
     [dup] = c.segments_to_send(T0)
     # RFC 2018 §4: the most recent block first
-    assert dup.options.sack_blocks == ((start + 3000, start + 4000), (start + 1000, start + 2000))
+    assert dup.options.sack_blocks == ((seq_add(start, 3000), seq_add(start, 4000)), (seq_add(start, 1000), seq_add(start, 2000)))
     c.receive(part(3000, 4000), T0)  # a duplicate changes nothing
     assert c.readable == 0 and drain(c) == [] and c.ooo_segments == 3
     c.receive(part(0, 1000), T0)  # fills the first gap
     [ack] = c.segments_to_send(T0)  # RFC 5681 §4.2: ACK at once when a gap is filled
-    assert ack.ack == start + 2000 and ack.options.sack_blocks == ((start + 3000, start + 4000),)
+    assert ack.ack == seq_add(start, 2000) and ack.options.sack_blocks == ((seq_add(start, 3000), seq_add(start, 4000)),)
     c.receive(part(1500, 3500), T0)  # overlaps both sides of the last gap
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == start + 4000 and not ack.options.sack_blocks
+    assert ack.ack == seq_add(start, 4000) and not ack.options.sack_blocks
     assert c.recv() == blob
     assert drain(c) == [DataReceived()]
 
@@ -191,10 +192,10 @@ def test_out_of_order_is_held_acked_at_once_and_reassembled():
 def test_fin_beyond_a_gap_waits_for_the_gap():
     c = established()
     start = c.rcv_nxt
-    c.receive(seg(c, "FA", b"tail", seq=start + 4), T0)
+    c.receive(seg(c, "FA", b"tail", seq=seq_add(start, 4)), T0)
     assert c.state is State.ESTABLISHED
     c.receive(seg(c, "A", b"head"), T0)
-    assert c.state is State.CLOSE_WAIT and c.recv() == b"headtail" and c.rcv_nxt == start + 9
+    assert c.state is State.CLOSE_WAIT and c.recv() == b"headtail" and c.rcv_nxt == seq_add(start, 9)
 
 
 def test_large_incoming_segment_is_one_byte_range():
@@ -205,7 +206,7 @@ def test_large_incoming_segment_is_one_byte_range():
     blob = bytes(range(256)) * 256  # 64 KB, as GRO/TSO delivers it
     c.receive(seg(c, "PA", blob), T0)
     [ack] = c.segments_to_send(T0)  # more than two full segments: ACK at once
-    assert ack.ack == REMOTE_ISS + 1 + len(blob) and c.recv() == blob
+    assert ack.ack == seq_add(REMOTE_ISS, 1 + len(blob)) and c.recv() == blob
 
 
 # -- delayed ACK, RFC 9293 §3.8.6.3 --------------------------------------------------------
@@ -217,7 +218,7 @@ def test_single_segment_ack_is_delayed():
     assert c.get_timer() == T0 + 0.04
     now = fire(c)
     [ack] = c.segments_to_send(now)
-    assert ack.ack == REMOTE_ISS + 1 + MSS
+    assert ack.ack == seq_add(REMOTE_ISS, 1 + MSS)
 
 
 def test_every_second_full_segment_is_acked_at_once():
@@ -225,7 +226,7 @@ def test_every_second_full_segment_is_acked_at_once():
     c.receive(seg(c, "A", b"x" * MSS), T0)
     c.receive(seg(c, "A", b"y" * MSS), T0)
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == REMOTE_ISS + 1 + 2 * MSS and Timer.DELAYED_ACK not in c.timers
+    assert ack.ack == seq_add(REMOTE_ISS, 1 + 2 * MSS) and Timer.DELAYED_ACK not in c.timers
 
 
 def test_delayed_ack_rides_on_data():
@@ -233,7 +234,7 @@ def test_delayed_ack_rides_on_data():
     c.receive(seg(c, "PA", b"ping"), T0)
     c.send(b"pong")
     [s] = c.segments_to_send(T0)
-    assert s.payload == b"pong" and s.ack == REMOTE_ISS + 5 and Timer.DELAYED_ACK not in c.timers
+    assert s.payload == b"pong" and s.ack == seq_add(REMOTE_ISS, 5) and Timer.DELAYED_ACK not in c.timers
 
 
 # -- flow control: our window ----------------------------------------------------------------
@@ -262,10 +263,10 @@ def test_right_edge_never_moves_left():
                     options=TcpOptions(mss=1000, window_scale=0))
     elicit_ack(c)
     [first] = c.segments_to_send(T0)
-    edge = first.ack + first.window
+    edge = seq_add(first.ack, first.window)
     c.receive(seg(c, "A", b"x" * 3000), T0)
     [ack] = c.segments_to_send(T0)
-    assert ack.ack + ack.window >= edge
+    assert seq_ge(seq_add(ack.ack, ack.window), edge)
 
 
 def test_window_scaling_applies_both_ways():
@@ -282,7 +283,7 @@ def test_window_scaling_applies_both_ways():
 def test_window_update_rule_ignores_older_segments():
     c = established()
     c.receive(seg(c, "PA", b"x" * 10, window=30000), T0)
-    c.receive(seg(c, "A", seq=c.rcv_nxt - 10, window=100), T0)  # older SEG.SEQ than SND.WL1
+    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, -10), window=100), T0)  # older SEG.SEQ than SND.WL1
     assert c.snd_wnd == 30000
 
 
@@ -325,7 +326,7 @@ def test_zero_window_probe_with_backoff_and_no_abort_while_answered():
         [again] = c.segments_to_send(now)
         assert again.payload == b"a" and again.seq == probe.seq
     assert gaps == [2.0, 4.0, 8.0, 16.0, 32.0] and c.state is State.ESTABLISHED
-    c.receive(seg(c, "A", ack=c.snd_una + 1, window=1000), now)  # the window opens
+    c.receive(seg(c, "A", ack=seq_add(c.snd_una, 1), window=1000), now)  # the window opens
     [rest] = c.segments_to_send(now)
     assert rest.payload == b"bcdefgh"
 
@@ -335,7 +336,7 @@ def test_send_buffer_back_pressure_and_send_space_event():
     assert c.send(b"x" * 5000) == 4000 and c.send_space == 0
     assert c.send(b"y") == 0
     out = c.segments_to_send(T0)
-    c.receive(seg(c, "A", ack=out[1].seq + len(out[1].payload)), T0)
+    c.receive(seg(c, "A", ack=seq_add(out[1].seq, len(out[1].payload))), T0)
     assert drain(c) == [SendSpace()] and c.send_space == 2 * MSS
     c.receive(seg(c, "A"), T0)
     assert drain(c) == []  # once per condition change
@@ -363,7 +364,7 @@ def test_segments_leave_room_for_timestamps_and_sack():
     out = c.segments_to_send(T0)
     assert [len(s.payload) for s in out[:2]] == [988, 988]  # 12 bytes of TS
     assert all(s.header_len - 20 + len(s.payload) <= 1000 for s in out)
-    c.receive(seg(c, "A", b"q", seq=c.rcv_nxt + 5, options=TcpOptions(timestamp=(2, 0))), T0)  # a gap
+    c.receive(seg(c, "A", b"q", seq=seq_add(c.rcv_nxt, 5), options=TcpOptions(timestamp=(2, 0))), T0)  # a gap
     c.receive(seg(c, "A", window=65535, options=TcpOptions(timestamp=(3, 0))), T0)
     c.send(b"y" * 3000)
     out = c.segments_to_send(T0)

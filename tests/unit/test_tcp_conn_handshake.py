@@ -1,7 +1,7 @@
 """Opening: LISTEN/SYN-SENT/SYN-RECEIVED (RFC 9293 §3.5, §3.10.7.2-4), option negotiation
 (RFC 9293 §3.7.1, RFC 7323, RFC 2018), SYN retransmission (RFC 6298), SYN cookies."""
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from tests.unit.tcp_builders import (
     FULL, LOCAL_ISS, LOCAL_PORT, PLAIN, REMOTE_ISS, REMOTE_PORT, T0, Pair, config, drain, fire, seg, syn, syn_received,
@@ -28,10 +28,10 @@ def test_connect_sends_syn_with_our_options():
 def test_syn_sent_syn_ack_establishes_and_acks():
     c = Connection.connect(REMOTE_PORT, LOCAL_PORT, LOCAL_ISS, config(), T0)
     c.segments_to_send(T0)
-    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=LOCAL_ISS + 1, options=PLAIN), T0 + 0.05)
+    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=seq_add(LOCAL_ISS, 1), options=PLAIN), T0 + 0.05)
     assert c.state is State.ESTABLISHED and drain(c) == [Connected()]
     [ack] = c.segments_to_send(T0 + 0.05)
-    assert ack.flags == Flags.ACK and ack.seq == LOCAL_ISS + 1 and ack.ack == REMOTE_ISS + 1
+    assert ack.flags == Flags.ACK and ack.seq == seq_add(LOCAL_ISS, 1) and ack.ack == seq_add(REMOTE_ISS, 1)
     assert abs(c.srtt - 0.05) < 1e-9  # the SYN was not retransmitted: a valid sample (RFC 6298 §3)
     assert c.get_timer() is None
 
@@ -40,9 +40,9 @@ def test_syn_sent_bad_ack_gets_reset():
     # RFC 9293 §3.10.7.3 first: SEG.ACK =< ISS or > SND.NXT -> <SEQ=SEG.ACK><CTL=RST>.
     c = Connection.connect(REMOTE_PORT, LOCAL_PORT, LOCAL_ISS, config(), T0)
     c.segments_to_send(T0)
-    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=LOCAL_ISS + 5), T0)
+    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=seq_add(LOCAL_ISS, 5)), T0)
     [rst] = c.segments_to_send(T0)
-    assert rst.flags == Flags.RST and rst.seq == LOCAL_ISS + 5
+    assert rst.flags == Flags.RST and rst.seq == seq_add(LOCAL_ISS, 5)
     assert c.state is State.SYN_SENT
 
 
@@ -51,7 +51,7 @@ def test_syn_sent_rst_needs_acceptable_ack():
     c.segments_to_send(T0)
     c.receive(seg(c, "R", seq=0, ack=0), T0)  # no ACK: ignored (RFC 9293 §3.10.7.3 second)
     assert c.state is State.SYN_SENT
-    c.receive(seg(c, "RA", seq=0, ack=LOCAL_ISS + 1), T0)
+    c.receive(seg(c, "RA", seq=0, ack=seq_add(LOCAL_ISS, 1)), T0)
     assert c.state is State.CLOSED and drain(c) == [Closed("reset")]
 
 
@@ -75,7 +75,7 @@ def test_karn_no_rtt_sample_from_retransmitted_syn():
     c.segments_to_send(T0)
     now = fire(c)
     c.segments_to_send(now)
-    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=LOCAL_ISS + 1), now + 0.01)
+    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=seq_add(LOCAL_ISS, 1)), now + 0.01)
     assert c.state is State.ESTABLISHED
     assert c.srtt is None and c.rto == 3.0  # RFC 6298 §5.7: 3 s until a valid sample
     assert c.cwnd == c.send_mss  # RFC 5681 §3.1: IW is one segment after a lost SYN
@@ -88,14 +88,14 @@ def test_timestamps_give_rtt_even_after_retransmission():
     now = fire(c)
     [syn2] = c.segments_to_send(now)
     echo = syn2.options.timestamp[0]
-    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=LOCAL_ISS + 1, options=TcpOptions(timestamp=(77, echo))), now + 0.03)
+    c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=seq_add(LOCAL_ISS, 1), options=TcpOptions(timestamp=(77, echo))), now + 0.03)
     assert c.ts_ok and abs(c.srtt - 0.03) < 0.0015
 
 
 def test_simultaneous_open():
     # RFC 9293 §3.5 Figure 7: both send SYN, both go SYN-RECEIVED, then ESTABLISHED.
-    a = Connection.connect(1000, 2000, SeqNum(2**32 - 2), config(), T0)
-    b = Connection.connect(2000, 1000, SeqNum(2**32 - 50), config(), T0)
+    a = Connection.connect(1000, 2000, 2**32 - 2, config(), T0)
+    b = Connection.connect(2000, 1000, 2**32 - 50, config(), T0)
     sa, sb = a.segments_to_send(T0), b.segments_to_send(T0)
     a.receive(sb[0], T0)
     b.receive(sa[0], T0)
@@ -120,7 +120,7 @@ def test_accept_sends_syn_ack_with_negotiated_options():
     c = Connection.accept(LOCAL_PORT, REMOTE_PORT, syn(FULL), LOCAL_ISS, config(**ALL), T0)
     assert c.state is State.SYN_RECEIVED
     [sa] = c.segments_to_send(T0)
-    assert sa.flags == Flags.SYN | Flags.ACK and sa.seq == LOCAL_ISS and sa.ack == REMOTE_ISS + 1
+    assert sa.flags == Flags.SYN | Flags.ACK and sa.seq == LOCAL_ISS and sa.ack == seq_add(REMOTE_ISS, 1)
     assert sa.options.window_scale == 3 and sa.options.sack_permitted
     assert sa.options.timestamp == (int(T0 * 1000), 5000)  # echoes the SYN's TSval
     assert c.ws_ok and c.snd_wscale == 7 and c.rcv_wscale == 3
@@ -152,9 +152,9 @@ def test_syn_received_ack_establishes():
 
 def test_syn_received_bad_ack_gets_reset():
     c = syn_received()
-    c.receive(seg(c, "A", ack=LOCAL_ISS + 10), T0)
+    c.receive(seg(c, "A", ack=seq_add(LOCAL_ISS, 10)), T0)
     [rst] = c.segments_to_send(T0)
-    assert rst.flags == Flags.RST and rst.seq == LOCAL_ISS + 10 and c.state is State.SYN_RECEIVED
+    assert rst.flags == Flags.RST and rst.seq == seq_add(LOCAL_ISS, 10) and c.state is State.SYN_RECEIVED
 
 
 def test_syn_received_repeated_syn_repeats_syn_ack():
@@ -187,7 +187,7 @@ def test_close_in_syn_received_sends_fin_once_established():
     c.receive(seg(c, "A"), T0)
     assert c.state is State.FIN_WAIT_1
     [fin] = c.segments_to_send(T0)
-    assert fin.flags == Flags.FIN | Flags.ACK and fin.seq == LOCAL_ISS + 1
+    assert fin.flags == Flags.FIN | Flags.ACK and fin.seq == seq_add(LOCAL_ISS, 1)
 
 
 def test_close_in_syn_sent_just_closes():
@@ -199,7 +199,7 @@ def test_close_in_syn_sent_just_closes():
 # -- SYN cookies -------------------------------------------------------------------------
 
 def test_from_cookie_is_established_and_takes_data():
-    ack = TcpSegment(REMOTE_PORT, LOCAL_PORT, REMOTE_ISS + 1, LOCAL_ISS + 1, Flags.ACK | Flags.PSH, 1000,
+    ack = TcpSegment(REMOTE_PORT, LOCAL_PORT, seq_add(REMOTE_ISS, 1), seq_add(LOCAL_ISS, 1), Flags.ACK | Flags.PSH, 1000,
                      b"hello")
     c = Connection.from_cookie(LOCAL_PORT, REMOTE_PORT, ack, LOCAL_ISS, 1200, config(**ALL), T0)
     assert c.state is State.ESTABLISHED
@@ -208,7 +208,7 @@ def test_from_cookie_is_established_and_takes_data():
     assert not (c.ws_ok or c.sack_ok or c.ts_ok) and c.send_mss == 1200 and c.snd_wnd == 1000
     c.send(b"world")
     out = c.segments_to_send(T0)
-    assert out[0].payload == b"world" and out[0].ack == REMOTE_ISS + 6
+    assert out[0].payload == b"world" and out[0].ack == seq_add(REMOTE_ISS, 6)
 
 
 # -- both ends ---------------------------------------------------------------------------

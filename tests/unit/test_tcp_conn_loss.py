@@ -1,6 +1,7 @@
 """Loss recovery: retransmission timer (RFC 6298), Karn's rule, NewReno fast retransmit and
 recovery (RFC 5681 §3.2, RFC 6582), SACK-driven hole retransmission (RFC 2018, RFC 6675)."""
 
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions
 from tests.unit.tcp_builders import T0, config, drain, established, fire, seg
 from workers.tcp.connection import State
@@ -19,7 +20,7 @@ def flight(c, n):
 
 
 def end(s):
-    return s.seq + len(s.payload)
+    return seq_add(s.seq, len(s.payload))
 
 
 # -- retransmission timer -----------------------------------------------------------------
@@ -55,7 +56,7 @@ def test_karn_no_sample_from_retransmitted_data():
     flight(c, 2)
     now = fire(c)
     c.segments_to_send(now)
-    c.receive(seg(c, "A", ack=c.snd_una + MSS // 2), now + 0.05)  # part of the retransmission
+    c.receive(seg(c, "A", ack=seq_add(c.snd_una, MSS // 2)), now + 0.05)  # part of the retransmission
     assert c.srtt is None and c.rto == 2.0  # RFC 6298 §3 and §5.7: keep the backed-off RTO
 
 

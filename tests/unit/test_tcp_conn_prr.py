@@ -3,6 +3,7 @@ hand-driven clock: how much is sent per ACK while the window comes down to ssthr
 
 import math
 
+from pipeline.wire.seqnum import seq_add, seq_sub
 from pipeline.wire.tcp import TcpOptions
 from tests.unit.tcp_builders import T0, config, established, seg
 
@@ -17,7 +18,7 @@ def twenty_in_flight():
     first = c.segments_to_send(T0)
     flight = []
     for s in first:
-        c.receive(seg(c, "A", ack=s.seq + MSS), T0 + RTT)
+        c.receive(seg(c, "A", ack=seq_add(s.seq, MSS)), T0 + RTT)
         flight += c.segments_to_send(T0 + RTT)
     assert c.cwnd == 20 * MSS and len(flight) == 20
     return c, flight
@@ -26,7 +27,7 @@ def twenty_in_flight():
 def sack_up_to(c, flight, lo, k, now):
     """The peer holds flight[lo..k] above a hole at flight[0]."""
     c.receive(seg(c, "A", ack=flight[0].seq, options=TcpOptions(
-        sack_blocks=((flight[lo].seq, flight[k].seq + MSS),))), now)
+        sack_blocks=((flight[lo].seq, seq_add(flight[k].seq, MSS)),))), now)
     return c.segments_to_send(now)
 
 
@@ -37,7 +38,7 @@ def test_one_loss_sends_one_segment_per_two_delivered():
     now = T0 + 2 * RTT
     before = [len(sack_up_to(c, flight, 1, k, now + k * 1e-3)) for k in (1, 2)]
     assert before == [1, 1] and not c.in_recovery  # SACKed data left: new data (RFC 6675 pipe)
-    recover_fs = c.snd_nxt - c.snd_una
+    recover_fs = seq_sub(c.snd_nxt, c.snd_una)
     sent, delivered = 0, 0
     for k in range(3, 20):
         out = sack_up_to(c, flight, 1, k, now + k * 1e-3)

@@ -4,6 +4,7 @@ probe (§7) that lets RACK see a lost tail."""
 
 import pytest
 
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import TcpOptions
 from tests.unit.tcp_builders import T0, config, established, seg
 from workers.tcp.connection import Timer
@@ -24,7 +25,7 @@ def send(c, n, now, queued=0):
 
 
 def end(s):
-    return s.seq + len(s.payload)
+    return seq_add(s.seq, len(s.payload))
 
 
 def ack(c, una, blocks, now):

@@ -5,7 +5,7 @@ loss (RFC 6298, RFC 7323), and one duplicate ACK per out-of-order segment (RFC 5
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_sub
 from pipeline.wire.tcp import TcpOptions
 from tests.unit.tcp_builders import T0, config, established, seg
 from workers.tcp.connection import Timer
@@ -30,7 +30,7 @@ def sack_ack(c, ack, blocks, now, **kw):
 
 
 def end(s):
-    return s.seq + len(s.payload)
+    return seq_add(s.seq, len(s.payload))
 
 
 # -- the scoreboard's byte counts ------------------------------------------------------------
@@ -39,12 +39,11 @@ def end(s):
 @given(st.lists(st.tuples(st.integers(1, 4900), st.integers(1, 400)), max_size=8),
        st.sampled_from([1000, 2**32 - 250]))
 def test_sacked_below_and_above_add_up(blocks, base):
-    base = SeqNum(base)
     sb = SackScoreboard()
-    sb.update([(base + a, base + min(a + n, 5000)) for a, n in blocks], base, base + 5000)
+    sb.update([(seq_add(base, a), seq_add(base, min(a + n, 5000))) for a, n in blocks], base, seq_add(base, 5000))
     for off in range(0, 5000, 37):
-        s = base + off
-        assert sb.sacked_below(s) + sb.sacked_above(s - 1) == sb.sacked_bytes
+        s = seq_add(base, off)
+        assert sb.sacked_below(s) + sb.sacked_above(seq_add(s, -1)) == sb.sacked_bytes
 
 
 # -- sending while SACKs arrive ----------------------------------------------------------------
@@ -66,7 +65,7 @@ def test_limited_transmit_without_sack():
         c.receive(seg(c, "A", ack=segs[0].seq), T0 + 0.001 * k)
         out = c.segments_to_send(T0 + 0.001 * k)
         if k < 3:
-            assert [s.seq for s in out] == [end(segs[9]) + (k - 1) * MSS]  # RFC 3042 §2
+            assert [s.seq for s in out] == [seq_add(end(segs[9]), (k - 1) * MSS)]  # RFC 3042 §2
     assert c.in_recovery and out[0].seq == segs[0].seq  # the third: fast retransmit
 
 
@@ -184,10 +183,10 @@ def test_one_duplicate_ack_per_out_of_order_segment():
     c = established(config(sack=True), options=SACK)
     base = c.rcv_nxt
     for k in (1, 2, 3):
-        c.receive(seg(c, "A", b"x" * 100, seq=base + 100 * k), T0)
+        c.receive(seg(c, "A", b"x" * 100, seq=seq_add(base, 100 * k)), T0)
     acks = c.segments_to_send(T0)
     assert [a.ack for a in acks] == [base] * 3  # RFC 5681 §4.2: each one at once
-    assert [len(a.options.sack_blocks[0]) and a.options.sack_blocks[0][1] - base for a in acks] == [200, 300, 400]
+    assert [len(a.options.sack_blocks[0]) and seq_sub(a.options.sack_blocks[0][1], base) for a in acks] == [200, 300, 400]
 
 
 def test_second_timeout_of_one_segment_forgets_sack_in_case_the_receiver_reneged():

@@ -7,7 +7,7 @@ import structlog
 
 from pipeline.flow import Flow
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
 from workers.core import Sink
 from workers.tcp import demux as demux_mod
@@ -41,40 +41,56 @@ def parse(out) -> TcpSegment:
 
 
 def syn(sport=40000, dport=7, seq=1000):
-    return TcpSegment(sport, dport, SeqNum(seq), SeqNum(0), Flags.SYN, 65535, options=TcpOptions(mss=1460))
+    return TcpSegment(sport, dport, seq, 0, Flags.SYN, 65535, options=TcpOptions(mss=1460))
 
 
 def handshake(demux, sport=40000, dport=7, now=T0):
     [synack] = [parse(p) for p in demux.handle_packet(packet(syn(sport, dport)), now)]
-    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == SeqNum(1001)
-    ack = TcpSegment(sport, dport, SeqNum(1001), synack.seq + 1, Flags.ACK, 65535)
+    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == 1001
+    ack = TcpSegment(sport, dport, 1001, seq_add(synack.seq, 1), Flags.ACK, 65535)
     assert demux.handle_packet(packet(ack), now) == []
-    return synack.seq + 1
+    return seq_add(synack.seq, 1)
 
 
 def test_handshake_then_echo(demux):
     our_seq = handshake(demux)
-    data = TcpSegment(40000, 7, SeqNum(1001), our_seq, Flags.ACK | Flags.PSH, 65535, b"ping")
+    data = TcpSegment(40000, 7, 1001, our_seq, Flags.ACK | Flags.PSH, 65535, b"ping")
     out = [parse(p) for p in demux.handle_packet(packet(data), T0 + 0.01)]
     assert b"".join(s.payload for s in out) == b"ping"
-    assert out[-1].ack == SeqNum(1005)
+    assert out[-1].ack == 1005
 
 
 def test_syn_to_closed_port_gets_rst_ack(demux):
     [rst] = [parse(p) for p in demux.handle_packet(packet(syn(dport=4444, seq=77)), T0)]
     # RFC 9293 §3.10.7.1: no ACK in the segment -> <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>
-    assert rst.flags == Flags.RST | Flags.ACK and rst.seq == SeqNum(0) and rst.ack == SeqNum(78)
+    assert rst.flags == Flags.RST | Flags.ACK and rst.seq == 0 and rst.ack == 78
+
+
+def test_reset_acknowledges_across_the_sequence_wrap(demux):
+    [rst] = [parse(p) for p in demux.handle_packet(packet(syn(dport=4444, seq=2**32 - 1)), T0)]
+    assert rst.flags == Flags.RST | Flags.ACK and rst.ack == 0  # SEG.SEQ + SEG.LEN modulo 2**32
+
+
+def test_echo_across_the_sequence_wrap(demux):
+    isn = 2**32 - 2  # the peer's data starts at 2**32 - 1 and wraps after one byte
+    [synack] = [parse(p) for p in demux.handle_packet(packet(syn(seq=isn)), T0)]
+    assert synack.ack == 2**32 - 1
+    ours = seq_add(synack.seq, 1)
+    assert demux.handle_packet(packet(TcpSegment(40000, 7, 2**32 - 1, ours, Flags.ACK, 65535)), T0) == []
+    data = TcpSegment(40000, 7, 2**32 - 1, ours, Flags.ACK | Flags.PSH, 65535, b"ping")
+    out = [parse(p) for p in demux.handle_packet(packet(data), T0 + 0.01)]
+    assert b"".join(s.payload for s in out) == b"ping" and out[-1].ack == 3
 
 
 def test_ack_for_no_connection_gets_rst_from_its_ack(demux):
-    stray = TcpSegment(40000, 8000, SeqNum(5), SeqNum(123456), Flags.ACK, 100, b"x")
+    stray = TcpSegment(40000, 8000, 5, 123456, Flags.ACK, 100, b"x")
     [rst] = [parse(p) for p in demux.handle_packet(packet(stray), T0)]
-    assert rst.flags == Flags.RST and rst.seq == SeqNum(123456)
+    assert rst.flags == Flags.RST and rst.seq == 123456
 
 
 def test_reset_is_never_answered_with_a_reset(demux):
     for dport in (7, 4444):
-        rst = TcpSegment(40000, dport, SeqNum(5), SeqNum(9), Flags.RST | Flags.ACK, 0)
+        rst = TcpSegment(40000, dport, 5, 9, Flags.RST | Flags.ACK, 0)
         assert demux.handle_packet(packet(rst), T0) == []
 
 
@@ -86,7 +102,7 @@ def test_syn_flood_is_answered_with_cookies_and_real_clients_get_in(demux):
     assert demux.sink.counters["syn_cookies_sent"] == 50
     # A real client arriving during the flood completes the handshake statelessly.
     [synack] = [parse(p) for p in demux.handle_packet(packet(syn(sport=50000, seq=9000)), T0)]
-    ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK | Flags.PSH, 65535, b"hello")
+    ack = TcpSegment(50000, 7, 9001, seq_add(synack.seq, 1), Flags.ACK | Flags.PSH, 65535, b"hello")
     out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.1)]
     assert demux.connections[Flow(PEER, 50000, 7)].state is State.ESTABLISHED
     assert b"".join(s.payload for s in out) == b"hello"
@@ -101,13 +117,13 @@ def flood(demux):
 def test_cookie_connection_keeps_window_scale_sack_and_timestamps(demux):
     flood(demux)
     offer = TcpOptions(mss=1460, window_scale=7, sack_permitted=True, timestamp=(555, 0))
-    first = TcpSegment(50000, 7, SeqNum(9000), SeqNum(0), Flags.SYN, 65535, options=offer)
+    first = TcpSegment(50000, 7, 9000, 0, Flags.SYN, 65535, options=offer)
     [synack] = [parse(p) for p in demux.handle_packet(packet(first), T0)]
     assert Flow(PEER, 50000, 7) not in demux.connections  # stateless: a cookie
     o = synack.options
     assert o.window_scale is not None and o.sack_permitted and o.timestamp[1] == 555
     # The final ACK echoes our TSval; its window is scaled by the peer's shift (RFC 7323 §2.3).
-    ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK | Flags.PSH, 100, b"hello",
+    ack = TcpSegment(50000, 7, 9001, seq_add(synack.seq, 1), Flags.ACK | Flags.PSH, 100, b"hello",
                      options=TcpOptions(timestamp=(556, o.timestamp[0])))
     out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.01)]
     conn = demux.connections[Flow(PEER, 50000, 7)]
@@ -121,10 +137,10 @@ def test_cookie_connection_keeps_window_scale_sack_and_timestamps(demux):
 def test_cookie_without_timestamps_offers_and_keeps_only_the_mss(demux):
     flood(demux)
     offer = TcpOptions(mss=1460, window_scale=7, sack_permitted=True)
-    first = TcpSegment(50000, 7, SeqNum(9000), SeqNum(0), Flags.SYN, 65535, options=offer)
+    first = TcpSegment(50000, 7, 9000, 0, Flags.SYN, 65535, options=offer)
     [synack] = [parse(p) for p in demux.handle_packet(packet(first), T0)]
     assert synack.options == TcpOptions(mss=demux.config.mss)
-    ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK, 100)
+    ack = TcpSegment(50000, 7, 9001, seq_add(synack.seq, 1), Flags.ACK, 100)
     demux.handle_packet(packet(ack), T0 + 0.01)
     conn = demux.connections[Flow(PEER, 50000, 7)]
     assert conn.state is State.ESTABLISHED and conn.peer_mss == 1460
@@ -133,10 +149,10 @@ def test_cookie_without_timestamps_offers_and_keeps_only_the_mss(demux):
 
 def test_cookie_ack_with_an_impossible_echo_is_reset(demux):
     flood(demux)
-    first = TcpSegment(50000, 7, SeqNum(9000), SeqNum(0), Flags.SYN, 65535,
+    first = TcpSegment(50000, 7, 9000, 0, Flags.SYN, 65535,
                        options=TcpOptions(mss=1460, timestamp=(555, 0)))
     [synack] = [parse(p) for p in demux.handle_packet(packet(first), T0)]
-    ack = TcpSegment(50000, 7, SeqNum(9001), synack.seq + 1, Flags.ACK, 100,
+    ack = TcpSegment(50000, 7, 9001, seq_add(synack.seq, 1), Flags.ACK, 100,
                      options=TcpOptions(timestamp=(556, synack.options.timestamp[0] | 0x20)))
     [rst] = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.01)]
     assert rst.flags == Flags.RST and Flow(PEER, 50000, 7) not in demux.connections
@@ -145,7 +161,7 @@ def test_cookie_ack_with_an_impossible_echo_is_reset(demux):
 def test_forged_cookie_ack_is_reset(demux):
     for i in range(demux_mod.SYN_QUEUE_LIMIT):
         demux.handle_packet(packet(syn(sport=10000 + i)), T0)
-    forged = TcpSegment(50001, 7, SeqNum(1), SeqNum(424242), Flags.ACK, 65535)
+    forged = TcpSegment(50001, 7, 1, 424242, Flags.ACK, 65535)
     [rst] = [parse(p) for p in demux.handle_packet(packet(forged), T0)]
     assert rst.flags == Flags.RST and Flow(PEER, 50001, 7) not in demux.connections
 
@@ -188,7 +204,7 @@ def test_offload_leaves_checksum_to_the_kernel_and_asks_for_tso():
     synack_pkt, _ = big.handle_packet(packet(syn(dport=19)), T0)[0]
     ip, payload = parse_ipv4(synack_pkt)
     synack = parse_tcp(payload, ip.src, ip.dst, verify_checksum=False)
-    ack = TcpSegment(40000, 19, SeqNum(1001), synack.seq + 1, Flags.ACK, 65535)
+    ack = TcpSegment(40000, 19, 1001, seq_add(synack.seq, 1), Flags.ACK, 65535)
     out = big.handle_packet(packet(ack), T0)
     pkt, (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) = out[0]
     assert flags == NEEDS_CSUM and csum_start == 20 and csum_offset == 16 and hdr_len == 40
@@ -205,30 +221,30 @@ def test_offload_leaves_checksum_to_the_kernel_and_asks_for_tso():
 # --- TIME-WAIT reuse by a new SYN (RFC 6191) ------------------------------------------
 
 
-def time_wait(demux, ts: bool, sport=40000, now=T0):
+def time_wait(demux, ts: bool, sport=40000, now=T0, isn=1000):
     """A QOTD connection (port 17: we close first) driven until we hold it in TIME-WAIT."""
     opts = TcpOptions(mss=1460, timestamp=(100, 0)) if ts else TcpOptions(mss=1460)
-    first = TcpSegment(sport, 17, SeqNum(1000), SeqNum(0), Flags.SYN, 65535, options=opts)
+    first = TcpSegment(sport, 17, isn, 0, Flags.SYN, 65535, options=opts)
     [synack] = [parse(p) for p in demux.handle_packet(packet(first), now)]
     echo = synack.options.timestamp[0] if ts else 0
 
     def seg(ack, flags, tsval):
-        return TcpSegment(sport, 17, SeqNum(1001), ack, flags, 65535,
+        return TcpSegment(sport, 17, seq_add(isn, 1), ack, flags, 65535,
                           options=TcpOptions(timestamp=(tsval, echo)) if ts else TcpOptions())
 
-    out = [parse(p) for p in demux.handle_packet(packet(seg(synack.seq + 1, Flags.ACK, 101)), now)]
+    out = [parse(p) for p in demux.handle_packet(packet(seg(seq_add(synack.seq, 1), Flags.ACK, 101)), now)]
     assert out and out[-1].fin  # the quote, then our FIN
-    fin_end = out[-1].seq + out[-1].seg_len
+    fin_end = seq_add(out[-1].seq, out[-1].seg_len)
     demux.handle_packet(packet(seg(fin_end, Flags.ACK | Flags.FIN, 102)), now)
     conn = demux.connections[Flow(PEER, sport, 17)]
-    assert conn.state is State.TIME_WAIT and conn.rcv_nxt == SeqNum(1002)
+    assert conn.state is State.TIME_WAIT and conn.rcv_nxt == seq_add(isn, 2)
     demux.flow_changes()
     return conn
 
 
 def new_syn(seq, tsval=None, sport=40000):
     opts = TcpOptions(mss=1460, timestamp=(tsval, 0)) if tsval is not None else TcpOptions(mss=1460)
-    return TcpSegment(sport, 17, SeqNum(seq), SeqNum(0), Flags.SYN, 65535, options=opts)
+    return TcpSegment(sport, 17, seq, 0, Flags.SYN, 65535, options=opts)
 
 
 @pytest.mark.parametrize("ts, syn_seq, tsval", [
@@ -239,17 +255,26 @@ def new_syn(seq, tsval=None, sport=40000):
 def test_new_syn_reopens_a_connection_in_time_wait(demux, ts, syn_seq, tsval):
     old = time_wait(demux, ts)
     [synack] = [parse(p) for p in demux.handle_packet(packet(new_syn(syn_seq, tsval)), T0 + 1)]
-    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == SeqNum(syn_seq + 1)
+    assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == seq_add(syn_seq, 1)
     # RFC 9293 §3.6.1: the new ISN lies above everything the old incarnation sent.
-    assert synack.seq == old.snd_nxt + demux_mod.TIME_WAIT_ISN_GAP
+    assert synack.seq == seq_add(old.snd_nxt, demux_mod.TIME_WAIT_ISN_GAP)
     new = demux.connections[Flow(PEER, 40000, 17)]
     assert new is not old and new.state is State.SYN_RECEIVED
     assert demux.sink.counters["time_wait_reused"] == 1
     assert demux.flow_changes() == ([], [])  # still our flow: ingress hears nothing
-    ack = TcpSegment(40000, 17, SeqNum(syn_seq + 1), synack.seq + 1, Flags.ACK, 65535,
+    ack = TcpSegment(40000, 17, seq_add(syn_seq, 1), seq_add(synack.seq, 1), Flags.ACK, 65535,
                      options=TcpOptions(timestamp=(tsval + 1, synack.options.timestamp[0])) if ts else TcpOptions())
     out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 1)]
     assert b"".join(s.payload for s in out).startswith(b"Be conservative")
+
+
+@pytest.mark.parametrize("offset, reopens", [(1000, True), (-5, False)])
+def test_time_wait_reuse_compares_across_the_sequence_wrap(demux, offset, reopens):
+    isn = 2**32 - 1001  # RCV.NXT in TIME-WAIT is 2**32 - 999: a SYN 1,000 above it has wrapped
+    old = time_wait(demux, False, isn=isn)
+    demux.handle_packet(packet(new_syn(seq_add(old.rcv_nxt, offset))), T0 + 1)
+    assert (demux.connections[Flow(PEER, 40000, 17)] is not old) == reopens
+    assert demux.sink.counters["time_wait_reused"] == int(reopens)
 
 
 @pytest.mark.parametrize("ts, syn_seq, tsval", [

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add
 from workers.tcp.syncookies import (
     MAX_AGE,
     MSS_TABLE,
@@ -31,16 +31,16 @@ def sc():
 
 
 def final_ack(cookie, client_isn):
-    """What the final ACK carries: seq = client_isn + 1, ack = cookie + 1."""
-    return SeqNum(client_isn) + 1, SeqNum(cookie) + 1
+    """What the final ACK carries: seq = seq_add(client_isn, 1), ack = cookie + 1."""
+    return seq_add(client_isn, 1), seq_add(cookie, 1)
 
 
 def test_round_trip_through_final_ack(sc):
-    client_isn = SeqNum(0xDEADBEEF)
+    client_isn = 0xDEADBEEF
     cookie = sc.make(L, R, client_isn, 1460, NOW)
-    assert isinstance(cookie, SeqNum)
+    assert type(cookie) is int and 0 <= cookie < 2**32
     seq, ack = final_ack(cookie, client_isn)
-    assert sc.check(L, R, seq - 1, ack - 1, NOW + 1) == 1460
+    assert sc.check(L, R, seq_add(seq, -1), seq_add(ack, -1), NOW + 1) == 1460
 
 
 @pytest.mark.parametrize(
@@ -48,39 +48,39 @@ def test_round_trip_through_final_ack(sc):
     [(1460, 1460), (1500, 1460), (1459, 1440), (1300, 1220), (1220, 1220), (9000, 8960), (600, 536), (100, 536)],
 )
 def test_mss_rounded_down(sc, mss, expected):
-    cookie = sc.make(L, R, SeqNum(7), mss, NOW)
-    assert sc.check(L, R, SeqNum(7), cookie, NOW) == expected
+    cookie = sc.make(L, R, 7, mss, NOW)
+    assert sc.check(L, R, 7, cookie, NOW) == expected
     assert MSS_TABLE[mss_index(mss)] == expected
 
 
 def test_valid_for_max_age_ticks_then_expires(sc):
     t0 = 64.0 * 5000  # start of a tick
-    cookie = sc.make(L, R, SeqNum(1), 1460, t0)
+    cookie = sc.make(L, R, 1, 1460, t0)
     for age in range(MAX_AGE + 1):
-        assert sc.check(L, R, SeqNum(1), cookie, t0 + age * PERIOD + 63.9) == 1460
-    assert sc.check(L, R, SeqNum(1), cookie, t0 + (MAX_AGE + 1) * PERIOD) is None
-    assert sc.check(L, R, SeqNum(1), cookie, t0 + 10_000 * PERIOD) is None
+        assert sc.check(L, R, 1, cookie, t0 + age * PERIOD + 63.9) == 1460
+    assert sc.check(L, R, 1, cookie, t0 + (MAX_AGE + 1) * PERIOD) is None
+    assert sc.check(L, R, 1, cookie, t0 + 10_000 * PERIOD) is None
 
 
 def test_not_valid_after_wire_counter_wraps(sc):
     # The 8-bit counter on the wire repeats every 256 ticks; H2 covers the full counter.
-    cookie = sc.make(L, R, SeqNum(1), 1460, NOW)
-    assert sc.check(L, R, SeqNum(1), cookie, NOW + 256 * PERIOD) is None
+    cookie = sc.make(L, R, 1, 1460, NOW)
+    assert sc.check(L, R, 1, cookie, NOW + 256 * PERIOD) is None
 
 
 def test_from_the_future_rejected(sc):
-    cookie = sc.make(L, R, SeqNum(1), 1460, NOW + 5 * PERIOD)
-    assert sc.check(L, R, SeqNum(1), cookie, NOW) is None
+    cookie = sc.make(L, R, 1, 1460, NOW + 5 * PERIOD)
+    assert sc.check(L, R, 1, cookie, NOW) is None
 
 
 def test_tampering_rejected(sc):
-    client_isn = SeqNum(123456)
+    client_isn = 123456
     cookie = sc.make(L, R, client_isn, 1460, NOW)
-    assert sc.check(L, R, client_isn, cookie + 1, NOW) is None
-    assert sc.check(L, R, client_isn, cookie - 1, NOW) is None
+    assert sc.check(L, R, client_isn, seq_add(cookie, 1), NOW) is None
+    assert sc.check(L, R, client_isn, seq_add(cookie, -1), NOW) is None
     for bit in range(32):
-        assert sc.check(L, R, client_isn, SeqNum(int(cookie) ^ (1 << bit)), NOW) is None
-    assert sc.check(L, R, client_isn + 1, cookie, NOW) is None  # other client ISN
+        assert sc.check(L, R, client_isn, cookie ^ (1 << bit), NOW) is None
+    assert sc.check(L, R, seq_add(client_isn, 1), cookie, NOW) is None  # other client ISN
     assert sc.check(L, (R[0], R[1] + 1), client_isn, cookie, NOW) is None  # other port
     assert sc.check((bytes([192, 0, 2, 2]), 443), R, client_isn, cookie, NOW) is None  # other address
     assert SynCookies(b"x" * 32).check(L, R, client_isn, cookie, NOW) is None  # other secret
@@ -89,7 +89,7 @@ def test_tampering_rejected(sc):
 def test_random_cookies_almost_never_pass(sc):
     rng = random.Random(4)
     hits = sum(
-        sc.check(L, R, SeqNum(rng.getrandbits(32)), SeqNum(rng.getrandbits(32)), NOW) is not None
+        sc.check(L, R, rng.getrandbits(32), rng.getrandbits(32), NOW) is not None
         for _ in range(20000)
     )
     # Expected ~ 20000 * 3 / 2**21 ~ 0.03
@@ -97,15 +97,15 @@ def test_random_cookies_almost_never_pass(sc):
 
 
 def test_cookies_look_unrelated_across_tuples(sc):
-    cookies = {int(sc.make(L, (R[0], port), SeqNum(1), 1460, NOW)) for port in range(1000, 1100)}
+    cookies = {int(sc.make(L, (R[0], port), 1, 1460, NOW)) for port in range(1000, 1100)}
     assert len(cookies) == 100
 
 
 def test_ipv6(sc):
     l6 = (bytes(15) + b"\x01", 80)
     r6 = (bytes(15) + b"\x02", 5555)
-    cookie = sc.make(l6, r6, SeqNum(99), 1440, NOW)
-    assert sc.check(l6, r6, SeqNum(99), cookie, NOW) == 1440
+    cookie = sc.make(l6, r6, 99, 1440, NOW)
+    assert sc.check(l6, r6, 99, cookie, NOW) == 1440
 
 
 def test_short_secret_rejected():
@@ -125,8 +125,8 @@ def test_short_secret_rejected():
 def test_round_trip_property(isn, mss, now, delay, lport, rport):
     sc = SynCookies(SECRET)
     lo, re = (L[0], lport), (R[0], rport)
-    cookie = sc.make(lo, re, SeqNum(isn), mss, now)
-    assert sc.check(lo, re, SeqNum(isn), cookie, now + delay) == MSS_TABLE[mss_index(mss)]
+    cookie = sc.make(lo, re, isn, mss, now)
+    assert sc.check(lo, re, isn, cookie, now + delay) == MSS_TABLE[mss_index(mss)]
 
 
 # --- options in TSval ---------------------------------------------------------------

@@ -12,7 +12,6 @@ from pipeline.flow import Flow
 from pipeline.wire import Malformed
 from pipeline.wire.icmp import IcmpPacket, parse_icmp
 from pipeline.wire.ipv4 import Ipv4Header, Ipv4Packet, parse_ipv4
-from pipeline.wire.seqnum import SeqNum
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment, parse_tcp
 from pipeline.wire.udp import UdpDatagram, UdpPacket, parse_udp
 from tests.unit.test_wire_icmp import ECHO, ECHO_MSG
@@ -100,7 +99,7 @@ def test_tcp_emit_into_a_dirty_buffer(wire, seg, src, dst):
 def test_tcp_starts_connection_only_for_syn_without_ack():
     for flags, opens in ((Flags.SYN, True), (Flags.SYN | Flags.ACK, False), (Flags.ACK, False),
                          (Flags.SYN | Flags.FIN, True), (Flags.RST, False)):
-        wire = TcpSegment(1, 2, SeqNum(3), SeqNum(4), flags, 5, options=TcpOptions(mss=1460)).emit(bytes(4), bytes(4))
+        wire = TcpSegment(1, 2, 3, 4, flags, 5, options=TcpOptions(mss=1460)).emit(bytes(4), bytes(4))
         assert TcpPacket.checked(wire).starts_connection is opens
 
 

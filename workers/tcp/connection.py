@@ -24,9 +24,10 @@ Rules of this module (h11 ``_state.py`` style):
   raises :class:`InvalidOperation`.
 * No logging: the shell compares ``state`` before and after each call and logs
   transitions itself; counters are plain int attributes.
-* Every sequence number is a :class:`SeqNum`; ``a - b`` of two is the signed
-  distance.  Nothing assumes one MSS per segment: incoming segments may be
-  64 KB (GRO/TSO) and outgoing ones up to ``config.max_send_segment``.
+* Every sequence number is a plain int in [0, 2**32), compared and moved
+  only with :mod:`pipeline.wire.seqnum` (``seq_lt``, ``seq_add``, ``seq_sub``...).
+  Nothing assumes one MSS per segment: incoming segments may be 64 KB
+  (GRO/TSO) and outgoing ones up to ``config.max_send_segment``.
 
 Closing: ``close()`` sends our FIN after the data and keeps receiving, and then
 FIN-WAIT-2 lasts at most ``config.fin_wait2_timeout`` (Linux ``tcp_fin_timeout``
@@ -49,11 +50,11 @@ says SHOULD drop).
 from __future__ import annotations
 
 import enum
-from collections import deque
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_gt, seq_le, seq_lt
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
+from workers.tcp.errors import InvalidOperation
 from workers.tcp.events import Closed, Connected, Event, PeerClosed
 from workers.tcp.options import DEFAULT, MAX_WINDOW_SHIFT, Negotiated, syn_options, window_shift
 from workers.tcp.receiver import CHALLENGE_ACK_LIMIT, Receiver, ts_clock
@@ -86,9 +87,7 @@ class State(enum.Enum):
     TIME_WAIT = "TIME-WAIT"
     CLOSED = "CLOSED"
 
-
-class InvalidOperation(RuntimeError):
-    """The application called something the connection's state does not allow."""
+    __hash__ = object.__hash__  # identity, in C: the state sets below are tested on every segment
 
 
 # RFC 9293 §3.10.7.4 seventh: states in which segment text is delivered.
@@ -132,9 +131,8 @@ class Connection:
         *_COUNTERS,
     )
 
-    def __init__(self, local_port: int, remote_port: int, iss: SeqNum, config: TcpConfig, now: float) -> None:
+    def __init__(self, local_port: int, remote_port: int, iss: int, config: TcpConfig, now: float) -> None:
         """Internal: use accept(), connect() or from_cookie()."""
-        iss = SeqNum(iss)
         self.config = config
         self.local_port = local_port
         self.remote_port = remote_port
@@ -145,17 +143,21 @@ class Connection:
         self.peer_fin = False
         self.iss = self.snd_una = self.snd_nxt = self.snd_wl2 = iss
         self.snd_wnd = self.max_snd_wnd = 0
-        self.snd_wl1 = self.irs = self.rcv_nxt = self.rcv_adv = SeqNum(0)
+        self.snd_wl1 = self.irs = self.rcv_nxt = self.rcv_adv = 0
         self.timers = TimerTable()
         self._out: list[TcpSegment] = []
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []  # a few at most: a list is 700 bytes lighter per connection than a deque
         self._orphan = False  # close() (not shutdown()) was called: FIN-WAIT-2 is bounded
         # RFC 9293 §3.8.4 keepalive: when the peer was last heard, probes unanswered since.
         self.last_recv = now
         self.ka_probes = 0
         self.soft_error: str | None = None  # the last ICMP soft error (RFC 1122 §4.2.3.9)
-        for name in _COUNTERS:
-            setattr(self, name, 0)
+        # _COUNTERS, spelled out so that the compiled class has them as typed fields.
+        self.segments_in = self.segments_out = self.retransmissions = self.timeouts = self.fast_retransmits = 0
+        self.dup_acks = self.challenge_acks = self.challenge_acks_suppressed = self.invalid_segments = 0
+        self.paws_rejected = self.ooo_segments = self.zero_window_probes = self.keepalive_probes_sent = 0
+        self.bytes_sent = self.bytes_received = self.bytes_acked = self.loss_probes = 0
+        self.lost_retransmissions = self.ce_received = self.ece_received = 0
         self.receiver = Receiver(self, now)
         self.sender = Sender(self, iss)
         self.recovery = Recovery(self, iss)
@@ -163,7 +165,7 @@ class Connection:
     # == creation ====================================================================
 
     @classmethod
-    def accept(cls, local_port: int, remote_port: int, syn: TcpSegment, iss: SeqNum, config: TcpConfig,
+    def accept(cls, local_port: int, remote_port: int, syn: TcpSegment, iss: int, config: TcpConfig,
                now: float) -> Connection:
         """Passive open from a SYN the listener validated: SYN-RECEIVED, SYN-ACK queued."""
         if not syn.syn or syn.ack_flag or syn.rst:
@@ -172,32 +174,32 @@ class Connection:
         c.passive = True
         # RFC 9293 §3.10.7.2 (LISTEN, third: SYN): RCV.NXT = SEG.SEQ+1, IRS = SEG.SEQ.
         c.irs = syn.seq
-        c.rcv_nxt = syn.seq + 1
+        c.rcv_nxt = seq_add(syn.seq, 1)
         c._negotiate(Negotiated.from_syn(syn.options, config, _ecn_setup_syn(syn)), syn.options, now)
         c.state = State.SYN_RECEIVED
         # RFC 7323 §2.2: the window field of a SYN is never scaled.
         c.snd_wnd = c.max_snd_wnd = syn.window
         c.snd_wl1 = syn.seq
-        c.snd_nxt = c.iss + 1
+        c.snd_nxt = seq_add(c.iss, 1)
         c._send_syn(now)
         c.sender.start_rtt(c.iss, now)
         c.sender.rto_restart(now)
         return c
 
     @classmethod
-    def connect(cls, local_port: int, remote_port: int, iss: SeqNum, config: TcpConfig,
+    def connect(cls, local_port: int, remote_port: int, iss: int, config: TcpConfig,
                 now: float) -> Connection:
         """Active open: SYN-SENT with the SYN queued (RFC 9293 §3.10.1)."""
         c = cls(local_port, remote_port, iss, config, now)
         c.state = State.SYN_SENT
-        c.snd_nxt = c.iss + 1
+        c.snd_nxt = seq_add(c.iss, 1)
         c._send_syn(now)
         c.sender.start_rtt(c.iss, now)
         c.sender.rto_restart(now)
         return c
 
     @classmethod
-    def from_cookie(cls, local_port: int, remote_port: int, ack: TcpSegment, iss: SeqNum,
+    def from_cookie(cls, local_port: int, remote_port: int, ack: TcpSegment, iss: int,
                     options: Negotiated | int, config: TcpConfig, now: float) -> Connection:
         """The final ACK of a SYN-cookie handshake (RFC 4987 §3.6): ESTABLISHED at once.
 
@@ -206,24 +208,23 @@ class Connection:
         With timestamps, TS.Recent is the ACK's TSval; its TSecr (our cookie-bearing
         TSval) is no RTT sample.
         """
-        iss = SeqNum(iss)
-        if not ack.ack_flag or ack.syn or ack.rst or ack.ack != iss + 1:
+        if not ack.ack_flag or ack.syn or ack.rst or ack.ack != seq_add(iss, 1):
             raise InvalidOperation("from_cookie() needs the ACK of the cookie SYN-ACK")
         if isinstance(options, int):
             options = Negotiated.offered(config, options, None, False, False)
         c = cls(local_port, remote_port, iss, config, now)
         c.passive = True
-        c.irs = ack.seq - 1
+        c.irs = seq_add(ack.seq, -1)
         c.rcv_nxt = ack.seq
         ts = ack.options.timestamp
         c._negotiate(options, TcpOptions(timestamp=ts), now)
-        c.snd_una = c.snd_nxt = iss + 1
+        c.snd_una = c.snd_nxt = seq_add(iss, 1)
         # RFC 7323 §2.2: the ACK's window is scaled (the SYN's was not).
         c.snd_wnd = c.max_snd_wnd = ack.window << (options.snd_wscale or 0)
         c.snd_wl1 = ack.seq
         c.snd_wl2 = ack.ack
         # The cookie SYN-ACK advertised min(recv_buffer, 65535), unscaled.
-        c.rcv_adv = c.rcv_nxt + min(config.recv_buffer, 0xFFFF)
+        c.rcv_adv = seq_add(c.rcv_nxt, min(config.recv_buffer, 0xFFFF))
         c.receiver.last_ack_sent = c.rcv_nxt
         c.segments_in += 1
         c.last_recv = now
@@ -243,23 +244,85 @@ class Connection:
 
     # == negotiated options and helper state, for the shell and stackctl ============
 
-    peer_mss = property(lambda self: self.options.peer_mss, doc="The peer's MSS option.")
-    ws_ok = property(lambda self: self.options.snd_wscale is not None, doc="Window scaling on (RFC 7323 §2).")
-    snd_wscale = property(lambda self: self.options.snd_wscale or 0, doc="Shift applied to the peer's window.")
-    rcv_wscale = property(lambda self: self.options.rcv_wscale, doc="Shift applied to our window field.")
-    sack_ok = property(lambda self: self.options.sack, doc="SACK negotiated (RFC 2018 §2).")
-    ts_ok = property(lambda self: self.options.timestamps, doc="Timestamps negotiated (RFC 7323 §3.2).")
-    ecn_ok = property(lambda self: self.options.ecn, doc="ECN negotiated (RFC 3168 §6.1.1).")
-    ts_recent = property(lambda self: self.receiver.ts_recent, doc="RFC 7323 TS.Recent.")
-    rto = property(lambda self: self.sender.rtt.rto, doc="RFC 6298 RTO, with backoff.")
-    srtt = property(lambda self: self.sender.rtt.srtt, doc="RFC 6298 SRTT, None before a sample.")
-    rttvar = property(lambda self: self.sender.rtt.rttvar, doc="RFC 6298 RTTVAR, None before a sample.")
-    send_queued = property(lambda self: len(self.sender.sndbuf), doc="Send-buffer bytes unacknowledged or unsent.")
-    cwnd = property(lambda self: self.sender.cc.cwnd, doc="Congestion window (bytes).")
-    ssthresh = property(lambda self: self.sender.cc.ssthresh, doc="Slow-start threshold (bytes).")
-    in_recovery = property(lambda self: self.recovery.in_fast_recovery,
-                           doc="In fast recovery (RFC 6582 or RFC 6675 §5), not after a timeout.")
-    fin_queued = property(lambda self: self.sender.fin_queued, doc="close() or shutdown() was called.")
+    @property
+    def peer_mss(self) -> int:
+        """The peer's MSS option."""
+        return self.options.peer_mss
+
+    @property
+    def ws_ok(self) -> bool:
+        """Window scaling on (RFC 7323 §2)."""
+        return self.options.snd_wscale is not None
+
+    @property
+    def snd_wscale(self) -> int:
+        """Shift applied to the peer's window."""
+        return self.options.snd_wscale or 0
+
+    @property
+    def rcv_wscale(self) -> int:
+        """Shift applied to our window field."""
+        return self.options.rcv_wscale
+
+    @property
+    def sack_ok(self) -> bool:
+        """SACK negotiated (RFC 2018 §2)."""
+        return self.options.sack
+
+    @property
+    def ts_ok(self) -> bool:
+        """Timestamps negotiated (RFC 7323 §3.2)."""
+        return self.options.timestamps
+
+    @property
+    def ecn_ok(self) -> bool:
+        """ECN negotiated (RFC 3168 §6.1.1)."""
+        return self.options.ecn
+
+    @property
+    def ts_recent(self) -> int:
+        """RFC 7323 TS.Recent."""
+        return self.receiver.ts_recent
+
+    @property
+    def rto(self) -> float:
+        """RFC 6298 RTO, with backoff."""
+        return self.sender.rtt.rto
+
+    @property
+    def srtt(self) -> float | None:
+        """RFC 6298 SRTT, None before a sample."""
+        return self.sender.rtt.srtt
+
+    @property
+    def rttvar(self) -> float | None:
+        """RFC 6298 RTTVAR, None before a sample."""
+        return self.sender.rtt.rttvar
+
+    @property
+    def send_queued(self) -> int:
+        """Send-buffer bytes unacknowledged or unsent."""
+        return len(self.sender.sndbuf)
+
+    @property
+    def cwnd(self) -> int:
+        """Congestion window (bytes)."""
+        return self.sender.cc.cwnd
+
+    @property
+    def ssthresh(self) -> int:
+        """Slow-start threshold (bytes)."""
+        return self.sender.cc.ssthresh
+
+    @property
+    def in_recovery(self) -> bool:
+        """In fast recovery (RFC 6582 or RFC 6675 §5), not after a timeout."""
+        return self.recovery.in_fast_recovery
+
+    @property
+    def fin_queued(self) -> bool:
+        """close() or shutdown() was called."""
+        return self.sender.fin_queued
 
     def sends(self) -> bool:
         """Data or our FIN may be (re)transmitted in this state."""
@@ -280,7 +343,7 @@ class Connection:
         """Bytes waiting in the receive buffer."""
         return len(self.receiver.rcvbuf)
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes | bytearray | memoryview) -> int:
         """Queue up to send_space bytes; return how many were accepted (0 = buffer full)."""
         if self.state not in _APP_SEND or self.sender.fin_queued:
             after = " after close()" if self.sender.fin_queued else ""
@@ -351,12 +414,14 @@ class Connection:
         else:
             self.soft_error = error
 
-    max_segment = property(lambda self: self.sender.max_segment(),
-                           doc="Payload of a full segment without options (the MSS, or the path's if smaller).")
+    @property
+    def max_segment(self) -> int:
+        """Payload of a full segment without options (the MSS, or the path's if smaller)."""
+        return self.sender.max_segment()
 
     def next_event(self) -> Event | None:
         """The next application event, or None."""
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     # == output ======================================================================
 
@@ -392,18 +457,18 @@ class Connection:
         window = self.receiver.syn_window()
         if self.state is State.SYN_SENT:
             flags, opts = syn_options(self.config, ts_clock(now))
-            self._out.append(TcpSegment(self.local_port, self.remote_port, self.iss, SeqNum(0), flags, window,
+            self._out.append(TcpSegment(self.local_port, self.remote_port, self.iss, 0, flags, window,
                                         options=opts))
             return
         flags, opts = self.options.syn_ack_options(self.config, ts_clock(now), self.receiver.ts_recent)
-        self.rcv_adv = self.rcv_nxt + window
+        self.rcv_adv = seq_add(self.rcv_nxt, window)
         self.receiver.last_ack_sent = self.rcv_nxt
         self._out.append(syn_ack(self.local_port, self.remote_port, self.iss, self.rcv_nxt, window, opts,
                                  ece=bool(flags & Flags.ECE)))
 
-    def _send_rst(self, seq: SeqNum) -> None:
+    def _send_rst(self, seq: int) -> None:
         """<SEQ=seq><CTL=RST>."""
-        self._out.append(TcpSegment(self.local_port, self.remote_port, seq, SeqNum(0), _RST, 0))
+        self._out.append(TcpSegment(self.local_port, self.remote_port, seq, 0, _RST, 0))
 
     # == input =======================================================================
 
@@ -429,7 +494,7 @@ class Connection:
         ack_ok = False
         if seg.ack_flag:
             # first: an ACK for something we never sent gets a RST.
-            if seg.ack <= self.iss or seg.ack > self.snd_nxt:
+            if seq_le(seg.ack, self.iss) or seq_gt(seg.ack, self.snd_nxt):
                 self.invalid_segments += 1
                 if not seg.rst:
                     self._send_rst(seg.ack)
@@ -447,14 +512,14 @@ class Connection:
             return
         # fourth: SYN.
         self.irs = seg.seq
-        self.rcv_nxt = seg.seq + 1
+        self.rcv_nxt = seq_add(seg.seq, 1)
         # RFC 3168 §6.1.1: ECN is on if the SYN-ACK has ECE without CWR (a SYN, ECE and CWR).
         f = int(seg.flags) & (_F_ECE | _F_CWR)
         ecn = self.config.ecn and (f == _F_ECE if ack_ok else f == _F_ECE | _F_CWR)
         self._negotiate(Negotiated.from_syn(seg.options, self.config, ecn), seg.options, now)
         self.last_recv = now
         # The peer may send up to the unscaled window of our SYN until our next segment.
-        self.rcv_adv = self.rcv_nxt + min(self.config.recv_buffer, 0xFFFF)
+        self.rcv_adv = seq_add(self.rcv_nxt, min(self.config.recv_buffer, 0xFFFF))
         self.snd_wnd = self.max_snd_wnd = seg.window  # RFC 7323 §2.2: unscaled in a SYN
         self.snd_wl1 = seg.seq
         self.snd_wl2 = seg.ack
@@ -464,7 +529,7 @@ class Connection:
             self.receiver.ack_now = True
             # "If there are other controls or text in the segment, continue at the sixth step."
             if seg.payload or seg.fin:
-                self._process_text(seg.seq + 1, seg.payload, seg.fin, now)
+                self._process_text(seq_add(seg.seq, 1), seg.payload, seg.fin, now)
             return
         # Simultaneous open (RFC 9293 §3.5 Figure 7): SYN-RECEIVED, send SYN,ACK at ISS.
         self.state = State.SYN_RECEIVED
@@ -481,7 +546,7 @@ class Connection:
             # Our SYN-ACK was lost and the peer retransmitted its SYN: repeat the SYN-ACK.
             self.retransmissions += 1
             self.sender.rtt_seq = None
-            self.sender.rtx_ts.append((self.iss, self.iss + 1, ts_clock(now)))
+            self.sender.rtx_ts.append((self.iss, seq_add(self.iss, 1), ts_clock(now)))
             self._send_syn(now)
             return
         ts = seg.options.timestamp if self.options.timestamps else None
@@ -532,7 +597,7 @@ class Connection:
         st = self.state
         wnd = seg.window << self.snd_wscale
         if st is State.SYN_RECEIVED:
-            if not (self.snd_una < ack <= self.snd_nxt):
+            if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_nxt)):
                 self.invalid_segments += 1
                 self._send_rst(ack)  # "form a reset segment <SEQ=SEG.ACK><CTL=RST>"
                 return False
@@ -547,7 +612,7 @@ class Connection:
             return False
         # State-specific ACK processing: our FIN acknowledged.
         snd = self.sender
-        if snd.fin_queued and self.snd_una > snd.fin_seq:
+        if snd.fin_queued and seq_gt(self.snd_una, snd.fin_seq):
             st = self.state
             if st is State.FIN_WAIT_1:
                 self.state = State.FIN_WAIT_2
@@ -560,7 +625,7 @@ class Connection:
                 return False
         return True
 
-    def _process_text(self, seq: SeqNum, payload: bytes, fin: bool, now: float) -> None:
+    def _process_text(self, seq: int, payload: bytes, fin: bool, now: float) -> None:
         """RFC 9293 §3.10.7.4 seventh (segment text) and eighth (FIN)."""
         st = self.state
         if st not in _RECEIVES_TEXT:
@@ -579,7 +644,7 @@ class Connection:
         if st is State.ESTABLISHED:
             self.state = State.CLOSE_WAIT
         elif st is State.FIN_WAIT_1:
-            if self.sender.fin_queued and self.snd_una > self.sender.fin_seq:
+            if self.sender.fin_queued and seq_gt(self.snd_una, self.sender.fin_seq):
                 self._enter_time_wait(now)
             else:
                 self.state = State.CLOSING  # simultaneous close
@@ -660,4 +725,4 @@ class Connection:
 
     def __repr__(self) -> str:
         return (f"Connection({self.local_port}->{self.remote_port} {self.state.value} "
-                f"snd_una={int(self.snd_una)} snd_nxt={int(self.snd_nxt)} rcv_nxt={int(self.rcv_nxt)})")
+                f"snd_una={self.snd_una} snd_nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt})")

@@ -35,7 +35,7 @@ from pipeline.wire import Malformed
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire import ipv6
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_gt, seq_sub
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
 from workers import relay
@@ -127,7 +127,7 @@ class TcpDemux:
             return []
         if sink.debug:
             sink.log.debug("tcp_in", src=fmt_addr(src), dst=fmt_addr(ip.dst), ttl=ip.ttl, sport=seg.src_port,
-                           dport=seg.dst_port, seq=int(seg.seq), ack=int(seg.ack), flags=str(seg.flags),
+                           dport=seg.dst_port, seq=seg.seq, ack=seg.ack, flags=str(seg.flags),
                            window=seg.window, len=len(seg.payload), options=_fmt_options(seg.options),
                            **sink.payload(seg.payload))
         dst = ip.dst
@@ -208,8 +208,8 @@ class TcpDemux:
             if held is not None:
                 self._relay_settled(key, held, ev, now, out)  # type: ignore[arg-type]
                 continue
-            conn = self.connections.get(key)  # type: ignore[arg-type]
-            app = self.relays.get(key)  # type: ignore[arg-type]
+            conn = self.connections.get(key)  # type: ignore[arg-type, call-overload]
+            app = self.relays.get(key)  # type: ignore[arg-type, call-overload]
             if conn is None or app is None:
                 continue  # the connection ended meanwhile
             before = conn.state
@@ -322,7 +322,7 @@ class TcpDemux:
                 continue
             rport, lport = flow.rport, flow.lport
             self.sink.counters["orphans_reset"] += 1
-            probe = TcpSegment(lport, rport, SeqNum(0), SeqNum(0), Flags.ACK, 0)
+            probe = TcpSegment(lport, rport, 0, 0, Flags.ACK, 0)
             out.append(self._ip(flow, probe))
         return out
 
@@ -347,7 +347,7 @@ class TcpDemux:
         if seg.ack_flag:
             # An ACK with no connection: the last step of a SYN-cookie handshake, or junk.
             if not seg.syn:
-                mss = self.cookies.check(local, remote, seg.seq - 1, seg.ack - 1, now)
+                mss = self.cookies.check(local, remote, seq_add(seg.seq, -1), seq_add(seg.ack, -1), now)
                 options = None if mss is None else decode_cookie_options(seg.options.timestamp, mss)
                 if options is not None:
                     conn = self._cookie_connection(key, seg, options, now)
@@ -367,7 +367,7 @@ class TcpDemux:
             return
         self._accept(key, seg, initial_sequence_number(self.secret, local, remote, now), now, out)
 
-    def _accept(self, key: Flow, syn: TcpSegment, iss: SeqNum, now: float, out: list[Outgoing],
+    def _accept(self, key: Flow, syn: TcpSegment, iss: int, now: float, out: list[Outgoing],
                 announce: bool = True) -> None:
         """A new connection in SYN-RECEIVED, counted in its port's SYN queue."""
         conn = Connection.accept(key.lport, key.rport, syn, iss, self._config(key.remote), now)
@@ -389,7 +389,7 @@ class TcpDemux:
         self.sink.counters["time_wait_reused"] += 1
         self._log_closed(key, old, "time_wait_reused")
         self._discard(key)
-        self._accept(key, syn, old.snd_nxt + TIME_WAIT_ISN_GAP, now, out, announce=False)
+        self._accept(key, syn, seq_add(old.snd_nxt, TIME_WAIT_ISN_GAP), now, out, announce=False)
 
     def _cookie_syn_ack(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """The SYN queue is full: answer statelessly with a cookie ISN (RFC 4987 §3.6).
@@ -411,7 +411,7 @@ class TcpDemux:
             sack = cfg.sack and opts.sack_permitted
             window_scale = None if peer_shift is None else window_shift(cfg.recv_buffer)
             timestamp = (encode_ts_options(ts_clock(now), peer_shift, sack), opts.timestamp[0])
-        reply = syn_ack(key.lport, key.rport, cookie, syn.seq + 1, cfg.recv_buffer, TcpOptions(
+        reply = syn_ack(key.lport, key.rport, cookie, seq_add(syn.seq, 1), cfg.recv_buffer, TcpOptions(
             mss=cfg.mss, window_scale=window_scale, sack_permitted=bool(sack), timestamp=timestamp))
         out.append(self._ip(key, reply))
 
@@ -421,7 +421,7 @@ class TcpDemux:
         config = self._config(key.remote)
         negotiated = Negotiated.offered(config, options.mss, options.window_scale, options.sack_permitted,
                                         options.timestamps)
-        return Connection.from_cookie(key.lport, key.rport, ack, ack.ack - 1, negotiated, config, now)
+        return Connection.from_cookie(key.lport, key.rport, ack, seq_add(ack.ack, -1), negotiated, config, now)
 
     def _reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None:
         """RFC 9293 §3.10.7.1: answer a segment for no connection with a reset (never a reset to a reset)."""
@@ -445,7 +445,7 @@ class TcpDemux:
                 log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                          **({"local": fmt_addr(key.local)} if key.local else {}))
                 if self.relay is not None and (key.local or key in self.relay.published):
-                    self.relays[key] = RelayService(conn, key, self.relay, now)
+                    self.relays[key] = RelayService(conn, key, self.relay, now)  # type: ignore[arg-type]
             app = self.relays.get(key)
             if app is None:
                 self.host.deliver(key, conn, ev, now)
@@ -545,15 +545,15 @@ def time_wait_reusable(conn: Connection, syn: TcpSegment, timestamps: bool) -> b
     """
     ts = syn.options.timestamp
     if conn.ts_ok and timestamps and ts is not None:
-        newer = SeqNum(ts[0]) - SeqNum(conn.ts_recent)  # RFC 7323 §5.3: timestamps compare modulo 2**32
+        newer = seq_sub(ts[0], conn.ts_recent)  # RFC 7323 §5.3: timestamps compare modulo 2**32
         if newer != 0:
             return newer > 0
-    return syn.seq > conn.rcv_nxt
+    return seq_gt(syn.seq, conn.rcv_nxt)
 
 
 def _fmt_options(o: TcpOptions) -> dict[str, object]:
     shown = {"mss": o.mss, "ws": o.window_scale, "sack_ok": o.sack_permitted or None,
              "ts": list(o.timestamp) if o.timestamp else None,
-             "sack": [[int(a), int(b)] for a, b in o.sack_blocks] or None}
+             "sack": [[a, b] for a, b in o.sack_blocks] or None}
     return {k: v for k, v in shown.items() if v is not None}
 

@@ -25,7 +25,7 @@ from pipeline.flow import Flow
 from pipeline.wire import Malformed, icmp, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.ipv4 import PROTO_TCP
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_le, seq_lt
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from workers.core import Sink, reply_header_len
 from workers.tcp.connection import Connection, State
@@ -56,14 +56,15 @@ class IcmpErrors:
             sink.drop("icmp_error_no_connection")
             return None
         # RFC 5927 §4.1: the quoted segment must be one we sent and is not yet acknowledged.
-        if not conn.snd_una <= SeqNum(quote.tcp_seq) < conn.snd_nxt:
+        if not (seq_le(conn.snd_una, quote.tcp_seq) and seq_lt(quote.tcp_seq, conn.snd_nxt)):
             sink.drop("icmp_error_out_of_window")
             return None
         sink.counters["icmp_errors_in"] += 1
         before = conn.state
-        if v6 and msg.type == icmpv6.PACKET_TOO_BIG:
+        if isinstance(msg, icmpv6.Icmpv6Message) and msg.type == icmpv6.PACKET_TOO_BIG:  # v6 parsed it
             self._path_mtu(flow, conn, max(msg.mtu, MIN_PMTU_IPV6), now)
-        elif not v6 and msg.type == icmp.DEST_UNREACHABLE and msg.code == icmp.FRAGMENTATION_NEEDED:
+        elif (isinstance(msg, icmp.IcmpMessage) and msg.type == icmp.DEST_UNREACHABLE
+              and msg.code == icmp.FRAGMENTATION_NEEDED):
             # RFC 1191 §5: an old router says no MTU (zero); take the floor.
             self._path_mtu(flow, conn, max(msg.next_hop_mtu, MIN_PMTU_IPV4), now)
         else:

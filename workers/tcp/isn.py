@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import MASK
 
 MIN_SECRET = 16  # bytes; RFC 6528 §3: "at least 128 bits"
 TICKS_PER_SECOND = 250_000  # RFC 6528 §3 / RFC 9293 §3.4.1: M ticks every 4 µs
@@ -46,7 +46,7 @@ def isn_offset(secret: bytes, local: tuple[bytes, int], remote: tuple[bytes, int
 
 def initial_sequence_number(
     secret: bytes, local: tuple[bytes, int], remote: tuple[bytes, int], now: float
-) -> SeqNum:
+) -> int:
     """ISN for a new connection on this 4-tuple at time ``now`` (RFC 6528 §3)."""
     m = int(now * TICKS_PER_SECOND)  # RFC 6528 §3: M, a 4-microsecond timer
-    return SeqNum(m + isn_offset(secret, local, remote))
+    return (m + isn_offset(secret, local, remote)) & MASK

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_lt, seq_sub
 from workers.tcp.receiver import ts_clock
 from workers.tcp.scoreboard import SackScoreboard
 
@@ -54,8 +54,8 @@ class Rack:
                  "xmit_ts", "end_seq", "rtt", "min_rtt", "reordering_seen", "reo_wnd_mult", "reo_wnd_persist",
                  "dsack_round", "lost_edge", "fack", "rxt_high")
 
-    def __init__(self, snd_una: SeqNum) -> None:
-        self._anchor = SeqNum(snd_una)
+    def __init__(self, snd_una: int) -> None:
+        self._anchor = snd_una
         self._anchor_abs = 0
         self._starts: list[int] = []
         self._ends: list[int] = []
@@ -76,16 +76,16 @@ class Rack:
 
     # == coordinates =================================================================
 
-    def pos(self, seq: SeqNum) -> int:
-        return self._anchor_abs + (SeqNum(seq) - self._anchor)  # type: ignore[operator]
+    def pos(self, seq: int) -> int:
+        return self._anchor_abs + seq_sub(seq, self._anchor)
 
-    def seq(self, pos: int) -> SeqNum:
-        return self._anchor + (pos - self._anchor_abs)
+    def seq(self, pos: int) -> int:
+        return seq_add(self._anchor, pos - self._anchor_abs)
 
-    def advance(self, snd_una: SeqNum) -> None:
+    def advance(self, snd_una: int) -> None:
         """SND.UNA moved: re-anchor, forget what is cumulatively acknowledged."""
         self._anchor_abs = self.pos(snd_una)
-        self._anchor = SeqNum(snd_una)
+        self._anchor = snd_una
         una = self._anchor_abs
         n = bisect_right(self._ends, una)
         if n:
@@ -97,7 +97,7 @@ class Rack:
 
     # == transmissions ===============================================================
 
-    def on_send(self, seq: SeqNum, end: SeqNum, now: float, rtx: bool) -> None:
+    def on_send(self, seq: int, end: int, now: float, rtx: bool) -> None:
         """Record a transmission of [seq, end)."""
         a = self.pos(seq)
         b = self.pos(end)
@@ -141,7 +141,7 @@ class Rack:
         if self.min_rtt is None or rtt < self.min_rtt:
             self.min_rtt = rtt
 
-    def on_ack(self, una: SeqNum, old_una: SeqNum, blocks: tuple[tuple[SeqNum, SeqNum], ...], sb: SackScoreboard,
+    def on_ack(self, una: int, old_una: int, blocks: tuple[tuple[int, int], ...], sb: SackScoreboard,
                tsecr: int | None, now: float) -> None:
         """Steps 1-3 for one ACK: which transmissions it delivered, and reordering."""
         una_p = self.pos(una)
@@ -156,7 +156,7 @@ class Rack:
         keep = []
         for r in self.rtx:
             if r.end <= una_p or (blocks and sb.covers(self.seq(r.start), self.seq(r.end))):
-                if tsecr is not None and SeqNum(tsecr) < SeqNum(ts_clock(r.xmit_ts)):
+                if tsecr is not None and seq_lt(tsecr, ts_clock(r.xmit_ts)):
                     continue
                 if self.min_rtt is not None and now - r.xmit_ts < self.min_rtt - TIME_EPS:
                     continue
@@ -182,7 +182,7 @@ class Rack:
         return any(r.start <= p < r.end for r in self.rtx)
 
 
-    def on_dsack(self, snd_una: SeqNum, snd_nxt: SeqNum) -> None:
+    def on_dsack(self, snd_una: int, snd_nxt: int) -> None:
         """Step 4: a D-SACK widens the reordering window, once per round trip."""
         if self.dsack_round is not None and self.pos(snd_una) >= self.dsack_round:
             self.dsack_round = None
@@ -207,7 +207,7 @@ class Rack:
 
     # == RFC 8985 §6.2 step 5: detect losses ==========================================
 
-    def detect(self, sb: SackScoreboard, reo_wnd: float, now: float) -> tuple[list[tuple[SeqNum, SeqNum]], float | None]:
+    def detect(self, sb: SackScoreboard, reo_wnd: float, now: float) -> tuple[list[tuple[int, int]], float | None]:
         """Mark lost what was sent before the RACK segment and not delivered within
         RACK.rtt + reo_wnd.  Moves ``lost_edge``; returns retransmissions found lost
         (dropped from the log) and when to look again (the reorder timeout), or None."""
@@ -234,7 +234,7 @@ class Rack:
                 k = bisect_right(ends, self.pos(hole[0]), k_lost, k_rack)
                 if k < k_rack:
                     deadline = times[k] + self.rtt + reo_wnd
-        relost: list[tuple[SeqNum, SeqNum]] = []
+        relost: list[tuple[int, int]] = []
         keep = []
         for r in self.rtx:
             sent_before = r.xmit_ts < self.xmit_ts or (r.xmit_ts == self.xmit_ts and r.end < self.end_seq)
@@ -248,5 +248,5 @@ class Rack:
         self.rtx = keep
         return relost, deadline
 
-    def lost_below(self) -> SeqNum | None:
+    def lost_below(self) -> int | None:
         return None if self.lost_edge is None else self.seq(self.lost_edge)

@@ -23,10 +23,10 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_sub
 
 # Ranges must fit well inside half the sequence space for the signed
-# distances of SeqNum to be unambiguous (RFC 9293 §3.4).
+# distances of sequence numbers (seq_sub) to be unambiguous (RFC 9293 §3.4).
 MAX_CAPACITY = 1 << 30
 
 
@@ -55,26 +55,25 @@ class ReassemblyQueue:
         self._starts: list[int] = []  # sorted; _starts[i] == _ranges[i].start
         self._ranges: list[_Range] = []
         self._held = 0
-        self._anchor: SeqNum | None = None
+        self._anchor: int | None = None
         self._anchor_abs = 0
         self._clock = 0
 
     # -- coordinates ---------------------------------------------------------------
 
-    def _sync(self, rcv_nxt: SeqNum) -> int:
+    def _sync(self, rcv_nxt: int) -> int:
         """Move the anchor to rcv_nxt and return its absolute position."""
-        rcv_nxt = SeqNum(rcv_nxt)
         if self._anchor is None or not self._ranges:
             # Nothing held: start afresh, however far rcv_nxt moved meanwhile.
-            self._anchor_abs = int(rcv_nxt)
+            self._anchor_abs = int(rcv_nxt)  # positions start at the sequence number (any origin works)
         else:
-            self._anchor_abs += rcv_nxt - self._anchor
+            self._anchor_abs += seq_sub(rcv_nxt, self._anchor)
         self._anchor = rcv_nxt
         return self._anchor_abs
 
-    def _seq(self, pos: int) -> SeqNum:
+    def _seq(self, pos: int) -> int:
         assert self._anchor is not None
-        return self._anchor + (pos - self._anchor_abs)
+        return seq_add(self._anchor, pos - self._anchor_abs)
 
     # -- queue ---------------------------------------------------------------------
 
@@ -114,13 +113,14 @@ class ReassemblyQueue:
             r.start = rcv_abs
             self._starts[0] = rcv_abs
 
-    def add(self, seq: SeqNum, data: bytes | memoryview, rcv_nxt: SeqNum) -> None:
+    def add(self, seq: int, data: bytes | memoryview, rcv_nxt: int) -> None:
         """Hold the part of ``data`` (starting at ``seq``) inside [rcv_nxt, rcv_nxt + capacity)."""
         if not data:
             return
         rcv_abs = self._sync(rcv_nxt)
         self._drop_stale(rcv_abs)
-        s = rcv_abs + (SeqNum(seq) - self._anchor)  # type: ignore[operator]
+        assert self._anchor is not None
+        s = rcv_abs + seq_sub(seq, self._anchor)
         e = s + len(data)
         # RFC 9293 §3.10.7.4: only data in the receive window is kept; bytes
         # before RCV.NXT are old duplicates, bytes past our buffer are dropped.
@@ -191,7 +191,7 @@ class ReassemblyQueue:
         self._starts.insert(i, lo)
         self._held += hi - lo
 
-    def pop(self, rcv_nxt: SeqNum) -> bytes:
+    def pop(self, rcv_nxt: int) -> bytes:
         """Remove and return the bytes contiguous from rcv_nxt (b"" if none)."""
         if not self._ranges:
             return b""
@@ -204,7 +204,7 @@ class ReassemblyQueue:
         self._held -= r.end - r.start
         return b"".join(r.chunks)
 
-    def sack_blocks(self, limit: int = 4) -> list[tuple[SeqNum, SeqNum]]:
+    def sack_blocks(self, limit: int = 4) -> list[tuple[int, int]]:
         """SACK blocks (left edge, right edge), most recently received first (RFC 2018 §4)."""
         # RFC 2018 §4: the first block holds the segment that triggered this
         # ACK; the rest repeat the most recent ones.  Recency of each range is
@@ -218,5 +218,5 @@ class ReassemblyQueue:
         return [(self._seq(r.start), self._seq(r.end)) for r in recent]
 
     def __repr__(self) -> str:
-        spans = ", ".join(f"[{int(a)},{int(b)})" for a, b in self.sack_blocks(len(self._ranges)))
+        spans = ", ".join(f"[{a},{b})" for a, b in self.sack_blocks(len(self._ranges)))
         return f"ReassemblyQueue(held={self._held}, ranges=[{spans}])"

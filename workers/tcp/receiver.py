@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt, seq_sub
 from pipeline.wire.tcp import NO_OPTIONS, Flags, TcpOptions, TcpSegment
 from workers.tcp.events import DataReceived
 from workers.tcp.options import DEFAULT_MSS, TS_OPTION_SPACE
@@ -49,12 +49,12 @@ class Receiver:
         self.c = conn
         self.rcvbuf = bytearray()
         self.reasm = ReassemblyQueue(cfg.recv_buffer)
-        self.fin_seq: SeqNum | None = None  # peer FIN seen beyond a gap
+        self.fin_seq: int | None = None  # peer FIN seen beyond a gap
         self.ack_now = False
         self.unacked_bytes = 0
         self.seg_max = min(DEFAULT_MSS, cfg.mss)  # largest segment seen, for "every second full segment"
         self.data_event_armed = True
-        self.last_ack_sent = SeqNum(0)
+        self.last_ack_sent = 0
         self.ts_recent = 0
         self.ts_recent_time = now
         self.ece = False  # RFC 3168 §6.1.3: CE received, echo ECE until the peer's CWR
@@ -72,25 +72,25 @@ class Receiver:
         """RFC 7323 §5.3 R1: a timestamp older than TS.Recent marks an old duplicate."""
         if now - self.ts_recent_time > PAWS_IDLE_LIMIT:
             return False  # RFC 7323 §5.5: TS.Recent no longer valid
-        return SeqNum(tsval) < SeqNum(self.ts_recent)
+        return seq_lt(tsval, self.ts_recent)  # timestamps compare modulo 2**32 like sequence numbers
 
-    def acceptable(self, seq: SeqNum, seg_len: int) -> bool:
+    def acceptable(self, seq: int, seg_len: int) -> bool:
         """RFC 9293 §3.10.7.4 first: the four cases of the acceptability test."""
         c = self.c
-        wnd = max(0, c.rcv_adv - c.rcv_nxt)
+        wnd = max(0, seq_sub(c.rcv_adv, c.rcv_nxt))
         if seg_len == 0:
             if wnd == 0:
                 return seq == c.rcv_nxt
-            return seq.in_window(c.rcv_nxt, wnd)
+            return seq_in_window(seq, c.rcv_nxt, wnd)
         if wnd == 0:
             # Not acceptable, but "special allowance should be made to accept valid ACKs,
             # URGs, and RSTs": at rcv_nxt we go on with the controls; the text is trimmed away.
             return seq == c.rcv_nxt
-        return seq.in_window(c.rcv_nxt, wnd) or (seq + seg_len - 1).in_window(c.rcv_nxt, wnd)
+        return seq_in_window(seq, c.rcv_nxt, wnd) or seq_in_window(seq_add(seq, seg_len - 1), c.rcv_nxt, wnd)
 
-    def note_timestamp(self, tsval: int, seq: SeqNum, now: float) -> None:
+    def note_timestamp(self, tsval: int, seq: int, now: float) -> None:
         """RFC 7323 §4.3 (2): TS.Recent follows the segment that our last ACK covered."""
-        if SeqNum(tsval) >= SeqNum(self.ts_recent) and seq <= self.last_ack_sent:
+        if seq_ge(tsval, self.ts_recent) and seq_le(seq, self.last_ack_sent):
             self.ts_recent = tsval
             self.ts_recent_time = now
 
@@ -117,35 +117,35 @@ class Receiver:
 
     # == text and FIN ================================================================
 
-    def text(self, seq: SeqNum, payload: bytes, fin: bool, now: float) -> bool:
+    def text(self, seq: int, payload: bytes, fin: bool, now: float) -> bool:
         """RFC 9293 §3.10.7.4 seventh and eighth; True when the peer's FIN is now in order."""
         c = self.c
         n = len(payload)
         if n:
             self._receive_bytes(seq, payload, now)
         if fin:
-            fin_seq = seq + n
-            if fin_seq <= c.rcv_adv and fin_seq >= c.rcv_nxt:
+            fin_seq = seq_add(seq, n)
+            if seq_le(fin_seq, c.rcv_adv) and seq_ge(fin_seq, c.rcv_nxt):
                 self.fin_seq = fin_seq
-            elif fin_seq > c.rcv_adv:
+            elif seq_gt(fin_seq, c.rcv_adv):
                 self.ack_now = True  # FIN beyond the window: trimmed away
         if self.fin_seq is not None and self.fin_seq == c.rcv_nxt:
             # RFC 9293 §3.10.7.4 eighth: the FIN takes one sequence number and is ACKed at once.
             self.fin_seq = None
-            c.rcv_nxt += 1
+            c.rcv_nxt = seq_add(c.rcv_nxt, 1)
             self.ack_now = True
             return True
         return False
 
-    def _receive_bytes(self, seq: SeqNum, payload: bytes, now: float) -> None:
+    def _receive_bytes(self, seq: int, payload: bytes, now: float) -> None:
         """Trim to [rcv_nxt, rcv_adv), deliver in order, queue beyond a gap."""
         c = self.c
         view = memoryview(payload)
-        left = c.rcv_nxt - seq
+        left = seq_sub(c.rcv_nxt, seq)
         if left > 0:
             view = view[left:]  # RFC 9293 §3.10.7.4: trim what was received already
             seq = c.rcv_nxt
-        right = (seq + len(view)) - c.rcv_adv
+        right = seq_sub(seq_add(seq, len(view)), c.rcv_adv)
         if right > 0:
             view = view[:len(view) - right]  # beyond the window we advertised
             self.ack_now = True
@@ -166,12 +166,12 @@ class Receiver:
             return
         delivered = len(view)
         self.rcvbuf += view
-        c.rcv_nxt += delivered
+        c.rcv_nxt = seq_add(c.rcv_nxt, delivered)
         if self.reasm.bytes_held:
             more = self.reasm.pop(c.rcv_nxt)
             if more:
                 self.rcvbuf += more
-                c.rcv_nxt += len(more)
+                c.rcv_nxt = seq_add(c.rcv_nxt, len(more))
                 delivered += len(more)
                 self.ack_now = True  # RFC 5681 §4.2: ACK at once when a gap is filled
         c.bytes_received += delivered
@@ -201,7 +201,7 @@ class Receiver:
             c = self.c
             cfg = c.config
             free = cfg.recv_buffer - len(buf)
-            increase = free - max(0, c.rcv_adv - c.rcv_nxt)
+            increase = free - max(0, seq_sub(c.rcv_adv, c.rcv_nxt))
             if increase >= min(2 * cfg.mss, cfg.recv_buffer // 2):
                 self.ack_now = True
         return data
@@ -212,7 +212,7 @@ class Receiver:
         """Options of a non-SYN segment and their length: TS (RFC 7323 §3), SACK (RFC 2018 §3)."""
         opts = self.c.options
         ts = (ts_clock(now), self.ts_recent) if opts.timestamps else None
-        blocks: tuple[tuple[SeqNum, SeqNum], ...] = ()
+        blocks: tuple[tuple[int, int], ...] = ()
         if opts.sack and self.reasm.bytes_held:
             # RFC 2018 §3: at most 3 blocks next to a timestamp, 4 without.
             blocks = tuple(self.reasm.sack_blocks(3 if ts else 4))
@@ -226,7 +226,7 @@ class Receiver:
         c = self.c
         cfg = c.config
         free = max(0, cfg.recv_buffer - len(self.rcvbuf))  # honest: free buffer space
-        cur = max(0, c.rcv_adv - c.rcv_nxt)
+        cur = max(0, seq_sub(c.rcv_adv, c.rcv_nxt))
         # RFC 9293 §3.8.6.2.2 receiver SWS avoidance: move the right edge only by
         # at least min(RCV.BUFF/2, Eff.snd.MSS); RFC 7323 §2.4: never shrink it.
         win = free if free - cur >= min(cfg.recv_buffer // 2, cfg.mss) else cur
@@ -235,8 +235,8 @@ class Receiver:
         if (raw << shift) < cur:
             raw += 1  # rounding down would pull the right edge back
         raw = min(raw, 0xFFFF)
-        edge = c.rcv_nxt + (raw << shift)
-        if edge > c.rcv_adv:
+        edge = seq_add(c.rcv_nxt, raw << shift)
+        if seq_gt(edge, c.rcv_adv):
             c.rcv_adv = edge
         return raw
 
@@ -244,7 +244,7 @@ class Receiver:
         """RFC 7323 §2.2: the window of a SYN is unscaled."""
         return min(max(0, self.c.config.recv_buffer - len(self.rcvbuf)), 0xFFFF)
 
-    def emit(self, seq: SeqNum, flags: Flags, payload: bytes, now: float,
+    def emit(self, seq: int, flags: Flags, payload: bytes, now: float,
              options: TcpOptions | None = None) -> None:
         """Queue a non-SYN segment; its ACK carries rcv_nxt and our current window."""
         c = self.c

@@ -32,7 +32,7 @@ import enum
 import math
 from typing import TYPE_CHECKING
 
-from pipeline.wire.seqnum import SeqNum, seq_max
+from pipeline.wire.seqnum import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
 from pipeline.wire.tcp import TcpSegment
 from workers.tcp.rack import Rack
 from workers.tcp.scoreboard import SackScoreboard
@@ -67,7 +67,7 @@ class Recovery:
                  "rtx_nxt", "tlp_out", "tlp_end", "tlp_rearm", "prr_delivered", "prr_out", "recover_fs", "budget",
                  "_sacked_prev")
 
-    def __init__(self, conn: Connection, iss: SeqNum) -> None:
+    def __init__(self, conn: Connection, iss: int) -> None:
         self.c = conn
         self.state = _OPEN
         self.scoreboard = SackScoreboard()
@@ -76,11 +76,11 @@ class Recovery:
         self.dupacks = 0
         self.high_rxt = iss  # RFC 6675 HighRxt: end of the highest retransmission
         self.rescue_done = False  # RFC 6675 §4 NextSeg rule 4, once per recovery
-        self.relost: list[tuple[SeqNum, SeqNum]] = []  # retransmissions RACK found lost again
-        self.rtx_nxt: SeqNum | None = None  # go-back-N point after a timeout without SACK
+        self.relost: list[tuple[int, int]] = []  # retransmissions RACK found lost again
+        self.rtx_nxt: int | None = None  # go-back-N point after a timeout without SACK
         # RFC 8985 §7 tail loss probe (with SACK only): up to MAX_LOSS_PROBES per ACK of new data.
         self.tlp_out = 0  # probes sent since new data was last acknowledged
-        self.tlp_end: SeqNum | None = None  # end of a retransmitted probe awaiting its verdict
+        self.tlp_end: int | None = None  # end of a retransmitted probe awaiting its verdict
         self.tlp_rearm = False  # new data sent or acknowledged: (re)start the PTO
         # RFC 6937 PRR: delivered and sent since fast recovery began, FlightSize then,
         # and what the last ACK allows (sndcnt) still unsent.
@@ -106,13 +106,13 @@ class Recovery:
         self.rack.forget_retransmissions()
         self.relost.clear()
 
-    def on_send(self, seq: SeqNum, end: SeqNum, now: float, rtx: bool) -> None:
+    def on_send(self, seq: int, end: int, now: float, rtx: bool) -> None:
         """Every transmission (the sender's): RACK's log, and PRR's prr_out."""
         if not self.c.options.sack:
             return
         self.rack.on_send(seq, end, now, rtx)
         if self.state is _SACK:
-            n = end - seq
+            n = seq_sub(end, seq)
             self.prr_out += n
             self.budget -= n
 
@@ -123,13 +123,13 @@ class Recovery:
         self.tlp_out = 0
         self.tlp_rearm = True
 
-    def advance(self, ack: SeqNum) -> None:
-        if self.rtx_nxt is not None and self.rtx_nxt < ack:
+    def advance(self, ack: int) -> None:
+        if self.rtx_nxt is not None and seq_lt(self.rtx_nxt, ack):
             self.rtx_nxt = ack
         self.scoreboard.advance(ack)
         self.rack.advance(ack)
 
-    def on_ack(self, seg: TcpSegment, old_una: SeqNum, acked: int, dup: bool, now: float) -> None:
+    def on_ack(self, seg: TcpSegment, old_una: int, acked: int, dup: bool, now: float) -> None:
         """An acceptable ACK after SND.UNA and the window were updated."""
         c = self.c
         sack = c.options.sack
@@ -159,8 +159,8 @@ class Recovery:
     def _dsack(self, seg: TcpSegment) -> bool:
         """RFC 2883 §4: the first block reports a duplicate (below SEG.ACK, or inside the second)."""
         blocks = seg.options.sack_blocks
-        return blocks[0][1] <= seg.ack or (len(blocks) > 1 and blocks[1][0] <= blocks[0][0]
-                                           and blocks[0][1] <= blocks[1][1])
+        return seq_le(blocks[0][1], seg.ack) or (len(blocks) > 1 and seq_le(blocks[1][0], blocks[0][0])
+                                                 and seq_le(blocks[0][1], blocks[1][1]))
 
     def _detect(self, now: float) -> None:
         """RFC 8985 §6.2 step 5, and fast recovery when SND.UNA's data is found lost."""
@@ -172,14 +172,15 @@ class Recovery:
         if relost:
             c.lost_retransmissions += len(relost)
             self.relost.extend(relost)
-            self.relost.sort()
+            una = c.snd_una
+            self.relost.sort(key=lambda r: seq_sub(r[0], una))  # in sequence order from SND.UNA, across a wrap
         if deadline is None:
             c.timers.cancel(Timer.REORDER)
         else:
             c.timers.arm(Timer.REORDER, max(deadline, now))
         lost = rack.lost_below()
-        if (self.state is _OPEN and lost is not None and lost > c.snd_una and c.snd_una >= self.recover
-                and not sb.is_sacked(c.snd_una)):
+        if (self.state is _OPEN and lost is not None and seq_gt(lost, c.snd_una)
+                and seq_ge(c.snd_una, self.recover) and not sb.is_sacked(c.snd_una)):
             self._enter(now)
 
     def on_reorder_timer(self, now: float) -> None:
@@ -208,13 +209,13 @@ class Recovery:
         """New data acknowledged: grow cwnd, or NewReno partial/full ACK (RFC 6582 §3.2)."""
         c = self.c
         cc = c.sender.cc
-        if self.state is _RTO and c.snd_una >= self.recover:
+        if self.state is _RTO and seq_ge(c.snd_una, self.recover):
             self.end()  # RFC 6675 §5.1: the timeout's recovery is over
         if not self.in_fast_recovery:
             self.dupacks = 0
             cc.on_ack(acked, now, c.sender.rtt.srtt)  # slow start after a timeout too
             return
-        if c.snd_una >= self.recover:
+        if seq_ge(c.snd_una, self.recover):
             # step 3, full acknowledgment: deflate to ssthresh and leave fast recovery
             # (RFC 6675 §5 step (A): recovery ends when HighACK >= RecoveryPoint).
             self.end()
@@ -240,7 +241,7 @@ class Recovery:
         # step 2: only if the ACK covers more than recover (no second reduction per window).
         if c.options.sack:
             return  # RACK (RFC 8985) decides; a duplicate ACK carries SACK blocks for it
-        if self.dupacks == DUP_ACK_THRESHOLD and c.snd_una > self.recover:
+        if self.dupacks == DUP_ACK_THRESHOLD and seq_gt(c.snd_una, self.recover):
             self._enter(now)
 
     def _enter(self, now: float) -> None:
@@ -249,7 +250,7 @@ class Recovery:
         cc = c.sender.cc
         c.fast_retransmits += 1
         self.recover = c.snd_nxt
-        cc.on_loss(c.snd_nxt - c.snd_una, now)
+        cc.on_loss(seq_sub(c.snd_nxt, c.snd_una), now)
         if c.options.sack:
             # RFC 6675 §5 steps (4.1)-(4.3): RecoveryPoint = HighData, retransmit the
             # first segment now; (4.4) the rest as PRR allows in output().  RFC 6937:
@@ -258,9 +259,9 @@ class Recovery:
             self.rescue_done = False
             self.relost.clear()
             self.prr_delivered = self.prr_out = self.budget = 0
-            self.recover_fs = c.snd_nxt - c.snd_una
-            used = c.sender.send_range(c.snd_una, min(c.snd_nxt - c.snd_una, c.send_mss), now, rtx=True)
-            self.high_rxt = c.snd_una + used
+            self.recover_fs = seq_sub(c.snd_nxt, c.snd_una)
+            used = c.sender.send_range(c.snd_una, min(seq_sub(c.snd_nxt, c.snd_una), c.send_mss), now, rtx=True)
+            self.high_rxt = seq_add(c.snd_una, used)
             self.tlp_rearm = True
             return
         self.state = _NEWRENO
@@ -272,10 +273,10 @@ class Recovery:
         c = self.c
         start = c.snd_una
         end = c.snd_nxt
-        if start >= end:
+        if seq_ge(start, end):
             return
         # One segment (RFC 5681 §3.2 step 3), however large segments may otherwise be.
-        c.sender.send_range(start, min(end - start, c.send_mss), now, rtx=True)
+        c.sender.send_range(start, min(seq_sub(end, start), c.send_mss), now, rtx=True)
 
     # == timeout =====================================================================
 
@@ -285,17 +286,17 @@ class Recovery:
         snd = c.sender
         if c.snd_wnd > 0:
             # RFC 5681 §3.1: loss window; RFC 6582 §4: recover = highest sent, leave recovery.
-            snd.cc.on_rto(c.snd_nxt - c.snd_una, now)
+            snd.cc.on_rto(seq_sub(c.snd_nxt, c.snd_una), now)
             self.recover = c.snd_nxt
             self.end()
         snd.rtt.backoff()  # RFC 6298 §5.5
         # §5.4: retransmit the earliest unacknowledged segment now (even into a zero
         # window: then it is the probe of RFC 9293 §3.8.6.1), the rest goes back-N.
-        limit = min(c.snd_nxt - c.snd_una, c.send_mss) if c.snd_wnd > 0 else 1
+        limit = min(seq_sub(c.snd_nxt, c.snd_una), c.send_mss) if c.snd_wnd > 0 else 1
         self.tlp_end = None
         c.timers.cancel(Timer.LOSS_PROBE)
         used = snd.send_range(c.snd_una, limit, now, rtx=True)
-        snd.rto_rtx_end = c.snd_una + used
+        snd.rto_rtx_end = seq_add(c.snd_una, used)
         if snd.retries > 1:
             # The same segment timed out again: the receiver may have reneged on what it
             # SACKed (RFC 2018 §8), so stop skipping that data (RFC 6675 §5.1).
@@ -305,15 +306,15 @@ class Recovery:
             # RFC 6675 §5.1: resend what is not SACKed up to the recovery point, by
             # pipe, and do not enter fast recovery again before it is acknowledged.
             self.state = _RTO
-            self.high_rxt = c.snd_una + used
+            self.high_rxt = seq_add(c.snd_una, used)
             self.tlp_out = 0
             self.tlp_rearm = True
         else:
-            self.rtx_nxt = c.snd_una + used
+            self.rtx_nxt = seq_add(c.snd_una, used)
 
     # == output ======================================================================
 
-    def output(self, now: float) -> SeqNum | None:
+    def output(self, now: float) -> int | None:
         """Retransmit what is due; return the right edge for new data (None: send none)."""
         c = self.c
         cc = c.sender.cc
@@ -323,48 +324,49 @@ class Recovery:
             room = self._sack_recovery_output(now)
             if self.state is _SACK:
                 room = self.budget  # RFC 6937: what PRR still allows after the retransmissions
-            edge = c.snd_nxt + (max(room, c.send_mss) if room > 0 else 0)
-            wnd_edge = c.snd_una + c.snd_wnd
-            if edge > wnd_edge:
+            edge = seq_add(c.snd_nxt, max(room, c.send_mss) if room > 0 else 0)
+            wnd_edge = seq_add(c.snd_una, c.snd_wnd)
+            if seq_gt(edge, wnd_edge):
                 edge = wnd_edge
         else:
-            edge = c.snd_una + min(c.snd_wnd, cc.cwnd)  # RFC 5681 §3.1: min(cwnd, rwnd)
+            edge = seq_add(c.snd_una, min(c.snd_wnd, cc.cwnd))  # RFC 5681 §3.1: min(cwnd, rwnd)
             sacked = self.scoreboard.sacked_bytes
             if sacked and c.options.sack:
                 # SACKed data has left the network (RFC 6675 §4 pipe): a segment goes
                 # out for each one, as RFC 3042 limited transmit does for the first
                 # two duplicate ACKs; the new data brings the ACKs that reveal a loss.
-                edge = c.snd_una + min(c.snd_wnd, cc.cwnd + sacked)
+                edge = seq_add(c.snd_una, min(c.snd_wnd, cc.cwnd + sacked))
             elif self.dupacks and self.state is _OPEN:
                 # RFC 3042 §2 limited transmit: new data on the first two duplicate
                 # ACKs, up to cwnd + 2*SMSS outstanding.
                 extra = min(self.dupacks, 2) * c.send_mss
-                edge = c.snd_una + min(c.snd_wnd, cc.cwnd + extra)
+                edge = seq_add(c.snd_una, min(c.snd_wnd, cc.cwnd + extra))
         # 2. Without SACK, after an RTO, resend from snd_una (go-back-N).
         sb = self.scoreboard
         while self.rtx_nxt is not None:
             start = self.rtx_nxt
-            if start >= c.snd_nxt:
+            if seq_ge(start, c.snd_nxt):
                 self.rtx_nxt = None
                 break
             start, end = self._unsacked_from(start)
-            if start >= end:
+            if seq_ge(start, end):
                 self.rtx_nxt = None
                 break
             # In flight: what lies below start and was not SACKed (RFC 6675 §2 "pipe").
-            sacked_below = sb.sacked_bytes - sb.sacked_above(start - 1) if sb.sacked_bytes else 0
-            room = min(cc.cwnd - (start - c.snd_una - sacked_below), c.snd_una + c.snd_wnd - start)
+            sacked_below = sb.sacked_bytes - sb.sacked_above(seq_add(start, -1)) if sb.sacked_bytes else 0
+            room = min(cc.cwnd - (seq_sub(start, c.snd_una) - sacked_below),
+                       seq_sub(seq_add(c.snd_una, c.snd_wnd), start))
             if room <= 0:
                 self.rtx_nxt = start
                 return None
-            used = c.sender.send_range(start, min(end - start, room), now, rtx=True)
+            used = c.sender.send_range(start, min(seq_sub(end, start), room), now, rtx=True)
             if used == 0:
                 self.rtx_nxt = None
                 break
-            self.rtx_nxt = start + used
+            self.rtx_nxt = seq_add(start, used)
         return edge
 
-    def _lost_edge(self) -> SeqNum | None:
+    def _lost_edge(self) -> int | None:
         """Un-SACKed data below this sequence number is deemed lost (RFC 8985 §6.2 via RACK)."""
         c = self.c
         lost = self.rack.lost_below()
@@ -372,31 +374,31 @@ class Recovery:
             # RFC 6675 §5.1: after a timeout everything outstanding up to the
             # recovery point and not SACKed is presumed lost (go-back-N skipping SACKed).
             lost = self.recover if lost is None else seq_max(lost, self.recover)
-        if lost is not None and lost > c.snd_nxt:
+        if lost is not None and seq_gt(lost, c.snd_nxt):
             lost = c.snd_nxt
         return lost
 
-    def _pipe(self, lost: SeqNum | None) -> int:
+    def _pipe(self, lost: int | None) -> int:
         """RFC 6675 §4 SetPipe(): bytes presumed in flight, in O(SACK ranges)."""
         # Each un-SACKed byte counts once if not IsLost, and once more if it was
         # retransmitted (below HighRxt); retransmissions found lost again count nothing.
         c = self.c
         una = c.snd_una
         sb = self.scoreboard
-        pipe = (c.snd_nxt - una) - sb.sacked_bytes
-        if lost is not None and lost > una:
-            pipe -= (lost - una) - sb.sacked_below(lost)
+        pipe = seq_sub(c.snd_nxt, una) - sb.sacked_bytes
+        if lost is not None and seq_gt(lost, una):
+            pipe -= seq_sub(lost, una) - sb.sacked_below(lost)
         high = self.high_rxt
-        if high > una:
-            pipe += (high - una) - sb.sacked_below(high)
+        if seq_gt(high, una):
+            pipe += seq_sub(high, una) - sb.sacked_below(high)
         for start, end in self.relost:
-            pipe -= max(0, end - seq_max(start, una))
+            pipe -= max(0, seq_sub(end, seq_max(start, una)))
         return max(0, pipe)
 
-    def _resend(self, s: SeqNum, e: SeqNum, room: int, wnd_edge: SeqNum, now: float) -> int:
+    def _resend(self, s: int, e: int, room: int, wnd_edge: int, now: float) -> int:
         """Retransmit [s, e) as far as room (at least one SMSS) and the peer's window allow."""
         c = self.c
-        used = c.sender.send_range(s, min(e - s, max(c.send_mss, room), wnd_edge - s), now, rtx=True)
+        used = c.sender.send_range(s, min(seq_sub(e, s), max(c.send_mss, room), seq_sub(wnd_edge, s)), now, rtx=True)
         if used:
             self.tlp_rearm = True
         return used
@@ -411,7 +413,7 @@ class Recovery:
         c = self.c
         mss = c.send_mss
         una = c.snd_una
-        wnd_edge = una + c.snd_wnd
+        wnd_edge = seq_add(una, c.snd_wnd)
         lost = self._lost_edge()
         pipe = self._pipe(lost)
         # Fast recovery sends what PRR allows (RFC 6937), after a timeout what cwnd allows.
@@ -422,35 +424,35 @@ class Recovery:
         while relost and cwnd - pipe > 0:
             start, end = relost[0]
             s, e = self._unsacked_from(seq_max(start, una))
-            if e > end:
+            if seq_gt(e, end):
                 e = end
-            if s >= e:
+            if seq_ge(s, e):
                 relost.pop(0)
                 continue
-            if s >= wnd_edge:
+            if seq_ge(s, wnd_edge):
                 break
             used = self._resend(s, e, cwnd - pipe, wnd_edge, now)
             if not used:
                 relost.pop(0)
                 continue
-            if s + used >= end:
+            if seq_ge(seq_add(s, used), end):
                 relost.pop(0)
             else:
-                relost[0] = (s + used, end)
+                relost[0] = (seq_add(s, used), end)
             pipe += used
         # NextSeg rule 1: the lowest IsLost un-SACKed data above HighRxt.
         while lost is not None and cwnd - pipe > 0:
             s, e = self._unsacked_from(seq_max(self.high_rxt, una))
-            if e > lost:
+            if seq_gt(e, lost):
                 e = lost
-            if s >= e or s >= wnd_edge:
+            if seq_ge(s, e) or seq_ge(s, wnd_edge):
                 break
             # As many SMSS-sized segments as cwnd - pipe allows, in one TSO segment if
             # max_send_segment permits (a lost 64 KB segment is ~44 lost packets).
             used = self._resend(s, e, cwnd - pipe, wnd_edge, now)
             if not used:
                 break
-            self.high_rxt = s + used
+            self.high_rxt = seq_add(s, used)
             pipe += used
         # NextSeg rule 4 (rescue retransmission): nothing new to send in fast
         # recovery, so once per recovery resend the highest outstanding segment;
@@ -458,14 +460,14 @@ class Recovery:
         if (self.state is _SACK and not self.rescue_done and cwnd - pipe > 0
                 and not c.sender.has_unsent() and relost == []):
             top = self.scoreboard.highest_sacked
-            start = seq_max(seq_max(self.high_rxt, una), c.snd_nxt - mss)
-            if (top is None or top < c.snd_nxt) and start < c.snd_nxt and start < wnd_edge:
+            start = seq_max(seq_max(self.high_rxt, una), seq_add(c.snd_nxt, -mss))
+            if (top is None or seq_lt(top, c.snd_nxt)) and seq_lt(start, c.snd_nxt) and seq_lt(start, wnd_edge):
                 self.rescue_done = True
-                used = c.sender.send_range(start, c.snd_nxt - start, now, rtx=True)
+                used = c.sender.send_range(start, seq_sub(c.snd_nxt, start), now, rtx=True)
                 pipe += used
         return cwnd - pipe
 
-    def _unsacked_from(self, start: SeqNum) -> tuple[SeqNum, SeqNum]:
+    def _unsacked_from(self, start: int) -> tuple[int, int]:
         """The first range at or after start not SACKed by the peer, up to snd_nxt."""
         c = self.c
         sb = self.scoreboard
@@ -474,7 +476,7 @@ class Recovery:
             if hole is not None:
                 return seq_max(hole[0], start), hole[1]
             top = sb.highest_sacked
-            if top is not None and start < top:
+            if top is not None and seq_lt(start, top):
                 start = top
         return start, c.snd_nxt
 
@@ -486,12 +488,12 @@ class Recovery:
         assert self.tlp_end is not None
         if seg.options.sack_blocks and self._dsack(seg):
             self.tlp_end = None  # a D-SACK (RFC 2883 §4): the probe was a duplicate, nothing was lost
-        elif c.snd_una >= self.tlp_end:
+        elif seq_ge(c.snd_una, self.tlp_end):
             # §7.4.2: the probe alone repaired a loss -- respond to congestion as for
             # a fast retransmit, without entering recovery.
             self.tlp_end = None
             if self.state is _OPEN:
-                c.sender.cc.on_loss(c.snd_nxt - c.snd_una, now)
+                c.sender.cc.on_loss(seq_sub(c.snd_nxt, c.snd_una), now)
 
     # == tail loss probe =============================================================
 
@@ -508,17 +510,17 @@ class Recovery:
         self.tlp_rearm = True
         c.loss_probes += 1
         una = c.snd_una
-        unsent = snd.data_end() - c.snd_nxt
-        room = una + c.snd_wnd - c.snd_nxt
+        unsent = seq_sub(snd.data_end(), c.snd_nxt)
+        room = seq_sub(seq_add(una, c.snd_wnd), c.snd_nxt)
         if unsent > 0 and room > 0:
             # New data if the peer's window allows (cwnd does not limit a probe).
             start = c.snd_nxt
             used = snd.send_range(start, min(unsent, room, c.send_mss), now, rtx=False)
-            c.snd_nxt += used
+            c.snd_nxt = seq_add(c.snd_nxt, used)
         else:
             # Else the last segment sent, up to SMSS.
-            start = seq_max(una, c.snd_nxt - c.send_mss)
-            snd.send_range(start, c.snd_nxt - start, now, rtx=True)
+            start = seq_max(una, seq_add(c.snd_nxt, -c.send_mss))
+            snd.send_range(start, seq_sub(c.snd_nxt, start), now, rtx=True)
             self.tlp_end = c.snd_nxt
         snd.rto_restart(now)  # §7.3: rearm the RTO
 
@@ -537,19 +539,19 @@ class Recovery:
         rack = self.rack
         for r in list(rack.rtx):
             start, end = rack.seq(r.start), rack.seq(r.end)
-            if end <= una:
+            if seq_le(end, una):
                 continue
             s, e = self._unsacked_from(seq_max(start, una))
-            if s >= end:
+            if seq_ge(s, end):
                 continue
-            e = min(e, end, s + c.send_mss, una + max(1, c.snd_wnd))
-            if s >= e:
+            e = seq_min(seq_min(e, end), seq_min(seq_add(s, c.send_mss), seq_add(una, max(1, c.snd_wnd))))
+            if seq_ge(s, e):
                 return
             self.tlp_out += 1
             self.tlp_rearm = True
             c.loss_probes += 1
             rack.rtx.remove(r)  # the probe is its newest transmission (logged by on_send)
-            c.sender.send_range(s, e - s, now, rtx=True)
+            c.sender.send_range(s, seq_sub(e, s), now, rtx=True)
             c.sender.rto_restart(now)  # RFC 8985 §7.3
             return
 
@@ -563,7 +565,7 @@ class Recovery:
             timers.cancel(Timer.LOSS_PROBE)
             return
         pto = 2 * srtt
-        if c.snd_nxt - c.snd_una <= c.send_mss and self.state is _OPEN:
+        if seq_sub(c.snd_nxt, c.snd_una) <= c.send_mss and self.state is _OPEN:
             pto = max(pto, 1.5 * srtt + WC_DEL_ACK_T)
         else:
             pto += PTO_SLACK  # timer granularity and ACK processing on a sub-millisecond path

@@ -20,7 +20,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_sub
 
 
 class SackScoreboard:
@@ -35,27 +35,26 @@ class SackScoreboard:
         self._starts: list[int] = []
         self._ends: list[int] = []  # sorted, parallel to _starts; ranges never touch
         self._sacked = 0
-        self._anchor: SeqNum | None = None
+        self._anchor: int | None = None
         self._anchor_abs = 0
 
     # -- coordinates ---------------------------------------------------------------
 
-    def _sync(self, snd_una: SeqNum) -> int:
-        snd_una = SeqNum(snd_una)
+    def _sync(self, snd_una: int) -> int:
         if self._anchor is None or not self._starts:
-            self._anchor_abs = int(snd_una)
+            self._anchor_abs = int(snd_una)  # positions start at the sequence number (any origin works)
         else:
-            self._anchor_abs += snd_una - self._anchor
+            self._anchor_abs += seq_sub(snd_una, self._anchor)
         self._anchor = snd_una
         return self._anchor_abs
 
-    def _abs(self, seq: SeqNum) -> int:
+    def _abs(self, seq: int) -> int:
         assert self._anchor is not None
-        return self._anchor_abs + (SeqNum(seq) - self._anchor)  # type: ignore[operator]
+        return self._anchor_abs + seq_sub(seq, self._anchor)
 
-    def _seq(self, pos: int) -> SeqNum:
+    def _seq(self, pos: int) -> int:
         assert self._anchor is not None
-        return self._anchor + (pos - self._anchor_abs)
+        return seq_add(self._anchor, pos - self._anchor_abs)
 
     # -- state ---------------------------------------------------------------------
 
@@ -64,14 +63,14 @@ class SackScoreboard:
         return self._sacked
 
     @property
-    def highest_sacked(self) -> SeqNum | None:
+    def highest_sacked(self) -> int | None:
         """Right edge of the highest SACKed range, or None if nothing is SACKed."""
         return self._seq(self._ends[-1]) if self._ends else None
 
     def __len__(self) -> int:
         return len(self._starts)
 
-    def ranges(self) -> list[tuple[SeqNum, SeqNum]]:
+    def ranges(self) -> list[tuple[int, int]]:
         """SACKed ranges [left, right) in sequence order."""
         return [(self._seq(a), self._seq(b)) for a, b in zip(self._starts, self._ends)]
 
@@ -83,7 +82,7 @@ class SackScoreboard:
 
     # -- updates -------------------------------------------------------------------
 
-    def advance(self, snd_una: SeqNum) -> None:
+    def advance(self, snd_una: int) -> None:
         """Forget everything below snd_una (cumulatively acknowledged)."""
         if not self._starts:
             self._anchor = None
@@ -99,11 +98,11 @@ class SackScoreboard:
             self._sacked -= una - starts[0]
             starts[0] = una
 
-    def update(self, blocks: Iterable[tuple[SeqNum, SeqNum]], snd_una: SeqNum, snd_nxt: SeqNum) -> None:
+    def update(self, blocks: Iterable[tuple[int, int]], snd_una: int, snd_nxt: int) -> None:
         """Record the SACK blocks of one ACK; blocks outside (snd_una, snd_nxt] are ignored."""
         self.advance(snd_una)
         una = self._sync(snd_una)
-        nxt = una + (SeqNum(snd_nxt) - SeqNum(snd_una))  # type: ignore[operator]
+        nxt = una + seq_sub(snd_nxt, snd_una)
         for left, right in blocks:
             lo = self._abs(left)
             hi = self._abs(right)
@@ -138,7 +137,7 @@ class SackScoreboard:
 
     # -- queries -------------------------------------------------------------------
 
-    def is_sacked(self, seq: SeqNum) -> bool:
+    def is_sacked(self, seq: int) -> bool:
         """True if the byte at seq has been SACKed."""
         if not self._starts:
             return False
@@ -146,7 +145,7 @@ class SackScoreboard:
         k = bisect_right(self._starts, p) - 1
         return k >= 0 and p < self._ends[k]
 
-    def covers(self, start: SeqNum, end: SeqNum) -> bool:
+    def covers(self, start: int, end: int) -> bool:
         """True if every byte of [start, end) has been SACKed (one range holds it all)."""
         if not self._starts:
             return False
@@ -154,7 +153,7 @@ class SackScoreboard:
         k = bisect_right(self._starts, a) - 1
         return k >= 0 and self._abs(end) <= self._ends[k] and a < self._ends[k]
 
-    def next_hole(self, start: SeqNum, snd_nxt: SeqNum) -> tuple[SeqNum, SeqNum] | None:
+    def next_hole(self, start: int, snd_nxt: int) -> tuple[int, int] | None:
         """First un-SACKed range [a, b) at or after start and below the highest SACKed byte."""
         # RFC 6675 §4 NextSeg() rule 1: retransmit the lowest un-SACKed data
         # that has SACKed data above it.
@@ -171,7 +170,7 @@ class SackScoreboard:
             return None
         return self._seq(p), self._seq(min(starts[k], limit))
 
-    def sacked_above(self, seq: SeqNum) -> int:
+    def sacked_above(self, seq: int) -> int:
         """Bytes SACKed strictly above seq."""
         if not self._starts:
             return 0
@@ -183,7 +182,7 @@ class SackScoreboard:
             total -= p + 1 - starts[k]
         return total
 
-    def sacked_below(self, seq: SeqNum) -> int:
+    def sacked_below(self, seq: int) -> int:
         """Bytes SACKed strictly below seq."""
         if not self._starts:
             return 0

@@ -8,7 +8,7 @@ reset it answers in CLOSED and for its SYN-ACK.
 
 from __future__ import annotations
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 
 _RST = Flags.RST
@@ -26,11 +26,11 @@ def reset_for(seg: TcpSegment) -> TcpSegment | None:
     if seg.rst:
         return None
     if seg.ack_flag:
-        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, SeqNum(0), _RST, 0)
-    return TcpSegment(seg.dst_port, seg.src_port, SeqNum(0), seg.seq + seg.seg_len, _RST_ACK, 0)
+        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, _RST, 0)
+    return TcpSegment(seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len), _RST_ACK, 0)
 
 
-def syn_ack(local_port: int, remote_port: int, iss: SeqNum, rcv_nxt: SeqNum, window: int, options: TcpOptions,
+def syn_ack(local_port: int, remote_port: int, iss: int, rcv_nxt: int, window: int, options: TcpOptions,
             ece: bool = False) -> TcpSegment:
     """<SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK> (RFC 9293 §3.10.7.2) with our options.
 

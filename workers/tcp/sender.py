@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import seq_add, seq_gt, seq_le, seq_lt, seq_sub
 from pipeline.wire.tcp import Flags, TcpSegment
 from workers.tcp.congestion import make_congestion_control
 from workers.tcp.events import SendSpace
@@ -47,25 +47,27 @@ class Sender:
                  "rtt_time", "rtx_ts", "rto_rtx_end", "retries", "cwr_pending", "ecn_recover", "_ect_new", "_ect_batch",
                  "path_mss")
 
-    def __init__(self, conn: Connection, iss: SeqNum) -> None:
+    def __init__(self, conn: Connection, iss: int) -> None:
         cfg = conn.config
         self.c = conn
         self.sndbuf = bytearray()  # unacknowledged and unsent data; byte 0 has sequence buf_seq
-        self.buf_seq = iss + 1
+        self.buf_seq = seq_add(iss, 1)
         self.fin_queued = False
         self.fin_seq = iss  # sequence number of our FIN once close() was called
         self.send_blocked = False
         self.rtt = RttEstimator(cfg.initial_rto, cfg.min_rto, cfg.max_rto)
         self.cc = make_congestion_control(cfg.congestion, conn.send_mss)
-        self.rtt_seq: SeqNum | None = None  # the one timed segment (RFC 6298 §3)
+        self.rtt_seq: int | None = None  # the one timed segment (RFC 6298 §3)
         self.rtt_time = 0.0
-        self.rtx_ts: list[tuple[SeqNum, SeqNum, int]] = []  # (start, end, TSval) of retransmissions, in time order
+        self.rtx_ts: list[tuple[int, int, int]] = []  # (start, end, TSval) of retransmissions, in time order
         self.rto_rtx_end = iss  # end of the last timeout's retransmission
         self.retries = 0
         self.cwr_pending = False  # RFC 3168 §6.1.2: CWR on the next new data segment
         self.ecn_recover = iss  # no second ECE reduction before snd_una passes this
-        self._ect_new: set[int] = set()  # new data queued since the last drain (to go out ECT(0))
-        self._ect_batch: set[int] = set()  # the same, for the batch the shell took last
+        # New data queued since the last drain (to go out ECT(0)); None, not an empty set, while there is
+        # none: most connections never have any, and two empty sets weigh 430 bytes.
+        self._ect_new: set[int] | None = None
+        self._ect_batch: set[int] | None = None  # the same, for the batch the shell took last
         self.path_mss: int | None = None  # segment size the path takes (PMTUD), if it said less than the MSS
 
     def negotiated(self) -> None:
@@ -74,7 +76,7 @@ class Sender:
 
     # == the application's side ======================================================
 
-    def queue(self, data: bytes) -> int:
+    def queue(self, data: bytes | bytearray | memoryview) -> int:
         """Take up to the free buffer space of data; return how much."""
         n = min(len(data), self.c.config.send_buffer - len(self.sndbuf))
         if n < len(data):
@@ -83,31 +85,31 @@ class Sender:
             self.sndbuf += memoryview(data)[:n]
         return max(n, 0)
 
-    def data_end(self) -> SeqNum:
+    def data_end(self) -> int:
         """Sequence number after the last byte the application queued."""
-        return self.buf_seq + len(self.sndbuf)
+        return seq_add(self.buf_seq, len(self.sndbuf))
 
     def has_unsent(self) -> bool:
-        return (self.data_end() - self.c.snd_nxt) > 0 or (self.fin_queued and self.c.snd_nxt <= self.fin_seq)
+        return seq_gt(self.data_end(), self.c.snd_nxt) or (self.fin_queued and seq_le(self.c.snd_nxt, self.fin_seq))
 
     def fin_pending(self) -> bool:
-        return self.fin_queued and self.c.snd_nxt <= self.fin_seq
+        return self.fin_queued and seq_le(self.c.snd_nxt, self.fin_seq)
 
     # == output ======================================================================
 
-    def output_new(self, edge: SeqNum, now: float) -> None:
+    def output_new(self, edge: int, now: float) -> None:
         """New data up to edge: sender SWS avoidance (RFC 9293 §3.8.6.2.1) and Nagle (§3.7.4)."""
         c = self.c
         cfg = c.config
         while True:
-            unsent = self.data_end() - c.snd_nxt
-            fin_pending = self.fin_queued and c.snd_nxt <= self.fin_seq
-            usable = edge - c.snd_nxt
+            unsent = seq_sub(self.data_end(), c.snd_nxt)
+            fin_pending = self.fin_queued and seq_le(c.snd_nxt, self.fin_seq)
+            usable = seq_sub(edge, c.snd_nxt)
             if unsent <= 0:
                 # RFC 9293 §3.10.4: FIN once all data is segmentized; it needs one octet of window.
                 if fin_pending and usable >= 1 and c.snd_wnd > 0:
                     self.send_range(c.snd_nxt, 1, now, rtx=False)
-                    c.snd_nxt += 1
+                    c.snd_nxt = seq_add(c.snd_nxt, 1)
                 return
             full = self.max_payload(0)
             n = min(unsent, usable, full)
@@ -130,7 +132,7 @@ class Sender:
             used = self.send_range(c.snd_nxt, limit, now, rtx=False)
             if used == 0:
                 return
-            c.snd_nxt += used
+            c.snd_nxt = seq_add(c.snd_nxt, used)
 
     def max_payload(self, option_len: int) -> int:
         """Largest payload of one emitted segment (RFC 9293 §3.7.1, or the TSO limit)."""
@@ -161,10 +163,10 @@ class Sender:
         self.path_mss = mss
         c.send_mss = min(c.send_mss, mss - (TS_OPTION_SPACE if c.options.timestamps else 0))
         if c.snd_una != c.snd_nxt and c.sends():
-            self.send_range(c.snd_una, min(c.snd_nxt - c.snd_una, c.send_mss), now, rtx=True)
+            self.send_range(c.snd_una, min(seq_sub(c.snd_nxt, c.snd_una), c.send_mss), now, rtx=True)
         return True
 
-    def send_range(self, seq: SeqNum, limit: int, now: float, rtx: bool) -> int:
+    def send_range(self, seq: int, limit: int, now: float, rtx: bool) -> int:
         """Emit one segment of up to ``limit`` sequence octets at seq (data, then our FIN).
 
         Returns the sequence space used; the caller moves its own pointer.
@@ -172,10 +174,10 @@ class Sender:
         c = self.c
         rcv = c.receiver
         options, option_len = rcv.options(now)
-        off = seq - self.buf_seq
+        off = seq_sub(seq, self.buf_seq)
         avail = len(self.sndbuf) - off
         n = max(0, min(limit, avail, self.max_payload(option_len)))
-        fin = self.fin_queued and limit > n and seq + n == self.fin_seq
+        fin = self.fin_queued and limit > n and seq_add(seq, n) == self.fin_seq
         if n == 0 and not fin:
             return 0
         payload = bytes(self.sndbuf[off:off + n]) if n else b""
@@ -188,7 +190,7 @@ class Sender:
             # timed segment: its cumulative ACK also waits for the repaired hole below.
             self.rtt_seq = None
             if c.options.timestamps:
-                self.rtx_ts.append((seq, seq + n + fin, ts_clock(now)))
+                self.rtx_ts.append((seq, seq_add(seq, n + fin), ts_clock(now)))
         else:
             c.bytes_sent += n
             self.start_rtt(seq, now)
@@ -197,21 +199,24 @@ class Sender:
                 if self.cwr_pending:
                     self.cwr_pending = False
                     flags |= _CWR  # RFC 3168 §6.1.2: on the first new data after the reduction
-                self._ect_new.add(int(seq))
+                if self._ect_new is None:
+                    self._ect_new = set()
+                self._ect_new.add(seq)
         rcv.emit(seq, flags, payload, now, options)
-        c.recovery.on_send(seq, seq + n + fin, now, rtx)
+        c.recovery.on_send(seq, seq_add(seq, n + fin), now, rtx)
         self.rto_start(now)
         return n + fin
 
     def ect(self, seg: TcpSegment) -> bool:
         """Send this segment ECT(0)?  New data only (RFC 3168 §6.1.4, §6.1.5)."""
-        return bool(seg.payload) and not seg.syn and int(seg.seq) in self._ect_batch
+        batch = self._ect_batch
+        return batch is not None and bool(seg.payload) and not seg.syn and seg.seq in batch
 
     def drained(self) -> None:
         """The shell takes a batch: ect() now answers for it (and whatever was queued
         since the previous batch, by receive() or handle_timer() too)."""
         self._ect_batch = self._ect_new
-        self._ect_new = set()
+        self._ect_new = None
 
     # RFC 6298 §5: the retransmission timer, armed only through these three.
 
@@ -227,7 +232,7 @@ class Sender:
         """§5.2: all outstanding data acknowledged."""
         self.c.timers.cancel(Timer.RETRANSMIT)
 
-    def start_rtt(self, seq: SeqNum, now: float) -> None:
+    def start_rtt(self, seq: int, now: float) -> None:
         """Time one segment per RTT (RFC 6298 §3); the fallback when no timestamp echo is usable."""
         if self.rtt_seq is None:
             self.rtt_seq = seq
@@ -240,7 +245,7 @@ class Sender:
         c = self.c
         ack = seg.ack
         # RFC 5961 §5.2: acceptable iff SND.UNA - MAX.SND.WND <= SEG.ACK <= SND.NXT.
-        if ack > c.snd_nxt or ack < c.snd_una - c.max_snd_wnd:
+        if seq_gt(ack, c.snd_nxt) or seq_lt(ack, seq_add(c.snd_una, -c.max_snd_wnd)):
             return False
         # RFC 5681 §2 duplicate ACK: outstanding data, no text, no SYN/FIN, same ACK and window.
         dup = (ack == c.snd_una and c.snd_una != c.snd_nxt and not seg.payload and not fin
@@ -248,8 +253,8 @@ class Sender:
         self.update_window(seg.seq, ack, wnd)
         acked = 0
         old_una = c.snd_una
-        if ack > old_una:
-            acked = ack - old_una - (old_una == c.iss)  # the SYN is no data
+        if seq_gt(ack, old_una):
+            acked = seq_sub(ack, old_una) - (old_una == c.iss)  # the SYN is no data
             self.ack_advance(seg, now)
         c.recovery.on_ack(seg, old_una, acked, dup, now)
         if c.options.ecn and int(seg.flags) & _F_ECE:
@@ -257,10 +262,10 @@ class Sender:
             self.on_ece(now)  # RFC 3168 §6.1.2
         return True
 
-    def update_window(self, seq: SeqNum, ack: SeqNum, wnd: int) -> None:
+    def update_window(self, seq: int, ack: int, wnd: int) -> None:
         """RFC 9293 §3.10.7.4: update the send window only from a newer segment (SND.WL1/WL2)."""
         c = self.c
-        if c.snd_una <= ack and (c.snd_wl1 < seq or (c.snd_wl1 == seq and c.snd_wl2 <= ack)):
+        if seq_le(c.snd_una, ack) and (seq_lt(c.snd_wl1, seq) or (c.snd_wl1 == seq and seq_le(c.snd_wl2, ack))):
             if wnd and c.snd_wnd == 0:
                 c.timers.cancel(Timer.ZERO_WINDOW_PROBE)
             c.snd_wnd = wnd
@@ -275,24 +280,24 @@ class Sender:
         c = self.c
         ack = seg.ack
         old_una = c.snd_una
-        c.bytes_acked += ack - c.snd_una
-        n = ack - self.buf_seq
+        c.bytes_acked += seq_sub(ack, c.snd_una)
+        n = seq_sub(ack, self.buf_seq)
         if n > 0:
             n = min(n, len(self.sndbuf))
             del self.sndbuf[:n]
-            self.buf_seq += n
+            self.buf_seq = seq_add(self.buf_seq, n)
         c.snd_una = ack
         self.retries = 0
         c.recovery.on_new_ack()
         # RTT: from the timestamp echo (RFC 7323 §4.1), else the one timed segment (RFC 6298 §3).
         ts = seg.options.timestamp if c.options.timestamps else None
-        timed = self.rtt_seq is not None and ack > self.rtt_seq
+        timed = self.rtt_seq is not None and seq_gt(ack, self.rtt_seq)
         last_rtx_ts = None  # TSval of the latest retransmission of the data just acknowledged
         if self.rtx_ts:
             for start, end, tsval in self.rtx_ts:
-                if start < ack and end > old_una:
+                if seq_lt(start, ack) and seq_gt(end, old_una):
                     last_rtx_ts = tsval  # entries are in time order: the last match wins
-            self.rtx_ts = [entry for entry in self.rtx_ts if entry[1] > ack]
+            self.rtx_ts = [entry for entry in self.rtx_ts if seq_gt(entry[1], ack)]
         if ts is not None and ts[1] != 0 and (ts_clock(now) - ts[1]) & 0xFFFFFFFF <= MAX_TS_RTT_MS:
             # RFC 7323 §4.1: an echo times the transmission it answers, retransmitted
             # or not -- except that an echo older than the latest retransmission of the
@@ -301,14 +306,14 @@ class Sender:
             # "RTT" includes the RTO or PTO, and SRTT would creep up.  Rejecting only
             # those keeps samples coming under loss, so RTO backoff collapses (RFC
             # 6298 §5.7 note) instead of compounding timeout after timeout.
-            stale = last_rtx_ts is not None and SeqNum(ts[1]) < SeqNum(last_rtx_ts)
+            stale = last_rtx_ts is not None and seq_lt(ts[1], last_rtx_ts)
             if not stale:
                 self.rtt.sample(((ts_clock(now) - ts[1]) & 0xFFFFFFFF) / 1000)
         elif timed:
             self.rtt.sample(max(0.0, now - self.rtt_time))
         if timed:
             self.rtt_seq = None
-        if self.rtt.backoffs and old_una < self.rto_rtx_end <= ack and c.snd_wnd > 0:
+        if self.rtt.backoffs and seq_lt(old_una, self.rto_rtx_end) and seq_le(self.rto_rtx_end, ack) and c.snd_wnd > 0:
             # The timer's own retransmission was acknowledged: the path delivers within
             # the base RTO.  RFC 6298 §5.7's note collapses the backoff only with a new
             # RTT sample, which go-back-N without timestamps never yields (Karn: every
@@ -336,10 +341,10 @@ class Sender:
     def on_ece(self, now: float) -> None:
         """RFC 3168 §6.1.2: ECN-Echo -- reduce cwnd as for a loss, at most once per window."""
         c = self.c
-        if c.snd_una < self.ecn_recover or c.recovery.in_loss_recovery:
+        if seq_lt(c.snd_una, self.ecn_recover) or c.recovery.in_loss_recovery:
             return  # this window was reduced already (a loss reduces it too)
         self.ecn_recover = c.snd_nxt
-        self.cc.on_loss(c.snd_nxt - c.snd_una, now)  # ssthresh per RFC 5681 eq. 4, cwnd = ssthresh
+        self.cc.on_loss(seq_sub(c.snd_nxt, c.snd_una), now)  # ssthresh per RFC 5681 eq. 4, cwnd = ssthresh
         self.cwr_pending = True
 
     # == timers ======================================================================
@@ -354,7 +359,7 @@ class Sender:
         c.timeouts += 1
         self.rtt.backoff()
         self.rtt_seq = None
-        self.rtx_ts.append((c.iss, c.iss + 1, ts_clock(now)))  # no echo sample of the first
+        self.rtx_ts.append((c.iss, seq_add(c.iss, 1), ts_clock(now)))  # no echo sample of the first
         self.rto_restart(now)
         return True
 
@@ -409,7 +414,7 @@ class Sender:
             return False
         c.ka_probes += 1
         c.keepalive_probes_sent += 1
-        c.receiver.emit(c.snd_nxt - 1, _ACK, b"", now)
+        c.receiver.emit(seq_add(c.snd_nxt, -1), _ACK, b"", now)
         c.timers.arm(Timer.KEEPALIVE, now + cfg.keepalive_interval)
         return True
 
@@ -425,7 +430,7 @@ class Sender:
         used = self.send_range(c.snd_nxt, limit, now, rtx=False)
         if not used:
             return
-        c.snd_nxt += used
+        c.snd_nxt = seq_add(c.snd_nxt, used)
         if c.snd_wnd == 0:
             c.zero_window_probes += 1
             # The octet is now outstanding: the retransmission timer repeats the

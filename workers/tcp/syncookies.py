@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from pipeline.wire.seqnum import SeqNum
+from pipeline.wire.seqnum import MASK
 
 from .isn import MIN_SECRET, pack_tuple
 
@@ -71,7 +71,7 @@ class SynCookies:
         h = hashlib.blake2s(data, key=self._key, digest_size=4, person=tag)
         return int.from_bytes(h.digest(), "big")
 
-    def _h2(self, t: bytes, client_isn: SeqNum, count: int, idx: int) -> int:
+    def _h2(self, t: bytes, client_isn: int, count: int, idx: int) -> int:
         data = t + int(client_isn).to_bytes(4, "big") + count.to_bytes(8, "big") + bytes((idx,))
         return self._h(b"cookie2", data) & _MASK21
 
@@ -82,22 +82,22 @@ class SynCookies:
         return max(0, int(now // PERIOD))
 
     def make(
-        self, local: tuple[bytes, int], remote: tuple[bytes, int], client_isn: SeqNum, mss: int, now: float
-    ) -> SeqNum:
+        self, local: tuple[bytes, int], remote: tuple[bytes, int], client_isn: int, mss: int, now: float
+    ) -> int:
         """Our ISN for the SYN-ACK, encoding the time counter and the rounded-down MSS."""
         t = pack_tuple(local, remote)
         count = self._count(now)
         idx = mss_index(mss)
         low = (count & 0xFF) << 24 | idx << 21 | self._h2(t, client_isn, count, idx)
-        return SeqNum(self._h(b"cookie1", t) + int(client_isn) + low)
+        return (self._h(b"cookie1", t) + int(client_isn) + low) & MASK  # hash arithmetic, not sequence order
 
     def check(
-        self, local: tuple[bytes, int], remote: tuple[bytes, int], client_isn: SeqNum, cookie: SeqNum, now: float
+        self, local: tuple[bytes, int], remote: tuple[bytes, int], client_isn: int, cookie: int, now: float
     ) -> int | None:
         """The MSS encoded in ``cookie`` if it is authentic and fresh, else None."""
         t = pack_tuple(local, remote)
         h1 = self._h(b"cookie1", t)
-        v = (int(cookie) - h1 - int(client_isn)) & 0xFFFFFFFF
+        v = (int(cookie) - h1 - int(client_isn)) & MASK  # hash arithmetic, not sequence order
         now_count = self._count(now)
         # RFC 4987 §3.6: the counter bounds how long a cookie stays valid;
         # a counter from the future shows up as a huge age and fails too.

@@ -24,6 +24,10 @@ class Timer(enum.Enum):
     FIN_WAIT_2 = 7         # orphaned FIN-WAIT-2 (Linux tcp_fin_timeout)
     REORDER = 8            # RFC 8985 §6.2 step 5 RACK reorder timer
 
+    # Members are singletons compared by identity: hash them by identity too, in C,
+    # instead of Enum.__hash__ (a Python-level hash of the name) on every arm/cancel.
+    __hash__ = object.__hash__
+
 
 class TimerTable:
     """Deadlines by timer; at most one deadline per timer."""
