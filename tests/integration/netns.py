@@ -215,7 +215,7 @@ def exchange(sock: socket.socket, address: tuple, payload: bytes, timeout: float
     sock.sendall(payload)
     sock.shutdown(socket.SHUT_WR)
     data = b""
-    while chunk := sock.recv(1024):
+    while chunk := sock.recv(65536):
         data += chunk
     return port, data
 

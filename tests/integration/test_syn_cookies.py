@@ -11,7 +11,7 @@ import socket
 
 from scapy.layers.inet import IP, TCP
 
-from tests.integration.netns import STACK_ADDR, Stack
+from tests.integration.netns import STACK_ADDR, Stack, exchange
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module lacks the name
 NOBODY = "10.0.0.77"  # on the device's subnet, not the kernel's: our SYN-ACK to it goes nowhere
@@ -37,14 +37,7 @@ def test_cookie_connection_keeps_window_scale_sack_and_timestamps(fresh_ns):
         sniffer.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
         data = hashlib.sha256(b"cookie").digest() * 4096  # 128 KiB
         with sniffer, ns.socket() as sock:
-            sock.settimeout(10)
-            sock.connect((STACK_ADDR, 7))
-            port = sock.getsockname()[1]
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-            echoed = b""
-            while chunk := sock.recv(65536):
-                echoed += chunk
+            port, echoed = exchange(sock, (STACK_ADDR, 7), data, timeout=10)
             assert echoed == data
             sniffer.setblocking(False)
             ours = []
