@@ -178,6 +178,12 @@ class TcpSegment:
         """Header, options and payload; checksum=False leaves the pseudo-header sum (offload)."""
         return b"".join(self._parts(src, dst, checksum))
 
+    def emit_header(self, src: bytes, dst: bytes, checksum: bool = True) -> bytes:
+        """Header and options alone (the checksum still covers the payload), for a caller that
+        places the payload after them itself: the payload is then not copied here."""
+        header, opts, _ = self._parts(src, dst, checksum)
+        return header + opts
+
     def emit_into(self, buf: bytearray | memoryview, offset: int, src: bytes, dst: bytes,
                   checksum: bool = True) -> int:
         """Write the segment at buf[offset:] (``header_len + len(payload)`` bytes); return that length."""

@@ -309,6 +309,12 @@ def test_round_trip(seg, src, dst):
     assert parse_tcp(wire, src, dst) == seg
 
 
+@given(segments, addrs, addrs, st.booleans())
+def test_the_header_alone_is_the_segment_without_its_payload(seg, src, dst, checksum):
+    header = seg.emit_header(src, dst, checksum=checksum)
+    assert header + seg.payload == seg.emit(src, dst, checksum=checksum)
+
+
 @given(st.binary(max_size=80), addrs, addrs)
 def test_random_bytes_only_raise_malformed(data, src, dst):
     for verify_checksum in (True, False):

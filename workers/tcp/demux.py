@@ -525,11 +525,14 @@ class TcpDemux:
         """The segment in an IP packet from our side of ``key`` (a relayed flow's destination) to its peer."""
         remote = key.remote
         local = key.local or self.addresses.local(remote)
+        # The TCP header apart from the payload: ip_reply then copies the payload once.
         if not self.offload:
-            return ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote), tos), None
+            return ip_reply(local, remote, PROTO_TCP, seg.payload, tos,
+                            transport_header=seg.emit_header(local, remote)), None
         tcp_header_len = seg.header_len
         segment_size = (mss or self._config(remote).mss) - (tcp_header_len - TCP_HEADER_LEN)
-        return (ip_reply(local, remote, PROTO_TCP, seg.emit(local, remote, checksum=False), tos),
+        return (ip_reply(local, remote, PROTO_TCP, seg.payload, tos,
+                         transport_header=seg.emit_header(local, remote, checksum=False)),
                 tcp_offload(reply_header_len(remote), tcp_header_len, len(seg.payload), segment_size,
                             bool(seg.flags & Flags.CWR), ipv6=len(remote) == IPV6_ADDRESS_LEN))
 
