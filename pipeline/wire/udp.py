@@ -35,16 +35,18 @@ class UdpDatagram:
 
     def emit(self, src: bytes, dst: bytes) -> bytes:
         """Header and payload with the checksum over the pseudo header (RFC 768)."""
-        return self._header(src, dst) + self.payload
+        return self.header(src, dst) + self.payload
 
     def emit_into(self, buf: bytearray | memoryview, offset: int, src: bytes, dst: bytes) -> int:
         """Write the datagram at buf[offset:]; return its length (header and payload)."""
         end = offset + HEADER_LEN + len(self.payload)
-        buf[offset:offset + HEADER_LEN] = self._header(src, dst)
+        buf[offset:offset + HEADER_LEN] = self.header(src, dst)
         buf[offset + HEADER_LEN:end] = self.payload
         return end - offset
 
-    def _header(self, src: bytes, dst: bytes) -> bytes:
+    def header(self, src: bytes, dst: bytes) -> bytes:
+        """The 8-byte header alone (its checksum covers the payload), for a caller that places
+        the payload after it itself: the payload is then not copied here."""
         length = HEADER_LEN + len(self.payload)
         if length > MAX_LEN:
             raise ValueError(f"UDP length {length} exceeds 65535")

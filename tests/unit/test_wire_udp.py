@@ -30,6 +30,12 @@ def test_construct():
     assert DNS_MSG.emit(SRC, DST) == DNS
 
 
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.binary(max_size=2000))
+def test_the_header_alone_is_the_datagram_without_its_payload(sport, dport, payload):
+    msg = UdpDatagram(src_port=sport, dst_port=dport, payload=payload)
+    assert msg.header(SRC, DST) + payload == msg.emit(SRC, DST)
+
+
 def test_checksum_covers_pseudo_header():
     with pytest.raises(Malformed) as e:
         parse_udp(DNS, SRC, bytes([192, 168, 69, 3]))

@@ -100,8 +100,8 @@ class UdpCore(DatagramRelayCore):
         answer = UdpDatagram(dgram.dst_port, dgram.src_port, bytes(response))
         self._ident = (self._ident + 1) & 0xFFFFFFFF
         # RFC 791 §3.2: a reply larger than the link is fragmented, unless the request asked for DF.
-        packet = ip_reply(local, src, PROTO_UDP, answer.emit(local, src), dont_fragment=ip.dont_fragment,
-                          ident=self._ident & 0xFFFF)
+        packet = ip_reply(local, src, PROTO_UDP, answer.payload, dont_fragment=ip.dont_fragment,
+                          ident=self._ident & 0xFFFF, transport_header=answer.header(local, src))
         pieces = fit_mtu(packet, self.mtu, self._ident)
         if pieces is None:
             sink.drop("reply_too_big_df")
