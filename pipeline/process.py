@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
-import ctypes
 import signal
-import sys
 import time
 
 import structlog
@@ -15,25 +13,6 @@ from pipeline import compiled, config, log, telemetry
 
 
 PARK_MAX = 15.0  # seconds a process idles after an ordered stop before it exits by itself
-MMAP_THRESHOLD = 256 * 1024  # bytes; larger allocations (TCP buffers) are mapped, and unmapped when freed
-_M_MMAP_THRESHOLD = -3  # <malloc.h>
-
-
-def return_large_buffers() -> bool:
-    """Make glibc give large freed buffers back to the kernel at once.
-
-    glibc raises its mmap threshold each time a mapped block is freed (up to
-    32 MB), so after a few bulk connections their 1 MiB buffers come from the
-    heap, and once freed the heap keeps them: a TCP worker stayed ~20 MB larger
-    after the benchmark's bulk runs. A fixed threshold (which also turns the
-    raising off) keeps every buffer above it mapped. False where there is no
-    glibc (musl, macOS): their allocators behave differently; nothing to do."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 class Stopper:
@@ -63,8 +42,7 @@ class Process:
         self.log_payload = self.debug and log.payload_wanted()
         self.stopper = Stopper()
         self.counters: collections.Counter[str] = collections.Counter()
-        self.log.info("build", mode=compiled.MODE, why=compiled.REASON,  # compiled (mypyc) or pure
-                      mmap_threshold=MMAP_THRESHOLD if return_large_buffers() else None)
+        self.log.info("build", mode=compiled.MODE, why=compiled.REASON)  # compiled (mypyc) or pure
         # Log records, packet copies and connection tables for stackctl, while it asks.
         self.telemetry = telemetry.Publisher(self.config, self.name, role, self.counters)
         log.attach(self.telemetry)
