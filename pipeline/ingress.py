@@ -184,7 +184,7 @@ class Ingress:
                 if self.recent_syns < 0:  # kept across reloads, so the filter remembers SYNs it saw
                     self.recent_syns = bpf.create_array_map(synfilter.RECENT_VALUE_SIZE, synfilter.RECENT_SLOTS)
                 prog = bpf.load_socket_filter(synfilter.program(
-                    decision.fraction, list(decision.real4), list(decision.real6), self.recent_syns))
+                    decision.fraction, decision.real4, decision.real6, self.recent_syns))
                 try:
                     self.device.set_filter(prog)
                 finally:

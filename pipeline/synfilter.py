@@ -56,7 +56,10 @@ the stack answers everyone normally within one interval of the flood's end.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pipeline.admission import RETRY_MAX_AGE, RETRY_MIN_GAP  # a retransmission, as admission knows one
 
 # <linux/bpf.h> instruction classes, sizes, modes, operations.
 _LD, _LDX, _STX = 0x00, 0x01, 0x03
@@ -72,7 +75,6 @@ _FUNC_MAP_LOOKUP_ELEM, _FUNC_KTIME_GET_NS, _FUNC_GET_PRANDOM_U32 = 1, 5, 7
 _R0, _R1, _R2, _R3, _R4, _R5, _R6, _R7, _R8, _R9, _R10 = range(11)
 
 _INSN = struct.Struct("<BBhi")  # struct bpf_insn: code, dst_reg | src_reg << 4, off, imm
-INSN_SIZE = _INSN.size
 
 MAX_REAL4 = 64
 MAX_REAL6 = 16
@@ -85,8 +87,6 @@ KEEP = 0x7FFFFFFF  # return value: keep the whole packet (any length up to this)
 RECENT_SLOTS = 1 << 20
 RECENT_VALUE_SIZE = 8
 TICK_NS_SHIFT = 20
-RETRY_MIN_GAP = 0.5   # s; as pipeline.admission: Linux retransmits a SYN after 1 s, then 3, 7, ...
-RETRY_MAX_AGE = 32.0  # s; past this a repeat is treated as new
 _HASH = 0x2545F491    # odd multiplier for the fingerprint hash (any odd 31-bit constant mixes)
 
 _SYN, _ACK = 0x02, 0x10
@@ -155,7 +155,7 @@ class _Assembler:
         return bytes(out)
 
 
-def program(fraction: int, real4: list[bytes], real6: list[bytes], recent_fd: int,
+def program(fraction: int, real4: Sequence[bytes], real6: Sequence[bytes], recent_fd: int,
             min_gap: int = ticks(RETRY_MIN_GAP), max_age: int = ticks(RETRY_MAX_AGE)) -> bytes:
     """The filter: keep all but opening SYNs from unknown sources; of those, keep retransmissions
     (the same addresses, ports and ISN seen ``min_gap`` to ``max_age`` ticks before, in ``recent_fd``:
