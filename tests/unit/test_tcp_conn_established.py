@@ -326,9 +326,47 @@ def test_zero_window_probe_with_backoff_and_no_abort_while_answered():
         [again] = c.segments_to_send(now)
         assert again.payload == b"a" and again.seq == probe.seq
     assert gaps == [2.0, 4.0, 8.0, 16.0, 32.0] and c.state is State.ESTABLISHED
+    assert c.zero_window_probes == 6  # every probe counts, first by the persist timer, the rest by RTO
     c.receive(seg(c, "A", ack=seq_add(c.snd_una, 1), window=1000), now)  # the window opens
     [rest] = c.segments_to_send(now)
     assert rest.payload == b"bcdefgh"
+
+
+def test_window_closing_on_data_in_flight_is_probed_by_the_retransmission_timer():
+    # The peer takes the first segment and closes its window on the second, as a Linux
+    # receiver whose application stopped reading does: its RTO resends are the probes.
+    c = established(peer_window=2 * MSS)
+    c.send(b"x" * (2 * MSS + 10))
+    first, second = c.segments_to_send(T0)
+    c.receive(seg(c, "A", ack=seq_add(first.seq, MSS), window=0), T0)
+    assert c.segments_to_send(T0) == []
+    cwnd = c.sender.cc.cwnd
+    for n in (1, 2, 3):
+        now = fire(c)
+        [probe] = c.segments_to_send(now)
+        assert probe.seq == second.seq and len(probe.payload) == 1  # RFC 9293 §3.8.6.1
+        assert c.zero_window_probes == n
+        c.receive(seg(c, "A", ack=c.snd_una, window=0), now)
+    assert c.sender.cc.cwnd == cwnd  # a closed window is not congestion
+    c.receive(seg(c, "A", ack=c.snd_una, window=4 * MSS), now)  # opens, the probe octet not taken
+    [again] = c.segments_to_send(now)
+    assert again.seq == second.seq and len(again.payload) == MSS  # from SND.UNA: no hole
+    assert c.fast_retransmits == 0
+
+
+def test_window_opening_after_an_unaccepted_probe_resends_from_snd_una():
+    c = established(peer_window=0)
+    c.send(b"abcdefgh")
+    assert c.segments_to_send(T0) == []
+    now = fire(c)
+    [probe] = c.segments_to_send(now)
+    assert probe.payload == b"a"
+    c.receive(seg(c, "A", ack=c.snd_una, window=1000), now)  # the window opens before the probe is resent
+    [again] = c.segments_to_send(now)
+    assert again.seq == probe.seq and again.payload == b"a"  # from SND.UNA, not past a hole
+    c.receive(seg(c, "A", ack=seq_add(probe.seq, 1), window=1000), now)
+    [rest] = c.segments_to_send(now)
+    assert rest.payload == b"bcdefgh" and c.fast_retransmits == 0
 
 
 def test_send_buffer_back_pressure_and_send_space_event():

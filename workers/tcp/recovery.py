@@ -302,7 +302,10 @@ class Recovery:
             # SACKed (RFC 2018 §8), so stop skipping that data (RFC 6675 §5.1).
             self.scoreboard.clear()
             self._sacked_prev = 0
-        if c.options.sack and c.snd_wnd > 0:
+        if c.snd_wnd == 0:
+            c.zero_window_probes += 1
+            self.probe_sent()
+        elif c.options.sack:
             # RFC 6675 §5.1: resend what is not SACKed up to the recovery point, by
             # pipe, and do not enter fast recovery again before it is acknowledged.
             self.state = _RTO
@@ -311,6 +314,15 @@ class Recovery:
             self.tlp_rearm = True
         else:
             self.rtx_nxt = seq_add(c.snd_una, used)
+
+    def probe_sent(self) -> None:
+        """A probe went into a zero window (RFC 9293 §3.8.6.1): resend from SND.UNA when it opens.
+
+        The closed window drops the probe's octet; sending on from after it would
+        open the reopened window with a hole, and the duplicate ACKs would end in a
+        needless fast recovery.  BSD pulls snd_nxt back to snd_una for this reason.
+        """
+        self.rtx_nxt = self.c.snd_una
 
     # == output ======================================================================
 

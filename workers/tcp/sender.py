@@ -433,6 +433,7 @@ class Sender:
         c.snd_nxt = seq_add(c.snd_nxt, used)
         if c.snd_wnd == 0:
             c.zero_window_probes += 1
+            c.recovery.probe_sent()
             # The octet is now outstanding: the retransmission timer repeats the
             # probe, backing off exponentially, until the window opens.
             self.rtt.backoff()
