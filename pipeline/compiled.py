@@ -73,6 +73,7 @@ MODULES: tuple[str, ...] = (
     "pipeline.routing",
     "workers.tcp.scoreboard",
     "workers.tcp.rtt",
+    "workers.tcp.sendbuf",
     "workers.tcp.congestion",
     "workers.tcp.reassembly",
     "workers.tcp.rack",

@@ -27,6 +27,7 @@ from workers.tcp.events import SendSpace
 from workers.tcp.options import TS_OPTION_SPACE
 from workers.tcp.receiver import ts_clock
 from workers.tcp.rtt import RttEstimator
+from workers.tcp.sendbuf import SendBuffer
 from workers.tcp.timers import Timer
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class Sender:
     def __init__(self, conn: Connection, iss: int) -> None:
         cfg = conn.config
         self.c = conn
-        self.sndbuf = bytearray()  # unacknowledged and unsent data; byte 0 has sequence buf_seq
+        self.sndbuf = SendBuffer()  # unacknowledged and unsent data; byte 0 has sequence buf_seq
         self.buf_seq = seq_add(iss, 1)
         self.fin_queued = False
         self.fin_seq = iss  # sequence number of our FIN once close() was called
@@ -82,7 +83,7 @@ class Sender:
         if n < len(data):
             self.send_blocked = True
         if n > 0:
-            self.sndbuf += memoryview(data)[:n]
+            self.sndbuf.append(memoryview(data)[:n])
         return max(n, 0)
 
     def data_end(self) -> int:
@@ -180,7 +181,7 @@ class Sender:
         fin = self.fin_queued and limit > n and seq_add(seq, n) == self.fin_seq
         if n == 0 and not fin:
             return 0
-        payload = bytes(self.sndbuf[off:off + n]) if n else b""
+        payload = self.sndbuf.read(off, n) if n else b""
         flags = _ACK_PSH if n and n == avail else _ACK
         if fin:
             flags |= _FIN
@@ -284,7 +285,7 @@ class Sender:
         n = seq_sub(ack, self.buf_seq)
         if n > 0:
             n = min(n, len(self.sndbuf))
-            del self.sndbuf[:n]
+            self.sndbuf.release(n)
             self.buf_seq = seq_add(self.buf_seq, n)
         c.snd_una = ack
         self.retries = 0
