@@ -97,6 +97,7 @@ def main() -> None:
         while not proc.stopper.stopping and not stop_asked:
             proc.flush_logs()
             now = time.monotonic()
+            proc.trim_heap(now)
             if now >= next_heartbeat:
                 try:
                     heartbeat.send_multipart(messages.encode_heartbeat(proc.name, "egress", seq, dict(counters)),

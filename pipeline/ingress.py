@@ -365,6 +365,7 @@ class Ingress:
                 timeout = min(timeout, max(0, int((self.shedder.next_deadline() - time.monotonic()) * 1000) + 1))
             ready = dict(poller.poll(timeout))
             now = time.monotonic()
+            self.proc.trim_heap(now)
             if self.bus in ready:
                 self.read_bus(now)
             if device_fd in ready:

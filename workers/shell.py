@@ -21,7 +21,7 @@ import time
 import zmq
 
 from pipeline.bus import endpoints, messages
-from pipeline.process import Process, release_free_memory
+from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
 from workers.upstream import Upstreams
 
@@ -81,7 +81,7 @@ def run(proc: Process, core: WorkerCore) -> None:
                                                        {**counters, **core.stats()}))
                 heartbeat_seq += 1
                 next_heartbeat = now + messages.HEARTBEAT_INTERVAL
-                release_free_memory()  # what closed connections' buffers left in the heap
+            proc.trim_heap(now)  # what closed connections' buffers left in the heap
             deadline = core.next_deadline()
             wake = next_heartbeat if deadline is None else min(deadline, next_heartbeat)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
