@@ -68,7 +68,7 @@ class HostedStream:
     def recv(self, max_bytes: int = -1) -> bytes:
         return self._conn.recv(max_bytes)
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes | bytearray | memoryview) -> int:
         self._host._touch(self._key)
         return self._conn.send(data)
 
