@@ -331,6 +331,7 @@ CHECKS: tuple[Callable[[], None], ...] = (
     _number("TCP_FIN_WAIT2_TIMEOUT", 60.0, 0.001, 7 * 86400.0),  # "must be > 0"
     _number("TCP_KEEPALIVE", 0.0, 0.0, 7 * 86400.0),
     _number("TCP_SYN_QUEUE", 256, 1, 1 << 20, integer=True),
+    _number("TCP_MAX_TIME_WAIT", 8192, 0, 1 << 24, integer=True),
     _recv_buffer,
     _number("TCP_SEND_BUFFER", 1 << 20, 1, 1 << 30, integer=True),
     _services,

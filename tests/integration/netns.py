@@ -156,6 +156,13 @@ class Stack:
                              stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
                              preexec_fn=die_with_parent)
 
+    def status(self) -> dict:
+        """What `stackctl status --json` says: each process's counters and gauges."""
+        out = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), "status", "--json"],
+                             env=dict(os.environ, USTACK_RUN_DIR=self.run_dir),
+                             capture_output=True, text=True, timeout=10, check=True)
+        return json.loads(out.stdout)
+
     def records(self) -> list[dict]:
         """Every JSON log record the processes wrote so far (honcho's prefix removed)."""
         out = []

@@ -13,15 +13,13 @@ stops.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.integration.netns import ROOT, STACK_ADDR, Stack, process_pid
+from tests.integration.netns import STACK_ADDR, Stack, process_pid
 
 RSS_BOUND_MB = 150  # each stack process; idle they take 30-80 MB (README, Performance)
 FLOOD_RATES = {"u10": ["-i", "u10"],  # ~10,000 SYNs/s here (FIELD-NOTES), over the SYN budget
@@ -55,13 +53,6 @@ def exchange_line(ns, i: int) -> float:
         return connected
 
 
-def status(stack) -> dict:
-    env = dict(os.environ, USTACK_RUN_DIR=stack.run_dir)
-    out = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), "status", "--json"], env=env,
-                         capture_output=True, text=True, timeout=10, check=True)
-    return json.loads(out.stdout)
-
-
 @pytest.mark.parametrize("rate", FLOOD_RATES)
 def test_real_clients_get_through_a_random_source_syn_flood(fresh_ns, rate):
     ns = fresh_ns
@@ -79,7 +70,7 @@ def test_real_clients_get_through_a_random_source_syn_flood(fresh_ns, rate):
             exchange_line(ns, i)
             for name, pid in pids.items():
                 peak[name] = max(peak[name], rss_mb(pid))
-        during = status(stack)
+        during = stack.status()
         assert flood.poll() is None, "hping3 stopped early"
         flood.send_signal(signal.SIGINT)
         flood.wait(10)

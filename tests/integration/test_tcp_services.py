@@ -9,7 +9,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 
 from tests.integration.conftest import FAMILIES
-from tests.integration.netns import HOST_ADDR, STACK_ADDR
+from tests.integration.netns import HOST_ADDR, STACK_ADDR, Stack
 
 
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4  # <linux/tcp.h>
@@ -135,3 +135,25 @@ def test_ipv6_connection_gets_mss_and_options(ns, stack):
         # struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales.
         options = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[5]
     assert options & TCPI_OPT_TIMESTAMPS and options & TCPI_OPT_SACK and options & TCPI_OPT_WSCALE
+
+
+def test_time_wait_held_is_bounded(fresh_ns):
+    """A client churning connections that we close first: TCP_MAX_TIME_WAIT bounds what the worker holds."""
+    stack = Stack(fresh_ns, env={"TCP_MAX_TIME_WAIT": "20"})
+    try:
+        stack.wait_ready()
+        for _ in range(60):
+            with _connect(fresh_ns, 17) as sock:  # QOTD closes first: each ends in our TIME-WAIT
+                assert _read_until_eof(sock).startswith(b"Be conservative")
+        stack.wait_for(lambda recs: sum(r["event"] == "tcp_closed" and r["reason"] == "time_wait_overflow"
+                                        for r in recs) == 40, 20, "40 connections out of TIME-WAIT early")
+
+        def tcp_gauges():
+            [worker] = [p["stats"] for p in stack.status()["processes"] if p["role"] == "tcp"]
+            return worker.get("time_wait"), worker.get("time_wait_overflow")
+        deadline = time.monotonic() + 10  # the gauges come with the worker's next heartbeat
+        while tcp_gauges() != (20, 40):
+            assert time.monotonic() < deadline, f"time_wait, time_wait_overflow: {tcp_gauges()}"
+            time.sleep(0.2)
+    finally:
+        stack.stop()

@@ -288,3 +288,28 @@ def test_old_duplicate_syn_leaves_time_wait_alone(demux, ts, syn_seq, tsval):
     assert demux.connections[Flow(PEER, 40000, 17)] is old and old.state is State.TIME_WAIT
     assert demux.sink.counters["time_wait_reused"] == 0
     assert all(not s.syn for s in out)  # TIME-WAIT answers as it always did (an ACK at most)
+
+
+def test_past_the_limit_the_oldest_time_wait_ends_early():
+    demux = demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, max_time_wait=2)
+    held = [time_wait(demux, False, sport=40000 + i, now=T0 + i) for i in range(3)]
+    # Like Linux past tcp_max_tw_buckets: the first one is gone, closed without a word to the peer.
+    assert [c.state for c in held] == [State.CLOSED, State.TIME_WAIT, State.TIME_WAIT]
+    assert Flow(PEER, 40000, 17) not in demux.connections
+    assert list(demux.time_wait) == [Flow(PEER, 40001, 17), Flow(PEER, 40002, 17)]
+    assert demux.sink.counters["time_wait_overflow"] == 1
+    assert demux.stats() == {"connections": 2, "time_wait": 2}
+    # A SYN for the freed flow is a new connection, as for any flow we hold nothing for.
+    [synack] = [parse(p) for p in demux.handle_packet(packet(new_syn(5000)), T0 + 5)]
+    assert synack.flags == Flags.SYN | Flags.ACK and demux.connections[Flow(PEER, 40000, 17)].state is State.SYN_RECEIVED
+    # The rest leave TIME-WAIT after 2 MSL as always, and the table forgets them.
+    demux.handle_timer(T0 + 3 + 2 * TcpConfig().msl)
+    assert demux.time_wait == {} and list(demux.connections) == [Flow(PEER, 40000, 17)]
+
+
+def test_with_no_time_wait_allowed_a_connection_closes_at_once():
+    demux = demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, max_time_wait=0)
+    with pytest.raises(KeyError):
+        time_wait(demux, False)  # the helper finds no connection left in TIME-WAIT
+    assert demux.connections == {} and demux.time_wait == {} and demux.next_deadline() is None
+    assert demux.flow_changes() == ([Flow(PEER, 40000, 17)], [Flow(PEER, 40000, 17)])

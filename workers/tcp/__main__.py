@@ -9,7 +9,7 @@ from pipeline.process import Process
 from workers import registry, shell
 from workers.relay import Keepalive
 from workers.tcp.config import TcpConfig
-from workers.tcp.demux import SYN_QUEUE_LIMIT, TcpDemux
+from workers.tcp.demux import MAX_TIME_WAIT, SYN_QUEUE_LIMIT, TcpDemux
 from workers.tcp.relay import CONNECT_TIMEOUT, TcpRelay
 
 
@@ -53,6 +53,7 @@ if __name__ == "__main__":
     syn_queue = env_int("TCP_SYN_QUEUE", SYN_QUEUE_LIMIT)
     if syn_queue < 1:
         raise SystemExit(f"TCP_SYN_QUEUE={syn_queue}: expected at least 1")
+    max_time_wait = env_int("TCP_MAX_TIME_WAIT", MAX_TIME_WAIT)
     sink = shell.sink(proc)
     services = registry.services_or_exit("tcp")
     # Attach mode: flows to other addresses are relayed to real sockets opened from here.
@@ -64,4 +65,5 @@ if __name__ == "__main__":
                      keepalive=keepalive) if cfg.forward or published("tcp") else None
     shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp,
                              secret=os.urandom(32), services=services, offload=cfg.offload,
-                             syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay))
+                             syn_queue_limit=syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay,
+                             max_time_wait=max_time_wait))

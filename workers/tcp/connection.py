@@ -709,6 +709,11 @@ class Connection:
             if self.state is State.CLOSED:
                 return
 
+    def end_time_wait(self, reason: str) -> None:
+        """Leave TIME-WAIT before its 2 MSL are up (the worker holds too many): CLOSED, nothing sent."""
+        if self.state is State.TIME_WAIT:
+            self._close(reason)
+
     def _update_timers(self, now: float) -> None:
         """Arm or cancel timers to match the state after a driver call."""
         st = self.state

@@ -59,6 +59,7 @@ TIME_WAIT_ISN_GAP = 65535 + 2
 _SYN_ACK_RST = Flags.SYN | Flags.ACK | Flags.RST
 EPHEMERAL_FIRST, EPHEMERAL_COUNT = 32768, 28232  # Linux's default ip_local_port_range, 32768-60999
 SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port before cookies
+MAX_TIME_WAIT = 8192         # default connections held in TIME-WAIT (Linux: tcp_max_tw_buckets)
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
 IPV6_EXTRA_HEADER = 20  # RFC 8200 §3: 40 bytes of IP header against IPv4's 20, so MSS = MTU - 60
 # Connection counters logged with tcp_closed.
@@ -75,7 +76,7 @@ class TcpDemux:
     def __init__(self, sink: Sink, address: bytes, config: TcpConfig, secret: bytes,
                  services: Mapping[int, ServiceFactory] | None = None, offload: bool = False,
                  syn_queue_limit: int = SYN_QUEUE_LIMIT, address6: bytes | None = None,
-                 relay_: TcpRelay | None = None) -> None:
+                 relay_: TcpRelay | None = None, max_time_wait: int = MAX_TIME_WAIT) -> None:
         self.sink = sink
         self.log = sink.log
         self.config = config
@@ -91,6 +92,11 @@ class TcpDemux:
         self.born: dict[Flow, float] = {}  # when each connection was created (stackctl conns)
         self.syn_queue: dict[int, set[Flow]] = {}  # listening port -> its half-open connections
         self.syn_queue_limit = syn_queue_limit
+        # Connections in TIME-WAIT, oldest first. Each is a whole connection (~5 kB) for 2 MSL, so a
+        # client churning connections would grow the worker without bound; past max_time_wait the
+        # oldest leaves TIME-WAIT early, as Linux drops TIME-WAIT sockets past tcp_max_tw_buckets.
+        self.time_wait: dict[Flow, None] = {}
+        self.max_time_wait = max_time_wait
         self._timers: list[tuple[float, Flow]] = []
         self._deadline: dict[Flow, float] = {}
         self.resets = TokenBucket(RESETS_PER_SECOND, RESETS_PER_SECOND)
@@ -285,7 +291,7 @@ class TcpDemux:
         self.relay.log_flow("tcp", key, record, now, "upstream_" + kind)
 
     def stats(self) -> dict[str, int]:
-        stats = {"connections": len(self.connections)}
+        stats = {"connections": len(self.connections), "time_wait": len(self.time_wait)}
         if self.relay is not None:  # attach mode: how many of them are relayed, and connects under way
             stats["relayed"] = sum(1 for key in self.connections if key.local)
             stats["relay_connecting"] = len(self.relay.pending)
@@ -475,6 +481,10 @@ class TcpDemux:
             return
         if conn.state is not State.SYN_RECEIVED:
             self._leave_syn_queue(key)
+        if conn.state is State.TIME_WAIT and key not in self.time_wait:
+            self._hold_time_wait(key, now, out)
+            if conn.state is State.CLOSED:
+                return  # it was the oldest itself (max_time_wait 0)
         deadline = conn.get_timer()
         app_deadline = self.host.timer(key)
         if app_deadline is not None and (deadline is None or app_deadline < deadline):
@@ -484,6 +494,18 @@ class TcpDemux:
         elif self._deadline.get(key) != deadline:
             self._deadline[key] = deadline
             heapq.heappush(self._timers, (deadline, key))
+
+    def _hold_time_wait(self, key: Flow, now: float, out: list[Outgoing]) -> None:
+        """key entered TIME-WAIT: past the limit, the oldest connection in TIME-WAIT ends now."""
+        time_wait = self.time_wait
+        time_wait[key] = None
+        if len(time_wait) <= self.max_time_wait:
+            return
+        oldest = next(iter(time_wait))
+        conn = self.connections[oldest]
+        self.sink.counters["time_wait_overflow"] += 1
+        conn.end_time_wait("time_wait_overflow")
+        self._after(oldest, conn, State.TIME_WAIT, now, out)
 
     def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
         relayed = self.relay is not None and (key.local or key in self.relay.published)
@@ -499,6 +521,7 @@ class TcpDemux:
 
     def _discard(self, key: Flow) -> None:
         self.connections.pop(key)
+        self.time_wait.pop(key, None)
         self._leave_syn_queue(key)
         self.host.forget(key)
         self.relays.pop(key, None)
