@@ -2,12 +2,12 @@
 
 A single bytearray that frees its front on every ACK and grows at its end
 moves its whole contents back to the start whenever the end reaches the
-allocation: with 1 MiB in flight that is about a megabyte moved for every
-128 KiB queued, a fifth of a TCP worker's time out of chargen.  Here the data
-lives in chunks of at most ``CHUNK`` octets that never move: appending fills
-the last chunk, then starts another; an ACK drops whole chunks and otherwise
-only moves an offset into the first.  Reading a segment copies its octets
-once, joining two chunks when it straddles them.
+allocation (with 1 MiB in flight, about a megabyte moved for every 128 KiB
+queued), and cutting a segment from it took two copies (slice, bytes).
+Here the data lives in chunks of at most ``CHUNK`` octets that never move:
+appending fills the last chunk, then starts another; an ACK drops whole
+chunks and otherwise only moves an offset into the first.  Reading a
+segment copies its octets once, joining two chunks when it straddles them.
 """
 
 from __future__ import annotations
@@ -82,6 +82,6 @@ class SendBuffer:
             self.clear()
 
     def clear(self) -> None:
-        self.chunks = []
+        self.chunks.clear()
         self.head = 0
         self.size = 0
