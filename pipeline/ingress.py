@@ -264,7 +264,7 @@ class Ingress:
     def status(self, now: float) -> dict:
         flows = self.router.flows_by_worker()
         return {
-            "epoch": self.epoch,
+            "epoch": messages.epoch_label(self.epoch),
             "uptime": round(now - self.started, 3),
             "device": self.device.name,
             "address": str(self.proc.config.stack_address),
@@ -351,11 +351,11 @@ class Ingress:
             poller.register(self.refusals, zmq.POLLIN)
         device_fd = self.device.fileno()
         reassembler = self.router.reassembler
-        reading = True
+        accepting = True  # the device is polled; False once stackctl stop began
         while not self.proc.stopper.stopping:
-            if reading and self.stop_phase is not None:  # stopping: no new packets in
+            if accepting and self.stop_phase is not None:  # stopping: no new packets in
                 poller.unregister(device_fd)
-                reading = False
+                accepting = False
             self.proc.flush_logs()
             timeout = 100
             deadline = reassembler.next_deadline()
@@ -378,9 +378,9 @@ class Ingress:
                 self.expire_fragments(now)
             if self.shedder is not None and self.shedder.next_deadline() <= now:
                 counters = self.proc.counters
-                reading = synfilter.Reading(counters["packets_in"], self.admission.syns_seen, self.drains,
-                                            counters["device_backlogged"])
-                decision = self.shedder.tick(now, reading, list(self.admission.real))
+                load = synfilter.Reading(counters["packets_in"], self.admission.syns_seen, self.drains,
+                                         counters["device_backlogged"])
+                decision = self.shedder.tick(now, load, list(self.admission.real))
                 if decision is not None:
                     self.set_syn_filter(decision)
             for name in self.members.expire(now):
@@ -423,7 +423,7 @@ def main() -> None:
                   address=str(cfg.stack_address), host6=cfg.host_interface6 and str(cfg.host_interface6),
                   address6=cfg.stack_address6 and str(cfg.stack_address6), attach=cfg.attach or None,
                   forward=cfg.forward, offload=hex(getattr(device, "offload_bits", 0)),
-                  epoch=ingress.epoch)
+                  epoch=messages.epoch_label(ingress.epoch))
     try:
         ingress.run()
     finally:

@@ -15,6 +15,7 @@ import pytest
 from tests.integration.netns import HOST_ADDR, ROOT, STACK_ADDR, Stack
 
 STACKCTL = str(ROOT / ".venv" / "bin" / "stackctl")
+STOP_BOUND = 5.0  # seconds from `stackctl stop` to honcho's exit: ~1 s idle, generous for a loaded machine
 
 
 def stackctl(stack: Stack, *args: str, timeout: float = 20, **kw) -> subprocess.CompletedProcess:
@@ -247,14 +248,22 @@ def test_stop_is_ordered_and_resets_open_connections(fresh_ns):
             sock.connect((STACK_ADDR, 8000))
             sock.sendall(b"before stop\n")
             assert sock.recv(100) == b"pots erofeb\n"
+            asked = time.monotonic()
             done = stackctl(stack, "stop", text=True, timeout=30)
             assert done.returncode == 0, done.stderr
             assert stack.proc.wait(timeout=15) == 0
+            took = time.monotonic() - asked
             with pytest.raises(ConnectionResetError):
                 sock.recv(100)  # the worker's reset went out through egress before it stopped
     finally:
         stack.stop()
+    print(f"stackctl stop to honcho's exit: {took:.2f} s")
     records = stack.records()
+    # Nothing died on the way: no respawn, no traceback (a stop that crashes a stage and
+    # lets the others time out still ends, but slowly and with a restart in between).
+    assert not [r for r in records if r["event"] == "process_died"], records
+    assert not [line for line in stack.lines() if "Traceback" in line]
+    assert took < STOP_BOUND, f"stop took {took:.1f} s"
     when = {(r["proc"], r["event"]): r["timestamp"] for r in records}
     for worker in ("tcp.1", "udp.1", "icmp.1"):
         assert when[(worker, "worker_parked")] <= when[("egress.1", "egress_parked")]
