@@ -97,7 +97,7 @@ def _drops(stats: dict[str, int]) -> str:
 def render(status: dict) -> str:
     addresses = " and ".join(a for a in (status["address"], status.get("address6")) if a)
     lines = [f"ustack {addresses} on {status['device']}, ingress up {status['uptime']:.0f} s "
-             f"(epoch {status['epoch']:08x})"]
+             f"(epoch {status['epoch']})"]
     reassembly = status.get("reassembly")
     if reassembly is not None:
         lines.append(f"reassembly: {reassembly['datagrams']} datagrams, {reassembly['bytes']} bytes held")

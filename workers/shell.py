@@ -104,7 +104,7 @@ def run(proc: Process, core: WorkerCore) -> None:
                     elif isinstance(msg, messages.Welcome):
                         core.flow_changes()  # superseded by the full list
                         tell_ingress(messages.encode_flows(proc.name, True, core.flows(), []))
-                        log.info("welcomed", epoch=msg.epoch)
+                        log.info("welcomed", epoch=msg.label)
                     elif isinstance(msg, messages.Orphans):
                         out += core.reset_orphans(msg.flows, time.monotonic())
                     elif isinstance(msg, messages.Stop):

@@ -117,6 +117,15 @@ class Goodbye:
 class Welcome:
     epoch: int
 
+    @property
+    def label(self) -> str:
+        return epoch_label(self.epoch)
+
+
+def epoch_label(epoch: int) -> str:
+    """The one form an epoch takes where people read it (logs, stackctl): 8 hex digits."""
+    return f"{epoch:08x}"
+
 
 @dataclass(frozen=True, slots=True)
 class Flows:
