@@ -26,7 +26,11 @@ EX_CONFIG = 78   # a configuration error, or another stack already runs on this 
 
 
 class ConfigError(SystemExit):
-    """A setting with a bad value; the message names the variable and what it expects."""
+    """Settings with bad values; each problem names the variable and what it expects."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 def env_str(name: str, default: str) -> str:
@@ -175,43 +179,57 @@ def published(proto: str) -> dict[int, int]:
 
 
 def load() -> StackConfig:
-    """Read and validate the environment; exit with a clear message on bad values."""
-    host, addr = _address_pair(ipaddress.IPv4Interface, ipaddress.IPv4Address, "", "10.0.0.1/24", "10.0.0.2")
-    host6, addr6 = _ipv6_addresses()
+    """Read and validate the environment: a ConfigError naming every bad value at once."""
+    problems: list[str] = []
+
+    def take(read, fallback):  # type: ignore[no-untyped-def]
+        """``read()``, or ``fallback`` with its problem noted, so later checks still run."""
+        try:
+            return read()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return fallback
+
+    host, addr = take(lambda: _address_pair(ipaddress.IPv4Interface, ipaddress.IPv4Address, "",
+                                            "10.0.0.1/24", "10.0.0.2"),
+                      (ipaddress.IPv4Interface("10.0.0.1/24"), ipaddress.IPv4Address("10.0.0.2")))
+    host6, addr6 = take(_ipv6_addresses, (None, None))
     tun_name = env_str("USTACK_TUN", "ustack0")
     if not 0 < len(tun_name) < 16:
-        raise ConfigError(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
-    mtu = env_int("USTACK_MTU", 1500)
+        problems.append(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
+    mtu = take(lambda: env_int("USTACK_MTU", 1500), 1500)
     if not 576 <= mtu <= 65535:
-        raise ConfigError(f"USTACK_MTU {mtu}: expected 576..65535")
-    if addr6 is not None and mtu < IPV6_MIN_MTU:
+        problems.append(f"USTACK_MTU {mtu}: expected 576..65535")
+    elif addr6 is not None and mtu < IPV6_MIN_MTU:
         # RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280.
-        raise ConfigError(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
+        problems.append(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
     run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
     endpoints = {}
     for stage in ("ingress", "egress", "control", "telemetry", "monitor"):
         default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
         connect = env_str(f"USTACK_{stage.upper()}_ENDPOINT", default)
         bind = env_str(f"USTACK_{stage.upper()}_BIND", connect)
-        for value in (connect, bind):
+        for value in dict.fromkeys((connect, bind)):
             if not value.startswith(("ipc://", "tcp://")):
-                raise ConfigError(f"USTACK_{stage.upper()}_*: {value!r} is neither ipc:// nor tcp://")
-            if value.startswith("ipc://") and len(value) - 6 > 107:
-                raise ConfigError(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
+                problems.append(f"USTACK_{stage.upper()}_*: {value!r} is neither ipc:// nor tcp://")
+            elif value.startswith("ipc://") and len(value) - 6 > 107:
+                problems.append(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
         endpoints[stage] = (connect, bind)
     keys_dir = env_str("USTACK_KEYS_DIR", "keys")
-    reassembly_timeout = env_float("USTACK_REASSEMBLY_TIMEOUT", 0.0) or None
+    reassembly_timeout = take(lambda: env_float("USTACK_REASSEMBLY_TIMEOUT", 0.0), 0.0) or None
     if reassembly_timeout is not None and not 0 < reassembly_timeout <= 120:
-        raise ConfigError(f"USTACK_REASSEMBLY_TIMEOUT {reassembly_timeout}: expected 0 < seconds <= 120")
-    offload = env_bool("USTACK_OFFLOAD", sys.platform == "linux")
+        problems.append(f"USTACK_REASSEMBLY_TIMEOUT {reassembly_timeout}: expected 0 < seconds <= 120")
+    offload = take(lambda: env_bool("USTACK_OFFLOAD", sys.platform == "linux"), False)
     if offload and sys.platform != "linux":
-        raise ConfigError("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
-    attach = attach_path(env_str("USTACK_ATTACH", ""))
-    forward = env_bool("USTACK_FORWARD", bool(attach))
-    default_route = env_bool("USTACK_DEFAULT_ROUTE", True)
-    syn_filter = env_bool("USTACK_SYN_FILTER", sys.platform == "linux")
+        problems.append("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
+    attach = take(lambda: attach_path(env_str("USTACK_ATTACH", "")), "")
+    forward = take(lambda: env_bool("USTACK_FORWARD", bool(attach)), False)
+    default_route = take(lambda: env_bool("USTACK_DEFAULT_ROUTE", True), True)
+    syn_filter = take(lambda: env_bool("USTACK_SYN_FILTER", sys.platform == "linux"), False)
     if syn_filter and sys.platform != "linux":
-        raise ConfigError("USTACK_SYN_FILTER=1: the device's eBPF filter exists only on Linux")
+        problems.append("USTACK_SYN_FILTER=1: the device's eBPF filter exists only on Linux")
+    if problems:
+        raise ConfigError(*problems)
     return StackConfig(
         syn_filter=syn_filter,
         attach=attach,
@@ -348,13 +366,13 @@ CHECKS: tuple[Callable[[], None], ...] = (
 
 def validate_all() -> list[str]:
     """Every configuration error at once (empty when all is well)."""
-    errors = []
+    errors: list[str] = []
     for check in CHECKS:
         try:
             check()
         except ConfigError as exc:
-            errors.append(str(exc))
-    return errors
+            errors.extend(exc.problems)
+    return list(dict.fromkeys(errors))  # each once: some settings are read by two checks (USTACK_MTU)
 
 
 def missing_keys(cfg: StackConfig, role: str) -> list[str]:

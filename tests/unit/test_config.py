@@ -113,6 +113,19 @@ def test_validate_all_reports_every_bad_setting_at_once(env):
     assert "TCP_SYN_QUEUE=0: expected 1..1048576" in errors
 
 
+def test_every_bad_stack_setting_is_reported_at_once_and_each_once(env):
+    # load() covers these together: each must be named, not only the first it meets, and
+    # USTACK_MTU (read by load() and by the TCP receive buffer's check) only once.
+    for name, value in {"USTACK_TUN": "far-too-long-a-name", "USTACK_MTU": "abc", "USTACK_OFFLOAD": "maybe",
+                        "USTACK_REASSEMBLY_TIMEOUT": "999", "USTACK_HOST_ADDR6": "nope"}.items():
+        env.setenv(name, value)
+    errors = config.validate_all()
+    assert len(errors) == 5, errors
+    assert sum("USTACK_MTU" in e for e in errors) == 1
+    for name in ("USTACK_TUN", "USTACK_OFFLOAD", "USTACK_REASSEMBLY_TIMEOUT", "USTACK_HOST_ADDR6"):
+        assert any(name in e for e in errors), name
+
+
 def test_check_or_exit_uses_ex_config(env, capsys):
     env.setenv("TCP_DELAYED_ACK", "2")
     with pytest.raises(SystemExit) as exc:
