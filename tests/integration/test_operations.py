@@ -76,6 +76,7 @@ def test_piped_run_then_ctrl_c_leaves_no_process_and_no_namespace(reader):
             time.sleep(0.1)
         assert _processes_in_netns(inode) == [], err
         assert name not in _netns_names(), err
+        assert "Traceback" not in err and "Error" not in err, err  # a reader gone or Ctrl-C is no error
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -150,10 +151,14 @@ def test_a_bad_setting_stops_honcho_at_once_with_the_message(fresh_ns, name, val
 
 def test_scripts_run_checks_the_settings_before_it_starts_anything():
     name = f"usrun-{uuid.uuid4().hex[:8]}"
-    done = subprocess.run(["scripts/run"], cwd=ROOT, env=dict(os.environ, USTACK_NETNS=name, TCP_CONGESTION="bbr"),
+    bad = {"TCP_CONGESTION": "bbr", "USTACK_MTU": "abc", "USTACK_TUN": "far-too-long-a-name"}
+    done = subprocess.run(["scripts/run"], cwd=ROOT, env=dict(os.environ, USTACK_NETNS=name, **bad),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 78
-    assert "TCP_CONGESTION='bbr': expected newreno or cubic" in done.stderr
+    # Every bad setting in one run, each once.
+    assert done.stderr.count("TCP_CONGESTION='bbr': expected newreno or cubic") == 1, done.stderr
+    assert done.stderr.count("USTACK_MTU='abc'") == 1, done.stderr
+    assert done.stderr.count("USTACK_TUN 'far-too-long-a-name'") == 1, done.stderr
     assert "From another shell" not in done.stderr
     assert name not in _netns_names()
 
