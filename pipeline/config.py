@@ -137,14 +137,21 @@ def _ipv6_addresses() -> tuple[ipaddress.IPv6Interface | None, ipaddress.IPv6Add
     return host, addr
 
 
-def default_run_dir(tun_name: str) -> str:
+RUN_BASE = "/run/ustack"  # where default run directories live; stackctl list looks here
+
+
+def default_run_dir(tun_name: str, attach: str = "") -> str:
     """/run/ustack/<network namespace>-<device>: a stack per namespace never meets
-    another's sockets, and stackctl in the same namespace finds its own."""
+    another's sockets, and stackctl in the same namespace finds its own. Attached,
+    /run/ustack/<ours>-<device>-attached-<theirs>: apart from a stack serving this namespace
+    (its device lives elsewhere). stackctl finds either by its stack file (stacklock.live_stacks)."""
     try:
         netns = os.stat("/proc/self/ns/net").st_ino
+        theirs = os.stat(attach).st_ino if attach else 0
     except OSError:  # not Linux
         return os.path.join("/tmp", f"ustack-{os.getuid()}-{tun_name}")
-    return f"/run/ustack/{netns}-{tun_name}"
+    name = f"{netns}-{tun_name}-attached-{theirs}" if attach else f"{netns}-{tun_name}"
+    return os.path.join(RUN_BASE, name)
 
 
 def attach_path(raw: str) -> str:
@@ -203,7 +210,8 @@ def load() -> StackConfig:
     elif addr6 is not None and mtu < IPV6_MIN_MTU:
         # RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280.
         problems.append(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
-    run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name))
+    attach = take(lambda: attach_path(env_str("USTACK_ATTACH", "")), "")
+    run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name, attach))
     endpoints = {}
     for stage in ("ingress", "egress", "control", "telemetry", "monitor"):
         default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
@@ -222,7 +230,6 @@ def load() -> StackConfig:
     offload = take(lambda: env_bool("USTACK_OFFLOAD", sys.platform == "linux"), False)
     if offload and sys.platform != "linux":
         problems.append("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
-    attach = take(lambda: attach_path(env_str("USTACK_ATTACH", "")), "")
     forward = take(lambda: env_bool("USTACK_FORWARD", bool(attach)), False)
     default_route = take(lambda: env_bool("USTACK_DEFAULT_ROUTE", True), True)
     syn_filter = take(lambda: env_bool("USTACK_SYN_FILTER", sys.platform == "linux"), False)

@@ -7,14 +7,18 @@
     stackctl logs [--follow] [--proc GLOB] [--level L] [--event E] [--flow ADDR:PORT] [--console]
     stackctl capture -w FILE.pcap|- [-c N] [--flow ADDR:PORT]   packets both ways, as they crossed the device
     stackctl stop                               ordered shutdown: workers, then egress, then ingress
+    stackctl list [--json]                      every stack on this machine and what it serves
 
-It reads the same environment as the stack (USTACK_RUN_DIR or the endpoint
-variables, and the CURVE keys for tcp:// endpoints). The default run
-directory is per network namespace: run it inside the stack's namespace, or
-give ``--netns NAME`` and it enters that namespace itself just to find the
-stack's sockets (it configures nothing there). ``status``, ``counters`` and
-``stop`` ask ingress over the control socket; ``logs``, ``capture`` and
-``conns`` subscribe to the telemetry stream (``pipeline.telemetry``).
+Which stack: the one serving the namespace stackctl runs in, or ``--netns
+NAME`` — the namespace a stack runs in, or the one it is attached to. Each
+stack's run directory under /run/ustack holds a file naming its device and
+namespaces (``pipeline.stacklock``); its ipc sockets are files, reachable from
+any namespace. USTACK_RUN_DIR or the endpoint variables (and the CURVE keys
+for tcp:// endpoints) name a stack explicitly, as for the stack itself; with
+them ``--netns`` enters that namespace just to reach it (it configures
+nothing there). ``status``, ``counters`` and ``stop`` ask ingress over the
+control socket; ``logs``, ``capture`` and ``conns`` subscribe to the
+telemetry stream (``pipeline.telemetry``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 
 import zmq
 
-from pipeline import config
+from pipeline import config, stacklock
 from pipeline.bus import endpoints, messages
 from pipeline.flow import Flow
 from pipeline.pcap import FlowFilter, PcapWriter
@@ -45,9 +49,13 @@ _ADDR_FIELDS = ("remote", "src", "dst", "address", "host")
 _PORT_FIELDS = ("rport", "lport", "sport", "dport")
 
 
+def netns_path(name: str) -> str:
+    return name if "/" in name else f"/run/netns/{name}"
+
+
 def enter_netns(name: str) -> None:
     """Move this (single-threaded) process into a named network namespace before any socket."""
-    path = name if "/" in name else f"/run/netns/{name}"
+    path = netns_path(name)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -59,6 +67,86 @@ def enter_netns(name: str) -> None:
                              "(needs root)")
     finally:
         os.close(fd)
+
+
+# -- which stack ------------------------------------------------------------------------
+
+_EXPLICIT = ("USTACK_RUN_DIR", "USTACK_CONTROL_ENDPOINT", "USTACK_MONITOR_ENDPOINT")
+
+
+def serves(stack: dict, netns: int | None) -> bool:
+    """An attached stack serves the namespaces it is attached to; another, the one it runs in."""
+    attached = stack.get("attached") or []
+    if attached:
+        return any(a.get("netns") == netns for a in attached)
+    return stack.get("netns") == netns
+
+
+def pick_stack(stacks: list[dict], netns: int | None, device: str | None) -> dict | None:
+    """The one stack serving ``netns`` (else the one running there); None if there is none."""
+    if device:
+        stacks = [s for s in stacks if s.get("device") == device]
+    candidates = [s for s in stacks if serves(s, netns)] or [s for s in stacks if s.get("netns") == netns]
+    if len(candidates) > 1:
+        dirs = ", ".join(s["run_dir"] for s in candidates)
+        raise SystemExit(f"stackctl: {len(candidates)} stacks here ({dirs}): name one with "
+                         "USTACK_RUN_DIR=DIR or USTACK_TUN=DEVICE (see stackctl list)")
+    return candidates[0] if candidates else None
+
+
+def locate(netns: str | None) -> None:
+    """Point this process at the stack serving ``netns`` (or our namespace) before loading the config."""
+    if not any(name in os.environ for name in _EXPLICIT):
+        inode = stacklock.netns_inode(netns_path(netns) if netns else "/proc/self/ns/net")
+        if netns and inode is None:
+            raise SystemExit(f"stackctl: no network namespace {netns!r} at {netns_path(netns)}")
+        stack = pick_stack(stacklock.live_stacks(config.RUN_BASE), inode, os.environ.get("USTACK_TUN"))
+        if stack is not None:
+            os.environ["USTACK_RUN_DIR"] = stack["run_dir"]
+            return
+    if netns:
+        enter_netns(netns)  # explicit endpoints, or no stack found: the defaults of that namespace
+
+
+def namespace_names() -> dict[int, str]:
+    """Inode -> name of every namespace under /run/netns, and the initial one."""
+    names = {}
+    initial = stacklock.netns_inode("/proc/1/ns/net")
+    if initial is not None:
+        names[initial] = "(initial)"
+    try:
+        entries = os.listdir("/run/netns")
+    except OSError:
+        entries = []
+    for entry in sorted(entries):
+        inode = stacklock.netns_inode(f"/run/netns/{entry}")
+        if inode is not None:
+            names[inode] = entry
+    return names
+
+
+def stack_rows(stacks: list[dict], now: float) -> list[dict]:
+    names = namespace_names()
+
+    def ns(inode: int | None, path: str = "") -> dict:
+        return {"inode": inode, "name": names.get(inode or -1) or path or f"net:[{inode}]"}
+    return [{"run_dir": s["run_dir"], "device": s.get("device", ""), "netns": ns(s.get("netns")),
+             "attached": [ns(a.get("netns"), a.get("path", "")) for a in s.get("attached") or []],
+             "supervisor": s.get("supervisor"), "uptime": round(now - s["started"], 1) if "started" in s else None}
+            for s in stacks]
+
+
+def render_stacks(rows: list[dict]) -> str:
+    if not rows:
+        return "no stack is running"
+    width = max(len(r["run_dir"]) for r in rows)
+    lines = [f"{'run directory':<{width}} {'device':<9} {'runs in':<16} {'attached to':<16} {'pid':>7} {'uptime':>8}"]
+    for r in rows:
+        attached = ",".join(a["name"] for a in r["attached"]) or "-"
+        uptime = "-" if r["uptime"] is None else f"{r['uptime']:.0f} s"
+        lines.append(f"{r['run_dir']:<{width}} {r['device']:<9} {r['netns']['name']:<16} {attached:<16} "
+                     f"{r['supervisor']!s:>7} {uptime:>8}")
+    return "\n".join(lines)
 
 
 def load_config() -> config.StackConfig:
@@ -75,7 +163,8 @@ def request(command: str, cfg: config.StackConfig) -> messages.Reply:
         sock.send_multipart(messages.encode_request(command))
         if not sock.poll(TIMEOUT_MS):
             raise SystemExit(f"stackctl: no answer from {cfg.control_endpoint} within {TIMEOUT_MS} ms "
-                             "(is the stack running, in this namespace (--netns), with the same USTACK_* settings?)")
+                             "(is the stack running, in this namespace (--netns), with the same USTACK_* settings? "
+                             "stackctl list shows every stack)")
         msg = messages.decode(sock.recv_multipart())
     finally:
         sock.close(linger=0)
@@ -308,7 +397,8 @@ def capture(cfg: config.StackConfig, args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stackctl", description="Look at a running ustack, and stop it.")
-    p.add_argument("--netns", metavar="NAME", help="the stack's network namespace (entered only to reach it)")
+    p.add_argument("--netns", metavar="NAME",
+                   help="the stack serving this network namespace (attached to it), or running in it")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("status", help="live processes and their counters")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -317,6 +407,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("flows", help="TCP flows and the workers that own them")
     s.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("stop", help="ordered shutdown: workers reset their connections, egress drains, ingress exits")
+    s = sub.add_parser("list", help="every stack on this machine: run directory, namespaces, pid, uptime")
+    s.add_argument("--json", action="store_true", help="print JSON")
     s = sub.add_parser("conns", help="every TCP connection of every worker, like ss -tin")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--state", help="only connections in this state (e.g. ESTABLISHED, time-wait)")
@@ -351,8 +443,11 @@ def run(args: argparse.Namespace) -> int:
                 FlowFilter(getattr(args, name))
             except ValueError as exc:
                 raise SystemExit(f"stackctl: --{name} {exc}") from None
-    if args.netns:
-        enter_netns(args.netns)
+    if args.command == "list":
+        rows = stack_rows(stacklock.live_stacks(config.RUN_BASE), time.time())
+        print(json.dumps(rows, indent=2) if args.json else render_stacks(rows))
+        return 0
+    locate(args.netns)
     cfg = load_config()
     if args.command == "status":
         status = request("status", cfg).payload

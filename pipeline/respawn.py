@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
         return config.EX_CONFIG
     logger = log.setup(name).bind(wrapper="respawn")
     supervisor_started = stacklock.start_time(supervisor)
-    lock = stacklock.StackLock(config.load().run_dir, supervisor)
+    cfg = config.load()
+    lock = stacklock.StackLock(cfg.run_dir, supervisor, device=cfg.tun_name, attach=cfg.attach)
     try:
         joined = lock.join()
     except stacklock.StackBusy as exc:

@@ -27,6 +27,7 @@ import json
 import os
 import select
 import stat
+import time
 
 STACK_FILE = "stack"
 
@@ -139,13 +140,28 @@ def _parent_locked(run_dir: str):
         os.close(fd)  # releases the lock
 
 
-class StackLock:
-    """This process's membership of the stack that owns ``run_dir``."""
+def netns_inode(path: str = "/proc/self/ns/net") -> int | None:
+    """The inode that names a network namespace (what ``ip netns identify`` compares), or None."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
-    def __init__(self, run_dir: str, supervisor: int) -> None:
+
+class StackLock:
+    """This process's membership of the stack that owns ``run_dir``.
+
+    The stack file also says what the stack serves, for ``stackctl list`` and
+    ``stackctl --netns`` (:func:`live_stacks`): the device, the namespace it
+    runs in and the one it is attached to (by inode, as names may change).
+    """
+
+    def __init__(self, run_dir: str, supervisor: int, device: str = "", attach: str = "") -> None:
         self.run_dir = run_dir
         self.supervisor = supervisor
         self.id = stack_id(supervisor)
+        self.device = device
+        self.attach = attach
         self._fd = -1
 
     def join(self) -> str:
@@ -170,7 +186,10 @@ class StackLock:
             stale = _remove_ours(self.run_dir)  # sockets of a stack that was killed
             with open(os.path.join(self.run_dir, STACK_FILE), "w") as f:
                 json.dump({"id": self.id, "supervisor": self.supervisor,
-                           "command": _cmdline(self.supervisor).replace(b"\0", b" ").decode(errors="replace").strip()},
+                           "command": _cmdline(self.supervisor).replace(b"\0", b" ").decode(errors="replace").strip(),
+                           "started": time.time(), "device": self.device, "netns": netns_inode(),
+                           "attached": [{"path": self.attach, "netns": netns_inode(self.attach)}]
+                           if self.attach else []},
                           f)
             fcntl.flock(fd, fcntl.LOCK_SH)  # a conversion: safe, joiners wait on the parent lock
             self._fd = fd
@@ -207,3 +226,40 @@ class StackLock:
         return (f"another ustack already runs on this device in this network namespace: supervisor pid {pid} "
                 f"({command}), run directory {self.run_dir}; stop it first (stackctl stop, or Ctrl-C in its "
                 "terminal), or give this one another USTACK_TUN")
+
+
+def live_stacks(base: str) -> list[dict]:
+    """Every running stack whose run directory is under ``base``: its stack file's record plus
+    ``run_dir``. A directory nobody holds a lock on is a killed stack's leftover, not listed.
+    Probed under the parent's lock, as joiners and leavers take it (never a false StackBusy)."""
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        run_dir = os.path.join(base, entry)
+        try:
+            with open(os.path.join(run_dir, STACK_FILE)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or not _held(run_dir):
+            continue
+        found.append({**record, "run_dir": run_dir})
+    return found
+
+
+def _held(run_dir: str) -> bool:
+    with _parent_locked(run_dir):
+        try:
+            fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True  # its processes hold it shared
+        finally:
+            os.close(fd)  # and with it our probe's lock, if we got it
+        return False

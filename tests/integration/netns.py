@@ -143,12 +143,14 @@ class Stack:
 
     def __init__(self, ns: Namespace, *honcho_args: str, env: dict[str, str] | None = None,
                  run_dir: str | None = None) -> None:
+        """``run_dir`` "" leaves the stack its default run directory (under /run/ustack), as a user's."""
         self.ns = ns
-        self.run_dir = run_dir or f"{RUN_DIR_BASE}/{ns.name}"
+        self.run_dir = f"{RUN_DIR_BASE}/{ns.name}" if run_dir is None else run_dir
         self.log_path = ROOT / ".pytest_cache" / f"stack-{ns.name}-{uuid.uuid4().hex[:6]}.log"
         self.log_path.parent.mkdir(exist_ok=True)
-        full_env = dict(os.environ)
-        full_env.update({"USTACK_RUN_DIR": self.run_dir, "PYTHONUNBUFFERED": "1"})
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.run_dir:
+            full_env["USTACK_RUN_DIR"] = self.run_dir
         full_env.update(env or {})
         self._log_file = open(self.log_path, "wb")
         # honcho goes (and stops the stack) if whoever started it dies without cleaning up.
@@ -158,8 +160,9 @@ class Stack:
 
     def status(self) -> dict:
         """What `stackctl status --json` says: each process's counters and gauges."""
-        out = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), "status", "--json"],
-                             env=dict(os.environ, USTACK_RUN_DIR=self.run_dir),
+        which = ["--netns", self.ns.name] if not self.run_dir else []  # found as a user's is
+        out = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), *which, "status", "--json"],
+                             env=dict(os.environ, **({"USTACK_RUN_DIR": self.run_dir} if self.run_dir else {})),
                              capture_output=True, text=True, timeout=10, check=True)
         return json.loads(out.stdout)
 

@@ -6,6 +6,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.utils import rdpcap
 
+from pipeline import ctl
 from pipeline.bus import messages
 from pipeline.pcap import LINKTYPE_RAW, FlowFilter, PcapWriter
 from pipeline.flow import Flow
@@ -78,3 +79,25 @@ def test_connection_record_of_a_connection_with_data_in_flight():
     assert record["send_buffer"] == [5000, conn.config.send_buffer] and record["recv_buffer"][0] == 0
     assert record["age"] == pytest.approx(1.05) and record["ecn"] is False
     assert messages.decode_telemetry(messages.encode_conns("tcp.1", [record])).records == [record]
+
+
+# -- which stack stackctl talks to ---------------------------------------------------------
+
+def _stack(run_dir: str, netns: int, attached: tuple[int, ...] = (), device: str = "ustack0") -> dict:
+    return {"run_dir": run_dir, "netns": netns, "device": device,
+            "attached": [{"path": f"/run/netns/n{a}", "netns": a} for a in attached]}
+
+
+def test_an_attached_stack_serves_its_namespace_not_the_one_it_runs_in():
+    own, attached = _stack("/run/ustack/1-ustack0", 1), _stack("/run/ustack/1-ustack0-attached-2", 1, (2,))
+    assert ctl.pick_stack([own, attached], 2, None) is attached  # stackctl --netns box
+    assert ctl.pick_stack([own, attached], 1, None) is own        # where both run: the one serving it
+    assert ctl.pick_stack([attached], 1, None) is attached        # else the one running there
+    assert ctl.pick_stack([own, attached], 3, None) is None
+
+
+def test_two_stacks_serving_one_namespace_must_be_named():
+    a, b = _stack("/run/ustack/1-ustack0", 1), _stack("/run/ustack/1-other0", 1, device="other0")
+    with pytest.raises(SystemExit, match="2 stacks here .*USTACK_TUN"):
+        ctl.pick_stack([a, b], 1, None)
+    assert ctl.pick_stack([a, b], 1, "other0") is b
