@@ -381,6 +381,8 @@ def configure_kernel_side(name: str, host_interface: str, mtu: int, host_interfa
             if host_interface6 is not None:
                 cmds.append(["ip", "-6", "route", "replace", "default", "dev", name])
         if netns:
+            # A namespace made for us (ip netns add) has its loopback down: programs there expect it up.
+            cmds.insert(0, ["ip", "link", "set", "dev", "lo", "up"])
             cmds = [["nsenter", f"--net={netns}", *cmd] for cmd in cmds]
     else:
         ip, _, prefix = host_interface.partition("/")
