@@ -1,3 +1,4 @@
+import contextlib
 import socket
 from typing import NamedTuple
 
@@ -85,3 +86,45 @@ def topo():
         yield t
     finally:
         t.delete()
+
+
+# -- stack logs (.pytest_cache/stack-*.log): a failing test's stays, a passing one's goes --
+
+_FAILED = pytest.StashKey[bool]()
+_kept: set[Stack] = set()  # stacks that served a test which did not pass
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:  # setup, call or teardown
+        item.stash[_FAILED] = True
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A stack serves each test that runs while it is up (module-scoped ones, many)."""
+    before = set(Stack.made)
+    serving = [s for s in Stack.made if not s.stopped]
+    passed = False
+    try:
+        result = yield
+        passed = not item.stash.get(_FAILED, False)
+        return result
+    finally:
+        serving += [s for s in Stack.made if s not in before]
+        if not passed:  # failed, or interrupted
+            _kept.update(serving)
+        _remove_passed_logs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _remove_passed_logs()
+
+
+def _remove_passed_logs() -> None:
+    for s in [s for s in Stack.made if s.stopped and s not in _kept]:
+        with contextlib.suppress(OSError):
+            s.log_path.unlink()
+        Stack.made.remove(s)

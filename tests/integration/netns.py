@@ -141,6 +141,10 @@ def routed_client(stack_ns: Namespace) -> Namespace:
 class Stack:
     """`honcho start` run in a namespace exactly as a user runs it, output captured."""
 
+    # Every stack made in this process: tests/integration/conftest.py removes the
+    # logs of those whose tests all passed (a failing test's log stays for reading).
+    made: list[Stack] = []
+
     def __init__(self, ns: Namespace, *honcho_args: str, env: dict[str, str] | None = None,
                  run_dir: str | None = None) -> None:
         """``run_dir`` "" leaves the stack its default run directory (under /run/ustack), as a user's."""
@@ -153,10 +157,16 @@ class Stack:
             full_env["USTACK_RUN_DIR"] = self.run_dir
         full_env.update(env or {})
         self._log_file = open(self.log_path, "wb")
+        Stack.made.append(self)
         # honcho goes (and stops the stack) if whoever started it dies without cleaning up.
         self.proc = ns.popen("honcho", "start", *honcho_args, cwd=ROOT, env=full_env,
                              stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
                              preexec_fn=die_with_parent)
+
+    @property
+    def stopped(self) -> bool:
+        """stop() has run: nothing writes the log any more."""
+        return self._log_file.closed
 
     def status(self) -> dict:
         """What `stackctl status --json` says: each process's counters and gauges."""
