@@ -8,6 +8,7 @@
     stackctl capture -w FILE.pcap|- [-c N] [--flow ADDR:PORT]   packets both ways, as they crossed the device
     stackctl stop                               ordered shutdown: workers, then egress, then ingress
     stackctl list [--json]                      every stack on this machine and what it serves
+    stackctl latency [--seconds S] [--json]     how long each stage holds a packet (pipeline.latency)
 
 Which stack: the one serving the namespace stackctl runs in, or ``--netns
 NAME`` — the namespace a stack runs in, or the one it is attached to. Each
@@ -42,6 +43,7 @@ from pipeline.wire.addr import fmt_addr, fmt_endpoint, split_endpoint
 TIMEOUT_MS = 2000
 CONNS_WAIT = 3.0  # seconds to wait for every tcp worker's connection table
 STOP_WAIT = 20.0  # seconds to wait for the stack to be gone after `stop`
+LATENCY_SETTLE = 0.5  # seconds for the last samples to reach ingress (egress reports every 0.2 s)
 _CLONE_NEWNET = 0x40000000
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 # Log record fields that hold addresses and ports (pipeline and worker events).
@@ -246,6 +248,23 @@ def stop(cfg: config.StackConfig) -> int:
     return 1
 
 
+def measure_latency(cfg: config.StackConfig, seconds: float) -> dict[str, dict[str, int]]:
+    """The budget of the traffic of the next ``seconds`` (ingress stamps only while asked)."""
+    request("latency_start", cfg)
+    print(f"stackctl: measuring for {seconds:g} s: send traffic now", file=sys.stderr, flush=True)
+    time.sleep(seconds + LATENCY_SETTLE)
+    return request("latency", cfg).payload
+
+
+def render_latency(budget: dict[str, dict[str, int]]) -> str:
+    if not budget:
+        return "no packets crossed the stack while measuring"
+    lines = [f"{'stage':<10} {'p50 µs':>9} {'p99 µs':>9} {'count':>8}"]
+    for stage, row in budget.items():
+        lines.append(f"{stage:<10} {row['p50_us']:>9} {row['p99_us']:>9} {row['count']:>8}")
+    return "\n".join(lines)
+
+
 # -- telemetry: logs, conns, capture ----------------------------------------------------
 
 def _subscribe(cfg: config.StackConfig, topic: bytes) -> tuple[zmq.Context, zmq.Socket]:
@@ -409,6 +428,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("stop", help="ordered shutdown: workers reset their connections, egress drains, ingress exits")
     s = sub.add_parser("list", help="every stack on this machine: run directory, namespaces, pid, uptime")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("latency", help="how long each stage holds a packet, over traffic sent meanwhile")
+    s.add_argument("--seconds", type=float, default=3.0, help="how long to measure (default 3)")
+    s.add_argument("--json", action="store_true", help="print JSON: {stage: {p50_us, p99_us, count}}")
     s = sub.add_parser("conns", help="every TCP connection of every worker, like ss -tin")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--state", help="only connections in this state (e.g. ESTABLISHED, time-wait)")
@@ -464,6 +486,9 @@ def run(args: argparse.Namespace) -> int:
             print(render_flows(rows))
     elif args.command == "stop":
         return stop(cfg)
+    elif args.command == "latency":
+        budget = measure_latency(cfg, args.seconds)
+        print(json.dumps(budget, indent=2) if args.json else render_latency(budget))
     elif args.command == "conns":
         records = [r for r in connection_tables(cfg) if conn_filter(args)(r)]
         print(json.dumps(records, indent=2) if args.json else render_conns(records))

@@ -13,6 +13,7 @@ STOP and the telemetry requests.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -20,11 +21,12 @@ from collections.abc import Callable
 
 import zmq
 
-from pipeline import tun
+from pipeline import latency, tun
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 
 MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) written per wake-up
+LATENCY_REPORT = 0.2  # seconds between latency samples sent to ingress, while there are some
 
 
 class Writer:
@@ -36,6 +38,7 @@ class Writer:
         self.counters = counters
         self.drop = drop
         self.capture = capture  # called with each packet written while stackctl captures
+        self.samples: latency.Samples = {}  # stamped messages' stages, until sent to ingress
 
     def write_some(self, inbox: zmq.Socket) -> int:
         """Write the packets of at most MAX_DRAIN waiting messages; return how many messages."""
@@ -46,6 +49,7 @@ class Writer:
             if not isinstance(msg, messages.Packets):
                 self.drop("bus_unexpected_kind")
                 continue
+            received = time.monotonic() if msg.stamps is not None else 0.0
             for data, offload in msg.items:
                 try:
                     write(data, offload)
@@ -55,6 +59,8 @@ class Writer:
                 self.counters["packets_out"] += 1
                 if self.capture is not None:
                     self.capture(data)
+            if msg.stamps is not None:
+                latency.merge(self.samples, latency.stages(msg.stamps, received, time.monotonic()))
         return taken
 
 
@@ -93,6 +99,7 @@ def main() -> None:
     log.info("egress_started", device=device.name, offload=cfg.offload)
     seq = 0
     next_heartbeat = 0.0
+    next_report = 0.0
     try:
         while not proc.stopper.stopping and not stop_asked:
             proc.flush_logs()
@@ -106,7 +113,8 @@ def main() -> None:
                 except zmq.Again:
                     pass
                 next_heartbeat = now + messages.HEARTBEAT_INTERVAL
-            ready = dict(poller.poll(max(1, int((next_heartbeat - now) * 1000))))
+            wake = min(next_heartbeat, next_report) if writer.samples else next_heartbeat
+            ready = dict(poller.poll(max(1, int((wake - now) * 1000))))
             if refusals is not None and refusals in ready:
                 endpoints.log_refusals(refusals, log)
             if heartbeat in ready:
@@ -114,6 +122,11 @@ def main() -> None:
             if inbox in ready:
                 writer.capture = capture if telemetry.capturing else None
                 writer.write_some(inbox)
+            if writer.samples and (now := time.monotonic()) >= next_report:
+                with contextlib.suppress(zmq.Again):  # ingress away: these samples are lost, no harm
+                    heartbeat.send_multipart(messages.encode_latency(proc.name, writer.samples), flags=zmq.NOBLOCK)
+                writer.samples = {}
+                next_report = now + LATENCY_REPORT
         if stop_asked:
             # stackctl stop: the workers have said goodbye; write what they sent, then idle.
             while inbox.poll(200):

@@ -13,7 +13,7 @@ import time
 
 import zmq
 
-from pipeline import bpf, synfilter, tun
+from pipeline import bpf, latency, synfilter, tun
 from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
 from pipeline.config import StackConfig
@@ -61,6 +61,8 @@ class Ingress:
         self.refusals = endpoints.auth_monitor(self.bus)
         self.control = endpoints.control_router(ctx, cfg)
         self.orphans: list[tuple[float, Flow]] = []
+        self.budget = latency.Budget()
+        self.timing_until = 0.0  # stamp packets until then (stackctl latency asked)
         self.telemetry = Forwarder(ctx, cfg, proc.counters)
         # stackctl stop: None, then "workers" (they finish), "egress" (it drains), "done".
         self.stop_phase: str | None = None
@@ -74,10 +76,12 @@ class Ingress:
         if self.proc.debug:
             self.log.debug("ignored", reason=reason, **fields)
 
-    def forward(self, name: str, items: list[messages.Item]) -> bool:
-        """Send packets to one worker as one message; False if the worker is gone."""
+    def forward(self, name: str, items: list[messages.Item], read: float | None = None) -> bool:
+        """Send packets to one worker as one message; False if the worker is gone. With ``read``
+        (the time they were read, while stackctl latency measures) the message is stamped."""
+        stamps = None if read is None else [read, time.monotonic()]
         try:
-            self.bus.send_multipart([name.encode(), *messages.encode_packets(items)], flags=zmq.NOBLOCK,
+            self.bus.send_multipart([name.encode(), *messages.encode_packets(items, stamps)], flags=zmq.NOBLOCK,
                                     copy=False)  # large frames zero-copy (endpoints.ZERO_COPY_MIN)
         except zmq.Again:
             self.proc.drop("worker_full", worker=name, packets=len(items))
@@ -104,8 +108,9 @@ class Ingress:
                 batches.setdefault(name, []).append((packet, offload))
             elif role:
                 router.hold(role, now, (packet, offload))  # no live worker yet, or settling
+        read = now if now < self.timing_until else None
         for name, batch in batches.items():
-            if not self.forward(name, batch):
+            if not self.forward(name, batch, read):
                 # The worker vanished under us: route again among the living (or hold).
                 for data, offload in batch:
                     again, role, _ = router.route(data, now)
@@ -252,6 +257,9 @@ class Ingress:
             elif isinstance(msg, messages.Flows):
                 if msg.name.encode() == peer and self.members.is_alive(msg.name):
                     self.router.update_flows(msg.name, msg.full, msg.opened, msg.closed)
+            elif isinstance(msg, messages.Latency):
+                if now < self.timing_until:
+                    self.budget.add(msg.samples)
             elif isinstance(msg, messages.Goodbye):
                 if msg.name.encode() == peer and self.members.remove(msg.name):
                     self.router.forget_worker(msg.name)  # it reset its own connections
@@ -299,6 +307,11 @@ class Ingress:
                     reply = messages.encode_reply("ok", None, messages.flow_table(self.router.owned_flows()))
                 elif isinstance(msg, messages.Request) and msg.command == "stop":
                     reply = messages.encode_reply("ok", None, self.begin_stop(now))
+                elif isinstance(msg, messages.Request) and msg.command in ("latency", "latency_start"):
+                    if msg.command == "latency_start":
+                        self.budget.clear()
+                    self.timing_until = now + latency.ARMED_FOR
+                    reply = messages.encode_reply("ok", None, self.budget.summary())
                 else:
                     reply = messages.encode_reply("error", "unknown_command", None)
             try:

@@ -20,12 +20,14 @@ import time
 
 import zmq
 
+from pipeline import latency
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
 from workers.upstream import Upstreams
 
 MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) handled per wake-up
+LATENCY_REPORT = 0.2  # seconds between upstream latency samples sent to ingress, while there are some
 
 
 def sink(proc: Process) -> Sink:
@@ -53,15 +55,20 @@ def run(proc: Process, core: WorkerCore) -> None:
     counters = proc.counters
     heartbeat_seq = 0
     next_heartbeat = 0.0
+    timing_until = 0.0  # stamped packets came recently: measure the upstream stage too
+    next_report = 0.0
     log.info("worker_started", role=proc.role)
 
-    def send(packets: list[Outgoing]) -> None:
-        """Everything for egress from one wake-up, in as few messages as MAX_BATCH allows."""
+    def send(packets: list[Outgoing], stamps: list[float | None] | None = None) -> None:
+        """Everything for egress from one wake-up, in as few messages as MAX_BATCH allows;
+        ``stamps`` (pipeline.latency) get the time it leaves."""
+        if stamps is not None:
+            stamps = [*stamps, time.monotonic()]
         for start in range(0, len(packets), messages.MAX_BATCH):
             batch = packets[start:start + messages.MAX_BATCH]
             try:
                 # Large frames zero-copy (endpoints.ZERO_COPY_MIN): TSO segments out of chargen.
-                outbox.send_multipart(messages.encode_packets(batch), flags=zmq.NOBLOCK, copy=False)
+                outbox.send_multipart(messages.encode_packets(batch, stamps), flags=zmq.NOBLOCK, copy=False)
                 counters["packets_out"] += len(batch)
             except zmq.Again:  # egress gone or far behind: the peers' TCP retransmits
                 proc.drop("egress_full", packets=len(batch))
@@ -84,13 +91,19 @@ def run(proc: Process, core: WorkerCore) -> None:
             proc.trim_heap(now)  # what closed connections' buffers left in the heap
             deadline = core.next_deadline()
             wake = next_heartbeat if deadline is None else min(deadline, next_heartbeat)
+            if upstreams is not None and upstreams.waits:
+                wake = min(wake, next_report)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             out: list[Outgoing] = []
+            stamps: list[float | None] | None = None  # the first stamped input's, for what goes out
             ready = poller.poll(timeout_ms)
             if upstreams is not None and ready:
                 reported = [ev for fd, flags in ready if fd is not inbox for ev in upstreams.ready(fd, flags)]
                 if reported:
-                    out += core.handle_upstream(reported, time.monotonic())  # type: ignore[attr-defined]
+                    now = time.monotonic()
+                    if upstreams.timing:  # an upstream answer: its way to the namespace starts here
+                        stamps = [None, None, now]
+                    out += core.handle_upstream(reported, now)  # type: ignore[attr-defined]
             if ready:
                 # Drain what is waiting before touching timers: one wake-up, many packets,
                 # and what they cause goes to egress together.
@@ -99,6 +112,10 @@ def run(proc: Process, core: WorkerCore) -> None:
                     if isinstance(msg, messages.Packets):
                         counters["packets_in"] += len(msg.items)
                         now = time.monotonic()
+                        if msg.stamps is not None:  # someone measures (stackctl latency)
+                            if stamps is None:
+                                stamps = [*msg.stamps[:2], now]
+                            timing_until = now + latency.ARMED_FOR
                         for data, offload in msg.items:
                             out += core.handle_packet(data, now, offload)
                     elif isinstance(msg, messages.Welcome):
@@ -116,14 +133,19 @@ def run(proc: Process, core: WorkerCore) -> None:
             if deadline is not None and deadline <= now:
                 out += core.handle_timer(now)
             if upstreams is not None:
+                upstreams.timing = now < timing_until
                 out += carry_out(core, upstreams)
+                if upstreams.waits and now >= next_report:
+                    tell_ingress(messages.encode_latency(proc.name, {"upstream": upstreams.waits}))
+                    upstreams.waits = []
+                    next_report = now + LATENCY_REPORT
             # Flows first: a connection we open (a published port's) is announced before its SYN
             # leaves, so ingress routes the answer to us.
             opened, closed = core.flow_changes()
             if opened or closed:
                 tell_ingress(messages.encode_flows(proc.name, False, opened, closed))
             if out:
-                send(out)
+                send(out, stamps)
         send(core.close(time.monotonic()))
         if upstreams is not None:
             carry_out(core, upstreams)

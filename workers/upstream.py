@@ -15,6 +15,7 @@ import contextlib
 import errno
 import socket
 import struct
+import time
 from collections.abc import Hashable
 
 import zmq
@@ -39,7 +40,7 @@ ACCEPTS_PER_WAKE = 16
 
 
 class _Entry:
-    __slots__ = ("key", "sock", "proto", "connecting", "paused", "out", "shut_pending", "eof")
+    __slots__ = ("key", "sock", "proto", "connecting", "paused", "out", "shut_pending", "eof", "asked")
 
     def __init__(self, key: Hashable, sock: socket.socket, proto: str, connecting: bool) -> None:
         self.key = key
@@ -50,6 +51,7 @@ class _Entry:
         self.out = bytearray()
         self.shut_pending = False
         self.eof = False
+        self.asked = 0.0  # while timing: when we sent what no answer has come for yet
 
 
 class Upstreams:
@@ -58,6 +60,10 @@ class Upstreams:
         self.by_key: dict[Hashable, _Entry] = {}
         self.by_fd: dict[int, _Entry] = {}
         self.accepted = 0  # provisional keys of accepted sockets
+        # The latency budget's upstream stage (pipeline.latency): while ``timing``, each wait
+        # from a send to the first data back, in microseconds, until the shell sends them on.
+        self.timing = False
+        self.waits: list[int] = []
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -165,6 +171,8 @@ class Upstreams:
             events.append(Upstream(cmd.key, relay.CONNECTED))
 
     def _send(self, entry: _Entry, data: bytes, events: list[Upstream]) -> None:
+        if self.timing and not entry.asked:
+            entry.asked = time.monotonic()
         if entry.proto != relay.TCP:
             try:
                 entry.sock.send(data)
@@ -289,6 +297,9 @@ class Upstreams:
                 self._watch(entry)
                 events.append(Upstream(entry.key, relay.EOF))
                 return
+            if entry.asked:
+                self.waits.append(round((time.monotonic() - entry.asked) * 1_000_000))
+                entry.asked = 0.0
             events.append(Upstream(entry.key, relay.DATA, data))
             if entry.proto == relay.TCP:
                 return  # the core decides whether to keep reading (it may pause us)

@@ -4,7 +4,7 @@ Every message is a ZeroMQ multipart message whose first frame is a msgpack
 array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
 (never inside msgpack, which would copy them twice). Kinds:
 
-  PACKETS    [1, 0, offloads]                    + packets  ingress -> worker, worker -> egress
+  PACKETS    [1, 0, offloads(, stamps)]          + packets  ingress -> worker, worker -> egress
   HEARTBEAT  [1, 1, name, role, seq, stats]                 worker/egress -> ingress, every HEARTBEAT_INTERVAL
   GOODBYE    [1, 2, name]                                   worker -> ingress, on clean shutdown
   WELCOME    [1, 3, epoch]                                  ingress -> worker, when it (re)joins
@@ -15,6 +15,7 @@ array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
                                                             whose peers must be made to reset
   STOP       [1, 8]                                         ingress -> worker/egress: ordered shutdown
                                                             (``stackctl stop``): finish, say goodbye, idle
+  LATENCY    [1, 12, name, samples]                         egress/worker -> ingress: latency budget samples
 
 The telemetry stream (``pipeline.telemetry``) is PUB/SUB: its first frame is
 a topic, and a process publishes on a topic only while someone subscribes.
@@ -34,7 +35,10 @@ so under load the per-message cost of ZeroMQ (a wake-up of its I/O thread)
 is paid once per batch, and at idle a batch is a single packet with no added
 delay. ``offloads`` is None when no packet has offload metadata, else a list
 with, per packet, None or the virtio-net header fields
-``[flags, gso_type, hdr_len, gso_size, csum_start, csum_offset]``. ``stats``
+``[flags, gso_type, hdr_len, gso_size, csum_start, csum_offset]``. ``stamps``,
+present only while ``stackctl latency`` measures, lists up to four monotonic
+times (or None) of the packets' way so far (``pipeline.latency``); LATENCY's
+``samples`` maps a stage name to microsecond durations. ``stats``
 maps counter names to integers. A flow is ``[remote address (bytes), remote
 port, local port]`` (``pipeline.flow.Flow.bus``); ``full`` says ``opened`` is
 every flow the worker owns (sent after a WELCOME, so a restarted ingress
@@ -70,6 +74,7 @@ STOP = 8
 CAPTURING = 9
 CAPTURED = 10
 CONNS = 11
+LATENCY = 12
 
 # Telemetry topics: none is a prefix of another (ZeroMQ matches topics by prefix).
 LOG_TOPIC = b"log."
@@ -98,6 +103,13 @@ Item = tuple[bytes | memoryview, Offload | None]
 @dataclass(frozen=True, slots=True)
 class Packets:
     items: list[Item]
+    stamps: list[float | None] | None = None  # pipeline.latency, while someone measures
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    name: str
+    samples: dict[str, list[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +188,7 @@ class Conns:
     records: list[dict[str, Any]]
 
 
-Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans | Stop
+Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans | Stop | Latency
 
 
 def encode_stop() -> list[bytes]:
@@ -232,16 +244,32 @@ def decode_telemetry(frames: list[bytes]) -> dict[str, Any] | Capturing | Captur
     raise BusError("bad_telemetry")
 
 
-def encode_packets(items: list[Item]) -> list[bytes | memoryview]:
+def encode_packets(items: list[Item], stamps: list[float | None] | None = None) -> list[bytes | memoryview]:
     """One PACKETS message for up to MAX_BATCH packets (callers split longer lists).
 
     Each packet is its own frame, as it came (no joining, no re-slicing): senders pass
     ``copy=False`` and ZeroMQ then takes large frames without copying them
     (``endpoints.ZERO_COPY_MIN``)."""
-    if all(offload is None for _, offload in items):
+    plain = all(offload is None for _, offload in items)
+    if plain and stamps is None:
         return [_PLAIN_PACKETS_META, *(data for data, _ in items)]
-    meta = _packb([VERSION, PACKETS, [None if o is None else list(o) for _, o in items]])
-    return [meta, *(data for data, _ in items)]
+    offloads = None if plain else [None if o is None else list(o) for _, o in items]
+    fields = [VERSION, PACKETS, offloads] if stamps is None else [VERSION, PACKETS, offloads, stamps]
+    return [_packb(fields), *(data for data, _ in items)]
+
+
+def encode_latency(name: str, samples: dict[str, list[int]]) -> list[bytes]:
+    return [_packb([VERSION, LATENCY, name, samples])]
+
+
+MAX_LATENCY_SAMPLES = 100_000  # per stage in one message: a process sends a few times a second
+
+
+def _stamps(value: object) -> list[float | None]:
+    if not (isinstance(value, list) and len(value) <= 4
+            and all(v is None or isinstance(v, (int, float)) for v in value)):
+        raise BusError("bad_stamps")
+    return [None if v is None else float(v) for v in value]
 
 
 def _offload(value: object) -> Offload | None:
@@ -328,15 +356,25 @@ def decode(frames: list[bytes]) -> Message:
     fields = meta[2:]
     try:
         if kind == PACKETS:
-            (offloads,) = fields
+            if len(fields) not in (1, 2):
+                raise BusError("bad_fields")
+            offloads = fields[0]
+            stamps = _stamps(fields[1]) if len(fields) == 2 else None
             datas = frames[1:]
             if not datas:
                 raise BusError("packet_frames")
             if offloads is None:
-                return Packets([(data, None) for data in datas])
+                return Packets([(data, None) for data in datas], stamps)
             if not isinstance(offloads, list) or len(offloads) != len(datas):
                 raise BusError("bad_offload")
-            return Packets([(data, _offload(o)) for data, o in zip(datas, offloads)])
+            return Packets([(data, _offload(o)) for data, o in zip(datas, offloads)], stamps)
+        if kind == LATENCY:
+            name, samples = fields
+            if not (isinstance(name, str) and isinstance(samples, dict) and all(
+                    isinstance(k, str) and isinstance(v, list) and len(v) <= MAX_LATENCY_SAMPLES
+                    and all(isinstance(x, int) and x >= 0 for x in v) for k, v in samples.items())):
+                raise BusError("bad_latency")
+            return Latency(name, samples)
         if kind == HEARTBEAT:
             name, role, seq, stats = fields
             if not (isinstance(name, str) and isinstance(role, str) and isinstance(seq, int)
