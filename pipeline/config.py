@@ -96,6 +96,7 @@ class StackConfig:
     forward: bool = False  # relay packets not addressed to the stack (attach mode's default)
     default_route: bool = True  # attach mode: route the namespace's default traffic to the device
     syn_filter: bool = True  # under a SYN flood, shed in the kernel with an eBPF filter on the device (Linux)
+    busy_poll: float = 0.0  # seconds each process spins on its sockets before a blocking poll (0: never)
 
     @property
     def stack_addr_bytes(self) -> bytes:
@@ -235,9 +236,13 @@ def load() -> StackConfig:
     syn_filter = take(lambda: env_bool("USTACK_SYN_FILTER", sys.platform == "linux"), False)
     if syn_filter and sys.platform != "linux":
         problems.append("USTACK_SYN_FILTER=1: the device's eBPF filter exists only on Linux")
+    busy_poll_us = take(lambda: env_int("USTACK_BUSY_POLL", 0), 0)
+    if not 0 <= busy_poll_us <= 100_000:
+        problems.append(f"USTACK_BUSY_POLL={busy_poll_us}: expected 0..100000 microseconds")
     if problems:
         raise ConfigError(*problems)
     return StackConfig(
+        busy_poll=busy_poll_us / 1_000_000,
         syn_filter=syn_filter,
         attach=attach,
         forward=forward,

@@ -114,7 +114,7 @@ def main() -> None:
                     pass
                 next_heartbeat = now + messages.HEARTBEAT_INTERVAL
             wake = min(next_heartbeat, next_report) if writer.samples else next_heartbeat
-            ready = dict(poller.poll(max(1, int((wake - now) * 1000))))
+            ready = dict(endpoints.poll(poller, max(1, int((wake - now) * 1000)), cfg.busy_poll))
             if refusals is not None and refusals in ready:
                 endpoints.log_refusals(refusals, log)
             if heartbeat in ready:

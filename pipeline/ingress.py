@@ -376,7 +376,7 @@ class Ingress:
                 timeout = min(timeout, max(0, int((deadline - time.monotonic()) * 1000) + 1))
             if self.shedder is not None:
                 timeout = min(timeout, max(0, int((self.shedder.next_deadline() - time.monotonic()) * 1000) + 1))
-            ready = dict(poller.poll(timeout))
+            ready = dict(endpoints.poll(poller, timeout, self.proc.config.busy_poll))
             now = time.monotonic()
             self.proc.trim_heap(now)
             if self.bus in ready:

@@ -96,7 +96,7 @@ def run(proc: Process, core: WorkerCore) -> None:
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             out: list[Outgoing] = []
             stamps: list[float | None] | None = None  # the first stamped input's, for what goes out
-            ready = poller.poll(timeout_ms)
+            ready = endpoints.poll(poller, timeout_ms, cfg.busy_poll)
             if upstreams is not None and ready:
                 reported = [ev for fd, flags in ready if fd is not inbox for ev in upstreams.ready(fd, flags)]
                 if reported:

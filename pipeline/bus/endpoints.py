@@ -26,7 +26,9 @@ the stages are CURVE servers and only clients whose public key is in
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -217,6 +219,19 @@ def log_refusals(monitor: zmq.Socket, log) -> None:
         log.warning("peer_refused", endpoint=event.get("endpoint", b"").decode(errors="replace"),
                     reason="auth" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "handshake",
                     code=event.get("value"))
+
+
+def poll(poller: zmq.Poller, timeout_ms: int, busy: float = 0.0) -> list[tuple[Any, int]]:
+    """``poller.poll(timeout_ms)``, first spinning up to ``busy`` seconds on non-blocking polls
+    (USTACK_BUSY_POLL, like Linux's net.core.busy_poll): a message that comes meanwhile is
+    taken without the sleep and wake-up of a blocking poll, at the price of a busy CPU."""
+    if busy > 0.0 and timeout_ms > 0:
+        end = time.monotonic() + min(busy, timeout_ms / 1000)
+        while True:
+            ready = poller.poll(0)
+            if ready or time.monotonic() >= end:
+                return ready or poller.poll(max(0, timeout_ms - round(busy * 1000)))
+    return poller.poll(timeout_ms)
 
 
 def drain(sock: zmq.Socket, drop: Callable[..., None], routed: bool = False

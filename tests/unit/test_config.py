@@ -57,6 +57,8 @@ def test_name_prefix_and_bind_override(env):
     ("USTACK_OFFLOAD", "maybe", "expected 1 or 0"),
     ("USTACK_INGRESS_ENDPOINT", "udp://x", "neither ipc:// nor tcp://"),
     ("USTACK_RUN_DIR", "/" + "d" * 120, "107 characters"),
+    ("USTACK_BUSY_POLL", "-5", "expected 0..100000 microseconds"),
+    ("USTACK_BUSY_POLL", "soon", "expected an integer"),
 ])
 def test_bad_values_exit_with_a_clear_message(env, name, value, message):
     env.setenv(name, value)
