@@ -93,3 +93,48 @@ def test_other_kinds_are_counted_not_written(pair):
     assert writer.write_some(pull) == 1
     assert device.written == []
     assert drops == ["bus_unexpected_kind"]
+
+
+class FullDevice(RecordingDevice):
+    """A device whose queue takes ``room`` packets, then refuses (ENOBUFS) until drained."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def write(self, packet, offload=None) -> None:
+        if self.room == 0:
+            raise OSError(105, "No buffer space available")
+        self.room -= 1
+        super().write(packet, offload)
+
+
+def test_a_vector_larger_than_the_device_takes_is_written_as_far_as_it_goes(pair):
+    push, pull = pair
+    counters: collections.Counter[str] = collections.Counter()
+    drops: list[str] = []
+    device = FullDevice(room=100)
+    writer = Writer(device, counters, lambda reason, **_: drops.append(reason))
+    burst = [(b"E" + i.to_bytes(2, "big"), None) for i in range(messages.MAX_BATCH)]
+    push.send_multipart(messages.encode_packets(burst))
+    wait_for(pull)
+    assert writer.write_some(pull) == 1
+    assert [p for p, _ in device.written] == [p for p, _ in burst[:100]]  # in order, as far as it took
+    assert drops == ["write_failed"] * (messages.MAX_BATCH - 100) and counters["packets_out"] == 100
+    device.room = 10  # the kernel drained its queue: the next vector goes on
+    push.send_multipart(messages.encode_packets([(b"Elater", None)]))
+    wait_for(pull)
+    assert writer.write_some(pull) == 1
+    assert device.written[-1] == (b"Elater", None)
+
+
+def test_a_stamped_vector_gives_one_sample_per_stage(pair):
+    push, pull = pair
+    writer, device, _, _ = make_writer()
+    push.send_multipart(messages.encode_packets([(b"E1", None), (b"E2", None)], [1.0, 1.00001, 1.00002, 1.00003]))
+    push.send_multipart(messages.encode_packets([(b"E3", None)]))  # not stamped: no samples
+    wait_for(pull)
+    assert writer.write_some(pull) == 2
+    assert len(device.written) == 3
+    assert set(writer.samples) == {"ingress", "to_worker", "worker", "to_egress", "egress", "total"}
+    assert all(len(v) == 1 for v in writer.samples.values())
