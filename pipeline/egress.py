@@ -60,7 +60,7 @@ class Writer:
                 if self.capture is not None:
                     self.capture(data)
             if msg.stamps is not None:
-                latency.merge(self.samples, latency.stages(msg.stamps, received, time.monotonic()))
+                latency.merge(self.samples, latency.departure(msg.stamps, received, time.monotonic()))
         return taken
 
 

@@ -3,14 +3,15 @@
 Contract. While someone measures (``stackctl latency`` arms ingress for
 ``ARMED_FOR`` seconds, and nothing is stamped otherwise: free when nobody
 asks), ingress stamps each PACKETS message it sends with the time it read
-the burst and the time it sent it; a worker appends when it took the
-message and when it sent what it caused to egress; egress notes when it
-took that and when it had written it. Egress turns each stamped message
-into one sample per stage (:func:`stages`), a relaying worker adds the
-``upstream`` stage (a request sent on a real socket to its first answer),
-and both send their samples to ingress, which keeps the last ``KEEP`` of
-each stage (:class:`Budget`). Output a worker makes by itself (a timer, an
-upstream answer) starts its stamps at the worker.
+the burst and the time it sent it. The worker that takes it samples the
+first two stages at once (:func:`arrival`: a relayed request may cause no
+packet back for a while) and stamps what it sends to egress with the
+input's stamps, when it took them and when it sent; egress samples the
+rest when it has written that (:func:`departure`). A relaying worker adds
+the ``upstream`` stage (a request sent on a real socket to its first
+answer). Egress and the workers send their samples to ingress, which keeps
+the last ``KEEP`` of each stage (:class:`Budget`). Output a worker makes by
+itself (a timer, an upstream answer) starts its stamps at the worker.
 
 Stamps are ``time.monotonic()`` of processes on one host (CLOCK_MONOTONIC
 is one clock for the whole machine); workers on other hosts have clocks of
@@ -34,17 +35,22 @@ def _us(seconds: float) -> int:
     return max(0, round(seconds * 1_000_000))  # never negative: clocks of one host, rounding aside
 
 
-def stages(stamps: list[float | None], received: float, written: float) -> Samples:
+def arrival(stamps: list[float | None], took: float) -> Samples:
+    """A worker's samples for a message from ingress stamped [read, sent], taken at ``took``."""
+    read, sent = (list(stamps) + [None, None])[:2]
+    if read is None or sent is None:
+        return {}
+    return {"ingress": [_us(sent - read)], "to_worker": [_us(took - sent)]}
+
+
+def departure(stamps: list[float | None], received: float, written: float) -> Samples:
     """Egress's samples for one stamped message: ``stamps`` as the worker sent them
     ([read, ingress sent, worker took, worker sent], the first two None for output the
     worker made itself), ``received`` and ``written`` egress's own times."""
-    read, sent, took, out = (list(stamps) + [None] * MAX_STAMPS)[:MAX_STAMPS]
+    read, _, took, out = (list(stamps) + [None] * MAX_STAMPS)[:MAX_STAMPS]
     found: Samples = {}
-    if read is not None and sent is not None:
-        found["ingress"] = [_us(sent - read)]
+    if read is not None:
         found["total"] = [_us(written - read)]
-        if took is not None:
-            found["to_worker"] = [_us(took - sent)]
     if took is not None and out is not None:
         found["worker"] = [_us(out - took)]
     if out is not None:

@@ -27,7 +27,7 @@ from workers.core import Outgoing, Sink, WorkerCore
 from workers.upstream import Upstreams
 
 MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) handled per wake-up
-LATENCY_REPORT = 0.2  # seconds between upstream latency samples sent to ingress, while there are some
+LATENCY_REPORT = 0.2  # seconds between latency samples sent to ingress, while there are some
 
 
 def sink(proc: Process) -> Sink:
@@ -56,6 +56,7 @@ def run(proc: Process, core: WorkerCore) -> None:
     heartbeat_seq = 0
     next_heartbeat = 0.0
     timing_until = 0.0  # stamped packets came recently: measure the upstream stage too
+    samples: latency.Samples = {}  # latency budget samples (pipeline.latency), until sent to ingress
     next_report = 0.0
     log.info("worker_started", role=proc.role)
 
@@ -91,7 +92,7 @@ def run(proc: Process, core: WorkerCore) -> None:
             proc.trim_heap(now)  # what closed connections' buffers left in the heap
             deadline = core.next_deadline()
             wake = next_heartbeat if deadline is None else min(deadline, next_heartbeat)
-            if upstreams is not None and upstreams.waits:
+            if samples:
                 wake = min(wake, next_report)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             out: list[Outgoing] = []
@@ -113,6 +114,7 @@ def run(proc: Process, core: WorkerCore) -> None:
                         counters["packets_in"] += len(msg.items)
                         now = time.monotonic()
                         if msg.stamps is not None:  # someone measures (stackctl latency)
+                            latency.merge(samples, latency.arrival(msg.stamps, now))
                             if stamps is None:
                                 stamps = [*msg.stamps[:2], now]
                             timing_until = now + latency.ARMED_FOR
@@ -135,10 +137,13 @@ def run(proc: Process, core: WorkerCore) -> None:
             if upstreams is not None:
                 upstreams.timing = now < timing_until
                 out += carry_out(core, upstreams)
-                if upstreams.waits and now >= next_report:
-                    tell_ingress(messages.encode_latency(proc.name, {"upstream": upstreams.waits}))
+                if upstreams.waits:
+                    latency.merge(samples, {"upstream": upstreams.waits})
                     upstreams.waits = []
-                    next_report = now + LATENCY_REPORT
+            if samples and now >= next_report:
+                tell_ingress(messages.encode_latency(proc.name, samples))
+                samples = {}
+                next_report = now + LATENCY_REPORT
             # Flows first: a connection we open (a published port's) is announced before its SYN
             # leaves, so ingress routes the answer to us.
             opened, closed = core.flow_changes()

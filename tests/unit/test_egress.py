@@ -136,5 +136,5 @@ def test_a_stamped_vector_gives_one_sample_per_stage(pair):
     wait_for(pull)
     assert writer.write_some(pull) == 2
     assert len(device.written) == 3
-    assert set(writer.samples) == {"ingress", "to_worker", "worker", "to_egress", "egress", "total"}
+    assert set(writer.samples) == {"worker", "to_egress", "egress", "total"}  # the worker samples the first two
     assert all(len(v) == 1 for v in writer.samples.values())

@@ -8,13 +8,14 @@ from pipeline.bus import messages
 
 def test_stages_of_a_packet_that_crossed_every_stage():
     # read 0, ingress sent at 10 µs, worker took it at 60, sent at 100; egress took at 150, wrote at 170.
-    got = latency.stages([0.0, 10e-6, 60e-6, 100e-6], received=150e-6, written=170e-6)
-    assert got == {"ingress": [10], "to_worker": [50], "worker": [40], "to_egress": [50], "egress": [20],
-                   "total": [170]}
+    assert latency.arrival([0.0, 10e-6], took=60e-6) == {"ingress": [10], "to_worker": [50]}
+    got = latency.departure([0.0, 10e-6, 60e-6, 100e-6], received=150e-6, written=170e-6)
+    assert got == {"worker": [40], "to_egress": [50], "egress": [20], "total": [170]}
 
 
 def test_output_the_worker_made_itself_starts_at_the_worker():
-    got = latency.stages([None, None, 1.0, 1.0002], received=1.0003, written=1.0004)
+    assert latency.arrival([None, None], took=1.0) == {}
+    got = latency.departure([None, None, 1.0, 1.0002], received=1.0003, written=1.0004)
     assert set(got) == {"worker", "to_egress", "egress"}
     assert got["worker"] == [200] and got["to_egress"] == [100] and got["egress"] == [100]
 
