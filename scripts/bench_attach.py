@@ -7,8 +7,11 @@ the second client namespace) both run, and where the servers listen on
 In each client namespace 10.0.2.2 is the host namespace's loopback — slirp4netns's
 own convention — so both tools are driven by the same clients to the same
 servers: iperf3 one stream and four, both directions, and connections per
-second (connect, a line, its answer, close), at MTU 1500 and 65520. Each row
-is a ratio ustack / slirp4netns. Nothing touches the machine's main namespace.
+second (connect, a line, its answer, close), and the round trip of a line and
+its answer on an open connection, at MTU 1500 and 65520. Each row is a ratio
+ustack / slirp4netns (for the round trip, lower is better); ustack's latency
+budget of the round trips is printed after the table. Nothing touches the
+machine's main namespace.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import contextlib
 import json
 import os
 import pathlib
+import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +55,29 @@ def iperf(client: Namespace, args: list[str], seconds: float) -> float:
     return report["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
+RR_LABEL = "request/response round trip, µs (p50)"
+
+
+def request_response_us(client: Namespace, count: int) -> float:
+    """Median microseconds of a line and its answer on one open connection to the host's line server."""
+    times = []
+    with client.socket() as sock:
+        sock.settimeout(5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect((ALIAS, 8000))
+        for _ in range(count):
+            start = time.perf_counter()
+            sock.sendall(b"ping pong\n")
+            got = b""
+            while not got.endswith(b"\n"):
+                data = sock.recv(100)
+                if not data:
+                    raise RuntimeError("request/response: connection closed")
+                got += data
+            times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
 def measure(say, what: str, fn) -> float | None:
     """One row's figure, said as soon as it is known; None (and why) when it could not be measured."""
     try:
@@ -61,9 +89,12 @@ def measure(say, what: str, fn) -> float | None:
     return value
 
 
-def run(quick: bool, conn_rate, say) -> dict:
-    """Every row for both tools at both MTUs; ``conn_rate`` and ``say`` come from scripts/bench."""
+def run(quick: bool, conn_rate, say, latency_budget) -> dict:
+    """Every row for both tools at both MTUs; ``conn_rate``, ``say`` and ``latency_budget`` come
+    from scripts/bench."""
     seconds = 2.0 if quick else 5.0
+    exchanges = 200 if quick else 2000
+    budgets: dict = {}
     host = Namespace("usbhost")
     clients: list[Namespace] = []
     procs: list[subprocess.Popen] = []
@@ -101,6 +132,13 @@ def run(quick: bool, conn_rate, say) -> dict:
                                                                   lambda: iperf(client, args, seconds))
                     row.setdefault("connections/s", {})[tool] = measure(
                         say, f"{tool} MTU {mtu}: connections/s", lambda: conn_rate(client, ALIAS, 4, seconds)["rate"])
+                    row.setdefault(RR_LABEL, {})[tool] = measure(
+                        say, f"{tool} MTU {mtu}: {RR_LABEL}", lambda: request_response_us(client, exchanges))
+                    if stack is not None:  # where a relayed round trip's time goes
+                        try:
+                            budgets[mtu] = latency_budget(stack.run_dir, lambda: request_response_us(client, 200))
+                        except (RuntimeError, OSError) as exc:
+                            say(f"attach bench: latency budget at MTU {mtu}: failed: {exc}")
                 finally:
                     if stack is not None:
                         stack.stop()
@@ -119,16 +157,20 @@ def run(quick: bool, conn_rate, say) -> dict:
         for client in clients:
             client.delete()
         host.delete()
-    return {str(mtu): rows for mtu, rows in results.items()}
+    return {**{str(mtu): rows for mtu, rows in results.items()},
+            "budget": {str(mtu): b for mtu, b in budgets.items()}}
 
 
 def table(results: dict) -> str:
     lines = ["| MTU | measurement | ustack attach | slirp4netns | ratio |", "|---|---|---|---|---|"]
     for mtu, rows in results.items():
+        if mtu == "budget":
+            continue
         for label, by_tool in rows.items():
-            unit = "" if label == "connections/s" else " Gbit/s"
+            counted = label in ("connections/s", RR_LABEL)
+            unit = "" if counted else " Gbit/s"
             ours, theirs = by_tool.get("ustack"), by_tool.get("slirp4netns")
-            fmt = (lambda v: "failed" if v is None else f"{v:,.0f}") if label == "connections/s" else \
+            fmt = (lambda v: "failed" if v is None else f"{v:,.0f}") if counted else \
                 (lambda v: "failed" if v is None else f"{v:.2f}")
             ratio = f"{ours / theirs:.2f}" if ours and theirs else "-"
             lines.append(f"| {mtu} | {label} | {fmt(ours)}{unit} | {fmt(theirs)}{unit} | {ratio} |")
