@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import select
 import socket
 import struct
 import time
@@ -157,6 +158,10 @@ class Upstreams:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
         address = socket.inet_ntop(family, cmd.address)
         code = sock.connect_ex((address, cmd.port))
+        if code == errno.EINPROGRESS and cmd.proto == relay.TCP and _writable_now(sock):
+            # A server on this host (loopback, a veth): Linux says EINPROGRESS, yet the handshake
+            # is already done. Settle it now, not a poll registration and a wake-up later.
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         entry = _Entry(cmd.key, sock, cmd.proto, connecting=code == errno.EINPROGRESS)
         if code not in (0, errno.EINPROGRESS):
             sock.close()
@@ -319,6 +324,12 @@ class Upstreams:
             events.append(Upstream(entry.key, relay.REFUSED))
         elif exc.errno in _UNREACHABLE:
             events.append(Upstream(entry.key, relay.UNREACHABLE, detail=_UNREACHABLE[exc.errno]))
+
+
+def _writable_now(sock: socket.socket) -> bool:
+    poll = select.poll()
+    poll.register(sock, select.POLLOUT)
+    return bool(poll.poll(0))
 
 
 def _unregister(poller: zmq.Poller, fd: int) -> None:
