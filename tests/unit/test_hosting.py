@@ -52,12 +52,15 @@ def test_raising_service_resets_its_connection_only():
     core = make({9: Exploding})
     a = handshake(core, sport=40000, dport=9)
     b = handshake(core, sport=40001, dport=9)
-    assert core.handle_packet(data(40000, 9, a, b"fine"), T0)  # an ACK, nothing else
+    fine = [parse(p) for p in core.handle_packet(data(40000, 9, a, b"fine"), T0)]
+    assert not any(s.flags & Flags.RST for s in fine)  # its ACK is delayed (RFC 9293 §3.8.6.3)
     out = [parse(p) for p in core.handle_packet(data(40001, 9, b, b"boom"), T0)]
     assert any(s.flags & Flags.RST for s in out)
     assert core.sink.counters["service_errors"] == 1
     assert len(core.connections) == 1  # the other connection lives on
-    assert core.handle_packet(data(40000, 9, a, b"more", seq=1005), T0)
+    core.handle_packet(data(40000, 9, a, b"more", seq=1005), T0)
+    [ack] = [parse(p) for p in core.handle_timer(core.next_deadline())]  # the delayed ACK of both
+    assert ack.dst_port == 40000 and ack.ack == 1009 and not ack.flags & Flags.RST
 
 
 def test_service_timer_fires_through_the_core():

@@ -2,17 +2,27 @@
 
 Defaults follow the RFCs; ``max_send_segment`` exists for a later TSO path where the
 shell splits large segments, so the connection core never assumes one MSS per segment.
+
+``recv_buffer`` is the *largest* receive buffer a connection may grow to: the window
+scale is chosen from it at SYN time (RFC 7323 §2.3: the scale cannot change later).
+Each connection starts with :meth:`TcpConfig.initial_recv_buffer` and grows toward
+``recv_buffer`` as its application reads (``receiver.py``, Linux's receive-buffer
+autotuning); ``recv_buffer_initial=recv_buffer`` gives a fixed buffer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+INITIAL_RECV_BUFFER = 64 * 1024  # see TcpConfig.initial_recv_buffer
+INITIAL_RECV_SEGMENTS = 4
+
 
 @dataclass(frozen=True, slots=True)
 class TcpConfig:
     mss: int = 1460                 # our receive MSS advertised (device MTU - 40)
-    recv_buffer: int = 256 * 1024   # receive buffer bytes: honest rcv_wnd, window scale chosen from it
+    recv_buffer: int = 256 * 1024   # largest receive buffer (bytes); the window scale is chosen from it
+    recv_buffer_initial: int | None = None  # buffer a connection starts with (None: see initial_recv_buffer)
     send_buffer: int = 256 * 1024   # bytes the app may queue before send() accepts no more
     congestion: str = "newreno"     # or "cubic"
     msl: float = 30.0               # TIME_WAIT lasts 2*MSL (RFC 9293 §3.4.2)
@@ -38,7 +48,25 @@ class TcpConfig:
             raise ValueError(f"mss out of range: {self.mss}")
         if self.recv_buffer < self.mss or self.send_buffer < 1:
             raise ValueError("buffers must hold at least one segment")
+        # A SYN (ours, or a SYN-cookie SYN-ACK) offers min(recv_buffer, 65535) unscaled, and an
+        # offered window is never withdrawn (RFC 7323 §2.4): the initial buffer must cover it.
+        if self.recv_buffer_initial is not None and not (
+                min(self.recv_buffer, 0xFFFF) <= self.recv_buffer_initial <= self.recv_buffer):
+            raise ValueError("recv_buffer_initial must be in min(recv_buffer, 65535)..recv_buffer")
         if self.max_send_segment is not None and self.max_send_segment < 1:
             raise ValueError("max_send_segment must be positive")
         if not self.fin_wait2_timeout > 0:  # also rejects NaN
             raise ValueError("fin_wait2_timeout must be positive")
+
+    def initial_recv_buffer(self) -> int:
+        """The receive buffer (RCV.BUFF) a connection starts with, before autotuning grows it.
+
+        By default 64 KiB -- the most a SYN can offer unscaled (RFC 7323 §2.2), so the
+        window of our SYN is always covered -- or four full segments if that is more,
+        so that with an ACK every second full segment (RFC 5681 §4.2) a sender at a
+        large MSS always has a segment to send.  Linux starts near 64 KiB too
+        (``tcp_rmem[1]`` of 128 KiB, half of it window).  Never above ``recv_buffer``.
+        """
+        if self.recv_buffer_initial is not None:
+            return self.recv_buffer_initial
+        return min(self.recv_buffer, max(INITIAL_RECV_BUFFER, INITIAL_RECV_SEGMENTS * self.mss))

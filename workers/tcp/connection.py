@@ -567,7 +567,7 @@ class Connection:
         self.last_recv = now
         self.ka_probes = 0
         if ts is not None:
-            rcv.note_timestamp(ts[0], seg.seq, now)
+            rcv.note_timestamp(ts[0], ts[1], seg.seq, len(seg.payload), now)
         # second: RST (RFC 5961 §3.2): exact match resets, anything else in window is challenged.
         # In CLOSING, LAST-ACK and TIME-WAIT the user already closed: no reset signal.
         if rst:

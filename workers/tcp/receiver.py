@@ -12,6 +12,27 @@ shrinking, receiver SWS avoidance) and options (timestamps, SACK blocks).
 
 ``rcv_adv`` is the right edge of the window we have advertised; RCV.WND is
 ``rcv_adv - rcv_nxt``.
+
+Receive-buffer autotuning (Linux ``tcp_rcv_space_adjust``, after Fisk and Feng's
+Dynamic Right-Sizing): the window is the free space of RCV.BUFF (``rcv_buff``),
+which starts at ``config.initial_recv_buffer()`` (64 KiB by default) and grows,
+never shrinks, toward ``config.recv_buffer`` (the window scale was chosen from that
+maximum at SYN time, RFC 7323 §2.3).  Once per measured round trip -- checked
+whenever we send a segment, since that is when the window is advertised -- the
+bytes the application read in that round trip are compared with the most it read
+in any before (``rcvq_space``, at first half the initial buffer); when more,
+RCV.BUFF becomes twice that amount, times its growth over that previous best (at
+most two; see ``_space_adjust``).  A slow reader so keeps the small initial buffer
+(and the memory its window lets the peer fill); a reader that takes everything
+sees its window double per round trip, on average, up to the maximum.  The round
+trip is our own receive-side estimate (Linux ``rcv_rtt_est``): from the peer's
+timestamp echoes on full-sized segments (RFC 7323 §4: now - TSecr), or without
+timestamps the shortest time seen from an ACK that moves our right edge to the
+arrival of the first byte past the old edge (which the sender could not send
+before that ACK reached it); before any sample, the sender's SRTT (the
+handshake's, RFC 6298) stands in.  Linux times the arrival of a whole window from
+any segment instead, and feeds those samples even with timestamps; in a burst that
+can be far shorter than a round trip, and too short a round trip stalls growth.
 """
 
 from __future__ import annotations
@@ -42,7 +63,9 @@ class Receiver:
     """Receive buffer, reassembly, ACK scheduling and window advertisement."""
 
     __slots__ = ("c", "rcvbuf", "reasm", "fin_seq", "ack_now", "unacked_bytes", "seg_max", "data_event_armed",
-                 "last_ack_sent", "ts_recent", "ts_recent_time", "ece", "_challenge_start", "_challenge_count")
+                 "last_ack_sent", "ts_recent", "ts_recent_time", "ece", "_challenge_start", "_challenge_count",
+                 "rcv_buff", "rcvq_space", "rcvq_read", "rcvq_time",
+                 "rcv_rtt", "rcv_rtt_seq", "rcv_rtt_time", "rcv_rtt_tsecr")
 
     def __init__(self, conn: Connection, now: float) -> None:
         cfg = conn.config
@@ -60,6 +83,15 @@ class Receiver:
         self.ece = False  # RFC 3168 §6.1.3: CE received, echo ECE until the peer's CWR
         self._challenge_start = float("-inf")
         self._challenge_count = 0
+        # Autotuning (see the module docstring); names after Linux's rcvq_space and rcv_rtt_est.
+        self.rcv_buff = cfg.initial_recv_buffer()  # RCV.BUFF: the window is its free space
+        self.rcvq_space = self.rcv_buff // 2  # most bytes read in one measured round trip
+        self.rcvq_read = 0  # bytes read when the current measurement began
+        self.rcvq_time = now  # when it began
+        self.rcv_rtt: float | None = None  # receive-side round-trip estimate (seconds)
+        self.rcv_rtt_seq = 0  # without timestamps: the old right edge whose first byte past ends a sample
+        self.rcv_rtt_time: float | None = None  # when we advertised past it (None: no sample running)
+        self.rcv_rtt_tsecr = 0  # the TSecr of the last echo looked at
 
     def negotiated(self) -> None:
         """The options are known: size a full segment from the peer."""
@@ -88,11 +120,24 @@ class Receiver:
             return seq == c.rcv_nxt
         return seq_in_window(seq, c.rcv_nxt, wnd) or seq_in_window(seq_add(seq, seg_len - 1), c.rcv_nxt, wnd)
 
-    def note_timestamp(self, tsval: int, seq: int, now: float) -> None:
-        """RFC 7323 §4.3 (2): TS.Recent follows the segment that our last ACK covered."""
+    def note_timestamp(self, tsval: int, tsecr: int, seq: int, seg_len: int, now: float) -> None:
+        """RFC 7323 §4.3 (2): TS.Recent follows the segment that our last ACK covered;
+        the echo (TSecr) of a full-sized segment is a receive-side RTT sample."""
         if seq_ge(tsval, self.ts_recent) and seq_le(seq, self.last_ack_sent):
             self.ts_recent = tsval
             self.ts_recent_time = now
+        # Linux tcp_rcv_rtt_measure_ts: one sample per new echo, and only from a full
+        # segment (a short one may have waited at the sender, Nagle or an idle application).
+        if tsecr != self.rcv_rtt_tsecr:
+            self.rcv_rtt_tsecr = tsecr
+            if seg_len >= self.seg_max:
+                rtt = seq_sub(ts_clock(now), tsecr) / 1000  # RFC 7323 §4.1: our TSval clock, in ms
+                # 0 ms says only "under a millisecond" (dropped, as Linux does); an echo older
+                # than the longest RTO is no round trip (a peer echoing 0, or nonsense).
+                if 0 < rtt <= self.c.config.max_rto:
+                    # RFC 6298 §2.3's gain of 1/8 (Linux uses it here too).
+                    est = self.rcv_rtt
+                    self.rcv_rtt = rtt if est is None else est + (rtt - est) / 8
 
     def challenge_ack(self, now: float) -> None:
         """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate-limited (§7)."""
@@ -175,6 +220,9 @@ class Receiver:
                 delivered += len(more)
                 self.ack_now = True  # RFC 5681 §4.2: ACK at once when a gap is filled
         c.bytes_received += delivered
+        start = self.rcv_rtt_time
+        if start is not None and seq_gt(c.rcv_nxt, self.rcv_rtt_seq):
+            self._rtt_by_window(now - start)
         if self.data_event_armed:
             self.data_event_armed = False
             c._events.append(DataReceived())
@@ -184,6 +232,43 @@ class Receiver:
             self.ack_now = True
         else:
             c.timers.arm_once(Timer.DELAYED_ACK, now + c.config.delayed_ack)
+
+    def _rtt_by_window(self, rtt: float) -> None:
+        """Without timestamps (DRS; Linux tcp_rcv_rtt_measure): the first byte past an
+        old right edge arrived, ``rtt`` after the ACK that advertised past it."""
+        # No byte past the old edge could leave the sender before that ACK got there, so
+        # the sample is at least a round trip -- more when the sender was slower than the
+        # window allowed: keep the smallest.
+        self.rcv_rtt_time = None
+        est = self.rcv_rtt
+        if rtt > 0 and (est is None or rtt < est):
+            self.rcv_rtt = rtt
+
+    def _space_adjust(self, now: float) -> None:
+        """Linux tcp_rcv_space_adjust: once per round trip, grow RCV.BUFF if the
+        application read more in it than in any round trip before."""
+        c = self.c
+        rtt = self.rcv_rtt
+        if rtt is None:
+            rtt = c.sender.rtt.srtt  # the handshake's sample, until we have our own
+        if rtt is None or now - self.rcvq_time < rtt:
+            return
+        # Bytes the application has read: every byte delivered in order, less those unread.
+        read = c.bytes_received - len(self.rcvbuf)
+        copied = read - self.rcvq_read
+        space = self.rcvq_space
+        if copied > space:
+            self.rcvq_space = copied
+            # Twice what was read: a round trip in flight while the application reads
+            # the last one, with slack for a retransmission round (DRS's factor of two).
+            # Times its growth over that best round trip (at most 2): what was read here
+            # was sent against the window of a round trip ago, and the window we advertise
+            # now governs the round trip after next (Linux's "the ACK we are sending now
+            # is for the next RTT, not the current one").  Growth only: never retracted.
+            target = 2 * copied * min(copied, 2 * space) // space
+            self.rcv_buff = min(c.config.recv_buffer, max(self.rcv_buff, target))
+        self.rcvq_read = read
+        self.rcvq_time = now
 
     def read(self, max_bytes: int, window_open: bool) -> bytes:
         """The application's recv(): take bytes; ask for a window update if it opens enough."""
@@ -199,10 +284,9 @@ class Receiver:
         # buffer (BSD's rule), so a peer stopped by a small window restarts.
         if window_open:
             c = self.c
-            cfg = c.config
-            free = cfg.recv_buffer - len(buf)
+            free = self.rcv_buff - len(buf)
             increase = free - max(0, seq_sub(c.rcv_adv, c.rcv_nxt))
-            if increase >= min(2 * cfg.mss, cfg.recv_buffer // 2):
+            if increase >= min(2 * c.config.mss, self.rcv_buff // 2):
                 self.ack_now = True
         return data
 
@@ -224,12 +308,12 @@ class Receiver:
     def advertise(self) -> int:
         """The window field to send; moves rcv_adv (honest, never shrinking, SWS-avoiding)."""
         c = self.c
-        cfg = c.config
-        free = max(0, cfg.recv_buffer - len(self.rcvbuf))  # honest: free buffer space
+        rcv_buff = self.rcv_buff
+        free = max(0, rcv_buff - len(self.rcvbuf))  # honest: free buffer space
         cur = max(0, seq_sub(c.rcv_adv, c.rcv_nxt))
         # RFC 9293 §3.8.6.2.2 receiver SWS avoidance: move the right edge only by
         # at least min(RCV.BUFF/2, Eff.snd.MSS); RFC 7323 §2.4: never shrink it.
-        win = free if free - cur >= min(cfg.recv_buffer // 2, cfg.mss) else cur
+        win = free if free - cur >= min(rcv_buff // 2, c.config.mss) else cur
         shift = c.options.rcv_wscale
         raw = win >> shift
         if (raw << shift) < cur:
@@ -242,7 +326,7 @@ class Receiver:
 
     def syn_window(self) -> int:
         """RFC 7323 §2.2: the window of a SYN is unscaled."""
-        return min(max(0, self.c.config.recv_buffer - len(self.rcvbuf)), 0xFFFF)
+        return min(max(0, self.rcv_buff - len(self.rcvbuf)), 0xFFFF)
 
     def emit(self, seq: int, flags: Flags, payload: bytes, now: float,
              options: TcpOptions | None = None) -> None:
@@ -252,7 +336,14 @@ class Receiver:
             options = self.options(now)[0]
         if self.ece:
             flags |= Flags.ECE  # RFC 3168 §6.1.3: every ACK until the peer's CWR
+        tuning = self.rcv_buff < c.config.recv_buffer
+        if tuning:
+            self._space_adjust(now)  # before the window is computed, so growth shows at once
+        edge = c.rcv_adv
         window = self.advertise()
+        if tuning and self.rcv_rtt_time is None and not c.options.timestamps and seq_gt(c.rcv_adv, edge):
+            self.rcv_rtt_seq = edge  # time this ACK: until the first byte past the old edge
+            self.rcv_rtt_time = now
         self.last_ack_sent = c.rcv_nxt
         self.ack_now = False
         self.unacked_bytes = 0
