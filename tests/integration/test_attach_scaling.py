@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from pipeline.wire.addr import split_endpoint
 from tests.integration.attach_topology import SERVER, Server, attached_stack, echo
 from tests.integration.netns import exchange, process_pid
 from tests.integration.test_scaling import stackctl
@@ -36,9 +37,17 @@ def server(topo, stack):
 
 
 def owners(stack) -> dict[int, str]:
-    """Client port -> the tcp worker that logged the relayed connection as established."""
-    return {r["rport"]: r["proc"] for r in stack.records()
-            if r["event"] == "tcp_established" and r.get("local") == SERVER}
+    """Client port -> the tcp worker that relayed the connection (its one record, relay_flow, once it ended)."""
+    return {r["sport"]: r["proc"] for r in stack.records()
+            if r["event"] == "relay_flow" and r["proto"] == "tcp" and r.get("dst") == SERVER}
+
+
+def live_owners(stack) -> dict[int, str]:
+    """Client port -> the tcp worker holding the relayed connection now (stackctl conns)."""
+    done = stackctl(stack, "conns", "--json")
+    assert done.returncode == 0, done.stderr
+    return {int(split_endpoint(r["remote"])[1]): r["worker"] for r in json.loads(done.stdout)
+            if split_endpoint(r["local"])[0] == SERVER}
 
 
 def test_200_relayed_connections_spread_over_all_workers(topo, stack, server):
@@ -112,12 +121,17 @@ def test_killed_worker_resets_only_its_relayed_connections(topo, stack, server):
     with concurrent.futures.ThreadPoolExecutor(len(uploads)) as pool:
         futures = [pool.submit(u.run) for u in uploads]
         time.sleep(1.0)
-        stack.wait_for(lambda recs: all(u.port in owners(stack) for u in uploads), 10, "owners logged")
+        deadline = time.monotonic() + 10
+        while True:  # which worker holds each upload now
+            table = live_owners(stack)
+            if all(u.port in table for u in uploads):
+                break
+            assert time.monotonic() < deadline, "not every upload is in a worker's connection table"
+            time.sleep(0.2)
         victim = "tcp.2"
         os.kill(process_pid(topo.host, victim, "workers.tcp"), signal.SIGKILL)
         killed_at = time.monotonic()
         done = [f.result(timeout=90) for f in futures]
-    table = owners(stack)
     dead = [u for u in done if table[u.port] == victim]
     alive = [u for u in done if table[u.port] != victim]
     assert dead and alive

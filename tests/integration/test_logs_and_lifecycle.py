@@ -27,13 +27,43 @@ def test_json_logs_have_the_promised_fields(ns, stack):
         assert stamp.utcoffset() == datetime.timedelta(0)
         procs.add(r["proc"])
     assert {"ingress.1", "egress.1", "icmp.1", "udp.1", "tcp.1"} <= procs
+    # A connection's one record at info, when it ends: who, how long, how much, why.
+    closed = next(r for r in records if r["event"] == "tcp_closed")
+    assert closed["level"] == "info" and closed["proc"] == "tcp.1"
+    assert closed["remote"] == "10.0.0.1" and closed["lport"] == 8000 and closed["rport"] > 0
+    assert closed["established"] is True and closed["reason"] == "closed"
+    assert isinstance(closed["duration"], (int, float)) and 0 <= closed["duration"] < 10
+    assert closed["bytes_received"] == closed["bytes_sent"] == len(b"log me\n") and "retransmissions" in closed
+    # At debug, its opening too.
     opened = next(r for r in records if r["event"] == "tcp_established")
-    assert opened["remote"] == "10.0.0.1" and opened["lport"] == 8000 and opened["rport"] > 0
+    assert opened["level"] == "debug" and opened["rport"] == closed["rport"] and opened["lport"] == 8000
     # Debug level: parsed headers and state changes, never the payload.
     tcp_in = [r for r in records if r["event"] == "tcp_in"]
     assert tcp_in and {"src", "dst", "sport", "dport", "seq", "ack", "flags", "window"} <= tcp_in[0].keys()
     assert any(r["event"] == "tcp_state" and r["new"] == "ESTABLISHED" for r in records)
     assert not any("log me" in line or "em gol" in line for line in stack.lines())
+
+
+def test_at_info_each_connection_is_one_record(fresh_ns):
+    """At the default level a connection writes one line through honcho: tcp_closed."""
+    ns = fresh_ns
+    s = Stack(ns)
+    try:
+        s.wait_ready()
+        ports = []
+        for i in range(3):
+            with ns.socket() as sock:
+                sock.settimeout(5)
+                sock.connect((STACK_ADDR, 8000))
+                sock.sendall(b"line %d\n" % i)
+                assert sock.recv(100) == b"%d enil\n" % i
+                ports.append(sock.getsockname()[1])
+        s.wait_for(lambda recs: sum(r["event"] == "tcp_closed" for r in recs) >= 3, 10, "three tcp_closed")
+        mine = [r for r in s.records() if r.get("rport") in ports]
+        assert sorted(r["rport"] for r in mine) == sorted(ports), mine  # one record each
+        assert all(r["event"] == "tcp_closed" and r["level"] == "info" and r["established"] for r in mine)
+    finally:
+        s.stop()
 
 
 def test_any_start_order_and_restart_of_ingress_and_egress(fresh_ns):

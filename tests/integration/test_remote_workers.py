@@ -54,8 +54,9 @@ def test_worker_with_unauthorised_key_is_refused_and_gets_no_traffic(fresh_ns, t
     stopped = next(r for r in rogue_records if r["event"] == "worker_stopped")
     assert stopped.get("packets_in", 0) == 0
     assert not any(r["event"] == "welcomed" for r in rogue_records)
-    established = [r for r in stack.records() if r["event"] == "tcp_established"]
-    assert len(established) == 20 and {r["proc"] for r in established} == {"tcp.1"}
+    # Each connection's one record (tcp_closed, written by the time the stack stopped) names its worker.
+    closed = [r for r in stack.records() if r["event"] == "tcp_closed"]
+    assert len(closed) == 20 and {r["proc"] for r in closed} == {"tcp.1"}
 
 
 def test_a_remote_worker_publishes_its_logs_over_curve(fresh_ns, tmp_path):
@@ -73,13 +74,13 @@ def test_a_remote_worker_publishes_its_logs_over_curve(fresh_ns, tmp_path):
     try:
         host_a.wait_ready({"icmp": 1, "udp": 1, "tcp": 2})
         follow = subprocess.Popen([str(ROOT / ".venv" / "bin" / "stackctl"), "--netns", ns.name, "logs", "-f",
-                                   "--proc", "b-*", "--event", "tcp_established"],
+                                   "--proc", "b-*", "--event", "tcp_closed"],
                                   env=dict(os.environ, **env, USTACK_RUN_DIR=host_a.run_dir),
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in follow.stdout], daemon=True).start()
         deadline = time.monotonic() + 20
-        while lines.empty() and time.monotonic() < deadline:  # connections until one lands on b-tcp.1
+        while lines.empty() and time.monotonic() < deadline:  # connections until one on b-tcp.1 has ended
             with ns.socket() as sock:
                 sock.settimeout(5)
                 sock.connect((STACK_ADDR, 8000))
@@ -87,7 +88,7 @@ def test_a_remote_worker_publishes_its_logs_over_curve(fresh_ns, tmp_path):
                 assert sock.recv(100) == b"erehw\n"
             time.sleep(0.2)
         record = json.loads(lines.get(timeout=5))
-        assert record["proc"] == "b-tcp.1" and record["event"] == "tcp_established"
+        assert record["proc"] == "b-tcp.1" and record["event"] == "tcp_closed" and record["lport"] == 8000
     finally:
         if follow is not None:
             follow.terminate()

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from pipeline.wire.addr import split_endpoint
 from tests.integration.netns import (CLIENT_ADDR, CLIENT_ADDR6, ROOT, STACK_ADDR, STACK_ADDR6, Stack, exchange,
                                      process_pid)
 from tests.integration.test_tcp_bulk import rfc864_stream
@@ -38,8 +39,19 @@ def stack(ns):
 
 
 def owners(stack) -> dict[tuple[str, int], str]:
-    """(client address, port) -> the tcp worker that logged the connection as established."""
-    return {(r["remote"], r["rport"]): r["proc"] for r in stack.records() if r["event"] == "tcp_established"}
+    """(client address, port) -> the tcp worker that wrote the connection's record (tcp_closed: it ended)."""
+    return {(r["remote"], r["rport"]): r["proc"] for r in stack.records() if r["event"] == "tcp_closed"}
+
+
+def live_owners(stack) -> dict[tuple[str, int], str]:
+    """(client address, port) -> the tcp worker holding the connection now (stackctl conns)."""
+    done = stackctl(stack, "conns", "--json")
+    assert done.returncode == 0, done.stderr
+    table = {}
+    for r in json.loads(done.stdout):
+        address, port = split_endpoint(r["remote"])
+        table[address, int(port)] = r["worker"]
+    return table
 
 
 def stackctl(stack, *args) -> subprocess.CompletedProcess:
@@ -58,7 +70,7 @@ def test_connections_are_spread_over_all_workers(client, stack):
     with concurrent.futures.ThreadPoolExecutor(200) as pool:
         results = list(pool.map(chat, range(200)))
     assert [data for _, data in results] == [(f"hello {i}"[::-1] + "\n").encode() for i in range(200)]
-    stack.wait_for(lambda recs: sum(r["event"] == "tcp_established" for r in recs) >= 200, 10, "200 logged")
+    stack.wait_for(lambda recs: sum(r["event"] == "tcp_closed" for r in recs) >= 200, 10, "200 logged")
     by_worker = {}
     table = owners(stack)
     for port, _ in results:
@@ -96,8 +108,6 @@ def test_stackctl_flows_shows_each_flow_and_its_owner(client, stack, family):
         sock.connect((address, 8000))
         port = sock.getsockname()[1]
         key = client_address, port
-        stack.wait_for(lambda recs: key in owners(stack), 10, f"connection from port {port} established")
-        owner = owners(stack)[key]
         deadline = time.monotonic() + 5
         while True:  # the worker announces the flow right after its handshake: wait for it
             done = stackctl(stack, "flows", "--json")
@@ -106,10 +116,13 @@ def test_stackctl_flows_shows_each_flow_and_its_owner(client, stack, family):
             if mine or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        assert mine == [{"remote": client_address, "rport": port, "lport": 8000, "worker": owner}]
         text = stackctl(stack, "flows")
-        endpoint = f"[{client_address}]:{port}" if family == "ipv6" else f"{client_address}:{port}"
-        assert text.returncode == 0 and endpoint in text.stdout and owner in text.stdout
+    # The worker that held it says so in the connection's record, once it has closed.
+    stack.wait_for(lambda recs: key in owners(stack), 10, f"connection from port {port} closed")
+    owner = owners(stack)[key]
+    assert mine == [{"remote": client_address, "rport": port, "lport": 8000, "worker": owner}]
+    endpoint = f"[{client_address}]:{port}" if family == "ipv6" else f"{client_address}:{port}"
+    assert text.returncode == 0 and endpoint in text.stdout and owner in text.stdout
 
 
 class Transfer:
@@ -170,8 +183,13 @@ def test_killed_worker_resets_its_connections_and_survivors_finish(ns, client, s
     with concurrent.futures.ThreadPoolExecutor(len(transfers)) as pool:
         futures = [pool.submit(t.run) for t in transfers]
         time.sleep(1.0)
-        stack.wait_for(lambda recs: all(t.key in owners(stack) for t in transfers), 10, "owners logged")
-        table = owners(stack)
+        deadline = time.monotonic() + 10
+        while True:  # which worker holds each transfer now
+            table = live_owners(stack)
+            if all(t.key in table for t in transfers):
+                break
+            assert time.monotonic() < deadline, "not every transfer is in a worker's connection table"
+            time.sleep(0.2)
         families = {}
         for t in transfers:
             families.setdefault(table[t.key], set()).add(t.key[0])
@@ -186,7 +204,6 @@ def test_killed_worker_resets_its_connections_and_survivors_finish(ns, client, s
                 sock.sendall(b"after\n")
                 assert sock.recv(100) == b"retfa\n"
         done = [f.result(timeout=60) for f in futures]
-    table = owners(stack)
     dead = [t for t in done if table[t.key] == victim]
     alive = [t for t in done if table[t.key] != victim]
     assert {t.key[0] for t in dead} == {t.key[0] for t in alive} == {CLIENT_ADDR, CLIENT_ADDR6}

@@ -74,7 +74,8 @@ def test_netns_finds_the_stack_from_outside(fresh_ns):
 
 
 def test_logs_follow_filtered_by_process_and_event_during_traffic(ns, stack):
-    follow = spawn(stack, "logs", "--follow", "--proc", "tcp.*", "--event", "tcp_established",
+    # tcp_closed: the one record of each connection, written when it ends (echo_once closes it).
+    follow = spawn(stack, "logs", "--follow", "--proc", "tcp.*", "--event", "tcp_closed",
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out = lines_of(follow.stdout)
@@ -105,8 +106,8 @@ def test_logs_follow_filtered_by_process_and_event_during_traffic(ns, stack):
         time.sleep(1)
         assert out.empty(), out.get()
         assert {r["rport"] for r in records} == ports
-        assert all(r["proc"] == "tcp.1" and r["event"] == "tcp_established" and r["remote"] == HOST_ADDR
-                   for r in records)
+        assert all(r["proc"] == "tcp.1" and r["event"] == "tcp_closed" and r["remote"] == HOST_ADDR
+                   and r["lport"] == 8000 and r["established"] for r in records)
     finally:
         follow.send_signal(signal.SIGINT)
         follow.wait(10)

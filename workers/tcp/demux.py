@@ -12,7 +12,11 @@ and the next deadline out. It owns
 - one timer heap over every connection's next deadline (stale entries are
   skipped lazily, so re-arming a timer costs O(log n) and nothing else);
 - the ICMP errors ingress routes here because they quote one of our
-  segments (``icmp_errors.py`` says what each one does).
+  segments (``icmp_errors.py`` says what each one does);
+- the one log record of each connection's life, ``tcp_closed`` at info when
+  it ends (addresses, duration, bytes and counters, reason, whether it was
+  ever established), as ``relay_flow`` is a relayed flow's; ``tcp_established``
+  and ``tcp_state`` are debug records.
 
 Both families: a flow's remote address is 4 or 16 bytes, our address and
 the MSS we offer (MTU - 40, or MTU - 60 over IPv6) follow from it.
@@ -62,7 +66,7 @@ SYN_QUEUE_LIMIT = 256        # default half-open connections per listening port 
 MAX_TIME_WAIT = 8192         # default connections held in TIME-WAIT (Linux: tcp_max_tw_buckets)
 RESETS_PER_SECOND = 2000     # resets for unknown flows (a scan cannot make us flood)
 IPV6_EXTRA_HEADER = 20  # RFC 8200 §3: 40 bytes of IP header against IPv4's 20, so MSS = MTU - 60
-# Connection counters logged with tcp_closed.
+# Connection counters in tcp_closed, the one record of a connection's life (as relay_flow is a relayed flow's).
 CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "retransmissions", "timeouts",
                "fast_retransmits", "loss_probes", "lost_retransmissions", "zero_window_probes", "ooo_segments",
                "challenge_acks", "ce_received", "ece_received")
@@ -70,6 +74,9 @@ CLOSE_STATS = ("bytes_sent", "bytes_received", "segments_in", "segments_out", "r
 ECN_MASK = 0b11
 ECN_ECT0 = 0b10
 ECN_CE = 0b11
+# States before the handshake completes: a connection that closes from one of them without
+# having sent Connected was never established (tcp_closed says established: false).
+_UNSYNCHRONIZED = frozenset({State.CLOSED, State.LISTEN, State.SYN_SENT, State.SYN_RECEIVED})
 
 
 class TcpDemux:
@@ -144,7 +151,7 @@ class TcpDemux:
             if conn.state is State.TIME_WAIT and seg.flags & _SYN_ACK_RST == Flags.SYN \
                     and time_wait_reusable(conn, seg, self.config.timestamps):
                 if key.local:  # a relayed flow's next incarnation needs its own upstream connect first
-                    self._log_closed(key, conn, "time_wait_reused")
+                    self._log_closed(key, conn, "time_wait_reused", True, now)
                     self._forget(key)
                     self._relay_syn(key, seg, data, now, out)
                 else:
@@ -240,6 +247,7 @@ class TcpDemux:
         iss = initial_sequence_number(self.secret, (self.address, lport), (remote, rport), now)
         conn = Connection.connect(lport, rport, iss, self.config, now)
         self.connections[key] = conn
+        self.born[key] = now
         self._opened.append(key)  # announced before the SYN leaves, so the SYN-ACK is routed here
         self._after(key, conn, State.CLOSED, now, out)
 
@@ -333,13 +341,19 @@ class TcpDemux:
         return out
 
     def close(self, now: float) -> list[Outgoing]:
-        """Shutting down: reset every connection so no peer is left hanging."""
+        """Shutting down: reset every connection so no peer is left hanging.
+
+        One in TIME-WAIT has nothing left to say to its peer; it ends quietly, with its
+        ``tcp_closed`` record (the one record of its life) written now, not never.
+        """
         out: list[Outgoing] = []
         for key, conn in list(self.connections.items()):
-            if conn.state not in (State.TIME_WAIT, State.CLOSED):
-                before = conn.state
+            before = conn.state
+            if before is State.TIME_WAIT:
+                conn.end_time_wait("closed")
+            elif before is not State.CLOSED:
                 conn.abort()
-                self._after(key, conn, before, now, out)
+            self._after(key, conn, before, now, out)
         return out
 
     # -- listeners -----------------------------------------------------------
@@ -368,7 +382,8 @@ class TcpDemux:
         if not seg.syn:
             self.sink.drop("no_syn_no_connection")  # §3.10.7.2: drop anything else
             return
-        if len(self.syn_queue.setdefault(key.lport, set())) >= self.syn_queue_limit:
+        queue = self.syn_queue.get(key.lport)
+        if (0 if queue is None else len(queue)) >= self.syn_queue_limit:
             self._cookie_syn_ack(key, seg, now, out)
             return
         self._accept(key, seg, initial_sequence_number(self.secret, local, remote, now), now, out)
@@ -381,7 +396,10 @@ class TcpDemux:
         self.born[key] = now
         if announce:
             self._opened.append(key)
-        self.syn_queue.setdefault(key.lport, set()).add(key)
+        queue = self.syn_queue.get(key.lport)
+        if queue is None:
+            queue = self.syn_queue[key.lport] = set()
+        queue.add(key)
         self._after(key, conn, State.LISTEN, now, out)
 
     def _reopen(self, key: Flow, old: Connection, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
@@ -393,7 +411,7 @@ class TcpDemux:
         the same flow would read as the flow gone).
         """
         self.sink.counters["time_wait_reused"] += 1
-        self._log_closed(key, old, "time_wait_reused")
+        self._log_closed(key, old, "time_wait_reused", True, now)  # TIME-WAIT is reached only from ESTABLISHED
         self._discard(key)
         self._accept(key, syn, seq_add(old.snd_nxt, TIME_WAIT_ISN_GAP), now, out, announce=False)
 
@@ -446,10 +464,14 @@ class TcpDemux:
     def _after(self, key: Flow, conn: Connection, before: State, now: float, out: list[Outgoing]) -> None:
         """Deliver a connection's events to its service, then collect its output and re-arm its timer."""
         log = self.log
+        debug = self.sink.debug
+        connected = False  # Connected is among these events
         while (ev := conn.next_event()) is not None:
             if isinstance(ev, events.Connected):
-                log.info("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
-                         **({"local": fmt_addr(key.local)} if key.local else {}))
+                connected = True
+                if debug:  # tcp_closed is the connection's record (info); this one is for debugging
+                    log.debug("tcp_established", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
+                              **({"local": fmt_addr(key.local)} if key.local else {}))
                 if self.relay is not None and (key.local or key in self.relay.published):
                     self.relays[key] = RelayService(conn, key, self.relay, now)  # type: ignore[arg-type]
             app = self.relays.get(key)
@@ -462,7 +484,7 @@ class TcpDemux:
             elif isinstance(ev, events.PeerClosed):
                 app.on_eof()
             if isinstance(ev, events.Closed):
-                self._log_closed(key, conn, ev.reason)
+                self._log_closed(key, conn, ev.reason, connected or before not in _UNSYNCHRONIZED, now)
                 if app is not None:
                     app.on_closed(ev.reason, now)
                 if self.relay is not None and key in self.relay.published:
@@ -470,17 +492,18 @@ class TcpDemux:
                         self.relay.commands.append(relay.Close(key, reset=True))
                         self.relay.log_flow("tcp", key, FlowRecord(now), now, "namespace_" + ev.reason)
                     del self.relay.published[key]
-        if self.sink.debug and conn.state is not before:
+        if debug and conn.state is not before:
             log.debug("tcp_state", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport,
                       old=before.name, new=conn.state.name)
-        mss = conn.max_segment
+        mss = conn.max_segment if self.offload else None  # only TSO needs it (_ip)
+        ecn = conn.ecn_ok
         for seg in conn.segments_to_send(now):
-            out.append(self._ip(key, seg, mss, ECN_ECT0 if conn.ect(seg) else 0))
+            out.append(self._ip(key, seg, mss, ECN_ECT0 if ecn and conn.ect(seg) else 0))
         if conn.state is State.CLOSED:
             self._forget(key)
             return
-        if conn.state is not State.SYN_RECEIVED:
-            self._leave_syn_queue(key)
+        if before in _UNSYNCHRONIZED and conn.state is not State.SYN_RECEIVED:
+            self._leave_syn_queue(key)  # only a connection in SYN-RECEIVED is in its port's SYN queue
         if conn.state is State.TIME_WAIT and key not in self.time_wait:
             self._hold_time_wait(key, now, out)
             if conn.state is State.CLOSED:
@@ -507,13 +530,30 @@ class TcpDemux:
         conn.end_time_wait("time_wait_overflow")
         self._after(oldest, conn, State.TIME_WAIT, now, out)
 
-    def _log_closed(self, key: Flow, conn: Connection, reason: str) -> None:
-        relayed = self.relay is not None and (key.local or key in self.relay.published)
+    def _log_closed(self, key: Flow, conn: Connection, reason: str, established: bool, now: float) -> None:
+        """The one record of a connection's life, when it ends: who, how long, how much, why.
+
+        ``established``: the handshake completed (false: a SYN that went nowhere). A relayed
+        connection's record is its ``relay_flow``; this one is then written at debug only.
+        """
+        relayed = self.relay is not None and (bool(key.local) or key in self.relay.published)
         if relayed and not self.sink.debug:
             return  # its relay_flow record says it (one line fewer per flow through honcho)
+        fields: dict[str, object] = {"remote": fmt_addr(key.remote), "rport": key.rport, "lport": key.lport}
+        if key.local:
+            fields["local"] = fmt_addr(key.local)
+        fields["established"] = established
+        fields["duration"] = round(now - self.born.get(key, now), 3)
+        fields["reason"] = reason
         soft = conn.soft_error  # RFC 1122 §4.2.3.9: reported if the connection fails
-        self.log.info("tcp_closed", remote=fmt_addr(key.remote), rport=key.rport, lport=key.lport, reason=reason,
-                      **({"soft_error": soft} if soft else {}), **{name: getattr(conn, name) for name in CLOSE_STATS})
+        if soft:
+            fields["soft_error"] = soft
+        for name in CLOSE_STATS:
+            fields[name] = getattr(conn, name)
+        if relayed:
+            self.log.debug("tcp_closed", **fields)
+        else:
+            self.log.info("tcp_closed", **fields)
 
     def _forget(self, key: Flow) -> None:
         self._discard(key)

@@ -4,7 +4,8 @@ Contract: the sender reports every transmission (:meth:`Rack.on_send`: the range
 ``now``, and whether it was a retransmission); the recovery module reports each
 ACK after the SACK scoreboard and SND.UNA were updated (:meth:`on_ack`) and asks
 :meth:`detect` which data is lost now and when to look again (the RACK reorder
-timer).  Only connections with SACK use it.
+timer).  Only connections with SACK use it, and the recovery module builds it at
+the first transmission (``Recovery.need_rack``), anchored at SND.UNA then.
 
 The sent-segment log has two parts.  First transmissions leave in sequence
 order, so their send times never decrease with the sequence number: they are
@@ -33,6 +34,7 @@ from workers.tcp.scoreboard import SackScoreboard
 DUP_THRESH = 3            # RFC 8985 §6.2 step 4 (RFC 6675 DupThresh)
 REO_WND_PERSIST = 16      # RFC 8985 §6.2 step 4: recoveries before reo_wnd_mult resets
 TIME_EPS = 1e-6           # seconds: the RFC's microsecond granularity
+_NEVER = float("-inf")    # RACK.xmit_ts before anything was delivered
 
 
 class Retransmission:
@@ -62,7 +64,7 @@ class Rack:
         self._times: list[float] = []
         self.rtx: list[Retransmission] = []  # in send order
         # RFC 8985 §6.1: the most recently sent segment that was delivered.
-        self.xmit_ts = float("-inf")
+        self.xmit_ts = _NEVER
         self.end_seq = -1  # a position
         self.rtt = 0.0
         self.min_rtt: float | None = None
@@ -141,9 +143,10 @@ class Rack:
         if self.min_rtt is None or rtt < self.min_rtt:
             self.min_rtt = rtt
 
-    def on_ack(self, una: int, old_una: int, blocks: tuple[tuple[int, int], ...], sb: SackScoreboard,
+    def on_ack(self, una: int, old_una: int, blocks: tuple[tuple[int, int], ...], sb: SackScoreboard | None,
                tsecr: int | None, now: float) -> None:
-        """Steps 1-3 for one ACK: which transmissions it delivered, and reordering."""
+        """Steps 1-3 for one ACK: which transmissions it delivered, and reordering
+        (``sb``: the scoreboard, None while no SACK block has come)."""
         una_p = self.pos(una)
         old_p = self.pos(old_una)
         # Step 3: data below RACK.fack delivered, never retransmitted (nothing at or
@@ -153,17 +156,18 @@ class Rack:
         # Retransmissions delivered (cumulatively or wholly SACKed).  Step 2: an
         # ambiguous one -- the echo predates it, or it came back faster than any
         # RTT -- says nothing about when it was sent.
-        keep = []
-        for r in self.rtx:
-            if r.end <= una_p or (blocks and sb.covers(self.seq(r.start), self.seq(r.end))):
-                if tsecr is not None and seq_lt(tsecr, ts_clock(r.xmit_ts)):
-                    continue
-                if self.min_rtt is not None and now - r.xmit_ts < self.min_rtt - TIME_EPS:
-                    continue
-                self._update(r.xmit_ts, r.end, now)
-            else:
-                keep.append(r)
-        self.rtx = keep
+        if self.rtx:  # none outside loss repair
+            keep = []
+            for r in self.rtx:
+                if r.end <= una_p or (blocks and sb is not None and sb.covers(self.seq(r.start), self.seq(r.end))):
+                    if tsecr is not None and seq_lt(tsecr, ts_clock(r.xmit_ts)):
+                        continue
+                    if self.min_rtt is not None and now - r.xmit_ts < self.min_rtt - TIME_EPS:
+                        continue
+                    self._update(r.xmit_ts, r.end, now)
+                else:
+                    keep.append(r)
+            self.rtx = keep
         # First transmissions: the highest newly delivered byte was sent last.
         edges = [una_p] if una_p > old_p else []
         for _left, right in blocks:
@@ -179,7 +183,10 @@ class Rack:
                 self.fack = p
 
     def _retransmitted(self, p: int) -> bool:
-        return any(r.start <= p < r.end for r in self.rtx)
+        for r in self.rtx:
+            if r.start <= p < r.end:
+                return True
+        return False
 
 
     def on_dsack(self, snd_una: int, snd_nxt: int) -> None:
@@ -207,12 +214,14 @@ class Rack:
 
     # == RFC 8985 §6.2 step 5: detect losses ==========================================
 
-    def detect(self, sb: SackScoreboard, reo_wnd: float, now: float) -> tuple[list[tuple[int, int]], float | None]:
+    def detect(self, sb: SackScoreboard | None, reo_wnd: float,
+               now: float) -> tuple[list[tuple[int, int]], float | None]:
         """Mark lost what was sent before the RACK segment and not delivered within
         RACK.rtt + reo_wnd.  Moves ``lost_edge``; returns retransmissions found lost
-        (dropped from the log) and when to look again (the reorder timeout), or None."""
-        if self.xmit_ts == float("-inf"):
-            return [], None
+        (dropped from the log) and when to look again (the reorder timeout), or None.
+        ``sb``: the scoreboard, None while no SACK block has come."""
+        if self.xmit_ts == _NEVER or (not self._starts and not self.rtx):
+            return [], None  # nothing delivered yet, or nothing outstanding: nothing to mark (the common ACK)
         limit = now - self.rtt - reo_wnd + TIME_EPS  # sent at or before this: lost
         deadline: float | None = None
         times, ends = self._times, self._ends
@@ -227,8 +236,8 @@ class Rack:
         # The first one not yet lost with a hole in it starts the reorder timer (the
         # scoreboard finds the hole, so SACKed segments cost nothing here).
         if k_lost < k_rack:
-            hole = sb.next_hole(self.seq(self._starts[k_lost]), self.seq(ends[k_rack - 1]))
-            if hole is None and not sb.sacked_bytes:
+            hole = sb.next_hole(self.seq(self._starts[k_lost]), self.seq(ends[k_rack - 1])) if sb is not None else None
+            if hole is None and (sb is None or not sb.sacked_bytes):
                 hole = (self.seq(self._starts[k_lost]), self.seq(ends[k_rack - 1]))
             if hole is not None:
                 k = bisect_right(ends, self.pos(hole[0]), k_lost, k_rack)

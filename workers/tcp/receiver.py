@@ -71,7 +71,7 @@ class Receiver:
         cfg = conn.config
         self.c = conn
         self.rcvbuf = bytearray()
-        self.reasm = ReassemblyQueue(cfg.recv_buffer)
+        self.reasm: ReassemblyQueue | None = None  # built at the first out-of-order segment
         self.fin_seq: int | None = None  # peer FIN seen beyond a gap
         self.ack_now = False
         self.unacked_bytes = 0
@@ -206,14 +206,18 @@ class Receiver:
                 # RFC 5681 §4.2: one duplicate ACK per out-of-order segment, even when
                 # several arrive before the shell asks for output; the sender counts them.
                 self.emit(c.snd_nxt, _ACK, b"", now)
-            self.reasm.add(seq, view, c.rcv_nxt)
+            reasm = self.reasm
+            if reasm is None:
+                reasm = self.reasm = ReassemblyQueue(c.config.recv_buffer)
+            reasm.add(seq, view, c.rcv_nxt)
             self.ack_now = True
             return
         delivered = len(view)
         self.rcvbuf += view
         c.rcv_nxt = seq_add(c.rcv_nxt, delivered)
-        if self.reasm.bytes_held:
-            more = self.reasm.pop(c.rcv_nxt)
+        reasm = self.reasm
+        if reasm is not None and reasm.bytes_held:
+            more = reasm.pop(c.rcv_nxt)
             if more:
                 self.rcvbuf += more
                 c.rcv_nxt = seq_add(c.rcv_nxt, len(more))
@@ -297,9 +301,10 @@ class Receiver:
         opts = self.c.options
         ts = (ts_clock(now), self.ts_recent) if opts.timestamps else None
         blocks: tuple[tuple[int, int], ...] = ()
-        if opts.sack and self.reasm.bytes_held:
+        reasm = self.reasm
+        if opts.sack and reasm is not None and reasm.bytes_held:
             # RFC 2018 §3: at most 3 blocks next to a timestamp, 4 without.
-            blocks = tuple(self.reasm.sack_blocks(3 if ts else 4))
+            blocks = tuple(reasm.sack_blocks(3 if ts else 4))
         if ts is None and not blocks:
             return NO_OPTIONS, 0
         length = (TS_OPTION_SPACE if ts else 0) + (4 + 8 * len(blocks) if blocks else 0)
@@ -351,4 +356,4 @@ class Receiver:
         c._out.append(TcpSegment(c.local_port, c.remote_port, seq, c.rcv_nxt, flags, window, payload, options))
 
     def clear(self) -> None:
-        self.reasm.clear()
+        self.reasm = None

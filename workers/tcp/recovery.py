@@ -6,7 +6,10 @@ timeout (:meth:`on_rto`), the loss-probe timer (:meth:`on_loss_probe`) and the
 RACK reorder timer (:meth:`on_reorder_timer`), and before new data goes out asks
 :meth:`output` to retransmit what is lost and return the right edge up to which
 the sender may send new data.  Sequence variables stay in the connection; the
-SACK scoreboard and the RACK sent-segment log (:mod:`rack`) live here.
+SACK scoreboard and the RACK sent-segment log (:mod:`rack`) live here, each built
+when first needed -- the scoreboard at the first SACK block, RACK at a SACK
+connection's first transmission (or first SACK block) -- so a connection that never
+sees either never pays for them; until then ``None`` reads as an empty one.
 
 With SACK, RFC 8985 RACK is the loss detector: data is lost once something sent
 after it was delivered and RACK.rtt + reo_wnd has passed (a lost retransmission
@@ -70,8 +73,10 @@ class Recovery:
     def __init__(self, conn: Connection, iss: int) -> None:
         self.c = conn
         self.state = _OPEN
-        self.scoreboard = SackScoreboard()
-        self.rack = Rack(iss)  # RFC 8985 state and the sent-segment log (SACK connections)
+        # Built when first needed (need_scoreboard, need_rack): most connections never see a
+        # SACK block, and one that sends nothing never needs RACK; None reads as empty.
+        self.scoreboard: SackScoreboard | None = None
+        self.rack: Rack | None = None  # RFC 8985 state and the sent-segment log (SACK connections)
         self.recover = iss  # RFC 6582 recover / RFC 6675 RecoveryPoint
         self.dupacks = 0
         self.high_rxt = iss  # RFC 6675 HighRxt: end of the highest retransmission
@@ -90,6 +95,24 @@ class Recovery:
         self.budget = 0
         self._sacked_prev = 0  # SACKed bytes after the previous ACK (RFC 6937 DeliveredData)
 
+    def need_scoreboard(self) -> SackScoreboard:
+        """The SACK scoreboard, built now if this is the first time it is needed."""
+        sb = self.scoreboard
+        if sb is None:
+            sb = self.scoreboard = SackScoreboard()
+        return sb
+
+    def need_rack(self) -> Rack:
+        """The RACK state, built now if this is the first time it is needed.
+
+        Positions are anchored at SND.UNA (as ``advance`` keeps them), so one built late
+        behaves as one built with the connection: the log had nothing in it until now.
+        """
+        rack = self.rack
+        if rack is None:
+            rack = self.rack = Rack(self.c.snd_una)
+        return rack
+
     @property
     def in_fast_recovery(self) -> bool:
         return self.state is _SACK or self.state is _NEWRENO
@@ -99,18 +122,23 @@ class Recovery:
         return self.state is not _OPEN
 
     def end(self) -> None:
-        if self.state is _SACK:
-            self.rack.on_recovery_exit()
+        rack = self.rack
+        if rack is not None:  # SACK recovery is entered only by RACK: it exists then
+            if self.state is _SACK:
+                rack.on_recovery_exit()
+            rack.forget_retransmissions()
         self.state = _OPEN
         self.dupacks = 0
-        self.rack.forget_retransmissions()
         self.relost.clear()
 
     def on_send(self, seq: int, end: int, now: float, rtx: bool) -> None:
         """Every transmission (the sender's): RACK's log, and PRR's prr_out."""
         if not self.c.options.sack:
             return
-        self.rack.on_send(seq, end, now, rtx)
+        rack = self.rack
+        if rack is None:
+            rack = self.need_rack()
+        rack.on_send(seq, end, now, rtx)
         if self.state is _SACK:
             n = seq_sub(end, seq)
             self.prr_out += n
@@ -126,8 +154,12 @@ class Recovery:
     def advance(self, ack: int) -> None:
         if self.rtx_nxt is not None and seq_lt(self.rtx_nxt, ack):
             self.rtx_nxt = ack
-        self.scoreboard.advance(ack)
-        self.rack.advance(ack)
+        sb = self.scoreboard
+        if sb is not None:
+            sb.advance(ack)
+        rack = self.rack
+        if rack is not None:
+            rack.advance(ack)
 
     def on_ack(self, seg: TcpSegment, old_una: int, acked: int, dup: bool, now: float) -> None:
         """An acceptable ACK after SND.UNA and the window were updated."""
@@ -137,12 +169,13 @@ class Recovery:
         sb = self.scoreboard
         if sack:
             if blocks:
+                sb = self.need_scoreboard()
                 sb.update(blocks, c.snd_una, c.snd_nxt)
-            if blocks and self._dsack(seg):
-                self.rack.on_dsack(c.snd_una, c.snd_nxt)
+                if self._dsack(seg):
+                    self.need_rack().on_dsack(c.snd_una, c.snd_nxt)
             if acked > 0 or blocks:
                 ts = seg.options.timestamp if c.options.timestamps else None
-                self.rack.on_ack(c.snd_una, old_una, blocks, sb, ts[1] if ts else None, now)
+                self.need_rack().on_ack(c.snd_una, old_una, blocks, sb, ts[1] if ts else None, now)
         if self.tlp_end is not None:
             self._tlp_verdict(seg, now)
         if acked > 0:
@@ -150,11 +183,11 @@ class Recovery:
         elif dup:
             self._on_dup_ack(now)
         if sack:
-            delivered = max(0, acked) + sb.sacked_bytes - self._sacked_prev
+            delivered = max(0, acked) + (sb.sacked_bytes if sb is not None else 0) - self._sacked_prev
             self._detect(now)
             if self.state is _SACK:
                 self._prr(delivered)
-            self._sacked_prev = sb.sacked_bytes
+            self._sacked_prev = sb.sacked_bytes if sb is not None else 0
 
     def _dsack(self, seg: TcpSegment) -> bool:
         """RFC 2883 §4: the first block reports a duplicate (below SEG.ACK, or inside the second)."""
@@ -165,9 +198,13 @@ class Recovery:
     def _detect(self, now: float) -> None:
         """RFC 8985 §6.2 step 5, and fast recovery when SND.UNA's data is found lost."""
         c = self.c
-        sb = self.scoreboard
         rack = self.rack
-        reo_wnd = rack.reo_wnd(self.state is not _OPEN, sb.sacked_bytes, c.send_mss, c.sender.rtt.srtt)
+        if rack is None:  # nothing sent yet: nothing to find lost
+            c.timers.cancel(Timer.REORDER)
+            return
+        sb = self.scoreboard
+        sacked = sb.sacked_bytes if sb is not None else 0
+        reo_wnd = rack.reo_wnd(self.state is not _OPEN, sacked, c.send_mss, c.sender.rtt.srtt)
         relost, deadline = rack.detect(sb, reo_wnd, now)
         if relost:
             c.lost_retransmissions += len(relost)
@@ -180,7 +217,7 @@ class Recovery:
             c.timers.arm(Timer.REORDER, max(deadline, now))
         lost = rack.lost_below()
         if (self.state is _OPEN and lost is not None and seq_gt(lost, c.snd_una)
-                and seq_ge(c.snd_una, self.recover) and not sb.is_sacked(c.snd_una)):
+                and seq_ge(c.snd_una, self.recover) and not (sb is not None and sb.is_sacked(c.snd_una))):
             self._enter(now)
 
     def on_reorder_timer(self, now: float) -> None:
@@ -300,7 +337,7 @@ class Recovery:
         if snd.retries > 1:
             # The same segment timed out again: the receiver may have reneged on what it
             # SACKed (RFC 2018 §8), so stop skipping that data (RFC 6675 §5.1).
-            self.scoreboard.clear()
+            self.scoreboard = None
             self._sacked_prev = 0
         if c.snd_wnd == 0:
             c.zero_window_probes += 1
@@ -342,7 +379,8 @@ class Recovery:
                 edge = wnd_edge
         else:
             edge = seq_add(c.snd_una, min(c.snd_wnd, cc.cwnd))  # RFC 5681 §3.1: min(cwnd, rwnd)
-            sacked = self.scoreboard.sacked_bytes
+            sb = self.scoreboard
+            sacked = sb.sacked_bytes if sb is not None else 0
             if sacked and c.options.sack:
                 # SACKed data has left the network (RFC 6675 §4 pipe): a segment goes
                 # out for each one, as RFC 3042 limited transmit does for the first
@@ -365,7 +403,8 @@ class Recovery:
                 self.rtx_nxt = None
                 break
             # In flight: what lies below start and was not SACKed (RFC 6675 §2 "pipe").
-            sacked_below = sb.sacked_bytes - sb.sacked_above(seq_add(start, -1)) if sb.sacked_bytes else 0
+            sacked_below = (sb.sacked_bytes - sb.sacked_above(seq_add(start, -1))
+                            if sb is not None and sb.sacked_bytes else 0)
             room = min(cc.cwnd - (seq_sub(start, c.snd_una) - sacked_below),
                        seq_sub(seq_add(c.snd_una, c.snd_wnd), start))
             if room <= 0:
@@ -381,7 +420,8 @@ class Recovery:
     def _lost_edge(self) -> int | None:
         """Un-SACKed data below this sequence number is deemed lost (RFC 8985 §6.2 via RACK)."""
         c = self.c
-        lost = self.rack.lost_below()
+        rack = self.rack
+        lost = rack.lost_below() if rack is not None else None
         if self.state is _RTO:
             # RFC 6675 §5.1: after a timeout everything outstanding up to the
             # recovery point and not SACKed is presumed lost (go-back-N skipping SACKed).
@@ -397,12 +437,12 @@ class Recovery:
         c = self.c
         una = c.snd_una
         sb = self.scoreboard
-        pipe = seq_sub(c.snd_nxt, una) - sb.sacked_bytes
+        pipe = seq_sub(c.snd_nxt, una) - (sb.sacked_bytes if sb is not None else 0)
         if lost is not None and seq_gt(lost, una):
-            pipe -= seq_sub(lost, una) - sb.sacked_below(lost)
+            pipe -= seq_sub(lost, una) - (sb.sacked_below(lost) if sb is not None else 0)
         high = self.high_rxt
         if seq_gt(high, una):
-            pipe += seq_sub(high, una) - sb.sacked_below(high)
+            pipe += seq_sub(high, una) - (sb.sacked_below(high) if sb is not None else 0)
         for start, end in self.relost:
             pipe -= max(0, seq_sub(end, seq_max(start, una)))
         return max(0, pipe)
@@ -471,7 +511,8 @@ class Recovery:
         # a lost tail then needs no timeout.
         if (self.state is _SACK and not self.rescue_done and cwnd - pipe > 0
                 and not c.sender.has_unsent() and relost == []):
-            top = self.scoreboard.highest_sacked
+            sb = self.scoreboard
+            top = sb.highest_sacked if sb is not None else None
             start = seq_max(seq_max(self.high_rxt, una), seq_add(c.snd_nxt, -mss))
             if (top is None or seq_lt(top, c.snd_nxt)) and seq_lt(start, c.snd_nxt) and seq_lt(start, wnd_edge):
                 self.rescue_done = True
@@ -483,7 +524,7 @@ class Recovery:
         """The first range at or after start not SACKed by the peer, up to snd_nxt."""
         c = self.c
         sb = self.scoreboard
-        if c.options.sack and sb.sacked_bytes:
+        if sb is not None and sb.sacked_bytes and c.options.sack:
             hole = sb.next_hole(start, c.snd_nxt)
             if hole is not None:
                 return seq_max(hole[0], start), hole[1]
@@ -549,6 +590,8 @@ class Recovery:
         c = self.c
         una = c.snd_una
         rack = self.rack
+        if rack is None:
+            return  # no retransmission was ever logged
         for r in list(rack.rtx):
             start, end = rack.seq(r.start), rack.seq(r.end)
             if seq_le(end, una):

@@ -8,6 +8,10 @@ sender must keep all unacknowledged data, because a receiver may renege
 (RFC 2018 §8), so dropping scoreboard state is always safe -- which is how
 the number of ranges is bounded.
 
+The recovery module builds one at the first SACK block a connection receives
+(``Recovery.need_scoreboard``), and drops it when the peer may have reneged: most
+connections never see a SACK block and never pay for one.
+
 ``highest_sacked`` is the right edge of the highest SACKed range, i.e. the
 sequence number just after the highest SACKed byte (the same convention as a
 SACK block's right edge).  Sequence numbers are mapped to unbounded ints
