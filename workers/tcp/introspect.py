@@ -40,7 +40,7 @@ def connection_record(conn: Any, local: bytes, flow: Flow, born: float, now: flo
         "timestamps": conn.ts_ok,
         "ecn": conn.ecn_ok,
         "send_buffer": [conn.send_queued, cfg.send_buffer],  # used, size
-        "recv_buffer": [conn.readable, cfg.recv_buffer],
+        "recv_buffer": [conn.readable, conn.receiver.rcv_buff],  # used, size now (autotuned up to TCP_RECV_BUFFER)
         "age": round(now - born, 3),
     }
     for name in COUNTERS:
