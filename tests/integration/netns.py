@@ -176,6 +176,22 @@ class Stack:
                              capture_output=True, text=True, timeout=10, check=True)
         return json.loads(out.stdout)
 
+    def owners(self, wanted: list, key_of, timeout: float = 10.0) -> dict:
+        """key_of(record) -> worker for every connection `stackctl conns` lists, once each key in
+        ``wanted`` is among them (the workers hold them now)."""
+        which = ["--netns", self.ns.name] if not self.run_dir else []
+        env = dict(os.environ, **({"USTACK_RUN_DIR": self.run_dir} if self.run_dir else {}))
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), *which, "conns", "--json"],
+                                  env=env, capture_output=True, text=True, timeout=10)
+            assert done.returncode == 0, done.stderr
+            table = {key_of(r): r["worker"] for r in json.loads(done.stdout)}
+            if all(k in table for k in wanted):
+                return table
+            assert time.monotonic() < deadline, f"not all of {wanted} in a worker's connection table"
+            time.sleep(0.2)
+
     def records(self) -> list[dict]:
         """Every JSON log record the processes wrote so far (honcho's prefix removed)."""
         out = []

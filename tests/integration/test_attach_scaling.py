@@ -42,14 +42,6 @@ def owners(stack) -> dict[int, str]:
             if r["event"] == "relay_flow" and r["proto"] == "tcp" and r.get("dst") == SERVER}
 
 
-def live_owners(stack) -> dict[int, str]:
-    """Client port -> the tcp worker holding the relayed connection now (stackctl conns)."""
-    done = stackctl(stack, "conns", "--json")
-    assert done.returncode == 0, done.stderr
-    return {int(split_endpoint(r["remote"])[1]): r["worker"] for r in json.loads(done.stdout)
-            if split_endpoint(r["local"])[0] == SERVER}
-
-
 def test_200_relayed_connections_spread_over_all_workers(topo, stack, server):
     def chat(i: int) -> tuple[int, bytes]:
         with topo.client.socket() as sock:
@@ -121,13 +113,8 @@ def test_killed_worker_resets_only_its_relayed_connections(topo, stack, server):
     with concurrent.futures.ThreadPoolExecutor(len(uploads)) as pool:
         futures = [pool.submit(u.run) for u in uploads]
         time.sleep(1.0)
-        deadline = time.monotonic() + 10
-        while True:  # which worker holds each upload now
-            table = live_owners(stack)
-            if all(u.port in table for u in uploads):
-                break
-            assert time.monotonic() < deadline, "not every upload is in a worker's connection table"
-            time.sleep(0.2)
+        # Which worker holds each upload now: client port -> worker.
+        table = stack.owners([u.port for u in uploads], lambda r: int(split_endpoint(r["remote"])[1]))
         victim = "tcp.2"
         os.kill(process_pid(topo.host, victim, "workers.tcp"), signal.SIGKILL)
         killed_at = time.monotonic()

@@ -17,8 +17,6 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from tests.integration.netns import ROOT, require_root_and_tun
 
 STACKCTL = str(ROOT / ".venv" / "bin" / "stackctl")

@@ -43,15 +43,9 @@ def owners(stack) -> dict[tuple[str, int], str]:
     return {(r["remote"], r["rport"]): r["proc"] for r in stack.records() if r["event"] == "tcp_closed"}
 
 
-def live_owners(stack) -> dict[tuple[str, int], str]:
-    """(client address, port) -> the tcp worker holding the connection now (stackctl conns)."""
-    done = stackctl(stack, "conns", "--json")
-    assert done.returncode == 0, done.stderr
-    table = {}
-    for r in json.loads(done.stdout):
-        address, port = split_endpoint(r["remote"])
-        table[address, int(port)] = r["worker"]
-    return table
+def _endpoint(text: str) -> tuple[str, int]:
+    address, port = split_endpoint(text)
+    return address, int(port)
 
 
 def stackctl(stack, *args) -> subprocess.CompletedProcess:
@@ -183,13 +177,8 @@ def test_killed_worker_resets_its_connections_and_survivors_finish(ns, client, s
     with concurrent.futures.ThreadPoolExecutor(len(transfers)) as pool:
         futures = [pool.submit(t.run) for t in transfers]
         time.sleep(1.0)
-        deadline = time.monotonic() + 10
-        while True:  # which worker holds each transfer now
-            table = live_owners(stack)
-            if all(t.key in table for t in transfers):
-                break
-            assert time.monotonic() < deadline, "not every transfer is in a worker's connection table"
-            time.sleep(0.2)
+        # Which worker holds each transfer now: (client address, port) -> worker.
+        table = stack.owners([t.key for t in transfers], lambda r: _endpoint(r["remote"]))
         families = {}
         for t in transfers:
             families.setdefault(table[t.key], set()).add(t.key[0])
