@@ -116,11 +116,11 @@ class Admission:
         """Forward this packet (routing already checked it)? Sheds only SYNs, counting why."""
         if role != "tcp":
             return True
-        src, tcp = self._tcp(packet)
+        src, dst, tcp = self._tcp(packet)
         if tcp is None:
             return True  # an ICMP error about a TCP flow: its owner needs it
         if not tcp.starts_connection:
-            self._learn(src, tcp)
+            self._learn(src, dst, tcp)
             return True
         self.syns_seen += 1
         if self.syns.take(now):
@@ -171,25 +171,26 @@ class Admission:
 
     def slot(self, packet: bytes | memoryview) -> int:
         """Where a (checked) SYN goes in the recent-SYN table."""
-        src, tcp = self._tcp(packet)
+        src, _, tcp = self._tcp(packet)
         assert tcp is not None, "not a TCP segment"
         return self.fingerprint(src, tcp) & self._mask
 
     @staticmethod
-    def _tcp(packet: bytes | memoryview) -> tuple[bytes, TcpPacket | None]:
-        """The source address and TCP view of a packet routing checked; None if it carries no TCP."""
+    def _tcp(packet: bytes | memoryview) -> tuple[bytes, bytes, TcpPacket | None]:
+        """The addresses and TCP view of a packet routing checked; None if it carries no TCP."""
         if packet[0] >> 4 == 4:
             ip = Ipv4Packet.trusted(packet)
             if ip.protocol != PROTO_TCP:
-                return b"", None
-            return ip.src, TcpPacket.trusted(ip.payload)
+                return b"", b"", None
+            return ip.src, ip.dst, TcpPacket.trusted(ip.payload)
         try:  # IPv6: walk the extension headers again (rare on this path; routing accepted them)
             parsed = ipv6.parse(packet)
         except Malformed:
-            return b"", None
+            return b"", b"", None
         if parsed.protocol != ipv6.TCP or parsed.fragment is not None:
-            return b"", None
-        return parsed.header.src, TcpPacket.trusted(memoryview(packet)[parsed.payload_offset:parsed.payload_end])
+            return b"", b"", None
+        return (parsed.header.src, parsed.header.dst,
+                TcpPacket.trusted(memoryview(packet)[parsed.payload_offset:parsed.payload_end]))
 
     def _remember(self, src: bytes, tcp: TcpPacket, now: float) -> bool:
         """Record this SYN; True if it repeats one seen a moment ago (a retransmission)."""
@@ -202,12 +203,13 @@ class Admission:
             return False
         return age >= RETRY_MIN_GAP  # the first sighting's time is kept across retransmissions
 
-    def _learn(self, src: bytes, tcp: TcpPacket) -> None:
+    def _learn(self, src: bytes, dst: bytes, tcp: TcpPacket) -> None:
         """A packet of a flow a worker holds proves its source real (it completed a handshake)."""
         if src == self._last_real:
             return  # the common case, a run of one flow's packets: one comparison
         if src not in self.real:
-            if not self.is_known(src + tcp.port_bytes):
+            key = src + tcp.port_bytes
+            if not (self.is_known(key) or self.is_known(key + dst)):  # the stack's own flow, or a relayed one
                 return
             if len(self.real) >= REAL_SOURCES:
                 del self.real[next(iter(self.real))]

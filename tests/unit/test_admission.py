@@ -15,9 +15,10 @@ STACK = bytes([10, 0, 0, 2])
 CLIENT = bytes([10, 0, 0, 1])
 
 
-def segment(src: bytes, sport: int, isn: int, flags: Flags = Flags.SYN, dport: int = 8000) -> bytes:
-    tcp = TcpSegment(sport, dport, isn, 0, flags, 65535).emit(src, STACK)
-    return Ipv4Header(src, STACK, PROTO_TCP).emit(len(tcp)) + tcp
+def segment(src: bytes, sport: int, isn: int, flags: Flags = Flags.SYN, dport: int = 8000,
+            dst: bytes = STACK) -> bytes:
+    tcp = TcpSegment(sport, dport, isn, 0, flags, 65535).emit(src, dst)
+    return Ipv4Header(src, dst, PROTO_TCP).emit(len(tcp)) + tcp
 
 
 def spoofed(i: int) -> bytes:
@@ -130,6 +131,15 @@ def test_a_real_source_has_its_own_bucket_when_the_shared_one_is_empty():
     assert new == [True] * 4 + [False] * 6  # its burst, then its own limit
     assert h.drops["shed_source_rate"] == 6
     assert h.adm.admit(segment(CLIENT, 50100, 5), "tcp", 0.1)  # refilled at its rate
+
+
+def test_a_relayed_flow_makes_its_source_real_too():
+    # Attach mode: a relayed flow's key ends with its destination (pipeline.flow.Flow.key).
+    h = Harness(syn_rate=1.0, syn_burst=1)
+    server = bytes([192, 0, 2, 10])
+    h.known.add(CLIENT + (50000).to_bytes(2, "big") + (443).to_bytes(2, "big") + server)
+    assert h.adm.admit(segment(CLIENT, 50000, 1, Flags.ACK, dport=443, dst=server), "tcp", 0.0)
+    assert CLIENT in h.adm.real
 
 
 def test_a_packet_of_an_unknown_flow_does_not_make_its_source_real():
