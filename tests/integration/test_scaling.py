@@ -73,8 +73,13 @@ def test_connections_are_spread_over_all_workers(client, stack):
     assert min(by_worker.values()) >= 200 / WORKERS / 4, by_worker
 
 
-def test_stackctl_status_lists_live_workers(stack):
-    # Counters travel in heartbeats: give the previous test's traffic one heartbeat to show up.
+def test_stackctl_status_lists_live_workers(client, stack):
+    # Traffic of its own, enough for every worker (40 connections over 4: one left idle ~4 in 100,000),
+    # then counters travel in heartbeats: give them one to show up.
+    for i in range(40):
+        af, address, _ = BOTH[i % 2]
+        with client.socket(af) as sock:
+            assert exchange(sock, (address, 8000), b"status\n")[1] == b"sutats\n"
     deadline = time.monotonic() + 5
     while True:
         done = stackctl(stack, "status", "--json")
