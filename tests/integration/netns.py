@@ -168,23 +168,25 @@ class Stack:
         """stop() has run: nothing writes the log any more."""
         return self._log_file.closed
 
+    def stackctl(self, *args: str) -> subprocess.CompletedProcess:
+        """`stackctl ARGS` for this stack: by its run directory, or found as a user's is (--netns)."""
+        which = ["--netns", self.ns.name] if not self.run_dir else []
+        env = dict(os.environ, **({"USTACK_RUN_DIR": self.run_dir} if self.run_dir else {}))
+        return subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), *which, *args], env=env,
+                              capture_output=True, text=True, timeout=10)
+
     def status(self) -> dict:
         """What `stackctl status --json` says: each process's counters and gauges."""
-        which = ["--netns", self.ns.name] if not self.run_dir else []  # found as a user's is
-        out = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), *which, "status", "--json"],
-                             env=dict(os.environ, **({"USTACK_RUN_DIR": self.run_dir} if self.run_dir else {})),
-                             capture_output=True, text=True, timeout=10, check=True)
-        return json.loads(out.stdout)
+        done = self.stackctl("status", "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
 
     def owners(self, wanted: list, key_of, timeout: float = 10.0) -> dict:
         """key_of(record) -> worker for every connection `stackctl conns` lists, once each key in
         ``wanted`` is among them (the workers hold them now)."""
-        which = ["--netns", self.ns.name] if not self.run_dir else []
-        env = dict(os.environ, **({"USTACK_RUN_DIR": self.run_dir} if self.run_dir else {}))
         deadline = time.monotonic() + timeout
         while True:
-            done = subprocess.run([str(ROOT / ".venv" / "bin" / "stackctl"), *which, "conns", "--json"],
-                                  env=env, capture_output=True, text=True, timeout=10)
+            done = self.stackctl("conns", "--json")
             assert done.returncode == 0, done.stderr
             table = {key_of(r): r["worker"] for r in json.loads(done.stdout)}
             if all(k in table for k in wanted):
