@@ -3,7 +3,7 @@
     USTACK_SERVICES=tcp/9000=myservices:Reverse,udp/9000=myservices:reverse PYTHONPATH=examples scripts/run
 """
 
-from workers.tcp.apps import Service
+from workers.services.tcp import Service
 
 
 class Reverse(Service):

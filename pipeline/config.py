@@ -167,7 +167,7 @@ def attach_path(raw: str) -> str:
 
 def forward_policy():  # type: ignore[no-untyped-def]
     """The relay's destination policy from USTACK_FORWARD_DENY / _ALLOW and USTACK_HOST_ALIAS."""
-    from pipeline.forwarding import ForwardPolicy
+    from workers.attach.policy import ForwardPolicy
 
     try:
         return ForwardPolicy(deny=env_str("USTACK_FORWARD_DENY", ""), allow=env_str("USTACK_FORWARD_ALLOW", ""),
@@ -178,7 +178,7 @@ def forward_policy():  # type: ignore[no-untyped-def]
 
 def published(proto: str) -> dict[int, int]:
     """USTACK_PUBLISH's ports of one protocol: port where the stack runs -> port in the namespace."""
-    from pipeline.forwarding import parse_publish
+    from workers.attach.policy import parse_publish
 
     try:
         return {outer: inner for p, outer, inner in parse_publish(env_str("USTACK_PUBLISH", "")) if p == proto}
@@ -314,7 +314,7 @@ _SERVICE_ENTRY = re.compile(r"(tcp|udp)/(\d{1,5})=([A-Za-z_][\w.]*):([A-Za-z_]\w
 def parse_services(value: str) -> list[tuple[str, int, str, str]]:
     """A USTACK_SERVICES value as (protocol, port, module, name) entries; ConfigError if malformed.
 
-    Only the syntax: the TCP and UDP workers load the modules (workers/registry.py)."""
+    Only the syntax: the TCP and UDP workers load the modules (workers/services/registry.py)."""
     entries: list[tuple[str, int, str, str]] = []
     seen: set[tuple[str, int]] = set()
     for raw in value.split(","):

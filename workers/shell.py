@@ -8,8 +8,8 @@ the worker's counters every HEARTBEAT_INTERVAL, the flows it holds whenever
 they change (all of them when ingress welcomes it, which is how a restarted
 ingress learns who owns what), and resets for the flows of a dead worker
 when ingress hands them over. A core that relays flows (attach mode,
-``workers.relay``) also gets its commands carried out on real sockets
-(``workers.upstream``) whose descriptors share the poll, and is fed what
+``workers.attach.relay``) also gets its commands carried out on real sockets
+(``workers.attach.upstream``) whose descriptors share the poll, and is fed what
 they report. Nothing protocol-specific lives here.
 """
 
@@ -24,7 +24,7 @@ from pipeline import latency
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
-from workers.upstream import Upstreams
+from workers.attach.upstream import Upstreams
 
 MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) handled per wake-up
 LATENCY_REPORT = 0.2  # seconds between latency samples sent to ingress, while there are some

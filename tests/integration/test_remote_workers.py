@@ -12,7 +12,7 @@ import time
 
 import zmq.auth
 
-from pipeline.keys import make_keys
+from pipeline.tools.keys import make_keys
 from tests.integration.netns import ROOT, STACK_ADDR, Stack
 
 

@@ -26,7 +26,7 @@ RECV_BUFFER = 1 << 20  # TCP_RECV_BUFFER (its default): the most a connection ma
 TRICKLE_PORT = 9100
 # A reader of 2000 bytes per 10 ms tick: far less per round trip than half the initial buffer.
 SERVICE = textwrap.dedent('''
-    from workers.tcp.apps import Service
+    from workers.services.tcp import Service
 
     class Trickle(Service):
         """Reads 2000 bytes every 10 ms and throws them away."""

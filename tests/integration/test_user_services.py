@@ -10,7 +10,7 @@ from tests.integration.netns import ROOT, STACK_ADDR
 from tests.integration.svc_clients import running_stack
 
 USER_MODULE = textwrap.dedent('''
-    from workers.tcp.apps import Service
+    from workers.services.tcp import Service
 
     class Raiser(Service):
         def on_readable(self):
@@ -83,7 +83,7 @@ def test_raising_service_resets_its_connection_and_the_worker_lives(ns, user_sta
 @pytest.mark.parametrize("value, message", [
     ("tcp/9000=nonexistent_module_q:Svc", "cannot import 'nonexistent_module_q'"),
     ("tcp/9000:ustack_user_svc", "expected tcp/PORT=module:Name"),
-    ("tcp/7=workers.tcp.apps:Echo", "already served by the built-in"),
+    ("tcp/7=workers.services.tcp:Echo", "already served by the built-in"),
 ])
 def test_bad_value_stops_the_worker_with_status_78(ns, value, message):
     env = {**os.environ, "USTACK_SERVICES": value, "USTACK_RUN_DIR": f"/run/ustack-test/{ns.name}-cfg"}

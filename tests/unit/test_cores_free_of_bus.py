@@ -6,8 +6,8 @@ import sys
 import pytest
 
 CORES = ["workers.icmp.core", "workers.udp.core", "workers.tcp.demux",
-         "workers.tcp.relay", "workers.udp.relay", "workers.icmp.relay", "workers.relay"]
-FORBIDDEN = ["zmq", "msgpack", "workers.shell", "workers.upstream", "pipeline.bus.messages", "pipeline.process"]
+         "workers.attach.tcp", "workers.attach.udp", "workers.attach.icmp", "workers.attach.relay"]
+FORBIDDEN = ["zmq", "msgpack", "workers.shell", "workers.attach.upstream", "pipeline.bus.messages", "pipeline.process"]
 
 
 @pytest.mark.parametrize("module", CORES)

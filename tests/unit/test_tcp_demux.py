@@ -199,7 +199,7 @@ def test_offload_leaves_checksum_to_the_kernel_and_asks_for_tso():
     from pipeline.wire.checksum import internet_checksum, pseudo_header_sum
 
     big = demux_mod.TcpDemux(sink(), US, TcpConfig(max_send_segment=60000), secret=b"s" * 32,
-                           services={19: __import__("workers.tcp.apps", fromlist=["Chargen"]).Chargen},
+                           services={19: __import__("workers.services.tcp", fromlist=["Chargen"]).Chargen},
                            offload=True)
     synack_pkt, _ = big.handle_packet(packet(syn(dport=19)), T0)[0]
     ip, payload = parse_ipv4(synack_pkt)

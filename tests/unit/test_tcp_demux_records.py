@@ -13,16 +13,16 @@ import collections
 import pytest
 
 from pipeline.flow import Flow
-from pipeline.forwarding import ForwardPolicy
+from workers.attach.policy import ForwardPolicy
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
-from workers import relay
+from workers.attach import relay
 from workers.core import Sink
 from workers.tcp import demux as demux_mod
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import State
-from workers.tcp.relay import TcpRelay
+from workers.attach.tcp import TcpRelay
 
 US = bytes([10, 0, 0, 2])
 PEER = bytes([10, 0, 0, 1])

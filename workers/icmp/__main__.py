@@ -6,7 +6,7 @@ from pipeline.config import forward_policy
 from pipeline.process import Process
 from workers import shell
 from workers.icmp.core import IcmpCore
-from workers.icmp.relay import EchoRelay
+from workers.attach.icmp import EchoRelay
 
 if __name__ == "__main__":
     proc = Process("icmp")

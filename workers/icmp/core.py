@@ -17,7 +17,7 @@ ones also pass ``icmpv6.error_allowed`` (RFC 4443 §2.4 (e)). Replies larger
 than the link MTU are fragmented (IPv4 only when the request allowed it).
 
 In attach mode (an ``EchoRelay``) IPv4 echo requests to other addresses are
-relayed to the real host (``workers.icmp.relay``); other ICMP to other
+relayed to the real host (``workers.attach.icmp``); other ICMP to other
 addresses is dropped.
 """
 
@@ -30,9 +30,9 @@ from pipeline.wire.icmp import (ECHO_REQUEST, PROTOCOL_UNREACHABLE, REASSEMBLY_T
                                 dest_unreachable, echo_reply, parse_icmp, time_exceeded)
 from pipeline.wire.ipv4 import PROTO_ICMP, Ipv4Packet
 from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply
-from workers.icmp.relay import EchoRelay
+from workers.attach.icmp import EchoRelay
 from workers.ratelimit import TokenBucket
-from workers.relay import DatagramRelayCore
+from workers.attach.relay import DatagramRelayCore
 
 ICMP_ERRORS_PER_SECOND = 200  # as the UDP worker's port unreachables
 DEFAULT_MTU = 1500

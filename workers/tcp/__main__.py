@@ -6,11 +6,12 @@ import os
 
 from pipeline.config import env_bool, env_float, env_int, env_str, forward_policy, published
 from pipeline.process import Process
-from workers import registry, shell
-from workers.relay import Keepalive
+from workers import shell
+from workers.services import registry
+from workers.attach.relay import Keepalive
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import MAX_TIME_WAIT, SYN_QUEUE_LIMIT, TcpDemux
-from workers.tcp.relay import CONNECT_TIMEOUT, TcpRelay
+from workers.attach.tcp import CONNECT_TIMEOUT, TcpRelay
 
 
 # With TSO the kernel cuts our segments to the MSS: emit up to this much payload

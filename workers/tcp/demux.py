@@ -21,9 +21,9 @@ and the next deadline out. It owns
 Both families: a flow's remote address is 4 or 16 bytes, our address and
 the MSS we offer (MTU - 40, or MTU - 60 over IPv6) follow from it.
 - in attach mode, connections to other addresses (``Flow.local`` set):
-  their SYN is held by ``workers.tcp.relay`` until the shell's upstream
+  their SYN is held by ``workers.attach.tcp`` until the shell's upstream
   connect settles, then accepted (or reset, or answered with ICMP), and
-  their service is a ``RelayService`` (a relaying core, ``workers.relay``).
+  their service is a ``RelayService`` (a relaying core, ``workers.attach.relay``).
 """
 
 from __future__ import annotations
@@ -42,19 +42,19 @@ from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP
 from pipeline.wire.seqnum import seq_add, seq_gt, seq_sub
 from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
-from workers import relay
+from workers.attach import relay
 from workers.core import IPV6_ADDRESS_LEN, Addresses, Outgoing, Sink, ip_reply, ip_view, reply_header_len
 from workers.ratelimit import TokenBucket
 from workers.tcp import events
-from workers.tcp.apps import SERVICES
+from workers.services.tcp import SERVICES
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import MAX_WINDOW_SHIFT, Connection, State, ts_clock, window_shift
-from workers.tcp.hosting import ServiceFactory, ServiceHost
+from workers.services.hosting import ServiceFactory, ServiceHost
 from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.introspect import connection_record
 from workers.tcp.isn import initial_sequence_number
 from workers.tcp.options import Negotiated
-from workers.tcp.relay import FlowRecord, PendingSyn, RelayService, TcpRelay
+from workers.attach.tcp import FlowRecord, PendingSyn, RelayService, TcpRelay
 from workers.tcp.segments import reset_for, syn_ack
 from workers.tcp.syncookies import CookieOptions, SynCookies, decode_cookie_options, encode_ts_options
 

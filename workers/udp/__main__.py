@@ -4,9 +4,10 @@ import os
 
 from pipeline.config import env_float, forward_policy, published
 from pipeline.process import Process
-from workers import registry, shell
+from workers import shell
+from workers.services import registry
 from workers.udp.core import UdpCore
-from workers.udp.relay import IDLE, IDLE_DNS, UdpRelay
+from workers.attach.udp import IDLE, IDLE_DNS, UdpRelay
 
 if __name__ == "__main__":
     proc = Process("udp")

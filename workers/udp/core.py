@@ -5,7 +5,7 @@ Ingress also routes here the ICMP errors that quote a datagram of ours
 are counted (``icmp_errors_in``).
 
 In attach mode (a ``UdpRelay``) datagrams to other addresses are relayed
-(``workers.udp.relay``), which makes this a relaying core (``workers.relay``).
+(``workers.attach.udp``), which makes this a relaying core (``workers.attach.relay``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP
 from pipeline.wire.udp import UdpDatagram, parse_udp
 from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply, ip_view
 from workers.ratelimit import TokenBucket
-from workers.relay import DatagramRelayCore
-from workers.udp.relay import UdpRelay
-from workers.udp.services import SERVICES
+from workers.attach.relay import DatagramRelayCore
+from workers.attach.udp import UdpRelay
+from workers.services.udp import SERVICES
 
 # RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2 / RFC 4443 §2.4 (f): ICMP errors are rate limited so a
 # flood of datagrams to closed ports cannot be turned into a flood of replies.

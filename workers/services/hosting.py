@@ -28,14 +28,14 @@ from typing import Any
 from pipeline.flow import Flow
 from pipeline.wire.addr import fmt_addr
 from workers.tcp import events
-from workers.tcp.apps import Service
+from workers.services.tcp import Service
 from workers.tcp.connection import Connection, State
 
 ServiceFactory = Callable[["HostedStream"], Service]
 
 
 class HostedStream:
-    """What a service may do with its connection (the Stream of ``apps.py``, and more)."""
+    """What a service may do with its connection (the Stream of ``services.tcp``, and more)."""
 
     __slots__ = ("_conn", "_host", "_key", "now", "deadline", "log", "remote", "remote_port", "local_port")
 

@@ -45,7 +45,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from workers.tcp.apps import Service
+from workers.services.tcp import Service
 
 COOKIE_SIZE = 37  # iperf.h: an ASCII uuid and its NUL
 

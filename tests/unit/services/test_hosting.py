@@ -2,7 +2,7 @@
 
 from pipeline.wire.tcp import Flags, TcpSegment
 from tests.unit.test_tcp_demux import US, T0, handshake, packet, parse, sink
-from workers.tcp import apps
+from workers.services import tcp as apps
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
 

@@ -6,7 +6,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.utils import rdpcap
 
-from pipeline import ctl
+from pipeline.tools import ctl
 from pipeline.bus import messages
 from pipeline.pcap import LINKTYPE_RAW, FlowFilter, PcapWriter
 from pipeline.flow import Flow

@@ -1,6 +1,6 @@
 """UDP relaying for attach mode: one upstream socket per flow, closed when idle.
 
-Contract (sans-IO, ``workers.relay``): a datagram from the namespace to
+Contract (sans-IO, ``workers.attach.relay``): a datagram from the namespace to
 another address opens (once per flow: client address and port, destination
 address and port) a connected upstream UDP socket and is sent on it; each
 datagram the socket receives goes back to the client from the destination's
@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.flow import Flow
-from pipeline.forwarding import ForwardPolicy
+from workers.attach.policy import ForwardPolicy
 from pipeline.wire.ipv4 import PROTO_UDP
 from pipeline.wire.udp import UdpDatagram
-from workers import relay
+from workers.attach import relay
 from workers.core import Outgoing, Sink, fit_mtu, ip_reply
 
 IDLE = 60.0       # seconds a UDP flow lives without traffic (Linux conntrack: 30 s unreplied, 120 s stream)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from workers.seed import reverse_line
+from workers.services.seed import reverse_line
 
 
 class Stream(Protocol):

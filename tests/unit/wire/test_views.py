@@ -14,12 +14,12 @@ from pipeline.wire.icmp import IcmpPacket, parse_icmp
 from pipeline.wire.ipv4 import Ipv4Header, Ipv4Packet, parse_ipv4
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment, parse_tcp
 from pipeline.wire.udp import UdpDatagram, UdpPacket, parse_udp
-from tests.unit.test_wire_icmp import ECHO, ECHO_MSG
-from tests.unit.test_wire_ipv4 import PING, PING_HEADER
-from tests.unit.test_wire_tcp import KNOWN
-from tests.unit.test_wire_udp import DNS, DNS_MSG
-from tests.unit.test_wire_udp import DST as UDP_DST
-from tests.unit.test_wire_udp import SRC as UDP_SRC
+from tests.unit.wire.test_icmp import ECHO, ECHO_MSG
+from tests.unit.wire.test_ipv4 import PING, PING_HEADER
+from tests.unit.wire.test_tcp import KNOWN
+from tests.unit.wire.test_udp import DNS, DNS_MSG
+from tests.unit.wire.test_udp import DST as UDP_DST
+from tests.unit.wire.test_udp import SRC as UDP_SRC
 
 FILL = 0xA5
 

@@ -7,7 +7,7 @@ table. What each kind of entry must be:
 
 - ``tcp/PORT=module:Name``: ``Name(stream)`` is called once per accepted
   connection and returns the connection's service (normally a subclass of
-  ``workers.tcp.apps.Service``; README "Writing a service").
+  ``workers.services.tcp.Service``; README "Writing a service").
 - ``udp/PORT=module:Name``: called with each datagram's payload, returns the
   reply's payload or None for no reply. A class is instantiated once per
   worker, without arguments, and its instance is what gets called.
@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from pipeline.config import EX_CONFIG, ConfigError, env_str, parse_services
-from workers.tcp import apps
-from workers.udp import services as udp_services
+from workers.services import tcp as tcp_services
+from workers.services import udp as udp_services
 
 __all__ = ["EX_CONFIG", "ConfigError", "config_exit", "load", "parse", "services", "services_or_exit"]
 parse = parse_services  # the syntax is checked with the rest of the configuration (pipeline/config.py)
@@ -64,16 +64,16 @@ def process_cpu_seconds() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
-def builtin_tcp(env: Mapping[str, str]) -> dict[int, Callable[[Any], apps.Service]]:
+def builtin_tcp(env: Mapping[str, str]) -> dict[int, Callable[[Any], tcp_services.Service]]:
     """The built-in TCP services of one worker (README "Services")."""
-    from workers.tcp.iperf3 import Iperf3Server
+    from workers.services.iperf3 import Iperf3Server
 
-    table: dict[int, Callable[[Any], apps.Service]] = dict(apps.SERVICES)
+    table: dict[int, Callable[[Any], tcp_services.Service]] = dict(tcp_services.SERVICES)
     table[5201] = Iperf3Server(cpu=process_cpu_seconds)  # one per worker: it holds the test running there
     root = env.get("USTACK_HTTP_ROOT", "")
     if root:
-        from workers.tcp.files import FileStore
-        from workers.tcp.httpd import REQUEST_TIMEOUT, HttpServer
+        from workers.services.files import FileStore
+        from workers.services.httpd import REQUEST_TIMEOUT, HttpServer
 
         raw = env.get("USTACK_HTTP_TIMEOUT", str(REQUEST_TIMEOUT))
         try:

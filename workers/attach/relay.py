@@ -4,7 +4,7 @@ Contract: a core that relays flows to real sockets stays sans-IO (STYLE.md
 §2). It never touches a socket; it queues ``Command`` values (open an
 upstream, write bytes, shut down the write side, pause or resume reading,
 close or reset) that the shell takes with ``relay_commands()`` and carries
-out with ``workers.upstream.Upstreams``, and it is fed back ``Upstream``
+out with ``workers.attach.upstream.Upstreams``, and it is fed back ``Upstream``
 events (connected, refused, unreachable, timed out, data, end of stream,
 reset, write blocked and drained) with ``handle_upstream(events, now)``.
 A key is any hashable value the core chooses per relayed flow.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Protocol
 
 from pipeline.flow import Flow
-from pipeline.forwarding import ForwardPolicy
+from workers.attach.policy import ForwardPolicy
 from pipeline.wire import icmp, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.ipv4 import PROTO_ICMP

@@ -1,7 +1,7 @@
 """The TCP services against a fake stream with a small send buffer (back-pressure)."""
 
-from workers.tcp import apps
-from workers.udp.services import SERVICES as UDP_SERVICES
+from workers.services import tcp as apps
+from workers.services.udp import SERVICES as UDP_SERVICES
 
 
 class FakeStream:

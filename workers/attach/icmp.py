@@ -1,6 +1,6 @@
 """ICMP echo relaying for attach mode: a real echo to the real host, and only its real answer back.
 
-Contract (sans-IO, ``workers.relay``): an echo request from the namespace
+Contract (sans-IO, ``workers.attach.relay``): an echo request from the namespace
 to another address is sent from an unprivileged datagram ICMP socket (one
 per client address, destination and identifier; the kernel gives it its
 own identifier and checksum), ICMP or ICMPv6 by the destination's family, and
@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.flow import Flow
-from pipeline.forwarding import ForwardPolicy
+from workers.attach.policy import ForwardPolicy
 from pipeline.wire import Malformed
 from pipeline.wire import ipv6
 from pipeline.wire.icmp import ECHO_REPLY, IcmpMessage, IcmpPacket
 from pipeline.wire.icmpv6 import ECHO_REPLY as ECHO_REPLY6
 from pipeline.wire.icmpv6 import Icmpv6Message
 from pipeline.wire.ipv4 import PROTO_ICMP
-from workers import relay
+from workers.attach import relay
 from workers.core import Outgoing, Sink, ip_reply
 
 IDLE = 10.0        # seconds an echo flow lives after its last request or reply

@@ -6,8 +6,8 @@ import struct
 import pytest
 import structlog
 
-from tests.unit.test_services import FakeStream as ServicesFakeStream
-from workers.tcp import iperf3
+from tests.unit.services.test_tcp_services import FakeStream as ServicesFakeStream
+from workers.services import iperf3
 
 COOKIE = b"abcdefghijklmnopqrstuvwxyz234567abcd\0"
 T0 = 50.0

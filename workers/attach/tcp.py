@@ -1,6 +1,6 @@
 """TCP relaying for attach mode: a namespace's connection bridged to a real upstream socket.
 
-Contract (sans-IO, ``workers.relay``): the demux hands a SYN for another
+Contract (sans-IO, ``workers.attach.relay``): the demux hands a SYN for another
 address to ``TcpRelay.open``; the SYN is held (never answered) while the
 shell connects upstream, and the client's own SYN retransmissions are
 absorbed meanwhile. Only a successful connect lets the demux accept the
@@ -10,7 +10,7 @@ when it is unreachable, and silence when it does not answer (the
 client times out itself).
 
 Once established, ``RelayService`` is the connection's service on the
-stream interface (``workers.tcp.apps``) and mirrors, in both directions:
+stream interface (``workers.services.tcp``) and mirrors, in both directions:
 
 * bytes, with back-pressure: upstream bytes the connection's send buffer
   cannot take are held (at most one socket read) and the upstream socket
@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 from pipeline.flow import Flow
 from pipeline.wire.tcp import TcpSegment
-from workers import relay
+from workers.attach import relay
 from workers.core import Sink
-from pipeline.forwarding import ForwardPolicy
-from workers.tcp.apps import Stream
+from workers.attach.policy import ForwardPolicy
+from workers.services.tcp import Stream
 
 CONNECT_TIMEOUT = 30.0  # seconds for an upstream connect before we give up silently
 READ_CHUNK = 256 * 1024
@@ -145,7 +145,7 @@ class RelayService:
         self.finished = False        # socket released and record logged
         self.relay.commands.append(relay.Pause(key, False))  # handshake done: start reading upstream
 
-    # -- the stream side (workers.tcp.apps.Service protocol) --------------------
+    # -- the stream side (workers.services.tcp.Service protocol) --------------------
 
     def on_readable(self) -> None:
         while not self.blocked and not self.finished:

@@ -5,9 +5,9 @@ import os
 import h11
 import pytest
 
-from tests.unit.test_iperf3 import FakeStream
-from workers.tcp import httpd
-from workers.tcp.files import FileStore
+from tests.unit.services.test_iperf3 import FakeStream
+from workers.services import httpd
+from workers.services.files import FileStore
 
 T0 = 50.0
 

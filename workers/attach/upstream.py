@@ -1,7 +1,7 @@
 """The worker shell's real sockets for relayed flows (attach mode).
 
 Contract: ``Upstreams`` carries out a relaying core's commands
-(``workers.relay``) on non-blocking sockets opened in the namespace the
+(``workers.attach.relay``) on non-blocking sockets opened in the namespace the
 worker runs in, registers their descriptors in the shell's poller next to
 the ZeroMQ socket, and turns what the kernel reports into ``Upstream``
 events. It holds at most what the core handed it to write (the core stops
@@ -21,8 +21,8 @@ from collections.abc import Hashable
 
 import zmq
 
-from workers import relay
-from workers.relay import Upstream
+from workers.attach import relay
+from workers.attach.relay import Upstream
 
 READ_SIZE = 256 * 1024   # one recv per readiness: the core holds what the namespace cannot take yet
 READS_PER_WAKE = 4

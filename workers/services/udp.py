@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from workers.seed import reverse_line
+from workers.services.seed import reverse_line
 
 
 def echo(payload: bytes) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from pipeline.flow import Flow
-from pipeline.forwarding import ForwardPolicy
+from workers.attach.policy import ForwardPolicy
 from pipeline.wire import icmpv6, ipv6
 from pipeline.wire.icmp import ECHO_REPLY, ECHO_REQUEST, IcmpMessage, parse_icmp
 from pipeline.wire.icmpv6 import Icmpv6Message
@@ -18,13 +18,13 @@ from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header, bui
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
 from pipeline.wire.udp import UdpDatagram, parse_udp
-from workers import relay
+from workers.attach import relay
 from workers.core import Sink
-from workers.icmp.relay import EchoRelay
+from workers.attach.icmp import EchoRelay
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
-from workers.tcp.relay import TcpRelay
-from workers.udp.relay import IDLE, UdpRelay
+from workers.attach.tcp import TcpRelay
+from workers.attach.udp import IDLE, UdpRelay
 
 US = bytes([10, 0, 0, 2])
 CLIENT = bytes([10, 0, 0, 1])

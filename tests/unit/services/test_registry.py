@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 
-from workers import registry
-from workers.tcp import apps
+from workers.services import registry
+from workers.services import tcp as apps
 
 USER_MODULE = textwrap.dedent('''
-    from workers.tcp.apps import Service
+    from workers.services.tcp import Service
 
     class Upper(Service):
         def on_readable(self):
@@ -79,7 +79,7 @@ def test_bad_entries_name_the_problem(user_module, spec, reason):
 
 
 def test_config_exit_is_status_78_with_message_on_stderr():
-    code = "from workers import registry; registry.config_exit('USTACK_SERVICES: broken')"
+    code = "from workers.services import registry; registry.config_exit('USTACK_SERVICES: broken')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 78 and "USTACK_SERVICES: broken" in done.stderr
 

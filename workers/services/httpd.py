@@ -41,8 +41,8 @@ from typing import Any
 
 import h11
 
-from workers.tcp.apps import Service
-from workers.tcp.files import Entry, FileReader, FileStore
+from workers.services.tcp import Service
+from workers.services.files import Entry, FileReader, FileStore
 
 MAX_REQUEST_LINE = 8 * 1024  # bytes; longer → 414
 MAX_HEAD = 16 * 1024         # bytes of request line and fields; more → 431
