@@ -45,6 +45,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 
+from pipeline.ratelimit import TokenBucket
 from pipeline.wire import Malformed, ipv6
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
 from pipeline.wire.tcp import TcpPacket
@@ -65,42 +66,20 @@ RECENT_SLOTS = 1 << 17  # recent SYN fingerprints kept (2 MB with their times)
 REAL_SOURCES = 4096
 
 
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; ``take`` spends one if there is one."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            return True
-        self.tokens = tokens
-        return False
-
-
 class Admission:
     def __init__(self, is_known: Callable[[bytes], bool], drop: Callable[..., None], counters: Counter[str],
-                 now: float,
                  syn_rate: float = SYN_RATE, syn_burst: int = SYN_BURST,
                  retry_rate: float = RETRY_RATE, retry_burst: int = RETRY_BURST,
                  source_rate: float = SOURCE_RATE, source_burst: int = SOURCE_BURST) -> None:
         self.is_known = is_known  # Flow.key -> does a worker hold this flow
         self.drop = drop
-        self.syns = TokenBucket(syn_rate, syn_burst, now)
+        self.syns = TokenBucket(syn_rate, syn_burst)
         self.syn_rate_max = syn_rate
         self._sent: dict[str, int] = {}  # TCP worker -> packets ingress sent it
         self._offset: dict[str, int] = {}  # worker -> sent - taken at its first report (a baseline)
         self._taken: dict[str, int] = {}  # worker -> packets_in of its last report
         self.backlogs: dict[str, int] = {}
-        self.retries = TokenBucket(retry_rate, retry_burst, now)
+        self.retries = TokenBucket(retry_rate, retry_burst)
         self.source_rate = source_rate
         self.source_burst = source_burst
         # Recent SYNs: slot = fingerprint & mask; the fingerprint and when it was seen.
@@ -213,5 +192,5 @@ class Admission:
                 return
             if len(self.real) >= REAL_SOURCES:
                 del self.real[next(iter(self.real))]
-            self.real[src] = TokenBucket(self.source_rate, self.source_burst, float("-inf"))
+            self.real[src] = TokenBucket(self.source_rate, self.source_burst)
         self._last_real = src

@@ -69,6 +69,7 @@ MODULES: tuple[str, ...] = (
     "pipeline.fragments",
     "pipeline.flow",
     "pipeline.bus.messages",
+    "pipeline.ratelimit",
     "pipeline.admission",
     "pipeline.routing",
     "workers.tcp.scoreboard",

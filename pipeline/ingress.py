@@ -49,7 +49,7 @@ class Ingress:
         self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started,
                              address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg),
                              forward=cfg.forward)
-        self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters, self.started)
+        self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters)
         self.shedder: synfilter.SynShedder | None = None
         self.recent_syns = -1  # the kernel filter's map of recent SYNs, made when it first goes on
         if cfg.syn_filter and isinstance(device, tun.LinuxTun):

@@ -7,7 +7,8 @@ import tracemalloc
 
 
 from pipeline import admission
-from pipeline.admission import Admission, TokenBucket
+from pipeline.admission import Admission
+from pipeline.ratelimit import TokenBucket
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header
 from pipeline.wire.tcp import Flags, TcpSegment
 
@@ -32,7 +33,7 @@ class Harness:
         self.drops: collections.Counter[str] = collections.Counter()
         self.admitted: collections.Counter[str] = collections.Counter()
         self.adm = Admission(self.known.__contains__, lambda reason, **f: self.drops.update([reason]),
-                             self.admitted, 0.0, **kw)
+                             self.admitted, **kw)
 
     def establish(self, src: bytes, sport: int) -> None:
         """A worker announced this flow (it completed the handshake)."""
@@ -40,7 +41,7 @@ class Harness:
 
 
 def test_token_bucket_refills_at_its_rate_up_to_its_burst():
-    b = TokenBucket(rate=10.0, burst=3, now=0.0)
+    b = TokenBucket(rate=10.0, burst=3)
     assert [b.take(0.0) for _ in range(4)] == [True, True, True, False]
     assert b.take(0.05) is False  # half a token
     assert b.take(0.1) is True
@@ -104,8 +105,8 @@ def test_a_repeat_too_soon_or_too_late_is_not_a_retransmission():
     assert not h.adm.admit(real, "tcp", admission.RETRY_MIN_GAP / 2)  # a duplicate, not a retransmission
     late = admission.RETRY_MAX_AGE + 1
     assert not h.adm.admit(segment(CLIENT, 40000, 98), "tcp", 0.0)
-    h.adm.syns = TokenBucket(0.0001, 1, late)
-    h.adm.syns.tokens = 0.0
+    h.adm.syns = TokenBucket(0.0001, 1)
+    h.adm.syns.tokens, h.adm.syns.stamp = 0.0, late
     assert not h.adm.admit(segment(CLIENT, 40000, 98), "tcp", late)  # too old: new again
     assert h.drops["shed_syn_rate"] == 4
 

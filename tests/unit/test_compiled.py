@@ -333,7 +333,7 @@ def test_admission(ops):
         known: set[bytes] = set()
         drops: list[str] = []
         counters: collections.Counter[str] = collections.Counter()
-        adm = m.Admission(known.__contains__, lambda reason, **f: drops.append(reason), counters, 0.0,
+        adm = m.Admission(known.__contains__, lambda reason, **f: drops.append(reason), counters,
                           syn_rate=20.0, syn_burst=3, retry_rate=5.0, retry_burst=2, source_rate=5.0, source_burst=2)
         now, verdicts = 0.0, []
         for who, flags, dt in ops:

@@ -31,7 +31,7 @@ from pipeline.wire.icmp import (ECHO_REQUEST, PROTOCOL_UNREACHABLE, REASSEMBLY_T
 from pipeline.wire.ipv4 import PROTO_ICMP, Ipv4Packet
 from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply
 from workers.attach.icmp import EchoRelay
-from workers.ratelimit import TokenBucket
+from pipeline.ratelimit import TokenBucket
 from workers.attach.relay import DatagramRelayCore
 
 ICMP_ERRORS_PER_SECOND = 200  # as the UDP worker's port unreachables
@@ -145,7 +145,7 @@ class IcmpCore(DatagramRelayCore):
     def _error(self, now: float, name: str, remote: bytes, build) -> list[Outgoing]:
         """Count an owed error and send what build() makes, within the rate limit."""
         self.sink.counters[name] += 1
-        if not self.errors.allow(now):
+        if not self.errors.take(now):
             self.sink.drop("icmp_rate_limited")
             return []
         return [(build(), None)]

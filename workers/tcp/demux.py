@@ -44,7 +44,7 @@ from pipeline.wire.tcp import HEADER_LEN as TCP_HEADER_LEN
 from pipeline.wire.tcp import Flags, TcpOptions, TcpPacket, TcpSegment
 from workers.attach import relay
 from workers.core import IPV6_ADDRESS_LEN, Addresses, Outgoing, Sink, ip_reply, ip_view, reply_header_len
-from workers.ratelimit import TokenBucket
+from pipeline.ratelimit import TokenBucket
 from workers.tcp import events
 from workers.services.tcp import SERVICES
 from workers.tcp.config import TcpConfig
@@ -454,7 +454,7 @@ class TcpDemux:
             self.sink.drop("rst_no_connection")
             return
         self.sink.counters["resets_sent_" + reason] += 1
-        if not self.resets.allow(now):
+        if not self.resets.take(now):
             self.sink.drop("reset_rate_limited")
             return
         out.append(self._ip(key, rst))

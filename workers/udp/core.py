@@ -21,7 +21,7 @@ from pipeline.wire.icmp import PORT_UNREACHABLE, dest_unreachable, parse_icmp
 from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP
 from pipeline.wire.udp import UdpDatagram, parse_udp
 from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply, ip_view
-from workers.ratelimit import TokenBucket
+from pipeline.ratelimit import TokenBucket
 from workers.attach.relay import DatagramRelayCore
 from workers.attach.udp import UdpRelay
 from workers.services.udp import SERVICES
@@ -74,7 +74,7 @@ class UdpCore(DatagramRelayCore):
         service = self.services.get(dgram.dst_port)
         if service is None:
             sink.counters["port_unreachable"] += 1
-            if not self.icmp_errors.allow(now):
+            if not self.icmp_errors.take(now):
                 sink.drop("icmp_rate_limited")
                 return []
             if len(src) == len(self.address):
