@@ -1,10 +1,10 @@
 """What a short TCP connection costs the demultiplexer: a micro-benchmark, not a test.
 
-``USTACK_PURE=1 python -m tests.unit.bench_tcp_connection_cost [N] [--profile] [--structlog]``
-drives N connections through ``TcpDemux`` in-process, each one SYN -> SYN-ACK -> ACK -> a
-line -> its echo -> the client's FIN -> our FIN -> the last ACK (port 7, RFC 862 echo),
-for a peer offering only an MSS and for one offering what Linux offers (window scaling,
-SACK, timestamps), and prints
+``USTACK_PURE=1 .venv/bin/python -m scripts.benchmarks.tcp_core [N] [--profile] [--structlog]``
+(from the repository's root) drives N connections through ``TcpDemux`` in-process, each one
+SYN -> SYN-ACK -> ACK -> a line -> its echo -> the client's FIN -> our FIN -> the last ACK
+(port 7, RFC 862 echo), for a peer offering only an MSS and for one offering what Linux
+offers (window scaling, SACK, timestamps), and prints
 
 - the time per connection inside ``handle_packet`` (best of a few rounds; the client's
   side -- building and parsing its packets -- is not counted), and of the SYN alone;

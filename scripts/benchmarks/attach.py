@@ -19,17 +19,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pathlib
 import socket
-import statistics
 import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.integration.netns import Namespace, Stack
 
-from tests.integration.netns import Namespace, Stack  # noqa: E402
+from .common import median, say
+from .latency import latency_budget
+from .references import BENCH
+from .tcp import conn_rate
 
 ALIAS = "10.0.2.2"
 IPERF_PORT = "5201"
@@ -75,10 +75,10 @@ def request_response_us(client: Namespace, count: int) -> float:
                     raise RuntimeError("request/response: connection closed")
                 got += data
             times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+    return median(times)
 
 
-def measure(say, what: str, fn) -> float | None:
+def measure(what: str, fn) -> float | None:
     """One row's figure, said as soon as it is known; None (and why) when it could not be measured."""
     try:
         value = fn()
@@ -89,9 +89,8 @@ def measure(say, what: str, fn) -> float | None:
     return value
 
 
-def run(quick: bool, conn_rate, say, latency_budget) -> dict:
-    """Every row for both tools at both MTUs; ``conn_rate``, ``say`` and ``latency_budget`` come
-    from scripts/bench."""
+def run(quick: bool) -> dict:
+    """Every row for both tools at both MTUs, and ustack's latency budget of the round trips at each."""
     seconds = 2.0 if quick else 5.0
     exchanges = 200 if quick else 2000
     budgets: dict = {}
@@ -103,7 +102,7 @@ def run(quick: bool, conn_rate, say, latency_budget) -> dict:
         host.run("sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
         procs.append(host.popen("iperf3", "-s", "-B", "127.0.0.1", "-p", IPERF_PORT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        procs.append(host.popen(sys.executable, str(ROOT / "scripts" / "bench"), "--kernel-servers",
+        procs.append(host.popen(sys.executable, str(BENCH), "--kernel-servers",
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
         procs[-1].stdout.readline()  # "kernel_servers: ready"
         for mtu in (1500, 65520):
@@ -128,12 +127,12 @@ def run(quick: bool, conn_rate, say, latency_budget) -> dict:
                             time.sleep(0.05)
                     row = results.setdefault(mtu, {})
                     for label, args in ROWS:
-                        row.setdefault(label, {})[tool] = measure(say, f"{tool} MTU {mtu}: {label}",
+                        row.setdefault(label, {})[tool] = measure(f"{tool} MTU {mtu}: {label}",
                                                                   lambda: iperf(client, args, seconds))
                     row.setdefault("connections/s", {})[tool] = measure(
-                        say, f"{tool} MTU {mtu}: connections/s", lambda: conn_rate(client, ALIAS, 4, seconds)["rate"])
+                        f"{tool} MTU {mtu}: connections/s", lambda: conn_rate(client, ALIAS, 4, seconds)["rate"])
                     row.setdefault(RR_LABEL, {})[tool] = measure(
-                        say, f"{tool} MTU {mtu}: {RR_LABEL}", lambda: request_response_us(client, exchanges))
+                        f"{tool} MTU {mtu}: {RR_LABEL}", lambda: request_response_us(client, exchanges))
                     if stack is not None:  # where a relayed round trip's time goes
                         try:
                             budgets[mtu] = latency_budget(stack.run_dir, lambda: request_response_us(client, 200))
@@ -162,6 +161,7 @@ def run(quick: bool, conn_rate, say, latency_budget) -> dict:
 
 
 def table(results: dict) -> str:
+    """The rows as a Markdown table: each figure for both tools and their ratio."""
     lines = ["| MTU | measurement | ustack attach | slirp4netns | ratio |", "|---|---|---|---|---|"]
     for mtu, rows in results.items():
         if mtu == "budget":
