@@ -2,4 +2,6 @@
 
 from pipeline import compiled
 
-compiled.activate()  # before any hot module is imported: compiled build if usable, else pure
+# Before any hot module is imported. It reads no file: the first hot import decides
+# whether the compiled build is usable (pipeline/compiled.py), so `import pipeline` is free.
+compiled.activate()

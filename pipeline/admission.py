@@ -1,13 +1,16 @@
 """Overload control in ingress: which TCP SYNs reach a worker (pure: no sockets, no clock).
 
-Contract: ingress calls ``admit(packet, role, now)`` once per packet after
-routing accepted it (so the IPv4 and TCP headers are already checked) and
-forwards the packet only if it returns True. Everything that is not a SYN
-opening a connection is admitted at once: packets of established flows go
-first, and the cost of deciding is a flags test. SYNs are what a flood
-sends and what makes a worker spend (a SYN-ACK, maybe state), so they are
-admitted at the rate the TCP workers can answer (RFC 4987 §3.2-3.3 on why
-a flood must not consume per-SYN resources):
+Contract: ingress calls ``admit(segment, now)`` once per TCP segment routing
+sends to a worker, with the checked view routing hands on with its route
+(``pipeline.routing.Segment``: source address, flow key, TCP view; nothing
+here parses the packet again), and forwards the segment only if it returns
+True. Packets that carry no TCP segment (other protocols, ICMP errors about
+TCP flows, which their flow's owner needs) are not asked about. Everything
+that is not a SYN opening a connection is admitted at once: packets of
+established flows go first, and the cost of deciding is a flags test. SYNs
+are what a flood sends and what makes a worker spend (a SYN-ACK, maybe
+state), so they are admitted at the rate the TCP workers can answer (RFC
+4987 §3.2-3.3 on why a flood must not consume per-SYN resources):
 
 1. a token bucket for any SYN, whose rate follows what the TCP workers
    take in: ingress tells ``forwarded`` how many packets it sent each
@@ -18,7 +21,7 @@ a flood must not consume per-SYN resources):
    and ``syn_rate``. So a flood cannot build a standing queue in a worker
    that delays everyone's packets;
 2. when it is empty, a SYN that repeats one seen ``RETRY_MIN_GAP`` to
-   ``RETRY_MAX_AGE`` seconds ago (same addresses, ports and ISN) is a
+   ``RETRY_MAX_AGE`` seconds ago (same flow key and ISN) is a
    retransmission (RFC 6298 §5, RFC 9293 §3.8.1): real clients retransmit,
    spoofed random-source floods do not. These draw on their own bucket
    (``retry_rate``), so replaying SYNs buys an attacker little;
@@ -46,9 +49,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from pipeline.ratelimit import TokenBucket
-from pipeline.wire import Malformed, ipv6
-from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Packet
-from pipeline.wire.tcp import TcpPacket
+from pipeline.routing import Segment
 
 SYN_RATE = 2000.0    # SYNs/s at most into the TCP workers (the rate starts here and adapts below it)
 SYN_RATE_MIN = 200.0
@@ -91,29 +92,24 @@ class Admission:
         self.counters = counters  # admitted SYNs by way: syn_admitted, syn_admitted_retry, syn_admitted_source
         self.syns_seen = 0  # opening SYNs offered, admitted or not (pipeline.synfilter reads it)
 
-    def admit(self, packet: bytes | memoryview, role: str, now: float) -> bool:
-        """Forward this packet (routing already checked it)? Sheds only SYNs, counting why."""
-        if role != "tcp":
-            return True
-        src, dst, tcp = self._tcp(packet)
-        if tcp is None:
-            return True  # an ICMP error about a TCP flow: its owner needs it
-        if not tcp.starts_connection:
-            self._learn(src, dst, tcp)
+    def admit(self, segment: Segment, now: float) -> bool:
+        """Forward this TCP segment (routing checked it)? Sheds only SYNs, counting why."""
+        if not segment.tcp.starts_connection:
+            self._learn(segment)
             return True
         self.syns_seen += 1
         if self.syns.take(now):
-            self._remember(src, tcp, now)
+            self._remember(segment, now)
             self.counters["syn_admitted"] += 1
             return True
         # Overloaded: only retransmissions and real sources get in.
-        if self._remember(src, tcp, now):
+        if self._remember(segment, now):
             if self.retries.take(now):
                 self.counters["syn_admitted_retry"] += 1
                 return True
             self.drop("shed_retry_rate")
             return False
-        bucket = self.real.get(src)
+        bucket = self.real.get(segment.src)
         if bucket is None:
             self.drop("shed_syn_rate")
             return False
@@ -143,37 +139,18 @@ class Admission:
             syns.rate = min(self.syn_rate_max, syns.rate + SYN_RATE_STEP)
         self.counters["syn_rate"] = int(syns.rate)  # shown by stackctl status
 
-    def fingerprint(self, src: bytes, tcp: TcpPacket) -> int:
-        """A SYN's mark in the recent-SYN table (its slot: the low bits): addresses, ports, ISN."""
+    def fingerprint(self, segment: Segment) -> int:
+        """A SYN's mark in the recent-SYN table (its slot: the low bits): its flow key and ISN."""
         # hash() is salted per process (PYTHONHASHSEED): outsiders cannot aim at a slot.
-        return hash((src, tcp.port_bytes, int(tcp.seq)))
+        return hash((segment.key, segment.tcp.seq))
 
-    def slot(self, packet: bytes | memoryview) -> int:
-        """Where a (checked) SYN goes in the recent-SYN table."""
-        src, _, tcp = self._tcp(packet)
-        assert tcp is not None, "not a TCP segment"
-        return self.fingerprint(src, tcp) & self._mask
+    def slot(self, segment: Segment) -> int:
+        """Where a SYN goes in the recent-SYN table."""
+        return self.fingerprint(segment) & self._mask
 
-    @staticmethod
-    def _tcp(packet: bytes | memoryview) -> tuple[bytes, bytes, TcpPacket | None]:
-        """The addresses and TCP view of a packet routing checked; None if it carries no TCP."""
-        if packet[0] >> 4 == 4:
-            ip = Ipv4Packet.trusted(packet)
-            if ip.protocol != PROTO_TCP:
-                return b"", b"", None
-            return ip.src, ip.dst, TcpPacket.trusted(ip.payload)
-        try:  # IPv6: walk the extension headers again (rare on this path; routing accepted them)
-            parsed = ipv6.parse(packet)
-        except Malformed:
-            return b"", b"", None
-        if parsed.protocol != ipv6.TCP or parsed.fragment is not None:
-            return b"", b"", None
-        return (parsed.header.src, parsed.header.dst,
-                TcpPacket.trusted(memoryview(packet)[parsed.payload_offset:parsed.payload_end]))
-
-    def _remember(self, src: bytes, tcp: TcpPacket, now: float) -> bool:
+    def _remember(self, segment: Segment, now: float) -> bool:
         """Record this SYN; True if it repeats one seen a moment ago (a retransmission)."""
-        mark = self.fingerprint(src, tcp)
+        mark = self.fingerprint(segment)
         slot = mark & self._mask
         age = now - self._recent_at[slot]
         if self._recent[slot] != mark or age > RETRY_MAX_AGE:
@@ -182,13 +159,13 @@ class Admission:
             return False
         return age >= RETRY_MIN_GAP  # the first sighting's time is kept across retransmissions
 
-    def _learn(self, src: bytes, dst: bytes, tcp: TcpPacket) -> None:
+    def _learn(self, segment: Segment) -> None:
         """A packet of a flow a worker holds proves its source real (it completed a handshake)."""
+        src = segment.src
         if src == self._last_real:
             return  # the common case, a run of one flow's packets: one comparison
         if src not in self.real:
-            key = src + tcp.port_bytes
-            if not (self.is_known(key) or self.is_known(key + dst)):  # the stack's own flow, or a relayed one
+            if not self.is_known(segment.key):  # the stack's own flow, or a relayed one (its key ends with it)
                 return
             if len(self.real) >= REAL_SOURCES:
                 del self.real[next(iter(self.real))]

@@ -1,14 +1,25 @@
-"""Configuration from environment variables (honcho reads `.env`).
+"""Configuration from environment variables (honcho reads `.env`): each setting's default and check.
 
-Every knob is documented in the README's configuration table; defaults give a
+Every knob is in the README's configuration table and is read here, in one place with
+its default and what it accepts; processes take the checked values from here.
+:func:`load` gives the stack's own settings (device, addresses,
+endpoints, attach mode), which every process and stackctl need;
+:func:`tcp_settings`, :func:`service_settings`, :func:`relay_settings` and
+:func:`log_settings` give those of the processes that use them. Defaults give a
 working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24 and
 fd00::1/64, stack addresses 10.0.0.2 and fd00::2 (``USTACK_IPV6=0``: IPv4 only).
 
-A bad value is a :class:`ConfigError`. Every process checks the whole
-configuration once at start (:func:`check_or_exit`) and exits with
+A bad value is a :class:`ConfigError`; each group of settings names all of its
+bad values in one. Every process checks the whole configuration once at start
+(:func:`check_or_exit`, every group through :func:`validate_all`) and exits with
 ``EX_CONFIG`` (78, sysexits.h), which the respawn wrapper does not restart:
 a typo stops the stack with one message instead of a restart loop.
 ``python -m pipeline.config`` runs the same check for ``scripts/run``.
+
+Read elsewhere: ``USTACK_PURE`` by pipeline/compiled.py (before anything else
+is imported) and ``USTACK_STACK_ID`` by pipeline/stacklock.py (any text).
+This module imports nothing of ``workers``: it checks text into plain values
+(networks, addresses, ports), and the workers build their objects from those.
 """
 
 from __future__ import annotations
@@ -19,6 +30,13 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipeline import stacklock
+
+T = TypeVar("T")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # sysexits.h: exit statuses that restarting cannot cure; pipeline.respawn gives up on them.
 EX_NOPERM = 77   # the stack lacks root (CAP_NET_ADMIN)
@@ -32,6 +50,30 @@ class ConfigError(SystemExit):
         super().__init__("; ".join(problems))
         self.problems = list(problems)
 
+
+class _Problems:
+    """The problems of one group of settings: a bad value is noted and its fallback used,
+    so that the later checks still run; ``done()`` raises them all in one ConfigError."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def take(self, read: Callable[..., T], *args: Any, fallback: Any = None) -> T:
+        try:
+            return read(*args)
+        except ConfigError as exc:
+            self.found.extend(exc.problems)
+            return fallback  # type: ignore[no-any-return]
+
+    def note(self, problem: str) -> None:
+        self.found.append(problem)
+
+    def done(self) -> None:
+        if self.found:
+            raise ConfigError(*self.found)
+
+
+# -- reading one variable ------------------------------------------------------------------
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -67,6 +109,29 @@ def env_int(name: str, default: int) -> int:
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected an integer") from None
 
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env_str(name, default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected {' or '.join(choices)}")
+    return value
+
+
+def _number(name: str, default: float, low: float, high: float) -> float:
+    value = env_float(name, default)
+    if not low <= value <= high:  # also rejects NaN
+        raise ConfigError(f"{name}={value}: expected {low}..{high}")
+    return value
+
+
+def _integer(name: str, default: int, low: int, high: int) -> int:
+    value = env_int(name, default)
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value}: expected {low}..{high}")
+    return value
+
+
+# -- the stack: every process and stackctl ------------------------------------------------
 
 @dataclass(frozen=True)
 class StackConfig:
@@ -110,6 +175,11 @@ class StackConfig:
 IPV6_MIN_MTU = 1280
 
 
+def _mtu() -> int:
+    """USTACK_MTU as a number (load() checks its range; the TCP receive buffer's check needs it too)."""
+    return env_int("USTACK_MTU", 1500)
+
+
 def _address_pair(interface, address, suffix: str, host_default: str, addr_default: str):
     """USTACK_HOST_ADDR<suffix> (the kernel's side) and USTACK_ADDR<suffix> (ours, inside its prefix)."""
     host_var, addr_var = f"USTACK_HOST_ADDR{suffix}", f"USTACK_ADDR{suffix}"
@@ -128,6 +198,11 @@ def _address_pair(interface, address, suffix: str, host_default: str, addr_defau
     return host, addr
 
 
+def _ipv4_addresses() -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Address]:
+    """USTACK_HOST_ADDR and USTACK_ADDR."""
+    return _address_pair(ipaddress.IPv4Interface, ipaddress.IPv4Address, "", "10.0.0.1/24", "10.0.0.2")
+
+
 def _ipv6_addresses() -> tuple[ipaddress.IPv6Interface | None, ipaddress.IPv6Address | None]:
     """USTACK_HOST_ADDR6 and USTACK_ADDR6, checked like the IPv4 pair; (None, None) with USTACK_IPV6=0."""
     if not env_bool("USTACK_IPV6", True):
@@ -136,23 +211,6 @@ def _ipv6_addresses() -> tuple[ipaddress.IPv6Interface | None, ipaddress.IPv6Add
     if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
         raise ConfigError(f"USTACK_ADDR6 {addr}: not a unicast address")
     return host, addr
-
-
-RUN_BASE = "/run/ustack"  # where default run directories live; stackctl list looks here
-
-
-def default_run_dir(tun_name: str, attach: str = "") -> str:
-    """/run/ustack/<network namespace>-<device>: a stack per namespace never meets
-    another's sockets, and stackctl in the same namespace finds its own. Attached,
-    /run/ustack/<ours>-<device>-attached-<theirs>: apart from a stack serving this namespace
-    (its device lives elsewhere). stackctl finds either by its stack file (stacklock.live_stacks)."""
-    try:
-        netns = os.stat("/proc/self/ns/net").st_ino
-        theirs = os.stat(attach).st_ino if attach else 0
-    except OSError:  # not Linux
-        return os.path.join("/tmp", f"ustack-{os.getuid()}-{tun_name}")
-    name = f"{netns}-{tun_name}-attached-{theirs}" if attach else f"{netns}-{tun_name}"
-    return os.path.join(RUN_BASE, name)
 
 
 def attach_path(raw: str) -> str:
@@ -165,54 +223,24 @@ def attach_path(raw: str) -> str:
     return path
 
 
-def forward_policy():  # type: ignore[no-untyped-def]
-    """The relay's destination policy from USTACK_FORWARD_DENY / _ALLOW and USTACK_HOST_ALIAS."""
-    from workers.attach.policy import ForwardPolicy
-
-    try:
-        return ForwardPolicy(deny=env_str("USTACK_FORWARD_DENY", ""), allow=env_str("USTACK_FORWARD_ALLOW", ""),
-                             host_alias=env_str("USTACK_HOST_ALIAS", ""))
-    except ValueError as exc:
-        raise ConfigError(f"USTACK_FORWARD_DENY/_ALLOW/USTACK_HOST_ALIAS: {exc}") from None
-
-
-def published(proto: str) -> dict[int, int]:
-    """USTACK_PUBLISH's ports of one protocol: port where the stack runs -> port in the namespace."""
-    from workers.attach.policy import parse_publish
-
-    try:
-        return {outer: inner for p, outer, inner in parse_publish(env_str("USTACK_PUBLISH", "")) if p == proto}
-    except ValueError as exc:
-        raise ConfigError(f"USTACK_PUBLISH: {exc}") from None
-
-
 def load() -> StackConfig:
-    """Read and validate the environment: a ConfigError naming every bad value at once."""
-    problems: list[str] = []
-
-    def take(read, fallback):  # type: ignore[no-untyped-def]
-        """``read()``, or ``fallback`` with its problem noted, so later checks still run."""
-        try:
-            return read()
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            return fallback
-
-    host, addr = take(lambda: _address_pair(ipaddress.IPv4Interface, ipaddress.IPv4Address, "",
-                                            "10.0.0.1/24", "10.0.0.2"),
-                      (ipaddress.IPv4Interface("10.0.0.1/24"), ipaddress.IPv4Address("10.0.0.2")))
-    host6, addr6 = take(_ipv6_addresses, (None, None))
+    """The stack's own settings from the environment: a ConfigError naming every bad value at once."""
+    p = _Problems()
+    host, addr = p.take(_ipv4_addresses, fallback=(None, None))
+    host6, addr6 = p.take(_ipv6_addresses, fallback=(None, None))
     tun_name = env_str("USTACK_TUN", "ustack0")
     if not 0 < len(tun_name) < 16:
-        problems.append(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
-    mtu = take(lambda: env_int("USTACK_MTU", 1500), 1500)
-    if not 576 <= mtu <= 65535:
-        problems.append(f"USTACK_MTU {mtu}: expected 576..65535")
+        p.note(f"USTACK_TUN {tun_name!r}: interface names are 1..15 characters")
+    mtu = p.take(_mtu)
+    if mtu is None:
+        pass
+    elif not 576 <= mtu <= 65535:
+        p.note(f"USTACK_MTU {mtu}: expected 576..65535")
     elif addr6 is not None and mtu < IPV6_MIN_MTU:
         # RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280.
-        problems.append(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
-    attach = take(lambda: attach_path(env_str("USTACK_ATTACH", "")), "")
-    run_dir = env_str("USTACK_RUN_DIR", default_run_dir(tun_name, attach))
+        p.note(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
+    attach = p.take(attach_path, env_str("USTACK_ATTACH", ""), fallback="")
+    run_dir = env_str("USTACK_RUN_DIR", stacklock.default_run_dir(tun_name, attach))
     endpoints = {}
     for stage in ("ingress", "egress", "control", "telemetry", "monitor"):
         default = f"ipc://{os.path.join(run_dir, stage + '.sock')}"
@@ -220,27 +248,26 @@ def load() -> StackConfig:
         bind = env_str(f"USTACK_{stage.upper()}_BIND", connect)
         for value in dict.fromkeys((connect, bind)):
             if not value.startswith(("ipc://", "tcp://")):
-                problems.append(f"USTACK_{stage.upper()}_*: {value!r} is neither ipc:// nor tcp://")
+                p.note(f"USTACK_{stage.upper()}_*: {value!r} is neither ipc:// nor tcp://")
             elif value.startswith("ipc://") and len(value) - 6 > 107:
-                problems.append(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
+                p.note(f"{value!r}: ipc paths are limited to 107 characters (shorten USTACK_RUN_DIR)")
         endpoints[stage] = (connect, bind)
     keys_dir = env_str("USTACK_KEYS_DIR", "keys")
-    reassembly_timeout = take(lambda: env_float("USTACK_REASSEMBLY_TIMEOUT", 0.0), 0.0) or None
+    reassembly_timeout = p.take(env_float, "USTACK_REASSEMBLY_TIMEOUT", 0.0) or None
     if reassembly_timeout is not None and not 0 < reassembly_timeout <= 120:
-        problems.append(f"USTACK_REASSEMBLY_TIMEOUT {reassembly_timeout}: expected 0 < seconds <= 120")
-    offload = take(lambda: env_bool("USTACK_OFFLOAD", sys.platform == "linux"), False)
+        p.note(f"USTACK_REASSEMBLY_TIMEOUT {reassembly_timeout}: expected 0 < seconds <= 120")
+    offload = p.take(env_bool, "USTACK_OFFLOAD", sys.platform == "linux")
     if offload and sys.platform != "linux":
-        problems.append("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
-    forward = take(lambda: env_bool("USTACK_FORWARD", bool(attach)), False)
-    default_route = take(lambda: env_bool("USTACK_DEFAULT_ROUTE", True), True)
-    syn_filter = take(lambda: env_bool("USTACK_SYN_FILTER", sys.platform == "linux"), False)
+        p.note("USTACK_OFFLOAD=1: TUN offloads (virtio-net header, TSO) exist only on Linux")
+    forward = p.take(env_bool, "USTACK_FORWARD", bool(attach))
+    default_route = p.take(env_bool, "USTACK_DEFAULT_ROUTE", True)
+    syn_filter = p.take(env_bool, "USTACK_SYN_FILTER", sys.platform == "linux")
     if syn_filter and sys.platform != "linux":
-        problems.append("USTACK_SYN_FILTER=1: the device's eBPF filter exists only on Linux")
-    busy_poll_us = take(lambda: env_int("USTACK_BUSY_POLL", 0), 0)
+        p.note("USTACK_SYN_FILTER=1: the device's eBPF filter exists only on Linux")
+    busy_poll_us = p.take(env_int, "USTACK_BUSY_POLL", 0, fallback=0)
     if not 0 <= busy_poll_us <= 100_000:
-        problems.append(f"USTACK_BUSY_POLL={busy_poll_us}: expected 0..100000 microseconds")
-    if problems:
-        raise ConfigError(*problems)
+        p.note(f"USTACK_BUSY_POLL={busy_poll_us}: expected 0..100000 microseconds")
+    p.done()
     return StackConfig(
         busy_poll=busy_poll_us / 1_000_000,
         syn_filter=syn_filter,
@@ -273,41 +300,56 @@ def load() -> StackConfig:
     )
 
 
-# -- the whole configuration, checked once at start -------------------------------------
+# -- the TCP worker ------------------------------------------------------------------------
 
-def _choice(name: str, default: str, choices: tuple[str, ...]) -> Callable[[], None]:
-    def check() -> None:
-        value = env_str(name, default).lower()
-        if value not in choices:
-            raise ConfigError(f"{name}={value!r}: expected {' or '.join(choices)}")
-    return check
+DEFAULT_SYN_QUEUE = 256       # TCP_SYN_QUEUE
+DEFAULT_MAX_TIME_WAIT = 8192  # TCP_MAX_TIME_WAIT (Linux: tcp_max_tw_buckets)
 
-
-def _number(name: str, default: float, low: float, high: float, integer: bool = False) -> Callable[[], None]:
-    def check() -> None:
-        value = env_int(name, int(default)) if integer else env_float(name, default)
-        if not low <= value <= high:
-            raise ConfigError(f"{name}={value}: expected {low}..{high}")
-    return check
-
-
-def _boolean(name: str, default: bool) -> Callable[[], None]:
-    def check() -> None:
-        env_bool(name, default)
-    return check
+@dataclass(frozen=True)
+class TcpSettings:
+    """TCP_*, checked: the TCP worker builds its connections' TcpConfig and its demultiplexer from them."""
+    congestion: str            # "newreno" (RFC 5681/6582) or "cubic" (RFC 9438)
+    msl: float                 # seconds; TIME-WAIT lasts 2 * MSL
+    delayed_ack: float         # seconds an ACK may wait
+    nagle: bool
+    ecn: bool
+    fin_wait2_timeout: float   # seconds a closed connection waits in FIN-WAIT-2
+    keepalive: float | None    # idle seconds before keepalive probes; None: off
+    syn_queue: int             # half-open connections per listening port before SYN cookies
+    max_time_wait: int         # connections a worker holds in TIME-WAIT
+    recv_buffer: int           # the most a connection's receive buffer grows to (bytes)
+    send_buffer: int           # bytes the application may queue per connection
 
 
-def _recv_buffer() -> None:
-    # At least one full segment (MTU - 40); at most what a scaled window can advertise (RFC 7323 §2.3).
-    _number("TCP_RECV_BUFFER", 1 << 20, max(576, env_int("USTACK_MTU", 1500)) - 40, 1 << 30, integer=True)()
+def tcp_settings() -> TcpSettings:
+    """TCP_* from the environment: a ConfigError naming every bad value at once."""
+    p = _Problems()
+    congestion = p.take(_choice, "TCP_CONGESTION", "newreno", ("newreno", "cubic"))
+    msl = p.take(_number, "TCP_MSL", 30.0, 0.001, 3600.0)
+    delayed_ack = p.take(_number, "TCP_DELAYED_ACK", 0.04, 0.0, 0.5)  # RFC 9293 §3.8.6.3: less than 0.5 s
+    nagle = p.take(env_bool, "TCP_NAGLE", True)
+    ecn = p.take(env_bool, "TCP_ECN", True)
+    fin_wait2_timeout = p.take(_number, "TCP_FIN_WAIT2_TIMEOUT", 60.0, 0.001, 7 * 86400.0)  # "must be > 0"
+    keepalive = p.take(_number, "TCP_KEEPALIVE", 0.0, 0.0, 7 * 86400.0)  # 0: off
+    syn_queue = p.take(_integer, "TCP_SYN_QUEUE", DEFAULT_SYN_QUEUE, 1, 1 << 20)
+    max_time_wait = p.take(_integer, "TCP_MAX_TIME_WAIT", DEFAULT_MAX_TIME_WAIT, 0, 1 << 24)
+    # 1 MiB each: the pipeline's round trip is long next to a kernel's, so in-flight data
+    # (not CPU) limits bulk throughput; bench: +15-20 % over 256 KiB, no gain beyond.
+    # Buffers fill only as data arrives, so idle connections cost nothing for it.
+    # The receive buffer holds at least one full segment (MTU - 40) and at most what a
+    # scaled window can advertise (RFC 7323 §2.3); a bad USTACK_MTU is load()'s to report.
+    mtu = p.take(_mtu, fallback=1500)
+    recv_buffer = p.take(_integer, "TCP_RECV_BUFFER", 1 << 20, max(576, mtu) - 40, 1 << 30)
+    send_buffer = p.take(_integer, "TCP_SEND_BUFFER", 1 << 20, 1, 1 << 30)
+    p.done()
+    return TcpSettings(congestion=congestion, msl=msl, delayed_ack=delayed_ack, nagle=nagle, ecn=ecn,
+                       fin_wait2_timeout=fin_wait2_timeout, keepalive=keepalive or None, syn_queue=syn_queue,
+                       max_time_wait=max_time_wait, recv_buffer=recv_buffer, send_buffer=send_buffer)
 
 
-def _netns_name() -> None:
-    name = env_str("USTACK_NETNS", "ustack")
-    if not name or "/" in name or name in (".", "..") or len(name) > 64:
-        raise ConfigError(f"USTACK_NETNS={name!r}: expected a network namespace name")
+# -- services (the TCP and UDP workers) ----------------------------------------------------
 
-
+DEFAULT_HTTP_TIMEOUT = 10.0  # USTACK_HTTP_TIMEOUT
 _SERVICE_ENTRY = re.compile(r"(tcp|udp)/(\d{1,5})=([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 
 
@@ -334,45 +376,159 @@ def parse_services(value: str) -> list[tuple[str, int, str, str]]:
     return entries
 
 
-def _services() -> None:
-    parse_services(env_str("USTACK_SERVICES", ""))
+def _directory(name: str) -> str:
+    path = env_str(name, "")
+    if path and not os.path.isdir(path):
+        raise ConfigError(f"{name}={path!r}: expected a directory")
+    return path
 
 
-def _http_root() -> None:
-    root = env_str("USTACK_HTTP_ROOT", "")
-    if root and not os.path.isdir(root):
-        raise ConfigError(f"USTACK_HTTP_ROOT={root!r}: expected a directory")
+@dataclass(frozen=True)
+class ServiceSettings:
+    """USTACK_SERVICES and USTACK_HTTP_*, checked: workers/services/registry.py builds each worker's table."""
+    entries: tuple[tuple[str, int, str, str], ...]  # the user's services: (protocol, port, module, name)
+    http_root: str       # directory served over HTTP on TCP port 80; empty: no HTTP
+    http_timeout: float  # seconds for a request to arrive whole, and for an idle keep-alive connection
 
 
-# Every variable of the README's configuration table that load() does not cover. The
-# tcp worker reads the TCP_* values itself; they are checked here so that every
-# process (and scripts/run) rejects a typo before anything starts.
-CHECKS: tuple[Callable[[], None], ...] = (
+def service_settings() -> ServiceSettings:
+    """USTACK_SERVICES (its syntax) and USTACK_HTTP_*: a ConfigError naming every bad value at once."""
+    p = _Problems()
+    entries = p.take(parse_services, env_str("USTACK_SERVICES", ""), fallback=[])
+    http_root = p.take(_directory, "USTACK_HTTP_ROOT")
+    http_timeout = p.take(_number, "USTACK_HTTP_TIMEOUT", DEFAULT_HTTP_TIMEOUT, 0.001, 86400.0)
+    p.done()
+    return ServiceSettings(entries=tuple(entries), http_root=http_root, http_timeout=http_timeout)
+
+
+# -- attach mode's relays (the ICMP, UDP and TCP workers) ----------------------------------
+# load() reads USTACK_ATTACH, USTACK_FORWARD and USTACK_DEFAULT_ROUTE, which the device needs too.
+
+DEFAULT_RELAY_CONNECT_TIMEOUT = 30.0  # USTACK_RELAY_CONNECT_TIMEOUT
+DEFAULT_UDP_IDLE = 60.0      # USTACK_UDP_IDLE (Linux conntrack: 30 s unreplied, 120 s stream)
+DEFAULT_UDP_IDLE_DNS = 10.0  # USTACK_UDP_IDLE_DNS: one question, one answer (retries come within seconds)
+
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """A comma-separated list of addresses and CIDR networks; ValueError naming the bad entry."""
+    nets = []
+    for item in raw.split(","):
+        item = item.strip()
+        if item:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or CIDR network") from None
+    return tuple(nets)
+
+
+def _networks(name: str) -> tuple[Network, ...]:
+    try:
+        return parse_networks(env_str(name, ""))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _host_alias() -> Address | None:
+    raw = env_str("USTACK_HOST_ALIAS", "")
+    try:
+        return ipaddress.ip_address(raw) if raw else None
+    except ValueError as exc:
+        raise ConfigError(f"USTACK_HOST_ALIAS: {exc}") from None
+
+
+def _publish() -> tuple[tuple[str, int, int], ...]:
+    """USTACK_PUBLISH, "tcp:8080:80,udp:5353:53": (protocol, port where the stack runs, port in the
+    namespace) each."""
+    out = []
+    for item in env_str("USTACK_PUBLISH", "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            proto, outer, inner = parts[0].lower(), int(parts[1]), int(parts[2])
+            if len(parts) != 3 or proto not in ("tcp", "udp") or not (0 < outer < 65536 and 0 < inner < 65536):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ConfigError(f"USTACK_PUBLISH: {item!r} is not proto:port:port "
+                              "(proto tcp or udp, ports 1..65535)") from None
+        out.append((proto, outer, inner))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Attach mode's relay settings, checked: the workers build their ForwardPolicy and relays from them."""
+    deny: tuple[Network, ...]   # refused, besides the policy's own list (loopback, link-local, metadata)
+    allow: tuple[Network, ...]  # when not empty: the only destinations relayed to
+    host_alias: Address | None  # reaches the loopback where the stack runs; None: off
+    publish: tuple[tuple[str, int, int], ...]  # (protocol, port where the stack runs, port in the namespace)
+    connect_timeout: float      # seconds an upstream TCP connect may take
+    udp_idle: float             # seconds a relayed UDP flow lives without traffic
+    udp_idle_dns: float         # the same for a flow to port 53
+
+    def published(self, proto: str) -> dict[int, int]:
+        """USTACK_PUBLISH's ports of one protocol: port where the stack runs -> port in the namespace."""
+        return {outer: inner for p, outer, inner in self.publish if p == proto}
+
+
+def relay_settings() -> RelaySettings:
+    """USTACK_FORWARD_DENY/_ALLOW, USTACK_HOST_ALIAS, USTACK_PUBLISH and the relays' timeouts: a
+    ConfigError naming every bad value at once."""
+    p = _Problems()
+    deny = p.take(_networks, "USTACK_FORWARD_DENY")
+    allow = p.take(_networks, "USTACK_FORWARD_ALLOW")
+    host_alias = p.take(_host_alias)
+    publish = p.take(_publish)
+    connect_timeout = p.take(_number, "USTACK_RELAY_CONNECT_TIMEOUT", DEFAULT_RELAY_CONNECT_TIMEOUT, 0.1, 3600.0)
+    udp_idle = p.take(_number, "USTACK_UDP_IDLE", DEFAULT_UDP_IDLE, 0.1, 86400.0)
+    udp_idle_dns = p.take(_number, "USTACK_UDP_IDLE_DNS", DEFAULT_UDP_IDLE_DNS, 0.1, 86400.0)
+    p.done()
+    return RelaySettings(deny=deny, allow=allow, host_alias=host_alias, publish=publish,
+                         connect_timeout=connect_timeout, udp_idle=udp_idle, udp_idle_dns=udp_idle_dns)
+
+
+# -- logs, and scripts/run's namespace ------------------------------------------------------
+
+@dataclass(frozen=True)
+class LogSettings:
+    """LOG_*, checked."""
+    level: str     # debug, info, warning, error or critical
+    format: str    # json or console
+    payload: bool  # debug packet records carry the payload (hex, first 64 bytes)
+
+
+def log_settings() -> LogSettings:
+    """LOG_LEVEL, LOG_FORMAT and LOG_PAYLOAD: a ConfigError naming every bad value at once."""
+    p = _Problems()
+    level = p.take(_choice, "LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical"))
+    fmt = p.take(_choice, "LOG_FORMAT", "json", ("json", "console"))
+    payload = p.take(env_bool, "LOG_PAYLOAD", False)
+    p.done()
+    return LogSettings(level=level, format=fmt, payload=payload)
+
+
+def netns_name() -> str:
+    """USTACK_NETNS: the network namespace scripts/run makes for the stack."""
+    name = env_str("USTACK_NETNS", "ustack")
+    if not name or "/" in name or name in (".", "..") or len(name) > 64:
+        raise ConfigError(f"USTACK_NETNS={name!r}: expected a network namespace name")
+    return name
+
+
+# -- the whole configuration, checked once at start -------------------------------------
+
+# Every group of settings: together, every variable of the README's configuration table
+# but the two read elsewhere (module docstring). A process reads the groups it uses, but
+# every process (and scripts/run) checks them all, so that a typo is rejected before
+# anything starts.
+CHECKS: tuple[Callable[[], object], ...] = (
     load,
-    _choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")),
-    _choice("LOG_FORMAT", "json", ("json", "console")),
-    _boolean("LOG_PAYLOAD", False),
-    _netns_name,
-    _choice("TCP_CONGESTION", "newreno", ("newreno", "cubic")),
-    _number("TCP_MSL", 30.0, 0.001, 3600.0),
-    _number("TCP_DELAYED_ACK", 0.04, 0.0, 0.5),  # RFC 9293 §3.8.6.3: an ACK is delayed less than 0.5 s
-    _boolean("TCP_NAGLE", True),
-    _boolean("TCP_ECN", True),
-    _number("TCP_FIN_WAIT2_TIMEOUT", 60.0, 0.001, 7 * 86400.0),  # "must be > 0"
-    _number("TCP_KEEPALIVE", 0.0, 0.0, 7 * 86400.0),
-    _number("TCP_SYN_QUEUE", 256, 1, 1 << 20, integer=True),
-    _number("TCP_MAX_TIME_WAIT", 8192, 0, 1 << 24, integer=True),
-    _recv_buffer,
-    _number("TCP_SEND_BUFFER", 1 << 20, 1, 1 << 30, integer=True),
-    _services,
-    _http_root,
-    _number("USTACK_HTTP_TIMEOUT", 10.0, 0.001, 86400.0),
-    # Attach mode (load() checks USTACK_ATTACH, USTACK_FORWARD and USTACK_DEFAULT_ROUTE).
-    forward_policy,
-    lambda: published("tcp") and None,
-    _number("USTACK_RELAY_CONNECT_TIMEOUT", 30.0, 0.1, 3600.0),
-    _number("USTACK_UDP_IDLE", 60.0, 0.1, 86400.0),
-    _number("USTACK_UDP_IDLE_DNS", 10.0, 0.1, 86400.0),
+    log_settings,
+    netns_name,
+    tcp_settings,
+    service_settings,
+    relay_settings,
 )
 
 
@@ -387,32 +543,11 @@ def validate_all() -> list[str]:
     return list(dict.fromkeys(errors))  # each once: some settings are read by two checks (USTACK_MTU)
 
 
-def missing_keys(cfg: StackConfig, role: str) -> list[str]:
-    """The CURVE key files a process of ``role`` needs for its tcp:// endpoints and lacks."""
-    binds = {"ingress": (cfg.ingress_bind, cfg.control_bind, cfg.telemetry_bind, cfg.monitor_bind),
-             "egress": (cfg.egress_bind,)}.get(role, ())
-    connects = [cfg.telemetry_endpoint]
-    if role != "ingress":
-        connects.append(cfg.ingress_endpoint)
-    if role not in ("ingress", "egress"):
-        connects.append(cfg.egress_endpoint)
-    need = []
-    if any(e.startswith("tcp://") for e in binds):
-        need.append(os.path.join(cfg.keys_dir, "server.key_secret"))
-    if any(e.startswith("tcp://") for e in connects):
-        need += [os.path.join(cfg.keys_dir, "server.key"), cfg.client_key]
-    return [f"CURVE key {path} is missing (tcp:// endpoints need keys: make them with scripts/keys, "
-            "see USTACK_KEYS_DIR and USTACK_CLIENT_KEY)" for path in need if not os.path.isfile(path)]
-
-
-def check_or_exit(who: str, role: str | None = None) -> None:
-    """At process start: report configuration errors once and exit EX_CONFIG (not restarted);
-    with ``role``, also the CURVE keys that role needs."""
-    errors = validate_all()
-    if not errors and role is not None:
-        errors = missing_keys(load(), role)
-    if errors:
-        print(f"{who}: configuration error: " + "; ".join(errors), file=sys.stderr, flush=True)
+def check_or_exit(who: str, problems: list[str] | None = None) -> None:
+    """At process start: report every bad setting (or ``problems``) once and exit EX_CONFIG (not restarted)."""
+    problems = validate_all() if problems is None else problems
+    if problems:
+        print(f"{who}: configuration error: " + "; ".join(problems), file=sys.stderr, flush=True)
         raise SystemExit(EX_CONFIG)
 
 
@@ -452,10 +587,11 @@ def main(argv: list[str]) -> int:
         print(f"configuration error: {error}", file=sys.stderr)
     if errors:
         return EX_CONFIG
-    defaults = {"USTACK_ADDR": "10.0.0.2", "USTACK_NETNS": "ustack", "USTACK_TUN": "ustack0",
-                "USTACK_HOST_ADDR": "10.0.0.1/24"}
+    cfg = load()
+    checked = {"USTACK_ADDR": str(cfg.stack_address), "USTACK_HOST_ADDR": str(cfg.host_interface),
+               "USTACK_TUN": cfg.tun_name, "USTACK_NETNS": netns_name()}
     for name in args.names:
-        print(f"{name}={os.environ.get(name) or defaults.get(name, '')}")
+        print(f"{name}={checked[name] if name in checked else os.environ.get(name, '')}")
     return 0
 
 

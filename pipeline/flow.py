@@ -7,13 +7,19 @@ a second family fits without a new type. ``local`` is empty for a flow to
 the stack's own address and the packed destination address for a flow the
 stack relays in attach mode (the same client port may reach two
 destinations at once, so the destination is part of the flow). ``key`` is
-the routing key: the source address bytes, then both ports in network
-order, as an incoming segment carries them (ingress builds it as
-``src + view.port_bytes [+ dst]``), then ``local``; the key lengths (8, 20
-for local flows, 12, 36 for relayed ones) differ per family and kind, so
-keys never collide. ``bus()``/``from_bus()`` are the msgpack-ready list
-form (``local`` appended only when set); the message layout around it stays
-in ``pipeline.bus.messages``.
+the routing key: the remote address bytes, then both ports in network
+order, the remote's first, as an incoming segment carries them, then
+``local``; the key lengths (8, 20 for local flows, 12, 36 for relayed ones)
+differ per family and kind, so keys never collide. ``bus()``/``from_bus()``
+are the msgpack-ready list form (``local`` appended only when set); the
+message layout around it stays in ``pipeline.bus.messages``.
+
+Keys are built here and nowhere else: ``flow_key`` from a flow's values,
+``inbound_key`` from a segment that arrived (its source and its ports as
+the wire has them: no ints made on the hot path), ``outbound_key`` from one
+we sent (an ICMP error quotes it). ``client_key`` and ``local_port`` read a
+key for steering: every connection of one client to a steered port shares a
+worker (``pipeline.routing``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,42 @@ import struct
 from typing import NamedTuple
 
 _PORTS = struct.Struct("!HH")
+_PORT = struct.Struct("!H")
 _ADDRESS_LENGTHS = (4, 16)
 # Key length -> remote address length: local flows (8, 20), relayed flows (12, 36).
 _REMOTE_LENGTH_BY_KEY = {8: 4, 20: 16, 12: 4, 36: 16}
+_LOCAL_KEY_LENGTHS = (8, 20)  # the stack's own flows (no relayed destination): IPv4, IPv6
+
+
+def flow_key(remote: bytes, rport: int, lport: int, local: bytes = b"") -> bytes:
+    """The routing key of the flow (remote, rport, lport, local): what ``Flow.key`` is."""
+    return remote + _PORTS.pack(rport, lport) + local
+
+
+def inbound_key(src: bytes, ports: bytes, relayed: bytes = b"") -> bytes:
+    """The key of the flow an arriving segment belongs to: its source address, its ports as the
+    wire has them (source then destination, ``PortsView.port_bytes``), the relayed destination
+    (attach mode; empty for the stack's own address)."""
+    return src + ports + relayed
+
+
+def outbound_key(dst: bytes, ports: bytes) -> bytes:
+    """The key of the stack's own flow a segment we sent belongs to (an ICMP error quotes it):
+    its destination, then its ports as the wire has them (``ports[:4]``: ours, then the peer's)."""
+    return dst + ports[2:4] + ports[0:2]
+
+
+def local_port(key: bytes) -> int:
+    """The local port of a key of the stack's own flows; -1 for a relayed flow's key."""
+    if len(key) not in _LOCAL_KEY_LENGTHS:
+        return -1
+    return _PORT.unpack_from(key, len(key) - _PORT.size)[0]
+
+
+def client_key(key: bytes) -> bytes:
+    """(remote address, local port) of a key of the stack's own flows: the same for every
+    connection of one client to one port."""
+    return key[:-_PORTS.size] + key[-_PORT.size:]
 
 
 class Flow(NamedTuple):
@@ -36,7 +75,7 @@ class Flow(NamedTuple):
     @property
     def key(self) -> bytes:
         """The routing key: remote address, remote port, local port, relayed destination."""
-        return self.remote + _PORTS.pack(self.rport, self.lport) + self.local
+        return flow_key(self.remote, self.rport, self.lport, self.local)
 
     @classmethod
     def from_key(cls, key: bytes) -> Flow:
@@ -53,7 +92,7 @@ class Flow(NamedTuple):
     def from_bus(cls, item: object) -> Flow:
         """A flow from its bus form; ValueError if it is not one."""
         if not (isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], bytes)
-                and len(item[0]) in _ADDRESS_LENGTHS and _is_port(item[1]) and _is_port(item[2])):
+                and len(item[0]) in _ADDRESS_LENGTHS and is_port(item[1]) and is_port(item[2])):
             raise ValueError("bad_flow")
         local = item[3] if len(item) == 4 else b""
         if local and not (isinstance(local, bytes) and len(local) == len(item[0])):
@@ -61,5 +100,6 @@ class Flow(NamedTuple):
         return cls(item[0], item[1], item[2], local)
 
 
-def _is_port(value: object) -> bool:
+def is_port(value: object) -> bool:
+    """A port number (an int, not a bool, in 0..65535)."""
     return type(value) is int and 0 <= value <= 0xFFFF

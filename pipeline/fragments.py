@@ -36,18 +36,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.wire import ipv6
+from pipeline.wire import ipv4, ipv6
 from pipeline.wire.ipv4 import Ipv4Packet
 from pipeline.wire.checksum import internet_checksum
 
-# IPv4 header fields this module rewrites (RFC 791 §3.1); it reads them through Ipv4Packet.
-_V4_TOTAL_LEN = 2
-_V4_FLAGS_OFFSET = 6
-_V4_CHECKSUM = 10
-_V4_MIN_HEADER = 20
-_V4_DF = 0x4000
-_V4_MF = 0x2000
-_V4_OFFSET_MASK = 0x1FFF
+# IPv4 header fields this module rewrites are named in pipeline.wire.ipv4 (RFC 791 §3.1).
 _V4_MIN_MTU = 68  # RFC 791 §3.2: every module forwards a 68-octet datagram
 _V4_OPTION_COPIED = 0x80  # RFC 791 §3.1: options with this bit go in every fragment
 _V4_OPTION_EOL = 0
@@ -140,7 +133,7 @@ class Reassembler:
         key = (4, src, dst, ip.protocol, ip.ident)
         data = ip.payload
         # Even with the smallest header the datagram could not exceed 65,535 octets.
-        if start + len(data) + _V4_MIN_HEADER > MAX_PACKET:
+        if start + len(data) + ipv4.HEADER_LEN > MAX_PACKET:
             self.drops["oversize"] += 1
             return None
         return self._add(key, 4, src, dst, start, more, data, packet, _build_ipv4, now)
@@ -314,21 +307,22 @@ class Reassembler:
 
 def _build_ipv4(first: bytes, data_len: int) -> bytearray | None:
     """The first fragment's header for the whole datagram (RFC 791 §3.2 reassembly), data not yet filled."""
-    header_len = (first[0] & 0x0F) * 4
+    header_len = ipv4.header_len_of(first)
     total = header_len + data_len
     if total > MAX_PACKET:
         return None
     header = bytearray(first[:header_len])
-    _set_ipv4_fields(header, total, (header[_V4_FLAGS_OFFSET] << 8 | header[_V4_FLAGS_OFFSET + 1]) & _V4_DF)
+    flags = (header[ipv4.FLAGS_FRAG_OFFSET] << 8 | header[ipv4.FLAGS_FRAG_OFFSET + 1]) & ipv4.FLAG_DF
+    _set_ipv4_fields(header, total, flags)
     return header + bytes(data_len)
 
 
 def _set_ipv4_fields(header: bytearray, total: int, flags_offset: int) -> None:
     """Write Total Length and flags/offset, then the header checksum (RFC 791 §3.1)."""
-    header[_V4_TOTAL_LEN:_V4_TOTAL_LEN + 2] = total.to_bytes(2, "big")
-    header[_V4_FLAGS_OFFSET:_V4_FLAGS_OFFSET + 2] = flags_offset.to_bytes(2, "big")
-    header[_V4_CHECKSUM:_V4_CHECKSUM + 2] = b"\x00\x00"
-    header[_V4_CHECKSUM:_V4_CHECKSUM + 2] = internet_checksum(header).to_bytes(2, "big")
+    header[ipv4.TOTAL_LEN_OFFSET:ipv4.TOTAL_LEN_OFFSET + 2] = total.to_bytes(2, "big")
+    header[ipv4.FLAGS_FRAG_OFFSET:ipv4.FLAGS_FRAG_OFFSET + 2] = flags_offset.to_bytes(2, "big")
+    header[ipv4.CHECKSUM_OFFSET:ipv4.CHECKSUM_OFFSET + 2] = b"\x00\x00"
+    header[ipv4.CHECKSUM_OFFSET:ipv4.CHECKSUM_OFFSET + 2] = internet_checksum(header).to_bytes(2, "big")
 
 
 def _build_ipv6(first: bytes, frag: ipv6.Fragment, data_len: int) -> bytearray | None:
@@ -368,18 +362,18 @@ def fragment_ipv4(packet: bytes, mtu: int) -> list[bytes]:
     """Cut an IPv4 packet into fragments of at most mtu octets (RFC 791 §3.2); refuses if DF is set."""
     if len(packet) <= mtu:
         return [bytes(packet)]
-    field = (packet[_V4_FLAGS_OFFSET] << 8) | packet[_V4_FLAGS_OFFSET + 1]
-    if field & _V4_DF:
+    field = (packet[ipv4.FLAGS_FRAG_OFFSET] << 8) | packet[ipv4.FLAGS_FRAG_OFFSET + 1]
+    if field & ipv4.FLAG_DF:
         raise ValueError("Don't Fragment is set")
     if mtu < _V4_MIN_MTU:
         raise ValueError(f"MTU {mtu} below the IPv4 minimum of 68")
-    header_len = (packet[0] & 0x0F) * 4
+    header_len = ipv4.header_len_of(packet)
     first_header = packet[:header_len]
-    later_header = first_header[:_V4_MIN_HEADER] + _copied_ipv4_options(first_header[_V4_MIN_HEADER:])
+    later_header = first_header[:ipv4.HEADER_LEN] + _copied_ipv4_options(first_header[ipv4.HEADER_LEN:])
     later_header = bytes([0x40 | len(later_header) // 4]) + later_header[1:]
     # A packet that is itself a fragment keeps its place and its MF on the last piece.
-    base = (field & _V4_OFFSET_MASK) * 8
-    last_more = field & _V4_MF
+    base = (field & ipv4.FRAG_OFFSET_MASK) * 8
+    last_more = field & ipv4.FLAG_MF
     data = packet[header_len:]
     fragments = []
     pos = 0
@@ -387,7 +381,7 @@ def fragment_ipv4(packet: bytes, mtu: int) -> list[bytes]:
     while pos < len(data):
         size = (mtu - len(header)) // 8 * 8
         piece = data[pos:pos + size]
-        more = _V4_MF if pos + len(piece) < len(data) else last_more
+        more = ipv4.FLAG_MF if pos + len(piece) < len(data) else last_more
         out = bytearray(header)
         _set_ipv4_fields(out, len(header) + len(piece), more | (base + pos) // 8)
         fragments.append(bytes(out) + piece)
@@ -408,7 +402,7 @@ def fragment_ipv6(packet: bytes, mtu: int, ident: int) -> list[bytes]:
     next_header, next_header_at, off = packet[ipv6.NEXT_HEADER_OFFSET], ipv6.NEXT_HEADER_OFFSET, ipv6.HEADER_LEN
     unfragmentable_end, last_next_header_at = off, next_header_at
     while next_header in (ipv6.HOP_BY_HOP, ipv6.DEST_OPTIONS, ipv6.ROUTING):
-        length = (packet[off + 1] + 1) * 8
+        length = (packet[off + ipv6.EXT_LEN_OFFSET] + 1) * 8
         if next_header != ipv6.DEST_OPTIONS:
             unfragmentable_end, last_next_header_at = off + length, off
         next_header, off = packet[off], off + length

@@ -1,9 +1,11 @@
 """Ingress: read the TUN device and send each IP packet to the worker that owns it.
 
 Also the pipeline's meeting point: workers (and egress) heartbeat here with
-their counters, TCP workers announce the flows they hold, and ``stackctl``
-asks here for the pipeline's status. Routing decisions live in
-``pipeline.routing``; this module is the I/O around them.
+their counters (a TCP worker also with the ports its services want steered
+by client), TCP workers announce the flows they hold, and ``stackctl`` asks
+here for the pipeline's status. Routing decisions live in
+``pipeline.routing``, admission's in ``pipeline.admission``, which reads the
+view routing checked; this module is the I/O around them.
 """
 
 from __future__ import annotations
@@ -99,11 +101,11 @@ class Ingress:
         router = self.router
         admit = self.admission.admit
         for data, offload in items:
-            name, role, packet = router.route(data, now)
+            name, role, packet, segment = router.route(data, now)
             if packet is not data:
                 offload = None  # reassembled from fragments: a new packet, checksums unvouched
             if name is not None:
-                if not admit(packet, role, now):
+                if segment is not None and not admit(segment, now):  # routing's checked view: no second parse
                     continue  # shed under overload, counted (pipeline.admission)
                 batches.setdefault(name, []).append((packet, offload))
             elif role:
@@ -113,7 +115,7 @@ class Ingress:
             if not self.forward(name, batch, read):
                 # The worker vanished under us: route again among the living (or hold).
                 for data, offload in batch:
-                    again, role, _ = router.route(data, now)
+                    again, role, _, _ = router.route(data, now)
                     if again is None or not self.forward(again, [(data, offload)]):
                         router.hold(role, now, (data, offload))
 
@@ -148,7 +150,7 @@ class Ingress:
                 if not self.members.has_role(role):
                     break
                 queue.popleft()
-                name, _, _ = self.router.route(packet, now)
+                name, _, _, _ = self.router.route(packet, now)
                 if name is None:
                     queue.appendleft((born, packet, offload))
                     break
@@ -241,11 +243,11 @@ class Ingress:
                 if msg.name.encode() != peer:
                     self.proc.drop("bus_name_mismatch", claimed=msg.name)
                     continue
-                event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats)
+                event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats, msg.steered)
                 if event == "restarted":
                     # A new process under the old name: whatever the old one held is gone.
                     self.worker_gone(msg.name, "restarted")
-                    event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats)
+                    event = self.members.seen(msg.name, msg.role, now, msg.seq, msg.stats, msg.steered)
                 if msg.role == "tcp":  # what it took in against what it was sent: the SYN rate adapts
                     self.admission.worker_report(msg.name, msg.stats.get("packets_in", 0), now)
                 if event == "joined":

@@ -2,9 +2,9 @@
 
 Each record has an ISO-8601 UTC ``timestamp``, ``level``, ``event`` and
 ``proc`` (the honcho process name). ``LOG_FORMAT=console`` renders readable
-lines for a person; ``LOG_LEVEL`` sets the level (default ``info``);
-``LOG_PAYLOAD=1`` adds packet payloads to the debug packet records (never
-otherwise).
+lines for a person; ``LOG_LEVEL`` sets the level; ``LOG_PAYLOAD=1`` adds
+packet payloads to the debug packet records (never otherwise). This module
+takes them checked, with their defaults, from ``pipeline.config.log_settings``.
 Tracebacks are rendered without local variables: those would leak packet
 bytes into the logs. While someone runs ``stackctl logs``, each record is also
 published (as JSON, whatever LOG_FORMAT says) on the telemetry stream.
@@ -13,11 +13,12 @@ published (as JSON, whatever LOG_FORMAT says) on the telemetry stream.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Protocol
 
 import structlog
+
+from pipeline import config
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -67,18 +68,13 @@ def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundL
     a second. A process with an event loop passes ``buffered=True`` and calls
     ``flush()`` once per wake-up instead; anything else is line-buffered.
     """
-    level_name = os.environ.get("LOG_LEVEL", "info").lower()
-    if level_name not in _LEVELS:
-        raise SystemExit(f"LOG_LEVEL={level_name!r}: expected one of {', '.join(_LEVELS)}")
-    fmt = os.environ.get("LOG_FORMAT", "json").lower()
-    if fmt not in ("json", "console"):
-        raise SystemExit(f"LOG_FORMAT={fmt!r}: expected json or console")
+    settings = config.log_settings()
     processors: list = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if fmt == "json":
+    if settings.format == "json":
         processors += [
             structlog.processors.ExceptionRenderer(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
@@ -89,7 +85,7 @@ def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundL
         processors += [_publish, structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())]
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.level]),
         logger_factory=_StdoutLogger,
         cache_logger_on_first_use=True,
     )
@@ -103,9 +99,9 @@ def flush() -> None:
 
 def payload_wanted() -> bool:
     """LOG_PAYLOAD=1: debug packet records carry the payload (hex, first 64 bytes)."""
-    return os.environ.get("LOG_PAYLOAD", "0").lower() in ("1", "true", "yes", "on")
+    return config.log_settings().payload
 
 
 def debug_enabled() -> bool:
     """True when debug records would be written; guards per-packet log work."""
-    return os.environ.get("LOG_LEVEL", "info").lower() == "debug"
+    return config.log_settings().level == "debug"

@@ -14,8 +14,9 @@ import ipaddress
 import struct
 from typing import BinaryIO
 
-from pipeline.wire import ipv6
+from pipeline.wire import ipv4, ipv6
 from pipeline.wire.addr import split_endpoint
+from pipeline.wire.ports import PORTS_LEN, SRC_PORT_OFFSET
 
 LINKTYPE_RAW = 101  # the packet begins with the IPv4 or IPv6 header
 SNAPLEN = 65535
@@ -59,9 +60,10 @@ class FlowFilter:
 
     def matches_packet(self, packet: bytes) -> bool:
         version = packet[0] >> 4 if packet else None
-        if version == 4 and len(packet) >= 20:
-            addrs = {str(ipaddress.IPv4Address(packet[12:16])), str(ipaddress.IPv4Address(packet[16:20]))}
-            protocol, upper = packet[9], (packet[0] & 0x0F) * 4
+        if version == 4 and len(packet) >= ipv4.HEADER_LEN:
+            addrs = {str(ipaddress.IPv4Address(packet[ipv4.SRC_OFFSET:ipv4.SRC_OFFSET + ipv4.ADDRESS_LEN])),
+                     str(ipaddress.IPv4Address(packet[ipv4.DST_OFFSET:ipv4.DST_OFFSET + ipv4.ADDRESS_LEN]))}
+            protocol, upper = packet[ipv4.PROTOCOL_OFFSET], ipv4.header_len_of(packet)
         elif version == 6 and len(packet) >= ipv6.HEADER_LEN:
             addrs = {str(ipaddress.IPv6Address(packet[ipv6.SRC_OFFSET:ipv6.DST_OFFSET])),
                      str(ipaddress.IPv6Address(packet[ipv6.DST_OFFSET:ipv6.HEADER_LEN]))}
@@ -72,6 +74,6 @@ class FlowFilter:
         else:
             return False
         ports: set[int] = set()
-        if protocol in (6, 17) and len(packet) >= upper + 4:  # TCP, UDP: ports lead the header
-            ports.update(_PORTS.unpack_from(packet, upper))
+        if protocol in (ipv4.PROTO_TCP, ipv4.PROTO_UDP) and len(packet) >= upper + PORTS_LEN:
+            ports.update(_PORTS.unpack_from(packet, upper + SRC_PORT_OFFSET))  # TCP, UDP: ports lead the header
         return self.matches(addrs, ports)

@@ -12,6 +12,7 @@ import time
 import structlog
 
 from pipeline import compiled, config, log, telemetry
+from pipeline.bus import endpoints
 
 
 PARK_MAX = 15.0  # seconds a process idles after an ordered stop before it exits by itself
@@ -81,8 +82,10 @@ class Process:
 
     def __init__(self, role: str) -> None:
         # All of it, once: a bad value stops this process with EX_CONFIG, which is not restarted.
-        config.check_or_exit(config.env_str("HONCHO_PROCESS_NAME", "") or role, role)
+        who = config.env_str("HONCHO_PROCESS_NAME", "") or role
+        config.check_or_exit(who)
         self.config = config.load()
+        config.check_or_exit(who, endpoints.missing_keys(self.config, role))
         self.name = self.config.proc_name or role
         self.role = role
         # Buffered: the process's loop calls flush_logs() once per wake-up.
@@ -93,6 +96,7 @@ class Process:
         tune_malloc()
         self._next_trim = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
+        compiled.decide()  # normally done already, by the first hot module imported
         self.log.info("build", mode=compiled.MODE, why=compiled.REASON)  # compiled (mypyc) or pure
         # Log records, packet copies and connection tables for stackctl, while it asks.
         self.telemetry = telemetry.Publisher(self.config, self.name, role, self.counters)

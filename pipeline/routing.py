@@ -26,7 +26,17 @@ owner, the UDP worker for UDP. For TCP:
   hashing of the flow. For a SYN that worker takes the new connection; for
   anything else it has no connection and answers with a reset, which is
   right (RFC 9293 §3.10.7.1) — that is how the connections of a dead worker
-  end instead of hanging.
+  end instead of hanging;
+* except that a port some workers announced as steered by client (in their
+  heartbeats: a service declares it, as iperf3's does, whose test is a
+  control connection plus data connections that must meet in one worker)
+  is hashed by (client address, port) instead, among the workers that
+  announced it: every connection of one client to that port reaches the
+  same worker. Ingress itself knows no port numbers.
+
+A TCP segment's checked view (``Segment``: its source, flow key and TCP
+view) is handed on with the route, so that admission reads it without
+parsing the packet again. Flow keys come from ``pipeline.flow`` only.
 
 With forwarding on (attach mode), a packet for another address is relayed:
 it goes to the worker of its protocol the same way (fragments are
@@ -46,7 +56,7 @@ import collections
 from collections.abc import Callable
 
 from pipeline.bus.messages import HEARTBEAT_INTERVAL
-from pipeline.flow import Flow
+from pipeline.flow import Flow, client_key, inbound_key, local_port
 from pipeline.fragments import Reassembler
 from pipeline.membership import Membership
 from pipeline.offload import Offload
@@ -65,28 +75,25 @@ _ICMP_HEADER_LEN = 8  # type, code, checksum, one 32-bit word: then the quote (R
 # A packet as ingress reads it: bytes, or a view of bytes for a large one (``pipeline.tun``).
 Packet = bytes | memoryview
 Pending = tuple[float, Packet, Offload | None]
-# (worker, role, packet): worker None and a role: hold the packet; role "": dropped (or a
-# fragment kept for reassembly). packet: what to forward (the whole datagram after reassembly).
-Route = tuple[str | None, str, Packet]
-_DROPPED: Route = (None, "", b"")
 
 
-# Services whose connections must share a worker with the client's other connections to them:
-# an iperf3 test is a control connection plus data streams, matched by cookie in one worker.
-STEERED_PORTS = frozenset({5201})
-_STEERED = frozenset(port.to_bytes(2, "big") for port in STEERED_PORTS)
+class Segment:
+    """A TCP segment as routing checked it, handed on with its route (to ``pipeline.admission``):
+    the source address, the flow key (``pipeline.flow.inbound_key``) and the checked TCP view."""
+
+    __slots__ = ("src", "key", "tcp")
+
+    def __init__(self, src: bytes, key: bytes, tcp: TcpPacket) -> None:
+        self.src = src
+        self.key = key
+        self.tcp = tcp
 
 
-_LOCAL_KEY_LENGTHS = (8, 20)  # Flow.key of the stack's own flows: IPv4, IPv6 (no relayed destination)
-
-
-def affinity_key(key: bytes) -> bytes:
-    """What a new flow's worker is chosen by: its Flow.key, or for STEERED_PORTS only (remote
-    address, local port), so that every connection of one client to such a port lands on the
-    same worker (rendezvous hashing keeps that true while the workers stay the same)."""
-    if key[-2:] in _STEERED and len(key) in _LOCAL_KEY_LENGTHS:  # relayed flows (Flow.local) are not steered
-        return key[:-4] + key[-2:]
-    return key
+# (worker, role, packet, segment): worker None and a role: hold the packet; role "": dropped (or
+# a fragment kept for reassembly). packet: what to forward (the whole datagram after reassembly).
+# segment: the checked view of a TCP segment, None for anything else (ICMP errors about TCP flows too).
+Route = tuple[str | None, str, Packet, Segment | None]
+_DROPPED: Route = (None, "", b"", None)
 
 
 class Router:
@@ -106,7 +113,7 @@ class Router:
             lambda: collections.deque(maxlen=PENDING_LIMIT))
 
     def route(self, packet: Packet, now: float) -> Route:
-        """(worker, role, packet to forward) for a packet read from the device."""
+        """(worker, role, packet to forward, checked TCP segment or None) for a packet read from the device."""
         version = packet[0] >> 4 if packet else None
         if version == 4:
             return self._route_ipv4(packet, now)
@@ -162,7 +169,7 @@ class Router:
             if not relayed:
                 return _DROPPED
         if parsed.error is not None:
-            return self.members.pick("icmp", b""), "icmp", packet  # it builds the Parameter Problem
+            return self.members.pick("icmp", b""), "icmp", packet, None  # it builds the Parameter Problem
         if parsed.fragment is not None:
             if reassembled:  # a Fragment header inside a reassembled packet
                 self.drop("nested_fragment", layer="ipv6")
@@ -192,31 +199,43 @@ class Router:
         """An ICMP error: to the owner of the flow whose packet it quotes (ICMP ones, and junk, to icmp)."""
         if quote is None or quote.src not in (self.address, self.address6) \
                 or quote.protocol not in (PROTO_TCP, PROTO_UDP):
-            return self.members.pick("icmp", b""), "icmp", packet  # counted and ignored there
+            return self.members.pick("icmp", b""), "icmp", packet, None  # counted and ignored there
         if quote.protocol == PROTO_UDP:
-            return self.members.pick("udp", b""), "udp", packet
-        return self._route_flow(quote.flow_key, False, packet, now)
+            return self.members.pick("udp", b""), "udp", packet, None
+        return self._route_flow(quote.flow_key, False, packet, now, None)
 
     def _route_transport(self, packet: Packet, protocol: int, src: bytes, payload: memoryview, now: float,
                          relayed: bytes = b"") -> Route:
         if protocol != PROTO_TCP:
             role = _ROLE_BY_PROTO.get(protocol, "icmp")
-            return self.members.pick(role, b""), role, packet
+            return self.members.pick(role, b""), role, packet, None
         try:
             tcp = TcpPacket.checked(payload)
         except Malformed as exc:
             self.drop(exc.reason, layer="tcp")
             return _DROPPED
-        # Flow(src, sport, dport, relayed).key without making the Flow
-        return self._route_flow(src + tcp.port_bytes + relayed, tcp.starts_connection, packet, now)
+        segment = Segment(src, inbound_key(src, tcp.port_bytes, relayed), tcp)
+        return self._route_flow(segment.key, tcp.starts_connection, packet, now, segment)
 
-    def _route_flow(self, key: bytes, starts_connection: bool, packet: Packet, now: float) -> Route:
+    def _route_flow(self, key: bytes, starts_connection: bool, packet: Packet, now: float,
+                    segment: Segment | None) -> Route:
         owner = self.flows.get(key)
         if owner is not None and self.members.is_alive(owner):
-            return owner, "tcp", packet
+            return owner, "tcp", packet, segment
         if now < self.settle_until and not starts_connection:
-            return None, "tcp", packet  # an existing flow whose owner has not re-announced yet
-        return self.members.pick("tcp", affinity_key(key)), "tcp", packet
+            return None, "tcp", packet, segment  # an existing flow whose owner has not re-announced yet
+        return self._pick_new(key), "tcp", packet, segment
+
+    def _pick_new(self, key: bytes) -> str | None:
+        """The worker for a flow no worker holds: rendezvous hashing of its key, or, for a port
+        workers announced as steered by client, of (client address, port) among those workers."""
+        members = self.members
+        steered = members.steered_ports("tcp")
+        if steered:
+            port = local_port(key)  # -1 for a relayed flow: those are never steered
+            if port in steered:
+                return members.pick_steered("tcp", port, client_key(key))
+        return members.pick("tcp", key)
 
     def hold(self, role: str, born: float, item: tuple[Packet, Offload | None]) -> None:
         """Keep a packet until its role has a worker (bounded: the oldest goes first)."""
@@ -256,6 +275,6 @@ class Router:
 def _relayable(dst: bytes) -> bool:
     """A unicast destination: IPv4 not 0/8, multicast (224/4) or broadcast (RFC 1122 §3.2.1.3);
     IPv6 not unspecified or multicast (ff00::/8, RFC 4291 §2.7)."""
-    if len(dst) == 16:
-        return dst[0] != 0xFF and any(dst)
+    if len(dst) == ipv6.ADDRESS_LEN:
+        return not ipv6.is_multicast(dst) and any(dst)
     return 0 < dst[0] < 224

@@ -3,7 +3,7 @@
 Contract: every process of a stack runs under ``pipeline.respawn``, which
 *joins* the stack before starting its child and *leaves* it when it exits.
 Joining takes a shared ``flock`` on the run directory (one per namespace and
-device, see ``config.default_run_dir``); the file ``stack`` in it names the
+device, see :func:`default_run_dir`); the file ``stack`` in it names the
 stack that holds it: its supervisor's pid and start time (honcho, or systemd).
 A process whose supervisor is another stack's is refused with
 :class:`StackBusy`: it would otherwise take over the first stack's ipc sockets
@@ -146,6 +146,21 @@ def netns_inode(path: str = "/proc/self/ns/net") -> int | None:
         return os.stat(path).st_ino
     except OSError:
         return None
+
+
+RUN_BASE = "/run/ustack"  # where default run directories live; stackctl list looks here
+
+
+def default_run_dir(tun_name: str, attach: str = "") -> str:
+    """/run/ustack/<network namespace>-<device>: a stack per namespace never meets
+    another's sockets, and stackctl in the same namespace finds its own. Attached,
+    /run/ustack/<ours>-<device>-attached-<theirs>: apart from a stack serving this namespace
+    (its device lives elsewhere). stackctl finds either by its stack file (live_stacks)."""
+    ours, theirs = netns_inode(), (netns_inode(attach) if attach else 0)
+    if ours is None or theirs is None:  # not Linux
+        return os.path.join("/tmp", f"ustack-{os.getuid()}-{tun_name}")
+    name = f"{ours}-{tun_name}-attached-{theirs}" if attach else f"{ours}-{tun_name}"
+    return os.path.join(RUN_BASE, name)
 
 
 class StackLock:

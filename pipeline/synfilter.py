@@ -60,6 +60,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.admission import RETRY_MAX_AGE, RETRY_MIN_GAP  # a retransmission, as admission knows one
+from pipeline.wire import ipv4, ipv6, tcp
+from pipeline.wire.ports import SRC_PORT_OFFSET
 
 # <linux/bpf.h> instruction classes, sizes, modes, operations.
 _LD, _LDX, _STX = 0x00, 0x01, 0x03
@@ -89,9 +91,6 @@ RECENT_VALUE_SIZE = 8
 TICK_NS_SHIFT = 20
 _HASH = 0x2545F491    # odd multiplier for the fingerprint hash (any odd 31-bit constant mixes)
 
-_SYN, _ACK = 0x02, 0x10
-_TCP = 6
-_IPV4_FRAGMENT_OFFSET = 0x1FFF
 
 INTERVAL = 0.25       # s between decisions
 TARGET_RATE = 1000.0  # first-sighting SYNs/s from unknown sources the filter passes under a flood
@@ -172,46 +171,47 @@ def program(fraction: int, real4: Sequence[bytes], real6: Sequence[bytes], recen
     a.emit(_JMP | _JA, off="keep")
 
     a.label("ipv4")
-    a.load(_B, 9)
-    a.jump(_JNE, _TCP, "keep")
-    a.load(_H, 6)
-    a.jump(_JSET, _IPV4_FRAGMENT_OFFSET, "keep")  # not a first fragment: no TCP header here
-    a.load(_B, 0)
+    a.load(_B, ipv4.PROTOCOL_OFFSET)
+    a.jump(_JNE, ipv4.PROTO_TCP, "keep")
+    a.load(_H, ipv4.FLAGS_FRAG_OFFSET)
+    a.jump(_JSET, ipv4.FRAG_OFFSET_MASK, "keep")  # not a first fragment: no TCP header here
+    a.load(_B, ipv4.VER_IHL_OFFSET)
     a.alu(_AND, _R0, 0x0F)
     a.alu(_LSH, _R0, 2)
-    a.alu_reg(_MOV, _R7, _R0)  # r7 = IPv4 header length
-    a.emit(_LD | _IND | _B, src=_R7, imm=13)  # TCP flags
-    a.alu(_AND, _R0, _SYN | _ACK)
-    a.jump(_JNE, _SYN, "keep")
-    a.load(_W, 12)  # source address
+    a.alu_reg(_MOV, _R7, _R0)  # r7 = IPv4 header length (ipv4.header_len_of)
+    a.emit(_LD | _IND | _B, src=_R7, imm=tcp.FLAGS_OFFSET)
+    a.alu(_AND, _R0, tcp.SYN | tcp.ACK)
+    a.jump(_JNE, tcp.SYN, "keep")
+    a.load(_W, ipv4.SRC_OFFSET)
     for addr in real4[:MAX_REAL4]:
         a.jump(_JEQ, int.from_bytes(addr, "big"), "keep")
     a.alu(_MOV, _R9, 0)
     a.mix()
-    a.emit(_LD | _IND | _W, src=_R7, imm=0)  # ports
+    a.emit(_LD | _IND | _W, src=_R7, imm=SRC_PORT_OFFSET)  # both ports
     a.mix()
-    a.emit(_LD | _IND | _W, src=_R7, imm=4)  # ISN
+    a.emit(_LD | _IND | _W, src=_R7, imm=tcp.SEQ_OFFSET)  # the ISN
     a.mix()
     a.emit(_JMP | _JA, off="recent")
 
     a.label("ipv6")
-    a.load(_B, 6)  # next header: TCP right after the fixed header only
-    a.jump(_JNE, _TCP, "keep")
-    a.load(_B, 40 + 13)
-    a.alu(_AND, _R0, _SYN | _ACK)
-    a.jump(_JNE, _SYN, "keep")
+    a.load(_B, ipv6.NEXT_HEADER_OFFSET)  # TCP right after the fixed header only
+    a.jump(_JNE, ipv6.TCP, "keep")
+    a.load(_B, ipv6.HEADER_LEN + tcp.FLAGS_OFFSET)
+    a.alu(_AND, _R0, tcp.SYN | tcp.ACK)
+    a.jump(_JNE, tcp.SYN, "keep")
     for n, addr in enumerate(real6[:MAX_REAL6]):
         words = struct.unpack("!4I", addr)
         for i, word in enumerate(words):
-            a.load(_W, 8 + 4 * i)
+            a.load(_W, ipv6.SRC_OFFSET + 4 * i)
             if i < 3:
                 a.jump(_JNE, word, f"next6_{n}")
             else:
                 a.jump(_JEQ, word, "keep")
         a.label(f"next6_{n}")
     a.alu(_MOV, _R9, 0)
-    for offset in (8, 12, 16, 20, 40, 44):  # source address, ports, ISN
-        a.load(_W, offset)
+    source6 = [ipv6.SRC_OFFSET + 4 * i for i in range(ipv6.ADDRESS_LEN // 4)]
+    for offset in (*source6, ipv6.HEADER_LEN + SRC_PORT_OFFSET, ipv6.HEADER_LEN + tcp.SEQ_OFFSET):
+        a.load(_W, offset)  # the source address, both ports, the ISN
         a.mix()
 
     # r9: the fingerprint hash. Its low bits pick the slot, its high 32 bits are the mark kept there.
@@ -323,8 +323,8 @@ class SynShedder:
         if behind:
             wanted = min(wanted, self.fraction // 2)  # the count read is only a lower bound: at least halve
         wanted = max(wanted, int(ONE * MIN_FRACTION))
-        real4 = tuple(s for s in reversed(real_sources) if len(s) == 4)[:MAX_REAL4]
-        real6 = tuple(s for s in reversed(real_sources) if len(s) == 16)[:MAX_REAL6]
+        real4 = tuple(s for s in reversed(real_sources) if len(s) == ipv4.ADDRESS_LEN)[:MAX_REAL4]
+        real6 = tuple(s for s in reversed(real_sources) if len(s) == ipv6.ADDRESS_LEN)[:MAX_REAL6]
         changed = abs(wanted - self.fraction) * 5 > self.fraction  # > 20 % (or on): not every small wobble
         if not changed and (real4, real6) == (self.real4, self.real6):
             return None

@@ -28,7 +28,7 @@ Outgoing = tuple[bytes, Offload | None]
 
 REPLY_IP_HEADER_LEN = IPV4_HEADER_LEN  # ip_reply writes no IPv4 options
 REPLY_IP6_HEADER_LEN = ipv6.HEADER_LEN  # nor IPv6 extension headers
-IPV6_ADDRESS_LEN = 16
+IPV6_ADDRESS_LEN = ipv6.ADDRESS_LEN
 
 
 class Sink:

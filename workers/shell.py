@@ -4,10 +4,12 @@ The loop (STYLE.md §2): poll the ingress socket with a timeout that ends at
 the core's next deadline or the next heartbeat, feed every packet that
 arrived to the core, fire due timers, and push what the core returns to
 egress. Besides packets it speaks the membership protocol: a heartbeat with
-the worker's counters every HEARTBEAT_INTERVAL, the flows it holds whenever
-they change (all of them when ingress welcomes it, which is how a restarted
-ingress learns who owns what), and resets for the flows of a dead worker
-when ingress hands them over. A core that relays flows (attach mode,
+the worker's counters every HEARTBEAT_INTERVAL (and the ports its services
+want steered by client, which the worker's ``__main__`` passes in: ingress
+then sends every connection of one client to such a port to one worker),
+the flows it holds whenever they change (all of them when ingress welcomes
+it, which is how a restarted ingress learns who owns what), and resets for
+the flows of a dead worker when ingress hands them over. A core that relays flows (attach mode,
 ``workers.attach.relay``) also gets its commands carried out on real sockets
 (``workers.attach.upstream``) whose descriptors share the poll, and is fed what
 they report. Nothing protocol-specific lives here.
@@ -35,7 +37,7 @@ def sink(proc: Process) -> Sink:
     return Sink(proc.counters, proc.log, proc.debug, proc.log_payload)
 
 
-def run(proc: Process, core: WorkerCore) -> None:
+def run(proc: Process, core: WorkerCore, steered: frozenset[int] = frozenset()) -> None:
     ctx = zmq.Context()
     cfg = proc.config
     if cfg.ingress_endpoint.startswith("ipc://") or cfg.egress_endpoint.startswith("ipc://"):
@@ -86,7 +88,7 @@ def run(proc: Process, core: WorkerCore) -> None:
             now = time.monotonic()
             if now >= next_heartbeat:
                 tell_ingress(messages.encode_heartbeat(proc.name, proc.role, heartbeat_seq,
-                                                       {**counters, **core.stats()}))
+                                                       {**counters, **core.stats()}, steered))
                 heartbeat_seq += 1
                 next_heartbeat = now + messages.HEARTBEAT_INTERVAL
             proc.trim_heap(now)  # what closed connections' buffers left in the heap

@@ -248,3 +248,21 @@ def drain(sock: zmq.Socket, drop: Callable[..., None], routed: bool = False
             yield peer, messages.decode(frames)
         except messages.BusError as exc:
             drop("bus_" + str(exc))
+
+
+def missing_keys(cfg: StackConfig, role: str) -> list[str]:
+    """The CURVE key files a process of ``role`` needs for its tcp:// endpoints and lacks."""
+    binds = {"ingress": (cfg.ingress_bind, cfg.control_bind, cfg.telemetry_bind, cfg.monitor_bind),
+             "egress": (cfg.egress_bind,)}.get(role, ())
+    connects = [cfg.telemetry_endpoint]
+    if role != "ingress":
+        connects.append(cfg.ingress_endpoint)
+    if role not in ("ingress", "egress"):
+        connects.append(cfg.egress_endpoint)
+    need = []
+    if any(e.startswith("tcp://") for e in binds):
+        need.append(os.path.join(cfg.keys_dir, "server.key_secret"))
+    if any(e.startswith("tcp://") for e in connects):
+        need += [os.path.join(cfg.keys_dir, "server.key"), cfg.client_key]
+    return [f"CURVE key {path} is missing (tcp:// endpoints need keys: make them with scripts/keys, "
+            "see USTACK_KEYS_DIR and USTACK_CLIENT_KEY)" for path in need if not os.path.isfile(path)]

@@ -5,7 +5,7 @@ array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
 (never inside msgpack, which would copy them twice). Kinds:
 
   PACKETS    [1, 0, offloads(, stamps)]          + packets  ingress -> worker, worker -> egress
-  HEARTBEAT  [1, 1, name, role, seq, stats]                 worker/egress -> ingress, every HEARTBEAT_INTERVAL
+  HEARTBEAT  [1, 1, name, role, seq, stats(, steered)]     worker/egress -> ingress, every HEARTBEAT_INTERVAL
   GOODBYE    [1, 2, name]                                   worker -> ingress, on clean shutdown
   WELCOME    [1, 3, epoch]                                  ingress -> worker, when it (re)joins
   FLOWS      [1, 4, name, full, opened, closed]             tcp worker -> ingress: flows it owns
@@ -39,7 +39,10 @@ with, per packet, None or the virtio-net header fields
 present only while ``stackctl latency`` measures, lists up to four monotonic
 times (or None) of the packets' way so far (``pipeline.latency``); LATENCY's
 ``samples`` maps a stage name to microsecond durations. ``stats``
-maps counter names to integers. A flow is ``[remote address (bytes), remote
+maps counter names to integers. ``steered``, present only when not empty,
+lists the ports a worker wants steered by client: its services declared
+that every connection of one client address to such a port must reach the
+same worker (``pipeline.routing``). A flow is ``[remote address (bytes), remote
 port, local port]`` (``pipeline.flow.Flow.bus``); ``full`` says ``opened`` is
 every flow the worker owns (sent after a WELCOME, so a restarted ingress
 learns who owns what). ``epoch`` identifies
@@ -51,6 +54,7 @@ frame; ``decode`` takes the frames after it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +62,7 @@ import json
 
 import msgpack
 
-from pipeline.flow import Flow
+from pipeline.flow import Flow, is_port
 from pipeline.offload import Offload
 
 VERSION = 1
@@ -118,6 +122,7 @@ class Heartbeat:
     role: str
     seq: int
     stats: dict[str, int] = field(default_factory=dict)
+    steered: frozenset[int] = frozenset()  # ports to steer by client (a TCP worker's services ask)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +285,12 @@ def _offload(value: object) -> Offload | None:
     return tuple(value)  # type: ignore[return-value]
 
 
-def encode_heartbeat(name: str, role: str, seq: int, stats: dict[str, int] | None = None) -> list[bytes]:
-    return [_packb([VERSION, HEARTBEAT, name, role, seq, stats or {}])]
+def encode_heartbeat(name: str, role: str, seq: int, stats: dict[str, int] | None = None,
+                     steered: Collection[int] = ()) -> list[bytes]:
+    fields: list[object] = [VERSION, HEARTBEAT, name, role, seq, stats or {}]
+    if steered:
+        fields.append(sorted(steered))
+    return [_packb(fields)]
 
 
 def encode_goodbye(name: str) -> list[bytes]:
@@ -376,12 +385,16 @@ def decode(frames: list[bytes]) -> Message:
                 raise BusError("bad_latency")
             return Latency(name, samples)
         if kind == HEARTBEAT:
-            name, role, seq, stats = fields
+            if len(fields) not in (4, 5):
+                raise BusError("bad_fields")
+            name, role, seq, stats = fields[:4]
+            steered = fields[4] if len(fields) == 5 else []
             if not (isinstance(name, str) and isinstance(role, str) and isinstance(seq, int)
                     and isinstance(stats, dict)
-                    and all(isinstance(k, str) and isinstance(v, int) for k, v in stats.items())):
+                    and all(isinstance(k, str) and isinstance(v, int) for k, v in stats.items())
+                    and isinstance(steered, list) and all(is_port(p) for p in steered)):
                 raise BusError("bad_heartbeat")
-            return Heartbeat(name, role, seq, stats)
+            return Heartbeat(name, role, seq, stats, frozenset(steered))
         if kind == GOODBYE:
             (name,) = fields
             if not isinstance(name, str):

@@ -102,7 +102,7 @@ def locate(netns: str | None) -> None:
         inode = stacklock.netns_inode(netns_path(netns) if netns else "/proc/self/ns/net")
         if netns and inode is None:
             raise SystemExit(f"stackctl: no network namespace {netns!r} at {netns_path(netns)}")
-        stack = pick_stack(stacklock.live_stacks(config.RUN_BASE), inode, os.environ.get("USTACK_TUN"))
+        stack = pick_stack(stacklock.live_stacks(stacklock.RUN_BASE), inode, os.environ.get("USTACK_TUN"))
         if stack is not None:
             os.environ["USTACK_RUN_DIR"] = stack["run_dir"]
             return
@@ -466,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise SystemExit(f"stackctl: --{name} {exc}") from None
     if args.command == "list":
-        rows = stack_rows(stacklock.live_stacks(config.RUN_BASE), time.time())
+        rows = stack_rows(stacklock.live_stacks(stacklock.RUN_BASE), time.time())
         print(json.dumps(rows, indent=2) if args.json else render_stacks(rows))
         return 0
     locate(args.netns)

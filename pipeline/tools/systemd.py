@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-c", "--concurrency", type=_concurrency, default=1, metavar="tcp=N",
                         help="number of TCP workers (default tcp=1)")
     args = parser.parse_args(argv)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above pipeline/tools/
     os.environ.update(config.read_env_file(os.path.join(repo, ".env")))
     errors = config.validate_all()
     if errors:
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
         return config.EX_CONFIG
     ip = shutil.which("ip") or "/usr/sbin/ip"
     python = os.path.join(repo, ".venv", "bin", "python")
-    netns = config.env_str("USTACK_NETNS", "ustack")
+    netns = config.netns_name()
     for name in export(args.directory, args.concurrency, repo, python, ip, netns):
         print(os.path.join(args.directory, name))
     return 0

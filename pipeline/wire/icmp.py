@@ -13,7 +13,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pipeline.wire import Malformed, as_view
+from pipeline.flow import outbound_key
+from pipeline.wire import Malformed, as_view, ipv4, tcp
 from pipeline.wire.checksum import internet_checksum, ones_sum, verify
 
 ECHO_REPLY = 0
@@ -43,6 +44,8 @@ _TYPE = 0
 _CODE = 1
 _REST = 4
 _U32 = struct.Struct("!I")
+
+_QUOTED_TRANSPORT = 8  # bytes of the quoted transport header every error carries (RFC 792)
 
 # RFC 1812 §4.3.2.3 / RFC 1122 §3.2.2: quote as much of the offending
 # datagram as keeps the ICMP error within 576 octets (576 - 20 IP - 8 ICMP).
@@ -183,20 +186,21 @@ class Quote:
     @property
     def flow_key(self) -> bytes:
         """``Flow.key`` of the flow the quoted packet belongs to, seen from us (remote, rport, lport)."""
-        t = self.transport
-        return self.dst + t[2:4] + t[0:2]
+        return outbound_key(self.dst, self.transport)
 
     @property
     def tcp_seq(self) -> int:
         """The quoted TCP segment's sequence number (RFC 5927 §4.1 checks it)."""
-        return _U32.unpack_from(self.transport, 4)[0]
+        return _U32.unpack_from(self.transport, tcp.SEQ_OFFSET)[0]
 
 
 def quoted_ipv4(quote: bytes | memoryview) -> Quote | None:
     """What an ICMP error's payload says about the IPv4 packet it quotes; None if too little is quoted."""
-    if len(quote) < 20 or quote[0] >> 4 != 4:
+    if len(quote) < ipv4.HEADER_LEN or quote[ipv4.VER_IHL_OFFSET] >> 4 != 4:
         return None
-    header_len = (quote[0] & 0x0F) * 4
-    if header_len < 20 or len(quote) < header_len + 8:
+    header_len = ipv4.header_len_of(quote)
+    if header_len < ipv4.HEADER_LEN or len(quote) < header_len + _QUOTED_TRANSPORT:
         return None
-    return Quote(quote[9], bytes(quote[12:16]), bytes(quote[16:20]), bytes(quote[header_len:header_len + 8]))
+    return Quote(quote[ipv4.PROTOCOL_OFFSET], bytes(quote[ipv4.SRC_OFFSET:ipv4.SRC_OFFSET + ipv4.ADDRESS_LEN]),
+                 bytes(quote[ipv4.DST_OFFSET:ipv4.DST_OFFSET + ipv4.ADDRESS_LEN]),
+                 bytes(quote[header_len:header_len + _QUOTED_TRANSPORT]))

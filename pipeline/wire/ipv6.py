@@ -14,43 +14,50 @@ answer raise ``Malformed(reason)``. ``Ipv6Header`` is the parsed value;
 ``emit`` writes the 40-byte header into a caller's buffer.
 
 The walk stops at a Fragment header: the headers after it belong to the
-reassembled packet (RFC 8200 §4.5), which the caller parses again.
+reassembled packet (RFC 8200 §4.5), which the caller parses again. The
+field offsets are named once, here, and are public: code that reads raw
+IPv6 header bytes elsewhere (fragmentation, pcap filters, the kernel SYN
+filter, ICMPv6 quotes) uses these names.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
-from pipeline.wire import Malformed
+from pipeline.wire import Malformed, udp
 from pipeline.wire.checksum import pseudo_header_sum6, verify
 
 # Next Header values (IANA "Assigned Internet Protocol Numbers"; RFC 8200 §4).
-HOP_BY_HOP = 0
-TCP = 6
-UDP = 17
-ROUTING = 43
-FRAGMENT = 44
-ICMPV6 = 58
-NO_NEXT_HEADER = 59
-DEST_OPTIONS = 60
+HOP_BY_HOP: Final = 0
+TCP: Final = 6
+UDP: Final = 17
+ROUTING: Final = 43
+FRAGMENT: Final = 44
+ICMPV6: Final = 58
+NO_NEXT_HEADER: Final = 59
+DEST_OPTIONS: Final = 60
 UPPER_LAYERS = frozenset({TCP, UDP, ICMPV6})
 
 # RFC 8200 §3: version(4) traffic class(8) flow label(20), payload length,
 # next header, hop limit, source, destination.
 _FIXED = struct.Struct("!IHBB16s16s")
-HEADER_LEN = 40
-PAYLOAD_LEN_OFFSET = 4
-NEXT_HEADER_OFFSET = 6
-HOP_LIMIT_OFFSET = 7
-SRC_OFFSET = 8
-DST_OFFSET = 24
+# Field offsets (RFC 8200 §3), named once: every other module reads an IPv6 header through these.
+# Final: mypyc inlines them as constants.
+HEADER_LEN: Final = 40
+PAYLOAD_LEN_OFFSET: Final = 4
+NEXT_HEADER_OFFSET: Final = 6
+HOP_LIMIT_OFFSET: Final = 7
+SRC_OFFSET: Final = 8
+DST_OFFSET: Final = 24
+ADDRESS_LEN: Final = 16
 MAX_PAYLOAD_LEN = 0xFFFF
 MIN_MTU = 1280  # RFC 8200 §5: every link carries 1280-octet packets
 
 # Extension headers (RFC 8200 §4.3-4.6): next header, length in 8-octet units
 # not counting the first 8; the routing header adds routing type and segments left.
-_EXT_LEN_OFFSET = 1
+EXT_LEN_OFFSET: Final = 1
 _ROUTING_TYPE_OFFSET = 2
 _SEGMENTS_LEFT_OFFSET = 3
 # RFC 8200 §4.5 Fragment header: next header, reserved, offset(13) res(2) M(1), identification.
@@ -219,7 +226,7 @@ def _ext_len(buf: memoryview, off: int, end: int) -> int:
     """Length of the Hop-by-Hop, Destination Options or Routing header at off (RFC 8200 §4.3-4.6)."""
     if off + 2 > end:
         raise Malformed("truncated")
-    length = (buf[off + _EXT_LEN_OFFSET] + 1) * 8
+    length = (buf[off + EXT_LEN_OFFSET] + 1) * 8
     if off + length > end:
         raise Malformed("truncated")
     return length
@@ -259,7 +266,7 @@ def skip_extension_headers(buf: memoryview, next_header: int, off: int, end: int
         if next_header in (HOP_BY_HOP, DEST_OPTIONS, ROUTING):
             if off + 2 > end:
                 return None
-            length = (buf[off + _EXT_LEN_OFFSET] + 1) * 8
+            length = (buf[off + EXT_LEN_OFFSET] + 1) * 8
         elif next_header == FRAGMENT:
             if off + FRAGMENT_HEADER_LEN > end:
                 return None
@@ -369,7 +376,8 @@ def upper_layer_checksum_ok(src: bytes, dst: bytes, protocol: int, data: bytes |
     (that length goes in the pseudo header). Unlike IPv4, a zero UDP checksum
     means no valid checksum and the datagram is dropped (RFC 8200 §8.1).
     """
-    if protocol == UDP and len(data) >= 8 and data[6] == 0 and data[7] == 0:
+    if protocol == UDP and len(data) >= udp.HEADER_LEN and data[udp.CHECKSUM_OFFSET] == 0 \
+            and data[udp.CHECKSUM_OFFSET + 1] == 0:
         return False
     return verify(data, pseudo_header_sum6(src, dst, protocol, len(data)))
 

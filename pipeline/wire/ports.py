@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 _PORTS = struct.Struct("!HH")  # source port at offset 0, destination port at 2
 _U16 = struct.Struct("!H")
-_SRC_PORT = 0
-_DST_PORT = 2
+SRC_PORT_OFFSET: Final = 0
+DST_PORT_OFFSET: Final = 2
+PORTS_LEN: Final = 4
 
 
 class PortsView:
@@ -22,17 +24,17 @@ class PortsView:
     @property
     def ports(self) -> tuple[int, int]:
         """(source port, destination port)."""
-        return _PORTS.unpack_from(self.buf, _SRC_PORT)  # type: ignore[return-value]
+        return _PORTS.unpack_from(self.buf, SRC_PORT_OFFSET)  # type: ignore[return-value]
 
     @property
     def port_bytes(self) -> bytes:
-        """Both ports as on the wire (source then destination): the tail of a ``Flow.key``."""
-        return bytes(self.buf[_SRC_PORT:_DST_PORT + 2])
+        """Both ports as on the wire (source then destination), as ``pipeline.flow.inbound_key`` takes them."""
+        return bytes(self.buf[SRC_PORT_OFFSET:SRC_PORT_OFFSET + PORTS_LEN])
 
     @property
     def src_port(self) -> int:
-        return _U16.unpack_from(self.buf, _SRC_PORT)[0]
+        return _U16.unpack_from(self.buf, SRC_PORT_OFFSET)[0]
 
     @property
     def dst_port(self) -> int:
-        return _U16.unpack_from(self.buf, _DST_PORT)[0]
+        return _U16.unpack_from(self.buf, DST_PORT_OFFSET)[0]

@@ -7,7 +7,10 @@ in place (ingress routes by its ports and flags without decoding more).
 ``emit`` writes it back; ``parse_tcp`` is both steps plus the checksum. Options
 (RFC 9293 §3.2, RFC 7323, RFC 2018) are parsed strictly: unknown kinds are
 skipped by their length, anything that cannot be walked is "bad_option".
-Segments may be up to 64 KB (TSO/GRO); nothing here assumes one MSS.
+Segments may be up to 64 KB (TSO/GRO); nothing here assumes one MSS. The
+control bits are written down once, here: ``FIN`` ... ``CWR`` as plain ints
+(what code that tests bits uses) and ``Flags``, the same bits as an IntFlag
+(the type of ``TcpSegment.flags``); so are the field offsets.
 
 Checksum offload: ``emit(..., checksum=False)`` leaves the folded (not
 complemented) pseudo-header sum in the checksum field, as Linux expects for
@@ -20,23 +23,23 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, ones_sum, pseudo_header_sum, verify
 from pipeline.wire.ports import PortsView
 
-PROTO_TCP = 6
+PROTO_TCP: Final = 6
 
-# RFC 9293 §3.1 header layout and field offsets, named once.
+# RFC 9293 §3.1 header layout and field offsets, named once (Final: mypyc inlines them).
 _HEADER = struct.Struct("!HHIIBBHHH")
-HEADER_LEN = 20
-_SEQ = 4  # the ports before it: pipeline.wire.ports
-_ACK = 8
-_DATA_OFFSET = 12
-_FLAGS_OFFSET = 13
-_WINDOW = 14
-CHECKSUM_OFFSET = 16
-_URGENT = 18
+HEADER_LEN: Final = 20
+SEQ_OFFSET: Final = 4  # the ports before it: pipeline.wire.ports
+ACK_OFFSET: Final = 8
+_DATA_OFFSET: Final = 12  # Data Offset (4 bits) and reserved bits
+FLAGS_OFFSET: Final = 13
+WINDOW_OFFSET: Final = 14
+CHECKSUM_OFFSET: Final = 16
 MAX_OPTIONS_LEN = 40
 
 # Option kinds (RFC 9293 §3.2, RFC 7323 §2-3, RFC 2018 §2-3).
@@ -54,20 +57,34 @@ _U32X2 = struct.Struct("!II")
 _TS_ALIGNED = b"\x01\x01\x08\x0a"  # NOP NOP TS: the common data-segment layout
 
 
+# The control bits (RFC 9293 §3.1; ECE and CWR: RFC 3168 §6.1), written down once. As plain
+# ints for code that tests bits (``int(seg.flags) & SYN``): mypyc folds a Final int into a
+# constant, while every IntFlag operator is a Python-level call, even compiled.
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
+URG: Final = 0x20
+ECE: Final = 0x40
+CWR: Final = 0x80
+
+
 class Flags(enum.IntFlag):
-    FIN = 0x01
-    SYN = 0x02
-    RST = 0x04
-    PSH = 0x08
-    ACK = 0x10
-    URG = 0x20
-    ECE = 0x40
-    CWR = 0x80
+    """The same bits as an IntFlag: the type of ``TcpSegment.flags`` (readable in reprs and logs)."""
+
+    FIN = FIN
+    SYN = SYN
+    RST = RST
+    PSH = PSH
+    ACK = ACK
+    URG = URG
+    ECE = ECE
+    CWR = CWR
 
 
 # Flag values built once: constructing an IntFlag per packet is slow.
 _FLAGS = tuple(Flags(i) for i in range(256))
-_SYN_ACK_BITS = Flags.SYN.value | Flags.ACK.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +165,7 @@ class TcpSegment:
     def seg_len(self) -> int:
         """SEG.LEN: payload octets plus one each for SYN and FIN (RFC 9293 §3.4)."""
         f = int(self.flags)  # a plain int: IntFlag's & is a Python-level call, even compiled
-        return len(self.payload) + (f & 0x02 != 0) + (f & 0x01 != 0)
+        return len(self.payload) + (f & SYN != 0) + (f & FIN != 0)
 
     @property
     def header_len(self) -> int:
@@ -156,23 +173,23 @@ class TcpSegment:
 
     @property
     def syn(self) -> bool:
-        return int(self.flags) & 0x02 != 0
+        return int(self.flags) & SYN != 0
 
     @property
     def fin(self) -> bool:
-        return int(self.flags) & 0x01 != 0
+        return int(self.flags) & FIN != 0
 
     @property
     def rst(self) -> bool:
-        return int(self.flags) & 0x04 != 0
+        return int(self.flags) & RST != 0
 
     @property
     def ack_flag(self) -> bool:
-        return int(self.flags) & 0x10 != 0
+        return int(self.flags) & ACK != 0
 
     @property
     def psh(self) -> bool:
-        return int(self.flags) & 0x08 != 0
+        return int(self.flags) & PSH != 0
 
     def emit(self, src: bytes, dst: bytes, checksum: bool = True) -> bytes:
         """Header, options and payload; checksum=False leaves the pseudo-header sum (offload)."""
@@ -292,24 +309,24 @@ class TcpPacket(PortsView):
 
     @property
     def seq(self) -> int:
-        return _U32.unpack_from(self.buf, _SEQ)[0]
+        return _U32.unpack_from(self.buf, SEQ_OFFSET)[0]
 
     @property
     def ack(self) -> int:
-        return _U32.unpack_from(self.buf, _ACK)[0]
+        return _U32.unpack_from(self.buf, ACK_OFFSET)[0]
 
     @property
     def flags(self) -> Flags:
-        return _FLAGS[self.buf[_FLAGS_OFFSET]]
+        return _FLAGS[self.buf[FLAGS_OFFSET]]
 
     @property
     def starts_connection(self) -> bool:
         """SYN without ACK: a segment that may open a connection (RFC 9293 §3.10.7.2)."""
-        return self.buf[_FLAGS_OFFSET] & _SYN_ACK_BITS == Flags.SYN.value
+        return self.buf[FLAGS_OFFSET] & (SYN | ACK) == SYN
 
     @property
     def window(self) -> int:
-        return _U16.unpack_from(self.buf, _WINDOW)[0]
+        return _U16.unpack_from(self.buf, WINDOW_OFFSET)[0]
 
     @property
     def payload(self) -> memoryview:

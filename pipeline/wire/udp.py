@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pipeline.wire import Malformed, as_view
 from pipeline.wire.checksum import internet_checksum, pseudo_header_sum, verify
 from pipeline.wire.ports import PortsView
 
-PROTO_UDP = 17
+PROTO_UDP: Final = 17
 
 _HEADER = struct.Struct("!HHHH")
-HEADER_LEN = 8
+HEADER_LEN: Final = 8
 MAX_LEN = 0xFFFF
 # Field offsets (RFC 768), named once; the ports before them: pipeline.wire.ports.
-_LENGTH = 4
-_CHECKSUM = 6
+_LENGTH: Final = 4
+CHECKSUM_OFFSET: Final = 6
 _U16 = struct.Struct("!H")
 
 
@@ -91,7 +92,7 @@ class UdpPacket(PortsView):
         RFC 8200 §8.1: the checksum is mandatory over IPv6 (16-byte addresses);
         the pseudo-header sum is the same formula for both families.
         """
-        if _U16.unpack_from(self.buf, _CHECKSUM)[0] == 0:
+        if _U16.unpack_from(self.buf, CHECKSUM_OFFSET)[0] == 0:
             return len(src) != _IPV6_ADDRESS_LEN
         return verify(self.buf, pseudo_header_sum(src, dst, PROTO_UDP, len(self.buf)))
 
@@ -106,7 +107,7 @@ def parse_udp(data: bytes | memoryview, src: bytes, dst: bytes, verify_checksum:
     vouched for or left partial (checksum offload); lengths are still checked.
     """
     view = UdpPacket.checked(data)
-    if len(src) == _IPV6_ADDRESS_LEN and _U16.unpack_from(view.buf, _CHECKSUM)[0] == 0:
+    if len(src) == _IPV6_ADDRESS_LEN and _U16.unpack_from(view.buf, CHECKSUM_OFFSET)[0] == 0:
         raise Malformed("zero_checksum")  # RFC 8200 §8.1, whatever the device says
     if verify_checksum and not view.verify_checksum(src, dst):
         raise Malformed("bad_checksum")

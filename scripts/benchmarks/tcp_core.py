@@ -33,6 +33,7 @@ import sys
 import time
 import tracemalloc
 
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment, parse_tcp
@@ -77,7 +78,8 @@ REAL_LOG: object = None  # --structlog: the worker's logger
 def new_demux() -> tuple[TcpDemux, CountingLog]:
     log = CountingLog()
     logger = log if REAL_LOG is None else REAL_LOG
-    return TcpDemux(Sink(collections.Counter(), logger), US, TcpConfig(), secret=b"s" * 32), log
+    return TcpDemux(Sink(collections.Counter(), logger), US, TcpConfig(), secret=b"s" * 32,
+                    syn_queue_limit=DEFAULT_SYN_QUEUE, max_time_wait=DEFAULT_MAX_TIME_WAIT), log
 
 
 def packet(seg: TcpSegment) -> bytes:

@@ -79,7 +79,7 @@ def test_newreno_sender_without_sack_or_timestamps_never_stalls(seed):
     sim = bulk(seed, cfg, cfg, Link(loss=0.05, delay=RTT / 2), size=500_000)
     # Two failed tries of one segment (0.2 + 0.4 + 0.8 s) happen at 5 % loss; a stall
     # longer than three would be backoff carried over from segment to segment.
-    assert sim.longest_stall < 1.5, f"stalled {sim.longest_stall:.1f} s (RTO {sim.server.conn.rto:.1f} s)"
+    assert sim.longest_stall < 1.5, f"stalled {sim.longest_stall:.1f} s (RTO {sim.server.conn.sender.rtt.rto:.1f} s)"
     assert sim.done_at < 10
 
 

@@ -22,6 +22,7 @@ import sys
 import structlog
 
 from pipeline import compiled
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.tcp import parse_tcp
 from workers.core import Sink
@@ -44,7 +45,8 @@ def scenario(seed: int) -> dict[str, object]:
 def run(s: dict) -> dict[str, object]:
     rng = random.Random(s["seed"])
     cfg = TcpConfig(mss=1000, sack=s["sack"], timestamps=s["sack"], congestion=s["cc"], max_retries=5, msl=1.0)
-    demux = TcpDemux(Sink(collections.Counter(), structlog.get_logger()), US, cfg, secret=b"s" * 32)
+    demux = TcpDemux(Sink(collections.Counter(), structlog.get_logger()), US, cfg, secret=b"s" * 32,
+                     syn_queue_limit=DEFAULT_SYN_QUEUE, max_time_wait=DEFAULT_MAX_TIME_WAIT)
     now = 1000.0
     client = Connection.connect(40000, s["port"], s["isn"], cfg, now)
     data = random.Random(s["seed"] + 1).randbytes(s["size"]) if s["port"] != 8000 else b"line\n" * (s["size"] // 5 + 1)
@@ -66,7 +68,7 @@ def run(s: dict) -> dict[str, object]:
         app = client.state is State.ESTABLISHED or client.state is State.CLOSE_WAIT
         if app and sent < len(data) and client.send_space:
             sent += client.send(data[sent:sent + 10000])
-        if app and sent >= len(data) and not client.fin_queued and (s["port"] != 19 or len(got) > 30000):
+        if app and sent >= len(data) and not client.sender.fin_queued and (s["port"] != 19 or len(got) > 30000):
             client.close()
         while segs := client.segments_to_send(now):
             for seg in segs:
@@ -79,7 +81,7 @@ def run(s: dict) -> dict[str, object]:
         got += client.recv()
         deadlines = [t for t in (client.get_timer(), demux.next_deadline()) if t is not None]
         if not deadlines:
-            if client.state in (State.ESTABLISHED, State.CLOSE_WAIT) and not client.fin_queued:
+            if client.state in (State.ESTABLISHED, State.CLOSE_WAIT) and not client.sender.fin_queued:
                 continue  # the application still has something to do
             break
         now = max(now, min(deadlines))

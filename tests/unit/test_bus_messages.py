@@ -35,6 +35,13 @@ def test_layout_is_versioned_array():
     assert meta == [m.VERSION, m.HEARTBEAT, "udp.1", "udp", 0, {}]
 
 
+def test_a_heartbeat_carries_the_ports_steered_by_client_only_when_there_are_some():
+    frames = m.encode_heartbeat("tcp.1", "tcp", 3, {"connections": 1}, frozenset({5201, 80}))
+    assert msgpack.unpackb(frames[0]) == [m.VERSION, m.HEARTBEAT, "tcp.1", "tcp", 3, {"connections": 1}, [80, 5201]]
+    assert m.decode(frames) == m.Heartbeat("tcp.1", "tcp", 3, {"connections": 1}, frozenset({80, 5201}))
+    assert m.decode(m.encode_heartbeat("tcp.1", "tcp", 3, None, frozenset())) == m.Heartbeat("tcp.1", "tcp", 3)
+
+
 @pytest.mark.parametrize("frames,reason", [
     ([], "empty"),
     ([b"\xc1"], "bad_msgpack"),
@@ -47,6 +54,10 @@ def test_layout_is_versioned_array():
     ([msgpack.packb([1, 1, "a", "b"])], "bad_fields"),
     ([msgpack.packb([1, 1, 1, "b", 0, {}])], "bad_heartbeat"),
     ([msgpack.packb([1, 1, "a", "b", 0, {"x": "y"}])], "bad_heartbeat"),
+    ([msgpack.packb([1, 1, "a", "b", 0, {}, [65536]])], "bad_heartbeat"),
+    ([msgpack.packb([1, 1, "a", "b", 0, {}, [True]])], "bad_heartbeat"),
+    ([msgpack.packb([1, 1, "a", "b", 0, {}, 5201])], "bad_heartbeat"),
+    ([msgpack.packb([1, 1, "a", "b", 0, {}, [], 1])], "bad_fields"),
     ([msgpack.packb([1, 4, "a", True, [[b"ab", 1]], []])], "bad_flows"),
     ([msgpack.packb([1, 6, "maybe", None, None])], "bad_reply"),
 ])

@@ -15,13 +15,16 @@ import collections
 import dataclasses
 import enum
 import importlib
+import importlib.machinery
 import json
 import os
+import pathlib
 import struct
 import subprocess
 import sys
 import types
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -131,6 +134,102 @@ def test_every_listed_module_runs_compiled():
     for name in compiled.MODULES:
         assert compiled.is_compiled(importlib.import_module(name)), name
         assert not compiled.is_compiled(pure(name)), name
+
+
+def _in_a_process(code: str) -> dict:
+    """What ``code`` (which ends by printing JSON) prints, run by a fresh interpreter here, built as this one."""
+    env = {k: v for k, v in os.environ.items() if k != "USTACK_PURE"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=compiled.ROOT, env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return json.loads(run.stdout)
+
+
+def test_importing_pipeline_reads_nothing_and_the_first_hot_import_decides():
+    seen = _in_a_process(
+        "import json, sys\n"
+        "opened = []\n"
+        "sys.addaudithook(lambda event, args: event == 'open' and opened.append(str(args[0])))\n"
+        "import pipeline\n"
+        "from pipeline import compiled\n"
+        "before = (compiled.REASON, opened[:])\n"
+        "import pipeline.wire.seqnum\n"
+        "print(json.dumps({'before': before, 'after': (compiled.MODE, compiled.REASON), 'opened': opened,\n"
+        "                  'compiled': compiled.is_compiled(pipeline.wire.seqnum)}))\n")
+    reason, opened = seen["before"]
+    assert reason == "not decided: no listed module imported yet"
+    assert not [p for p in opened if "manifest" in p or p.endswith("seqnum.py")]
+    assert seen["after"] == ["compiled", "build matches the sources"] and seen["compiled"]
+    # Only the sources whose size and times cannot vouch for them are read (hashed).
+    stamps = json.loads(pathlib.Path(compiled.MANIFEST).read_text())["stamps"]
+    sources = {compiled.source_path(name): name for name in compiled.MODULES}
+    unvouched = {path for path, name in sources.items() if stamps.get(name) != compiled._stamp(os.stat(path))}
+    assert {p for p in seen["opened"] if p in sources} == unvouched
+
+
+def test_a_hot_module_imported_before_activation_keeps_the_whole_process_interpreted():
+    seen = _in_a_process(
+        "import json, sys\n"
+        "from pipeline import compiled\n"
+        "sys.meta_path.remove(compiled._FINDER)\n"
+        "import pipeline.wire.seqnum\n"
+        "compiled.activate()\n"
+        "import pipeline.wire.checksum\n"
+        "print(json.dumps([compiled.MODE, compiled.REASON, compiled.is_compiled(pipeline.wire.checksum)]))\n")
+    assert seen == ["pure", "imported before activation: ['pipeline.wire.seqnum']", False]
+
+
+def _fake_build(tmp_path: pathlib.Path, racy_ns: int = 0) -> tuple[str, str]:
+    """Every listed source in a tree of its own and a build of them (empty extension files): (root, build)."""
+    root, build = tmp_path / "src", tmp_path / "build"
+    for name in compiled.MODULES:
+        path = pathlib.Path(compiled.source_path(name, str(root)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {name}\n")
+    hashes, stamps = compiled.record_sources(str(root), racy_ns)
+    files = {name: name + ".so" for name in (*compiled.MODULES, "ustack__mypyc")}
+    build.mkdir()
+    for rel in files.values():
+        (build / rel).write_bytes(b"")
+    (build / "manifest.json").write_text(json.dumps({
+        "abi": importlib.machinery.EXTENSION_SUFFIXES[0], "sources": hashes, "stamps": stamps, "files": files}))
+    return str(root), str(build)
+
+
+def test_a_build_is_checked_by_each_source_s_size_and_times(tmp_path, monkeypatch):
+    root, build = _fake_build(tmp_path)
+    monkeypatch.setattr(compiled, "_digest", lambda path: pytest.fail(f"hashed {path}"))
+    files, why = compiled.check_build(build, root)
+    assert why == "build matches the sources" and files is not None and set(compiled.MODULES) < files.keys()
+
+
+def test_a_rewritten_source_is_checked_by_its_hash(tmp_path):
+    root, build = _fake_build(tmp_path)
+    name = compiled.MODULES[3]
+    path = pathlib.Path(compiled.source_path(name, root))
+    path.write_text(path.read_text())  # the same bytes: new times, same hash
+    assert compiled.check_build(build, root)[1] == "build matches the sources"
+    st = path.stat()
+    path.write_text(path.read_text().upper())  # other bytes, the same size, the times put back
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert compiled.check_build(build, root) == (None, f"build is stale ({name} changed since scripts/install)")
+
+
+def test_sources_changed_just_before_the_build_are_always_hashed(tmp_path, monkeypatch):
+    root, build = _fake_build(tmp_path, racy_ns=compiled.RACY_NS)  # just written: racy
+    assert json.loads(pathlib.Path(build, "manifest.json").read_text())["stamps"] == {}
+    hashed = []
+    digest = compiled._digest
+    monkeypatch.setattr(compiled, "_digest", lambda path: hashed.append(path) or digest(path))
+    assert compiled.check_build(build, root)[1] == "build matches the sources"
+    assert len(hashed) == len(compiled.MODULES)
+
+
+def test_a_missing_source_or_extension_makes_the_build_unusable(tmp_path):
+    root, build = _fake_build(tmp_path)
+    os.remove(os.path.join(build, "ustack__mypyc.so"))
+    assert compiled.check_build(build, root) == (None, "build is incomplete")
+    os.remove(compiled.source_path(compiled.MODULES[0], root))
+    assert compiled.check_build(build, root)[0] is None
 
 
 # -- wire codecs -----------------------------------------------------------------------------
@@ -329,12 +428,16 @@ def test_bus_messages(packets, name, seq, junk):
 @given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["S", "S", "A", "SA", "R"]), st.floats(0, 0.3)),
                 max_size=80))
 def test_admission(ops):
-    def run(m):
+    def run(m, routing):
         known: set[bytes] = set()
         drops: list[str] = []
         counters: collections.Counter[str] = collections.Counter()
         adm = m.Admission(known.__contains__, lambda reason, **f: drops.append(reason), counters,
                           syn_rate=20.0, syn_burst=3, retry_rate=5.0, retry_burst=2, source_rate=5.0, source_burst=2)
+        members = importlib.import_module("pipeline.membership").Membership(3.0)
+        members.seen("tcp.1", "tcp", 0.0)
+        # Routing hands admission the view it checked.
+        router = routing.Router(DST, members, lambda reason, **f: None, -routing.SETTLE_TIME)
         now, verdicts = 0.0, []
         for who, flags, dt in ops:
             now += dt
@@ -342,14 +445,14 @@ def test_admission(ops):
             packet = bytes(IP(src=".".join(map(str, src)), dst="10.0.0.2") /
                            TCP(sport=1000 + who, dport=8000, seq=who * 1000, flags=flags))
             if flags == "A" and who % 3 == 0:
-                known.add(src + (1000 + who).to_bytes(2, "big") + (8000).to_bytes(2, "big"))
-            verdicts.append(adm.admit(packet, "tcp", now))
+                known.add(importlib.import_module("pipeline.flow").Flow(src, 1000 + who, 8000).key)
+            verdicts.append(adm.admit(router.route(packet, now)[3], now))
             adm.forwarded(f"tcp.{who % 2}", who * 40)
             if flags == "R":  # now and then a worker's heartbeat: the SYN rate adapts
                 adm.worker_report(f"tcp.{who % 2}", who * 500, now)
         return verdicts, drops, dict(counters), sorted(adm.real), adm.syns.rate, adm.backlogs
 
-    same_on_both(run, "pipeline.admission")
+    same_on_both(run, "pipeline.admission", "pipeline.routing")
 
 
 @FEW
@@ -367,8 +470,8 @@ def test_routing(packets, as_views, settled):
         now = m.SETTLE_TIME + 1 if settled else 0.1
         routes = []
         for packet in packets:
-            worker, role, out = router.route(memoryview(packet) if as_views else packet, now)
-            routes.append((worker, role, bytes(out)))
+            worker, role, out, segment = router.route(memoryview(packet) if as_views else packet, now)
+            routes.append((worker, role, bytes(out), None if segment is None else (segment.src, segment.key)))
             if worker is None and role:
                 router.hold(role, now, (out, None))
         return routes, drops, {k: list(v) for k, v in router.pending.items()}, router.flows_by_worker()

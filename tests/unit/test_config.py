@@ -1,6 +1,13 @@
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 
 from pipeline import config
+from pipeline.bus import endpoints
 
 
 @pytest.fixture
@@ -153,10 +160,104 @@ def test_missing_curve_keys_are_a_configuration_error(env, tmp_path):
     env.setenv("USTACK_KEYS_DIR", str(tmp_path))
     env.setenv("USTACK_INGRESS_ENDPOINT", "tcp://127.0.0.1:5601")
     cfg = config.load()
-    assert config.missing_keys(cfg, "egress") == config.missing_keys(cfg, "tcp")  # both connect to ingress
-    assert [e.split()[2] for e in config.missing_keys(cfg, "tcp")] == [str(tmp_path / "server.key"),
+    assert endpoints.missing_keys(cfg, "egress") == endpoints.missing_keys(cfg, "tcp")  # both connect to ingress
+    assert [e.split()[2] for e in endpoints.missing_keys(cfg, "tcp")] == [str(tmp_path / "server.key"),
                                                                        str(tmp_path / "client.key_secret")]
-    assert [e.split()[2] for e in config.missing_keys(cfg, "ingress")] == [str(tmp_path / "server.key_secret")]
+    assert [e.split()[2] for e in endpoints.missing_keys(cfg, "ingress")] == [str(tmp_path / "server.key_secret")]
     for name in ("server.key", "server.key_secret", "client.key_secret"):
         (tmp_path / name).write_text("")
-    assert config.missing_keys(cfg, "ingress") == config.missing_keys(cfg, "tcp") == []
+    assert endpoints.missing_keys(cfg, "ingress") == endpoints.missing_keys(cfg, "tcp") == []
+
+
+WORKER_VARS = ("TCP_CONGESTION", "TCP_MSL", "TCP_DELAYED_ACK", "TCP_NAGLE", "TCP_ECN", "TCP_FIN_WAIT2_TIMEOUT",
+               "TCP_KEEPALIVE", "TCP_SYN_QUEUE", "TCP_MAX_TIME_WAIT", "TCP_RECV_BUFFER", "TCP_SEND_BUFFER",
+               "USTACK_SERVICES", "USTACK_HTTP_ROOT", "USTACK_HTTP_TIMEOUT", "USTACK_PUBLISH",
+               "USTACK_RELAY_CONNECT_TIMEOUT", "USTACK_UDP_IDLE", "USTACK_UDP_IDLE_DNS", "LOG_LEVEL", "LOG_FORMAT",
+               "LOG_PAYLOAD", *ATTACH_VARS)
+
+
+@pytest.fixture
+def worker_env(env):
+    for name in WORKER_VARS:
+        env.delenv(name, raising=False)
+    return env
+
+
+def test_worker_settings_defaults(worker_env):
+    assert config.tcp_settings() == config.TcpSettings(
+        congestion="newreno", msl=30.0, delayed_ack=0.04, nagle=True, ecn=True, fin_wait2_timeout=60.0,
+        keepalive=None, syn_queue=256, max_time_wait=8192, recv_buffer=1 << 20, send_buffer=1 << 20)
+    assert config.service_settings() == config.ServiceSettings(entries=(), http_root="", http_timeout=10.0)
+    assert config.relay_settings() == config.RelaySettings(deny=(), allow=(), host_alias=None, publish=(),
+                                                           connect_timeout=30.0, udp_idle=60.0, udp_idle_dns=10.0)
+    assert config.log_settings() == config.LogSettings(level="info", format="json", payload=False)
+
+
+def test_worker_settings_are_plain_checked_values(worker_env, tmp_path):
+    for name, value in {"TCP_CONGESTION": "CUBIC", "TCP_KEEPALIVE": "45", "TCP_NAGLE": "off",
+                        "USTACK_SERVICES": "udp/9001=m:f", "USTACK_HTTP_ROOT": str(tmp_path),
+                        "USTACK_FORWARD_DENY": "10.0.0.0/8, 192.0.2.1", "USTACK_FORWARD_ALLOW": "fd00::/8",
+                        "USTACK_HOST_ALIAS": "10.0.2.2", "USTACK_PUBLISH": "tcp:8080:80, UDP:5353:53"}.items():
+        worker_env.setenv(name, value)
+    tcp = config.tcp_settings()
+    assert (tcp.congestion, tcp.keepalive, tcp.nagle) == ("cubic", 45.0, False)
+    services = config.service_settings()
+    assert services.entries == (("udp", 9001, "m", "f"),) and services.http_root == str(tmp_path)
+    relays = config.relay_settings()
+    assert [str(n) for n in relays.deny] == ["10.0.0.0/8", "192.0.2.1/32"]
+    assert [str(n) for n in relays.allow] == ["fd00::/8"] and str(relays.host_alias) == "10.0.2.2"
+    assert relays.published("tcp") == {8080: 80} and relays.published("udp") == {5353: 53}
+
+
+def test_each_group_names_all_of_its_bad_values_at_once(worker_env):
+    worker_env.setenv("TCP_MSL", "0")
+    worker_env.setenv("TCP_SEND_BUFFER", "lots")
+    with pytest.raises(config.ConfigError) as exc:
+        config.tcp_settings()
+    assert exc.value.problems == ["TCP_MSL=0.0: expected 0.001..3600.0", "TCP_SEND_BUFFER='lots': expected an integer"]
+    worker_env.setenv("USTACK_FORWARD_ALLOW", "nowhere")
+    worker_env.setenv("USTACK_UDP_IDLE_DNS", "0")
+    with pytest.raises(config.ConfigError) as exc:
+        config.relay_settings()
+    assert exc.value.problems == ["USTACK_FORWARD_ALLOW: 'nowhere' is not an address or CIDR network",
+                                  "USTACK_UDP_IDLE_DNS=0.0: expected 0.1..86400.0"]
+
+
+def test_the_receive_buffer_holds_a_segment_of_the_configured_mtu(worker_env):
+    worker_env.setenv("USTACK_MTU", "9000")
+    worker_env.setenv("TCP_RECV_BUFFER", "8000")
+    assert config.validate_all() == ["TCP_RECV_BUFFER=8000: expected 8960..1073741824"]
+
+
+def test_config_imports_no_worker_module():
+    # Layering: workers import pipeline, never the reverse (config checks text into plain values).
+    code = ("import sys; from pipeline import config, process; config.validate_all(); "
+            "print([m for m in sys.modules if m.split('.')[0] == 'workers'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "[]"
+
+
+class _Recording(dict):
+    """An environment that notes every name asked for."""
+
+    def __init__(self, env) -> None:
+        super().__init__(env)
+        self.asked: set[str] = set()
+
+    def get(self, name, default=None):
+        self.asked.add(name)
+        return super().get(name, default)
+
+
+def test_every_setting_in_the_readme_table_is_checked_here(monkeypatch):
+    root = pathlib.Path(__file__).resolve().parents[2]
+    table = root.joinpath("README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    names = {n for row in table.splitlines() if row.startswith("| `")
+             for n in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])}
+    environ = _Recording(os.environ)
+    monkeypatch.setattr(os, "environ", environ)
+    config.validate_all()
+    assert len(names) > 40
+    assert names - environ.asked == {"USTACK_PURE", "USTACK_STACK_ID"}  # the two read elsewhere (module docstring)
+    assert {n for n in environ.asked if n.startswith(("USTACK_", "TCP_", "LOG_"))} <= names

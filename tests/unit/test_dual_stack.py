@@ -15,6 +15,7 @@ from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRe
                                 ICMPv6ParamProblem, ICMPv6TimeExceeded, IPv6, IPv6ExtHdrDestOpt,
                                 IPv6ExtHdrFragment, IPv6ExtHdrRouting, PadN, fragment6)
 
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
 from pipeline.flow import Flow
 from pipeline.fragments import Reassembler, fragment_ipv4
 from pipeline.membership import Membership
@@ -182,7 +183,8 @@ def test_icmp_error_about_a_datagram_is_counted(udp_core):
 
 @pytest.fixture
 def demux():
-    return TcpDemux(sink(), US4_B, TcpConfig(mss=1460), secret=b"s" * 32, address6=US6_B)
+    return TcpDemux(sink(), US4_B, TcpConfig(mss=1460), secret=b"s" * 32, address6=US6_B,
+                    syn_queue_limit=DEFAULT_SYN_QUEUE, max_time_wait=DEFAULT_MAX_TIME_WAIT)
 
 
 def _segments(out):
@@ -245,7 +247,7 @@ def test_packet_too_big_lowers_the_mss_and_resends_at_the_new_size(demux, v6, mt
     assert len(out[0][TCP].payload) == mss
     assert demux.sink.counters["pmtu_lowered"] == 1
     conn = next(iter(demux.connections.values()))
-    assert conn.max_segment == mss and conn.state is State.ESTABLISHED
+    assert conn.sender.max_segment() == mss and conn.state is State.ESTABLISHED
 
 
 def test_error_quoting_a_sequence_number_outside_the_flight_is_ignored(demux):
@@ -254,7 +256,7 @@ def test_error_quoting_a_sequence_number_outside_the_flight_is_ignored(demux):
     forged[TCP].seq = seq_add(forged[TCP].seq, 10_000_000)  # RFC 5927 §4.1: not one we have in flight
     assert demux.handle_packet(_error_about(forged, True, 1280), T0 + 0.02) == []
     assert demux.sink.counters["drop_icmp_error_out_of_window"] == 1
-    assert next(iter(demux.connections.values())).max_segment == 1440
+    assert next(iter(demux.connections.values())).sender.max_segment() == 1440
 
 
 def test_error_check_across_the_sequence_wrap(demux):
@@ -312,8 +314,9 @@ def test_ipv6_goes_to_its_role_and_tcp_by_flow():
     assert router.route(bytes(IPv6(src=PEER6, dst=US6) / UDP(dport=7)), 0.0)[:2] == ("udp.1", "udp")
     assert router.route(bytes(IPv6(src=PEER6, dst=US6) / ICMPv6EchoRequest()), 0.0)[:2] == ("icmp.1", "icmp")
     seg = bytes(IPv6(src=PEER6, dst=US6) / IPv6ExtHdrDestOpt() / TCP(sport=40000, dport=7))
-    owner, role, _ = router.route(seg, 0.0)
+    owner, role, _, checked = router.route(seg, 0.0)
     assert role == "tcp" and owner in ("tcp.1", "tcp.2")
+    assert checked is not None and checked.key == Flow(PEER6_B, 40000, 7).key  # found behind the extension header
     other = "tcp.2" if owner == "tcp.1" else "tcp.1"
     router.update_flows(other, False, (Flow(PEER6_B, 40000, 7),), ())  # 16-byte flow keys
     assert router.route(seg, 0.0)[0] == other
@@ -336,7 +339,7 @@ def test_kernel_chatter_is_counted_quietly():
 def test_param_problem_goes_to_icmp():
     router, _, _ = make_router()
     bad = bytes(IPv6(src=PEER6, dst=US6, nh=253) / b"12345678")
-    assert router.route(bad, 0.0) == ("icmp.1", "icmp", bad)
+    assert router.route(bad, 0.0) == ("icmp.1", "icmp", bad, None)
 
 
 @pytest.mark.parametrize("order", ["in_order", "reversed", "duplicated"])
@@ -413,8 +416,7 @@ def test_quote_round_trip(v6, sport, dport, seq, pads, quoted):
         assert quote is None
         return
     assert quote.protocol == 6 and quote.tcp_seq == seq
-    assert quote.flow_key == (PEER6_B if v6 else bytes([10, 0, 0, 1])) + dport.to_bytes(2, "big") + \
-        sport.to_bytes(2, "big")
+    assert quote.flow_key == Flow(PEER6_B if v6 else bytes([10, 0, 0, 1]), dport, sport).key
 
 
 @settings(max_examples=60, deadline=None)
@@ -432,7 +434,8 @@ def test_trusted_view_agrees_with_the_checked_parse(pads, tc, hlim, data):
 
 
 def test_syn_cookie_over_ipv6_opens_the_connection():
-    demux = TcpDemux(sink(), US4_B, TcpConfig(mss=1460), secret=b"s" * 32, address6=US6_B, syn_queue_limit=1)
+    demux = TcpDemux(sink(), US4_B, TcpConfig(mss=1460), secret=b"s" * 32, address6=US6_B, syn_queue_limit=1,
+                     max_time_wait=DEFAULT_MAX_TIME_WAIT)
     demux.handle_packet(_syn(sport=40000), T0)  # holds the SYN queue
     [synack] = _segments(demux.handle_packet(_syn(sport=40001), T0))
     assert demux.sink.counters["syn_cookies_sent"] == 1 and dict(synack[TCP].options)["MSS"] == 1440

@@ -1,16 +1,18 @@
 """TCP relaying for attach mode: a namespace's connection bridged to a real upstream socket.
 
-Contract (sans-IO, ``workers.attach.relay``): the demux hands a SYN for another
-address to ``TcpRelay.open``; the SYN is held (never answered) while the
-shell connects upstream, and the client's own SYN retransmissions are
-absorbed meanwhile. Only a successful connect lets the demux accept the
-SYN, so the client sees what a real network shows: a handshake once the
-server is there, a reset when it refused, an ICMP destination unreachable
-when it is unreachable, and silence when it does not answer (the
-client times out itself).
+Contract (sans-IO, ``workers.attach.relay``): the demux hands a segment for
+another address that has no connection to ``TcpRelay.segment``; a SYN is held
+(never answered) while the shell connects upstream, and the client's own SYN
+retransmissions are absorbed meanwhile. Only a successful connect makes the
+relay accept the SYN through the demux (``TcpDemux.accept``), so the client
+sees what a real network shows: a handshake once the server is there, a
+reset when it refused, an ICMP destination unreachable when it is
+unreachable, and silence when it does not answer (the client times out itself).
 
-Once established, ``RelayService`` is the connection's service on the
-stream interface (``workers.services.tcp``) and mirrors, in both directions:
+The relayed connection is hosted like every other service
+(``workers.services.hosting``): ``TcpRelay`` is the host's ``Relays``, and once
+the connection is established its service is a ``RelayService`` on a hosted
+stream, which mirrors, in both directions:
 
 * bytes, with back-pressure: upstream bytes the connection's send buffer
   cannot take are held (at most one socket read) and the upstream socket
@@ -23,10 +25,14 @@ stream interface (``workers.services.tcp``) and mirrors, in both directions:
   ``SO_LINGER`` 0, the upstream's ECONNRESET aborts the connection
   (RFC 9293 §3.10.5).
 
+What the upstream socket says reaches the service through the demux
+(``TcpDemux.call_service``), which then collects the connection's output.
+
 Inbound (``USTACK_PUBLISH``), the same bridge runs the other way round: a
-connection accepted where the stack runs makes the demux actively open a
+connection accepted where the stack runs makes the relay actively open a
 connection from the stack's address to the namespace's address and port
-(RFC 9293 §3.10.1); once established, ``RelayService`` joins the two.
+(``TcpDemux.connect``, RFC 9293 §3.10.1); once established, ``RelayService``
+joins the two.
 
 Each flow's record (bytes each way, duration, close reason,
 retransmissions) is logged once when it ends.
@@ -34,17 +40,29 @@ retransmissions) is logged once when it ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pipeline.flow import Flow
-from pipeline.wire.tcp import TcpSegment
+from pipeline.wire.tcp import ACK, RST, SYN, TcpSegment
 from workers.attach import relay
-from workers.core import Sink
+from workers.core import Outgoing, Sink
 from workers.attach.policy import ForwardPolicy
-from workers.services.tcp import Stream
+from workers.services.hosting import HostedStream
+from workers.services.tcp import Service
 
-CONNECT_TIMEOUT = 30.0  # seconds for an upstream connect before we give up silently
 READ_CHUNK = 256 * 1024
+
+
+class Demux(Protocol):
+    """The doors of the TCP demux (``workers.tcp.demux.TcpDemux``) the relay answers through."""
+
+    def accept(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None: ...
+    def connect(self, remote: bytes, rport: int, now: float, out: list[Outgoing]) -> Flow | None: ...
+    def reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None: ...
+    def call_service(self, key: Flow, now: float, out: list[Outgoing],
+                     callback: Callable[[Service], None]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -70,7 +88,7 @@ class FlowRecord:
 class TcpRelay:
     """The relayed flows of one TCP worker: held SYNs, commands for the shell, flow records."""
 
-    def __init__(self, sink: Sink, policy: ForwardPolicy, connect_timeout: float = CONNECT_TIMEOUT,
+    def __init__(self, sink: Sink, policy: ForwardPolicy, connect_timeout: float,
                  publish: dict[int, int] | None = None, namespace_address: bytes = b"",
                  keepalive: relay.Keepalive | None = None) -> None:
         self.sink = sink
@@ -86,7 +104,83 @@ class TcpRelay:
         self.published: dict[Flow, int] = {}
         for port in self.publish:
             self.commands.append(relay.Listen(("listen", port), relay.TCP, port, self.keepalive))
-        self.now = 0.0  # the demux's current time, for services (whose callbacks take none)
+
+    # -- the demux's side ----------------------------------------------------------
+
+    def segment(self, key: Flow, seg: TcpSegment, packet: bytes, now: float, demux: Demux,
+                out: list[Outgoing]) -> None:
+        """A segment for another address with no connection: a SYN starts an upstream connect."""
+        if int(seg.flags) & (SYN | ACK | RST) != SYN:
+            demux.reset(key, seg, now, out, "relay_no_connection")
+        elif not self.open(key, seg, bytes(packet), now):
+            demux.reset(key, seg, now, out, "relay_denied")
+
+    def upstream(self, reported: list[relay.Upstream], now: float, demux: Demux, out: list[Outgoing]) -> None:
+        """What the upstream sockets said: settle held SYNs, feed established relays."""
+        for ev in reported:
+            key = ev.key
+            if ev.kind == relay.ACCEPTED:
+                self._accepted(ev, now, demux, out)
+            elif isinstance(key, Flow):
+                held = self.settle(key)
+                if held is not None:
+                    self._settled(key, held, ev, now, demux, out)
+                else:
+                    demux.call_service(key, now, out, _feed(ev))
+
+    def _settled(self, key: Flow, held: PendingSyn, ev: relay.Upstream, now: float, demux: Demux,
+                 out: list[Outgoing]) -> None:
+        """The upstream connect finished: accept the held SYN, or tell the client what the network said."""
+        kind = ev.kind
+        if kind == relay.CONNECTED:
+            demux.accept(key, held.syn, now, out)
+            return
+        self.sink.counters["relay_connect_" + kind] += 1
+        if kind == relay.REFUSED:
+            demux.reset(key, held.syn, now, out, "relay_refused")
+        elif kind == relay.UNREACHABLE:
+            # RFC 1812 §5.2.7.1 / RFC 4443 §3.1: what the network said, quoting the client's SYN.
+            out.append(relay.unreachable(key.local, key.remote, "net" if ev.detail == "net" else "host",
+                                         held.packet))
+        # TIMED_OUT: silence, the client times out.
+        record = FlowRecord(held.started)
+        if ev.data:  # an errno other than the usual ones: say which
+            record.extra["error"] = ev.data.decode(errors="replace")
+        self.log_flow("tcp", key, record, now, "upstream_" + kind)
+
+    def _accepted(self, ev: relay.Upstream, now: float, demux: Demux, out: list[Outgoing]) -> None:
+        """A connection accepted on a published port: open ours to the namespace (RFC 9293 §3.10.1)."""
+        port = int(ev.detail)
+        key = demux.connect(self.namespace_address, self.publish[port], now, out)
+        if key is None:
+            self.commands.append(relay.Close(ev.key, reset=True))
+            self.sink.drop("publish_no_port")
+            return
+        self.commands.append(relay.Adopt(ev.key, key))
+        self.published[key] = port
+        self.sink.counters["relay_published_accepted"] += 1
+
+    def stats(self, flows: Mapping[Flow, object]) -> dict[str, int]:
+        """How many of the demux's connections are relayed, and connects under way."""
+        return {"relayed": sum(1 for key in flows if key.local), "relay_connecting": len(self.pending)}
+
+    # -- the service host's side (workers.services.hosting.Relays) -----------------
+
+    def serves(self, key: Flow) -> bool:
+        return bool(key.local) or key in self.published
+
+    def start(self, stream: HostedStream) -> Service:
+        return RelayService(stream, self)
+
+    def unserved(self, key: Flow, reason: str, now: float) -> None:
+        if key in self.published:  # the namespace refused or never answered: reset the outer client
+            self.commands.append(relay.Close(key, reset=True))
+            self.log_flow("tcp", key, FlowRecord(now), now, "namespace_" + reason)
+
+    def forget(self, key: Flow) -> None:
+        self.published.pop(key, None)
+
+    # -- held SYNs -------------------------------------------------------------------
 
     def open(self, key: Flow, syn: TcpSegment, packet: bytes, now: float) -> bool:
         """A SYN for another address: start connecting upstream; False if the policy refuses it."""
@@ -127,14 +221,16 @@ class TcpRelay:
                        bytes_up=record.bytes_up, bytes_down=record.bytes_down, **record.extra)
 
 
-class RelayService:
-    """One established relayed connection: the stream on one side, the upstream socket on the other."""
+class RelayService(Service):
+    """One established relayed connection: the hosted stream on one side, the upstream socket on the other."""
 
-    def __init__(self, stream: Stream, key: Flow, relay_: TcpRelay, now: float) -> None:
-        self.stream = stream
-        self.key = key
+    stream: HostedStream
+
+    def __init__(self, stream: HostedStream, relay_: TcpRelay) -> None:
+        super().__init__(stream)
+        self.key = stream.flow
         self.relay = relay_
-        self.record = FlowRecord(now)
+        self.record = FlowRecord(stream.now)
         self.down = b""              # upstream bytes the stream had no room for yet
         self.paused = False          # upstream reading paused (our send buffer is full)
         self.blocked = False         # the upstream socket's send would block: stop reading the stream
@@ -143,9 +239,9 @@ class RelayService:
         self.shut_sent = False       # shutdown(SHUT_WR) asked for
         self.fin_sent = False        # our FIN toward the client queued
         self.finished = False        # socket released and record logged
-        self.relay.commands.append(relay.Pause(key, False))  # handshake done: start reading upstream
+        self.relay.commands.append(relay.Pause(self.key, False))  # handshake done: start reading upstream
 
-    # -- the stream side (workers.services.tcp.Service protocol) --------------------
+    # -- the stream side (workers.services.tcp.Service) --------------------------------
 
     def on_readable(self) -> None:
         while not self.blocked and not self.finished:
@@ -157,14 +253,19 @@ class RelayService:
         if self.client_eof and not self.shut_sent and not self.stream.readable and not self.finished:
             self.shut_sent = True
             self.relay.commands.append(relay.ShutWrite(self.key))
-            self._maybe_done(self.relay.now)
+            self._maybe_done(self.stream.now)
 
     def on_writable(self) -> None:
-        self._flush_down(self.relay.now)
+        self._flush_down(self.stream.now)
 
     def on_eof(self) -> None:
         self.client_eof = True
         self.on_readable()
+
+    def on_closed(self) -> None:
+        """The connection is gone (closed, reset, timed out or aborted): the socket and the record."""
+        reason = self.stream.close_reason
+        self._finish(self.stream.now, reason, reset=reason != "closed")
 
     # -- the upstream side -------------------------------------------------------
 
@@ -211,9 +312,13 @@ class RelayService:
         self.finished = True
         if release:
             self.relay.commands.append(relay.Close(self.key, reset=reset))
-        self.record.extra["retransmissions"] = getattr(self.stream, "retransmissions", 0)
+        self.record.extra["retransmissions"] = self.stream.retransmissions
         self.relay.log_flow("tcp", self.key, self.record, now, reason)
 
-    def on_closed(self, reason: str, now: float) -> None:
-        """The connection is gone (closed, reset, timed out or aborted): the socket and the record."""
-        self._finish(now, reason, reset=reason != "closed")
+
+def _feed(ev: relay.Upstream) -> Callable[[Service], None]:
+    """What an upstream socket said, for its relayed connection's service."""
+    def feed(service: Service) -> None:
+        if isinstance(service, RelayService):  # a relayed flow's service always is
+            service.on_upstream(ev, service.stream.now)
+    return feed

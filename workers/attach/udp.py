@@ -30,8 +30,6 @@ from pipeline.wire.udp import UdpDatagram
 from workers.attach import relay
 from workers.core import Outgoing, Sink, fit_mtu, ip_reply
 
-IDLE = 60.0       # seconds a UDP flow lives without traffic (Linux conntrack: 30 s unreplied, 120 s stream)
-IDLE_DNS = 10.0   # DNS: one question, one answer (retries come within seconds)
 MAX_QUOTE = 576   # bytes of the client's last datagram kept for an ICMP error's quote
 MAX_FLOWS = 4096  # open upstream sockets per worker; beyond, new flows are refused (counted)
 
@@ -65,7 +63,7 @@ class UdpRelay(relay.DatagramFlows):
     proto = relay.UDP
 
     def __init__(self, sink: Sink, address: bytes, policy: ForwardPolicy, mtu: int,
-                 idle: float = IDLE, idle_dns: float = IDLE_DNS, max_flows: int = MAX_FLOWS,
+                 idle: float, idle_dns: float, max_flows: int = MAX_FLOWS,
                  publish: dict[int, int] | None = None, namespace_address: bytes = b"") -> None:
         super().__init__(sink, address, policy, idle, max_flows)
         self.mtu = mtu

@@ -2,18 +2,21 @@
 
 import os
 
-from pipeline.config import forward_policy
+from pipeline import config
 from pipeline.process import Process
 from workers import shell
 from workers.icmp.core import IcmpCore
 from workers.attach.icmp import EchoRelay
+from workers.attach.policy import ForwardPolicy
 
 if __name__ == "__main__":
-    proc = Process("icmp")
+    proc = Process("icmp")  # checks every setting: the group read below cannot fail
     cfg = proc.config
+    relays = config.relay_settings()
     sink = shell.sink(proc)
     # Attach mode: echo requests to other addresses are relayed to the real hosts.
-    relay = EchoRelay(sink, cfg.stack_addr_bytes, forward_policy()) if cfg.forward else None
+    policy = ForwardPolicy(deny=relays.deny, allow=relays.allow, host_alias=relays.host_alias)
+    relay = EchoRelay(sink, cfg.stack_addr_bytes, policy) if cfg.forward else None
     # Identifications of fragmented replies start at random (RFC 7739 §5: not predictable).
     shell.run(proc, IcmpCore(sink, cfg.stack_addr_bytes, cfg.stack_addr6_bytes, cfg.mtu,
                              ident_seed=int.from_bytes(os.urandom(4), "big"), relay_=relay))

@@ -14,7 +14,11 @@ service's own deadline next to the connection's. The host
   worker and every other connection live on;
 - remembers connections that a service touched from *another* connection's
   callback (an iperf3 control connection starting its data streams), so the
-  core collects their output in the same wake-up (:meth:`ServiceHost.woken`).
+  core collects their output in the same wake-up (:meth:`ServiceHost.woken`);
+- in attach mode, hosts relayed flows the same way: a flow the
+  :class:`Relays` serve (one to another address, or one the stack opened for a
+  published port) gets the relays' service instead of its port's, and events
+  from outside TCP (the upstream socket's) reach it through :meth:`ServiceHost.call`.
 
 Sans-IO like the core: time comes in as ``now``; nothing here reads a clock.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.flow import Flow
 from pipeline.wire.addr import fmt_addr
@@ -34,10 +38,24 @@ from workers.tcp.connection import Connection, State
 ServiceFactory = Callable[["HostedStream"], Service]
 
 
+class Relays(Protocol):
+    """Services chosen by flow, not by port: attach mode's relayed flows (``workers.attach.tcp``)."""
+
+    def serves(self, key: Flow) -> bool:
+        """The flow is relayed: its service is ours (and its own record says how it ended)."""
+    def start(self, stream: HostedStream) -> Service:
+        """The service of a relayed flow, once its connection is established."""
+    def unserved(self, key: Flow, reason: str, now: float) -> None:
+        """A relayed flow's connection ended with no service (never established, or its service failed)."""
+    def forget(self, key: Flow) -> None:
+        """The flow's connection is gone from the table."""
+
+
 class HostedStream:
     """What a service may do with its connection (the Stream of ``services.tcp``, and more)."""
 
-    __slots__ = ("_conn", "_host", "_key", "now", "deadline", "log", "remote", "remote_port", "local_port")
+    __slots__ = ("_conn", "_host", "_key", "now", "deadline", "log", "remote", "remote_port", "local_port",
+                 "close_reason")
 
     def __init__(self, conn: Connection, host: ServiceHost, key: Flow, now: float, log: Any) -> None:
         self._conn = conn
@@ -45,10 +63,16 @@ class HostedStream:
         self._key = key
         self.now = now  # the time of the event being handled (seconds, monotonic)
         self.deadline: float | None = None  # when on_timer() is due
+        self.close_reason = ""  # once on_closed() is called: closed, reset, timeout or aborted
         self.remote = fmt_addr(key.remote)
         self.remote_port = key.rport
         self.local_port = key.lport
         self.log = log.bind(remote=self.remote, rport=key.rport, lport=key.lport)
+
+    @property
+    def flow(self) -> Flow:
+        """The connection's flow (a relayed flow's names its destination)."""
+        return self._key
 
     @property
     def readable(self) -> int:
@@ -87,16 +111,22 @@ class HostedStream:
 
 
 class ServiceHost:
-    def __init__(self, factories: Mapping[int, ServiceFactory], log: Any, counters: Any) -> None:
+    def __init__(self, factories: Mapping[int, ServiceFactory], log: Any, counters: Any,
+                 relays: Relays | None = None) -> None:
         self.factories = factories
         self.log = log
         self.counters = counters
+        self.relays = relays  # attach mode: relayed flows' services (None: no flow is relayed)
         self._hosted: dict[Flow, tuple[HostedStream, Service]] = {}
         self._current: Flow | None = None  # the connection whose event is being delivered
         self._woken: set[Flow] = set()
 
     def listens(self, port: int) -> bool:
         return port in self.factories
+
+    def relayed(self, key: Flow) -> bool:
+        """The flow's service is a relay (attach mode)."""
+        return self.relays is not None and self.relays.serves(key)
 
     def deliver(self, key: Flow, conn: Connection, ev: events.Event, now: float) -> None:
         """One application event of ``conn`` to its service."""
@@ -106,6 +136,8 @@ class ServiceHost:
             return
         hosted = self._hosted.get(key)
         if hosted is None:
+            if isinstance(ev, events.Closed) and self.relays is not None and self.relays.serves(key):
+                self.relays.unserved(key, ev.reason, now)
             return
         stream, service = hosted
         stream.now = now
@@ -117,7 +149,18 @@ class ServiceHost:
             self._call(key, stream, service, service.on_eof)
         elif isinstance(ev, events.Closed):
             del self._hosted[key]
+            stream.close_reason = ev.reason
             self._call(key, stream, service, service.on_closed)
+
+    def call(self, key: Flow, now: float, callback: Callable[[Service], None]) -> bool:
+        """Run ``callback`` on the connection's service, for an event from outside TCP; False if it has none."""
+        hosted = self._hosted.get(key)
+        if hosted is None:
+            return False
+        stream, service = hosted
+        stream.now = now
+        self._call(key, stream, service, lambda: callback(service))
+        return True
 
     def timer(self, key: Flow) -> float | None:
         hosted = self._hosted.get(key)
@@ -144,9 +187,13 @@ class ServiceHost:
     def forget(self, key: Flow) -> None:
         self._hosted.pop(key, None)
         self._woken.discard(key)
+        if self.relays is not None:
+            self.relays.forget(key)
 
     def _start(self, key: Flow, stream: HostedStream) -> None:
-        self._hosted[key] = (stream, self.factories[key.lport](stream))
+        relays = self.relays
+        factory = relays.start if relays is not None and relays.serves(key) else self.factories[key.lport]
+        self._hosted[key] = (stream, factory(stream))
 
     def _touch(self, key: Flow) -> None:
         if key != self._current:

@@ -16,8 +16,8 @@ of a static file server (RFC 9110):
   without its trailing slash is redirected (301) so relative links work;
 - limits: a request line over MAX_REQUEST_LINE → 414, a header section over
   MAX_HEAD → 431, a request body over MAX_BODY → 413, malformed → 400, a
-  request not complete REQUEST_TIMEOUT after it began → 408 (RFC 9110
-  §15.5.9) — each of those closes the connection;
+  request not complete ``request_timeout`` (USTACK_HTTP_TIMEOUT) after it
+  began → 408 (RFC 9110 §15.5.9) — each of those closes the connection;
 - paths: percent-decoded once, ``..`` and NUL refused (400), symlinks out of
   the root not found (404; ``files.FileStore`` checks the real path).
 
@@ -48,7 +48,6 @@ MAX_REQUEST_LINE = 8 * 1024  # bytes; longer → 414
 MAX_HEAD = 16 * 1024         # bytes of request line and fields; more → 431
 MAX_BODY = 64 * 1024         # a GET/HEAD body we read and ignore; larger → 413
 CHUNK = 64 * 1024            # bytes read from a file at a time
-REQUEST_TIMEOUT = 10.0       # seconds for a request to arrive whole (and for an idle keep-alive connection)
 
 SERVER = b"ustack"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -57,7 +56,7 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 class HttpServer:
     """One per worker: the service factory for port 80."""
 
-    def __init__(self, files: FileStore, request_timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, files: FileStore, request_timeout: float) -> None:
         self.files = files
         self.request_timeout = request_timeout
 

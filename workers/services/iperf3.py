@@ -30,9 +30,11 @@ error numbers (iperf's ``i_errno`` and ``errno``), then the connection is
 closed and the test forgotten. Nothing a client sends raises out of here.
 
 Streams of one test must reach the same worker as its control connection:
-ingress steers connections to port 5201 by (client address, port 5201)
-rather than the whole 4-tuple (``pipeline/routing.py``). One test at a time
-per worker, as in iperf3.
+``Iperf3Server`` declares ``steer_by_client``, the TCP worker announces its
+port to ingress (``workers.services.registry.steered_ports``), and ingress
+then steers connections to it by (client address, port) rather than the
+whole 4-tuple (``pipeline/routing.py``). One test at a time per worker, as
+in iperf3.
 
 Sans-IO: bytes in and out through the stream, time from ``stream.now``; the
 server's CPU time comes from a callable the worker passes in.
@@ -98,6 +100,10 @@ class ProtocolError(Exception):
 
 class Iperf3Server:
     """One per worker: makes the service of each connection to 5201 and holds the test running on it."""
+
+    # A test's control and data connections must meet in one worker: every connection of one
+    # client to this service's port goes to the same one (workers.services.registry.steered_ports).
+    steer_by_client = True
 
     def __init__(self, cpu: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)) -> None:
         self.cpu = cpu

@@ -7,33 +7,36 @@ table. What each kind of entry must be:
 
 - ``tcp/PORT=module:Name``: ``Name(stream)`` is called once per accepted
   connection and returns the connection's service (normally a subclass of
-  ``workers.services.tcp.Service``; README "Writing a service").
+  ``workers.services.tcp.Service``; README "Writing a service"). One whose
+  connections from one client must share a worker declares
+  ``steer_by_client = True`` (as iperf3's does); ``steered_ports`` lists
+  those ports, and the TCP worker announces them to ingress.
 - ``udp/PORT=module:Name``: called with each datagram's payload, returns the
   reply's payload or None for no reply. A class is instantiated once per
   worker, without arguments, and its instance is what gets called.
 
-Every process checks the syntax at start with the rest of the configuration
-(``pipeline.config.parse_services``). What only loading can tell — a module
-or name that cannot be loaded, a port a built-in already serves — stops the
-TCP or UDP worker with one message on stderr and exit status 78 (EX_CONFIG),
-which the respawn wrapper does not restart.
+Every process checks the syntax, and ``USTACK_HTTP_ROOT`` and
+``USTACK_HTTP_TIMEOUT`` for the built-in HTTP server, at start with the rest of
+the configuration (``pipeline.config.service_settings``); the workers hand the
+checked values in. What only loading can tell — a module or name that cannot
+be loaded, a port a built-in already serves — stops the TCP or UDP worker
+with one message on stderr and exit status 78 (EX_CONFIG), which the respawn
+wrapper does not restart.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import resource
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NoReturn
 
-from pipeline.config import EX_CONFIG, ConfigError, env_str, parse_services
+from pipeline.config import EX_CONFIG, ConfigError, ServiceSettings, env_str
 from workers.services import tcp as tcp_services
 from workers.services import udp as udp_services
 
-__all__ = ["EX_CONFIG", "ConfigError", "config_exit", "load", "parse", "services", "services_or_exit"]
-parse = parse_services  # the syntax is checked with the rest of the configuration (pipeline/config.py)
+__all__ = ["EX_CONFIG", "ConfigError", "config_exit", "load", "services", "services_or_exit", "steered_ports"]
 
 
 def config_exit(message: str) -> NoReturn:
@@ -64,39 +67,28 @@ def process_cpu_seconds() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
-def builtin_tcp(env: Mapping[str, str]) -> dict[int, Callable[[Any], tcp_services.Service]]:
+def builtin_tcp(settings: ServiceSettings) -> dict[int, Callable[[Any], tcp_services.Service]]:
     """The built-in TCP services of one worker (README "Services")."""
     from workers.services.iperf3 import Iperf3Server
 
     table: dict[int, Callable[[Any], tcp_services.Service]] = dict(tcp_services.SERVICES)
     table[5201] = Iperf3Server(cpu=process_cpu_seconds)  # one per worker: it holds the test running there
-    root = env.get("USTACK_HTTP_ROOT", "")
-    if root:
+    if settings.http_root:
         from workers.services.files import FileStore
-        from workers.services.httpd import REQUEST_TIMEOUT, HttpServer
+        from workers.services.httpd import HttpServer
 
-        raw = env.get("USTACK_HTTP_TIMEOUT", str(REQUEST_TIMEOUT))
-        try:
-            timeout = float(raw)
-        except ValueError:
-            raise ConfigError(f"USTACK_HTTP_TIMEOUT={raw!r}: expected seconds") from None
-        if not timeout > 0:
-            raise ConfigError(f"USTACK_HTTP_TIMEOUT={raw!r}: expected more than 0 seconds")
-        if not os.path.isdir(root):
-            raise ConfigError(f"USTACK_HTTP_ROOT={root!r} is not a directory")
-        table[80] = HttpServer(FileStore(root), request_timeout=timeout)
+        table[80] = HttpServer(FileStore(settings.http_root), request_timeout=settings.http_timeout)
     return table
 
 
-def builtin_udp(env: Mapping[str, str]) -> dict[int, Callable[[bytes], bytes | None]]:
+def builtin_udp(settings: ServiceSettings) -> dict[int, Callable[[bytes], bytes | None]]:
     return dict(udp_services.SERVICES)
 
 
-def services(proto: str, env: Mapping[str, str] | None = None) -> dict[int, Callable[..., Any]]:
+def services(proto: str, settings: ServiceSettings) -> dict[int, Callable[..., Any]]:
     """Every service of ``proto`` ("tcp" or "udp") on its port: built-ins, then the user's; ConfigError if bad."""
-    env = os.environ if env is None else env
-    table = builtin_tcp(env) if proto == "tcp" else builtin_udp(env)
-    for entry_proto, port, module, name in parse(env.get("USTACK_SERVICES", "")):
+    table = builtin_tcp(settings) if proto == "tcp" else builtin_udp(settings)
+    for entry_proto, port, module, name in settings.entries:
         if entry_proto != proto:
             continue
         if port in table:
@@ -112,12 +104,19 @@ def services(proto: str, env: Mapping[str, str] | None = None) -> dict[int, Call
     return table
 
 
-def services_or_exit(proto: str) -> dict[int, Callable[..., Any]]:
-    """services(proto) for a worker's start-up: a configuration error ends the process with status 78."""
+def services_or_exit(proto: str, settings: ServiceSettings) -> dict[int, Callable[..., Any]]:
+    """services() for a worker's start-up: a configuration error ends the process with status 78."""
     try:
-        return services(proto)
+        return services(proto, settings)
     except ConfigError as exc:
         config_exit(str(exc))
+
+
+def steered_ports(table: dict[int, Callable[..., Any]]) -> frozenset[int]:
+    """The ports of ``table`` whose service declares ``steer_by_client = True``: every connection of
+    one client address to such a port must reach the same worker (iperf3's test is a control
+    connection plus data connections). The worker announces them to ingress in its heartbeats."""
+    return frozenset(port for port, service in table.items() if getattr(service, "steer_by_client", False) is True)
 
 
 def _describe(obj: object) -> str:

@@ -1,6 +1,10 @@
 """Per-connection TCP tunables (one frozen value shared by every connection of a worker).
 
-Defaults follow the RFCs; ``max_send_segment`` exists for a later TSO path where the
+The defaults here are the core's, for whoever builds connections directly (the
+unit and simulation tests, the micro-benchmark): they follow the RFCs. They are
+not the operator's: the TCP worker passes every field that is a setting from
+``pipeline.config.tcp_settings()``, where each setting's default and check live
+(its buffers default to 1 MiB, the core's to 256 KiB). ``max_send_segment`` exists for a later TSO path where the
 shell splits large segments, so the connection core never assumes one MSS per segment.
 
 ``recv_buffer`` is the *largest* receive buffer a connection may grow to: the window

@@ -1,9 +1,10 @@
 """Congestion window arithmetic: NewReno (RFC 5681, RFC 6582) and CUBIC (RFC 9438).
 
-Contract: the connection owns loss *detection* -- duplicate-ACK counting, the
-recover point, partial ACKs, retransmission, and the temporary cwnd inflation
-and deflation of NewReno fast recovery (RFC 6582 §3.2 steps 2-5), which it may
-apply to ``cwnd`` directly.  This module only moves ``cwnd``/``ssthresh``:
+Contract: loss recovery (``recovery.py`` and its algorithms) owns loss
+*detection* -- duplicate-ACK counting, the recover point, partial ACKs,
+retransmission, and the temporary cwnd inflation and deflation of NewReno fast
+recovery (RFC 6582 §3.2 steps 2-5) and PRR (RFC 6937), which it may apply to
+``cwnd`` directly.  This module only moves ``cwnd``/``ssthresh``:
 
 * ``on_ack(acked, now, srtt)`` -- ``acked`` bytes of new data were cumulatively
   acknowledged outside fast recovery;

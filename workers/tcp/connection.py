@@ -2,17 +2,17 @@
 
 Rules of this module (h11 ``_state.py`` style):
 
-* The connection owns the states, the TCB's sequence variables (RFC 9293
-  §3.3.1: ``iss``, ``snd_una``, ``snd_nxt``, ``snd_wnd``, ``snd_wl1``, ``snd_wl2``,
-  ``irs``, ``rcv_nxt``, ``rcv_adv``), the RFC 9293 §3.10 event processing and the
-  application interface.  It calls downward only, into its roles (gVisor's
-  split): :mod:`sender` (send buffer, Nagle, SWS, segments, RTT, cwnd, RTO,
-  persist, keepalive), :mod:`receiver` (acceptability, text, reassembly, window,
-  ACKs), :mod:`recovery` (repair, PRR, loss probes) with :mod:`rack` (RFC 8985
-  loss detection from per-segment send times), :mod:`options` (what the SYNs
-  agreed, one frozen value) and :mod:`timers` (one table of deadlines).  Each
-  role reads the TCB through its ``c`` reference, as gVisor's sender reads
-  ``s.ep``; none calls back into the state machine.
+* The connection owns the state (RFC 9293 §3.3.2), the agreed options, the
+  keepalive (§3.8.4) and the application interface, and reads like §3.10:
+  OPEN (:meth:`accept`, :meth:`connect`, :meth:`from_cookie`), SEND, RECEIVE,
+  CLOSE, ABORT, SEGMENT ARRIVES (:meth:`receive`), timeouts
+  (:meth:`handle_timer`).  The TCB's variables belong to its roles (gVisor's
+  split): :mod:`sender` owns SND.UNA/NXT/WND/WL1/WL2, the send buffer, RTT,
+  cwnd, the retransmission timer and loss recovery (:mod:`recovery`);
+  :mod:`receiver` owns IRS, RCV.NXT, RCV.WND and what we advertised,
+  reassembly and the delayed ACK.  :mod:`outbox` builds every segment,
+  :mod:`timers` holds every deadline, :mod:`counters` every counter.  A role is
+  told what happened and answers; none writes another's fields or calls back.
 * It never reads a clock or a socket.  Drivers: ``receive(seg, now, ce)``,
   ``handle_timer(now)`` and the application calls ``send``/``recv``/``close``/
   ``shutdown``/``abort``.  Outputs: ``segments_to_send(now)`` (drains),
@@ -52,24 +52,21 @@ from __future__ import annotations
 import enum
 
 from pipeline.wire.seqnum import seq_add, seq_gt, seq_le, seq_lt
-from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
+from pipeline.wire.tcp import ACK, CWR, ECE, FIN, RST, SYN, TcpOptions, TcpSegment
 from workers.tcp.config import TcpConfig
+from workers.tcp.counters import Counters
 from workers.tcp.errors import InvalidOperation
-from workers.tcp.events import Closed, Connected, Event, PeerClosed
-from workers.tcp.options import DEFAULT, MAX_WINDOW_SHIFT, Negotiated, syn_options, window_shift
-from workers.tcp.receiver import CHALLENGE_ACK_LIMIT, Receiver, ts_clock
-from workers.tcp.recovery import Recovery
-from workers.tcp.segments import reset_for, syn_ack
+from workers.tcp.events import Closed, Connected, DataReceived, Event, PeerClosed, SendSpace
+from workers.tcp.options import DEFAULT, MAX_WINDOW_SHIFT, Negotiated, syn_options, ts_clock, window_shift
+from workers.tcp.outbox import Outbox
+from workers.tcp.receiver import CHALLENGE_ACK_LIMIT, FIN_REACHED, NEW_DATA, Receiver
+from workers.tcp.rtt import RttEstimator
 from workers.tcp.sender import Sender
 from workers.tcp.timers import Timer, TimerTable
 
 # Re-exported for the demultiplexer and tests, which import them from here.
 __all__ = ["CHALLENGE_ACK_LIMIT", "MAX_WINDOW_SHIFT", "Connection", "InvalidOperation", "Negotiated", "State", "Timer",
            "ts_clock", "window_shift"]
-
-_ACK = Flags.ACK
-_RST = Flags.RST
-_F_FIN, _F_SYN, _F_RST, _F_ACK, _F_ECE, _F_CWR = 0x01, 0x02, 0x04, 0x10, 0x40, 0x80
 
 
 class State(enum.Enum):
@@ -104,65 +101,41 @@ _CLOSED_BY_USER = frozenset({State.CLOSING, State.LAST_ACK, State.TIME_WAIT})
 _KEEPALIVE_STATES = frozenset({State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_2})
 
 
-# Counters: plain ints the shell logs when a connection closes.
-_COUNTERS = (
-    "segments_in", "segments_out", "retransmissions", "timeouts", "fast_retransmits", "dup_acks",
-    "challenge_acks", "challenge_acks_suppressed", "invalid_segments", "paws_rejected", "ooo_segments",
-    "zero_window_probes", "keepalive_probes_sent", "bytes_sent", "bytes_received", "bytes_acked",
-    "loss_probes", "lost_retransmissions", "ce_received", "ece_received",
-)
-
-
 def _ecn_setup_syn(seg: TcpSegment) -> bool:
     """RFC 3168 §6.1.1: an ECN-setup SYN carries ECE and CWR."""
-    return int(seg.flags) & (_F_ECE | _F_CWR) == _F_ECE | _F_CWR
+    return int(seg.flags) & (ECE | CWR) == ECE | CWR
 
 
-class Connection:
+class Connection(Counters):
     """A TCP connection; create with :meth:`accept`, :meth:`connect` or :meth:`from_cookie`."""
 
-    __slots__ = (
-        "config", "local_port", "remote_port", "state", "passive", "options", "send_mss", "peer_fin",
-        # RFC 9293 §3.3.1 send and receive sequence variables
-        "iss", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd", "irs", "rcv_nxt", "rcv_adv",
-        # roles, timers, output, events
-        "sender", "receiver", "recovery", "timers", "_out", "_events", "_orphan",
-        "last_recv", "ka_probes", "soft_error",
-        *_COUNTERS,
-    )
+    # Inherited: the counters (counters.py), which the shell and stackctl read by name.
+    __slots__ = ("config", "local_port", "remote_port", "state", "passive", "options", "peer_fin", "sender",
+                 "receiver", "out", "timers", "_events", "_orphan", "last_recv", "ka_probes", "soft_error")
 
     def __init__(self, local_port: int, remote_port: int, iss: int, config: TcpConfig, now: float) -> None:
         """Internal: use accept(), connect() or from_cookie()."""
+        super().__init__()
         self.config = config
         self.local_port = local_port
         self.remote_port = remote_port
         self.state = State.CLOSED
         self.passive = False
         self.options = DEFAULT
-        self.send_mss = DEFAULT.send_mss(config)
         self.peer_fin = False
-        self.iss = self.snd_una = self.snd_nxt = self.snd_wl2 = iss
-        self.snd_wnd = self.max_snd_wnd = 0
-        self.snd_wl1 = self.irs = self.rcv_nxt = self.rcv_adv = 0
         self.timers = TimerTable()
-        self._out: list[TcpSegment] = []
         self._events: list[Event] = []  # a few at most: a list is 700 bytes lighter per connection than a deque
         self._orphan = False  # close() (not shutdown()) was called: FIN-WAIT-2 is bounded
         # RFC 9293 §3.8.4 keepalive: when the peer was last heard, probes unanswered since.
         self.last_recv = now
         self.ka_probes = 0
         self.soft_error: str | None = None  # the last ICMP soft error (RFC 1122 §4.2.3.9)
-        # _COUNTERS, spelled out so that the compiled class has them as typed fields.
-        self.segments_in = self.segments_out = self.retransmissions = self.timeouts = self.fast_retransmits = 0
-        self.dup_acks = self.challenge_acks = self.challenge_acks_suppressed = self.invalid_segments = 0
-        self.paws_rejected = self.ooo_segments = self.zero_window_probes = self.keepalive_probes_sent = 0
-        self.bytes_sent = self.bytes_received = self.bytes_acked = self.loss_probes = 0
-        self.lost_retransmissions = self.ce_received = self.ece_received = 0
-        self.receiver = Receiver(self, now)
-        self.sender = Sender(self, iss)
-        self.recovery = Recovery(self, iss)
+        rtt = RttEstimator(config.initial_rto, config.min_rto, config.max_rto)  # the sender's; the receiver reads it
+        self.receiver = Receiver(config, self.timers, self, rtt, now)
+        self.out = Outbox(local_port, remote_port, self.receiver)
+        self.sender = Sender(config, iss, self.timers, self, self.out, rtt)
 
-    # == creation ====================================================================
+    # == OPEN (RFC 9293 §3.10.1, and §3.10.7.2 for a listener's SYN) ==================
 
     @classmethod
     def accept(cls, local_port: int, remote_port: int, syn: TcpSegment, iss: int, config: TcpConfig,
@@ -173,17 +146,12 @@ class Connection:
         c = cls(local_port, remote_port, iss, config, now)
         c.passive = True
         # RFC 9293 §3.10.7.2 (LISTEN, third: SYN): RCV.NXT = SEG.SEQ+1, IRS = SEG.SEQ.
-        c.irs = syn.seq
-        c.rcv_nxt = seq_add(syn.seq, 1)
+        c.receiver.on_syn(syn.seq)
         c._negotiate(Negotiated.from_syn(syn.options, config, _ecn_setup_syn(syn)), syn.options, now)
         c.state = State.SYN_RECEIVED
-        # RFC 7323 §2.2: the window field of a SYN is never scaled.
-        c.snd_wnd = c.max_snd_wnd = syn.window
-        c.snd_wl1 = syn.seq
-        c.snd_nxt = seq_add(c.iss, 1)
+        c.sender.init_window(syn.window, syn.seq, iss)  # RFC 7323 §2.2: the window field of a SYN is never scaled
         c._send_syn(now)
-        c.sender.start_rtt(c.iss, now)
-        c.sender.rto_restart(now)
+        c.sender.open(now)
         return c
 
     @classmethod
@@ -192,10 +160,8 @@ class Connection:
         """Active open: SYN-SENT with the SYN queued (RFC 9293 §3.10.1)."""
         c = cls(local_port, remote_port, iss, config, now)
         c.state = State.SYN_SENT
-        c.snd_nxt = seq_add(c.iss, 1)
         c._send_syn(now)
-        c.sender.start_rtt(c.iss, now)
-        c.sender.rto_restart(now)
+        c.sender.open(now)
         return c
 
     @classmethod
@@ -203,10 +169,8 @@ class Connection:
                     options: Negotiated | int, config: TcpConfig, now: float) -> Connection:
         """The final ACK of a SYN-cookie handshake (RFC 4987 §3.6): ESTABLISHED at once.
 
-        ``options`` is what the cookie carried, built with :meth:`Negotiated.offered`
-        (a bare int is the peer's MSS alone: no window scaling, SACK or timestamps).
-        With timestamps, TS.Recent is the ACK's TSval; its TSecr (our cookie-bearing
-        TSval) is no RTT sample.
+        ``options``: what the cookie carried (:meth:`Negotiated.offered`; a bare int is the
+        peer's MSS alone).  TS.Recent is the ACK's TSval; its TSecr is no RTT sample.
         """
         if not ack.ack_flag or ack.syn or ack.rst or ack.ack != seq_add(iss, 1):
             raise InvalidOperation("from_cookie() needs the ACK of the cookie SYN-ACK")
@@ -214,18 +178,13 @@ class Connection:
             options = Negotiated.offered(config, options, None, False, False)
         c = cls(local_port, remote_port, iss, config, now)
         c.passive = True
-        c.irs = seq_add(ack.seq, -1)
-        c.rcv_nxt = ack.seq
-        ts = ack.options.timestamp
-        c._negotiate(options, TcpOptions(timestamp=ts), now)
-        c.snd_una = c.snd_nxt = seq_add(iss, 1)
+        rcv = c.receiver
+        rcv.on_syn(seq_add(ack.seq, -1))
+        c._negotiate(options, TcpOptions(timestamp=ack.options.timestamp), now)
         # RFC 7323 §2.2: the ACK's window is scaled (the SYN's was not).
-        c.snd_wnd = c.max_snd_wnd = ack.window << (options.snd_wscale or 0)
-        c.snd_wl1 = ack.seq
-        c.snd_wl2 = ack.ack
+        c.sender.cookie_acked(ack.window << (options.snd_wscale or 0), ack.seq, ack.ack)
         # The cookie SYN-ACK advertised min(recv_buffer, 65535), unscaled.
-        c.rcv_adv = seq_add(c.rcv_nxt, min(config.recv_buffer, 0xFFFF))
-        c.receiver.last_ack_sent = c.rcv_nxt
+        rcv.syn_advertised(min(config.recv_buffer, 0xFFFF))
         c.segments_in += 1
         c.last_recv = now
         c._established()
@@ -235,101 +194,21 @@ class Connection:
     def _negotiate(self, options: Negotiated, syn_options: TcpOptions, now: float) -> None:
         """Fix the options of this connection (RFC 7323 §2.2, §3.2; RFC 2018 §2)."""
         self.options = options
-        if options.timestamps and syn_options.timestamp is not None:
-            self.receiver.ts_recent = syn_options.timestamp[0]
-            self.receiver.ts_recent_time = now
-        self.send_mss = options.send_mss(self.config)
-        self.receiver.negotiated()
-        self.sender.negotiated()
+        self.receiver.negotiated(options, syn_options, now)
+        self.sender.negotiated(options)
 
-    # == negotiated options and helper state, for the shell and stackctl ============
+    def _send_syn(self, now: float) -> None:
+        """SYN (SYN-SENT) or SYN-ACK (SYN-RECEIVED) at ISS with our options."""
+        window = self.receiver.syn_window()
+        iss = self.sender.iss
+        if self.state is State.SYN_SENT:
+            flags, opts = syn_options(self.config, ts_clock(now))
+            self.out.syn(iss, flags, window, opts)
+            return
+        flags, opts = self.options.syn_ack_options(self.config, ts_clock(now), self.receiver.ts_recent)
+        self.out.syn_ack(iss, window, opts, int(flags) & ECE != 0)
 
-    @property
-    def peer_mss(self) -> int:
-        """The peer's MSS option."""
-        return self.options.peer_mss
-
-    @property
-    def ws_ok(self) -> bool:
-        """Window scaling on (RFC 7323 §2)."""
-        return self.options.snd_wscale is not None
-
-    @property
-    def snd_wscale(self) -> int:
-        """Shift applied to the peer's window."""
-        return self.options.snd_wscale or 0
-
-    @property
-    def rcv_wscale(self) -> int:
-        """Shift applied to our window field."""
-        return self.options.rcv_wscale
-
-    @property
-    def sack_ok(self) -> bool:
-        """SACK negotiated (RFC 2018 §2)."""
-        return self.options.sack
-
-    @property
-    def ts_ok(self) -> bool:
-        """Timestamps negotiated (RFC 7323 §3.2)."""
-        return self.options.timestamps
-
-    @property
-    def ecn_ok(self) -> bool:
-        """ECN negotiated (RFC 3168 §6.1.1)."""
-        return self.options.ecn
-
-    @property
-    def ts_recent(self) -> int:
-        """RFC 7323 TS.Recent."""
-        return self.receiver.ts_recent
-
-    @property
-    def rto(self) -> float:
-        """RFC 6298 RTO, with backoff."""
-        return self.sender.rtt.rto
-
-    @property
-    def srtt(self) -> float | None:
-        """RFC 6298 SRTT, None before a sample."""
-        return self.sender.rtt.srtt
-
-    @property
-    def rttvar(self) -> float | None:
-        """RFC 6298 RTTVAR, None before a sample."""
-        return self.sender.rtt.rttvar
-
-    @property
-    def send_queued(self) -> int:
-        """Send-buffer bytes unacknowledged or unsent."""
-        return len(self.sender.sndbuf)
-
-    @property
-    def cwnd(self) -> int:
-        """Congestion window (bytes)."""
-        return self.sender.cc.cwnd
-
-    @property
-    def ssthresh(self) -> int:
-        """Slow-start threshold (bytes)."""
-        return self.sender.cc.ssthresh
-
-    @property
-    def in_recovery(self) -> bool:
-        """In fast recovery (RFC 6582 or RFC 6675 §5), not after a timeout."""
-        return self.recovery.in_fast_recovery
-
-    @property
-    def fin_queued(self) -> bool:
-        """close() or shutdown() was called."""
-        return self.sender.fin_queued
-
-    def sends(self) -> bool:
-        """Data or our FIN may be (re)transmitted in this state."""
-        return self.state in _SENDS
-
-
-    # == application API =============================================================
+    # == SEND, RECEIVE (RFC 9293 §3.10.2, §3.10.3) ======================================
 
     @property
     def send_space(self) -> int:
@@ -354,12 +233,11 @@ class Connection:
         """Take up to max_bytes (all if negative) from the receive buffer; b"" if none."""
         return self.receiver.read(max_bytes, self.state in _RECEIVES_TEXT)
 
-    def close(self) -> None:
-        """Send FIN after the queued data (RFC 9293 §3.10.4); receiving continues.
+    # == CLOSE, ABORT (RFC 9293 §3.10.4, §3.10.5) ======================================
 
-        We are done with the connection: FIN-WAIT-2 then ends after
-        ``config.fin_wait2_timeout`` even if the peer never sends its FIN.
-        """
+    def close(self) -> None:
+        """Send FIN after the queued data (RFC 9293 §3.10.4); receiving continues, and
+        FIN-WAIT-2 ends after ``config.fin_wait2_timeout`` even without the peer's FIN."""
         self._orphan = True
         self._fin(orphan=True)
 
@@ -375,11 +253,9 @@ class Connection:
             return
         if st is State.FIN_WAIT_2 and orphan:
             self._arm_fin_wait_2(self.last_recv)  # shutdown() first, close() later
-        snd = self.sender
-        if st not in (State.SYN_RECEIVED, State.ESTABLISHED, State.CLOSE_WAIT) or snd.fin_queued:
+        if st not in (State.SYN_RECEIVED, State.ESTABLISHED, State.CLOSE_WAIT) or self.sender.fin_queued:
             return  # already closing or closed: close() is idempotent
-        snd.fin_queued = True
-        snd.fin_seq = snd.data_end()
+        self.sender.queue_fin()
         if st is State.ESTABLISHED:
             self.state = State.FIN_WAIT_1
         elif st is State.CLOSE_WAIT:
@@ -389,9 +265,14 @@ class Connection:
     def abort(self) -> None:
         """Reset the connection now (RFC 9293 §3.10.5)."""
         if self.state in _ABORT_RST:
-            self._send_rst(self.snd_nxt)
+            self.out.rst(self.sender.snd_nxt)
         if self.state is not State.CLOSED:
             self._close("aborted")
+
+    def end_time_wait(self, reason: str) -> None:
+        """Leave TIME-WAIT before its 2 MSL are up (the worker holds too many): CLOSED, nothing sent."""
+        if self.state is State.TIME_WAIT:
+            self._close(reason)
 
     # == ICMP errors from the lower level (RFC 9293 §3.9.2.2) =======================
     # The caller checked that the error quotes a segment of ours still in
@@ -399,47 +280,39 @@ class Connection:
 
     def path_mtu(self, mss: int, now: float) -> None:
         """Fragmentation needed / Packet Too Big: segments of at most mss payload octets fit the path."""
-        self.sender.lower_path_mss(mss, now)
+        self.sender.lower_path_mss(mss, now, self.state in _SENDS)
 
     def icmp_error(self, error: str, hard: bool) -> None:
-        """Any other ICMP error about our segments.
-
-        RFC 1122 §4.2.3.9, RFC 5461 §4: a hard error (protocol or port
-        unreachable) ends a connection still being set up, without a reset
-        (the peer said it is not there); any other error, and a hard one on
-        an established connection, is a soft error: remembered, not fatal.
-        """
+        """Any other ICMP error about our segments (RFC 1122 §4.2.3.9, RFC 5461 §4): a hard one
+        (protocol or port unreachable) ends a connection being set up, without a reset; any other
+        error, and a hard one once established, is remembered, not fatal."""
         if hard and self.state in (State.SYN_SENT, State.SYN_RECEIVED):
             self._close("unreachable")
         else:
             self.soft_error = error
 
-    @property
-    def max_segment(self) -> int:
-        """Payload of a full segment without options (the MSS, or the path's if smaller)."""
-        return self.sender.max_segment()
+    # == output ======================================================================
 
     def next_event(self) -> Event | None:
         """The next application event, or None."""
         return self._events.pop(0) if self._events else None
 
-    # == output ======================================================================
-
     def segments_to_send(self, now: float) -> list[TcpSegment]:
         """Everything to transmit now: retransmissions, new data, FIN, ACKs."""
-        if self.state in _SENDS:
-            edge = self.recovery.output(now)
-            if edge is not None:
-                self.sender.output_new(edge, now)
-        rcv = self.receiver
-        if rcv.ack_now:
-            if self.state not in (State.CLOSED, State.LISTEN, State.SYN_SENT):
-                rcv.emit(self.snd_nxt, _ACK, b"", now)
-            rcv.ack_now = False
-        self._update_timers(now)
-        self.sender.drained()
-        out = self._out
-        self._out = []
+        st = self.state
+        snd = self.sender
+        if st is not State.CLOSED and st is not State.TIME_WAIT:
+            snd.output(now, st in _SENDS)
+            # RFC 9293 §3.8.4: keepalive after idle time, off unless configured.
+            if self.config.keepalive is not None and st in _KEEPALIVE_STATES:
+                if self.ka_probes == 0:
+                    self.timers.arm(Timer.KEEPALIVE, self.last_recv + self.config.keepalive)
+            else:
+                self.timers.cancel(Timer.KEEPALIVE)
+        if self.receiver.ack_now and st is not State.CLOSED and st is not State.SYN_SENT:
+            self.out.ack(snd.snd_nxt, now)  # ACK_NOW (no ACK before the peer's SYN; none after CLOSED)
+        snd.drained()
+        out = self.out.take()
         self.segments_out += len(out)
         return out
 
@@ -452,52 +325,29 @@ class Connection:
         """The earliest deadline, or None."""
         return self.timers.earliest()
 
-    def _send_syn(self, now: float) -> None:
-        """SYN (SYN-SENT) or SYN-ACK (SYN-RECEIVED) at ISS with our options."""
-        window = self.receiver.syn_window()
-        if self.state is State.SYN_SENT:
-            flags, opts = syn_options(self.config, ts_clock(now))
-            self._out.append(TcpSegment(self.local_port, self.remote_port, self.iss, 0, flags, window,
-                                        options=opts))
-            return
-        flags, opts = self.options.syn_ack_options(self.config, ts_clock(now), self.receiver.ts_recent)
-        self.rcv_adv = seq_add(self.rcv_nxt, window)
-        self.receiver.last_ack_sent = self.rcv_nxt
-        self._out.append(syn_ack(self.local_port, self.remote_port, self.iss, self.rcv_nxt, window, opts,
-                                 ece=bool(flags & Flags.ECE)))
-
-    def _send_rst(self, seq: int) -> None:
-        """<SEQ=seq><CTL=RST>."""
-        self._out.append(TcpSegment(self.local_port, self.remote_port, seq, 0, _RST, 0))
-
-    # == input =======================================================================
+    # == SEGMENT ARRIVES (RFC 9293 §3.10.7) ============================================
 
     def receive(self, seg: TcpSegment, now: float, ce: bool = False) -> None:
         """Process one incoming segment (any size); ce: its IP header carried CE (RFC 3168 §5)."""
         self.segments_in += 1
         st = self.state
         if st is State.CLOSED or st is State.LISTEN:
-            self._reply_closed(seg)
+            self.out.reset_for(seg)  # RFC 9293 §3.10.7.1: CLOSED answers everything but a RST with a RST
         elif st is State.SYN_SENT:
             self._receive_syn_sent(seg, now)
         else:
             self._receive_synchronized(seg, now, ce)
 
-    def _reply_closed(self, seg: TcpSegment) -> None:
-        """RFC 9293 §3.10.7.1: CLOSED answers everything but a RST with a RST."""
-        rst = reset_for(seg)
-        if rst is not None:
-            self._out.append(rst)
-
     def _receive_syn_sent(self, seg: TcpSegment, now: float) -> None:
         """RFC 9293 §3.10.7.3."""
+        snd = self.sender
         ack_ok = False
         if seg.ack_flag:
             # first: an ACK for something we never sent gets a RST.
-            if seq_le(seg.ack, self.iss) or seq_gt(seg.ack, self.snd_nxt):
+            if seq_le(seg.ack, snd.iss) or seq_gt(seg.ack, snd.snd_nxt):
                 self.invalid_segments += 1
                 if not seg.rst:
-                    self._send_rst(seg.ack)
+                    self.out.rst(seg.ack)
                 return
             ack_ok = True
         if seg.rst:
@@ -511,22 +361,22 @@ class Connection:
             self.invalid_segments += 1  # fifth: neither SYN nor RST
             return
         # fourth: SYN.
-        self.irs = seg.seq
-        self.rcv_nxt = seq_add(seg.seq, 1)
+        rcv = self.receiver
+        rcv.on_syn(seg.seq)
         # RFC 3168 §6.1.1: ECN is on if the SYN-ACK has ECE without CWR (a SYN, ECE and CWR).
-        f = int(seg.flags) & (_F_ECE | _F_CWR)
-        ecn = self.config.ecn and (f == _F_ECE if ack_ok else f == _F_ECE | _F_CWR)
+        f = int(seg.flags) & (ECE | CWR)
+        ecn = self.config.ecn and (f == ECE if ack_ok else f == ECE | CWR)
         self._negotiate(Negotiated.from_syn(seg.options, self.config, ecn), seg.options, now)
         self.last_recv = now
         # The peer may send up to the unscaled window of our SYN until our next segment.
-        self.rcv_adv = seq_add(self.rcv_nxt, min(self.config.recv_buffer, 0xFFFF))
-        self.snd_wnd = self.max_snd_wnd = seg.window  # RFC 7323 §2.2: unscaled in a SYN
-        self.snd_wl1 = seg.seq
-        self.snd_wl2 = seg.ack
+        rcv.syn_advertised(min(self.config.recv_buffer, 0xFFFF))
+        snd.init_window(seg.window, seg.seq, seg.ack)  # RFC 7323 §2.2: unscaled in a SYN
         if ack_ok:
-            self.sender.ack_advance(seg, now)
+            snd.ack_advance(seg, now)
+            if snd.send_blocked and snd.unblocked(self.send_space):
+                self._events.append(SendSpace())
             self._established()
-            self.receiver.ack_now = True
+            rcv.send_ack()
             # "If there are other controls or text in the segment, continue at the sixth step."
             if seg.payload or seg.fin:
                 self._process_text(seq_add(seg.seq, 1), seg.payload, seg.fin, now)
@@ -540,29 +390,27 @@ class Connection:
         st = self.state
         rcv = self.receiver
         f = int(seg.flags)  # plain int: IntFlag arithmetic is slow on this path
-        rst = f & _F_RST
-        fin = f & _F_FIN != 0
-        if st is State.SYN_RECEIVED and f & (_F_SYN | _F_ACK | _F_RST) == _F_SYN and seg.seq == self.irs:
+        rst = f & RST
+        fin = f & FIN != 0
+        if st is State.SYN_RECEIVED and f & (SYN | ACK | RST) == SYN and seg.seq == rcv.irs:
             # Our SYN-ACK was lost and the peer retransmitted its SYN: repeat the SYN-ACK.
-            self.retransmissions += 1
-            self.sender.rtt_seq = None
-            self.sender.rtx_ts.append((self.iss, seq_add(self.iss, 1), ts_clock(now)))
+            self.sender.syn_retransmitted(now)
             self._send_syn(now)
             return
         ts = seg.options.timestamp if self.options.timestamps else None
         # RFC 7323 §5.3 R1 (PAWS), before the sequence test; RSTs are exempt (§5.2 note).
         if ts is not None and not rst and rcv.paws_reject(ts[0], now):
             self.paws_rejected += 1
-            rcv.ack_now = True
+            rcv.send_ack()
             return
         # first: sequence number acceptability (four cases).
-        if not rcv.acceptable(seg.seq, len(seg.payload) + (f & _F_SYN != 0) + fin):
+        if not rcv.acceptable(seg.seq, len(seg.payload) + (f & SYN != 0) + fin):
             self.invalid_segments += 1
             if not rst:
-                rcv.ack_now = True  # "send an acknowledgment ... and drop the segment"
                 if st is State.TIME_WAIT and fin:
-                    # TIME-WAIT: a retransmitted FIN is re-ACKed and restarts the 2 MSL timeout.
-                    self.timers.arm(Timer.TIME_WAIT, now + 2 * self.config.msl)
+                    rcv.restart_time_wait(now)
+                else:
+                    rcv.send_ack()  # "send an acknowledgment ... and drop the segment"
             return
         self.last_recv = now
         self.ka_probes = 0
@@ -571,21 +419,21 @@ class Connection:
         # second: RST (RFC 5961 §3.2): exact match resets, anything else in window is challenged.
         # In CLOSING, LAST-ACK and TIME-WAIT the user already closed: no reset signal.
         if rst:
-            if seg.seq == self.rcv_nxt:
+            if seg.seq == rcv.rcv_nxt:
                 self._close("closed" if st in _CLOSED_BY_USER else "reset")
             else:
-                self.receiver.challenge_ack(now)
+                rcv.challenge_ack(now)
             return
         # fourth: SYN in a synchronized state (RFC 5961 §4.2): challenge ACK, drop.
-        if f & _F_SYN:
-            self.receiver.challenge_ack(now)
+        if f & SYN:
+            rcv.challenge_ack(now)
             return
         # fifth: ACK.
-        if not f & _F_ACK:
+        if not f & ACK:
             self.invalid_segments += 1
             return
         if self.options.ecn:
-            rcv.ecn_in(f & _F_CWR != 0, ce)
+            rcv.ecn_in(f & CWR != 0, ce)
         if not self._process_ack(seg, fin, now):
             return
         # sixth (URG) is not supported; seventh and eighth: text and FIN.
@@ -594,25 +442,23 @@ class Connection:
     def _process_ack(self, seg: TcpSegment, fin: bool, now: float) -> bool:
         """RFC 9293 §3.10.7.4 fifth; False if the segment is dropped."""
         ack = seg.ack
-        st = self.state
-        wnd = seg.window << self.snd_wscale
-        if st is State.SYN_RECEIVED:
-            if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_nxt)):
+        snd = self.sender
+        wnd = seg.window << (self.options.snd_wscale or 0)
+        if self.state is State.SYN_RECEIVED:
+            if not (seq_lt(snd.snd_una, ack) and seq_le(ack, snd.snd_nxt)):
                 self.invalid_segments += 1
-                self._send_rst(ack)  # "form a reset segment <SEQ=SEG.ACK><CTL=RST>"
+                self.out.rst(ack)  # "form a reset segment <SEQ=SEG.ACK><CTL=RST>"
                 return False
             self._established()
-            self.snd_wnd = wnd
-            self.max_snd_wnd = max(self.max_snd_wnd, wnd)
-            self.snd_wl1 = seg.seq
-            self.snd_wl2 = ack
-        if not self.sender.on_ack(seg, wnd, fin, now):
+            snd.init_window(wnd, seg.seq, ack)
+        if not snd.on_ack(seg, wnd, fin, now, self.state in _SENDS):
             self.invalid_segments += 1
             self.receiver.challenge_ack(now)  # RFC 5961 §5.2
             return False
+        if snd.send_blocked and snd.unblocked(self.send_space):
+            self._events.append(SendSpace())  # send() found the buffer full; this ACK freed half of it
         # State-specific ACK processing: our FIN acknowledged.
-        snd = self.sender
-        if snd.fin_queued and seq_gt(self.snd_una, snd.fin_seq):
+        if snd.fin_queued and seq_gt(snd.snd_una, snd.fin_seq):
             st = self.state
             if st is State.FIN_WAIT_1:
                 self.state = State.FIN_WAIT_2
@@ -628,15 +474,22 @@ class Connection:
     def _process_text(self, seq: int, payload: bytes, fin: bool, now: float) -> None:
         """RFC 9293 §3.10.7.4 seventh (segment text) and eighth (FIN)."""
         st = self.state
+        rcv = self.receiver
         if st not in _RECEIVES_TEXT:
             # CLOSE-WAIT, CLOSING, LAST-ACK, TIME-WAIT: the peer's FIN came already;
             # a retransmitted FIN is acknowledged (and restarts TIME-WAIT's 2 MSL).
             if fin or payload:
-                self.receiver.ack_now = True
                 if st is State.TIME_WAIT and fin:
-                    self.timers.arm(Timer.TIME_WAIT, now + 2 * self.config.msl)
+                    rcv.restart_time_wait(now)
+                else:
+                    rcv.send_ack()
             return
-        if not self.receiver.text(seq, payload, fin, now):
+        if seq != rcv.rcv_nxt and rcv.owes_ack_first(seq, len(payload)):
+            self.out.ack(self.sender.snd_nxt, now)  # RFC 5681 §4.2: one duplicate ACK per segment
+        got = rcv.text(seq, payload, fin, now)
+        if got & NEW_DATA:
+            self._events.append(DataReceived())
+        if not got & FIN_REACHED:
             return
         # RFC 9293 §3.10.7.4 eighth: the peer's FIN, in order.
         self.peer_fin = True
@@ -644,7 +497,8 @@ class Connection:
         if st is State.ESTABLISHED:
             self.state = State.CLOSE_WAIT
         elif st is State.FIN_WAIT_1:
-            if self.sender.fin_queued and seq_gt(self.snd_una, self.sender.fin_seq):
+            snd = self.sender
+            if snd.fin_queued and seq_gt(snd.snd_una, snd.fin_seq):
                 self._enter_time_wait(now)
             else:
                 self.state = State.CLOSING  # simultaneous close
@@ -655,7 +509,7 @@ class Connection:
 
     def _established(self) -> None:
         self.state = State.FIN_WAIT_1 if self.sender.fin_queued else State.ESTABLISHED
-        self.sender.retries = 0
+        self.sender.established()
         self._events.append(Connected())
 
     def _arm_fin_wait_2(self, now: float) -> None:
@@ -666,68 +520,68 @@ class Connection:
         self.state = State.TIME_WAIT
         self.timers.clear()
         self.timers.arm(Timer.TIME_WAIT, now + 2 * self.config.msl)  # RFC 9293 §3.10.7.4
-        self.sender.sndbuf.clear()
+        self.sender.clear()
 
     def _close(self, reason: str) -> None:
         self.state = State.CLOSED
         self.timers.clear()
-        self.sender.sndbuf.clear()
+        self.sender.clear()
         self.receiver.clear()
         self._events.append(Closed(reason))
 
-    # == timers ======================================================================
+    # == timeouts (RFC 9293 §3.10.8) ==================================================
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer due at now."""
+        snd = self.sender
         for timer in self.timers.due(now):
+            st = self.state
+            sends = st in _SENDS
             if timer is Timer.RETRANSMIT:
-                if self.state is State.SYN_SENT or self.state is State.SYN_RECEIVED:
-                    if self.sender.on_syn_rto(now):
+                if st is State.SYN_SENT or st is State.SYN_RECEIVED:
+                    if snd.on_syn_rto(now):
                         self._send_syn(now)
                     else:
                         self._close("timeout")
-                elif not self.sender.on_rto(now):
+                elif not snd.on_rto(now, sends):
                     self._close("timeout")  # RFC 9293 §3.8.3 R2
             elif timer is Timer.ZERO_WINDOW_PROBE:
-                if self.snd_una == self.snd_nxt and self.state in _SENDS:
-                    self.sender.on_persist(now)
+                if snd.snd_una == snd.snd_nxt and sends:
+                    snd.on_persist(now)
             elif timer is Timer.DELAYED_ACK:
-                self.receiver.ack_now = True
+                self.receiver.send_ack()
             elif timer is Timer.LOSS_PROBE:
-                self.recovery.on_loss_probe(now)
+                snd.on_loss_probe(now, sends)
             elif timer is Timer.REORDER:
-                self.recovery.on_reorder_timer(now)
+                snd.on_reorder_timer(now, sends)
             elif timer is Timer.KEEPALIVE:
-                if self.config.keepalive is not None and self.state in _KEEPALIVE_STATES:
-                    if not self.sender.keepalive(now):
+                if self.config.keepalive is not None and st in _KEEPALIVE_STATES:
+                    if not self._keepalive(now):
                         self._close("timeout")
             elif timer is Timer.TIME_WAIT:
                 self._close("closed")
             elif timer is Timer.FIN_WAIT_2:
-                if self.state is State.FIN_WAIT_2:
+                if st is State.FIN_WAIT_2:
                     self._close("timeout")
             if self.state is State.CLOSED:
                 return
 
-    def end_time_wait(self, reason: str) -> None:
-        """Leave TIME-WAIT before its 2 MSL are up (the worker holds too many): CLOSED, nothing sent."""
-        if self.state is State.TIME_WAIT:
-            self._close(reason)
-
-    def _update_timers(self, now: float) -> None:
-        """Arm or cancel timers to match the state after a driver call."""
-        st = self.state
-        timers = self.timers
-        if st is State.CLOSED or st is State.TIME_WAIT:
-            return
-        self.sender.rearm(now, st in _SENDS)
-        # RFC 9293 §3.8.4: keepalive after idle time, off unless configured.
-        if self.config.keepalive is not None and st in _KEEPALIVE_STATES:
-            if self.ka_probes == 0:
-                timers.arm(Timer.KEEPALIVE, self.last_recv + self.config.keepalive)
-        else:
-            timers.cancel(Timer.KEEPALIVE)
+    def _keepalive(self, now: float) -> bool:
+        """RFC 9293 §3.8.4: probe an idle connection with SEG.SEQ = SND.NXT - 1; False: give up."""
+        cfg = self.config
+        assert cfg.keepalive is not None
+        idle_deadline = self.last_recv + cfg.keepalive  # the same float as the armed deadline
+        if self.ka_probes == 0 and now < idle_deadline:
+            self.timers.arm(Timer.KEEPALIVE, idle_deadline)
+            return True
+        if self.ka_probes >= cfg.keepalive_probes:
+            return False
+        self.ka_probes += 1
+        self.keepalive_probes_sent += 1
+        self.out.ack(seq_add(self.sender.snd_nxt, -1), now)
+        self.timers.arm(Timer.KEEPALIVE, now + cfg.keepalive_interval)
+        return True
 
     def __repr__(self) -> str:
         return (f"Connection({self.local_port}->{self.remote_port} {self.state.value} "
-                f"snd_una={self.snd_una} snd_nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt})")
+                f"snd_una={self.sender.snd_una} snd_nxt={self.sender.snd_nxt} rcv_nxt={self.receiver.rcv_nxt})")

@@ -56,7 +56,8 @@ class IcmpErrors:
             sink.drop("icmp_error_no_connection")
             return None
         # RFC 5927 §4.1: the quoted segment must be one we sent and is not yet acknowledged.
-        if not (seq_le(conn.snd_una, quote.tcp_seq) and seq_lt(quote.tcp_seq, conn.snd_nxt)):
+        snd = conn.sender
+        if not (seq_le(snd.snd_una, quote.tcp_seq) and seq_lt(quote.tcp_seq, snd.snd_nxt)):
             sink.drop("icmp_error_out_of_window")
             return None
         sink.counters["icmp_errors_in"] += 1
@@ -77,7 +78,7 @@ class IcmpErrors:
 
     def _path_mtu(self, flow: Flow, conn: Connection, mtu: int, now: float) -> None:
         mss = mtu - reply_header_len(flow.remote) - TCP_HEADER_LEN
-        if mss >= conn.max_segment:
+        if mss >= conn.sender.max_segment():
             return  # no news (a late duplicate, or the path is no narrower than our MSS)
         conn.path_mtu(mss, now)
         self.sink.counters["pmtu_lowered"] += 1

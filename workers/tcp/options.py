@@ -5,7 +5,9 @@ Contract: :meth:`Negotiated.from_syn` intersects the options of the peer's SYN
 builds the same value with :meth:`Negotiated.offered` from what its cookie
 carried.  Nothing changes it afterwards (RFC 7323 §2.2, §3.2 and RFC 2018 §2
 fix every option at the SYN exchange).  ``DEFAULT`` is the value before any SYN
-was seen: the RFC 9293 §3.7.1 default MSS and no options.
+was seen: the RFC 9293 §3.7.1 default MSS and no options.  ``ts_clock`` is the
+clock of our TSvals (RFC 7323 §5.4), here because every role that reads or
+writes a timestamp option needs it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ DEFAULT_MSS = 536            # RFC 9293 §3.7.1: send MSS when the peer sent no 
 MIN_PEER_MSS = 64            # floor for a peer's MSS option (Linux: 48), leaves room for 40 bytes of options
 MAX_WINDOW_SHIFT = 14        # RFC 7323 §2.3
 TS_OPTION_SPACE = 12         # NOP NOP TS (RFC 7323 Appendix A)
+
+
+def ts_clock(now: float) -> int:
+    """TSval: milliseconds, 32 bits (RFC 7323 §5.4: 1 ms - 1 s per tick)."""
+    return int(now * 1000) & 0xFFFFFFFF
 
 
 def window_shift(recv_buffer: int) -> int:

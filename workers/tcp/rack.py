@@ -1,11 +1,12 @@
 """RACK (RFC 8985 §6): time-based loss detection from per-transmission send times.
 
-Contract: the sender reports every transmission (:meth:`Rack.on_send`: the range,
-``now``, and whether it was a retransmission); the recovery module reports each
-ACK after the SACK scoreboard and SND.UNA were updated (:meth:`on_ack`) and asks
-:meth:`detect` which data is lost now and when to look again (the RACK reorder
-timer).  Only connections with SACK use it, and the recovery module builds it at
-the first transmission (``Recovery.need_rack``), anchored at SND.UNA then.
+Contract: the SACK recovery (``sack_recovery.py``) owns it, logs every
+transmission the sender reports (:meth:`Rack.on_send`: the range, ``now``, and
+whether it was a retransmission), reports each ACK after the SACK scoreboard and
+SND.UNA were updated (:meth:`on_ack`) and asks :meth:`detect` which data is lost
+now and when to look again (the RACK reorder timer).  Only connections with SACK
+use it, built at the first transmission (``SackRecovery.need_rack``), anchored
+at SND.UNA then.
 
 The sent-segment log has two parts.  First transmissions leave in sequence
 order, so their send times never decrease with the sequence number: they are
@@ -28,7 +29,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 
 from pipeline.wire.seqnum import seq_add, seq_lt, seq_sub
-from workers.tcp.receiver import ts_clock
+from workers.tcp.options import ts_clock
 from workers.tcp.scoreboard import SackScoreboard
 
 DUP_THRESH = 3            # RFC 8985 §6.2 step 4 (RFC 6675 DupThresh)

@@ -78,6 +78,15 @@ class RttEstimator:
         self._rto = min(self.max_rto, self._rto * 2)
         self.backoffs += 1
 
+    def restart(self, initial_rto: float) -> None:
+        """Forget every sample: RTO = initial_rto (clamped) until the next one (RFC 6298 §2.1, §5.7)."""
+        self.srtt = None
+        self.rttvar = None
+        self.initial_rto = initial_rto
+        self._base_rto = self._clamp(initial_rto)
+        self._rto = self._base_rto
+        self.backoffs = 0
+
     def collapse(self) -> None:
         """Drop the exponential backoff: RTO returns to the last computed value."""
         self._rto = self._base_rto

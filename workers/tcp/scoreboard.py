@@ -1,6 +1,6 @@
 """Sender-side SACK scoreboard (RFC 2018, ideas from RFC 6675).
 
-Contract: the connection passes each ACK's SACK blocks to
+Contract: the SACK recovery passes each ACK's SACK blocks to
 :meth:`SackScoreboard.update` together with its current ``snd_una`` and
 ``snd_nxt``, calls :meth:`advance` when ``snd_una`` moves, and asks
 :meth:`next_hole` what to retransmit.  SACK information is advisory: the
@@ -8,8 +8,8 @@ sender must keep all unacknowledged data, because a receiver may renege
 (RFC 2018 §8), so dropping scoreboard state is always safe -- which is how
 the number of ranges is bounded.
 
-The recovery module builds one at the first SACK block a connection receives
-(``Recovery.need_scoreboard``), and drops it when the peer may have reneged: most
+The SACK recovery builds one at the first SACK block a connection receives
+(``SackRecovery.need_scoreboard``), and drops it when the peer may have reneged: most
 connections never see a SACK block and never pay for one.
 
 ``highest_sacked`` is the right edge of the highest SACKed range, i.e. the
@@ -24,7 +24,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
-from pipeline.wire.seqnum import seq_add, seq_sub
+from pipeline.wire.seqnum import seq_add, seq_lt, seq_max, seq_sub
 
 
 class SackScoreboard:
@@ -173,6 +173,17 @@ class SackScoreboard:
         if p >= limit or k >= len(starts):
             return None
         return self._seq(p), self._seq(min(starts[k], limit))
+
+    def unsacked_from(self, start: int, snd_nxt: int) -> tuple[int, int]:
+        """The first range at or after start not SACKed, up to snd_nxt (RFC 6675 §4 NextSeg())."""
+        if self._sacked:
+            hole = self.next_hole(start, snd_nxt)
+            if hole is not None:
+                return seq_max(hole[0], start), hole[1]
+            top = self.highest_sacked
+            if top is not None and seq_lt(start, top):
+                start = top
+        return start, snd_nxt
 
     def sacked_above(self, seq: int) -> int:
         """Bytes SACKed strictly above seq."""

@@ -2,8 +2,8 @@
 
 Contract: pure functions from what the RFC says the segment depends on to a
 ``TcpSegment``; no state, no clock. The demultiplexer uses them for
-segments of no connection and for cookie SYN-ACKs, a connection for the
-reset it answers in CLOSED and for its SYN-ACK.
+segments of no connection and for cookie SYN-ACKs, a connection's outbox
+(``outbox.py``) for the reset it answers in CLOSED and for its SYN-ACK.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
 
-_RST = Flags.RST
+# Built once: each IntFlag | is a Python-level call.
 _RST_ACK = Flags.RST | Flags.ACK
 _SYN_ACK = Flags.SYN | Flags.ACK
 _SYN_ACK_ECE = _SYN_ACK | Flags.ECE
@@ -26,7 +26,7 @@ def reset_for(seg: TcpSegment) -> TcpSegment | None:
     if seg.rst:
         return None
     if seg.ack_flag:
-        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, _RST, 0)
+        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, Flags.RST, 0)
     return TcpSegment(seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len), _RST_ACK, 0)
 
 

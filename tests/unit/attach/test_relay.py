@@ -9,6 +9,7 @@ import collections
 import pytest
 import structlog
 
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE, DEFAULT_UDP_IDLE, DEFAULT_UDP_IDLE_DNS
 from pipeline.flow import Flow
 from workers.attach.policy import ForwardPolicy
 from pipeline.wire import icmpv6, ipv6
@@ -24,7 +25,7 @@ from workers.attach.icmp import EchoRelay
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
 from workers.attach.tcp import TcpRelay
-from workers.attach.udp import IDLE, UdpRelay
+from workers.attach.udp import UdpRelay
 
 US = bytes([10, 0, 0, 2])
 CLIENT = bytes([10, 0, 0, 1])
@@ -70,6 +71,7 @@ def sink():
 def demux():
     s = sink()
     return TcpDemux(s, US, TcpConfig(send_buffer=4096), secret=b"s" * 32,
+                    syn_queue_limit=DEFAULT_SYN_QUEUE, max_time_wait=DEFAULT_MAX_TIME_WAIT,
                     relay_=TcpRelay(s, ForwardPolicy(), connect_timeout=5.0))
 
 
@@ -176,7 +178,6 @@ def test_upstream_reset_resets_the_client_and_client_reset_resets_upstream(demux
     out = [parse(p) for p in demux.handle_upstream([relay.Upstream(KEY, relay.RESET)], T0 + 0.01)]
     assert out[-1].flags & Flags.RST and KEY not in demux.connections
     assert demux.relay_commands() == []  # the shell closed that socket itself
-    demux.relay.now = T0
     our = established(demux)
     rst = TcpSegment(40000, 80, 1001, our, Flags.RST, 0)
     demux.handle_packet(tcp_packet(rst), T0 + 0.02)
@@ -209,7 +210,7 @@ def test_udp_flow_relays_answers_errors_and_idles_out():
 
 
 def test_udp_denied_is_administratively_prohibited():
-    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500)
+    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500, idle=DEFAULT_UDP_IDLE, idle_dns=DEFAULT_UDP_IDLE_DNS)
     key = Flow(CLIENT, 5000, 53, METADATA)
     packet = build_ipv4(Ipv4Header(src=CLIENT, dst=METADATA, protocol=PROTO_UDP),
                         UdpDatagram(5000, 53, b"q").emit(CLIENT, METADATA))
@@ -257,7 +258,8 @@ def test_echo_relay_over_ipv6_restores_the_clients_identifier():
 
 def test_published_udp_port_maps_each_sender_to_a_port_inside_and_back():
     ns_addr = CLIENT  # the namespace's kernel-side address
-    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500, publish={5353: 53}, namespace_address=ns_addr)
+    r = UdpRelay(sink(), US, ForwardPolicy(), mtu=1500, idle=DEFAULT_UDP_IDLE, idle_dns=DEFAULT_UDP_IDLE_DNS,
+                 publish={5353: 53}, namespace_address=ns_addr)
     assert r.take_commands() == [relay.Listen(("listen", 5353), relay.UDP, 5353)]
     outs = [r.upstream(relay.Upstream(("listen", 5353), relay.RECEIVED, b"q", peer), T0)
             for peer in ("192.0.2.7|1000", "192.0.2.8|1000", "192.0.2.7|1000")]
@@ -273,7 +275,7 @@ def test_published_udp_port_maps_each_sender_to_a_port_inside_and_back():
     assert r.take_commands() == [relay.SendTo(("listen", 5353), b"a", "192.0.2.8|1000")]
     assert not r.answer(ns_addr, 54, ports[1], b"a", T0 + 1)  # not from the published port
     assert not r.answer(SERVER, 53, ports[1], b"a", T0 + 1)   # not from the namespace
-    r.expire(T0 + 1 + IDLE)
+    r.expire(T0 + 1 + DEFAULT_UDP_IDLE)
     assert not r.answer(ns_addr, 53, ports[1], b"a", T0 + 100)  # the mapping idled out
 
 

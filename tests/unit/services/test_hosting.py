@@ -1,7 +1,9 @@
 """Services hosted by the TCP core: a raising service costs only its connection; timers; cross-connection sends."""
 
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
+from pipeline.flow import Flow
 from pipeline.wire.tcp import Flags, TcpSegment
-from tests.unit.test_tcp_demux import US, T0, handshake, packet, parse, sink
+from tests.unit.tcp.test_demux import PEER, US, T0, handshake, packet, parse, sink
 from workers.services import tcp as apps
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
@@ -40,8 +42,18 @@ class Pair(apps.Service):
                 other.write(data)
 
 
+class Recorder(apps.Service):
+    """Remembers how its connection ended."""
+
+    ended: list = []
+
+    def on_closed(self):
+        self.ended.append((self.stream.flow, self.stream.close_reason, self.stream.now))
+
+
 def make(services):
-    return TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, services=services)
+    return TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, services=services,
+                    syn_queue_limit=DEFAULT_SYN_QUEUE, max_time_wait=DEFAULT_MAX_TIME_WAIT)
 
 
 def data(sport, dport, our_seq, payload, seq=1001):
@@ -78,3 +90,11 @@ def test_send_on_another_connection_goes_out_in_the_same_wake_up():
     b = handshake(core, sport=40001, dport=6000)
     out = [parse(p) for p in core.handle_packet(data(40001, 6000, b, b"across"), T0)]
     assert any(s.dst_port == 40000 and s.payload == b"across" for s in out)
+
+
+def test_a_service_learns_why_and_when_its_connection_ended():
+    Recorder.ended = []
+    core = make({5001: Recorder})
+    ours = handshake(core, sport=40000, dport=5001)
+    core.handle_packet(packet(TcpSegment(40000, 5001, 1001, ours, Flags.RST, 0)), T0 + 3)
+    assert Recorder.ended == [(Flow(PEER, 40000, 5001), "reset", T0 + 3)]

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from pipeline import config
 from workers.services import registry
 from workers.services import tcp as apps
 
@@ -38,33 +39,60 @@ def user_module(tmp_path, monkeypatch):
     return "usermod_reg"
 
 
+@pytest.fixture
+def settings(monkeypatch):
+    """The checked service settings of an environment with USTACK_SERVICES=value and no HTTP."""
+    def checked(value: str = "") -> config.ServiceSettings:
+        monkeypatch.delenv("USTACK_HTTP_ROOT", raising=False)
+        monkeypatch.setenv("USTACK_SERVICES", value)
+        return config.service_settings()
+    return checked
+
+
 def test_parse_entries_and_whitespace():
-    assert registry.parse(" tcp/9000=a.b:C , udp/9001=m:f,") == [("tcp", 9000, "a.b", "C"), ("udp", 9001, "m", "f")]
-    assert registry.parse("") == []
+    assert config.parse_services(" tcp/9000=a.b:C , udp/9001=m:f,") == [("tcp", 9000, "a.b", "C"),
+                                                                        ("udp", 9001, "m", "f")]
+    assert config.parse_services("") == []
 
 
 @pytest.mark.parametrize("bad", ["tcp/9000", "sctp/1=m:C", "tcp/x=m:C", "tcp/0=m:C", "tcp/70000=m:C",
                                  "tcp/9000=m", "tcp/9000=m:C:D", "tcp/9000=1m:C", "tcp/9000=m:C,tcp/9000=n:D"])
 def test_parse_rejects(bad):
     with pytest.raises(registry.ConfigError):
-        registry.parse(bad)
+        config.parse_services(bad)
 
 
-def test_builtins_are_in_the_table():
-    tcp = registry.services("tcp", {})
-    assert tcp[7] is apps.Echo and tcp[8000] is apps.LineReverser and tcp[19] is apps.Chargen
-    assert registry.services("udp", {})[7](b"x") == b"x"
+def test_builtins_are_in_the_table(settings):
+    tcp = registry.services("tcp", settings())
+    assert tcp[7] is apps.Echo and tcp[8000] is apps.LineReverser and tcp[19] is apps.Chargen and 80 not in tcp
+    assert registry.services("udp", settings())[7](b"x") == b"x"
 
 
-def test_user_services_load_beside_builtins(user_module):
-    env = {"USTACK_SERVICES": f"tcp/9000={user_module}:Upper,udp/9001={user_module}:shout,"
-                              f"udp/9002={user_module}:Counter"}
-    tcp = registry.services("tcp", env)
+def test_http_root_adds_the_http_server_with_its_timeout(settings, monkeypatch, tmp_path):
+    monkeypatch.setenv("USTACK_HTTP_ROOT", str(tmp_path))
+    monkeypatch.setenv("USTACK_HTTP_TIMEOUT", "2.5")
+    http = registry.services("tcp", config.service_settings())[80]
+    assert type(http).__name__ == "HttpServer" and http.request_timeout == 2.5
+
+
+def test_user_services_load_beside_builtins(user_module, settings):
+    checked = settings(f"tcp/9000={user_module}:Upper,udp/9001={user_module}:shout,udp/9002={user_module}:Counter")
+    tcp = registry.services("tcp", checked)
     assert tcp[9000].__name__ == "Upper" and 9001 not in tcp and tcp[7] is apps.Echo
-    udp = registry.services("udp", env)
+    udp = registry.services("udp", checked)
     assert udp[9001](b"hi") == b"HI"
     counter = udp[9002]  # a class: one instance per worker, called per datagram
     assert counter(b"") == b"1" and counter(b"") == b"2"
+
+
+def test_steered_ports_are_those_whose_service_declares_steer_by_client(settings):
+    tcp = registry.services("tcp", settings())
+    assert registry.steered_ports(tcp) == {5201}  # iperf3: a test's connections must meet in one worker
+
+    class Together(apps.Service):  # a user's service may declare it too
+        steer_by_client = True
+
+    assert registry.steered_ports({**tcp, 9000: Together}) == {5201, 9000}
 
 
 @pytest.mark.parametrize("spec, reason", [
@@ -73,9 +101,9 @@ def test_user_services_load_beside_builtins(user_module):
     ("tcp/9000={m}:NOT_CALLABLE", "not a class or function"),
     ("tcp/7={m}:Upper", "already served by the built-in Echo"),
 ])
-def test_bad_entries_name_the_problem(user_module, spec, reason):
+def test_bad_entries_name_the_problem(user_module, settings, spec, reason):
     with pytest.raises(registry.ConfigError, match=reason):
-        registry.services("tcp", {"USTACK_SERVICES": spec.format(m=user_module)})
+        registry.services("tcp", settings(spec.format(m=user_module)))
 
 
 def test_config_exit_is_status_78_with_message_on_stderr():
@@ -90,6 +118,5 @@ def test_config_exit_is_status_78_with_message_on_stderr():
     ("USTACK_HTTP_TIMEOUT", "0", "USTACK_HTTP_TIMEOUT=0.0: expected"),
 ])
 def test_every_process_checks_the_service_settings_at_start(monkeypatch, name, value, reason):
-    from pipeline import config
     monkeypatch.setenv(name, value)
     assert any(reason in e for e in config.validate_all())

@@ -10,7 +10,7 @@ from pipeline.tools import ctl
 from pipeline.bus import messages
 from pipeline.pcap import LINKTYPE_RAW, FlowFilter, PcapWriter
 from pipeline.flow import Flow
-from tests.unit import tcp_builders as b
+from tests.unit.tcp import builders as b
 from workers.tcp.introspect import connection_record
 
 
@@ -73,8 +73,8 @@ def test_connection_record_of_a_connection_with_data_in_flight():
     assert record["local"] == f"10.0.0.2:{b.LOCAL_PORT}" and record["remote"] == f"10.0.0.1:{b.REMOTE_PORT}"
     assert record["state"] == "ESTABLISHED"
     in_flight = (record["snd_nxt"] - record["snd_una"]) % 2**32  # Nagle holds back a small tail
-    assert record["snd_nxt"] == int(conn.snd_nxt) and 0 < in_flight == record["bytes_sent"] <= 5000
-    assert record["sack"] and record["timestamps"] and record["wscale"] == [7, conn.rcv_wscale]
+    assert record["snd_nxt"] == int(conn.sender.snd_nxt) and 0 < in_flight == record["bytes_sent"] <= 5000
+    assert record["sack"] and record["timestamps"] and record["wscale"] == [7, conn.options.rcv_wscale]
     assert record["srtt"] == pytest.approx(0.05) and record["rttvar"] == pytest.approx(0.025)
     assert record["send_buffer"] == [5000, conn.config.send_buffer] and record["recv_buffer"][0] == 0
     assert record["age"] == pytest.approx(1.05) and record["ecn"] is False

@@ -3,7 +3,7 @@
 
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
-from tests.unit.tcp_builders import (
+from tests.unit.tcp.builders import (
     FULL, LOCAL_ISS, LOCAL_PORT, PLAIN, REMOTE_ISS, REMOTE_PORT, T0, Pair, config, drain, fire, seg, syn, syn_received,
 )
 from workers.tcp.connection import Connection, State, Timer
@@ -32,7 +32,7 @@ def test_syn_sent_syn_ack_establishes_and_acks():
     assert c.state is State.ESTABLISHED and drain(c) == [Connected()]
     [ack] = c.segments_to_send(T0 + 0.05)
     assert ack.flags == Flags.ACK and ack.seq == seq_add(LOCAL_ISS, 1) and ack.ack == seq_add(REMOTE_ISS, 1)
-    assert abs(c.srtt - 0.05) < 1e-9  # the SYN was not retransmitted: a valid sample (RFC 6298 §3)
+    assert abs(c.sender.rtt.srtt - 0.05) < 1e-9  # the SYN was not retransmitted: a valid sample (RFC 6298 §3)
     assert c.get_timer() is None
 
 
@@ -77,8 +77,8 @@ def test_karn_no_rtt_sample_from_retransmitted_syn():
     c.segments_to_send(now)
     c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=seq_add(LOCAL_ISS, 1)), now + 0.01)
     assert c.state is State.ESTABLISHED
-    assert c.srtt is None and c.rto == 3.0  # RFC 6298 §5.7: 3 s until a valid sample
-    assert c.cwnd == c.send_mss  # RFC 5681 §3.1: IW is one segment after a lost SYN
+    assert c.sender.rtt.srtt is None and c.sender.rtt.rto == 3.0  # RFC 6298 §5.7: 3 s until a valid sample
+    assert c.sender.cc.cwnd == c.sender.send_mss  # RFC 5681 §3.1: IW is one segment after a lost SYN
 
 
 def test_timestamps_give_rtt_even_after_retransmission():
@@ -89,7 +89,7 @@ def test_timestamps_give_rtt_even_after_retransmission():
     [syn2] = c.segments_to_send(now)
     echo = syn2.options.timestamp[0]
     c.receive(seg(c, "SA", seq=REMOTE_ISS, ack=seq_add(LOCAL_ISS, 1), options=TcpOptions(timestamp=(77, echo))), now + 0.03)
-    assert c.ts_ok and abs(c.srtt - 0.03) < 0.0015
+    assert c.options.timestamps and abs(c.sender.rtt.srtt - 0.03) < 0.0015
 
 
 def test_simultaneous_open():
@@ -123,22 +123,22 @@ def test_accept_sends_syn_ack_with_negotiated_options():
     assert sa.flags == Flags.SYN | Flags.ACK and sa.seq == LOCAL_ISS and sa.ack == seq_add(REMOTE_ISS, 1)
     assert sa.options.window_scale == 3 and sa.options.sack_permitted
     assert sa.options.timestamp == (int(T0 * 1000), 5000)  # echoes the SYN's TSval
-    assert c.ws_ok and c.snd_wscale == 7 and c.rcv_wscale == 3
-    assert c.send_mss == 1460 - 12  # timestamps cost 12 bytes per segment (RFC 9293 §3.7.1)
+    assert c.options.ws_ok and c.options.snd_wscale == 7 and c.options.rcv_wscale == 3
+    assert c.sender.send_mss == 1460 - 12  # timestamps cost 12 bytes per segment (RFC 9293 §3.7.1)
 
 
 def test_accept_offers_only_what_the_peer_offered():
     c = Connection.accept(LOCAL_PORT, REMOTE_PORT, syn(TcpOptions()), LOCAL_ISS, config(**ALL), T0)
     [sa] = c.segments_to_send(T0)
     assert sa.options.window_scale is None and not sa.options.sack_permitted and sa.options.timestamp is None
-    assert not (c.ws_ok or c.sack_ok or c.ts_ok)
-    assert c.peer_mss == 536  # RFC 9293 §3.7.1 default
+    assert not (c.options.ws_ok or c.options.sack or c.options.timestamps)
+    assert c.options.peer_mss == 536  # RFC 9293 §3.7.1 default
 
 
 def test_window_scale_clamped_to_14():
     c = Connection.accept(LOCAL_PORT, REMOTE_PORT, syn(TcpOptions(mss=1460, window_scale=20)), LOCAL_ISS,
                           config(window_scaling=True), T0)
-    assert c.snd_wscale == 14  # RFC 7323 §2.3
+    assert c.options.snd_wscale == 14  # RFC 7323 §2.3
 
 
 def test_syn_received_ack_establishes():
@@ -147,7 +147,7 @@ def test_syn_received_ack_establishes():
     assert c.state is State.ESTABLISHED
     assert drain(c) == [Connected(), DataReceived()]
     assert c.recv() == b"GET /"
-    assert abs(c.srtt - 0.1) < 1e-9
+    assert abs(c.sender.rtt.srtt - 0.1) < 1e-9
 
 
 def test_syn_received_bad_ack_gets_reset():
@@ -205,7 +205,7 @@ def test_from_cookie_is_established_and_takes_data():
     assert c.state is State.ESTABLISHED
     assert drain(c) == [Connected(), DataReceived()]
     assert c.recv() == b"hello"
-    assert not (c.ws_ok or c.sack_ok or c.ts_ok) and c.send_mss == 1200 and c.snd_wnd == 1000
+    assert not (c.options.ws_ok or c.options.sack or c.options.timestamps) and c.sender.send_mss == 1200 and c.sender.snd_wnd == 1000
     c.send(b"world")
     out = c.segments_to_send(T0)
     assert out[0].payload == b"world" and out[0].ack == seq_add(REMOTE_ISS, 6)
@@ -218,6 +218,6 @@ def test_pair_negotiates_everything_across_the_wrap():
     p.pump()
     assert p.client.state is p.server.state is State.ESTABLISHED
     for c in (p.client, p.server):
-        assert c.ws_ok and c.sack_ok and c.ts_ok
-    assert p.client.snd_wscale == p.server.rcv_wscale == 3
+        assert c.options.ws_ok and c.options.sack and c.options.timestamps
+    assert p.client.options.snd_wscale == p.server.options.rcv_wscale == 3
     assert Timer.RETRANSMIT not in p.client.timers

@@ -1,7 +1,7 @@
 """FIN-WAIT-2 timeout (Linux tcp_fin_timeout): after close(), a peer that never sends its FIN
 cannot hold the connection forever; after shutdown() (half-close) we wait for its FIN."""
 
-from tests.unit.tcp_builders import T0, config, drain, established, seg
+from tests.unit.tcp.builders import T0, config, drain, established, seg
 from workers.tcp.connection import State, Timer
 from workers.tcp.events import Closed, PeerClosed
 

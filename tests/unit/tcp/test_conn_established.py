@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.wire.seqnum import seq_add, seq_ge
 from pipeline.wire.tcp import Flags, TcpOptions
-from tests.unit.tcp_builders import LOCAL_ISS, REMOTE_ISS, T0, config, drain, elicit_ack, established, fire, seg
+from tests.unit.tcp.builders import LOCAL_ISS, REMOTE_ISS, T0, config, drain, elicit_ack, established, fire, seg
 from workers.tcp.connection import CHALLENGE_ACK_LIMIT, InvalidOperation, State, Timer
 from workers.tcp.events import Closed, DataReceived, SendSpace
 
@@ -20,20 +20,20 @@ def acks(out):
 
 def test_empty_segment_in_window_is_accepted():
     c = established()
-    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, 10)), T0)  # len 0, wnd > 0: RCV.NXT =< SEG.SEQ < RCV.NXT+RCV.WND
+    c.receive(seg(c, "A", seq=seq_add(c.receiver.rcv_nxt, 10)), T0)  # len 0, wnd > 0: RCV.NXT =< SEG.SEQ < RCV.NXT+RCV.WND
     assert c.segments_to_send(T0) == [] and c.invalid_segments == 0
 
 
 def test_empty_segment_outside_window_gets_ack():
     c = established()
-    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, -1)), T0)
+    c.receive(seg(c, "A", seq=seq_add(c.receiver.rcv_nxt, -1)), T0)
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == c.rcv_nxt and ack.seq == c.snd_nxt and c.invalid_segments == 1
+    assert ack.ack == c.receiver.rcv_nxt and ack.seq == c.sender.snd_nxt and c.invalid_segments == 1
 
 
 def test_old_data_is_acked_and_dropped():
     c = established()
-    c.receive(seg(c, "PA", b"x" * 100, seq=seq_add(c.rcv_nxt, -100)), T0)  # entirely before RCV.NXT
+    c.receive(seg(c, "PA", b"x" * 100, seq=seq_add(c.receiver.rcv_nxt, -100)), T0)  # entirely before RCV.NXT
     [ack] = c.segments_to_send(T0)
     assert ack.ack == seq_add(REMOTE_ISS, 1) and c.readable == 0
 
@@ -41,7 +41,7 @@ def test_old_data_is_acked_and_dropped():
 def test_overlapping_data_is_trimmed_at_the_left():
     c = established()
     c.receive(seg(c, "PA", b"abcdef"), T0)
-    c.receive(seg(c, "PA", b"defghi", seq=seq_add(c.rcv_nxt, -3)), T0)  # last byte in window: acceptable
+    c.receive(seg(c, "PA", b"defghi", seq=seq_add(c.receiver.rcv_nxt, -3)), T0)  # last byte in window: acceptable
     assert c.recv() == b"abcdefghi"
 
 
@@ -65,7 +65,7 @@ def test_zero_window_accepts_only_exact_empty_segment():
     c = zero_window()
     c.receive(seg(c, "A"), T0)  # len 0, wnd 0: SEG.SEQ = RCV.NXT
     assert c.segments_to_send(T0) == []
-    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, 1)), T0)
+    c.receive(seg(c, "A", seq=seq_add(c.receiver.rcv_nxt, 1)), T0)
     assert len(c.segments_to_send(T0)) == 1 and c.invalid_segments == 1
 
 
@@ -74,7 +74,7 @@ def test_zero_window_drops_data_but_processes_its_ack():
     c.send(b"q" * 10)
     c.segments_to_send(T0)
     c.receive(seg(c, "PA", b"more"), T0)  # len > 0, wnd 0: text not acceptable, ACK is
-    assert c.snd_una == c.snd_nxt and c.readable == 2000
+    assert c.sender.snd_una == c.sender.snd_nxt and c.readable == 2000
     [ack] = c.segments_to_send(T0)
     assert ack.ack == seq_add(REMOTE_ISS, 1 + 2000) and ack.window == 0
 
@@ -89,21 +89,21 @@ def test_rst_exact_sequence_resets():
 
 def test_rst_in_window_gets_challenge_ack():
     c = established()
-    c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 1)), T0)  # RFC 5961 §3.2
+    c.receive(seg(c, "R", seq=seq_add(c.receiver.rcv_nxt, 1)), T0)  # RFC 5961 §3.2
     assert c.state is State.ESTABLISHED
     [ack] = c.segments_to_send(T0)
-    assert ack.flags == Flags.ACK and ack.ack == c.rcv_nxt and c.challenge_acks == 1
+    assert ack.flags == Flags.ACK and ack.ack == c.receiver.rcv_nxt and c.challenge_acks == 1
 
 
 def test_rst_outside_window_is_silently_dropped():
     c = established()
-    c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 100000)), T0)
+    c.receive(seg(c, "R", seq=seq_add(c.receiver.rcv_nxt, 100000)), T0)
     assert c.state is State.ESTABLISHED and c.segments_to_send(T0) == []
 
 
 def test_syn_in_established_gets_challenge_ack():
     c = established()
-    c.receive(seg(c, "S", seq=seq_add(c.rcv_nxt, 5)), T0)  # RFC 5961 §4.2, whatever the sequence number
+    c.receive(seg(c, "S", seq=seq_add(c.receiver.rcv_nxt, 5)), T0)  # RFC 5961 §4.2, whatever the sequence number
     assert c.state is State.ESTABLISHED
     [ack] = c.segments_to_send(T0)
     assert ack.flags == Flags.ACK and c.challenge_acks == 1
@@ -111,7 +111,7 @@ def test_syn_in_established_gets_challenge_ack():
 
 def test_ack_of_unsent_data_gets_ack_and_is_dropped():
     c = established()
-    c.receive(seg(c, "PA", b"data", ack=seq_add(c.snd_nxt, 1000)), T0)  # RFC 5961 §5.2 / RFC 9293 fifth
+    c.receive(seg(c, "PA", b"data", ack=seq_add(c.sender.snd_nxt, 1000)), T0)  # RFC 5961 §5.2 / RFC 9293 fifth
     [ack] = c.segments_to_send(T0)
     assert ack.ack == seq_add(REMOTE_ISS, 1) and c.readable == 0
 
@@ -120,18 +120,18 @@ def test_ack_too_old_is_dropped():
     c = established()
     c.send(b"x" * 100)
     c.segments_to_send(T0)
-    c.receive(seg(c, "PA", b"data", ack=seq_add(c.snd_una, -70000)), T0)  # below SND.UNA - MAX.SND.WND
+    c.receive(seg(c, "PA", b"data", ack=seq_add(c.sender.snd_una, -70000)), T0)  # below SND.UNA - MAX.SND.WND
     assert c.readable == 0 and len(c.segments_to_send(T0)) == 1
 
 
 def test_challenge_acks_are_rate_limited():
     c = established()
     for _ in range(3 * CHALLENGE_ACK_LIMIT):
-        c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 7)), T0)
+        c.receive(seg(c, "R", seq=seq_add(c.receiver.rcv_nxt, 7)), T0)
         c.segments_to_send(T0)
     assert c.challenge_acks == CHALLENGE_ACK_LIMIT
     assert c.challenge_acks_suppressed == 2 * CHALLENGE_ACK_LIMIT
-    c.receive(seg(c, "R", seq=seq_add(c.rcv_nxt, 7)), T0 + 1.0)
+    c.receive(seg(c, "R", seq=seq_add(c.receiver.rcv_nxt, 7)), T0 + 1.0)
     assert c.challenge_acks == CHALLENGE_ACK_LIMIT + 1
 
 
@@ -139,7 +139,7 @@ def test_challenge_acks_are_rate_limited():
 
 def test_sending_across_sequence_wrap():
     c = established(config(nagle=False))
-    assert int(c.snd_nxt) > 2**32 - 5
+    assert int(c.sender.snd_nxt) > 2**32 - 5
     data = bytes(range(256)) * 20
     assert c.send(data) == len(data)
     out = c.segments_to_send(T0)
@@ -147,16 +147,16 @@ def test_sending_across_sequence_wrap():
     assert [len(s.payload) for s in out] == [MSS, MSS, MSS, 740]
     assert int(out[1].seq) < 2000  # wrapped
     c.receive(seg(c, "A", ack=seq_add(out[-1].seq, len(out[-1].payload))), T0 + 0.01)
-    assert c.snd_una == c.snd_nxt == seq_add(LOCAL_ISS, 1 + len(data))
+    assert c.sender.snd_una == c.sender.snd_nxt == seq_add(LOCAL_ISS, 1 + len(data))
     assert c.get_timer() is None
 
 
 def test_receiving_across_sequence_wrap():
     c = established()
-    base = c.rcv_nxt
+    base = c.receiver.rcv_nxt
     for k in range(3):
         c.receive(seg(c, "PA", bytes([k]) * 1000), T0)
-    assert c.rcv_nxt == seq_add(base, 3000) and int(c.rcv_nxt) < int(base)
+    assert c.receiver.rcv_nxt == seq_add(base, 3000) and int(c.receiver.rcv_nxt) < int(base)
     assert c.recv() == b"\0" * 1000 + b"\1" * 1000 + b"\2" * 1000
 
 
@@ -164,7 +164,7 @@ def test_receiving_across_sequence_wrap():
 
 def test_out_of_order_is_held_acked_at_once_and_reassembled():
     c = established(config(sack=True), options=TcpOptions(mss=1460, sack_permitted=True))
-    start = c.rcv_nxt
+    start = c.receiver.rcv_nxt
     blob = bytes(range(250)) * 16  # 4000 bytes; segment k is blob[1000k:1000(k+1)]
 
     def part(a, b):
@@ -191,11 +191,11 @@ def test_out_of_order_is_held_acked_at_once_and_reassembled():
 
 def test_fin_beyond_a_gap_waits_for_the_gap():
     c = established()
-    start = c.rcv_nxt
+    start = c.receiver.rcv_nxt
     c.receive(seg(c, "FA", b"tail", seq=seq_add(start, 4)), T0)
     assert c.state is State.ESTABLISHED
     c.receive(seg(c, "A", b"head"), T0)
-    assert c.state is State.CLOSE_WAIT and c.recv() == b"headtail" and c.rcv_nxt == seq_add(start, 9)
+    assert c.state is State.CLOSE_WAIT and c.recv() == b"headtail" and c.receiver.rcv_nxt == seq_add(start, 9)
 
 
 def test_large_incoming_segment_is_one_byte_range():
@@ -272,19 +272,19 @@ def test_right_edge_never_moves_left():
 def test_window_scaling_applies_both_ways():
     cfg = config(recv_buffer=1 << 20, window_scaling=True)
     c = established(cfg, options=TcpOptions(mss=1460, window_scale=4), peer_window=1000)
-    assert c.snd_wnd == 16000
+    assert c.sender.snd_wnd == 16000
     c.receive(seg(c, "A", window=2000), T0)
-    assert c.snd_wnd == 32000  # RFC 7323 §2.3: SND.WND = SEG.WND << Snd.Wind.Shift
+    assert c.sender.snd_wnd == 32000  # RFC 7323 §2.3: SND.WND = SEG.WND << Snd.Wind.Shift
     elicit_ack(c)
     [ack] = c.segments_to_send(T0)
-    assert c.rcv_wscale == 5 and ack.window == cfg.initial_recv_buffer() >> 5  # scale chosen from the maximum
+    assert c.options.rcv_wscale == 5 and ack.window == cfg.initial_recv_buffer() >> 5  # scale chosen from the maximum
 
 
 def test_window_update_rule_ignores_older_segments():
     c = established()
     c.receive(seg(c, "PA", b"x" * 10, window=30000), T0)
-    c.receive(seg(c, "A", seq=seq_add(c.rcv_nxt, -10), window=100), T0)  # older SEG.SEQ than SND.WL1
-    assert c.snd_wnd == 30000
+    c.receive(seg(c, "A", seq=seq_add(c.receiver.rcv_nxt, -10), window=100), T0)  # older SEG.SEQ than SND.WL1
+    assert c.sender.snd_wnd == 30000
 
 
 # -- flow control: the peer's window -----------------------------------------------------------
@@ -318,7 +318,7 @@ def test_zero_window_probe_with_backoff_and_no_abort_while_answered():
     assert probe.payload == b"a" and c.zero_window_probes == 1  # RFC 9293 §3.8.6.1: one new octet
     gaps = []
     for _ in range(5):  # more probes than max_retries: the peer answers, so we never give up
-        c.receive(seg(c, "A", ack=c.snd_una, window=0), now)
+        c.receive(seg(c, "A", ack=c.sender.snd_una, window=0), now)
         c.segments_to_send(now)
         t = fire(c)
         gaps.append(t - now)
@@ -327,7 +327,7 @@ def test_zero_window_probe_with_backoff_and_no_abort_while_answered():
         assert again.payload == b"a" and again.seq == probe.seq
     assert gaps == [2.0, 4.0, 8.0, 16.0, 32.0] and c.state is State.ESTABLISHED
     assert c.zero_window_probes == 6  # every probe counts, first by the persist timer, the rest by RTO
-    c.receive(seg(c, "A", ack=seq_add(c.snd_una, 1), window=1000), now)  # the window opens
+    c.receive(seg(c, "A", ack=seq_add(c.sender.snd_una, 1), window=1000), now)  # the window opens
     [rest] = c.segments_to_send(now)
     assert rest.payload == b"bcdefgh"
 
@@ -346,9 +346,9 @@ def test_window_closing_on_data_in_flight_is_probed_by_the_retransmission_timer(
         [probe] = c.segments_to_send(now)
         assert probe.seq == second.seq and len(probe.payload) == 1  # RFC 9293 §3.8.6.1
         assert c.zero_window_probes == n
-        c.receive(seg(c, "A", ack=c.snd_una, window=0), now)
+        c.receive(seg(c, "A", ack=c.sender.snd_una, window=0), now)
     assert c.sender.cc.cwnd == cwnd  # a closed window is not congestion
-    c.receive(seg(c, "A", ack=c.snd_una, window=4 * MSS), now)  # opens, the probe octet not taken
+    c.receive(seg(c, "A", ack=c.sender.snd_una, window=4 * MSS), now)  # opens, the probe octet not taken
     [again] = c.segments_to_send(now)
     assert again.seq == second.seq and len(again.payload) == MSS  # from SND.UNA: no hole
     assert c.fast_retransmits == 0
@@ -361,7 +361,7 @@ def test_window_opening_after_an_unaccepted_probe_resends_from_snd_una():
     now = fire(c)
     [probe] = c.segments_to_send(now)
     assert probe.payload == b"a"
-    c.receive(seg(c, "A", ack=c.snd_una, window=1000), now)  # the window opens before the probe is resent
+    c.receive(seg(c, "A", ack=c.sender.snd_una, window=1000), now)  # the window opens before the probe is resent
     [again] = c.segments_to_send(now)
     assert again.seq == probe.seq and again.payload == b"a"  # from SND.UNA, not past a hole
     c.receive(seg(c, "A", ack=seq_add(probe.seq, 1), window=1000), now)
@@ -402,7 +402,7 @@ def test_segments_leave_room_for_timestamps_and_sack():
     out = c.segments_to_send(T0)
     assert [len(s.payload) for s in out[:2]] == [988, 988]  # 12 bytes of TS
     assert all(s.header_len - 20 + len(s.payload) <= 1000 for s in out)
-    c.receive(seg(c, "A", b"q", seq=seq_add(c.rcv_nxt, 5), options=TcpOptions(timestamp=(2, 0))), T0)  # a gap
+    c.receive(seg(c, "A", b"q", seq=seq_add(c.receiver.rcv_nxt, 5), options=TcpOptions(timestamp=(2, 0))), T0)  # a gap
     c.receive(seg(c, "A", window=65535, options=TcpOptions(timestamp=(3, 0))), T0)
     c.send(b"y" * 3000)
     out = c.segments_to_send(T0)
@@ -462,7 +462,7 @@ def test_every_segment_carries_tsval_and_echo():
 def test_ts_recent_follows_in_order_segments():
     c = ts_conn()
     c.receive(seg(c, "PA", b"x", options=TcpOptions(timestamp=(6000, 1))), T0)
-    assert c.ts_recent == 6000
+    assert c.receiver.ts_recent == 6000
 
 
 def test_paws_drops_old_timestamp():
@@ -471,7 +471,7 @@ def test_paws_drops_old_timestamp():
     c.segments_to_send(T0)
     c.receive(seg(c, "PA", b"old", options=TcpOptions(timestamp=(5999, 1))), T0)  # RFC 7323 §5.3 R1
     [ack] = c.segments_to_send(T0)
-    assert c.paws_rejected == 1 and c.recv() == b"new" and ack.ack == c.rcv_nxt
+    assert c.paws_rejected == 1 and c.recv() == b"new" and ack.ack == c.receiver.rcv_nxt
 
 
 def test_paws_compares_modulo_2_32():
@@ -485,7 +485,7 @@ def test_rtt_from_timestamp_echo():
     c.send(b"x" * 100)
     [s] = c.segments_to_send(T0)
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(5001, s.options.timestamp[0]))), T0 + 0.08)
-    assert abs(c.srtt - 0.08) < 0.0015
+    assert abs(c.sender.rtt.srtt - 0.08) < 0.0015
 
 
 def test_lost_window_update_does_not_stall_a_small_window():

@@ -5,6 +5,7 @@ import collections
 import pytest
 import structlog
 
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
 from pipeline.flow import Flow
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
 from pipeline.wire.seqnum import seq_add
@@ -13,6 +14,7 @@ from workers.core import Sink
 from workers.tcp import demux as demux_mod
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import State
+from workers.tcp.time_wait import TIME_WAIT_ISN_GAP
 
 US = bytes([10, 0, 0, 2])
 PEER = bytes([10, 0, 0, 1])
@@ -25,7 +27,8 @@ def sink():
 
 @pytest.fixture
 def demux():
-    return demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32)
+    return demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, syn_queue_limit=DEFAULT_SYN_QUEUE,
+                              max_time_wait=DEFAULT_MAX_TIME_WAIT)
 
 
 def packet(seg: TcpSegment, src=PEER) -> bytes:
@@ -95,7 +98,7 @@ def test_reset_is_never_answered_with_a_reset(demux):
 
 
 def test_syn_flood_is_answered_with_cookies_and_real_clients_get_in(demux):
-    limit = demux_mod.SYN_QUEUE_LIMIT
+    limit = demux.syn_queue_limit
     for i in range(limit + 50):
         demux.handle_packet(packet(syn(sport=10000 + i)), T0)
     assert len(demux.connections) == limit  # memory bounded by the SYN queue
@@ -110,7 +113,7 @@ def test_syn_flood_is_answered_with_cookies_and_real_clients_get_in(demux):
 
 
 def flood(demux):
-    for i in range(demux_mod.SYN_QUEUE_LIMIT):
+    for i in range(demux.syn_queue_limit):
         demux.handle_packet(packet(syn(sport=10000 + i)), T0)
 
 
@@ -128,8 +131,8 @@ def test_cookie_connection_keeps_window_scale_sack_and_timestamps(demux):
     out = [parse(p) for p in demux.handle_packet(packet(ack), T0 + 0.01)]
     conn = demux.connections[Flow(PEER, 50000, 7)]
     assert conn.state is State.ESTABLISHED and demux.sink.counters["syn_cookies_accepted"] == 1
-    assert conn.ws_ok and conn.snd_wscale == 7 and conn.snd_wnd == 100 << 7
-    assert conn.sack_ok and conn.ts_ok and conn.ts_recent == 556
+    assert conn.options.ws_ok and conn.options.snd_wscale == 7 and conn.sender.snd_wnd == 100 << 7
+    assert conn.options.sack and conn.options.timestamps and conn.receiver.ts_recent == 556
     assert b"".join(s.payload for s in out) == b"hello"
     assert all(s.options.timestamp and s.options.timestamp[1] == 556 for s in out)
 
@@ -143,8 +146,8 @@ def test_cookie_without_timestamps_offers_and_keeps_only_the_mss(demux):
     ack = TcpSegment(50000, 7, 9001, seq_add(synack.seq, 1), Flags.ACK, 100)
     demux.handle_packet(packet(ack), T0 + 0.01)
     conn = demux.connections[Flow(PEER, 50000, 7)]
-    assert conn.state is State.ESTABLISHED and conn.peer_mss == 1460
-    assert not (conn.ws_ok or conn.sack_ok or conn.ts_ok) and conn.snd_wnd == 100
+    assert conn.state is State.ESTABLISHED and conn.options.peer_mss == 1460
+    assert not (conn.options.ws_ok or conn.options.sack or conn.options.timestamps) and conn.sender.snd_wnd == 100
 
 
 def test_cookie_ack_with_an_impossible_echo_is_reset(demux):
@@ -159,7 +162,7 @@ def test_cookie_ack_with_an_impossible_echo_is_reset(demux):
 
 
 def test_forged_cookie_ack_is_reset(demux):
-    for i in range(demux_mod.SYN_QUEUE_LIMIT):
+    for i in range(demux.syn_queue_limit):
         demux.handle_packet(packet(syn(sport=10000 + i)), T0)
     forged = TcpSegment(50001, 7, 1, 424242, Flags.ACK, 65535)
     [rst] = [parse(p) for p in demux.handle_packet(packet(forged), T0)]
@@ -177,7 +180,7 @@ def test_syn_ack_retransmitted_from_the_timer_heap(demux):
 
 def test_half_open_connections_leave_the_syn_queue(demux):
     handshake(demux)
-    assert not demux.syn_queue[7]
+    assert not demux.listener.syn_queue[7]
 
 
 def test_close_resets_open_connections(demux):
@@ -200,7 +203,7 @@ def test_offload_leaves_checksum_to_the_kernel_and_asks_for_tso():
 
     big = demux_mod.TcpDemux(sink(), US, TcpConfig(max_send_segment=60000), secret=b"s" * 32,
                            services={19: __import__("workers.services.tcp", fromlist=["Chargen"]).Chargen},
-                           offload=True)
+                           offload=True, syn_queue_limit=DEFAULT_SYN_QUEUE, max_time_wait=DEFAULT_MAX_TIME_WAIT)
     synack_pkt, _ = big.handle_packet(packet(syn(dport=19)), T0)[0]
     ip, payload = parse_ipv4(synack_pkt)
     synack = parse_tcp(payload, ip.src, ip.dst, verify_checksum=False)
@@ -237,7 +240,7 @@ def time_wait(demux, ts: bool, sport=40000, now=T0, isn=1000):
     fin_end = seq_add(out[-1].seq, out[-1].seg_len)
     demux.handle_packet(packet(seg(fin_end, Flags.ACK | Flags.FIN, 102)), now)
     conn = demux.connections[Flow(PEER, sport, 17)]
-    assert conn.state is State.TIME_WAIT and conn.rcv_nxt == seq_add(isn, 2)
+    assert conn.state is State.TIME_WAIT and conn.receiver.rcv_nxt == seq_add(isn, 2)
     demux.flow_changes()
     return conn
 
@@ -257,7 +260,7 @@ def test_new_syn_reopens_a_connection_in_time_wait(demux, ts, syn_seq, tsval):
     [synack] = [parse(p) for p in demux.handle_packet(packet(new_syn(syn_seq, tsval)), T0 + 1)]
     assert synack.flags == Flags.SYN | Flags.ACK and synack.ack == seq_add(syn_seq, 1)
     # RFC 9293 §3.6.1: the new ISN lies above everything the old incarnation sent.
-    assert synack.seq == seq_add(old.snd_nxt, demux_mod.TIME_WAIT_ISN_GAP)
+    assert synack.seq == seq_add(old.sender.snd_nxt, TIME_WAIT_ISN_GAP)
     new = demux.connections[Flow(PEER, 40000, 17)]
     assert new is not old and new.state is State.SYN_RECEIVED
     assert demux.sink.counters["time_wait_reused"] == 1
@@ -272,7 +275,7 @@ def test_new_syn_reopens_a_connection_in_time_wait(demux, ts, syn_seq, tsval):
 def test_time_wait_reuse_compares_across_the_sequence_wrap(demux, offset, reopens):
     isn = 2**32 - 1001  # RCV.NXT in TIME-WAIT is 2**32 - 999: a SYN 1,000 above it has wrapped
     old = time_wait(demux, False, isn=isn)
-    demux.handle_packet(packet(new_syn(seq_add(old.rcv_nxt, offset))), T0 + 1)
+    demux.handle_packet(packet(new_syn(seq_add(old.receiver.rcv_nxt, offset))), T0 + 1)
     assert (demux.connections[Flow(PEER, 40000, 17)] is not old) == reopens
     assert demux.sink.counters["time_wait_reused"] == int(reopens)
 
@@ -291,12 +294,13 @@ def test_old_duplicate_syn_leaves_time_wait_alone(demux, ts, syn_seq, tsval):
 
 
 def test_past_the_limit_the_oldest_time_wait_ends_early():
-    demux = demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, max_time_wait=2)
+    demux = demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, syn_queue_limit=DEFAULT_SYN_QUEUE,
+                               max_time_wait=2)
     held = [time_wait(demux, False, sport=40000 + i, now=T0 + i) for i in range(3)]
     # Like Linux past tcp_max_tw_buckets: the first one is gone, closed without a word to the peer.
     assert [c.state for c in held] == [State.CLOSED, State.TIME_WAIT, State.TIME_WAIT]
     assert Flow(PEER, 40000, 17) not in demux.connections
-    assert list(demux.time_wait) == [Flow(PEER, 40001, 17), Flow(PEER, 40002, 17)]
+    assert list(demux.time_wait.held) == [Flow(PEER, 40001, 17), Flow(PEER, 40002, 17)]
     assert demux.sink.counters["time_wait_overflow"] == 1
     assert demux.stats() == {"connections": 2, "time_wait": 2}
     # A SYN for the freed flow is a new connection, as for any flow we hold nothing for.
@@ -304,12 +308,13 @@ def test_past_the_limit_the_oldest_time_wait_ends_early():
     assert synack.flags == Flags.SYN | Flags.ACK and demux.connections[Flow(PEER, 40000, 17)].state is State.SYN_RECEIVED
     # The rest leave TIME-WAIT after 2 MSL as always, and the table forgets them.
     demux.handle_timer(T0 + 3 + 2 * TcpConfig().msl)
-    assert demux.time_wait == {} and list(demux.connections) == [Flow(PEER, 40000, 17)]
+    assert demux.time_wait.held == {} and list(demux.connections) == [Flow(PEER, 40000, 17)]
 
 
 def test_with_no_time_wait_allowed_a_connection_closes_at_once():
-    demux = demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, max_time_wait=0)
+    demux = demux_mod.TcpDemux(sink(), US, TcpConfig(), secret=b"s" * 32, syn_queue_limit=DEFAULT_SYN_QUEUE,
+                               max_time_wait=0)
     with pytest.raises(KeyError):
         time_wait(demux, False)  # the helper finds no connection left in TIME-WAIT
-    assert demux.connections == {} and demux.time_wait == {} and demux.next_deadline() is None
+    assert demux.connections == {} and demux.time_wait.held == {} and demux.next_deadline() is None
     assert demux.flow_changes() == ([Flow(PEER, 40000, 17)], [Flow(PEER, 40000, 17)])

@@ -3,7 +3,7 @@ TIME-WAIT, FIN retransmission, abort, keepalive (§3.8.4)."""
 
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags
-from tests.unit.tcp_builders import (
+from tests.unit.tcp.builders import (
     T0, Pair, close_wait, closing, config, drain, established, fin_wait_1, fin_wait_2, fire, last_ack, seg, time_wait,
 )
 from workers.tcp.connection import State, Timer
@@ -33,7 +33,7 @@ def test_fin_is_retransmitted():
     c = fin_wait_1()
     now = fire(c)
     [s] = c.segments_to_send(now)
-    assert s.flags == Flags.ACK | Flags.FIN and s.seq == seq_add(c.snd_nxt, -1)
+    assert s.flags == Flags.ACK | Flags.FIN and s.seq == seq_add(c.sender.snd_nxt, -1)
 
 
 def test_fin_retransmission_gives_up():
@@ -55,7 +55,7 @@ def test_fin_wait_2_fin_goes_to_time_wait_and_acks():
     c.receive(seg(c, "FA"), T0)
     assert c.state is State.TIME_WAIT and drain(c) == [PeerClosed()]
     [ack] = c.segments_to_send(T0)
-    assert ack.flags == Flags.ACK and ack.ack == c.rcv_nxt
+    assert ack.flags == Flags.ACK and ack.ack == c.receiver.rcv_nxt
     assert c.get_timer() == T0 + 2 * MSL
 
 
@@ -69,7 +69,7 @@ def test_fin_wait_1_fin_and_ack_together_go_to_time_wait():
 
 def test_fin_wait_1_fin_without_ack_of_ours_is_closing():
     c = fin_wait_1()
-    c.receive(seg(c, "FA", ack=c.snd_una), T0)
+    c.receive(seg(c, "FA", ack=c.sender.snd_una), T0)
     assert c.state is State.CLOSING
 
 
@@ -99,9 +99,9 @@ def test_simultaneous_close_through_real_exchange():
 def test_time_wait_reacks_retransmitted_fin_and_restarts_2msl():
     c = time_wait()
     later = T0 + 10
-    c.receive(seg(c, "FA", seq=seq_add(c.rcv_nxt, -1)), later)
+    c.receive(seg(c, "FA", seq=seq_add(c.receiver.rcv_nxt, -1)), later)
     [ack] = c.segments_to_send(later)
-    assert ack.flags == Flags.ACK and ack.ack == c.rcv_nxt
+    assert ack.flags == Flags.ACK and ack.ack == c.receiver.rcv_nxt
     assert c.get_timer() == later + 2 * MSL and c.state is State.TIME_WAIT
 
 
@@ -119,7 +119,7 @@ def test_peer_fin_in_established_is_close_wait_and_acked_at_once():
     assert c.state is State.CLOSE_WAIT
     assert drain(c) == [DataReceived(), PeerClosed()]
     [ack] = c.segments_to_send(T0)
-    assert ack.ack == c.rcv_nxt
+    assert ack.ack == c.receiver.rcv_nxt
     assert c.recv() == b"bye" and c.recv() == b""
 
 
@@ -149,7 +149,7 @@ def test_last_ack_retransmits_fin():
 
 def test_data_after_fin_is_ignored_but_acked():
     c = close_wait()
-    c.receive(seg(c, "PA", b"zombie", seq=c.rcv_nxt), T0)
+    c.receive(seg(c, "PA", b"zombie", seq=c.receiver.rcv_nxt), T0)
     assert c.readable == 0
 
 
@@ -190,7 +190,7 @@ def test_abort_sends_rst_and_closes():
     c = established()
     c.abort()
     [rst] = c.segments_to_send(T0)
-    assert rst.flags == Flags.RST and rst.seq == c.snd_nxt
+    assert rst.flags == Flags.RST and rst.seq == c.sender.snd_nxt
     assert c.state is State.CLOSED and drain(c) == [Closed("aborted")]
     c.abort()  # idempotent
 
@@ -205,7 +205,7 @@ def test_segment_for_closed_connection_gets_rst():
     c = established()
     c.abort()
     c.segments_to_send(T0)
-    c.receive(seg(c, "PA", b"x", ack=c.snd_nxt), T0)
+    c.receive(seg(c, "PA", b"x", ack=c.sender.snd_nxt), T0)
     [rst] = c.segments_to_send(T0)
     assert rst.flags == Flags.RST
 
@@ -222,7 +222,7 @@ def test_keepalive_probes_after_idle_and_gives_up():
         out = c.segments_to_send(now)
         if c.state is State.ESTABLISHED:
             [probe] = out
-            assert probe.seq == seq_add(c.snd_nxt, -1) and not probe.payload  # SEG.SEQ = SND.NXT - 1
+            assert probe.seq == seq_add(c.sender.snd_nxt, -1) and not probe.payload  # SEG.SEQ = SND.NXT - 1
             times.append(now - T0)
     assert times == [100, 110, 120] and drain(c) == [Closed("timeout")]
 

@@ -3,7 +3,7 @@ state (smoltcp ``socket_established()`` style), a terse segment constructor for 
 remote end, and a two-connection pump with a hand-driven clock.
 
 The builders reach each state through the public interface only (segments, time and
-application calls); ``test_tcp_conn_builders.py`` checks each one against the state
+application calls); ``test_conn_builders.py`` checks each one against the state
 reached through a full handshake, so tests may trust them.
 """
 
@@ -47,9 +47,9 @@ def flags(text: str) -> Flags:
 
 def seg(conn: Connection, fl: str = "A", payload: bytes = b"", *, seq: int | None = None, ack: int | None = None,
         window: int = 65535, options: TcpOptions = NO_OPTIONS) -> TcpSegment:
-    """A segment from the remote end; seq defaults to conn.rcv_nxt, ack to conn.snd_nxt."""
-    s = conn.rcv_nxt if seq is None else seq
-    a = conn.snd_nxt if ack is None else ack
+    """A segment from the remote end; seq defaults to conn.receiver.rcv_nxt, ack to conn.sender.snd_nxt."""
+    s = conn.receiver.rcv_nxt if seq is None else seq
+    a = conn.sender.snd_nxt if ack is None else ack
     return TcpSegment(conn.remote_port, conn.local_port, s, a, flags(fl), window, payload, options)
 
 
@@ -59,7 +59,7 @@ def syn(options: TcpOptions = PLAIN, iss: int = REMOTE_ISS, window: int = 65535)
 
 def elicit_ack(conn: Connection, now: float = T0) -> None:
     """The remote end repeats an old octet: RFC 9293 §3.10.7.4 first makes us ACK it."""
-    conn.receive(seg(conn, "A", b"\0", seq=seq_add(conn.rcv_nxt, -1), options=_peer_options(conn)), now)
+    conn.receive(seg(conn, "A", b"\0", seq=seq_add(conn.receiver.rcv_nxt, -1), options=_peer_options(conn)), now)
 
 
 def drain(conn: Connection) -> list[Event]:
@@ -93,7 +93,7 @@ def _peer_options(c: Connection) -> TcpOptions:
     TSval stays at TS.Recent; TSecr echoes nothing of ours, so no segment of a
     builder yields an RTT sample from it.
     """
-    return TcpOptions(timestamp=(c.ts_recent, 1)) if c.ts_ok else NO_OPTIONS
+    return TcpOptions(timestamp=(c.receiver.ts_recent, 1)) if c.options.timestamps else NO_OPTIONS
 
 
 def _exchange(c: Connection, segment: TcpSegment, now: float) -> Connection:
@@ -155,7 +155,7 @@ def last_ack(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Con
 def closing(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
     """Simultaneous close: our FIN sent and unacknowledged, the peer's FIN received."""
     c = fin_wait_1(cfg, now, **kw)
-    return _exchange(c, seg(c, "AF", ack=c.snd_una, options=_peer_options(c)), now)
+    return _exchange(c, seg(c, "AF", ack=c.sender.snd_una, options=_peer_options(c)), now)
 
 
 def time_wait(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Connection:
@@ -166,10 +166,10 @@ def time_wait(cfg: TcpConfig | None = None, now: float = T0, **kw: object) -> Co
 def snapshot(c: Connection) -> dict[str, object]:
     """The fields a builder must get right."""
     return {
-        "state": c.state, "snd_una": c.snd_una, "snd_nxt": c.snd_nxt, "snd_wnd": c.snd_wnd,
-        "snd_wl1": c.snd_wl1, "snd_wl2": c.snd_wl2, "rcv_nxt": c.rcv_nxt, "rcv_adv": c.rcv_adv,
-        "snd_wscale": c.snd_wscale, "rcv_wscale": c.rcv_wscale, "ws_ok": c.ws_ok, "sack_ok": c.sack_ok,
-        "ts_ok": c.ts_ok, "send_mss": c.send_mss, "peer_mss": c.peer_mss, "fin_queued": c.fin_queued,
+        "state": c.state, "snd_una": c.sender.snd_una, "snd_nxt": c.sender.snd_nxt, "snd_wnd": c.sender.snd_wnd,
+        "snd_wl1": c.sender.snd_wl1, "snd_wl2": c.sender.snd_wl2, "rcv_nxt": c.receiver.rcv_nxt, "rcv_adv": c.receiver.rcv_adv,
+        "snd_wscale": c.options.snd_wscale, "rcv_wscale": c.options.rcv_wscale, "ws_ok": c.options.ws_ok, "sack_ok": c.options.sack,
+        "ts_ok": c.options.timestamps, "send_mss": c.sender.send_mss, "peer_mss": c.options.peer_mss, "fin_queued": c.sender.fin_queued,
         "peer_fin": c.peer_fin, "timers": sorted(t.name for t in c.timers.armed()), "readable": c.readable,
         "send_space": c.send_space,
     }

@@ -12,6 +12,7 @@ import collections
 
 import pytest
 
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
 from pipeline.flow import Flow
 from workers.attach.policy import ForwardPolicy
 from pipeline.wire.ipv4 import PROTO_TCP, Ipv4Header, build_ipv4, parse_ipv4
@@ -22,6 +23,7 @@ from workers.core import Sink
 from workers.tcp import demux as demux_mod
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import State
+from workers.tcp.introspect import CLOSE_STATS
 from workers.attach.tcp import TcpRelay
 
 US = bytes([10, 0, 0, 2])
@@ -56,12 +58,12 @@ class Records:
 
 
 def make(debug: bool = False, relay_: bool = False,
-         syn_queue_limit: int = demux_mod.SYN_QUEUE_LIMIT) -> tuple[demux_mod.TcpDemux, Records]:
+         syn_queue_limit: int = DEFAULT_SYN_QUEUE) -> tuple[demux_mod.TcpDemux, Records]:
     log = Records()
     sink = Sink(collections.Counter(), log, debug=debug)
     tcp_relay = TcpRelay(sink, ForwardPolicy(), connect_timeout=5.0) if relay_ else None
     return demux_mod.TcpDemux(sink, US, TcpConfig(), secret=b"s" * 32, relay_=tcp_relay,
-                              syn_queue_limit=syn_queue_limit), log
+                              syn_queue_limit=syn_queue_limit, max_time_wait=DEFAULT_MAX_TIME_WAIT), log
 
 
 def packet(seg: TcpSegment, dst: bytes = US) -> bytes:
@@ -112,7 +114,7 @@ def test_a_connection_is_one_info_record_when_it_ends():
     assert fields["established"] is True and fields["reason"] == "closed"
     assert fields["duration"] == 2.5  # seconds since the SYN, to the millisecond
     assert fields["bytes_sent"] == fields["bytes_received"] == 6
-    assert set(demux_mod.CLOSE_STATS) <= fields.keys() and fields["retransmissions"] == 0
+    assert set(CLOSE_STATS) <= fields.keys() and fields["retransmissions"] == 0
     assert log.at("debug") == []  # without debug, not even the debug records are formatted
 
 

@@ -3,7 +3,7 @@ recovery (RFC 5681 §3.2, RFC 6582), SACK-driven hole retransmission (RFC 2018, 
 
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import Flags, TcpOptions
-from tests.unit.tcp_builders import T0, config, drain, established, fire, seg
+from tests.unit.tcp.builders import T0, config, drain, established, fire, seg
 from workers.tcp.connection import State
 from workers.tcp.events import Closed
 
@@ -45,7 +45,7 @@ def test_rto_collapses_cwnd_and_goes_back_n():
     segs = flight(c, 4)
     now = fire(c)
     [r] = c.segments_to_send(now)
-    assert r.seq == segs[0].seq and c.cwnd == MSS  # RFC 5681 §3.1 loss window
+    assert r.seq == segs[0].seq and c.sender.cc.cwnd == MSS  # RFC 5681 §3.1 loss window
     c.receive(seg(c, "A", ack=end(segs[0])), now + 0.1)
     out = c.segments_to_send(now + 0.1)
     assert [s.seq for s in out] == [segs[1].seq, segs[2].seq]  # slow start again: 2 segments
@@ -56,8 +56,8 @@ def test_karn_no_sample_from_retransmitted_data():
     flight(c, 2)
     now = fire(c)
     c.segments_to_send(now)
-    c.receive(seg(c, "A", ack=seq_add(c.snd_una, MSS // 2)), now + 0.05)  # part of the retransmission
-    assert c.srtt is None and c.rto == 2.0  # RFC 6298 §3 and §5.7: keep the backed-off RTO
+    c.receive(seg(c, "A", ack=seq_add(c.sender.snd_una, MSS // 2)), now + 0.05)  # part of the retransmission
+    assert c.sender.rtt.srtt is None and c.sender.rtt.rto == 2.0  # RFC 6298 §3 and §5.7: keep the backed-off RTO
 
 
 def test_backoff_collapses_when_the_timeout_retransmission_is_acknowledged():
@@ -68,23 +68,23 @@ def test_backoff_collapses_when_the_timeout_retransmission_is_acknowledged():
     now = fire(c)
     fire(c)  # lost again: RTO 4 s
     c.segments_to_send(now)
-    assert c.rto == 4.0
+    assert c.sender.rtt.rto == 4.0
     c.receive(seg(c, "A", ack=end(segs[0])), now + 3.1)
-    assert c.srtt is None and c.rto == 1.0 and c.snd_una == end(segs[0])
+    assert c.sender.rtt.srtt is None and c.sender.rtt.rto == 1.0 and c.sender.snd_una == end(segs[0])
 
 
 def test_rtt_sample_from_fresh_data():
     c = established()
     flight(c, 1)
     c.receive(seg(c, "A"), T0 + 0.2)
-    assert abs(c.srtt - 0.2) < 1e-9 and abs(c.rto - 0.6) < 1e-9
+    assert abs(c.sender.rtt.srtt - 0.2) < 1e-9 and abs(c.sender.rtt.rto - 0.6) < 1e-9
 
 
 def test_new_ack_restarts_timer_and_full_ack_stops_it():
     c = established()
     segs = flight(c, 2)
     c.receive(seg(c, "A", ack=end(segs[0])), T0 + 0.5)
-    assert c.get_timer() == T0 + 0.5 + c.rto  # RFC 6298 §5.3
+    assert c.get_timer() == T0 + 0.5 + c.sender.rtt.rto  # RFC 6298 §5.3
     c.receive(seg(c, "A"), T0 + 0.6)
     assert c.get_timer() is None  # §5.2
 
@@ -102,22 +102,22 @@ def test_three_dup_acks_fast_retransmit_and_newreno_recovery():
     assert dup(c, segs) == [] and dup(c, segs) == []
     [r] = dup(c, segs)  # third duplicate: fast retransmit (RFC 5681 §3.2 step 2)
     assert r.seq == segs[0].seq and r.payload == segs[0].payload
-    assert c.in_recovery and c.fast_retransmits == 1
-    assert c.ssthresh == 5 * MSS and c.cwnd == 8 * MSS  # ssthresh = flight/2; + 3*SMSS
+    assert c.sender.recovery.in_fast_recovery and c.fast_retransmits == 1
+    assert c.sender.cc.ssthresh == 5 * MSS and c.sender.cc.cwnd == 8 * MSS  # ssthresh = flight/2; + 3*SMSS
     for _ in range(3):
         assert dup(c, segs) == []  # inflation: 11 MSS > 10 in flight, but no new data queued
-    assert c.cwnd == 11 * MSS
+    assert c.sender.cc.cwnd == 11 * MSS
     c.send(b"n" * MSS)
     [new] = c.segments_to_send(T0 + 0.1)
     assert new.seq == end(segs[9])  # cwnd inflated past the flight: new data goes out
     # partial ACK (segs 0-3 arrived, 4 lost too): retransmit 4 at once (RFC 6582 §3.2 step 5)
     c.receive(seg(c, "A", ack=segs[4].seq), T0 + 0.2)
     [r2] = c.segments_to_send(T0 + 0.2)
-    assert r2.seq == segs[4].seq and c.in_recovery
-    assert c.cwnd == 11 * MSS - 4 * MSS + MSS
+    assert r2.seq == segs[4].seq and c.sender.recovery.in_fast_recovery
+    assert c.sender.cc.cwnd == 11 * MSS - 4 * MSS + MSS
     # full ACK: leave recovery with cwnd = ssthresh (step 3)
     c.receive(seg(c, "A", ack=end(new)), T0 + 0.3)
-    assert not c.in_recovery and c.cwnd == c.ssthresh == 5 * MSS
+    assert not c.sender.recovery.in_fast_recovery and c.sender.cc.cwnd == c.sender.cc.ssthresh == 5 * MSS
 
 
 def test_dup_acks_with_window_change_are_not_duplicates():
@@ -137,7 +137,7 @@ def test_no_second_fast_retransmit_below_recover():
     c.send(b"x" * 3 * MSS)
     c.segments_to_send(T0 + 0.2)
     for _ in range(3):
-        c.receive(seg(c, "A", ack=c.snd_una), T0 + 0.3)
+        c.receive(seg(c, "A", ack=c.sender.snd_una), T0 + 0.3)
     # ACK == recover does not "cover more than recover" (RFC 6582 §3.2 step 2)
     assert c.fast_retransmits == 1
 
@@ -158,8 +158,8 @@ def test_sack_recovery_retransmits_only_holes():
     # DupThresh SMSS SACKed: RACK's reordering window is zero (RFC 8985 §6.2 step 4) and
     # 2, sent before the delivered 6, is lost: fast retransmit, cwnd = ssthresh
     [r] = sacked(c, segs, 2, [(6, 6), (3, 4)])
-    assert r.seq == segs[2].seq and c.in_recovery
-    assert c.ssthresh == c.cwnd == 4 * MSS  # FlightSize 8 segments / 2, no inflation (pipe instead)
+    assert r.seq == segs[2].seq and c.sender.recovery.in_fast_recovery
+    assert c.sender.cc.ssthresh == c.sender.cc.cwnd == 4 * MSS  # FlightSize 8 segments / 2, no inflation (pipe instead)
     # 7 delivered: 5 was sent before it, and in recovery reo_wnd is zero -- lost at once
     # (RFC 6675 IsLost() waited for DupThresh SMSS above it); PRR-SSRB allows one segment.
     assert [s.seq for s in sacked(c, segs, 2, [(6, 7), (3, 4)])] == [segs[5].seq]
@@ -173,7 +173,7 @@ def test_sack_recovery_retransmits_only_holes():
               T0 + 0.2)
     assert c.segments_to_send(T0 + 0.2) == []
     c.receive(seg(c, "A"), T0 + 0.3)
-    assert not c.in_recovery and c.retransmissions == 3 and c.cwnd == c.ssthresh
+    assert not c.sender.recovery.in_fast_recovery and c.retransmissions == 3 and c.sender.cc.cwnd == c.sender.cc.ssthresh
 
 
 def test_rto_go_back_skips_sacked_data():
@@ -207,7 +207,7 @@ def test_retransmissions_are_one_smss_even_with_large_segments():
 
 def test_tiny_peer_mss_is_clamped():
     c = established(options=TcpOptions(mss=1))
-    assert c.peer_mss == 64
+    assert c.options.peer_mss == 64
     c.send(b"x" * 100)
     assert len(c.segments_to_send(T0)[0].payload) == 64
 
@@ -221,7 +221,7 @@ def test_stale_timestamp_echo_after_spurious_retransmission_is_no_rtt_sample():
     now = fire(c)
     c.segments_to_send(now)
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(11, s.options.timestamp[0]))), now + 0.01)
-    assert c.snd_una == c.snd_nxt and c.srtt is None
+    assert c.sender.snd_una == c.sender.snd_nxt and c.sender.rtt.srtt is None
 
 
 def test_sack_marks_loss_without_pure_duplicate_acks():
@@ -233,5 +233,5 @@ def test_sack_marks_loss_without_pure_duplicate_acks():
         blocks = TcpOptions(sack_blocks=((segs[1].seq, end(segs[k])),))
         c.receive(seg(c, "PA", b"reply", ack=segs[0].seq, options=blocks), T0 + 0.1)
         out = [s for s in c.segments_to_send(T0 + 0.1) if s.payload]
-    assert c.dup_acks == 0 and c.fast_retransmits == 1 and c.in_recovery
+    assert c.dup_acks == 0 and c.fast_retransmits == 1 and c.sender.recovery.in_fast_recovery
     assert [s.seq for s in out] == [segs[0].seq]

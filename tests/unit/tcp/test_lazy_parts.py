@@ -1,6 +1,6 @@
 """The parts a short connection never uses are built only when first needed.
 
-A connection starts without its SACK scoreboard and RACK state (``recovery.py``); the
+A connection starts without its SACK scoreboard and RACK state (``sack_recovery.py``); the
 first SACK block builds the scoreboard, a SACK connection's first transmission builds
 RACK.  (The receiver's reassembly queue is built by the receiver; where it is built late
 too, the same scripts cover it: ``build_everything`` builds it early when it is absent.)
@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.wire.tcp import Flags, TcpOptions, TcpSegment
-from tests.unit.tcp_builders import FULL, LOCAL_PORT, PLAIN, REMOTE_PORT, T0, config, established, seg
+from tests.unit.tcp.builders import FULL, LOCAL_PORT, PLAIN, REMOTE_PORT, T0, config, established, seg
 from workers.tcp.connection import Connection, State
 from workers.tcp.events import Closed
 from workers.tcp.rack import Rack
 from workers.tcp.reassembly import ReassemblyQueue
+from workers.tcp.sack_recovery import SackRecovery
 from workers.tcp.scoreboard import SackScoreboard
 
 MSS = 100
@@ -33,25 +34,35 @@ CLIENT_ISS = 2**32 - 700   # both sides cross the sequence wrap within the first
 SERVER_ISS = 2**32 - 300
 
 
+def _sack(c: Connection) -> SackRecovery | None:
+    """The SACK recovery, which holds the lazy parts (a NewReno connection has none)."""
+    rec = c.sender.recovery
+    return rec if isinstance(rec, SackRecovery) else None
+
+
 def build_everything(c: Connection) -> None:
     """Build every lazily built part now: the connection as it was before they were lazy."""
-    c.recovery.need_scoreboard()
-    c.recovery.need_rack()
+    rec = _sack(c)
+    if rec is not None:
+        rec.need_scoreboard()
+        rec.need_rack()
     if getattr(c.receiver, "reasm", None) is None:
         c.receiver.reasm = ReassemblyQueue(c.config.recv_buffer)
 
 
 def built(c: Connection) -> dict[str, bool]:
-    return {"scoreboard": c.recovery.scoreboard is not None, "rack": c.recovery.rack is not None}
+    rec = _sack(c)
+    return {"scoreboard": rec is not None and rec.scoreboard is not None, "rack": rec is not None and rec.rack is not None}
 
 
 def state(c: Connection) -> tuple:
     """What must not differ between the two runs: the TCB, the timers, the counters, and what
     the scoreboard and RACK hold (one not built yet reads as a new one; RACK's positions
     depend on where it was anchored, so it is compared by what they mean)."""
-    rack = c.recovery.rack or Rack(c.snd_una)
-    sb = c.recovery.scoreboard or SackScoreboard()
-    return (c.state, c.snd_una, c.snd_nxt, c.rcv_nxt, c.rcv_adv, c.snd_wnd, c.cwnd, c.ssthresh, c.in_recovery,
+    rec = _sack(c)
+    rack = (rec.rack if rec is not None else None) or Rack(c.sender.snd_una)
+    sb = (rec.scoreboard if rec is not None else None) or SackScoreboard()
+    return (c.state, c.sender.snd_una, c.sender.snd_nxt, c.receiver.rcv_nxt, c.receiver.rcv_adv, c.sender.snd_wnd, c.sender.cc.cwnd, c.sender.cc.ssthresh, c.sender.recovery.in_fast_recovery,
             c.retransmissions, c.timeouts, c.fast_retransmits, c.loss_probes, c.lost_retransmissions,
             c.ooo_segments, c.dup_acks, sorted(t.name for t in c.timers.armed()), c.get_timer(),
             sb.ranges(), sb.sacked_bytes, rack.lost_below(), rack.xmit_ts, rack.rtt, rack.min_rtt,
@@ -112,7 +123,7 @@ class Run:
 
     def send(self, name: str, n: int) -> None:
         c = self.side(name)
-        if c.state not in (State.ESTABLISHED, State.CLOSE_WAIT) or c.fin_queued:
+        if c.state not in (State.ESTABLISHED, State.CLOSE_WAIT) or c.sender.fin_queued:
             return
         data = bytes((len(self.sent[name]) + i) * 7 % 251 for i in range(n))
         taken = c.send(data)
@@ -179,7 +190,7 @@ class Run:
             if self.queues["c2s"] or self.queues["s2c"]:
                 continue
             deadlines = [t for t in (self.client.get_timer(), self.server.get_timer()) if t is not None]
-            quiet = all(c.snd_una == c.snd_nxt and not c.sender.has_unsent() for c in (self.client, self.server))
+            quiet = all(c.sender.snd_una == c.sender.snd_nxt and not c.sender.has_unsent() for c in (self.client, self.server))
             if quiet or not deadlines:
                 return
             self.wait(min(deadlines) - self.now)
@@ -261,7 +272,8 @@ def test_parts_built_late_change_nothing_on_the_wire(script, sack, close):
         event("a connection gave up")
     if c.state is State.ESTABLISHED and s.state is State.ESTABLISHED:
         # Sequence state agrees across the quiet link (RFC 9293 §3.3.1).
-        assert c.snd_una == c.snd_nxt == s.rcv_nxt and s.snd_una == s.snd_nxt == c.rcv_nxt
+        assert c.sender.snd_una == c.sender.snd_nxt == s.receiver.rcv_nxt
+        assert s.sender.snd_una == s.sender.snd_nxt == c.receiver.rcv_nxt
     if not sack:
         assert built(c) == built(s) == {"scoreboard": False, "rack": False}  # never needed
 
@@ -292,11 +304,11 @@ def test_rack_comes_with_the_first_transmission_and_the_scoreboard_with_the_firs
     first, second, third = c.segments_to_send(T0)
     assert built(c) == {"scoreboard": False, "rack": True}
     c.receive(seg(c, "A", ack=first.seq, options=TcpOptions(sack_blocks=((second.seq, third.seq),))), T0 + 0.1)
-    assert built(c) == {"scoreboard": True, "rack": True} and c.recovery.scoreboard.sacked_bytes == 1460
+    assert built(c) == {"scoreboard": True, "rack": True} and c.sender.recovery.scoreboard.sacked_bytes == 1460
     c.segments_to_send(T0 + 0.1)
     # The whole flight acknowledged: the scoreboard is empty, and stays built.
-    c.receive(seg(c, "A", ack=c.snd_nxt), T0 + 0.2)
-    assert c.snd_una == c.snd_nxt and c.recovery.scoreboard.sacked_bytes == 0
+    c.receive(seg(c, "A", ack=c.sender.snd_nxt), T0 + 0.2)
+    assert c.sender.snd_una == c.sender.snd_nxt and c.sender.recovery.scoreboard.sacked_bytes == 0
 
 
 def test_without_sack_loss_and_timeouts_build_neither():
@@ -306,7 +318,7 @@ def test_without_sack_loss_and_timeouts_build_neither():
     for _ in range(3):  # three duplicate ACKs: NewReno fast retransmit (RFC 6582)
         c.receive(seg(c, "A", ack=first.seq), T0 + 0.1)
     out = c.segments_to_send(T0 + 0.1)
-    assert out[0].seq == first.seq and c.in_recovery
+    assert out[0].seq == first.seq and c.sender.recovery.in_fast_recovery
     t = c.get_timer()
     c.handle_timer(t)
     c.segments_to_send(t)

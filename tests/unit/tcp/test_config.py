@@ -2,6 +2,7 @@
 
 import pytest
 
+from pipeline.config import tcp_settings
 from workers.tcp.__main__ import tcp_config
 from workers.tcp.config import TcpConfig
 
@@ -14,14 +15,14 @@ def env(monkeypatch):
 
 
 def test_defaults(env):
-    cfg = tcp_config(1500, False)
+    cfg = tcp_config(1500, False, tcp_settings())
     assert cfg.fin_wait2_timeout == 60.0 and cfg.ecn is True and cfg.mss == 1460
 
 
 def test_fin_wait2_timeout_and_ecn_from_the_environment(env):
     env.setenv("TCP_FIN_WAIT2_TIMEOUT", "2.5")
     env.setenv("TCP_ECN", "0")
-    cfg = tcp_config(1500, False)
+    cfg = tcp_config(1500, False, tcp_settings())
     assert cfg.fin_wait2_timeout == 2.5 and cfg.ecn is False
 
 
@@ -29,6 +30,6 @@ def test_fin_wait2_timeout_and_ecn_from_the_environment(env):
 def test_fin_wait2_timeout_must_be_positive(env, value):
     env.setenv("TCP_FIN_WAIT2_TIMEOUT", value)
     with pytest.raises(SystemExit, match="TCP_FIN_WAIT2_TIMEOUT"):
-        tcp_config(1500, False)
+        tcp_config(1500, False, tcp_settings())
     with pytest.raises(ValueError):
         TcpConfig(fin_wait2_timeout=float(value))

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.wire.seqnum import seq_add
 from pipeline.wire.tcp import TcpOptions
-from tests.unit.tcp_builders import T0, config, established, seg
+from tests.unit.tcp.builders import T0, config, established, seg
 from workers.tcp.connection import Timer
 
 MSS = 1460
@@ -40,14 +40,14 @@ def test_one_sacked_segment_waits_for_the_reordering_window():
     out = ack(c, segs[0].seq, [(segs[1].seq, end(segs[1]))], T0 + RTT)
     # Less than DupThresh SMSS SACKed and no reordering seen yet: reo_wnd = min_RTT/4
     # (§6.2 step 4), so segment 0 is not lost before RACK.rtt + reo_wnd after it was sent.
-    assert not c.in_recovery and c.retransmissions == 0
+    assert not c.sender.recovery.in_fast_recovery and c.retransmissions == 0
     assert [s.seq for s in out] == [end(segs[9])]  # the SACKed segment left: one new one (pipe)
     deadline = c.timers.deadline(Timer.REORDER)
     assert deadline == pytest.approx(T0 + RTT + RTT / 4)
     assert c.get_timer() == deadline
     c.handle_timer(deadline)
     out = c.segments_to_send(deadline)
-    assert c.in_recovery and out[0].seq == segs[0].seq and c.timeouts == 0
+    assert c.sender.recovery.in_fast_recovery and out[0].seq == segs[0].seq and c.timeouts == 0
 
 
 def test_data_filling_the_hole_in_time_is_no_loss_and_widens_the_window():
@@ -55,11 +55,11 @@ def test_data_filling_the_hole_in_time_is_no_loss_and_widens_the_window():
     segs = send(c, 10, T0)
     ack(c, segs[0].seq, [(segs[1].seq, end(segs[1]))], T0 + RTT)
     ack(c, end(segs[1]), [], T0 + RTT + 0.001)  # segment 0 was only late (reordered)
-    assert Timer.REORDER not in c.timers and c.retransmissions == 0 and not c.in_recovery
+    assert Timer.REORDER not in c.timers and c.retransmissions == 0 and not c.sender.recovery.in_fast_recovery
     # Reordering seen (§6.2 step 3): even with DupThresh SMSS SACKed the window stays open.
     now = T0 + RTT + 0.002
     out = ack(c, end(segs[1]), [(segs[3].seq, end(segs[5]))], now)
-    assert c.retransmissions == 0 and not c.in_recovery and not [s for s in out if s.seq < end(segs[9])]
+    assert c.retransmissions == 0 and not c.sender.recovery.in_fast_recovery and not [s for s in out if s.seq < end(segs[9])]
     assert c.timers.deadline(Timer.REORDER) > now
 
 
@@ -70,7 +70,7 @@ def test_loss_is_a_matter_of_time_not_of_how_much_is_sacked():
     # Only b is SACKed (one segment, not DupThresh), but a was sent 50 ms before b and
     # b's RTT is 50 ms: a is overdue by more than reo_wnd (12.5 ms) -- lost at once.
     out = ack(c, a.seq, [(b.seq, end(b))], T0 + 0.1)
-    assert c.in_recovery and [s.seq for s in out] == [a.seq]
+    assert c.sender.recovery.in_fast_recovery and [s.seq for s in out] == [a.seq]
 
 
 def test_sent_after_is_by_time_then_by_sequence():
@@ -78,14 +78,14 @@ def test_sent_after_is_by_time_then_by_sequence():
     c = sack_conn()
     segs = send(c, 3, T0)
     out = ack(c, segs[0].seq, [(segs[1].seq, end(segs[1]))], T0 + RTT)
-    assert out == [] and not c.in_recovery
+    assert out == [] and not c.sender.recovery.in_fast_recovery
     t = c.get_timer()
     assert t == c.timers.deadline(Timer.REORDER) == pytest.approx(T0 + RTT + RTT / 4)
     c.handle_timer(t)
     out = c.segments_to_send(t)
     # 0 was "sent before" the delivered 1 (same time, lower sequence): lost.  2 was not
     # (higher sequence): nothing says it is lost, it is not resent.
-    assert c.in_recovery and [s.seq for s in out] == [segs[0].seq]
+    assert c.sender.recovery.in_fast_recovery and [s.seq for s in out] == [segs[0].seq]
 
 
 def test_a_lost_retransmission_is_found_by_rack_and_resent():
@@ -93,7 +93,7 @@ def test_a_lost_retransmission_is_found_by_rack_and_resent():
     segs = send(c, 10, T0, queued=20)
     out = ack(c, segs[0].seq, [(segs[1].seq, end(segs[9]))], T0 + RTT)
     rtx, *new = out
-    assert rtx.seq == segs[0].seq and new and c.in_recovery
+    assert rtx.seq == segs[0].seq and new and c.sender.recovery.in_fast_recovery
     # New data sent with the retransmission is delivered, the retransmission is not:
     # once RACK.rtt has passed since it was sent (reo_wnd is zero in recovery), it is lost.
     now = T0 + 2 * RTT
@@ -119,7 +119,7 @@ def test_tail_loss_probe_lets_rack_find_a_lost_tail():
     c.send(b"x" * 100)
     [s] = c.segments_to_send(T0)
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(5001, s.options.timestamp[0]))), T0 + 0.01)
-    assert c.srtt == pytest.approx(0.01)
+    assert c.sender.rtt.srtt == pytest.approx(0.01)
     now = T0 + 1
     mss = MSS - 12
     c.send(b"t" * 3 * mss)
@@ -137,4 +137,4 @@ def test_tail_loss_probe_lets_rack_find_a_lost_tail():
         sack_blocks=((probe.seq, end(probe)),), timestamp=(5002, probe.options.timestamp[0]))), t)
     out = c.segments_to_send(t)
     # The probe was sent a PTO after the tail and is delivered: the tail is lost (§6.2).
-    assert c.in_recovery and out[0].seq == tail[0].seq and c.timeouts == 0
+    assert c.sender.recovery.in_fast_recovery and out[0].seq == tail[0].seq and c.timeouts == 0

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from pipeline.wire.seqnum import seq_add, seq_sub
 from pipeline.wire.tcp import TcpOptions
-from tests.unit.tcp_builders import T0, config, established, seg
+from tests.unit.tcp.builders import T0, config, established, seg
 from workers.tcp.connection import Timer
 from workers.tcp.scoreboard import SackScoreboard
 
@@ -54,7 +54,7 @@ def test_sacked_data_lets_new_data_out():
     segs = send(c, 14 * MSS)
     assert len(segs) == 10  # initial window
     out = sack_ack(c, segs[0].seq, [(segs[1].seq, end(segs[1]))], T0 + 0.001)
-    assert [s.seq for s in out] == [end(segs[9])] and not c.in_recovery
+    assert [s.seq for s in out] == [end(segs[9])] and not c.sender.recovery.in_fast_recovery
 
 
 def test_limited_transmit_without_sack():
@@ -66,7 +66,7 @@ def test_limited_transmit_without_sack():
         out = c.segments_to_send(T0 + 0.001 * k)
         if k < 3:
             assert [s.seq for s in out] == [seq_add(end(segs[9]), (k - 1) * MSS)]  # RFC 3042 §2
-    assert c.in_recovery and out[0].seq == segs[0].seq  # the third: fast retransmit
+    assert c.sender.recovery.in_fast_recovery and out[0].seq == segs[0].seq  # the third: fast retransmit
 
 
 # -- RFC 6675 recovery -------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_recovery_retransmits_every_lost_hole_the_window_allows():
     out = sack_ack(c, segs[0].seq, blocks, T0 + 0.001)
     # 0, 3 and 6 are lost (3 SACKed ranges or > 2 SMSS above each); cwnd = ssthresh = 5
     # segments, pipe = 0 in flight + retransmissions: all three go out on this one ACK.
-    assert c.in_recovery and c.cwnd == 5 * MSS
+    assert c.sender.recovery.in_fast_recovery and c.sender.cc.cwnd == 5 * MSS
     assert [s.seq for s in out] == [segs[0].seq, segs[3].seq, segs[6].seq]
     assert c.retransmissions == 3
 
@@ -104,7 +104,7 @@ def with_srtt(**changes):
     c = established(config(sack=True, timestamps=True, **changes), options=SACK_TS)
     [s] = send(c, 100)
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(5001, s.options.timestamp[0]))), T0 + 0.001)
-    assert abs(c.srtt - 0.001) < 1e-9
+    assert abs(c.sender.rtt.srtt - 0.001) < 1e-9
     return c
 
 
@@ -148,7 +148,7 @@ def test_sacked_probe_marks_the_data_before_it_lost():
     [probe] = c.segments_to_send(t)
     assert probe.seq == end(big)
     out = sack_ack(c, big.seq, [(probe.seq, end(probe))], t + 0.001)
-    assert c.in_recovery and out[0].seq == big.seq and c.timeouts == 0
+    assert c.sender.recovery.in_fast_recovery and out[0].seq == big.seq and c.timeouts == 0
 
 
 def test_recovery_probe_resends_a_lost_retransmission_with_nothing_after_it():
@@ -156,7 +156,7 @@ def test_recovery_probe_resends_a_lost_retransmission_with_nothing_after_it():
     now = T0 + 0.01
     segs = send(c, 4 * MSS_TS, now)
     out = sack_ack(c, segs[0].seq, [(segs[1].seq, end(segs[3]))], now + 0.001, ts=(5002, 0))
-    assert c.in_recovery and [s.seq for s in out] == [segs[0].seq]
+    assert c.sender.recovery.in_fast_recovery and [s.seq for s in out] == [segs[0].seq]
     t = c.get_timer()
     assert t < now + 0.1  # well before the 200 ms RTO
     c.handle_timer(t)
@@ -172,16 +172,16 @@ def test_timestamp_echo_of_a_fast_retransmission_is_an_rtt_sample():
     now = T0 + 0.01
     segs = send(c, 4 * MSS_TS, now)
     [r] = sack_ack(c, segs[0].seq, [(segs[1].seq, end(segs[3]))], now + 0.001, ts=(5002, 0))
-    before = c.srtt
+    before = c.sender.rtt.srtt
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(5003, r.options.timestamp[0]))), now + 0.005)
-    assert c.srtt != before and not c.in_recovery
+    assert c.sender.rtt.srtt != before and not c.sender.recovery.in_fast_recovery
 
 
 # -- receiver ----------------------------------------------------------------------------------
 
 def test_one_duplicate_ack_per_out_of_order_segment():
     c = established(config(sack=True), options=SACK)
-    base = c.rcv_nxt
+    base = c.receiver.rcv_nxt
     for k in (1, 2, 3):
         c.receive(seg(c, "A", b"x" * 100, seq=seq_add(base, 100 * k)), T0)
     acks = c.segments_to_send(T0)
@@ -211,7 +211,7 @@ def test_second_timeout_of_one_segment_forgets_sack_in_case_the_receiver_reneged
 def test_echo_of_the_original_syn_ack_after_its_retransmission_is_no_sample():
     # The handshake's ACK echoes the first SYN-ACK's TSval although we retransmitted
     # it: that "RTT" would include the timeout, so RFC 6298 §5.7's 3 s RTO applies.
-    from tests.unit.tcp_builders import syn_received
+    from tests.unit.tcp.builders import syn_received
     c = syn_received(config(timestamps=True), options=TcpOptions(mss=MSS, timestamp=(5000, 0)))
     first_tsval = ts_of_syn_ack = int(T0 * 1000) & 0xFFFFFFFF
     t = c.get_timer()
@@ -219,4 +219,4 @@ def test_echo_of_the_original_syn_ack_after_its_retransmission_is_no_sample():
     [again] = c.segments_to_send(t)
     assert again.options.timestamp[0] > ts_of_syn_ack
     c.receive(seg(c, "A", options=TcpOptions(timestamp=(5001, first_tsval))), t + 0.5)
-    assert c.srtt is None and c.rto == 3.0
+    assert c.sender.rtt.srtt is None and c.sender.rtt.rto == 3.0

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.wire.seqnum import seq_add, seq_ge, seq_gt, seq_lt, seq_sub
 from pipeline.wire.tcp import NO_OPTIONS, Flags, TcpOptions, TcpSegment
-from tests.unit.tcp_builders import LOCAL_ISS, LOCAL_PORT, REMOTE_PORT, T0, config, established, syn
+from tests.unit.tcp.builders import LOCAL_ISS, LOCAL_PORT, REMOTE_PORT, T0, config, established, syn
 from workers.tcp.config import TcpConfig
 from workers.tcp.connection import Connection
 
@@ -31,8 +31,8 @@ class Peer:
         self.c = established(cfg, options=options)
         self.rtt = rtt
         self.timestamps = timestamps
-        self.snd_nxt = self.c.rcv_nxt
-        self.edge = self.c.rcv_adv  # what the handshake offered
+        self.snd_nxt = self.c.receiver.rcv_nxt
+        self.edge = self.c.receiver.rcv_adv  # what the handshake offered
         self.tsval = 5000
         self.echo = 1  # the builder's handshake echoed nothing of ours
         self.edges: list[int] = []  # the right edge of every ACK we sent, in order
@@ -48,7 +48,7 @@ class Peer:
         while seq_lt(self.snd_nxt, self.edge):
             n = min(SEG, seq_sub(self.edge, self.snd_nxt))
             opts = TcpOptions(timestamp=(self.tsval, self.echo)) if self.timestamps else NO_OPTIONS
-            c.receive(TcpSegment(REMOTE_PORT, LOCAL_PORT, self.snd_nxt, c.snd_nxt, Flags.ACK, 65535, b"x" * n, opts),
+            c.receive(TcpSegment(REMOTE_PORT, LOCAL_PORT, self.snd_nxt, c.sender.snd_nxt, Flags.ACK, 65535, b"x" * n, opts),
                       now)
             self.snd_nxt = seq_add(self.snd_nxt, n)
             if per_segment:
@@ -61,7 +61,7 @@ class Peer:
             c.handle_timer(t)
             acks += c.segments_to_send(t)
         # The peer hears every ACK before its next burst; the first of them clocks it (its echo).
-        shift = c.rcv_wscale
+        shift = c.options.rcv_wscale
         largest = 0
         for a in acks:
             edge = seq_add(a.ack, a.window << shift)
@@ -162,11 +162,11 @@ def test_window_follows_a_moderate_reader_and_settles_well_below_the_maximum():
     held = []  # unread bytes plus the window: what the peer may make us hold
     for _ in range(40):
         peer.run_round(per_round=lambda c: c.recv(rate))
-        held.append(peer.c.readable + seq_sub(peer.c.rcv_adv, peer.c.rcv_nxt))
+        held.append(peer.c.readable + seq_sub(peer.c.receiver.rcv_adv, peer.c.receiver.rcv_nxt))
     assert held[0] == INITIAL
     # It grew to a few round trips of reading and stopped there, far below the maximum.
     assert all(2 * rate <= h <= 4 * rate for h in held[10:]) and 4 * rate < MAX
-    assert max(held[20:]) <= max(held[5:20]) + (1 << peer.c.rcv_wscale)  # settled (but for scale rounding)
+    assert max(held[20:]) <= max(held[5:20]) + (1 << peer.c.options.rcv_wscale)  # settled (but for scale rounding)
     assert_right_edge_never_moves_left(peer.edges)
 
 

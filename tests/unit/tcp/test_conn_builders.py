@@ -1,9 +1,9 @@
-"""Each builder in tcp_builders equals the state reached through real transitions (smoltcp *_sanity)."""
+"""Each builder in tcp/builders.py equals the state reached through real transitions (smoltcp *_sanity)."""
 
 import pytest
 
-from tests.unit import tcp_builders as b
-from tests.unit.tcp_builders import FULL, PLAIN, T0, config, seg, snapshot
+from tests.unit.tcp import builders as b
+from tests.unit.tcp.builders import FULL, PLAIN, T0, config, seg, snapshot
 from workers.tcp.connection import State
 
 CONFIGS = [
@@ -15,7 +15,7 @@ CONFIGS = [
 def _ts(c, tsval=6000):
     """The timestamp option a peer would send (echoing nothing useful)."""
     from pipeline.wire.tcp import TcpOptions
-    return TcpOptions(timestamp=(tsval, 1)) if c.ts_ok else b.NO_OPTIONS
+    return TcpOptions(timestamp=(tsval, 1)) if c.options.timestamps else b.NO_OPTIONS
 
 
 def real_established(cfg, opts):
@@ -57,7 +57,7 @@ def real_last_ack(cfg, opts):
 
 def real_closing(cfg, opts):
     c = real_fin_wait_1(cfg, opts)
-    c.receive(seg(c, "AF", ack=c.snd_una, options=_ts(c)), T0)
+    c.receive(seg(c, "AF", ack=c.sender.snd_una, options=_ts(c)), T0)
     c.segments_to_send(T0)
     return c
 
