@@ -173,9 +173,14 @@ class TcpRelay:
         return RelayService(stream, self)
 
     def unserved(self, key: Flow, reason: str, now: float) -> None:
-        if key in self.published:  # the namespace refused or never answered: reset the outer client
-            self.commands.append(relay.Close(key, reset=True))
-            self.log_flow("tcp", key, FlowRecord(now), now, "namespace_" + reason)
+        """The connection ended with no relay service: its upstream socket goes too (reset).
+
+        Published: the namespace refused or never answered, so the outer client is reset.
+        Outbound: the upstream connect succeeded but the client never finished its handshake,
+        or the relay service failed; without this the socket would stay open."""
+        self.commands.append(relay.Close(key, reset=True))
+        side = "namespace_" if key in self.published else "client_"
+        self.log_flow("tcp", key, FlowRecord(now), now, side + reason)
 
     def forget(self, key: Flow) -> None:
         self.published.pop(key, None)

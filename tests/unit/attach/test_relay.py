@@ -128,6 +128,17 @@ def test_connect_that_never_settles_is_given_up_silently(demux):
     assert demux.relay_commands() == [relay.Open(KEY, relay.TCP, SERVER, 80)]
 
 
+def test_a_client_that_never_completes_the_handshake_releases_the_upstream_socket(demux):
+    demux.handle_packet(tcp_packet(syn()), T0)
+    demux.relay_commands()
+    demux.handle_upstream([relay.Upstream(KEY, relay.CONNECTED)], T0 + 0.1)  # SYN-ACK sent; no ACK ever comes
+    now = T0 + 0.1
+    while KEY in demux.connections:  # the SYN-ACK's retransmissions run out (RFC 9293 §3.8.3 R2 for SYNs)
+        now = demux.next_deadline()
+        demux.handle_timer(now)
+    assert demux.relay_commands() == [relay.Close(KEY, reset=True)]
+
+
 def test_denied_destination_is_reset_at_once(demux):
     [rst] = [parse(p, METADATA) for p in demux.handle_packet(tcp_packet(syn(), METADATA), T0)]
     assert rst.flags & Flags.RST
