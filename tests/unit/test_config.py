@@ -250,9 +250,9 @@ class _Recording(dict):
         return super().get(name, default)
 
 
-def test_every_setting_in_the_readme_table_is_checked_here(monkeypatch):
+def test_every_setting_in_the_guides_table_is_checked_here(monkeypatch):
     root = pathlib.Path(__file__).resolve().parents[2]
-    table = root.joinpath("README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    table = root.joinpath("GUIDE.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     names = {n for row in table.splitlines() if row.startswith("| `")
              for n in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])}
     environ = _Recording(os.environ)
