@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipeline import stacklock
+from pipeline.wire.addr import Address, Network, parse_networks
 
 T = TypeVar("T")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # sysexits.h: exit statuses that restarting cannot cure; pipeline.respawn gives up on them.
 EX_NOPERM = 77   # the stack lacks root (CAP_NET_ADMIN)
@@ -407,19 +406,6 @@ def service_settings() -> ServiceSettings:
 DEFAULT_RELAY_CONNECT_TIMEOUT = 30.0  # USTACK_RELAY_CONNECT_TIMEOUT
 DEFAULT_UDP_IDLE = 60.0      # USTACK_UDP_IDLE (Linux conntrack: 30 s unreplied, 120 s stream)
 DEFAULT_UDP_IDLE_DNS = 10.0  # USTACK_UDP_IDLE_DNS: one question, one answer (retries come within seconds)
-
-def parse_networks(raw: str) -> tuple[Network, ...]:
-    """A comma-separated list of addresses and CIDR networks; ValueError naming the bad entry."""
-    nets = []
-    for item in raw.split(","):
-        item = item.strip()
-        if item:
-            try:
-                nets.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                raise ValueError(f"{item!r} is not an address or CIDR network") from None
-    return tuple(nets)
-
 
 def _networks(name: str) -> tuple[Network, ...]:
     try:

@@ -1,6 +1,9 @@
-"""Addresses for people: packed bytes to text, only on log paths."""
+"""Addresses as text: packed bytes to text for logs and stackctl; the networks a setting lists."""
 
 import ipaddress
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def fmt_addr(packed: bytes) -> str:
@@ -28,3 +31,16 @@ def split_endpoint(text: str) -> tuple[str, str]:
         return text, ""
     addr, sep, port = text.rpartition(":")
     return (addr, port) if sep else (text, "")
+
+
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """A comma-separated list of addresses and CIDR networks; ValueError naming the bad entry."""
+    nets = []
+    for item in raw.split(","):
+        item = item.strip()
+        if item:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or CIDR network") from None
+    return tuple(nets)

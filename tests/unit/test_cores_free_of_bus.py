@@ -1,4 +1,4 @@
-"""Protocol cores are sans-IO: importing one loads no ZeroMQ, no msgpack and not the worker shell."""
+"""Protocol cores are sans-IO: importing one loads no ZeroMQ, no msgpack, not the worker shell and not the settings."""
 
 import subprocess
 import sys
@@ -7,7 +7,8 @@ import pytest
 
 CORES = ["workers.icmp.core", "workers.udp.core", "workers.tcp.demux",
          "workers.attach.tcp", "workers.attach.udp", "workers.attach.icmp", "workers.attach.relay"]
-FORBIDDEN = ["zmq", "msgpack", "workers.shell", "workers.attach.upstream", "pipeline.bus.messages", "pipeline.process"]
+FORBIDDEN = ["zmq", "msgpack", "workers.shell", "workers.attach.upstream", "pipeline.bus.messages", "pipeline.process",
+             "pipeline.config", "pipeline.stacklock"]
 
 
 @pytest.mark.parametrize("module", CORES)

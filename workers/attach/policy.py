@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from pipeline.config import Address, Network, parse_networks
+from pipeline.wire.addr import Address, Network, parse_networks
 
 DEFAULT_DENY = parse_networks("127.0.0.0/8, ::1/128, 169.254.0.0/16, fe80::/10")
 _LOOPBACK = {4: ipaddress.IPv4Address("127.0.0.1").packed, 16: ipaddress.IPv6Address("::1").packed}
