@@ -81,13 +81,13 @@ def builtin_tcp(settings: ServiceSettings) -> dict[int, Callable[[Any], tcp_serv
     return table
 
 
-def builtin_udp(settings: ServiceSettings) -> dict[int, Callable[[bytes], bytes | None]]:
+def builtin_udp() -> dict[int, Callable[[bytes], bytes | None]]:
     return dict(udp_services.SERVICES)
 
 
 def services(proto: str, settings: ServiceSettings) -> dict[int, Callable[..., Any]]:
     """Every service of ``proto`` ("tcp" or "udp") on its port: built-ins, then the user's; ConfigError if bad."""
-    table = builtin_tcp(settings) if proto == "tcp" else builtin_udp(settings)
+    table = builtin_tcp(settings) if proto == "tcp" else builtin_udp()
     for entry_proto, port, module, name in settings.entries:
         if entry_proto != proto:
             continue

@@ -49,7 +49,6 @@ from workers.services.hosting import Relays, ServiceFactory, ServiceHost
 from workers.tcp.encapsulation import Encapsulation
 from workers.tcp.icmp_errors import IcmpErrors
 from workers.tcp.introspect import closed_record, connection_record, options_fields
-from workers.tcp.isn import initial_sequence_number
 from workers.tcp.listener import Listener
 from workers.tcp.time_wait import TimeWait, reopen_isn, reusable
 
@@ -217,9 +216,7 @@ class TcpDemux:
         if lport is None:
             return None
         key = Flow(remote, rport, lport)
-        local = (self.addresses.local(remote), lport)
-        iss = initial_sequence_number(self.secret, local, (remote, rport), now)
-        conn = Connection.connect(lport, rport, iss, self.encap.config(remote), now)
+        conn = Connection.connect(lport, rport, self.listener.isn(key, now), self.encap.config(remote), now)
         self.connections[key] = conn
         self.born[key] = now
         self._opened.append(key)  # announced before the SYN leaves, so the SYN-ACK is routed here

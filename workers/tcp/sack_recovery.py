@@ -393,7 +393,7 @@ class SackRecovery(Recovery):
 
     def _sacked_below(self, start: int) -> int:
         sb = self.scoreboard
-        return sb.sacked_bytes - sb.sacked_above(seq_add(start, -1)) if sb is not None and sb.sacked_bytes else 0
+        return sb.sacked_below(start) if sb is not None else 0
 
     # == tail loss probe =============================================================
 
