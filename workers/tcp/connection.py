@@ -373,8 +373,7 @@ class Connection(Counters):
         snd.init_window(seg.window, seg.seq, seg.ack)  # RFC 7323 §2.2: unscaled in a SYN
         if ack_ok:
             snd.ack_advance(seg, now)
-            if snd.send_blocked and snd.unblocked(self.send_space):
-                self._events.append(SendSpace())
+            self._send_space_freed()
             self._established()
             rcv.send_ack()
             # "If there are other controls or text in the segment, continue at the sixth step."
@@ -455,8 +454,7 @@ class Connection(Counters):
             self.invalid_segments += 1
             self.receiver.challenge_ack(now)  # RFC 5961 §5.2
             return False
-        if snd.send_blocked and snd.unblocked(self.send_space):
-            self._events.append(SendSpace())  # send() found the buffer full; this ACK freed half of it
+        self._send_space_freed()
         # State-specific ACK processing: our FIN acknowledged.
         if snd.fin_queued and seq_gt(snd.snd_una, snd.fin_seq):
             st = self.state
@@ -506,6 +504,12 @@ class Connection(Counters):
             self._enter_time_wait(now)
 
     # == state changes ===============================================================
+
+    def _send_space_freed(self) -> None:
+        """send() found the buffer full; if this ACK freed half of it, say so (one SendSpace)."""
+        snd = self.sender
+        if snd.send_blocked and snd.unblocked(self.send_space):
+            self._events.append(SendSpace())
 
     def _established(self) -> None:
         self.state = State.FIN_WAIT_1 if self.sender.fin_queued else State.ESTABLISHED
