@@ -4,8 +4,8 @@ Every knob is in the README's configuration table and is read here, in one place
 its default and what it accepts; processes take the checked values from here.
 :func:`load` gives the stack's own settings (device, addresses,
 endpoints, attach mode), which every process and stackctl need;
-:func:`tcp_settings`, :func:`service_settings`, :func:`relay_settings` and
-:func:`log_settings` give those of the processes that use them. Defaults give a
+:func:`tcp_settings`, :func:`service_settings` and :func:`log_settings` (and
+``pipeline.relay_config.relay_settings`` for attach mode) give those of the processes that use them. Defaults give a
 working stack with no set-up: device ``ustack0``, kernel side 10.0.0.1/24 and
 fd00::1/64, stack addresses 10.0.0.2 and fd00::2 (``USTACK_IPV6=0``: IPv4 only).
 
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipeline import stacklock
-from pipeline.wire.addr import Address, Network, parse_networks
 
 T = TypeVar("T")
 
@@ -400,80 +399,6 @@ def service_settings() -> ServiceSettings:
     return ServiceSettings(entries=tuple(entries), http_root=http_root, http_timeout=http_timeout)
 
 
-# -- attach mode's relays (the ICMP, UDP and TCP workers) ----------------------------------
-# load() reads USTACK_ATTACH, USTACK_FORWARD and USTACK_DEFAULT_ROUTE, which the device needs too.
-
-DEFAULT_RELAY_CONNECT_TIMEOUT = 30.0  # USTACK_RELAY_CONNECT_TIMEOUT
-DEFAULT_UDP_IDLE = 60.0      # USTACK_UDP_IDLE (Linux conntrack: 30 s unreplied, 120 s stream)
-DEFAULT_UDP_IDLE_DNS = 10.0  # USTACK_UDP_IDLE_DNS: one question, one answer (retries come within seconds)
-
-def _networks(name: str) -> tuple[Network, ...]:
-    try:
-        return parse_networks(env_str(name, ""))
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-
-
-def _host_alias() -> Address | None:
-    raw = env_str("USTACK_HOST_ALIAS", "")
-    try:
-        return ipaddress.ip_address(raw) if raw else None
-    except ValueError as exc:
-        raise ConfigError(f"USTACK_HOST_ALIAS: {exc}") from None
-
-
-def _publish() -> tuple[tuple[str, int, int], ...]:
-    """USTACK_PUBLISH, "tcp:8080:80,udp:5353:53": (protocol, port where the stack runs, port in the
-    namespace) each."""
-    out = []
-    for item in env_str("USTACK_PUBLISH", "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        parts = item.split(":")
-        try:
-            proto, outer, inner = parts[0].lower(), int(parts[1]), int(parts[2])
-            if len(parts) != 3 or proto not in ("tcp", "udp") or not (0 < outer < 65536 and 0 < inner < 65536):
-                raise ValueError
-        except (ValueError, IndexError):
-            raise ConfigError(f"USTACK_PUBLISH: {item!r} is not proto:port:port "
-                              "(proto tcp or udp, ports 1..65535)") from None
-        out.append((proto, outer, inner))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class RelaySettings:
-    """Attach mode's relay settings, checked: the workers build their ForwardPolicy and relays from them."""
-    deny: tuple[Network, ...]   # refused, besides the policy's own list (loopback, link-local, metadata)
-    allow: tuple[Network, ...]  # when not empty: the only destinations relayed to
-    host_alias: Address | None  # reaches the loopback where the stack runs; None: off
-    publish: tuple[tuple[str, int, int], ...]  # (protocol, port where the stack runs, port in the namespace)
-    connect_timeout: float      # seconds an upstream TCP connect may take
-    udp_idle: float             # seconds a relayed UDP flow lives without traffic
-    udp_idle_dns: float         # the same for a flow to port 53
-
-    def published(self, proto: str) -> dict[int, int]:
-        """USTACK_PUBLISH's ports of one protocol: port where the stack runs -> port in the namespace."""
-        return {outer: inner for p, outer, inner in self.publish if p == proto}
-
-
-def relay_settings() -> RelaySettings:
-    """USTACK_FORWARD_DENY/_ALLOW, USTACK_HOST_ALIAS, USTACK_PUBLISH and the relays' timeouts: a
-    ConfigError naming every bad value at once."""
-    p = _Problems()
-    deny = p.take(_networks, "USTACK_FORWARD_DENY")
-    allow = p.take(_networks, "USTACK_FORWARD_ALLOW")
-    host_alias = p.take(_host_alias)
-    publish = p.take(_publish)
-    connect_timeout = p.take(_number, "USTACK_RELAY_CONNECT_TIMEOUT", DEFAULT_RELAY_CONNECT_TIMEOUT, 0.1, 3600.0)
-    udp_idle = p.take(_number, "USTACK_UDP_IDLE", DEFAULT_UDP_IDLE, 0.1, 86400.0)
-    udp_idle_dns = p.take(_number, "USTACK_UDP_IDLE_DNS", DEFAULT_UDP_IDLE_DNS, 0.1, 86400.0)
-    p.done()
-    return RelaySettings(deny=deny, allow=allow, host_alias=host_alias, publish=publish,
-                         connect_timeout=connect_timeout, udp_idle=udp_idle, udp_idle_dns=udp_idle_dns)
-
-
 # -- logs, and scripts/run's namespace ------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -508,13 +433,18 @@ def netns_name() -> str:
 # but the two read elsewhere (module docstring). A process reads the groups it uses, but
 # every process (and scripts/run) checks them all, so that a typo is rejected before
 # anything starts.
+def _relay_settings() -> object:
+    from pipeline import relay_config  # it builds on this module's readers
+    return relay_config.relay_settings()
+
+
 CHECKS: tuple[Callable[[], object], ...] = (
     load,
     log_settings,
     netns_name,
     tcp_settings,
     service_settings,
-    relay_settings,
+    _relay_settings,
 )
 
 

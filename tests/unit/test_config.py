@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline import config
+from pipeline import config, relay_config
 from pipeline.bus import endpoints
 
 
@@ -173,7 +173,8 @@ WORKER_VARS = ("TCP_CONGESTION", "TCP_MSL", "TCP_DELAYED_ACK", "TCP_NAGLE", "TCP
                "TCP_KEEPALIVE", "TCP_SYN_QUEUE", "TCP_MAX_TIME_WAIT", "TCP_RECV_BUFFER", "TCP_SEND_BUFFER",
                "USTACK_SERVICES", "USTACK_HTTP_ROOT", "USTACK_HTTP_TIMEOUT", "USTACK_PUBLISH",
                "USTACK_RELAY_CONNECT_TIMEOUT", "USTACK_UDP_IDLE", "USTACK_UDP_IDLE_DNS", "LOG_LEVEL", "LOG_FORMAT",
-               "LOG_PAYLOAD", *ATTACH_VARS)
+               "LOG_PAYLOAD", "USTACK_FORWARD_ALLOW_NAMES", "USTACK_PUBLISH_SOURCE", "USTACK_OUTBOUND_ADDR",
+               "USTACK_OUTBOUND_ADDR6", "USTACK_DNS", "USTACK_DNS_SERVERS", "USTACK_DNS_TIMEOUT", *ATTACH_VARS)
 
 
 @pytest.fixture
@@ -188,8 +189,10 @@ def test_worker_settings_defaults(worker_env):
         congestion="newreno", msl=30.0, delayed_ack=0.04, nagle=True, ecn=True, fin_wait2_timeout=60.0,
         keepalive=None, syn_queue=256, max_time_wait=8192, recv_buffer=1 << 20, send_buffer=1 << 20)
     assert config.service_settings() == config.ServiceSettings(entries=(), http_root="", http_timeout=10.0)
-    assert config.relay_settings() == config.RelaySettings(deny=(), allow=(), host_alias=None, publish=(),
-                                                           connect_timeout=30.0, udp_idle=60.0, udp_idle_dns=10.0)
+    assert relay_config.relay_settings() == relay_config.RelaySettings(
+        deny=(), allow=(), host_alias=None, publish=(), connect_timeout=30.0, udp_idle=60.0, udp_idle_dns=10.0,
+        allow_names=(), publish_source="client", outbound=None, outbound6=None, dns=False,
+        dns_servers=relay_config.resolv_conf_servers(), dns_timeout=5.0)
     assert config.log_settings() == config.LogSettings(level="info", format="json", payload=False)
 
 
@@ -203,7 +206,7 @@ def test_worker_settings_are_plain_checked_values(worker_env, tmp_path):
     assert (tcp.congestion, tcp.keepalive, tcp.nagle) == ("cubic", 45.0, False)
     services = config.service_settings()
     assert services.entries == (("udp", 9001, "m", "f"),) and services.http_root == str(tmp_path)
-    relays = config.relay_settings()
+    relays = relay_config.relay_settings()
     assert [str(n) for n in relays.deny] == ["10.0.0.0/8", "192.0.2.1/32"]
     assert [str(n) for n in relays.allow] == ["fd00::/8"] and str(relays.host_alias) == "10.0.2.2"
     assert relays.published("tcp") == {8080: 80} and relays.published("udp") == {5353: 53}
@@ -218,9 +221,45 @@ def test_each_group_names_all_of_its_bad_values_at_once(worker_env):
     worker_env.setenv("USTACK_FORWARD_ALLOW", "nowhere")
     worker_env.setenv("USTACK_UDP_IDLE_DNS", "0")
     with pytest.raises(config.ConfigError) as exc:
-        config.relay_settings()
+        relay_config.relay_settings()
     assert exc.value.problems == ["USTACK_FORWARD_ALLOW: 'nowhere' is not an address or CIDR network",
                                   "USTACK_UDP_IDLE_DNS=0.0: expected 0.1..86400.0"]
+
+
+def test_attach_mode_names_outbound_addresses_and_resolvers(worker_env, tmp_path):
+    for name, value in {"USTACK_FORWARD_ALLOW_NAMES": "Pkgs.Example., *.example.org", "USTACK_DNS": "1",
+                        "USTACK_OUTBOUND_ADDR": "127.0.0.1", "USTACK_OUTBOUND_ADDR6": "::1",
+                        "USTACK_DNS_SERVERS": "127.0.0.53, 2001:db8::53", "USTACK_PUBLISH_SOURCE": "stack"}.items():
+        worker_env.setenv(name, value)
+    relays = relay_config.relay_settings()
+    assert relays.allow_names == ("pkgs.example", "*.example.org") and relays.publish_source == "stack"
+    assert (str(relays.outbound), str(relays.outbound6)) == ("127.0.0.1", "::1")
+    assert [str(a) for a in relays.dns_servers] == ["127.0.0.53", "2001:db8::53"]
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# comment\nsearch example\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\n"
+                      "nameserver fd00::53\noptions edns0\n")
+    assert [str(a) for a in relay_config.resolv_conf_servers(str(resolv))] == ["127.0.0.53", "fd00::53"]
+    assert relay_config.resolv_conf_servers(str(tmp_path / "absent")) == ()
+
+
+def test_attach_mode_settings_name_every_bad_value(worker_env):
+    for name, value in {"USTACK_FORWARD_ALLOW_NAMES": "ok.example, bad name", "USTACK_OUTBOUND_ADDR": "192.0.2.250",
+                        "USTACK_OUTBOUND_ADDR6": "10.0.0.1", "USTACK_PUBLISH_SOURCE": "gateway",
+                        "USTACK_PUBLISH": "tcp:1:2:3", "USTACK_DNS": "0"}.items():
+        worker_env.setenv(name, value)
+    with pytest.raises(config.ConfigError) as exc:
+        relay_config.relay_settings()
+    assert exc.value.problems == [
+        "USTACK_FORWARD_ALLOW_NAMES: 'bad name' is not a host name or *.name",
+        "USTACK_PUBLISH: 'tcp:1:2:3' is not proto:port:port (proto tcp or udp, ports 1..65535)",
+        "USTACK_PUBLISH_SOURCE='gateway': expected client or stack",
+        "USTACK_OUTBOUND_ADDR=192.0.2.250: not an address of this network namespace",
+        "USTACK_OUTBOUND_ADDR6=10.0.0.1: expected an IPv6 address"]
+    worker_env.setenv("USTACK_FORWARD_ALLOW_NAMES", "ok.example")
+    for name in ("USTACK_OUTBOUND_ADDR", "USTACK_OUTBOUND_ADDR6", "USTACK_PUBLISH_SOURCE", "USTACK_PUBLISH"):
+        worker_env.delenv(name)
+    with pytest.raises(config.ConfigError, match="needs the stack's resolver"):
+        relay_config.relay_settings()
 
 
 def test_the_receive_buffer_holds_a_segment_of_the_configured_mtu(worker_env):

@@ -9,7 +9,7 @@ fe80::/10). ``deny`` adds to those; ``allow``, when given, is the only set
 relayed to and overrides the deny list for what it names. ``host_alias``
 (off by default, like slirp4netns's 10.0.2.2) maps one address to the
 host's loopback of its family. The workers build it from the checked
-settings (``pipeline.config.relay_settings``).
+settings (``pipeline.relay_config.relay_settings``).
 """
 
 from __future__ import annotations

@@ -59,6 +59,8 @@ class Open:
     address: bytes  # packed, 4 or 16 bytes: the socket's family follows
     port: int       # the destination port (0 for ICMP)
     keepalive: Keepalive | None = None  # TCP: probe an idle upstream connection
+    relayed: bool = True  # a namespace's flow (leaves from USTACK_OUTBOUND_ADDR*); False: the stack's own
+                          # client (the DNS forwarder asking its resolvers, loopback ones included)
 
 
 @dataclass(frozen=True, slots=True)

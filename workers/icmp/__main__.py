@@ -2,7 +2,7 @@
 
 import os
 
-from pipeline import config
+from pipeline import config, relay_config
 from pipeline.process import Process
 from workers import shell
 from workers.icmp.core import IcmpCore
@@ -12,7 +12,7 @@ from workers.attach.policy import ForwardPolicy
 if __name__ == "__main__":
     proc = Process("icmp")  # checks every setting: the group read below cannot fail
     cfg = proc.config
-    relays = config.relay_settings()
+    relays = relay_config.relay_settings()
     sink = shell.sink(proc)
     # Attach mode: echo requests to other addresses are relayed to the real hosts.
     policy = ForwardPolicy(deny=relays.deny, allow=relays.allow, host_alias=relays.host_alias)

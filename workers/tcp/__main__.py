@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline import config
+from pipeline import config, relay_config
 from pipeline.process import Process
 from workers import shell
 from workers.services import registry
@@ -40,7 +40,7 @@ def tcp_config(mtu: int, offload: bool, tcp: config.TcpSettings) -> TcpConfig:
 if __name__ == "__main__":
     proc = Process("tcp")  # checks every setting: the groups read below cannot fail
     cfg = proc.config
-    settings, relays = config.tcp_settings(), config.relay_settings()
+    settings, relays = config.tcp_settings(), relay_config.relay_settings()
     sink = shell.sink(proc)
     services = registry.services_or_exit("tcp", config.service_settings())
     tcp = tcp_config(cfg.mtu, cfg.offload, settings)

@@ -2,7 +2,7 @@
 
 import os
 
-from pipeline import config
+from pipeline import config, relay_config
 from pipeline.process import Process
 from workers import shell
 from workers.services import registry
@@ -13,7 +13,7 @@ from workers.attach.udp import UdpRelay
 if __name__ == "__main__":
     proc = Process("udp")  # checks every setting: the groups read below cannot fail
     cfg = proc.config
-    relays = config.relay_settings()
+    relays = relay_config.relay_settings()
     sink = shell.sink(proc)
     # Attach mode: datagrams to other addresses are relayed to real sockets opened from here.
     publish = relays.published("udp")
