@@ -9,7 +9,8 @@ import collections
 import pytest
 import structlog
 
-from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE, DEFAULT_UDP_IDLE, DEFAULT_UDP_IDLE_DNS
+from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
+from pipeline.relay_config import DEFAULT_UDP_IDLE, DEFAULT_UDP_IDLE_DNS
 from pipeline.flow import Flow
 from workers.attach.policy import ForwardPolicy
 from pipeline.wire import icmpv6, ipv6
