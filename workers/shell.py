@@ -26,6 +26,7 @@ from pipeline import latency
 from pipeline.bus import endpoints, messages
 from pipeline.process import Process
 from workers.core import Outgoing, Sink, WorkerCore
+from workers.attach.learned import SharedNames
 from workers.attach.upstream import Upstreams
 
 MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) handled per wake-up
@@ -37,7 +38,10 @@ def sink(proc: Process) -> Sink:
     return Sink(proc.counters, proc.log, proc.debug, proc.log_payload)
 
 
-def run(proc: Process, core: WorkerCore, steered: frozenset[int] = frozenset()) -> None:
+def run(proc: Process, core: WorkerCore, steered: frozenset[int] = frozenset(),
+        outbound: dict[int, str] | None = None, names: SharedNames | None = None) -> None:
+    """Serve ``core`` until stopped. Attach mode: ``outbound``, the address relayed flows leave
+    from per family; ``names``, what the stack's resolver learned (written out before each send)."""
     ctx = zmq.Context()
     cfg = proc.config
     if cfg.ingress_endpoint.startswith("ipc://") or cfg.egress_endpoint.startswith("ipc://"):
@@ -47,7 +51,7 @@ def run(proc: Process, core: WorkerCore, steered: frozenset[int] = frozenset()) 
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     # Relaying cores (attach mode) get real sockets, polled beside the bus.
-    upstreams = Upstreams(poller) if hasattr(core, "relay_commands") else None
+    upstreams = Upstreams(poller, outbound) if hasattr(core, "relay_commands") else None
     poller.register(proc.telemetry.socket, zmq.POLLIN)  # stackctl's requests (see pipeline.telemetry)
     table = getattr(core, "connection_table", None)
     if table is not None:
@@ -151,6 +155,8 @@ def run(proc: Process, core: WorkerCore, steered: frozenset[int] = frozenset()) 
             opened, closed = core.flow_changes()
             if opened or closed:
                 tell_ingress(messages.encode_flows(proc.name, False, opened, closed))
+            if names is not None:
+                names.flush()  # an answer's addresses are on disk before the answer leaves
             if out:
                 send(out, stamps)
         send(core.close(time.monotonic()))
@@ -162,6 +168,8 @@ def run(proc: Process, core: WorkerCore, steered: frozenset[int] = frozenset()) 
             log.info("worker_parked", **dict(proc.counters))
             proc.park()
     finally:
+        if names is not None:
+            names.close()
         log.info("worker_stopped", **dict(proc.counters))
         inbox.close()
         outbox.close()

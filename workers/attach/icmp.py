@@ -8,7 +8,9 @@ each echo reply that socket receives goes back to the client with the
 client's identifier restored (RFC 792, RFC 4443 §4.2). A host
 that does not answer gets no answer: nothing is ever made up here. A
 destination the policy refuses gets ICMP administratively prohibited
-(RFC 1812 §5.2.7.1) from the stack. Flows close after ``idle`` seconds.
+(RFC 1812 §5.2.7.1) from the stack, and so does every request while the
+host where the stack runs refuses us echo sockets (``net.ipv4.ping_group_range``;
+counted as ``relay_ping_refused``). Flows close after ``idle`` seconds.
 
 A flow is a ``Flow(client, identifier, 0, destination)``.
 """
@@ -30,6 +32,7 @@ from workers.core import Outgoing, Sink, ip_reply
 
 IDLE = 10.0        # seconds an echo flow lives after its last request or reply
 MAX_FLOWS = 1024   # open echo sockets per worker
+MAX_QUOTE = 576    # bytes of the last request kept for an ICMP error's quote (RFC 1812 §4.3.2.3)
 
 
 @dataclass(slots=True)
@@ -37,8 +40,11 @@ class EchoFlow:
     started: float
     last: float
     denied: bool = False
+    name: str = ""  # the name our resolver learned the destination from
     requests: int = 0
     replies: int = 0
+    refused: bool = False  # this host refuses us echo sockets (net.ipv4.ping_group_range)
+    quote: bytes = b""     # the last request, for the ICMP error that says so
 
 
 class EchoRelay(relay.DatagramFlows):
@@ -52,13 +58,16 @@ class EchoRelay(relay.DatagramFlows):
                 now: float) -> list[Outgoing]:
         """An echo request from ``src`` to ``dst`` (not us): relay it, or refuse it."""
         key = Flow(src, msg.identifier, 0, dst)
-        flow = self.admit(key, 0, lambda denied: EchoFlow(now, now, denied=denied))
+        flow = self.admit(key, 0, now, lambda denied: EchoFlow(now, now, denied=denied))
         if flow is None:
             return []
+        if flow.refused:  # its idle time runs from the refusal: then a new socket is tried
+            return self._refused(key, flow, packet)
         flow.last = now
         if flow.denied:
             return [relay.unreachable(dst, src, "admin", packet)]
         flow.requests += 1
+        flow.quote = packet[:MAX_QUOTE]
         # The kernel sets its own identifier and checksum (a datagram ICMP or ICMPv6 socket).
         wire = msg.to_bytes(src, dst) if isinstance(msg, Icmpv6Message) else msg.emit()
         self.commands.append(relay.Send(key, wire))
@@ -67,6 +76,9 @@ class EchoRelay(relay.DatagramFlows):
     def upstream(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
         key: Flow = ev.key  # type: ignore[assignment]
         flow = self.flows.get(key)
+        if flow is not None and ev.kind == relay.REFUSED:
+            flow.refused = True
+            return self._refused(key, flow, flow.quote)
         if flow is None or ev.kind != relay.DATA:
             return []
         try:
@@ -88,6 +100,12 @@ class EchoRelay(relay.DatagramFlows):
         answer = IcmpMessage(ECHO_REPLY, 0, rest, bytes(reply.payload))
         return [(ip_reply(key.local, key.remote, PROTO_ICMP, answer.emit()), None)]
 
+    def _refused(self, key: Flow, flow: EchoFlow, packet: bytes) -> list[Outgoing]:
+        """The host where the stack runs will not let us ping: say so to the client rather than
+        stay silent (RFC 1812 §5.2.7.1, RFC 4443 §3.1: administratively prohibited)."""
+        self.sink.counters["relay_ping_refused"] += 1
+        return [relay.unreachable(key.local, key.remote, "admin", packet)]
+
     def expire(self, now: float) -> None:
         for key, flow in list(self.flows.items()):
             if flow.last + self.idle <= now:
@@ -101,7 +119,7 @@ class EchoRelay(relay.DatagramFlows):
         if flow.denied:
             return
         self.commands.append(relay.Close(key))
-        relay.log_flow(self.sink, "icmp", key, flow.started, now, reason, packets_up=flow.requests,
+        relay.log_flow(self.sink, "icmp", key, flow.started, now, reason, name=flow.name, packets_up=flow.requests,
                        packets_down=flow.replies)
 
     def close(self, now: float) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Protocol
 
 from pipeline.flow import Flow
-from workers.attach.policy import ForwardPolicy
+from workers.attach.policy import ForwardPolicy, Verdict
 from pipeline.wire import icmp, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
 from pipeline.wire.ipv4 import PROTO_ICMP
@@ -139,24 +139,28 @@ class RelayCore(Protocol):
 
 
 def log_flow(sink: Sink, proto: str, key: Flow, started: float, now: float, reason: str, published: int = 0,
-             **fields: object) -> None:
+             name: str = "", **fields: object) -> None:
     """The one JSON record of a relayed flow, when it ends (issue 10: observability).
 
     ``published``: an inbound flow accepted on that port where the stack runs, relayed to
-    ``key.remote`` (the namespace's address) and ``key.rport``."""
+    ``key.remote`` (the namespace's address) and ``key.rport``. ``name``: the name our resolver
+    learned the destination from (issue 20), when it did."""
     sink.counters["relay_flows_closed"] += 1
     if published:
         ends = {"src": "published", "sport": published, "dst": fmt_addr(key.remote), "dport": key.rport}
     else:
         ends = {"src": fmt_addr(key.remote), "sport": key.rport, "dst": fmt_addr(key.local), "dport": key.lport}
+    if name:
+        fields["name"] = name
     sink.log.info("relay_flow", proto=proto, **ends, duration=round(now - started, 3), reason=reason, **fields)
 
 
-def log_denied(sink: Sink, proto: str, key: Flow) -> None:
-    """A destination the policy refuses: counted and one record."""
+def log_denied(sink: Sink, proto: str, key: Flow, verdict: Verdict) -> None:
+    """A destination the policy refuses: counted and one record saying why."""
     sink.counters["relay_denied"] += 1
+    sink.counters["relay_denied_" + verdict.reason] += 1
     sink.log.info("relay_denied", proto=proto, src=fmt_addr(key.remote), sport=key.rport, dst=fmt_addr(key.local),
-                  dport=key.lport)
+                  dport=key.lport, reason=verdict.reason, **({"name": verdict.name} if verdict.name else {}))
 
 
 class DatagramFlows:
@@ -174,19 +178,20 @@ class DatagramFlows:
         self.flows: dict[Flow, Any] = {}
         self.commands: list[Command] = []
 
-    def admit(self, key: Flow, port: int, make: Callable[[bool], Any]) -> Any:
+    def admit(self, key: Flow, port: int, now: float, make: Callable[[bool], Any]) -> Any:
         """The flow of ``key``, new ones opened upstream (or marked denied); None when the table is full."""
         flow = self.flows.get(key)
         if flow is None:
             if len(self.flows) >= self.max_flows:
                 self.sink.drop(f"relay_{self.proto}_flows_full")
                 return None
-            target = self.policy.target(key.local)
-            flow = self.flows[key] = make(target is None)
-            if target is None:
-                log_denied(self.sink, self.proto, key)
+            verdict = self.policy.decide(key.local, now)
+            flow = self.flows[key] = make(verdict.target is None)
+            flow.name = verdict.name
+            if verdict.target is None:
+                log_denied(self.sink, self.proto, key, verdict)
             else:
-                self.commands.append(Open(key, self.proto, target, port))
+                self.commands.append(Open(key, self.proto, verdict.target, port))
         return flow
 
     def take_commands(self) -> list[Command]:

@@ -96,6 +96,7 @@ class TcpRelay:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive  # TCP_KEEPALIVE: the upstream sockets probe like our own TCP
         self.pending: dict[Flow, PendingSyn] = {}
+        self.names: dict[Flow, str] = {}  # the name each relayed flow's destination was learned from
         self.commands: list[relay.Command] = []
         # Inbound (USTACK_PUBLISH): port where the stack runs -> port of namespace_address (the
         # kernel side of the device), and each inbound flow's published port.
@@ -184,6 +185,7 @@ class TcpRelay:
 
     def forget(self, key: Flow) -> None:
         self.published.pop(key, None)
+        self.names.pop(key, None)
 
     # -- held SYNs -------------------------------------------------------------------
 
@@ -192,12 +194,14 @@ class TcpRelay:
         if key in self.pending:
             self.sink.counters["relay_syn_retransmitted"] += 1
             return True  # still connecting: the client's retransmission is absorbed
-        target = self.policy.target(key.local)
-        if target is None:
-            relay.log_denied(self.sink, "tcp", key)
+        verdict = self.policy.decide(key.local, now)
+        if verdict.target is None:
+            relay.log_denied(self.sink, "tcp", key, verdict)
             return False
         self.pending[key] = PendingSyn(syn, packet, now, now + self.connect_timeout)
-        self.commands.append(relay.Open(key, relay.TCP, target, key.lport, self.keepalive))
+        if verdict.name:
+            self.names[key] = verdict.name
+        self.commands.append(relay.Open(key, relay.TCP, verdict.target, key.lport, self.keepalive))
         self.sink.counters["relay_connects"] += 1
         return True
 
@@ -223,7 +227,8 @@ class TcpRelay:
     def log_flow(self, proto: str, key: Flow, record: FlowRecord, now: float, reason: str) -> None:
         """The one JSON record of a relayed flow, when it ends."""
         relay.log_flow(self.sink, proto, key, record.started, now, reason, published=self.published.get(key, 0),
-                       bytes_up=record.bytes_up, bytes_down=record.bytes_down, **record.extra)
+                       name=self.names.pop(key, ""), bytes_up=record.bytes_up, bytes_down=record.bytes_down,
+                       **record.extra)
 
 
 class RelayService(Service):

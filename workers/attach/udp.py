@@ -40,6 +40,7 @@ class UdpFlow:
     last: float
     quote: bytes  # the client's last datagram (IP packet, truncated) for ICMP errors
     denied: bool = False
+    name: str = ""  # the name our resolver learned the destination from
     bytes_up: int = 0
     bytes_down: int = 0
     datagrams_up: int = 0
@@ -121,7 +122,7 @@ class UdpRelay(relay.DatagramFlows):
 
     def datagram(self, key: Flow, payload: bytes, packet: bytes, now: float) -> list[Outgoing]:
         """A datagram from the namespace to ``key.local``: relay it (opening the flow) or refuse it."""
-        flow = self.admit(key, key.lport, lambda denied: UdpFlow(now, now, packet[:MAX_QUOTE], denied=denied))
+        flow = self.admit(key, key.lport, now, lambda denied: UdpFlow(now, now, packet[:MAX_QUOTE], denied=denied))
         if flow is None:
             return []
         flow.last = now
@@ -176,7 +177,7 @@ class UdpRelay(relay.DatagramFlows):
         if flow.denied:
             return
         self.commands.append(relay.Close(key))
-        relay.log_flow(self.sink, "udp", key, flow.started, now, reason, bytes_up=flow.bytes_up,
+        relay.log_flow(self.sink, "udp", key, flow.started, now, reason, name=flow.name, bytes_up=flow.bytes_up,
                        bytes_down=flow.bytes_down, packets_up=flow.datagrams_up, packets_down=flow.datagrams_down)
 
     def close(self, now: float) -> None:

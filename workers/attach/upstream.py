@@ -32,6 +32,7 @@ _UNREACHABLE = {errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net"}
 # <linux/in.h>, <linux/in6.h>: report every ICMP error on a datagram socket, not only port unreachable
 # (without them Linux reports host and network unreachable to nobody).
 _IP_RECVERR, _IPV6_RECVERR = 11, 25
+_IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>: a bind() before connect() reserves no port of its own
 _MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 _SOCK_TYPE = {relay.TCP: (socket.SOCK_STREAM, 0), relay.UDP: (socket.SOCK_DGRAM, 0),
               relay.ICMP: (socket.SOCK_DGRAM, None)}
@@ -56,8 +57,9 @@ class _Entry:
 
 
 class Upstreams:
-    def __init__(self, poller: zmq.Poller) -> None:
+    def __init__(self, poller: zmq.Poller, outbound: dict[int, str] | None = None) -> None:
         self.poller = poller
+        self.outbound = outbound or {}  # address family -> the address relayed flows leave from
         self.by_key: dict[Hashable, _Entry] = {}
         self.by_fd: dict[int, _Entry] = {}
         self.accepted = 0  # provisional keys of accepted sockets
@@ -146,9 +148,23 @@ class Upstreams:
             proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
         try:
             sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-        except OSError as exc:  # e.g. EACCES for ping sockets outside net.ipv4.ping_group_range
-            events.append(Upstream(cmd.key, relay.UNREACHABLE, detail="host", data=str(exc).encode()))
+        except OSError as exc:
+            if cmd.proto == relay.ICMP and exc.errno in (errno.EACCES, errno.EPERM):
+                # Our group is outside net.ipv4.ping_group_range (a new namespace's is "1 0").
+                events.append(Upstream(cmd.key, relay.REFUSED, detail="ping_group_range"))
+            else:
+                events.append(Upstream(cmd.key, relay.UNREACHABLE, detail="host", data=str(exc).encode()))
             return
+        source = self.outbound.get(family) if cmd.relayed else None
+        if source is not None:  # USTACK_OUTBOUND_ADDR(6): the relayed flow leaves from there
+            if cmd.proto == relay.TCP:  # the port is picked at connect(), per destination
+                sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            try:
+                sock.bind((source, 0))
+            except OSError as exc:  # the address went away since the start
+                sock.close()
+                events.append(_connect_error(cmd.key, exc.errno or errno.EADDRNOTAVAIL))
+                return
         if cmd.proto == relay.TCP:
             _keepalive(sock, cmd.keepalive)
         elif cmd.proto == relay.UDP:
@@ -355,3 +371,13 @@ def _keepalive(sock: socket.socket, keepalive: relay.Keepalive | None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(keepalive.idle)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(keepalive.interval)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, keepalive.probes))
+
+
+def ping_refused() -> str:
+    """Why this namespace refuses us unprivileged echo sockets ("" when it does not): relayed pings
+    need our group inside ``net.ipv4.ping_group_range`` (both families; a new namespace's is "1 0")."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMP).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""

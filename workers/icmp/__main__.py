@@ -7,7 +7,10 @@ from pipeline.process import Process
 from workers import shell
 from workers.icmp.core import IcmpCore
 from workers.attach.icmp import EchoRelay
-from workers.attach.policy import ForwardPolicy
+from workers.attach import wiring
+from workers.attach.upstream import ping_refused
+
+PING_FIX = "sysctl -w net.ipv4.ping_group_range='0 2147483647'"
 
 if __name__ == "__main__":
     proc = Process("icmp")  # checks every setting: the group read below cannot fail
@@ -15,8 +18,12 @@ if __name__ == "__main__":
     relays = relay_config.relay_settings()
     sink = shell.sink(proc)
     # Attach mode: echo requests to other addresses are relayed to the real hosts.
-    policy = ForwardPolicy(deny=relays.deny, allow=relays.allow, host_alias=relays.host_alias)
-    relay = EchoRelay(sink, cfg.stack_addr_bytes, policy) if cfg.forward else None
+    learned = wiring.names(relays, cfg.run_dir, proc.name) if cfg.forward else None
+    relay = EchoRelay(sink, cfg.stack_addr_bytes, wiring.policy(relays, learned)) if cfg.forward else None
+    if relay is not None and (why := ping_refused()):  # said once; each refused ping is counted and answered
+        proc.log.warning("ping_refused_by_host", error=why, fix=f"{PING_FIX} (in the namespace where the stack "
+                         "runs), then relayed pings work without a restart")
     # Identifications of fragmented replies start at random (RFC 7739 §5: not predictable).
     shell.run(proc, IcmpCore(sink, cfg.stack_addr_bytes, cfg.stack_addr6_bytes, cfg.mtu,
-                             ident_seed=int.from_bytes(os.urandom(4), "big"), relay_=relay))
+                             ident_seed=int.from_bytes(os.urandom(4), "big"), relay_=relay),
+              outbound=wiring.outbound(relays), names=learned)

@@ -8,7 +8,7 @@ from pipeline import config, relay_config
 from pipeline.process import Process
 from workers import shell
 from workers.services import registry
-from workers.attach.policy import ForwardPolicy
+from workers.attach import wiring
 from workers.attach.relay import Keepalive
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
@@ -48,7 +48,8 @@ if __name__ == "__main__":
     keepalive = None if tcp.keepalive is None else Keepalive(tcp.keepalive, tcp.keepalive_interval,
                                                              tcp.keepalive_probes)
     publish = relays.published("tcp")
-    policy = ForwardPolicy(deny=relays.deny, allow=relays.allow, host_alias=relays.host_alias)
+    learned = wiring.names(relays, cfg.run_dir, proc.name) if cfg.forward else None
+    policy = wiring.policy(relays, learned)
     relay = TcpRelay(sink, policy, relays.connect_timeout, publish=publish,
                      namespace_address=cfg.host_interface.ip.packed,
                      keepalive=keepalive) if cfg.forward or publish else None
@@ -58,4 +59,4 @@ if __name__ == "__main__":
                              secret=os.urandom(32), services=services, offload=cfg.offload,
                              syn_queue_limit=settings.syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay,
                              max_time_wait=settings.max_time_wait),
-              steered=registry.steered_ports(services))
+              steered=registry.steered_ports(services), outbound=wiring.outbound(relays), names=learned)

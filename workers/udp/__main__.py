@@ -7,7 +7,7 @@ from pipeline.process import Process
 from workers import shell
 from workers.services import registry
 from workers.udp.core import UdpCore
-from workers.attach.policy import ForwardPolicy
+from workers.attach import wiring
 from workers.attach.udp import UdpRelay
 
 if __name__ == "__main__":
@@ -17,11 +17,13 @@ if __name__ == "__main__":
     sink = shell.sink(proc)
     # Attach mode: datagrams to other addresses are relayed to real sockets opened from here.
     publish = relays.published("udp")
-    policy = ForwardPolicy(deny=relays.deny, allow=relays.allow, host_alias=relays.host_alias)
+    learned = wiring.names(relays, cfg.run_dir, proc.name) if cfg.forward else None
+    policy = wiring.policy(relays, learned)
     relay = UdpRelay(sink, cfg.stack_addr_bytes, policy, cfg.mtu, relays.udp_idle, relays.udp_idle_dns,
                      publish=publish,
                      namespace_address=cfg.host_interface.ip.packed) if cfg.forward or publish else None
     # Identifications of fragmented replies start at random (RFC 7739 §5: not predictable).
     shell.run(proc, UdpCore(sink, cfg.stack_addr_bytes, registry.services_or_exit("udp", config.service_settings()),
                             address6=cfg.stack_addr6_bytes, mtu=cfg.mtu,
-                            ident_seed=int.from_bytes(os.urandom(4), "big"), relay_=relay))
+                            ident_seed=int.from_bytes(os.urandom(4), "big"), relay_=relay),
+              outbound=wiring.outbound(relays), names=learned)

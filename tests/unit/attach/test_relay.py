@@ -12,7 +12,7 @@ import structlog
 from pipeline.config import DEFAULT_MAX_TIME_WAIT, DEFAULT_SYN_QUEUE
 from pipeline.relay_config import DEFAULT_UDP_IDLE, DEFAULT_UDP_IDLE_DNS
 from pipeline.flow import Flow
-from workers.attach.policy import ForwardPolicy
+from workers.attach.policy import NAME_GRACE, ForwardPolicy, NameTable
 from pipeline.wire import icmpv6, ipv6
 from pipeline.wire.icmp import ECHO_REPLY, ECHO_REQUEST, IcmpMessage, parse_icmp
 from pipeline.wire.icmpv6 import Icmpv6Message
@@ -42,23 +42,52 @@ def ip(addr: str) -> bytes:
 
 def test_policy_denies_loopback_link_local_and_metadata_by_default():
     policy = ForwardPolicy()
-    assert policy.target(SERVER) == SERVER
+    assert policy.decide(SERVER, 0.0).target == SERVER
     for denied in ("127.0.0.1", "127.9.9.9", "169.254.169.254"):
-        assert policy.target(ip(denied)) is None
-    assert policy.target(bytes(15) + b"\x01") is None  # ::1
-    assert policy.target(b"\xfe\x80" + bytes(14)) is None  # fe80::
-    assert policy.target(b"\x20\x01\x0d\xb8" + bytes(12)) is not None
+        assert policy.decide(ip(denied), 0.0).target is None
+    assert policy.decide(bytes(15) + b"\x01", 0.0).target is None  # ::1
+    assert policy.decide(b"\xfe\x80" + bytes(14), 0.0).target is None  # fe80::
+    assert policy.decide(b"\x20\x01\x0d\xb8" + bytes(12), 0.0).target is not None
 
 
 def test_policy_lists_and_host_alias():
-    assert ForwardPolicy(deny="192.0.2.0/25").target(SERVER) is None
+    assert ForwardPolicy(deny="192.0.2.0/25").decide(SERVER, 0.0) == (None, "denied_network", "")
     allow = ForwardPolicy(allow="192.0.2.0/24, 127.0.0.1")
-    assert allow.target(SERVER) == SERVER and allow.target(ip("198.51.100.1")) is None
-    assert allow.target(ip("127.0.0.1")) == ip("127.0.0.1")  # named in the allow list: wins over the default deny
+    assert allow.decide(SERVER, 0.0).target == SERVER and allow.decide(ip("198.51.100.1"), 0.0).target is None
+    assert allow.decide(ip("127.0.0.1"), 0.0).target == ip("127.0.0.1")  # named in the allow list: wins over the default deny
     alias = ForwardPolicy(host_alias="10.0.2.2")
-    assert alias.target(ip("10.0.2.2")) == ip("127.0.0.1")
+    assert alias.decide(ip("10.0.2.2"), 0.0).target == ip("127.0.0.1")
     with pytest.raises(ValueError):
         ForwardPolicy(deny="not-a-network")
+
+
+def test_policy_allows_by_name_only_what_our_resolver_answered_until_ttl_and_grace():
+    names = NameTable()
+    policy = ForwardPolicy(allow_names=("pkgs.example", "*.example.org"), names=names)
+    other = ip("192.0.2.20")
+    assert policy.decide(SERVER, T0) == (None, "name_unknown", "")
+    names.learn("pkgs.example", [SERVER], ttl=60, now=T0)
+    names.learn("cdn.example.org", [ip("192.0.2.30")], ttl=0, now=T0)
+    names.learn("example.org", [other], ttl=60, now=T0)  # "*.example.org" names what is below it, not itself
+    assert policy.decide(SERVER, T0 + 1) == (SERVER, "", "pkgs.example")
+    assert policy.decide(ip("192.0.2.30"), T0 + NAME_GRACE - 1).target == ip("192.0.2.30")
+    assert policy.decide(ip("192.0.2.30"), T0 + NAME_GRACE) == (None, "name_unknown", "")
+    assert policy.decide(other, T0) == (None, "name_not_allowed", "example.org")
+    assert policy.decide(SERVER, T0 + 60 + NAME_GRACE) == (None, "name_unknown", "")
+    # One address, two names: allowed through the allowed one; the address lists still apply.
+    names.learn("tracker.test", [ip("127.0.0.1")], ttl=60, now=T0)
+    names.learn("pkgs.example", [ip("127.0.0.1")], ttl=60, now=T0)
+    assert policy.decide(ip("127.0.0.1"), T0) == (None, "denied_network", "pkgs.example")
+    # Without allow_names the name only labels the flow.
+    assert ForwardPolicy(names=names).decide(SERVER, T0) == (SERVER, "", "pkgs.example")
+
+
+def test_name_table_is_bounded():
+    names = NameTable(limit=3)
+    for i in range(5):
+        names.learn(f"n{i}.test", [bytes([192, 0, 2, i])], ttl=10 + i, now=T0)
+    assert len(names.entries) == 3 and names.names_of(bytes([192, 0, 2, 4]), T0) == ["n4.test"]
+    assert names.names_of(bytes([192, 0, 2, 0]), T0) == []  # the one expiring first made room
 
 
 # -- TCP ----------------------------------------------------------------------------
@@ -249,6 +278,28 @@ def test_echo_relay_restores_the_clients_identifier_and_fakes_nothing():
     # Anything but an echo reply produces nothing.
     assert r.upstream(relay.Upstream(key, relay.DATA, request.emit()), T0 + 0.02) == []
     assert r.upstream(relay.Upstream(key, relay.DATA, b"\x00"), T0 + 0.02) == []
+
+
+def test_echo_relay_answers_admin_prohibited_while_the_host_refuses_echo_sockets():
+    s = sink()
+    r = EchoRelay(s, US, ForwardPolicy())
+    request = IcmpMessage(ECHO_REQUEST, 0, (0x1234 << 16) | 1, b"ping data")
+    packet = build_ipv4(Ipv4Header(src=CLIENT, dst=SERVER, protocol=PROTO_ICMP), request.emit())
+    key = Flow(CLIENT, 0x1234, 0, SERVER)
+    r.request(CLIENT, SERVER, request, packet, T0)
+    r.take_commands()
+    # The shell could not open the socket (EACCES: our group is outside net.ipv4.ping_group_range).
+    [(error, _)] = r.upstream(relay.Upstream(key, relay.REFUSED, detail="ping_group_range"), T0)
+    header, payload = parse_ipv4(error)
+    msg = parse_icmp(payload)
+    assert (header.src, header.dst, msg.type, msg.code) == (SERVER, CLIENT, 3, 13)  # administratively prohibited
+    # Later requests are answered at once, without a socket, until the flow has been idle.
+    [(again, _)] = r.request(CLIENT, SERVER, request, packet, T0 + 1)
+    assert parse_icmp(parse_ipv4(again)[1]).code == 13 and r.take_commands() == []
+    assert s.counters["relay_ping_refused"] == 2
+    r.expire(T0 + 1 + r.idle)
+    r.request(CLIENT, SERVER, request, packet, T0 + 1 + r.idle)
+    assert [type(c) for c in r.take_commands()] == [relay.Close, relay.Open, relay.Send]  # tried again: fixed?
 
 
 def test_echo_relay_over_ipv6_restores_the_clients_identifier():
