@@ -15,7 +15,7 @@ import time
 
 import zmq
 
-from pipeline import bpf, latency, synfilter, tun
+from pipeline import bpf, latency, relay_config, resolvconf, synfilter, tun
 from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
 from pipeline.config import StackConfig
@@ -432,6 +432,12 @@ def main() -> None:
     except tun.TunError as exc:
         proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(tun.exit_status(exc)) from None
+    resolv_conf = None
+    if cfg.attach and relay_config.relay_settings().dns:  # the namespace asks the stack's resolver
+        stack = [str(a) for a in (cfg.stack_address, cfg.stack_address6) if a is not None]
+        resolv_conf = resolvconf.install(cfg.attach, stack, cfg.run_dir)
+        proc.log.info("resolv_conf", path=resolv_conf, nameservers=stack,
+                      note=None if resolv_conf else "not written: the namespace is unnamed or has its own")
     ctx = zmq.Context()
     ingress = Ingress(proc, device, ctx)
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),
@@ -450,6 +456,8 @@ def main() -> None:
         ingress.close()
         ctx.term()
         device.close()
+        if resolv_conf is not None:
+            resolvconf.remove(resolv_conf, cfg.run_dir)
 
 
 if __name__ == "__main__":
