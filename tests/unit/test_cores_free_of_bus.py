@@ -6,7 +6,8 @@ import sys
 import pytest
 
 CORES = ["workers.icmp.core", "workers.udp.core", "workers.tcp.demux",
-         "workers.attach.tcp", "workers.attach.udp", "workers.attach.icmp", "workers.attach.relay"]
+         "workers.attach.tcp", "workers.attach.udp", "workers.attach.icmp", "workers.attach.relay",
+         "workers.attach.dns", "workers.attach.policy"]
 FORBIDDEN = ["zmq", "msgpack", "workers.shell", "workers.attach.upstream", "pipeline.bus.messages", "pipeline.process",
              "pipeline.config", "pipeline.stacklock"]
 

@@ -18,7 +18,7 @@ if __name__ == "__main__":
     relays = relay_config.relay_settings()
     sink = shell.sink(proc)
     # Attach mode: echo requests to other addresses are relayed to the real hosts.
-    learned = wiring.names(relays, cfg.run_dir, proc.name) if cfg.forward else None
+    learned = wiring.names(relays, cfg.run_dir, proc.name)
     relay = EchoRelay(sink, cfg.stack_addr_bytes, wiring.policy(relays, learned)) if cfg.forward else None
     if relay is not None and (why := ping_refused()):  # said once; each refused ping is counted and answered
         proc.log.warning("ping_refused_by_host", error=why, fix=f"{PING_FIX} (in the namespace where the stack "
