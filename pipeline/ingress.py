@@ -6,6 +6,11 @@ by client), TCP workers announce the flows they hold, and ``stackctl`` asks
 here for the pipeline's status. Routing decisions live in
 ``pipeline.routing``, admission's in ``pipeline.admission``, which reads the
 view routing checked; this module is the I/O around them.
+
+Ingress also owns the table of published ports (attach mode,
+``pipeline.publishing``): ``stackctl publish`` changes it here, and every TCP
+and UDP worker gets the whole table after each change and whenever it
+(re)joins, so a restarted worker listens on the current table.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 
 import zmq
 
-from pipeline import bpf, latency, relay_config, resolvconf, synfilter, tun
+from pipeline import bpf, latency, publishing, relay_config, resolvconf, synfilter, tun
 from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
 from pipeline.config import StackConfig
@@ -30,6 +35,8 @@ DRAIN_BATCH = messages.MAX_BATCH  # device reads per wake-up before looking at t
 ORPHAN_MAX_AGE = 5.0  # seconds to wait for a tcp worker that can reset a dead worker's peers
 STOP_WORKERS_WAIT = 5.0  # stackctl stop: seconds the workers get to reset their connections
 STOP_EGRESS_WAIT = 3.0   # then seconds egress gets to write what they sent
+PUBLISHING_ROLES = ("tcp", "udp")  # the workers that listen on published ports
+PUBLISH_COMMANDS = ("publish_list", "publish_add", "publish_remove")  # stackctl publish list|add|remove
 
 
 def reassembler(cfg: StackConfig) -> Reassembler:
@@ -69,6 +76,10 @@ class Ingress:
         # stackctl stop: None, then "workers" (they finish), "egress" (it drains), "done".
         self.stop_phase: str | None = None
         self.stop_deadline = 0.0
+        # Published ports: USTACK_PUBLISH at a fresh start, the run-time table after a restart.
+        self.stack_id = publishing.stack_id(cfg.run_dir)
+        self.published, self.published_restored = publishing.load(cfg.run_dir, self.stack_id,
+                                                                  relay_config.relay_settings().publish)
 
     # -- packets ---------------------------------------------------------------
 
@@ -256,6 +267,8 @@ class Ingress:
                         self.bus.send_multipart([peer, *messages.encode_welcome(self.epoch)], flags=zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
+                    if msg.role in PUBLISHING_ROLES:  # after its Welcome: it listens on the current table
+                        self.send_published([msg.name])
             elif isinstance(msg, messages.Flows):
                 if msg.name.encode() == peer and self.members.is_alive(msg.name):
                     self.router.update_flows(msg.name, msg.full, msg.opened, msg.closed)
@@ -309,6 +322,8 @@ class Ingress:
                     reply = messages.encode_reply("ok", None, messages.flow_table(self.router.owned_flows()))
                 elif isinstance(msg, messages.Request) and msg.command == "stop":
                     reply = messages.encode_reply("ok", None, self.begin_stop(now))
+                elif isinstance(msg, messages.Request) and msg.command in PUBLISH_COMMANDS:
+                    reply = self.publish_command(msg.command, msg.args)
                 elif isinstance(msg, messages.Request) and msg.command in ("latency", "latency_start"):
                     if msg.command == "latency_start":
                         self.budget.clear()
@@ -318,6 +333,46 @@ class Ingress:
                     reply = messages.encode_reply("error", "unknown_command", None)
             try:
                 self.control.send_multipart([peer, delimiter, *reply], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # -- published ports (stackctl publish) ------------------------------------------
+
+    def published_records(self) -> list[dict[str, object]]:
+        return [publishing.record(row) for row in self.published.rows()]
+
+    def publish_command(self, command: str, args: tuple[str, ...]) -> list[bytes]:
+        """``publish_list``, or one change (``publish_add``/``publish_remove`` ITEM): the reply."""
+        if command == "publish_list":
+            return messages.encode_reply("ok", None, {"published": self.published_records()})
+        if len(args) != 1:
+            return messages.encode_reply("error", f"{command} takes one proto:port:port", None)
+        if not self.proc.config.attach:
+            return messages.encode_reply("error", "ports are published only in attach mode (USTACK_ATTACH): "
+                                         "this stack is no other namespace's network", None)
+        try:
+            if command == "publish_add":
+                row = self.published.add(args[0], publishing.port_in_use)
+            else:
+                row = self.published.remove(args[0])
+        except publishing.PublishError as exc:
+            return messages.encode_reply("error", str(exc), None)  # the table is unchanged
+        try:
+            publishing.save(self.proc.config.run_dir, self.stack_id, self.published)
+        except OSError as exc:  # the change holds; only a restarted ingress would not know it
+            self.log.warning("publish_not_saved", error=str(exc))
+        event = "publish_added" if command == "publish_add" else "publish_removed"
+        self.log.info(event, **publishing.record(row))
+        self.send_published([m.name for m in self.members.members() if m.role in PUBLISHING_ROLES])
+        return messages.encode_reply("ok", None, {"changed": publishing.record(row),
+                                                  "published": self.published_records()})
+
+    def send_published(self, names: list[str]) -> None:
+        """The whole table to these workers; one that is gone gets it when it joins again."""
+        frames = messages.encode_published(self.published.rows())
+        for name in names:
+            try:
+                self.bus.send_multipart([name.encode(), *frames], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
 
@@ -445,8 +500,13 @@ def main() -> None:
                   address6=cfg.stack_address6 and str(cfg.stack_address6), attach=cfg.attach or None,
                   forward=cfg.forward, offload=hex(getattr(device, "offload_bits", 0)),
                   epoch=messages.epoch_label(ingress.epoch))
+    if ingress.published.ports:
+        proc.log.info("published", ports=[publishing.text(row) for row in ingress.published.rows()],
+                      restored=ingress.published_restored)  # restored: this ingress was restarted
     try:
         ingress.run()
+        # A clean exit: the stack stops, and its next start begins from USTACK_PUBLISH again.
+        publishing.discard(cfg.run_dir)
     finally:
         proc.log.info("ingress_stopped", **dict(proc.counters))
         if ingress.shedder is not None:

@@ -134,6 +134,12 @@ def run(proc: Process, core: WorkerCore, steered: frozenset[int] = frozenset(),
                         out += core.reset_orphans(msg.flows, time.monotonic())
                     elif isinstance(msg, messages.Stop):
                         stop_asked = True
+                    elif isinstance(msg, messages.Published):
+                        # The published ports (attach mode): a relaying core listens on them, its
+                        # commands carried out below like any other.
+                        set_published = getattr(core, "set_published", None)
+                        if set_published is not None:
+                            set_published(msg.table, time.monotonic())
                     else:
                         proc.drop("bus_unexpected_kind")
             now = time.monotonic()

@@ -9,13 +9,15 @@ array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
   GOODBYE    [1, 2, name]                                   worker -> ingress, on clean shutdown
   WELCOME    [1, 3, epoch]                                  ingress -> worker, when it (re)joins
   FLOWS      [1, 4, name, full, opened, closed]             tcp worker -> ingress: flows it owns
-  REQUEST    [1, 5, command]                                stackctl -> ingress (control socket)
+  REQUEST    [1, 5, command(, args)]                        stackctl -> ingress (control socket)
   REPLY      [1, 6, status, reason, payload]                ingress -> stackctl
   ORPHANS    [1, 7, flows]                                  ingress -> tcp worker: flows of a dead worker,
                                                             whose peers must be made to reset
   STOP       [1, 8]                                         ingress -> worker/egress: ordered shutdown
                                                             (``stackctl stop``): finish, say goodbye, idle
   LATENCY    [1, 12, name, samples]                         egress/worker -> ingress: latency budget samples
+  PUBLISHED  [1, 13, table]                                 ingress -> tcp/udp worker: the published ports,
+                                                            on every change and after each WELCOME
 
 The telemetry stream (``pipeline.telemetry``) is PUB/SUB: its first frame is
 a topic, and a process publishes on a topic only while someone subscribes.
@@ -48,8 +50,12 @@ every flow the worker owns (sent after a WELCOME, so a restarted ingress
 learns who owns what). ``epoch`` identifies
 one ingress lifetime. A REPLY's ``status`` is "ok" or "error" (with a
 ``reason``); the ``flows`` command's payload is ``[[flow, worker], ...]``
-(``flow_table``). On ROUTER sockets ZeroMQ adds the peer's routing id as the first
-frame; ``decode`` takes the frames after it.
+(``flow_table``). A REQUEST's ``args``, present only when not empty, are
+strings (``publish_add``'s ``"tcp:8080:80"``). PUBLISHED's ``table`` is the
+whole table of published ports (attach mode), ``[[proto, port, to_port],
+...]``: ``proto`` "tcp" or "udp", ``port`` where the stack runs, ``to_port``
+in the namespace (``pipeline.publishing``). On ROUTER sockets ZeroMQ adds
+the peer's routing id as the first frame; ``decode`` takes the frames after it.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ CAPTURING = 9
 CAPTURED = 10
 CONNS = 11
 LATENCY = 12
+PUBLISHED = 13
 
 # Telemetry topics: none is a prefix of another (ZeroMQ matches topics by prefix).
 LOG_TOPIC = b"log."
@@ -155,6 +162,16 @@ class Flows:
 @dataclass(frozen=True, slots=True)
 class Request:
     command: str
+    args: tuple[str, ...] = ()
+
+
+# A published port: (protocol "tcp" or "udp", port where the stack runs, port in the namespace).
+PublishedPort = tuple[str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    table: tuple[PublishedPort, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +210,7 @@ class Conns:
     records: list[dict[str, Any]]
 
 
-Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans | Stop | Latency
+Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans | Stop | Latency | Published
 
 
 def encode_stop() -> list[bytes]:
@@ -305,8 +322,22 @@ def encode_flows(name: str, full: bool, opened: list[Flow], closed: list[Flow]) 
     return [_packb([VERSION, FLOWS, name, full, [f.bus() for f in opened], [f.bus() for f in closed]])]
 
 
-def encode_request(command: str) -> list[bytes]:
-    return [_packb([VERSION, REQUEST, command])]
+def encode_request(command: str, args: Collection[str] = ()) -> list[bytes]:
+    fields: list[object] = [VERSION, REQUEST, command]
+    if args:
+        fields.append(list(args))
+    return [_packb(fields)]
+
+
+def encode_published(table: Collection[PublishedPort]) -> list[bytes]:
+    return [_packb([VERSION, PUBLISHED, [list(row) for row in table]])]
+
+
+def _published_port(row: object) -> PublishedPort:
+    if not (isinstance(row, list) and len(row) == 3 and row[0] in ("tcp", "udp")
+            and is_port(row[1]) and is_port(row[2]) and row[1] and row[2]):
+        raise BusError("bad_published")
+    return row[0], row[1], row[2]
 
 
 def encode_reply(status: str, reason: str | None, payload: Any) -> list[bytes]:
@@ -418,10 +449,18 @@ def decode(frames: list[bytes]) -> Message:
             (flows,) = fields
             return Orphans(_flows(flows))
         if kind == REQUEST:
-            (command,) = fields
-            if not isinstance(command, str):
+            if len(fields) not in (1, 2):
+                raise BusError("bad_fields")
+            command = fields[0]
+            args = fields[1] if len(fields) == 2 else []
+            if not (isinstance(command, str) and isinstance(args, list) and all(isinstance(a, str) for a in args)):
                 raise BusError("bad_request")
-            return Request(command)
+            return Request(command, tuple(args))
+        if kind == PUBLISHED:
+            (table,) = fields
+            if not isinstance(table, list):
+                raise BusError("bad_published")
+            return Published(tuple(_published_port(row) for row in table))
         if kind == REPLY:
             status, reason, payload = fields
             if status not in ("ok", "error") or not (reason is None or isinstance(reason, str)):

@@ -9,6 +9,8 @@
     stackctl stop                               ordered shutdown: workers, then egress, then ingress
     stackctl list [--json]                      every stack on this machine and what it serves
     stackctl latency [--seconds S] [--json]     how long each stage holds a packet (pipeline.latency)
+    stackctl publish add|remove PROTO:PORT:PORT  publish a port inward, or stop (attach mode), while it runs
+    stackctl publish list [--json]              the ports published now
 
 Which stack: the one serving the namespace stackctl runs in, or ``--netns
 NAME`` — the namespace a stack runs in, or the one it is attached to. Each
@@ -17,9 +19,9 @@ namespaces (``pipeline.stacklock``); its ipc sockets are files, reachable from
 any namespace. USTACK_RUN_DIR or the endpoint variables (and the CURVE keys
 for tcp:// endpoints) name a stack explicitly, as for the stack itself; with
 them ``--netns`` enters that namespace just to reach it (it configures
-nothing there). ``status``, ``counters`` and ``stop`` ask ingress over the
-control socket; ``logs``, ``capture`` and ``conns`` subscribe to the
-telemetry stream (``pipeline.telemetry``).
+nothing there). ``status``, ``counters``, ``stop`` and ``publish`` ask
+ingress over the control socket; ``logs``, ``capture`` and ``conns``
+subscribe to the telemetry stream (``pipeline.telemetry``).
 """
 
 from __future__ import annotations
@@ -158,11 +160,11 @@ def load_config() -> config.StackConfig:
         raise SystemExit(f"stackctl: configuration error: {exc}") from None
 
 
-def request(command: str, cfg: config.StackConfig) -> messages.Reply:
+def request(command: str, cfg: config.StackConfig, *args: str) -> messages.Reply:
     ctx = zmq.Context()
     sock = endpoints.control_request(ctx, cfg)
     try:
-        sock.send_multipart(messages.encode_request(command))
+        sock.send_multipart(messages.encode_request(command, args))
         if not sock.poll(TIMEOUT_MS):
             raise SystemExit(f"stackctl: no answer from {cfg.control_endpoint} within {TIMEOUT_MS} ms "
                              "(is the stack running, in this namespace (--netns), with the same USTACK_* settings? "
@@ -254,6 +256,27 @@ def measure_latency(cfg: config.StackConfig, seconds: float) -> dict[str, dict[s
     print(f"stackctl: measuring for {seconds:g} s: send traffic now", file=sys.stderr, flush=True)
     time.sleep(seconds + LATENCY_SETTLE)
     return request("latency", cfg).payload
+
+
+def render_published(rows: list[dict]) -> str:
+    if not rows:
+        return "no port is published"
+    lines = [f"{'proto':<6} {'port':>6} {'to port':>8}"]
+    for r in rows:
+        lines.append(f"{r['proto']:<6} {r['port']:>6} {r['to_port']:>8}")
+    return "\n".join(lines)
+
+
+def publish(cfg: config.StackConfig, args: argparse.Namespace) -> int:
+    """publish list, or one change: ingress checks it, keeps the table and tells the workers."""
+    if args.action == "list":
+        rows = request("publish_list", cfg).payload["published"]
+        print(json.dumps(rows, indent=2) if args.json else render_published(rows))
+        return 0
+    changed = request("publish_" + args.action, cfg, args.item).payload["changed"]
+    done = "published" if args.action == "add" else "no longer published"
+    print(f"{changed['proto']}:{changed['port']}:{changed['to_port']} {done}")
+    return 0
 
 
 def render_latency(budget: dict[str, dict[str, int]]) -> str:
@@ -447,6 +470,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-w", "--write", required=True, metavar="FILE", help="pcap file, or - for stdout")
     s.add_argument("-c", "--count", type=int, help="stop after this many packets")
     s.add_argument("--flow", help="packets with this ADDR:PORT, ADDR or :PORT")
+    s = sub.add_parser("publish", help="ports published inward (attach mode): list, add, remove while it runs")
+    actions = s.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("list", help="the ports published now")
+    a.add_argument("--json", action="store_true", help="print JSON: [{proto, port, to_port}]")
+    for action, what in (("add", "listen on PORT where the stack runs and relay into the namespace's PORT"),
+                         ("remove", "stop listening (connections already relayed carry on)")):
+        a = actions.add_parser(action, help=what)
+        a.add_argument("item", metavar="PROTO:PORT:PORT", help="e.g. tcp:8080:80 or udp:5353:53")
     return p
 
 
@@ -496,6 +527,8 @@ def run(args: argparse.Namespace) -> int:
         return logs(cfg, args)
     elif args.command == "capture":
         return capture(cfg, args)
+    elif args.command == "publish":
+        return publish(cfg, args)
     return 0
 
 

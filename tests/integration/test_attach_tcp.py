@@ -255,14 +255,17 @@ def test_published_port_relays_inbound_connections_into_the_namespace(topo):
             data = payload(2 * 1024 * 1024)
             assert echo_through(outside, data, 60) == data
             assert inside.accepted == 1
-            outside6 = t.host.socket(socket.AF_INET6)  # the published port takes IPv6 clients too
+            # The published port takes IPv6 clients too: to the namespace's IPv6 address.
+            inside6 = Server(t.client, "fd00::1", 80, echo, family=socket.AF_INET6)
+            outside6 = t.host.socket(socket.AF_INET6)
             outside6.settimeout(STALL)
             outside6.connect(("::1", 8080))
             assert echo_through(outside6, data[:65536], 60) == data[:65536]
-            assert inside.accepted == 2
-            s.wait_for(lambda rs: any(r.get("event") == "relay_flow" and r.get("src") == "published"
-                                      and r.get("sport") == 8080 and r.get("dport") == 80 for r in rs),
-                       what="the published flow's record")
+            assert inside6.accepted == 1
+            inside6.close()
+            s.wait_for(lambda rs: any(r.get("event") == "relay_flow" and r.get("src") == "127.0.0.1"
+                                      and r.get("published") == 8080 and r.get("dport") == 80 for r in rs),
+                       what="the published flow's record, naming its client")
             # Nobody listening inside: the outer client is reset, not left hanging.
             inside.close()
             refused = t.host.socket()

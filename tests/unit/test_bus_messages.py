@@ -42,6 +42,39 @@ def test_a_heartbeat_carries_the_ports_steered_by_client_only_when_there_are_som
     assert m.decode(m.encode_heartbeat("tcp.1", "tcp", 3, None, frozenset())) == m.Heartbeat("tcp.1", "tcp", 3)
 
 
+def test_a_request_carries_its_arguments_only_when_there_are_some():
+    assert msgpack.unpackb(m.encode_request("publish_list")[0]) == [m.VERSION, m.REQUEST, "publish_list"]
+    frames = m.encode_request("publish_add", ["tcp:8080:80"])
+    assert msgpack.unpackb(frames[0]) == [m.VERSION, m.REQUEST, "publish_add", ["tcp:8080:80"]]
+    assert m.decode(frames) == m.Request("publish_add", ("tcp:8080:80",))
+
+
+def test_the_published_table_round_trips():
+    table = (("tcp", 8080, 80), ("udp", 5353, 53))
+    frames = m.encode_published(table)
+    assert msgpack.unpackb(frames[0]) == [m.VERSION, m.PUBLISHED, [["tcp", 8080, 80], ["udp", 5353, 53]]]
+    assert m.decode(frames) == m.Published(table)
+    assert m.decode(m.encode_published(())) == m.Published(())  # nothing published: still a table
+
+
+@pytest.mark.parametrize("frames,reason", [
+    ([msgpack.packb([1, 5, "publish_add", "tcp:1:2"])], "bad_request"),
+    ([msgpack.packb([1, 5, "publish_add", [1]])], "bad_request"),
+    ([msgpack.packb([1, 5, "a", [], 1])], "bad_fields"),
+    ([msgpack.packb([1, 13, None])], "bad_published"),
+    ([msgpack.packb([1, 13, [["sctp", 1, 2]]])], "bad_published"),
+    ([msgpack.packb([1, 13, [["tcp", 0, 2]]])], "bad_published"),
+    ([msgpack.packb([1, 13, [["tcp", 1, 65536]]])], "bad_published"),
+    ([msgpack.packb([1, 13, [["tcp", 1]]])], "bad_published"),
+    ([msgpack.packb([1, 13, [["tcp", True, 2]]])], "bad_published"),
+    ([msgpack.packb([1, 13, [], 1])], "bad_fields"),
+])
+def test_malformed_requests_and_tables_raise_bus_error(frames, reason):
+    with pytest.raises(m.BusError) as exc:
+        m.decode(frames)
+    assert str(exc.value) == reason
+
+
 @pytest.mark.parametrize("frames,reason", [
     ([], "empty"),
     ([b"\xc1"], "bad_msgpack"),

@@ -40,7 +40,10 @@ BLOCKED = "blocked"          # a write did not go out whole: the rest waits in t
 DRAINED = "drained"          # everything written is out: send more
 RECEIVED = "received"        # a published UDP port got a datagram: ``detail`` is its sender, "address|port"
 ACCEPTED = "accepted"        # a published port took a connection: ``key`` is its provisional key,
-                             # ``detail`` the listening port; the core renames it with ``Adopt``
+                             # ``detail`` the listening port, ``data`` the client, b"address|port";
+                             # the core renames it with ``Adopt``
+LISTEN_FAILED = "listen_failed"  # a published port could not be bound: ``key`` is the listener's,
+                                 # ``detail`` the error
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,15 +142,17 @@ class RelayCore(Protocol):
 
 
 def log_flow(sink: Sink, proto: str, key: Flow, started: float, now: float, reason: str, published: int = 0,
-             name: str = "", **fields: object) -> None:
+             name: str = "", client: tuple[str, int] = ("", 0), **fields: object) -> None:
     """The one JSON record of a relayed flow, when it ends (issue 10: observability).
 
-    ``published``: an inbound flow accepted on that port where the stack runs, relayed to
-    ``key.remote`` (the namespace's address) and ``key.rport``. ``name``: the name our resolver
-    learned the destination from (issue 20), when it did."""
+    ``published``: an inbound flow from ``client`` (its address and port outside) accepted on
+    that port where the stack runs, relayed to ``key.remote`` (the namespace's address) and
+    ``key.rport``. ``name``: the name our resolver learned the destination from (issue 20), when
+    it did."""
     sink.counters["relay_flows_closed"] += 1
     if published:
-        ends = {"src": "published", "sport": published, "dst": fmt_addr(key.remote), "dport": key.rport}
+        ends = {"src": client[0], "sport": client[1], "dst": fmt_addr(key.remote), "dport": key.rport,
+                "published": published}
     else:
         ends = {"src": fmt_addr(key.remote), "sport": key.rport, "dst": fmt_addr(key.local), "dport": key.lport}
     if name:

@@ -28,11 +28,14 @@ stream, which mirrors, in both directions:
 What the upstream socket says reaches the service through the demux
 (``TcpDemux.call_service``), which then collects the connection's output.
 
-Inbound (``USTACK_PUBLISH``), the same bridge runs the other way round: a
+Inbound (published ports), the same bridge runs the other way round: a
 connection accepted where the stack runs makes the relay actively open a
-connection from the stack's address to the namespace's address and port
-(``TcpDemux.connect``, RFC 9293 §3.10.1); once established, ``RelayService``
-joins the two.
+connection to the namespace's address and port (``TcpDemux.connect``, RFC
+9293 §3.10.1) from the outside client's own address and port, or the
+stack's (``workers.attach.inbound`` says which); once established,
+``RelayService`` joins the two. The table of published ports comes from
+ingress and changes while the stack runs (``set_published``): a port that
+went stops listening, and connections already accepted through it carry on.
 
 Each flow's record (bytes each way, duration, close reason,
 retransmissions) is logged once when it ends.
@@ -49,6 +52,7 @@ from pipeline.wire.tcp import ACK, RST, SYN, TcpSegment
 from workers.attach import relay
 from workers.core import Outgoing, Sink
 from workers.attach.policy import ForwardPolicy
+from workers.attach.inbound import Inside, Table, changes, client_text, ports_of, split_peer
 from workers.services.hosting import HostedStream
 from workers.services.tcp import Service
 
@@ -59,7 +63,8 @@ class Demux(Protocol):
     """The doors of the TCP demux (``workers.tcp.demux.TcpDemux``) the relay answers through."""
 
     def accept(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None: ...
-    def connect(self, remote: bytes, rport: int, now: float, out: list[Outgoing]) -> Flow | None: ...
+    def connect(self, remote: bytes, rport: int, now: float, out: list[Outgoing],
+                source: Flow | None = None) -> Flow | None: ...
     def reset(self, key: Flow, seg: TcpSegment, now: float, out: list[Outgoing], reason: str) -> None: ...
     def call_service(self, key: Flow, now: float, out: list[Outgoing],
                      callback: Callable[[Service], None]) -> None: ...
@@ -90,7 +95,7 @@ class TcpRelay:
 
     def __init__(self, sink: Sink, policy: ForwardPolicy, connect_timeout: float,
                  publish: dict[int, int] | None = None, namespace_address: bytes = b"",
-                 keepalive: relay.Keepalive | None = None) -> None:
+                 keepalive: relay.Keepalive | None = None, inside: Inside | None = None) -> None:
         self.sink = sink
         self.policy = policy
         self.connect_timeout = connect_timeout
@@ -98,13 +103,14 @@ class TcpRelay:
         self.pending: dict[Flow, PendingSyn] = {}
         self.names: dict[Flow, str] = {}  # the name each relayed flow's destination was learned from
         self.commands: list[relay.Command] = []
-        # Inbound (USTACK_PUBLISH): port where the stack runs -> port of namespace_address (the
-        # kernel side of the device), and each inbound flow's published port.
-        self.publish = publish or {}
-        self.namespace_address = namespace_address
-        self.published: dict[Flow, int] = {}
-        for port in self.publish:
-            self.commands.append(relay.Listen(("listen", port), relay.TCP, port, self.keepalive))
+        # Inbound (published ports): port where the stack runs -> port in the namespace (the table
+        # ingress sends, set_published; ``publish`` listens at once), where clients enter, and each
+        # inbound flow's published port and client (address, port) outside.
+        self.publish: dict[int, int] = {}
+        self.inside = inside or Inside(namespace_address, b"")  # default: from the stack's address
+        self.published: dict[Flow, tuple[int, str, int]] = {}
+        if publish:
+            self._set_ports(publish)
 
     # -- the demux's side ----------------------------------------------------------
 
@@ -122,6 +128,8 @@ class TcpRelay:
             key = ev.key
             if ev.kind == relay.ACCEPTED:
                 self._accepted(ev, now, demux, out)
+            elif ev.kind == relay.LISTEN_FAILED:
+                self._listen_failed(ev)
             elif isinstance(key, Flow):
                 held = self.settle(key)
                 if held is not None:
@@ -150,16 +158,53 @@ class TcpRelay:
         self.log_flow("tcp", key, record, now, "upstream_" + kind)
 
     def _accepted(self, ev: relay.Upstream, now: float, demux: Demux, out: list[Outgoing]) -> None:
-        """A connection accepted on a published port: open ours to the namespace (RFC 9293 §3.10.1)."""
+        """A connection accepted on a published port: open ours to the namespace (RFC 9293 §3.10.1),
+        from the client's own address and port when it can (``workers.attach.inbound``)."""
         port = int(ev.detail)
-        key = demux.connect(self.namespace_address, self.publish[port], now, out)
+        to_port = self.publish.get(port)
+        if to_port is None:  # accepted just before the port was unpublished
+            self.commands.append(relay.Close(ev.key, reset=True))
+            self.sink.drop("publish_unpublished")
+            return
+        address, client_port = split_peer(ev.data.decode())
+        entry = self.inside.entry(address, client_port)
+        key = None
+        if entry.sport:
+            source = Flow(entry.dst, to_port, entry.sport, entry.src)
+            if source not in self.pending:  # else the namespace is opening that very flow: ours yields
+                key = demux.connect(entry.dst, to_port, now, out, source)
+            if key is None:
+                self.sink.counters["publish_source_taken"] += 1  # the client's flow is in use: the stack's
+        if key is None:
+            key = demux.connect(entry.dst, to_port, now, out)
         if key is None:
             self.commands.append(relay.Close(ev.key, reset=True))
             self.sink.drop("publish_no_port")
             return
         self.commands.append(relay.Adopt(ev.key, key))
-        self.published[key] = port
+        self.published[key] = (port, client_text(address), client_port)
         self.sink.counters["relay_published_accepted"] += 1
+
+    def _listen_failed(self, ev: relay.Upstream) -> None:
+        """A published port this worker could not bind: counted, said once, and tried again with the
+        next table (it stays out of ``publish`` meanwhile)."""
+        port = ev.key[1]  # type: ignore[index]
+        self.publish.pop(port, None)
+        self.sink.counters["publish_listen_failed"] += 1
+        self.sink.log.error("publish_failed", proto="tcp", port=port, error=ev.detail)
+
+    def set_published(self, table: Table) -> None:
+        """The table of published ports ingress sent (both protocols): listen on what came, close what
+        went (connections accepted through it carry on); a changed port takes effect for new ones."""
+        self._set_ports(ports_of(table, "tcp"))
+
+    def _set_ports(self, ports: dict[int, int]) -> None:
+        listen, close, _ = changes(self.publish, ports)
+        for port in close:
+            self.commands.append(relay.Close(("listen", port)))
+        for port in listen:
+            self.commands.append(relay.Listen(("listen", port), relay.TCP, port, self.keepalive))
+        self.publish = dict(ports)
 
     def stats(self, flows: Mapping[Flow, object]) -> dict[str, int]:
         """How many of the demux's connections are relayed, and connects under way."""
@@ -225,10 +270,11 @@ class TcpRelay:
         return commands
 
     def log_flow(self, proto: str, key: Flow, record: FlowRecord, now: float, reason: str) -> None:
-        """The one JSON record of a relayed flow, when it ends."""
-        relay.log_flow(self.sink, proto, key, record.started, now, reason, published=self.published.get(key, 0),
-                       name=self.names.pop(key, ""), bytes_up=record.bytes_up, bytes_down=record.bytes_down,
-                       **record.extra)
+        """The one JSON record of a relayed flow, when it ends (a published one names its client)."""
+        port, address, client_port = self.published.get(key, (0, "", 0))
+        relay.log_flow(self.sink, proto, key, record.started, now, reason, published=port,
+                       client=(address, client_port), name=self.names.pop(key, ""), bytes_up=record.bytes_up,
+                       bytes_down=record.bytes_down, **record.extra)
 
 
 class RelayService(Service):
@@ -327,8 +373,10 @@ class RelayService(Service):
 
 
 def _feed(ev: relay.Upstream) -> Callable[[Service], None]:
-    """What an upstream socket said, for its relayed connection's service."""
+    """What an upstream socket said, for the service of the connection it belongs to: a relayed
+    connection's ``RelayService``, or the resolver's ``workers.attach.dns.DnsTcpService``."""
     def feed(service: Service) -> None:
-        if isinstance(service, RelayService):  # a relayed flow's service always is
-            service.on_upstream(ev, service.stream.now)
+        on_upstream = getattr(service, "on_upstream", None)
+        if on_upstream is not None:
+            on_upstream(ev, service.stream.now)
     return feed

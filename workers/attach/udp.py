@@ -12,11 +12,16 @@ refuses gets ICMP administratively prohibited (RFC 1812 §5.2.7.1). A flow idle 
 port 53, whose flows are one question and one answer) is closed, and its
 record logged.
 
-Inbound (``USTACK_PUBLISH=udp:HOST:NS``): a datagram received on a published
-port where the stack runs goes into the namespace from the stack's address
-and a port kept per sender (RFC 6056 style, from a counter), to the
-namespace's address and port; the namespace's answers to that port go back
-to the sender from the published port. Idle mappings expire like flows.
+Inbound (published ports, ``udp:HOST:NS``): a datagram received on a
+published port where the stack runs goes into the namespace, to its address
+and port, from the sender's own address and port, or from the stack's
+address and a port kept per sender (RFC 6056 style, from a counter)
+(``workers.attach.inbound`` says which). The namespace's answers -- to the
+sender's address, which reach us as a datagram for another address, or to
+our kept port -- are recognised before anything else and go back to the
+sender from the published port. Idle mappings expire like flows, each with
+its record; those of a port that is unpublished end with it. The table
+comes from ingress and changes while the stack runs (``set_published``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 from pipeline.flow import Flow
 from workers.attach.policy import ForwardPolicy
+from workers.attach.inbound import Inside, Table, changes, client_text, ports_of, split_peer
 from pipeline.wire.ipv4 import PROTO_UDP
 from pipeline.wire.udp import UdpDatagram
 from workers.attach import relay
@@ -49,12 +55,23 @@ class UdpFlow:
 
 @dataclass(slots=True)
 class Inbound:
-    """One sender of datagrams to a published port, and the port we use for it inside."""
+    """One sender of datagrams to a published port, and how it appears inside."""
 
     listener: int   # the published port
-    peer: str       # the sender, "address|port"
-    port: int       # our source port toward the namespace
+    peer: str       # the sender, "address|port" as the listening socket reported it (answers go there)
+    client: str     # the sender's address, for the record (an IPv4-mapped one as IPv4)
+    client_port: int
+    src: bytes      # its address inside: its own, the host alias, or the stack's
+    sport: int      # its port inside: its own, or one we keep for it (from the stack's address)
+    dst: bytes      # the namespace's address
+    dport: int      # the namespace's port (the one published when the sender first came)
+    answers: Flow   # the flow of the namespace's answers as they arrive (local: b"" for the stack's address)
+    started: float
     last: float
+    bytes_up: int = 0        # namespace -> sender
+    bytes_down: int = 0      # sender -> namespace
+    datagrams_up: int = 0
+    datagrams_down: int = 0
 
 
 INBOUND_FIRST, INBOUND_COUNT = 32768, 28232
@@ -65,37 +82,106 @@ class UdpRelay(relay.DatagramFlows):
 
     def __init__(self, sink: Sink, address: bytes, policy: ForwardPolicy, mtu: int,
                  idle: float, idle_dns: float, max_flows: int = MAX_FLOWS,
-                 publish: dict[int, int] | None = None, namespace_address: bytes = b"") -> None:
+                 publish: dict[int, int] | None = None, namespace_address: bytes = b"",
+                 inside: Inside | None = None) -> None:
         super().__init__(sink, address, policy, idle, max_flows)
         self.mtu = mtu
         self.idle_dns = idle_dns
         self._ident = 0  # IPv4 Identification / IPv6 fragment id of the datagrams we fragment
-        self.publish = publish or {}
-        self.namespace_address = namespace_address
+        # Inbound: port where the stack runs -> port in the namespace (the table ingress sends,
+        # set_published; ``publish`` listens at once), where senders enter, and their mappings.
+        self.publish: dict[int, int] = {}
+        self.inside = inside or Inside(namespace_address, address)  # default: from the stack's address
         self.inbound_by_peer: dict[tuple[int, str], Inbound] = {}
-        self.inbound_by_port: dict[int, Inbound] = {}
+        self.inbound_by_answer: dict[Flow, Inbound] = {}
+        self.inbound_by_port: dict[int, Inbound] = {}  # the ports we keep for senders (the stack's address)
         self._next_port = 0
-        for port in self.publish:
-            self.commands.append(relay.Listen(("listen", port), relay.UDP, port))
+        if publish:
+            self._set_ports(publish, 0.0)
 
     # -- inbound (published ports) ------------------------------------------------------
 
+    def set_published(self, table: Table, now: float) -> None:
+        """The table of published ports ingress sent (both protocols): listen on what came; what went
+        stops, with its senders' mappings; a changed port applies to new senders."""
+        self._set_ports(ports_of(table, "udp"), now)
+
+    def _set_ports(self, ports: dict[int, int], now: float) -> None:
+        listen, close, _ = changes(self.publish, ports)
+        for port in close:
+            self.commands.append(relay.Close(("listen", port)))
+            for mapping in [m for m in self.inbound_by_peer.values() if m.listener == port]:
+                self._unmap(mapping, now, "unpublished")
+        for port in listen:
+            self.commands.append(relay.Listen(("listen", port), relay.UDP, port))
+        self.publish = dict(ports)
+
+    def _listen_failed(self, ev: relay.Upstream) -> None:
+        """A published port this worker could not bind: counted, said once, tried again with the next table."""
+        port = ev.key[1]  # type: ignore[index]
+        self.publish.pop(port, None)
+        self.sink.counters["publish_listen_failed"] += 1
+        self.sink.log.error("publish_failed", proto="udp", port=port, error=ev.detail)
+
     def received(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
-        """A datagram on a published port: into the namespace, from a port kept for its sender."""
+        """A datagram on a published port: into the namespace, as its sender's mapping says."""
         listener = ev.key[1]  # type: ignore[index]
         mapping = self.inbound_by_peer.get((listener, ev.detail))
         if mapping is None:
+            to_port = self.publish.get(listener)
+            if to_port is None:  # read just before the port was unpublished
+                self.sink.drop("publish_unpublished")
+                return []
+            mapping = self._map(listener, to_port, ev.detail, now)
+            if mapping is None:
+                return []
+        mapping.last = now
+        mapping.bytes_down += len(ev.data)
+        mapping.datagrams_down += 1
+        udp = UdpDatagram(mapping.sport, mapping.dport, ev.data).emit(mapping.src, mapping.dst)
+        return self._fitted(mapping.src, mapping.dst, udp)
+
+    def _map(self, listener: int, to_port: int, peer: str, now: float) -> Inbound | None:
+        """A new sender: its own address and port inside if it can keep them, else a port of ours."""
+        address, client_port = split_peer(peer)
+        entry = self.inside.entry(address, client_port)
+        answers = Flow(entry.dst, to_port, entry.sport, entry.src)
+        if entry.sport and (answers in self.inbound_by_answer or answers in self.flows):
+            self.sink.counters["publish_source_taken"] += 1  # that flow is in use inside: the stack's
+            entry = self.inside.from_stack(entry.dst)
+        if not entry.sport:
             port = self._free_port()
             if port is None:
                 self.sink.drop("publish_udp_no_port")
-                return []
-            mapping = Inbound(listener, ev.detail, port, now)
-            self.inbound_by_peer[(listener, ev.detail)] = mapping
-            self.inbound_by_port[port] = mapping
-            self.sink.counters["relay_published_udp_peers"] += 1
+                return None
+            entry = entry._replace(sport=port)
+            answers = Flow(entry.dst, to_port, port)  # answers come to the stack's own address
+        mapping = Inbound(listener, peer, client_text(address), client_port, entry.src, entry.sport, entry.dst,
+                          to_port, answers, now, now)
+        self.inbound_by_peer[(listener, peer)] = mapping
+        self.inbound_by_answer[answers] = mapping
+        if not answers.local:
+            self.inbound_by_port[entry.sport] = mapping
+        self.sink.counters["relay_published_udp_peers"] += 1
+        return mapping
+
+    def _unmap(self, mapping: Inbound, now: float, reason: str) -> None:
+        """A sender's mapping ends (idle, unpublished, shutdown): its record, like a flow's."""
+        del self.inbound_by_peer[(mapping.listener, mapping.peer)]
+        del self.inbound_by_answer[mapping.answers]
+        if not mapping.answers.local:
+            del self.inbound_by_port[mapping.sport]
+        relay.log_flow(self.sink, "udp", mapping.answers, mapping.started, now, reason, published=mapping.listener,
+                       client=(mapping.client, mapping.client_port), bytes_up=mapping.bytes_up,
+                       bytes_down=mapping.bytes_down, packets_up=mapping.datagrams_up,
+                       packets_down=mapping.datagrams_down)
+
+    def _answered(self, mapping: Inbound, payload: bytes, now: float) -> None:
+        """The namespace answered a sender: back to it from the published port."""
         mapping.last = now
-        udp = UdpDatagram(mapping.port, self.publish[listener], ev.data).emit(self.address, self.namespace_address)
-        return self._fitted(self.address, self.namespace_address, udp)
+        mapping.bytes_up += len(payload)
+        mapping.datagrams_up += 1
+        self.commands.append(relay.SendTo(("listen", mapping.listener), payload, mapping.peer))
 
     def _fitted(self, src: bytes, dst: bytes, udp: bytes) -> list[Outgoing]:
         """A datagram toward the namespace, fragmented to the device MTU (RFC 791 §3.2, RFC 8200 §4.5)."""
@@ -105,11 +191,10 @@ class UdpRelay(relay.DatagramFlows):
 
     def answer(self, src: bytes, sport: int, dport: int, payload: bytes, now: float) -> bool:
         """A datagram to the stack: if it answers a published port's sender, send it back; else False."""
-        mapping = self.inbound_by_port.get(dport)
-        if mapping is None or src != self.namespace_address or sport != self.publish[mapping.listener]:
+        mapping = self.inbound_by_answer.get(Flow(src, sport, dport))
+        if mapping is None:
             return False
-        mapping.last = now
-        self.commands.append(relay.SendTo(("listen", mapping.listener), payload, mapping.peer))
+        self._answered(mapping, payload, now)
         return True
 
     def _free_port(self) -> int | None:
@@ -121,7 +206,12 @@ class UdpRelay(relay.DatagramFlows):
         return None
 
     def datagram(self, key: Flow, payload: bytes, packet: bytes, now: float) -> list[Outgoing]:
-        """A datagram from the namespace to ``key.local``: relay it (opening the flow) or refuse it."""
+        """A datagram from the namespace to ``key.local``: relay it (opening the flow) or refuse it.
+        Unless it answers a published port's sender, who entered from its own address (or the alias)."""
+        mapping = self.inbound_by_answer.get(key)
+        if mapping is not None:
+            self._answered(mapping, payload, now)
+            return []
         flow = self.admit(key, key.lport, now, lambda denied: UdpFlow(now, now, packet[:MAX_QUOTE], denied=denied))
         if flow is None:
             return []
@@ -138,6 +228,9 @@ class UdpRelay(relay.DatagramFlows):
     def upstream(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
         if ev.kind == relay.RECEIVED:
             return self.received(ev, now)
+        if ev.kind == relay.LISTEN_FAILED:
+            self._listen_failed(ev)
+            return []
         key: Flow = ev.key  # type: ignore[assignment]
         flow = self.flows.get(key)
         if flow is None:
@@ -162,14 +255,13 @@ class UdpRelay(relay.DatagramFlows):
         for key, flow in list(self.flows.items()):
             if flow.last + self._idle(key) <= now:
                 self.end(key, now, "idle")
-        for mapping in list(self.inbound_by_port.values()):
+        for mapping in list(self.inbound_by_peer.values()):
             if mapping.last + self.idle <= now:
-                del self.inbound_by_port[mapping.port]
-                del self.inbound_by_peer[(mapping.listener, mapping.peer)]
+                self._unmap(mapping, now, "idle")
 
     def next_deadline(self) -> float | None:
         flows = min((f.last + self._idle(k) for k, f in self.flows.items()), default=None)
-        inbound = min((m.last + self.idle for m in self.inbound_by_port.values()), default=None)
+        inbound = min((m.last + self.idle for m in self.inbound_by_peer.values()), default=None)
         return inbound if flows is None else flows if inbound is None else min(flows, inbound)
 
     def end(self, key: Flow, now: float, reason: str) -> None:
@@ -183,6 +275,8 @@ class UdpRelay(relay.DatagramFlows):
     def close(self, now: float) -> None:
         for key in list(self.flows):
             self.end(key, now, "shutdown")
+        for mapping in list(self.inbound_by_peer.values()):
+            self._unmap(mapping, now, "shutdown")
 
     def _idle(self, key: Flow) -> float:
         return self.idle_dns if key.lport == 53 else self.idle

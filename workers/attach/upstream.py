@@ -82,7 +82,7 @@ class Upstreams:
                     self._open(cmd, events)
             elif isinstance(cmd, relay.Listen):
                 if entry is None:
-                    self._listen(cmd)
+                    self._listen(cmd, events)
             elif entry is None:
                 continue  # already gone (its close raced the command)
             elif isinstance(cmd, relay.Send):
@@ -106,18 +106,25 @@ class Upstreams:
                 self.by_key[cmd.new] = entry
         return events
 
-    def _listen(self, cmd: relay.Listen) -> None:
-        """A published port: every TCP worker listens on it and the kernel spreads connections."""
+    def _listen(self, cmd: relay.Listen, events: list[Upstream]) -> None:
+        """A published port: every TCP worker listens on it and the kernel spreads connections.
+        A port that cannot be bound (someone else's now) is reported, never fatal: the table
+        changes while the stack runs."""
         kind = socket.SOCK_STREAM if cmd.proto == relay.TCP else socket.SOCK_DGRAM
         # One dual-stack socket: IPv6 clients, and IPv4 ones as mapped addresses (RFC 4291 §2.5.5.2).
         sock = socket.socket(socket.AF_INET6, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("::", cmd.port))  # an error here is a configuration error: let it stop the worker
-        if cmd.proto == relay.TCP:
-            _keepalive(sock, cmd.keepalive)
-            sock.listen(512)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("::", cmd.port))
+            if cmd.proto == relay.TCP:
+                _keepalive(sock, cmd.keepalive)
+                sock.listen(512)
+        except OSError as exc:
+            sock.close()
+            events.append(Upstream(cmd.key, relay.LISTEN_FAILED, detail=exc.strerror or str(exc)))
+            return
         entry = _Entry(cmd.key, sock, LISTENING if cmd.proto == relay.TCP else LISTENING_UDP, connecting=False)
         entry.paused = False
         self.by_key[cmd.key] = entry
@@ -127,7 +134,7 @@ class Upstreams:
     def _accept(self, listener: _Entry, events: list[Upstream]) -> None:
         for _ in range(ACCEPTS_PER_WAKE):
             try:
-                sock, _peer = listener.sock.accept()
+                sock, (address, port, *_) = listener.sock.accept()
             except BlockingIOError:
                 return
             except OSError:
@@ -139,7 +146,10 @@ class Upstreams:
             self.by_key[key] = entry
             self.by_fd[sock.fileno()] = entry
             self._watch(entry)  # paused: nothing is read until the namespace side is connected
-            events.append(Upstream(key, relay.ACCEPTED, detail=str(listener.sock.getsockname()[1])))
+            # The client as the dual-stack socket saw it (IPv4 ones IPv4-mapped): where it enters
+            # the namespace from is the core's choice (workers.attach.inbound).
+            events.append(Upstream(key, relay.ACCEPTED, f"{address}|{port}".encode(),
+                                   detail=str(listener.sock.getsockname()[1])))
 
     def _open(self, cmd: relay.Open, events: list[Upstream]) -> None:
         family = socket.AF_INET if len(cmd.address) == 4 else socket.AF_INET6

@@ -8,7 +8,7 @@ from pipeline import config, relay_config
 from pipeline.process import Process
 from workers import shell
 from workers.services import registry
-from workers.attach import wiring
+from workers.attach import inbound, wiring
 from workers.attach.relay import Keepalive
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
@@ -48,11 +48,15 @@ if __name__ == "__main__":
     keepalive = None if tcp.keepalive is None else Keepalive(tcp.keepalive, tcp.keepalive_interval,
                                                              tcp.keepalive_probes)
     publish = relays.published("tcp")
-    learned = wiring.names(relays, cfg.run_dir, proc.name) if cfg.forward else None
+    learned = wiring.names(relays, cfg.run_dir, proc.name)
     policy = wiring.policy(relays, learned)
-    relay = TcpRelay(sink, policy, relays.connect_timeout, publish=publish,
-                     namespace_address=cfg.host_interface.ip.packed,
-                     keepalive=keepalive) if cfg.forward or publish else None
+    # Published ports: ingress sends the table (USTACK_PUBLISH, then what stackctl publish changes)
+    # once this worker has joined; listening starts then. Attached, a relay is there to take them.
+    relayed = cfg.forward or publish or relays.dns or cfg.attach
+    relay = TcpRelay(sink, policy, relays.connect_timeout, keepalive=keepalive,
+                     inside=inbound.inside(cfg, relays)) if relayed else None
+    if relays.dns and relay is not None:  # the stack's resolver, over TCP (RFC 7766)
+        services[wiring.DNS_PORT] = wiring.dns_service(relays, sink, learned, relay)
     # RFC 6528 ISNs and SYN cookies need a secret the peer cannot guess; a fresh one per
     # process is enough (a restarted worker holds none of the old connections).
     shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp,

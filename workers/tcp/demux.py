@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 from pipeline.flow import Flow
@@ -75,6 +75,8 @@ class Relay(Relays, Protocol):
     def next_deadline(self) -> float | None: ...
     def take_commands(self) -> list[relay.Command]: ...
     def stats(self, flows: Mapping[Flow, Connection]) -> dict[str, int]: ...
+    def set_published(self, table: Collection[tuple[str, int, int]]) -> None:
+        """The published ports ingress sent: listen on them (``workers.attach.inbound``)."""
 
 
 class TcpDemux:
@@ -204,22 +206,49 @@ class TcpDemux:
             self._flush_woken(now, out)
         return out
 
+    def set_published(self, table: Collection[tuple[str, int, int]], now: float) -> None:
+        """The table of published ports ingress sent: the relay listens on its TCP ones."""
+        if self.relay is not None:
+            self.relay.set_published(table)
+
     # -- the doors of connections opened or fed from outside (the relay) -----------
 
     def accept(self, key: Flow, syn: TcpSegment, now: float, out: list[Outgoing]) -> None:
         """Accept a SYN held for ``key`` (a relayed flow's, once its upstream connected) into SYN-RECEIVED."""
         self._admit(key, self.listener.accept(key, syn, self.listener.isn(key, now), now), now, out)
 
-    def connect(self, remote: bytes, rport: int, now: float, out: list[Outgoing]) -> Flow | None:
-        """An active open from our address and an ephemeral port (RFC 9293 §3.10.1); None if no port is free."""
-        lport = self._ephemeral_port(remote, rport)
-        if lport is None:
-            return None
-        key = Flow(remote, rport, lport)
-        conn = Connection.connect(lport, rport, self.listener.isn(key, now), self.encap.config(remote), now)
+    def connect(self, remote: bytes, rport: int, now: float, out: list[Outgoing],
+                source: Flow | None = None) -> Flow | None:
+        """An active open (RFC 9293 §3.10.1) to ``remote``:``rport``: from our address and an ephemeral
+        port, or from ``source`` (attach mode: a published port's client, in the shape of a relayed
+        flow's key, ``Flow(remote, rport, client port, client address)``, whose packets leave from
+        ``source.local``). None if no port is free, or if ``source``'s flow is in use."""
+        announce = True
+        if source is None:
+            lport = self._ephemeral_port(remote, rport)
+            if lport is None:
+                return None
+            key = Flow(remote, rport, lport)
+            isn = self.listener.isn(key, now)
+        else:
+            key, lport = source, source.lport
+            isn = self.listener.isn(key, now)
+            old = self.connections.get(key)
+            if old is not None:
+                if old.state is not State.TIME_WAIT:
+                    return None
+                # The client took the same port again while our side of its last connection waits in
+                # TIME-WAIT: that one ends and the new one starts above every sequence number it used
+                # (RFC 6191's reasoning, for our own SYN); the flow stays ours, so ingress is told nothing.
+                self._log_closed(key, old, "time_wait_reused", True, now)
+                self.sink.counters["time_wait_reused"] += 1
+                self._discard(key)
+                isn, announce = reopen_isn(old), False
+        conn = Connection.connect(lport, rport, isn, self.encap.config(remote), now)
         self.connections[key] = conn
         self.born[key] = now
-        self._opened.append(key)  # announced before the SYN leaves, so the SYN-ACK is routed here
+        if announce:
+            self._opened.append(key)  # announced before the SYN leaves, so the SYN-ACK is routed here
         self._after(key, conn, State.CLOSED, now, out)
         return key
 

@@ -7,7 +7,7 @@ from pipeline.process import Process
 from workers import shell
 from workers.services import registry
 from workers.udp.core import UdpCore
-from workers.attach import wiring
+from workers.attach import inbound, wiring
 from workers.attach.udp import UdpRelay
 
 if __name__ == "__main__":
@@ -17,13 +17,15 @@ if __name__ == "__main__":
     sink = shell.sink(proc)
     # Attach mode: datagrams to other addresses are relayed to real sockets opened from here.
     publish = relays.published("udp")
-    learned = wiring.names(relays, cfg.run_dir, proc.name) if cfg.forward else None
+    learned = wiring.names(relays, cfg.run_dir, proc.name)
     policy = wiring.policy(relays, learned)
+    # Published ports: ingress sends the table (USTACK_PUBLISH, then what stackctl publish changes)
+    # once this worker has joined; listening starts then. Attached, a relay is there to take them.
     relay = UdpRelay(sink, cfg.stack_addr_bytes, policy, cfg.mtu, relays.udp_idle, relays.udp_idle_dns,
-                     publish=publish,
-                     namespace_address=cfg.host_interface.ip.packed) if cfg.forward or publish else None
+                     inside=inbound.inside(cfg, relays)) if cfg.forward or publish or cfg.attach else None
     # Identifications of fragmented replies start at random (RFC 7739 §5: not predictable).
     shell.run(proc, UdpCore(sink, cfg.stack_addr_bytes, registry.services_or_exit("udp", config.service_settings()),
                             address6=cfg.stack_addr6_bytes, mtu=cfg.mtu,
-                            ident_seed=int.from_bytes(os.urandom(4), "big"), relay_=relay),
+                            ident_seed=int.from_bytes(os.urandom(4), "big"), relay_=relay,
+                            dns=wiring.dns_forwarder(relays, sink, learned, cfg.mtu)),
               outbound=wiring.outbound(relays), names=learned)

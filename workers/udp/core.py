@@ -5,13 +5,15 @@ Ingress also routes here the ICMP errors that quote a datagram of ours
 are counted (``icmp_errors_in``).
 
 In attach mode (a ``UdpRelay``) datagrams to other addresses are relayed
-(``workers.attach.udp``), which makes this a relaying core (``workers.attach.relay``).
+(``workers.attach.udp``), which makes this a relaying core (``workers.attach.relay``),
+and queries to our port 53 go to the stack's resolver (``workers.attach.dns``).
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import TYPE_CHECKING
 
 from pipeline.flow import Flow
 from pipeline.offload import Offload, checksum_vouched
@@ -22,7 +24,7 @@ from pipeline.wire.ipv4 import PROTO_ICMP, PROTO_UDP
 from pipeline.wire.udp import UdpDatagram, parse_udp
 from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply, ip_view
 from pipeline.ratelimit import TokenBucket
-from workers.attach.relay import DatagramRelayCore
+from workers.attach.relay import Command, DatagramRelayCore, Upstream
 from workers.attach.udp import UdpRelay
 from workers.services.udp import SERVICES
 
@@ -30,14 +32,19 @@ from workers.services.udp import SERVICES
 # flood of datagrams to closed ports cannot be turned into a flood of replies.
 ICMP_ERRORS_PER_SECOND = 200
 DEFAULT_MTU = 1500
+DNS_PORT = 53
+
+if TYPE_CHECKING:  # dnspython is loaded only by a worker that runs the resolver
+    from workers.attach.dns import DnsForwarder
 
 
 class UdpCore(DatagramRelayCore):
     def __init__(self, sink: Sink, address: bytes,
                  services: Mapping[int, Callable[[bytes], bytes | None]] | None = None,
                  address6: bytes | None = None, mtu: int = DEFAULT_MTU, ident_seed: int = 0,
-                 relay_: UdpRelay | None = None) -> None:
+                 relay_: UdpRelay | None = None, dns: DnsForwarder | None = None) -> None:
         self.relay = relay_
+        self.dns = dns  # attach mode's resolver on port 53 (workers.attach.dns)
         self.sink = sink
         self.address = address
         self.services = SERVICES if services is None else services  # the worker passes the registry's
@@ -71,6 +78,8 @@ class UdpCore(DatagramRelayCore):
         if self.relay is not None and self.relay.answer(src, dgram.src_port, dgram.dst_port,
                                                         bytes(dgram.payload), now):
             return []  # the namespace answering a published port's sender
+        if self.dns is not None and dgram.dst_port == DNS_PORT:
+            return self.dns.query(src, dgram.src_port, local, bytes(dgram.payload), now)
         service = self.services.get(dgram.dst_port)
         if service is None:
             sink.counters["port_unreachable"] += 1
@@ -107,6 +116,38 @@ class UdpCore(DatagramRelayCore):
             sink.drop("reply_too_big_df")
             return []
         return [(piece, None) for piece in pieces]
+
+    # -- the relay's and the resolver's upstream sockets (workers.attach.relay) ------------
+
+    def set_published(self, table: Collection[tuple[str, int, int]], now: float) -> None:
+        """The table of published ports ingress sent: the relay listens on its UDP ones."""
+        if self.relay is not None:
+            self.relay.set_published(table, now)
+
+    def relay_commands(self) -> list[Command]:
+        commands = super().relay_commands()
+        return commands if self.dns is None else commands + self.dns.take_commands()
+
+    def handle_upstream(self, reported: list[Upstream], now: float) -> list[Outgoing]:
+        dns = self.dns
+        if dns is None:
+            return super().handle_upstream(reported, now)
+        out: list[Outgoing] = []
+        for ev in reported:
+            out += dns.upstream(ev, now) if dns.owns(ev.key) else super().handle_upstream([ev], now)
+        return out
+
+    def handle_timer(self, now: float) -> list[Outgoing]:
+        out = super().handle_timer(now)
+        return out if self.dns is None else out + self.dns.expire(now)
+
+    def next_deadline(self) -> float | None:
+        relay, dns = super().next_deadline(), None if self.dns is None else self.dns.next_deadline()
+        return dns if relay is None else relay if dns is None else min(relay, dns)
+
+    def close(self, now: float) -> list[Outgoing]:
+        out = super().close(now)
+        return out if self.dns is None else out + self.dns.close(now)
 
     def _icmp_error(self, body: memoryview, src: bytes, dst: bytes, protocol: int) -> None:
         """An ICMP error about a datagram we sent (ingress matched the quote): count it."""
