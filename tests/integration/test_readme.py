@@ -98,7 +98,8 @@ def stop(proc: subprocess.Popen) -> str:
 
 
 def test_the_readme_has_the_blocks_this_test_runs():
-    assert set(blocks()) == {"try", "attach-setup", "attach-start", "attach-try", "attach-cleanup"}
+    assert set(blocks()) == {"try", "attach-setup", "attach-start", "attach-try", "attach-cleanup",
+                             "pip-setup", "pip-start", "pip-try", "pip-cleanup"}  # pip-*: test_attach_dns.py runs them
     assert len(blocks()["attach-start"]) == 1
 
 

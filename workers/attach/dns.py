@@ -158,7 +158,8 @@ def answered(sink: Sink, names: NameBook | None, proto: str, src: bytes, sport: 
     sink.log.info("dns_answer", proto=proto, src=fmt_addr(src), sport=sport, name=name,
                   type=dns.rdatatype.to_text(question.rdtype), rcode=dns.rcode.to_text(rcode),
                   addresses=[fmt_addr(a) for a in addresses], ttl=ttl, latency_ms=round((now - started) * 1000, 3),
-                  server=None if server is None else fmt_addr(server), truncated=cut)
+                  server=None if server is None else fmt_addr(server),
+                  truncated=cut or bool(answer.flags & dns.flags.TC))  # what the client got: ours or the server's cut
     if names is not None and addresses and ttl is not None and rcode == dns.rcode.NOERROR:
         names.learn(name, addresses, ttl, now)
 
