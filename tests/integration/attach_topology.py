@@ -70,9 +70,11 @@ class Topology:
             ns.delete()
 
 
-def attached_stack(topo: Topology, *honcho_args: str, env: dict[str, str] | None = None) -> Stack:
-    """The stack started in the host namespace, attached to the client namespace, ready."""
-    stack = Stack(topo.host, *honcho_args, env={"USTACK_ATTACH": topo.client.name, **(env or {})})
+def attached_stack(topo: Topology, *honcho_args: str, env: dict[str, str] | None = None,
+                   run_dir: str | None = None) -> Stack:
+    """The stack started in the host namespace, attached to the client namespace, ready
+    (``run_dir`` as for ``Stack``: "" for its default one, where stackctl finds it by namespace)."""
+    stack = Stack(topo.host, *honcho_args, env={"USTACK_ATTACH": topo.client.name, **(env or {})}, run_dir=run_dir)
     try:
         stack.wait_ready()
     except BaseException:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.integration.attach_topology import HOST_SIDE, SERVER, SERVER6, Server, Topology, echo
+from tests.integration.attach_topology import HOST_SIDE, SERVER, SERVER6, Server, Topology, attached_stack, echo
 from tests.integration.netns import ROOT, STACK_ADDR, STACK_ADDR6, Namespace, Stack, process_pid
 
 STACKCTL = str(ROOT / ".venv" / "bin" / "stackctl")
@@ -31,13 +31,7 @@ STALL = 20.0
 def start(topo: Topology, **env: str) -> Stack:
     """A stack in the host namespace attached to the client namespace, in its default run directory
     (so stackctl finds it by the namespace it serves, as a user's), ready."""
-    stack = Stack(topo.host, env={"USTACK_ATTACH": topo.client.name, **env}, run_dir="")
-    try:
-        stack.wait_ready()
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
+    return attached_stack(topo, env=env, run_dir="")
 
 
 def stackctl(topo: Topology, *args: str) -> subprocess.CompletedProcess:
