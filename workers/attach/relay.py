@@ -168,6 +168,15 @@ def log_denied(sink: Sink, proto: str, key: Flow, verdict: Verdict) -> None:
                   dport=key.lport, reason=verdict.reason, **({"name": verdict.name} if verdict.name else {}))
 
 
+def listen_failed(sink: Sink, proto: str, publish: dict[int, int], ev: Upstream) -> None:
+    """A published port this worker could not bind (``LISTEN_FAILED``): counted, said once, and out of
+    ``publish`` until the next table from ingress tries it again."""
+    port = ev.key[1]  # type: ignore[index]
+    publish.pop(port, None)
+    sink.counters["publish_listen_failed"] += 1
+    sink.log.error("publish_failed", proto=proto, port=port, error=ev.detail)
+
+
 class DatagramFlows:
     """What the datagram relays (UDP, ICMP echo) share: their flows, admitted by the policy and a
     limit, and the commands queued for the shell."""

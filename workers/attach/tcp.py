@@ -129,7 +129,7 @@ class TcpRelay:
             if ev.kind == relay.ACCEPTED:
                 self._accepted(ev, now, demux, out)
             elif ev.kind == relay.LISTEN_FAILED:
-                self._listen_failed(ev)
+                relay.listen_failed(self.sink, "tcp", self.publish, ev)
             elif isinstance(key, Flow):
                 held = self.settle(key)
                 if held is not None:
@@ -184,14 +184,6 @@ class TcpRelay:
         self.commands.append(relay.Adopt(ev.key, key))
         self.published[key] = (port, client_text(address), client_port)
         self.sink.counters["relay_published_accepted"] += 1
-
-    def _listen_failed(self, ev: relay.Upstream) -> None:
-        """A published port this worker could not bind: counted, said once, and tried again with the
-        next table (it stays out of ``publish`` meanwhile)."""
-        port = ev.key[1]  # type: ignore[index]
-        self.publish.pop(port, None)
-        self.sink.counters["publish_listen_failed"] += 1
-        self.sink.log.error("publish_failed", proto="tcp", port=port, error=ev.detail)
 
     def set_published(self, table: Table) -> None:
         """The table of published ports ingress sent (both protocols): listen on what came, close what

@@ -116,13 +116,6 @@ class UdpRelay(relay.DatagramFlows):
             self.commands.append(relay.Listen(("listen", port), relay.UDP, port))
         self.publish = dict(ports)
 
-    def _listen_failed(self, ev: relay.Upstream) -> None:
-        """A published port this worker could not bind: counted, said once, tried again with the next table."""
-        port = ev.key[1]  # type: ignore[index]
-        self.publish.pop(port, None)
-        self.sink.counters["publish_listen_failed"] += 1
-        self.sink.log.error("publish_failed", proto="udp", port=port, error=ev.detail)
-
     def received(self, ev: relay.Upstream, now: float) -> list[Outgoing]:
         """A datagram on a published port: into the namespace, as its sender's mapping says."""
         listener = ev.key[1]  # type: ignore[index]
@@ -229,7 +222,7 @@ class UdpRelay(relay.DatagramFlows):
         if ev.kind == relay.RECEIVED:
             return self.received(ev, now)
         if ev.kind == relay.LISTEN_FAILED:
-            self._listen_failed(ev)
+            relay.listen_failed(self.sink, "udp", self.publish, ev)
             return []
         key: Flow = ev.key  # type: ignore[assignment]
         flow = self.flows.get(key)
