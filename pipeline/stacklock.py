@@ -13,6 +13,11 @@ joiner empties it and takes it over. The last process to leave removes it.
 Check-and-set happens under an exclusive ``flock`` on the parent directory,
 so joiners and leavers never race.
 
+The stack file also lists every namespace the stack serves (attach mode,
+by path and inode): :func:`set_served` rewrites that list atomically each
+time a namespace is attached or detached while the stack runs, so
+``stackctl --netns NS`` and ``stackctl list`` find a stack by any of them.
+
 The supervisor is also what the wrapper watches: when it is gone, or when its
 stdout has no reader any more (``honcho start | jq`` after jq exits: honcho
 dies of a broken pipe but waits for its children), the stack stops.
@@ -28,8 +33,10 @@ import os
 import select
 import stat
 import time
+from collections.abc import Iterable
 
 STACK_FILE = "stack"
+_STACK_TMP = STACK_FILE + ".tmp-"  # set_served's file before it replaces the stack file
 
 
 class StackBusy(Exception):
@@ -121,7 +128,8 @@ def _remove_ours(run_dir: str) -> bool:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
             continue
-        if stat.S_ISSOCK(mode) or (entry == STACK_FILE and stat.S_ISREG(mode)):
+        ours = entry == STACK_FILE or entry.startswith(_STACK_TMP)
+        if stat.S_ISSOCK(mode) or (ours and stat.S_ISREG(mode)):
             found = True
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -163,20 +171,46 @@ def default_run_dir(tun_name: str, attach: str = "") -> str:
     return os.path.join(RUN_BASE, name)
 
 
+def served(paths: Iterable[str]) -> list[dict]:
+    """The stack file's ``attached`` list: each namespace served, by path and inode (None once gone)."""
+    return [{"path": path, "netns": netns_inode(path)} for path in paths]
+
+
+def set_served(run_dir: str, paths: Iterable[str]) -> None:
+    """Say in ``run_dir``'s stack file that the stack now serves exactly ``paths`` (attach mode;
+    called on every attach and detach). Atomic: a reader sees the old list or the new one."""
+    path = os.path.join(run_dir, STACK_FILE)
+    with open(path) as f:
+        record = json.load(f)
+    record["attached"] = served(paths)
+    tmp = os.path.join(run_dir, f"{_STACK_TMP}{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class StackLock:
     """This process's membership of the stack that owns ``run_dir``.
 
     The stack file also says what the stack serves, for ``stackctl list`` and
     ``stackctl --netns`` (:func:`live_stacks`): the device, the namespace it
-    runs in and the one it is attached to (by inode, as names may change).
+    runs in and those it is attached to (by inode, as names may change; one
+    path, or every one of ``USTACK_ATTACH``; :func:`set_served` keeps the list
+    as namespaces come and go).
     """
 
-    def __init__(self, run_dir: str, supervisor: int, device: str = "", attach: str = "") -> None:
+    def __init__(self, run_dir: str, supervisor: int, device: str = "",
+                 attach: str | Iterable[str] = "") -> None:
         self.run_dir = run_dir
         self.supervisor = supervisor
         self.id = stack_id(supervisor)
         self.device = device
-        self.attach = attach
+        self.attach = [a for a in ([attach] if isinstance(attach, str) else attach) if a]
         self._fd = -1
 
     def join(self) -> str:
@@ -203,8 +237,7 @@ class StackLock:
                 json.dump({"id": self.id, "supervisor": self.supervisor,
                            "command": _cmdline(self.supervisor).replace(b"\0", b" ").decode(errors="replace").strip(),
                            "started": time.time(), "device": self.device, "netns": netns_inode(),
-                           "attached": [{"path": self.attach, "netns": netns_inode(self.attach)}]
-                           if self.attach else []},
+                           "attached": served(self.attach)},
                           f)
             fcntl.flock(fd, fcntl.LOCK_SH)  # a conversion: safe, joiners wait on the parent lock
             self._fd = fd

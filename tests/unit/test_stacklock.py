@@ -73,3 +73,51 @@ def test_supervisor_checks(monkeypatch):
     assert stacklock.supervisor_gone(me, -1) == "exited"  # same pid, another process
     monkeypatch.delenv("USTACK_STACK_ID", raising=False)
     assert stacklock.stack_id(me) == f"{me}:{stacklock.start_time(me)}"
+
+
+def _record(run_dir):
+    with open(os.path.join(run_dir, stacklock.STACK_FILE)) as f:
+        return json.load(f)
+
+
+def test_every_namespace_of_attach_is_in_the_stack_file(run_dir, monkeypatch, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"  # any file stands in for a namespace: its inode names it
+    a.write_text("")
+    b.write_text("")
+    monkeypatch.setenv("USTACK_STACK_ID", "stack-1")
+    lock = stacklock.StackLock(run_dir, os.getpid(), device="ustack0", attach=[str(a), str(b)])
+    assert lock.join() == "created"
+    assert _record(run_dir)["attached"] == [{"path": str(a), "netns": os.stat(a).st_ino},
+                                            {"path": str(b), "netns": os.stat(b).st_ino}]
+    lock.leave()
+
+
+def test_set_served_rewrites_only_the_list_and_leaves_no_file_behind(run_dir, monkeypatch, tmp_path):
+    paths = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_text("")
+        paths.append(str(tmp_path / name))
+    lock = _lock(run_dir, monkeypatch, "stack-1")
+    lock.attach = paths[:1]
+    lock.join()
+    before = _record(run_dir)
+    stacklock.set_served(run_dir, paths)  # two attached while it runs
+    after = _record(run_dir)
+    assert [a["path"] for a in after["attached"]] == paths
+    assert {k: v for k, v in after.items() if k != "attached"} == {k: v for k, v in before.items() if k != "attached"}
+    stacklock.set_served(run_dir, [paths[2]])  # a and b detached
+    assert _record(run_dir)["attached"] == [{"path": paths[2], "netns": os.stat(paths[2]).st_ino}]
+    assert sorted(os.listdir(run_dir)) == ["stack"]
+    (tmp_path / "c").unlink()  # a namespace gone: listed by path, no inode
+    stacklock.set_served(run_dir, [paths[2]])
+    assert _record(run_dir)["attached"] == [{"path": paths[2], "netns": None}]
+    assert stacklock.live_stacks(os.path.dirname(run_dir))[0]["attached"] == [{"path": paths[2], "netns": None}]
+    assert lock.leave() is True and not os.path.exists(run_dir)
+
+
+def test_a_left_over_temporary_stack_file_is_the_stacks_own(run_dir, monkeypatch):
+    lock = _lock(run_dir, monkeypatch, "stack-1")
+    lock.join()
+    with open(os.path.join(run_dir, "stack.tmp-999"), "w") as f:  # set_served killed halfway
+        f.write("{")
+    assert lock.leave() is True and not os.path.exists(run_dir)
