@@ -2,26 +2,35 @@
 
     stackctl [--netns NAME] status [--json]     live processes, heartbeat age, connections, counters
     stackctl counters [--json]                  every drop by reason, per process
-    stackctl flows [--json]                     every TCP flow ingress routes, and the worker that owns it
-    stackctl conns [--json] [--state S] [--addr A]   every TCP connection of every worker (like ss -tin)
-    stackctl logs [--follow] [--proc GLOB] [--level L] [--event E] [--flow ADDR:PORT] [--console]
+    stackctl flows [--json] [--ns NS]           every TCP flow ingress routes, and the worker that owns it
+    stackctl conns [--json] [--state S] [--addr A] [--ns NS]   every TCP connection of every worker (like ss -tin)
+    stackctl logs [--follow] [--proc GLOB] [--level L] [--event E] [--flow ADDR:PORT] [--ns NS] [--console]
     stackctl capture -w FILE.pcap|- [-c N] [--flow ADDR:PORT]   packets both ways, as they crossed the device
     stackctl stop                               ordered shutdown: workers, then egress, then ingress
     stackctl list [--json]                      every stack on this machine and what it serves
     stackctl latency [--seconds S] [--json]     how long each stage holds a packet (pipeline.latency)
-    stackctl publish add|remove PROTO:PORT:PORT  publish a port inward, or stop (attach mode), while it runs
-    stackctl publish list [--json]              the ports published now
+    stackctl publish add|remove PROTO:PORT:PORT [--ns NS]  publish a port inward, or stop (attach mode)
+    stackctl publish list [--json] [--ns NS]    the ports published now, and into which namespace
+    stackctl attach NS / detach NS              attach mode: serve one more namespace, or stop serving one
+    stackctl namespaces [--json]                the namespaces an attached stack serves, their devices and flows
 
 Which stack: the one serving the namespace stackctl runs in, or ``--netns
-NAME`` — the namespace a stack runs in, or the one it is attached to. Each
+NAME`` — the namespace a stack runs in, or any one it is attached to. Each
 stack's run directory under /run/ustack holds a file naming its device and
 namespaces (``pipeline.stacklock``); its ipc sockets are files, reachable from
 any namespace. USTACK_RUN_DIR or the endpoint variables (and the CURVE keys
 for tcp:// endpoints) name a stack explicitly, as for the stack itself; with
 them ``--netns`` enters that namespace just to reach it (it configures
-nothing there). ``status``, ``counters``, ``stop`` and ``publish`` ask
-ingress over the control socket; ``logs``, ``capture`` and ``conns``
-subscribe to the telemetry stream (``pipeline.telemetry``).
+nothing there). ``status``, ``counters``, ``stop``, ``publish``, ``attach``,
+``detach`` and ``namespaces`` ask ingress over the control socket; ``logs``,
+``capture`` and ``conns`` subscribe to the telemetry stream
+(``pipeline.telemetry``).
+
+A stack attached to several namespaces (``USTACK_ATTACH=a,b,c``) tells their
+flows apart by the namespace they came from: ``--ns NS`` (a name the stack
+lists in ``namespaces``, a path, or the same namespace by another name) keeps
+only one namespace's flows, connections and log records, and names the
+namespace a port is published into.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ _CLONE_NEWNET = 0x40000000
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 # Log record fields that hold addresses and ports (pipeline and worker events).
 _ADDR_FIELDS = ("remote", "src", "dst", "address", "host")
+_NS_HELP = "attach mode: only this namespace's (a name stackctl namespaces lists, or a path)"
 _PORT_FIELDS = ("rport", "lport", "sport", "dport")
 
 
@@ -146,7 +156,8 @@ def render_stacks(rows: list[dict]) -> str:
     width = max(len(r["run_dir"]) for r in rows)
     lines = [f"{'run directory':<{width}} {'device':<9} {'runs in':<16} {'attached to':<16} {'pid':>7} {'uptime':>8}"]
     for r in rows:
-        attached = ",".join(a["name"] for a in r["attached"]) or "-"
+        names = [a["name"] for a in r["attached"]]
+        attached = ",".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "") or "-"
         uptime = "-" if r["uptime"] is None else f"{r['uptime']:.0f} s"
         lines.append(f"{r['run_dir']:<{width}} {r['device']:<9} {r['netns']['name']:<16} {attached:<16} "
                      f"{r['supervisor']!s:>7} {uptime:>8}")
@@ -191,6 +202,10 @@ def render(status: dict) -> str:
     addresses = " and ".join(a for a in (status["address"], status.get("address6")) if a)
     lines = [f"ustack {addresses} on {status['device']}, ingress up {status['uptime']:.0f} s "
              f"(epoch {status['epoch']})"]
+    attached = status.get("namespaces")
+    if attached:
+        lines.append(f"attached to {len(attached)} namespace{'s' if len(attached) > 1 else ''}: "
+                     + ", ".join(r["name"] for r in attached))
     reassembly = status.get("reassembly")
     if reassembly is not None:
         lines.append(f"reassembly: {reassembly['datagrams']} datagrams, {reassembly['bytes']} bytes held")
@@ -206,12 +221,21 @@ def render(status: dict) -> str:
     return "\n".join(lines)
 
 
-def render_flows(rows: list[tuple[Flow, str]]) -> str:
-    lines = [f"{'remote':<40} {'local port':>10}  worker"]
-    for flow, worker in sorted(rows, key=lambda r: (r[1], r[0])):
+def flow_rows(rows: list[tuple[Flow, str, str]]) -> list[dict]:
+    """The ``flows`` table as ``--json`` prints it: a flow's ends, its worker, its namespace (attached)."""
+    return [{"remote": fmt_addr(f.remote), "rport": f.rport, "lport": f.lport, "worker": w,
+             **({"local": fmt_addr(f.local)} if f.local else {}), **({"ns": ns} if ns else {})}
+            for f, w, ns in rows]
+
+
+def render_flows(rows: list[tuple[Flow, str, str]]) -> str:
+    with_ns = any(ns for _, _, ns in rows)
+    lines = [f"{'remote':<40} {'local port':>10}  {'worker':<8}" + ("  namespace" if with_ns else "")]
+    for flow, worker, ns in sorted(rows, key=lambda r: (r[2], r[1], r[0])):
         local = f"{fmt_addr(flow.local)}:{flow.lport}" if flow.local else str(flow.lport)  # relayed: its destination
-        lines.append(f"{fmt_endpoint(flow.remote, flow.rport):<40} {local:>10}  {worker}")
-    return "\n".join(lines)
+        lines.append(f"{fmt_endpoint(flow.remote, flow.rport):<40} {local:>10}  {worker:<8}"
+                     + (f"  {ns}" if with_ns else ""))
+    return "\n".join(lines).rstrip()
 
 
 def drop_counters(status: dict) -> dict[str, dict[str, int]]:
@@ -261,21 +285,89 @@ def measure_latency(cfg: config.StackConfig, seconds: float) -> dict[str, dict[s
 def render_published(rows: list[dict]) -> str:
     if not rows:
         return "no port is published"
-    lines = [f"{'proto':<6} {'port':>6} {'to port':>8}"]
+    with_ns = any("ns" in r for r in rows)
+    lines = [f"{'proto':<6} {'port':>6} {'to port':>8}" + ("  namespace" if with_ns else "")]
     for r in rows:
-        lines.append(f"{r['proto']:<6} {r['port']:>6} {r['to_port']:>8}")
-    return "\n".join(lines)
+        lines.append(f"{r['proto']:<6} {r['port']:>6} {r['to_port']:>8}" + (f"  {r.get('ns', '')}" if with_ns else ""))
+    return "\n".join(lines).rstrip()
 
 
 def publish(cfg: config.StackConfig, args: argparse.Namespace) -> int:
     """publish list, or one change: ingress checks it, keeps the table and tells the workers."""
+    ns = namespace_of(cfg, args.ns) if args.ns else None
     if args.action == "list":
-        rows = request("publish_list", cfg).payload["published"]
+        rows = [r for r in request("publish_list", cfg).payload["published"] if ns is None or r.get("ns") == ns]
         print(json.dumps(rows, indent=2) if args.json else render_published(rows))
         return 0
-    changed = request("publish_" + args.action, cfg, args.item).payload["changed"]
+    changed = request("publish_" + args.action, cfg, args.item, *([ns] if ns else [])).payload["changed"]
     done = "published" if args.action == "add" else "no longer published"
-    print(f"{changed['proto']}:{changed['port']}:{changed['to_port']} {done}")
+    into = f" (namespace {changed['ns']})" if changed.get("ns") else ""
+    print(f"{changed['proto']}:{changed['port']}:{changed['to_port']} {done}{into}")
+    return 0
+
+
+# -- namespaces (attach mode) ---------------------------------------------------------
+
+def resolve_namespace(rows: list[dict], value: str) -> str | None:
+    """The stack's name for the attached namespace ``value`` names: its name, its path, or the same
+    namespace by another name or path (compared by inode); None if the stack does not serve it."""
+    for r in rows:
+        if value in (r["name"], r["path"]) or netns_path(value) == r["path"]:
+            return r["name"]
+    inode = stacklock.netns_inode(netns_path(value))
+    if inode is not None:
+        for r in rows:
+            if stacklock.netns_inode(r["path"]) == inode:
+                return r["name"]
+    return None
+
+
+def namespaces(cfg: config.StackConfig) -> list[dict]:
+    """Every namespace the stack serves: ``{"index", "name", "path", "device"}``, as ingress says."""
+    return request("namespaces", cfg).payload["namespaces"]
+
+
+def namespace_of(cfg: config.StackConfig, value: str) -> str:
+    """``--ns VALUE`` as the stack names it; exit with the attached ones if it serves no such namespace."""
+    rows = namespaces(cfg)
+    name = resolve_namespace(rows, value)
+    if name is None:
+        served = ", ".join(r["name"] for r in rows) or "none"
+        raise SystemExit(f"stackctl: the stack is not attached to {value!r} (attached: {served})")
+    return name
+
+
+def flows_per_namespace(rows: list[tuple[Flow, str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, _, ns in rows:
+        counts[ns] = counts.get(ns, 0) + 1
+    return counts
+
+
+def namespace_rows(rows: list[dict], flows: dict[str, int]) -> list[dict]:
+    """``namespaces --json``: each namespace as ingress lists it, with the TCP flows it has now."""
+    return [{**r, "flows": flows.get(r["name"], 0)} for r in sorted(rows, key=lambda r: r["index"])]
+
+
+def render_namespaces(rows: list[dict]) -> str:
+    if not rows:
+        return "attached to no namespace"
+    width = max(12, *(len(r["name"]) for r in rows))
+    lines = [f"{'index':>5}  {'namespace':<{width}}  {'device':<9} {'flows':>6}  path"]
+    for r in rows:
+        lines.append(f"{r['index']:>5}  {r['name']:<{width}}  {r['device']:<9} {r['flows']:>6}  {r['path']}")
+    return "\n".join(lines)
+
+
+def attach_or_detach(cfg: config.StackConfig, args: argparse.Namespace) -> int:
+    """``attach NS`` (ingress opens its device pair there) or ``detach NS`` (its flows are closed,
+    its device removed); then the namespaces served, as ``namespaces`` prints them."""
+    target = args.namespace
+    if args.command == "detach":
+        target = resolve_namespace(namespaces(cfg), target) or target  # a path or another name of it
+    rows = request(args.command, cfg, target).payload["namespaces"]
+    print(f"{'attached' if args.command == 'attach' else 'detached'} {args.namespace}", file=sys.stderr)
+    print(render_namespaces(namespace_rows(rows, {})))
     return 0
 
 
@@ -311,11 +403,14 @@ def record_fields(record: dict) -> tuple[set[str], set[int]]:
     return addrs, ports
 
 
-def log_filter(args: argparse.Namespace):
+def log_filter(args: argparse.Namespace, ns: str | None = None):
+    """Which records ``logs`` prints; ``ns`` (the stack's name of ``--ns``): only that namespace's."""
     flow = FlowFilter(args.flow) if args.flow else None
     lowest = _LEVELS.index(args.level)
 
     def keep(record: dict) -> bool:
+        if ns is not None and record.get("ns") != ns:
+            return False
         if args.proc and not fnmatch.fnmatchcase(str(record.get("proc", "")), args.proc):
             return False
         if args.event and not fnmatch.fnmatchcase(str(record.get("event", "")), args.event):
@@ -328,7 +423,7 @@ def log_filter(args: argparse.Namespace):
 
 
 def logs(cfg: config.StackConfig, args: argparse.Namespace) -> int:
-    keep = log_filter(args)
+    keep = log_filter(args, namespace_of(cfg, args.ns) if args.ns else None)
     if args.console:
         import structlog
 
@@ -371,11 +466,14 @@ def connection_tables(cfg: config.StackConfig) -> list[dict]:
     return [{"worker": name, **r} for name in sorted(tables) for r in tables[name]]
 
 
-def conn_filter(args: argparse.Namespace):
+def conn_filter(args: argparse.Namespace, ns: str | None = None):
+    """Which connections ``conns`` prints; ``ns`` (the stack's name of ``--ns``): only that namespace's."""
     state = args.state.upper().replace("_", "-") if args.state else None
     flow = FlowFilter(args.addr) if args.addr else None
 
     def keep(record: dict) -> bool:
+        if ns is not None and record.get("ns") != ns:
+            return False
         if state is not None and record["state"] != state:
             return False
         if flow is None:
@@ -390,14 +488,16 @@ def _ms(seconds: float | None) -> str:
 
 
 def render_conns(records: list[dict]) -> str:
-    lines = [f"{'worker':<8} {'state':<12} {'local':<21} {'remote':<21} {'send-q':>9} {'recv-q':>9}"]
+    with_ns = any(r.get("ns") for r in records)
+    lines = [f"{'worker':<8} {'state':<12} {'local':<21} {'remote':<21} {'send-q':>9} {'recv-q':>9}"
+             + ("  namespace" if with_ns else "")]
     for r in records:
         flags = [name for name in ("sack", "timestamps", "ecn") if r.get(name)]
         if r.get("wscale"):
             flags.append(f"wscale:{r['wscale'][0]},{r['wscale'][1]}")
         lines.append(f"{r['worker']:<8} {r['state']:<12} {r['local']:<21} {r['remote']:<21} "
                      f"{r['send_buffer'][0] if r['send_buffer'][0] is not None else '-':>9} "
-                     f"{r['recv_buffer'][0]:>9}")
+                     f"{r['recv_buffer'][0]:>9}" + (f"  {r.get('ns', '')}" if with_ns else ""))
         lines.append(f"\t {' '.join(flags)} rto:{_ms(r['rto'])} rtt:{_ms(r['srtt'])}/{_ms(r['rttvar'])} "
                      f"mss:{r['mss']} cwnd:{r['cwnd']} ssthresh:{r['ssthresh']} snd_una:{r['snd_una']} "
                      f"snd_nxt:{r['snd_nxt']} rcv_nxt:{r['rcv_nxt']} snd_wnd:{r['snd_wnd']} "
@@ -448,6 +548,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s = sub.add_parser("flows", help="TCP flows and the workers that own them")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--ns", metavar="NS", help=_NS_HELP)
     sub.add_parser("stop", help="ordered shutdown: workers reset their connections, egress drains, ingress exits")
     s = sub.add_parser("list", help="every stack on this machine: run directory, namespaces, pid, uptime")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -458,6 +559,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--state", help="only connections in this state (e.g. ESTABLISHED, time-wait)")
     s.add_argument("--addr", help="only connections with this ADDR:PORT, ADDR or :PORT at either end")
+    s.add_argument("--ns", metavar="NS", help=_NS_HELP)
     s = sub.add_parser("logs", help="log records of every process, one JSON object per line")
     s.add_argument("-f", "--follow", action="store_true", help="until interrupted")
     s.add_argument("--seconds", type=float, default=2.0, help="without --follow: how long to listen (default 2)")
@@ -465,6 +567,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--level", choices=_LEVELS, default="debug", help="this level and above")
     s.add_argument("--event", help="events matching this glob (e.g. 'tcp_*')")
     s.add_argument("--flow", help="records with this ADDR:PORT, ADDR or :PORT")
+    s.add_argument("--ns", metavar="NS", help="attach mode: only records of this namespace's flows")
     s.add_argument("--console", action="store_true", help="readable lines instead of JSON")
     s = sub.add_parser("capture", help="packets crossing the device, both ways, as pcap")
     s.add_argument("-w", "--write", required=True, metavar="FILE", help="pcap file, or - for stdout")
@@ -473,11 +576,20 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("publish", help="ports published inward (attach mode): list, add, remove while it runs")
     actions = s.add_subparsers(dest="action", required=True)
     a = actions.add_parser("list", help="the ports published now")
-    a.add_argument("--json", action="store_true", help="print JSON: [{proto, port, to_port}]")
+    a.add_argument("--json", action="store_true", help="print JSON: [{proto, port, to_port, ns}]")
+    a.add_argument("--ns", metavar="NS", help="only the ports published into this namespace")
     for action, what in (("add", "listen on PORT where the stack runs and relay into the namespace's PORT"),
                          ("remove", "stop listening (connections already relayed carry on)")):
         a = actions.add_parser(action, help=what)
         a.add_argument("item", metavar="PROTO:PORT:PORT", help="e.g. tcp:8080:80 or udp:5353:53")
+        a.add_argument("--ns", metavar="NS", help="the namespace it is published into (default: the first attached)")
+    for action, what in (("attach", "serve one more namespace: a name under /run/netns or a path "
+                                    "(/proc/PID/ns/net); its device is made there"),
+                         ("detach", "stop serving a namespace: its flows are closed, its device removed")):
+        s = sub.add_parser(action, help=what)
+        s.add_argument("namespace", metavar="NS", help="a name under /run/netns, or a path such as /proc/PID/ns/net")
+    s = sub.add_parser("namespaces", help="attach mode: the namespaces served, their devices and TCP flows")
+    s.add_argument("--json", action="store_true", help="print JSON: [{index, name, path, device, flows}]")
     return p
 
 
@@ -509,19 +621,17 @@ def run(args: argparse.Namespace) -> int:
         drops = drop_counters(request("status", cfg).payload)
         print(json.dumps(drops, indent=2, sort_keys=True) if args.json else render_counters(drops))
     elif args.command == "flows":
-        rows = messages.decode_flow_table(request("flows", cfg).payload)
-        if args.json:
-            print(json.dumps([{"remote": fmt_addr(f.remote), "rport": f.rport, "lport": f.lport, "worker": w,
-                               **({"local": fmt_addr(f.local)} if f.local else {})} for f, w in rows], indent=2))
-        else:
-            print(render_flows(rows))
+        ns = namespace_of(cfg, args.ns) if args.ns else None
+        rows = [r for r in messages.decode_flow_table(request("flows", cfg).payload) if ns is None or r[2] == ns]
+        print(json.dumps(flow_rows(rows), indent=2) if args.json else render_flows(rows))
     elif args.command == "stop":
         return stop(cfg)
     elif args.command == "latency":
         budget = measure_latency(cfg, args.seconds)
         print(json.dumps(budget, indent=2) if args.json else render_latency(budget))
     elif args.command == "conns":
-        records = [r for r in connection_tables(cfg) if conn_filter(args)(r)]
+        keep = conn_filter(args, namespace_of(cfg, args.ns) if args.ns else None)
+        records = [r for r in connection_tables(cfg) if keep(r)]
         print(json.dumps(records, indent=2) if args.json else render_conns(records))
     elif args.command == "logs":
         return logs(cfg, args)
@@ -529,6 +639,12 @@ def run(args: argparse.Namespace) -> int:
         return capture(cfg, args)
     elif args.command == "publish":
         return publish(cfg, args)
+    elif args.command in ("attach", "detach"):
+        return attach_or_detach(cfg, args)
+    elif args.command == "namespaces":
+        flows = flows_per_namespace(messages.decode_flow_table(request("flows", cfg).payload))
+        rows = namespace_rows(namespaces(cfg), flows)
+        print(json.dumps(rows, indent=2) if args.json else render_namespaces(rows))
     return 0
 
 
