@@ -12,23 +12,40 @@ its answer on an open connection, at MTU 1500 and 65520. Each row is a ratio
 ustack / slirp4netns (for the round trip, lower is better); ustack's latency
 budget of the round trips is printed after the table. Nothing touches the
 machine's main namespace.
+
+``measure_many`` (``scripts/bench --only attach_many``) is the memory of one
+namespace more: one stack attached to 20 namespaces at once, each having
+pinged it, used its line service and fetched a file through the relay, its
+PSS summed over every process it runs (honcho included), against 20
+slirp4netns processes giving the same 20 namespaces their network and
+doing the same (the line service then on the server, slirp4netns having
+none).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from tests.integration.netns import Namespace, Stack
+from tests.integration.attach_topology import SERVER, Topology
+from tests.integration.netns import STACK_ADDR, Namespace, Stack
 
-from .common import median, say
+from .common import ANSWER, LINE, RUN_DIR_BASE, BenchError, median, say
 from .latency import latency_budget
 from .references import BENCH
+from .run import Run
 from .tcp import conn_rate
 
 ALIAS = "10.0.2.2"
@@ -175,3 +192,194 @@ def table(results: dict) -> str:
             ratio = f"{ours / theirs:.2f}" if ours and theirs else "-"
             lines.append(f"| {mtu} | {label} | {fmt(ours)}{unit} | {fmt(theirs)}{unit} | {ratio} |")
     return "\n".join(lines)
+
+
+# -- one stack attached to many namespaces, against one slirp4netns each ---------------------------
+
+MANY = 20  # namespaces (the issue's target: <= 140 MB PSS for the stack, all processes)
+MANY_PSS_BOUND_MB = 140
+MANY_HTTP_PORT = 8080
+MANY_LINE_PORT = 8000
+SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns answers pings itself there
+
+
+def pss_kb(pid: int) -> int:
+    """A process's proportional set size (shared pages divided among their users), kB."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise BenchError(f"no Pss for pid {pid}")
+
+
+def pss_total_kb(pids) -> int:
+    """PSS summed over ``pids``; a process that has gone in between counts nothing."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += pss_kb(pid)
+    return total
+
+
+class _ManyServers:
+    """In the server namespace, as threads of this process: the file over HTTP and the line service
+    (what slirp4netns's namespaces use; ustack answers its own line service)."""
+
+    def __init__(self, server: Namespace, size: int) -> None:
+        self.www = tempfile.mkdtemp(prefix="ustack-bench-many-")
+        payload = os.urandom(size)
+        self.digest = hashlib.sha256(payload).hexdigest()
+        with open(os.path.join(self.www, "file.bin"), "wb") as f:
+            f.write(payload)
+
+        class Http(http.server.ThreadingHTTPServer):
+            request_queue_size = 256
+            daemon_threads = True
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        with server.entered():
+            self.http = Http((SERVER, MANY_HTTP_PORT), functools.partial(Quiet, directory=self.www))
+            self.line = socket.create_server((SERVER, MANY_LINE_PORT), backlog=256)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        threading.Thread(target=self._lines, daemon=True).start()
+
+    def _lines(self) -> None:
+        while True:
+            try:
+                conn, _ = self.line.accept()
+            except OSError:
+                return
+
+            def run(conn=conn) -> None:
+                with conn, contextlib.suppress(OSError):
+                    pending = b""
+                    while data := conn.recv(65536):
+                        pending += data
+                        *lines, pending = pending.split(b"\n")
+                        conn.sendall(b"".join(ln.strip()[::-1] + b"\n" for ln in lines))
+            threading.Thread(target=run, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.line.close()
+        shutil.rmtree(self.www, ignore_errors=True)
+
+
+def _serve_one(ns: Namespace, ping_to: str, line_to: str, digest: str) -> str:
+    """Ping, a line and its answer, the file fetched: "" when all three worked, else what failed."""
+    problems = []
+    if ns.run("ping", "-c", "1", "-W", "5", ping_to, check=False, timeout=10).returncode != 0:
+        problems.append("ping")
+    try:
+        with ns.socket() as sock:
+            sock.settimeout(10)
+            sock.connect((line_to, MANY_LINE_PORT))
+            sock.sendall(LINE)
+            got = b""
+            while not got.endswith(b"\n"):
+                data = sock.recv(1024)
+                if not data:
+                    break
+                got += data
+        if got != ANSWER:
+            problems.append(f"line: {got!r}")
+    except OSError as exc:
+        problems.append(f"line: {exc}")
+    try:
+        fetch = ns.run("curl", "-sS", "--max-time", "60", f"http://{SERVER}:{MANY_HTTP_PORT}/file.bin", check=False,
+                       timeout=70)
+    except subprocess.TimeoutExpired:
+        return ", ".join(problems + ["fetch: curl hung"])
+    if fetch.returncode != 0 or hashlib.sha256(fetch.stdout).hexdigest() != digest:
+        problems.append(f"fetch: curl {fetch.returncode} {fetch.stderr.decode(errors='replace').strip()[:100]}")
+    return ", ".join(problems)
+
+
+def _serve_all(clients: list[Namespace], ping_to: str, line_to: str, digest: str) -> int:
+    """How many namespaces did all three; each one's failures said."""
+    with ThreadPoolExecutor(len(clients)) as pool:
+        outcomes = list(pool.map(lambda ns: _serve_one(ns, ping_to, line_to, digest), clients))
+    for ns, why in zip(clients, outcomes):
+        if why:
+            say(f"  {ns.name}: {why}")
+    return sum(not why for why in outcomes)
+
+
+def measure_many(run: Run) -> None:
+    """PSS of one stack attached to MANY namespaces after each was served, and of MANY slirp4netns."""
+    topo = Topology()  # host (both tools run there, behind the guard), server, and the first client
+    clients = [topo.client]
+    servers = None
+    sleepers: list[subprocess.Popen] = []
+    slirps: list[subprocess.Popen] = []
+    stack = None
+    result: dict = {"namespaces": MANY}
+    try:
+        clients += [Namespace("usclient") for _ in range(MANY - 1)]
+        servers = _ManyServers(topo.server, (1 if run.s.quick else 10) * 1_000_000)
+        result["file_mb"] = 1 if run.s.quick else 10
+        stack = Stack(topo.host, env={"USTACK_ATTACH": ",".join(ns.name for ns in clients)},
+                      run_dir=f"{RUN_DIR_BASE}/{topo.host.name}")
+        stack.wait_ready(timeout=60)
+        try:
+            stack.wait_for(lambda recs: sum(r.get("event") == "namespace_attached" for r in recs) >= MANY, 30,
+                           f"{MANY} namespace_attached records")
+        except AssertionError as exc:
+            raise BenchError(str(exc).splitlines()[0]) from None
+        started = time.monotonic()
+        result["ustack_served"] = _serve_all(clients, STACK_ADDR, STACK_ADDR, servers.digest)
+        result["ustack_serve_seconds"] = round(time.monotonic() - started, 1)
+        time.sleep(1)  # the last flows' records and timers settle
+        pids = topo.host._pids()  # every process in the stack's namespace: honcho, wrappers, workers
+        result["ustack_processes"] = len(pids)
+        result["ustack_pss_kb"] = pss_total_kb(pids)
+        say(f"  ustack: {result['ustack_served']} of {MANY} served; PSS {result['ustack_pss_kb'] / 1024:.1f} MiB "
+            f"in {len(pids)} processes")
+        stack.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(stack.log_path)
+        stack = None
+
+        for ns in clients:  # the same namespaces, their ustack0 gone with the stack
+            sleeper = ns.popen("sleep", "infinity")
+            sleepers.append(sleeper)
+            slirps.append(topo.host.popen("slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+                                          str(sleeper.pid), "tap0", stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 30
+        for ns in clients:
+            while not ns.run("ip", "route", "show", "default", check=False).stdout:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"slirp4netns never configured {ns.name}")
+                time.sleep(0.05)
+        started = time.monotonic()
+        result["slirp_served"] = _serve_all(clients, SLIRP_GATEWAY, SERVER, servers.digest)
+        result["slirp_serve_seconds"] = round(time.monotonic() - started, 1)
+        time.sleep(1)
+        result["slirp_processes"] = len(slirps)
+        result["slirp_pss_kb"] = pss_total_kb(p.pid for p in slirps)
+        say(f"  slirp4netns: {result['slirp_served']} of {MANY} served; PSS {result['slirp_pss_kb'] / 1024:.1f} MiB "
+            f"in {len(slirps)} processes")
+        result["escaped"] = topo.escaped()
+        if result["escaped"]:
+            raise BenchError(f"{result['escaped']} packets stopped by the guard")
+    finally:
+        run.raw["attach_many"] = result
+        if stack is not None:
+            stack.stop()
+        for p in slirps + sleepers:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        if servers is not None:
+            servers.close()
+        for ns in clients[1:]:
+            ns.delete()
+        topo.delete()
+        shutil.rmtree(f"{RUN_DIR_BASE}/{topo.host.name}", ignore_errors=True)
+    if result.get("ustack_served") != MANY:
+        raise BenchError(f"ustack served {result.get('ustack_served')} of {MANY} namespaces")

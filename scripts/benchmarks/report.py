@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 
+from .attach import MANY_PSS_BOUND_MB
 from .common import MB, ROOT, number
 from .latency import budget_lines
 from .synflood import FLOOD_RSS_BOUND_MB
@@ -127,6 +128,16 @@ def metrics(raw: dict) -> list[dict]:
             row(f"synflood_{mode}_new_within_3s", f"{label}, new sources: within 3 s", f"of {n}", new["within_3s"])
             row(f"synflood_{mode}_new_median_connect_ms", f"{label}, new sources: median connect", "ms",
                 new["median_connect_ms"], better="lower")
+    many = raw.get("attach_many")
+    if many:
+        n, slirp = many["namespaces"], "slirp4netns, one per namespace"
+        kb = (lambda key: many[key] * 1024 / MB if key in many else None)
+        row("attach_many_served", "attach: namespaces served by one stack", f"of {n}", many.get("ustack_served"),
+            slirp, many.get("slirp_served"), bound=n)
+        row("attach_many_pss_mb", f"attach: PSS for {n} namespaces, every process", "MB", kb("ustack_pss_kb"),
+            slirp, kb("slirp_pss_kb"), bound=MANY_PSS_BOUND_MB, better="lower")
+        row("attach_many_processes", f"attach: processes for {n} namespaces", "", many.get("ustack_processes"),
+            slirp, many.get("slirp_processes"), better="lower")
     if raw.get("build_compiled") and raw.get("build_pure"):
         c, p = raw["build_compiled"], raw["build_pure"]
         row("build_ping_p50_us", "ping p50, compiled", "µs", c["ping"], "same stack pure", p["ping"], better="lower")
