@@ -158,6 +158,7 @@ class StackConfig:
     attach: str = ""  # attach mode: path of the namespace the device lives in (empty: our own)
     forward: bool = False  # relay packets not addressed to the stack (attach mode's default)
     default_route: bool = True  # attach mode: route the namespace's default traffic to the device
+    attached: tuple[str, ...] = ()  # attach mode: every namespace at start (``attach`` is the first)
     syn_filter: bool = True  # under a SYN flood, shed in the kernel with an eBPF filter on the device (Linux)
     busy_poll: float = 0.0  # seconds each process spins on its sockets before a blocking poll (0: never)
 
@@ -212,13 +213,27 @@ def _ipv6_addresses() -> tuple[ipaddress.IPv6Interface | None, ipaddress.IPv6Add
 
 
 def attach_path(raw: str) -> str:
-    """USTACK_ATTACH: a namespace name under /run/netns, or a path such as /proc/PID/ns/net."""
+    """One namespace of USTACK_ATTACH (or ``stackctl attach``): a name under /run/netns, or a path
+    such as /proc/PID/ns/net."""
     if not raw:
         return ""
     path = raw if "/" in raw else os.path.join("/run/netns", raw)
     if not os.path.exists(path):
         raise ConfigError(f"USTACK_ATTACH={raw!r}: no network namespace at {path}")
     return path
+
+
+def netns_label(path: str) -> str:
+    """What records and stackctl call an attached namespace: its name under /run/netns, else its path."""
+    return path[len("/run/netns/"):] if path.startswith("/run/netns/") else path
+
+
+def attach_paths(raw: str) -> tuple[str, ...]:
+    """USTACK_ATTACH, "a,b,c": the namespaces the stack is the network of, each once, in order."""
+    paths = [attach_path(item.strip()) for item in raw.split(",") if item.strip()]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"USTACK_ATTACH={raw!r}: a namespace named twice")
+    return tuple(paths)
 
 
 def load() -> StackConfig:
@@ -237,7 +252,8 @@ def load() -> StackConfig:
     elif addr6 is not None and mtu < IPV6_MIN_MTU:
         # RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280.
         p.note(f"USTACK_MTU {mtu}: IPv6 needs at least {IPV6_MIN_MTU} (or USTACK_IPV6=0)")
-    attach = p.take(attach_path, env_str("USTACK_ATTACH", ""), fallback="")
+    attached = p.take(attach_paths, env_str("USTACK_ATTACH", ""), fallback=())
+    attach = attached[0] if attached else ""  # the first: the run directory is named after it
     run_dir = env_str("USTACK_RUN_DIR", stacklock.default_run_dir(tun_name, attach))
     endpoints = {}
     for stage in ("ingress", "egress", "control", "telemetry", "monitor"):
@@ -270,6 +286,7 @@ def load() -> StackConfig:
         busy_poll=busy_poll_us / 1_000_000,
         syn_filter=syn_filter,
         attach=attach,
+        attached=attached,
         forward=forward,
         default_route=default_route,
         tun_name=tun_name,

@@ -4,6 +4,13 @@ Egress holds a detached queue of the device (see ``pipeline.tun``): it can
 write, and the kernel never steers inbound traffic to it. It heartbeats to
 ingress like a worker, so ``stackctl status`` shows its counters.
 
+Attached to several namespaces (``pipeline.attachments``), egress holds a queue
+of each one's device and writes each message's packets to the device of its
+``ns``; ingress says which namespaces there are (NAMESPACES) whenever that
+changes. The queue of a detached namespace is closed a moment later
+(``DETACH_GRACE``), so the resets its workers send toward it still go out;
+the device goes with its last queue.
+
 Each wake-up writes the packets of at most ``MAX_DRAIN`` bus messages, like
 a worker (``workers/shell.py``): when workers send faster than the device
 takes packets, the inbox never empties, and an unbounded drain would starve
@@ -27,14 +34,15 @@ from pipeline.process import Process
 
 MAX_DRAIN = 64  # bus messages (each up to messages.MAX_BATCH packets) written per wake-up
 LATENCY_REPORT = 0.2  # seconds between latency samples sent to ingress, while there are some
+DETACH_GRACE = 1.0  # seconds a detached namespace's queue stays open for what its workers still send
 
 
 class Writer:
-    """Writes what the workers send to the device, one system call per packet."""
+    """Writes what the workers send to the device of its namespace, one system call per packet."""
 
-    def __init__(self, device: tun.TunDevice, counters: Counter[str], drop: Callable[..., None],
+    def __init__(self, devices: dict[int, tun.TunDevice], counters: Counter[str], drop: Callable[..., None],
                  capture: Callable[[bytes], None] | None = None) -> None:
-        self.device = device
+        self.devices = devices  # namespace index -> its device queue
         self.counters = counters
         self.drop = drop
         self.capture = capture  # called with each packet written while stackctl captures
@@ -43,12 +51,16 @@ class Writer:
     def write_some(self, inbox: zmq.Socket) -> int:
         """Write the packets of at most MAX_DRAIN waiting messages; return how many messages."""
         taken = 0
-        write = self.device.write
         for _, msg in itertools.islice(endpoints.drain(inbox, self.drop), MAX_DRAIN):
             taken += 1
             if not isinstance(msg, messages.Packets):
                 self.drop("bus_unexpected_kind")
                 continue
+            device = self.devices.get(msg.ns)
+            if device is None:  # a namespace detached meanwhile
+                self.drop("unknown_namespace", ns=msg.ns, packets=len(msg.items))
+                continue
+            write = device.write
             received = time.monotonic() if msg.stamps is not None else 0.0
             for data, offload in msg.items:
                 try:
@@ -71,12 +83,43 @@ def main() -> None:
     counters = proc.counters
     if cfg.egress_bind.startswith("ipc://") or cfg.ingress_endpoint.startswith("ipc://"):
         endpoints.ensure_run_dir(cfg.run_dir)
+
+    def queue(path: str) -> tun.TunDevice:
+        return tun.open_device(cfg.tun_name, writer_only=True, offload=cfg.offload, run_dir=cfg.run_dir,
+                               netns=path)
+
+    # USTACK_ATTACH's namespaces under the indexes ingress gives them at a fresh start; NAMESPACES
+    # corrects that (a restarted egress, namespaces attached or detached at run time).
+    paths = dict(enumerate(cfg.attached or ("",)))
     try:
-        device = tun.open_device(cfg.tun_name, writer_only=True, offload=cfg.offload, run_dir=cfg.run_dir,
-                                 netns=cfg.attach)
+        device = queue(paths[0])
     except tun.TunError as exc:
         log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
         raise SystemExit(tun.exit_status(exc)) from None
+    devices = {0: device}
+    for index, path in list(paths.items())[1:]:
+        try:
+            devices[index] = queue(path)
+        except tun.TunError as exc:
+            log.warning("namespace_queue_failed", index=index, path=path, error=str(exc))
+            del paths[index]
+    closing: list[tuple[float, tun.TunDevice]] = []  # detached namespaces' queues, closed after DETACH_GRACE
+
+    def namespaces(table: tuple[messages.Attached, ...], now: float) -> None:
+        """Ingress's table of attached namespaces: a queue for each new one, the gone ones closed soon."""
+        wanted = {index: path for index, _, path in table}
+        for index in [i for i in devices if wanted.get(i) != paths[i]]:
+            closing.append((now + DETACH_GRACE, devices.pop(index)))
+            del paths[index]
+        for index, path in wanted.items():
+            if index not in devices:
+                try:
+                    devices[index] = queue(path)
+                except tun.TunError as exc:  # ingress detaches it when it sees it gone
+                    log.warning("namespace_queue_failed", index=index, path=path, error=str(exc))
+                    continue
+                paths[index] = path
+
     ctx = zmq.Context()
     auth = endpoints.start_authenticator(ctx, cfg)
     inbox = endpoints.egress_pull(ctx, cfg)
@@ -91,7 +134,7 @@ def main() -> None:
     if refusals is not None:
         poller.register(refusals, zmq.POLLIN)
 
-    writer = Writer(device, counters, proc.drop)
+    writer = Writer(devices, counters, proc.drop)
 
     def capture(data: bytes) -> None:
         telemetry.packet("out", data)
@@ -114,11 +157,19 @@ def main() -> None:
                     pass
                 next_heartbeat = now + messages.HEARTBEAT_INTERVAL
             wake = min(next_heartbeat, next_report) if writer.samples else next_heartbeat
+            if closing:
+                wake = min(wake, closing[0][0])
             ready = dict(endpoints.poll(poller, max(1, int((wake - now) * 1000)), cfg.busy_poll))
             if refusals is not None and refusals in ready:
                 endpoints.log_refusals(refusals, log)
             if heartbeat in ready:
-                stop_asked = any(isinstance(msg, messages.Stop) for _, msg in endpoints.drain(heartbeat, proc.drop))
+                for _, msg in endpoints.drain(heartbeat, proc.drop):
+                    if isinstance(msg, messages.Stop):
+                        stop_asked = True
+                    elif isinstance(msg, messages.Namespaces):
+                        namespaces(msg.table, time.monotonic())
+            while closing and closing[0][0] <= now:
+                closing.pop(0)[1].close()
             if inbox in ready:
                 writer.capture = capture if telemetry.capturing else None
                 writer.write_some(inbox)
@@ -143,7 +194,8 @@ def main() -> None:
         if auth is not None:
             auth.stop()
         ctx.term()
-        device.close()
+        for dev in [*devices.values(), *(d for _, d in closing)]:
+            dev.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ here for the pipeline's status. Routing decisions live in
 ``pipeline.routing``, admission's in ``pipeline.admission``, which reads the
 view routing checked; this module is the I/O around them.
 
+Ingress holds one device per attached namespace (``pipeline.attachments``;
+one stack can be the network of many, and ``stackctl attach``/``detach``
+change them while it runs): each has its own router, so flows and fragments
+of namespaces that use the same addresses stay apart, and every packet and
+flow on the bus carries the index of its namespace. Every worker and egress
+gets the table of namespaces after each change and when it (re)joins; a
+namespace that disappears is detached.
+
 Ingress also owns the table of published ports (attach mode,
 ``pipeline.publishing``): ``stackctl publish`` changes it here, and every TCP
 and UDP worker gets the whole table after each change and whenever it
@@ -15,12 +23,16 @@ and UDP worker gets the whole table after each change and whenever it
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
+import sys
 import time
 
 import zmq
 
-from pipeline import bpf, latency, publishing, relay_config, resolvconf, synfilter, tun
+from pipeline import attachments, bpf, config, latency, publishing, relay_config, stacklock, synfilter, tun
+from pipeline.attachments import Attachment, inode_of, name_of, open_attachment
 from pipeline.admission import Admission
 from pipeline.bus import endpoints, messages
 from pipeline.config import StackConfig
@@ -37,6 +49,8 @@ STOP_WORKERS_WAIT = 5.0  # stackctl stop: seconds the workers get to reset their
 STOP_EGRESS_WAIT = 3.0   # then seconds egress gets to write what they sent
 PUBLISHING_ROLES = ("tcp", "udp")  # the workers that listen on published ports
 PUBLISH_COMMANDS = ("publish_list", "publish_add", "publish_remove")  # stackctl publish list|add|remove
+NAMESPACE_COMMANDS = ("namespaces", "attach", "detach")  # stackctl namespaces|attach NS|detach NS
+GONE_CHECK = 1.0  # seconds between looks at whether each attached namespace still exists
 
 
 def reassembler(cfg: StackConfig) -> Reassembler:
@@ -47,23 +61,27 @@ def reassembler(cfg: StackConfig) -> Reassembler:
 
 
 class Ingress:
-    def __init__(self, proc: Process, device: tun.TunDevice, ctx: zmq.Context) -> None:
+    def __init__(self, proc: Process, ctx: zmq.Context) -> None:
         cfg = proc.config
         self.proc = proc
         self.log = proc.log
-        self.device = device
         self.started = time.monotonic()
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.members = Membership(messages.HEARTBEAT_TIMEOUT)
-        self.router = Router(cfg.stack_addr_bytes, self.members, proc.drop, self.started,
-                             address6=cfg.stack_addr6_bytes, quiet=self.quiet, reassembler=reassembler(cfg),
-                             forward=cfg.forward)
+        self.dns = bool(cfg.attach) and relay_config.relay_settings().dns  # attached namespaces ask the stack
+        # The attached namespaces by index, and by the descriptor of their device; the first
+        # (index 0) is opened before the loop starts, by attach(), like every other.
+        self.attachments: dict[int, Attachment] = {}
+        self.by_fd: dict[int, Attachment] = {}
+        self.poller = zmq.Poller()
+        self.next_gone_check = 0.0
+        # The router of the namespace whose packets are being handled (admission asks it).
+        self.router = self.new_router(self.started)
         self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters)
         self.shedder: synfilter.SynShedder | None = None
         self.recent_syns = -1  # the kernel filter's map of recent SYNs, made when it first goes on
-        if cfg.syn_filter and isinstance(device, tun.LinuxTun):
+        if cfg.syn_filter and sys.platform == "linux":
             self.shedder = synfilter.SynShedder(self.started)
-            self.set_syn_filter(synfilter.OFF)  # a filter a previous ingress left on the device
         self.drains = 0  # wake-ups that read the device (for the shedder)
         self.auth = endpoints.start_authenticator(ctx, cfg)
         self.bus = endpoints.ingress_router(ctx, cfg)
@@ -78,8 +96,18 @@ class Ingress:
         self.stop_deadline = 0.0
         # Published ports: USTACK_PUBLISH at a fresh start, the run-time table after a restart.
         self.stack_id = publishing.stack_id(cfg.run_dir)
-        self.published, self.published_restored = publishing.load(cfg.run_dir, self.stack_id,
-                                                                  relay_config.relay_settings().publish)
+        self.published, self.published_restored = publishing.load(
+            cfg.run_dir, self.stack_id, [(*row, 0) for row in relay_config.relay_settings().publish])
+
+    def new_router(self, started: float) -> Router:
+        cfg = self.proc.config
+        return Router(cfg.stack_addr_bytes, self.members, self.proc.drop, started, address6=cfg.stack_addr6_bytes,
+                      quiet=self.quiet, reassembler=reassembler(cfg), forward=cfg.forward)
+
+    @property
+    def device(self) -> tun.TunDevice:
+        """The first namespace's device: the one the kernel-side SYN filter guards."""
+        return self.attachments[0].device
 
     # -- packets ---------------------------------------------------------------
 
@@ -89,12 +117,12 @@ class Ingress:
         if self.proc.debug:
             self.log.debug("ignored", reason=reason, **fields)
 
-    def forward(self, name: str, items: list[messages.Item], read: float | None = None) -> bool:
-        """Send packets to one worker as one message; False if the worker is gone. With ``read``
-        (the time they were read, while stackctl latency measures) the message is stamped."""
+    def forward(self, name: str, items: list[messages.Item], read: float | None = None, ns: int = 0) -> bool:
+        """Send packets of namespace ``ns`` to one worker as one message; False if the worker is gone.
+        With ``read`` (the time they were read, while stackctl latency measures) the message is stamped."""
         stamps = None if read is None else [read, time.monotonic()]
         try:
-            self.bus.send_multipart([name.encode(), *messages.encode_packets(items, stamps)], flags=zmq.NOBLOCK,
+            self.bus.send_multipart([name.encode(), *messages.encode_packets(items, stamps, ns)], flags=zmq.NOBLOCK,
                                     copy=False)  # large frames zero-copy (endpoints.ZERO_COPY_MIN)
         except zmq.Again:
             self.proc.drop("worker_full", worker=name, packets=len(items))
@@ -106,10 +134,12 @@ class Ingress:
         self.admission.forwarded(name, len(items))
         return True
 
-    def route_and_forward(self, items: list[messages.Item], now: float) -> None:
-        """Route packets, then send each worker its share in one message (STYLE: batch where it pays)."""
+    def route_and_forward(self, items: list[messages.Item], now: float, att: Attachment) -> None:
+        """Route one namespace's packets, then send each worker its share in one message (STYLE: batch
+        where it pays)."""
         batches: dict[str, list[messages.Item]] = {}
-        router = self.router
+        router = self.router = att.router
+        ns = att.index
         admit = self.admission.admit
         for data, offload in items:
             name, role, packet, segment = router.route(data, now)
@@ -123,21 +153,27 @@ class Ingress:
                 router.hold(role, now, (packet, offload))  # no live worker yet, or settling
         read = now if now < self.timing_until else None
         for name, batch in batches.items():
-            if not self.forward(name, batch, read):
+            if not self.forward(name, batch, read, ns):
                 # The worker vanished under us: route again among the living (or hold).
                 for data, offload in batch:
                     again, role, _, _ = router.route(data, now)
-                    if again is None or not self.forward(again, [(data, offload)]):
+                    if again is None or not self.forward(again, [(data, offload)], ns=ns):
                         router.hold(role, now, (data, offload))
 
-    def read_device(self, now: float) -> None:
+    def read_device(self, att: Attachment, now: float) -> None:
         items = []
-        read = self.device.read
-        for _ in range(DRAIN_BATCH):
-            got = read()
-            if got is None:
-                break
-            items.append(got)
+        try:
+            read = att.device.read
+            for _ in range(DRAIN_BATCH):
+                got = read()
+                if got is None:
+                    break
+                items.append(got)
+        except OSError as exc:  # the device went with its namespace (EBADFD, EIO)
+            if att.path:
+                self.detach(att, "namespace_gone", now, str(exc))
+                return
+            raise
         self.drains += 1
         if len(items) == DRAIN_BATCH:
             self.proc.counters["device_backlogged"] += 1  # more waiting than one drain takes
@@ -146,12 +182,13 @@ class Ingress:
             if self.proc.telemetry.capturing:
                 for data, _ in items:
                     self.proc.telemetry.packet("in", data)
-            self.route_and_forward(items, now)
-            if self.router.reassembler.drops:
-                self.count_fragment_drops()
+            self.route_and_forward(items, now, att)
+            if att.router.reassembler.drops:
+                self.count_fragment_drops(att.router)
 
-    def flush_pending(self, now: float) -> None:
-        for role, queue in self.router.pending.items():
+    def flush_pending(self, att: Attachment, now: float) -> None:
+        self.router = att.router
+        for role, queue in att.router.pending.items():
             while queue:
                 born, packet, offload = queue[0]
                 if now - born > PENDING_MAX_AGE:
@@ -161,15 +198,15 @@ class Ingress:
                 if not self.members.has_role(role):
                     break
                 queue.popleft()
-                name, _, _, _ = self.router.route(packet, now)
+                name, _, _, _ = att.router.route(packet, now)
                 if name is None:
                     queue.appendleft((born, packet, offload))
                     break
-                if not self.forward(name, [(packet, offload)]):
+                if not self.forward(name, [(packet, offload)], ns=att.index):
                     queue.appendleft((born, packet, offload))
                     break
 
-    def expire_fragments(self, now: float) -> None:
+    def expire_fragments(self, att: Attachment, now: float) -> None:
         """Give up datagrams whose reassembly timer ran out; count the reassembler's drops.
 
         One whose first fragment came is owed ICMP Time Exceeded (fragment
@@ -177,15 +214,15 @@ class Ingress:
         to ``icmp``, the only way a fragment reaches a worker, and it builds
         the error.
         """
-        owed = [(e.first_fragment, None) for e in self.router.reassembler.expire(now) if e.icmp_owed]
-        self.count_fragment_drops()
+        owed = [(e.first_fragment, None) for e in att.router.reassembler.expire(now) if e.icmp_owed]
+        self.count_fragment_drops(att.router)
         name = self.members.pick("icmp", b"")
         if owed and name is not None:
-            self.forward(name, owed)
+            self.forward(name, owed, ns=att.index)
 
-    def count_fragment_drops(self) -> None:
+    def count_fragment_drops(self, router: Router) -> None:
         """The reassembler's refusals (overlap, bounds, timeouts) as drop_fragment_<reason> counters."""
-        reassembler = self.router.reassembler
+        reassembler = router.reassembler
         for reason, n in reassembler.drops.items():
             self.proc.counters["drop_fragment_" + reason] += n
             if self.proc.debug:
@@ -225,27 +262,31 @@ class Ingress:
 
     def worker_gone(self, name: str, why: str, detail: str | None = None) -> None:
         was_member = self.members.remove(name)
-        orphans = self.router.forget_worker(name)
+        now = time.monotonic()
+        orphans = [(now, flow, att.index) for att in self.attachments.values()
+                   for flow in att.router.forget_worker(name)]
         if not was_member and not orphans:
             return
         self.log.warning("worker_lost", worker=name, why=why, detail=detail, flows=len(orphans))
-        now = time.monotonic()
-        self.orphans.extend((now, f) for f in orphans)
+        self.orphans.extend(orphans)
 
     def hand_out_orphans(self, now: float) -> None:
         """Ask a live tcp worker to make the dead worker's peers reset (see workers.tcp.demux)."""
-        self.orphans = [(t, f) for t, f in self.orphans if now - t <= ORPHAN_MAX_AGE]
+        self.orphans = [(t, f, ns) for t, f, ns in self.orphans if now - t <= ORPHAN_MAX_AGE and ns in self.attachments]
         if not self.orphans:
             return
         name = self.members.pick("tcp", b"orphans")
         if name is None:
             return
-        flows = [f for _, f in self.orphans]
+        by_ns: dict[int, list[Flow]] = {}
+        for _, flow, ns in self.orphans:
+            by_ns.setdefault(ns, []).append(flow)
         try:
-            self.bus.send_multipart([name.encode(), *messages.encode_orphans(flows)], flags=zmq.NOBLOCK)
+            for ns, flows in by_ns.items():
+                self.bus.send_multipart([name.encode(), *messages.encode_orphans(flows, ns)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             return
-        self.log.info("orphans_handed_out", worker=name, flows=len(flows))
+        self.log.info("orphans_handed_out", worker=name, flows=len(self.orphans))
         self.orphans = []
 
     def read_bus(self, now: float) -> None:
@@ -267,17 +308,20 @@ class Ingress:
                         self.bus.send_multipart([peer, *messages.encode_welcome(self.epoch)], flags=zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
-                    if msg.role in PUBLISHING_ROLES:  # after its Welcome: it listens on the current table
+                    self.send_namespaces([msg.name])  # after its Welcome: a core or a device queue each
+                    if msg.role in PUBLISHING_ROLES:  # it listens on the current table
                         self.send_published([msg.name])
             elif isinstance(msg, messages.Flows):
-                if msg.name.encode() == peer and self.members.is_alive(msg.name):
-                    self.router.update_flows(msg.name, msg.full, msg.opened, msg.closed)
+                att = self.attachments.get(msg.ns)
+                if msg.name.encode() == peer and self.members.is_alive(msg.name) and att is not None:
+                    att.router.update_flows(msg.name, msg.full, msg.opened, msg.closed)
             elif isinstance(msg, messages.Latency):
                 if now < self.timing_until:
                     self.budget.add(msg.samples)
             elif isinstance(msg, messages.Goodbye):
                 if msg.name.encode() == peer and self.members.remove(msg.name):
-                    self.router.forget_worker(msg.name)  # it reset its own connections
+                    for att in self.attachments.values():
+                        att.router.forget_worker(msg.name)  # it reset its own connections
                     self.log.info("worker_left", worker=msg.name)
             else:
                 self.proc.drop("bus_unexpected_kind")
@@ -285,17 +329,19 @@ class Ingress:
     # -- control ---------------------------------------------------------------
 
     def status(self, now: float) -> dict:
-        flows = self.router.flows_by_worker()
+        routers = [att.router for att in self.attachments.values()]
+        flows = sum((router.flows_by_worker() for router in routers), collections.Counter())
         return {
             "epoch": messages.epoch_label(self.epoch),
             "uptime": round(now - self.started, 3),
             "device": self.device.name,
             "address": str(self.proc.config.stack_address),
             "address6": None if self.proc.config.stack_address6 is None else str(self.proc.config.stack_address6),
-            "reassembly": {"datagrams": self.router.reassembler.datagrams,
-                           "bytes": self.router.reassembler.bytes_held},
+            "reassembly": {"datagrams": sum(r.reassembler.datagrams for r in routers),
+                           "bytes": sum(r.reassembler.bytes_held for r in routers)},
+            "namespaces": self.namespace_records(),
             "processes": [{"name": self.proc.name, "role": "ingress", "heartbeat_age": 0.0,
-                           "flows": len(self.router.flows), "stats": dict(self.proc.counters)}] + [
+                           "flows": sum(len(r.flows) for r in routers), "stats": dict(self.proc.counters)}] + [
                 {"name": m.name, "role": m.role, "heartbeat_age": round(now - m.last_seen, 3),
                  "flows": flows.get(m.name, 0), "stats": m.stats}
                 for m in self.members.members()],
@@ -319,7 +365,11 @@ class Ingress:
                 if isinstance(msg, messages.Request) and msg.command == "status":
                     reply = messages.encode_reply("ok", None, self.status(now))
                 elif isinstance(msg, messages.Request) and msg.command == "flows":
-                    reply = messages.encode_reply("ok", None, messages.flow_table(self.router.owned_flows()))
+                    reply = messages.encode_reply("ok", None, messages.flow_table(
+                        [(flow, worker, att.name) for att in self.attachments.values()
+                         for flow, worker in att.router.owned_flows()]))
+                elif isinstance(msg, messages.Request) and msg.command in NAMESPACE_COMMANDS:
+                    reply = self.namespace_command(msg.command, msg.args, now)
                 elif isinstance(msg, messages.Request) and msg.command == "stop":
                     reply = messages.encode_reply("ok", None, self.begin_stop(now))
                 elif isinstance(msg, messages.Request) and msg.command in PUBLISH_COMMANDS:
@@ -339,33 +389,43 @@ class Ingress:
     # -- published ports (stackctl publish) ------------------------------------------
 
     def published_records(self) -> list[dict[str, object]]:
-        return [publishing.record(row) for row in self.published.rows()]
+        return [self.published_record(row) for row in self.published.rows()]
+
+    def published_record(self, row: publishing.Row) -> dict[str, object]:
+        att = self.attachments.get(row[3])
+        return publishing.record(row, "" if att is None else att.name)
 
     def publish_command(self, command: str, args: tuple[str, ...]) -> list[bytes]:
-        """``publish_list``, or one change (``publish_add``/``publish_remove`` ITEM): the reply."""
+        """``publish_list``, or one change (``publish_add``/``publish_remove`` ITEM [NS]): the reply."""
         if command == "publish_list":
             return messages.encode_reply("ok", None, {"published": self.published_records()})
-        if len(args) != 1:
-            return messages.encode_reply("error", f"{command} takes one proto:port:port", None)
+        if len(args) not in (1, 2):
+            return messages.encode_reply("error", f"{command} takes one proto:port:port (and a namespace)", None)
         if not self.proc.config.attach:
             return messages.encode_reply("error", "ports are published only in attach mode (USTACK_ATTACH): "
                                          "this stack is no other namespace's network", None)
+        att = self.find_attachment(args[1]) if len(args) == 2 else self.attachments[0]
+        if att is None:
+            return messages.encode_reply("error", f"{args[1]}: not a namespace this stack is attached to", None)
         try:
             if command == "publish_add":
-                row = self.published.add(args[0], publishing.port_in_use)
+                row = self.published.add(args[0], publishing.port_in_use, att.index)
             else:
                 row = self.published.remove(args[0])
         except publishing.PublishError as exc:
             return messages.encode_reply("error", str(exc), None)  # the table is unchanged
+        self.save_published()
+        event = "publish_added" if command == "publish_add" else "publish_removed"
+        self.log.info(event, **self.published_record(row))
+        self.send_published([m.name for m in self.members.members() if m.role in PUBLISHING_ROLES])
+        return messages.encode_reply("ok", None, {"changed": self.published_record(row),
+                                                  "published": self.published_records()})
+
+    def save_published(self) -> None:
         try:
             publishing.save(self.proc.config.run_dir, self.stack_id, self.published)
         except OSError as exc:  # the change holds; only a restarted ingress would not know it
             self.log.warning("publish_not_saved", error=str(exc))
-        event = "publish_added" if command == "publish_add" else "publish_removed"
-        self.log.info(event, **publishing.record(row))
-        self.send_published([m.name for m in self.members.members() if m.role in PUBLISHING_ROLES])
-        return messages.encode_reply("ok", None, {"changed": publishing.record(row),
-                                                  "published": self.published_records()})
 
     def send_published(self, names: list[str]) -> None:
         """The whole table to these workers; one that is gone gets it when it joins again."""
@@ -375,6 +435,109 @@ class Ingress:
                 self.bus.send_multipart([name.encode(), *frames], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+
+    # -- attached namespaces (stackctl attach, detach, namespaces) -----------------------
+
+    def namespace_records(self) -> list[dict[str, object]]:
+        return [att.record() for _, att in sorted(self.attachments.items())]
+
+    def find_attachment(self, raw: str) -> Attachment | None:
+        """The attachment of a namespace given as stackctl's user gives it: a name, a path or an index."""
+        path = raw if "/" in raw else "/run/netns/" + raw
+        for att in self.attachments.values():
+            if raw in (att.name, att.path, str(att.index)) or path == att.path:
+                return att
+        return None
+
+    def namespace_command(self, command: str, args: tuple[str, ...], now: float) -> list[bytes]:
+        if command != "namespaces":
+            if len(args) != 1:
+                return messages.encode_reply("error", f"{command} takes one namespace (a name or a path)", None)
+            if not self.proc.config.attach:
+                return messages.encode_reply("error", "this stack is not in attach mode (USTACK_ATTACH): it is "
+                                             "the network of its own namespace only", None)
+            if command == "attach":
+                try:
+                    self.attach(config.attach_path(args[0]), now)
+                except config.ConfigError as exc:
+                    return messages.encode_reply("error", "; ".join(exc.problems), None)
+                except AttachError as exc:
+                    return messages.encode_reply("error", str(exc), None)
+            else:
+                att = self.find_attachment(args[0])
+                if att is None:
+                    return messages.encode_reply("error", f"{args[0]}: not a namespace this stack is attached to",
+                                                 None)
+                self.detach(att, "stackctl", now)
+        return messages.encode_reply("ok", None, {"namespaces": self.namespace_records()})
+
+    def attach(self, path: str, now: float, index: int | None = None) -> Attachment:
+        """Be the network of the namespace at ``path`` too: its device, its router, every process told."""
+        inode = inode_of(path) if path else None
+        for att in self.attachments.values():
+            if att.path == path or (inode is not None and att.inode == inode):
+                raise AttachError(f"{name_of(path) or 'this namespace'}: already attached (index {att.index})")
+        if index is None:
+            index = next(i for i in range(messages.MAX_NAMESPACES + 1) if i not in self.attachments)
+            if index >= messages.MAX_NAMESPACES:
+                raise AttachError(f"at most {messages.MAX_NAMESPACES} namespaces")
+        try:
+            att = open_attachment(self.proc.config, index, path, self.new_router(now), self.dns)
+        except (tun.TunError, OSError) as exc:
+            raise AttachError(f"{name_of(path) or cfg_device(self.proc.config)}: {exc}") from exc
+        self.attachments[index] = att
+        fd = att.device.fileno()
+        self.by_fd[fd] = att
+        self.poller.register(fd, zmq.POLLIN)
+        self.save_namespaces()
+        self.log.info("namespace_attached", ns=att.name, path=path, index=index, resolv_conf=att.resolv_conf)
+        self.send_namespaces([m.name for m in self.members.members()])
+        return att
+
+    def detach(self, att: Attachment, reason: str, now: float, detail: str | None = None) -> None:
+        """No longer the network of ``att``'s namespace: its workers' cores reset its flows and close
+        its upstream sockets, egress closes its queue, and the device goes with the last queue."""
+        del self.attachments[att.index]
+        fd = att.device.fileno()
+        self.by_fd.pop(fd, None)
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(fd)
+        att.close(self.proc.config.run_dir)
+        self.orphans = [o for o in self.orphans if o[2] != att.index]
+        gone = self.published.drop_namespace(att.index)
+        self.save_namespaces()
+        if gone:
+            self.save_published()
+            self.send_published([m.name for m in self.members.members() if m.role in PUBLISHING_ROLES])
+        self.send_namespaces([m.name for m in self.members.members()])
+        self.log.info("namespace_detached", ns=att.name, index=att.index, reason=reason, detail=detail,
+                      flows=len(att.router.flows), unpublished=[publishing.text(row) for row in gone])
+
+    def check_namespaces(self, now: float) -> None:
+        """Detach every namespace that went away (deleted, or its process ended)."""
+        self.next_gone_check = now + GONE_CHECK
+        for att in [a for a in self.attachments.values() if a.gone()]:
+            self.detach(att, "namespace_gone", now)
+
+    def send_namespaces(self, names: list[str]) -> None:
+        frames = messages.encode_namespaces([att.row() for _, att in sorted(self.attachments.items())])
+        for name in names:
+            try:
+                self.bus.send_multipart([name.encode(), *frames], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def save_namespaces(self) -> None:
+        """For a restarted ingress: which namespaces under which index (like the published ports)."""
+        try:
+            attachments.save(self.proc.config.run_dir, self.stack_id,
+                             [(att.index, att.path) for att in self.attachments.values()])
+        except OSError as exc:
+            self.log.warning("namespaces_not_saved", error=str(exc))
+        served = getattr(stacklock, "set_served", None)  # stackctl --netns finds us by any of them
+        if served is not None:
+            with contextlib.suppress(OSError):
+                served(self.proc.config.run_dir, [att.path for att in self.attachments.values() if att.path])
 
     # -- ordered stop (stackctl stop) ---------------------------------------------
 
@@ -410,25 +573,25 @@ class Ingress:
     # -- loop --------------------------------------------------------------------
 
     def run(self) -> None:
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(self.bus, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        poller.register(self.device.fileno(), zmq.POLLIN)
         poller.register(self.telemetry.inbound, zmq.POLLIN)
         poller.register(self.telemetry.outbound, zmq.POLLIN)
         poller.register(self.proc.telemetry.socket, zmq.POLLIN)
         if self.refusals is not None:
             poller.register(self.refusals, zmq.POLLIN)
-        device_fd = self.device.fileno()
-        reassembler = self.router.reassembler
-        accepting = True  # the device is polled; False once stackctl stop began
+        by_fd = self.by_fd
+        accepting = True  # the devices are polled; False once stackctl stop began
         while not self.proc.stopper.stopping:
             if accepting and self.stop_phase is not None:  # stopping: no new packets in
-                poller.unregister(device_fd)
+                for fd in by_fd:
+                    poller.unregister(fd)
                 accepting = False
             self.proc.flush_logs()
             timeout = 100
-            deadline = reassembler.next_deadline()
+            deadline = min((d for att in self.attachments.values()
+                            if (d := att.router.reassembler.next_deadline()) is not None), default=None)
             if deadline is not None:
                 timeout = min(timeout, max(0, int((deadline - time.monotonic()) * 1000) + 1))
             if self.shedder is not None:
@@ -438,14 +601,15 @@ class Ingress:
             self.proc.trim_heap(now)
             if self.bus in ready:
                 self.read_bus(now)
-            if device_fd in ready:
-                self.read_device(now)
+            for fd in [fd for fd in ready if type(fd) is int and fd in by_fd]:
+                self.read_device(by_fd[fd], now)
             if self.control in ready:
                 self.read_control(now)
             if self.refusals is not None and self.refusals in ready:
                 endpoints.log_refusals(self.refusals, self.log)
             if deadline is not None and deadline <= now:
-                self.expire_fragments(now)
+                for att in list(self.attachments.values()):
+                    self.expire_fragments(att, now)
             if self.shedder is not None and self.shedder.next_deadline() <= now:
                 counters = self.proc.counters
                 load = synfilter.Reading(counters["packets_in"], self.admission.syns_seen, self.drains,
@@ -455,8 +619,11 @@ class Ingress:
                     self.set_syn_filter(decision)
             for name in self.members.expire(now):
                 self.worker_gone(name, "heartbeat_timeout")
-            if any(self.router.pending.values()):
-                self.flush_pending(now)
+            for att in list(self.attachments.values()):
+                if any(att.router.pending.values()):
+                    self.flush_pending(att, now)
+            if now >= self.next_gone_check and accepting:
+                self.check_namespaces(now)
             if self.orphans:
                 self.hand_out_orphans(now)
             if self.telemetry.inbound in ready or self.telemetry.outbound in ready:
@@ -474,30 +641,42 @@ class Ingress:
             self.auth.stop()
 
 
+def cfg_device(cfg: StackConfig) -> str:
+    return f"device {cfg.tun_name}"
+
+
+class AttachError(Exception):
+    """A namespace that cannot be attached; the message says why (stackctl prints it)."""
+
+
 def main() -> None:
     proc = Process("ingress")
     cfg = proc.config
     endpoints.ensure_run_dir(cfg.run_dir)
-    try:
-        device = tun.open_device(cfg.tun_name, writer_only=False, offload=cfg.offload, run_dir=cfg.run_dir,
-                                 netns=cfg.attach)
-        tun.configure_kernel_side(device.name, str(cfg.host_interface), cfg.mtu,
-                                  None if cfg.host_interface6 is None else str(cfg.host_interface6),
-                                  netns=cfg.attach, default_route=cfg.default_route)
-    except tun.TunError as exc:
-        proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
-        raise SystemExit(tun.exit_status(exc)) from None
-    resolv_conf = None
-    if cfg.attach and relay_config.relay_settings().dns:  # the namespace asks the stack's resolver
-        stack = [str(a) for a in (cfg.stack_address, cfg.stack_address6) if a is not None]
-        resolv_conf = resolvconf.install(cfg.attach, stack, cfg.run_dir)
-        proc.log.info("resolv_conf", path=resolv_conf, nameservers=stack,
-                      note=None if resolv_conf else "not written: the namespace is unnamed or has its own")
     ctx = zmq.Context()
-    ingress = Ingress(proc, device, ctx)
+    ingress = Ingress(proc, ctx)
+    # The namespaces at start: USTACK_ATTACH's, or (a restarted ingress) those attached when it died.
+    saved = attachments.load(cfg.run_dir, ingress.stack_id, cfg.attached)
+    try:
+        for index, path in sorted(saved.items()) or [(0, "")]:
+            try:
+                ingress.attach(path, time.monotonic(), index)
+            except AttachError as exc:
+                if index == 0:
+                    raise
+                proc.log.warning("namespace_not_reattached", path=path, index=index, error=str(exc))
+    except AttachError as exc:
+        proc.log.error("tun_open_failed", device=cfg.tun_name, error=str(exc))
+        ingress.close()
+        ctx.term()
+        raise SystemExit(tun.exit_status(exc.__cause__) if isinstance(exc.__cause__, tun.TunError) else 1) from None
+    if ingress.shedder is not None:
+        ingress.set_syn_filter(synfilter.OFF)  # a filter a previous ingress left on the device
+    device = ingress.device
     proc.log.info("ingress_started", device=device.name, host=str(cfg.host_interface),
                   address=str(cfg.stack_address), host6=cfg.host_interface6 and str(cfg.host_interface6),
                   address6=cfg.stack_address6 and str(cfg.stack_address6), attach=cfg.attach or None,
+                  namespaces=[att.name for att in ingress.attachments.values() if att.path] or None,
                   forward=cfg.forward, offload=hex(getattr(device, "offload_bits", 0)),
                   epoch=messages.epoch_label(ingress.epoch))
     if ingress.published.ports:
@@ -507,6 +686,7 @@ def main() -> None:
         ingress.run()
         # A clean exit: the stack stops, and its next start begins from USTACK_PUBLISH again.
         publishing.discard(cfg.run_dir)
+        attachments.discard(cfg.run_dir)
     finally:
         proc.log.info("ingress_stopped", **dict(proc.counters))
         if ingress.shedder is not None:
@@ -515,9 +695,8 @@ def main() -> None:
             os.close(ingress.recent_syns)
         ingress.close()
         ctx.term()
-        device.close()
-        if resolv_conf is not None:
-            resolvconf.remove(resolv_conf, cfg.run_dir)
+        for att in ingress.attachments.values():
+            att.close(cfg.run_dir)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ from pipeline.relay_config import parse_publish
 
 FILE = "published.json"
 
-Row = tuple[str, int, int]  # (protocol, port where the stack runs, port in the namespace)
+# (protocol, port where the stack runs, port in the namespace, index of that namespace: a stack may
+# be the network of several, pipeline.attachments; a port where the stack runs goes to one of them).
+Row = tuple[str, int, int, int]
 
 
 class PublishError(ValueError):
@@ -45,31 +47,33 @@ def text(row: Row) -> str:
     return f"{row[0]}:{row[1]}:{row[2]}"
 
 
-def record(row: Row) -> dict[str, object]:
-    """The row as stackctl's JSON and the log records say it."""
-    return {"proto": row[0], "port": row[1], "to_port": row[2]}
+def record(row: Row, ns: str = "") -> dict[str, object]:
+    """The row as stackctl's JSON and the log records say it (``ns``: the namespace's name)."""
+    return {"proto": row[0], "port": row[1], "to_port": row[2], "ns": ns}
 
 
 class PublishTable:
-    """(protocol, port where the stack runs) -> port in the namespace."""
+    """(protocol, port where the stack runs) -> (port in the namespace, index of the namespace)."""
 
     def __init__(self, rows: Iterable[Row] = ()) -> None:
-        self.ports: dict[tuple[str, int], int] = {(proto, port): to_port for proto, port, to_port in rows}
+        self.ports: dict[tuple[str, int], tuple[int, int]] = {(proto, port): (to_port, ns)
+                                                             for proto, port, to_port, ns in rows}
 
     def rows(self) -> list[Row]:
-        return sorted((proto, port, to_port) for (proto, port), to_port in self.ports.items())
+        return sorted((proto, port, to_port, ns) for (proto, port), (to_port, ns) in self.ports.items())
 
-    def add(self, item: str, in_use: Callable[[str, int], str | None]) -> Row:
-        """Publish ``item`` ("tcp:8080:80"); PublishError if it is malformed, taken or in use."""
+    def add(self, item: str, in_use: Callable[[str, int], str | None], ns: int = 0) -> Row:
+        """Publish ``item`` ("tcp:8080:80") into namespace ``ns``; PublishError if it is malformed,
+        taken or in use."""
         proto, port, to_port = _parse(item)
         held = self.ports.get((proto, port))
         if held is not None:
-            raise PublishError(f"{proto} port {port} is already published (to {held}): remove it first")
+            raise PublishError(f"{proto} port {port} is already published (to {held[0]}): remove it first")
         why = in_use(proto, port)
         if why is not None:
             raise PublishError(f"{proto} port {port} is in use where the stack runs: {why}")
-        self.ports[(proto, port)] = to_port
-        return proto, port, to_port
+        self.ports[(proto, port)] = (to_port, ns)
+        return proto, port, to_port, ns
 
     def remove(self, item: str) -> Row:
         """Unpublish ``item`` ("tcp:8080:80"); PublishError unless it is published just so."""
@@ -77,13 +81,20 @@ class PublishTable:
         held = self.ports.get((proto, port))
         if held is None:
             raise PublishError(f"{proto} port {port} is not published")
-        if held != to_port:
-            raise PublishError(f"{proto} port {port} is published to {held}, not {to_port}")
+        if held[0] != to_port:
+            raise PublishError(f"{proto} port {port} is published to {held[0]}, not {to_port}")
         del self.ports[(proto, port)]
-        return proto, port, to_port
+        return proto, port, to_port, held[1]
+
+    def drop_namespace(self, ns: int) -> list[Row]:
+        """A namespace is detached: its ports go with it."""
+        gone = [row for row in self.rows() if row[3] == ns]
+        for proto, port, _, _ in gone:
+            del self.ports[(proto, port)]
+        return gone
 
 
-def _parse(item: str) -> Row:
+def _parse(item: str) -> tuple[str, int, int]:
     try:
         return parse_publish(item)
     except ValueError as exc:
@@ -141,9 +152,10 @@ def load(run_dir: str, stack: str | None, at_start: Iterable[Row]) -> tuple[Publ
 
 
 def _row(row: object) -> Row:
-    if not (isinstance(row, list) and len(row) == 3 and all(isinstance(v, (str, int)) for v in row)):
+    if not (isinstance(row, list) and len(row) == 4 and all(isinstance(v, (str, int)) for v in row)
+            and isinstance(row[3], int) and row[3] >= 0):
         raise ValueError("bad row")
-    return parse_publish(f"{row[0]}:{row[1]}:{row[2]}")
+    return (*parse_publish(f"{row[0]}:{row[1]}:{row[2]}"), row[3])
 
 
 def save(run_dir: str, stack: str | None, table: PublishTable) -> None:

@@ -4,19 +4,21 @@ Every message is a ZeroMQ multipart message whose first frame is a msgpack
 array ``[VERSION, kind, ...]``; packet bytes travel in a frame of their own
 (never inside msgpack, which would copy them twice). Kinds:
 
-  PACKETS    [1, 0, offloads(, stamps)]          + packets  ingress -> worker, worker -> egress
+  PACKETS    [1, 0, offloads(, stamps(, ns))]    + packets  ingress -> worker, worker -> egress
   HEARTBEAT  [1, 1, name, role, seq, stats(, steered)]     worker/egress -> ingress, every HEARTBEAT_INTERVAL
   GOODBYE    [1, 2, name]                                   worker -> ingress, on clean shutdown
   WELCOME    [1, 3, epoch]                                  ingress -> worker, when it (re)joins
-  FLOWS      [1, 4, name, full, opened, closed]             tcp worker -> ingress: flows it owns
+  FLOWS      [1, 4, name, full, opened, closed(, ns)]       tcp worker -> ingress: flows it owns
   REQUEST    [1, 5, command(, args)]                        stackctl -> ingress (control socket)
   REPLY      [1, 6, status, reason, payload]                ingress -> stackctl
-  ORPHANS    [1, 7, flows]                                  ingress -> tcp worker: flows of a dead worker,
+  ORPHANS    [1, 7, flows(, ns)]                            ingress -> tcp worker: flows of a dead worker,
                                                             whose peers must be made to reset
   STOP       [1, 8]                                         ingress -> worker/egress: ordered shutdown
                                                             (``stackctl stop``): finish, say goodbye, idle
   LATENCY    [1, 12, name, samples]                         egress/worker -> ingress: latency budget samples
   PUBLISHED  [1, 13, table]                                 ingress -> tcp/udp worker: the published ports,
+                                                            on every change and after each WELCOME
+  NAMESPACES [1, 14, table]                                 ingress -> worker/egress: the attached namespaces,
                                                             on every change and after each WELCOME
 
 The telemetry stream (``pipeline.telemetry``) is PUB/SUB: its first frame is
@@ -54,7 +56,13 @@ one ingress lifetime. A REPLY's ``status`` is "ok" or "error" (with a
 strings (``publish_add``'s ``"tcp:8080:80"``). PUBLISHED's ``table`` is the
 whole table of published ports (attach mode), ``[[proto, port, to_port],
 ...]``: ``proto`` "tcp" or "udp", ``port`` where the stack runs, ``to_port``
-in the namespace (``pipeline.publishing``). On ROUTER sockets ZeroMQ adds
+in the namespace (``pipeline.publishing``), and a fourth element, the index of the
+namespace it publishes into, when that is not 0. ``ns`` (PACKETS, FLOWS, ORPHANS) is
+the index of the attached namespace the packets came from or go to, and the flows
+are in; absent means 0, the first (or only) one, so a stack of one namespace sends
+exactly what it always did. NAMESPACES's ``table`` is ``[[index, name, path], ...]``,
+every namespace the stack is attached to (``pipeline.attachments``): a worker
+keeps one core per namespace, egress one device queue. On ROUTER sockets ZeroMQ adds
 the peer's routing id as the first frame; ``decode`` takes the frames after it.
 """
 
@@ -86,6 +94,7 @@ CAPTURED = 10
 CONNS = 11
 LATENCY = 12
 PUBLISHED = 13
+NAMESPACES = 14
 
 # Telemetry topics: none is a prefix of another (ZeroMQ matches topics by prefix).
 LOG_TOPIC = b"log."
@@ -115,6 +124,7 @@ Item = tuple[bytes | memoryview, Offload | None]
 class Packets:
     items: list[Item]
     stamps: list[float | None] | None = None  # pipeline.latency, while someone measures
+    ns: int = 0  # the attached namespace they came from or go to
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,7 @@ class Flows:
     full: bool
     opened: tuple[Flow, ...]
     closed: tuple[Flow, ...]
+    ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +176,17 @@ class Request:
     args: tuple[str, ...] = ()
 
 
-# A published port: (protocol "tcp" or "udp", port where the stack runs, port in the namespace).
-PublishedPort = tuple[str, int, int]
+# A published port: (protocol "tcp" or "udp", port where the stack runs, port in the namespace,
+# index of that namespace).
+PublishedPort = tuple[str, int, int, int]
+
+# An attached namespace: (index, name, path).
+Attached = tuple[int, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Namespaces:
+    table: tuple[Attached, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +204,7 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class Orphans:
     flows: tuple[Flow, ...]
+    ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +231,8 @@ class Conns:
     records: list[dict[str, Any]]
 
 
-Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans | Stop | Latency | Published
+Message = Packets | Heartbeat | Goodbye | Welcome | Flows | Request | Reply | Orphans | Stop | Latency | Published \
+    | Namespaces
 
 
 def encode_stop() -> list[bytes]:
@@ -266,17 +288,22 @@ def decode_telemetry(frames: list[bytes]) -> dict[str, Any] | Capturing | Captur
     raise BusError("bad_telemetry")
 
 
-def encode_packets(items: list[Item], stamps: list[float | None] | None = None) -> list[bytes | memoryview]:
+def encode_packets(items: list[Item], stamps: list[float | None] | None = None,
+                   ns: int = 0) -> list[bytes | memoryview]:
     """One PACKETS message for up to MAX_BATCH packets (callers split longer lists).
 
     Each packet is its own frame, as it came (no joining, no re-slicing): senders pass
     ``copy=False`` and ZeroMQ then takes large frames without copying them
     (``endpoints.ZERO_COPY_MIN``)."""
     plain = all(offload is None for _, offload in items)
-    if plain and stamps is None:
+    if plain and stamps is None and not ns:
         return [_PLAIN_PACKETS_META, *(data for data, _ in items)]
     offloads = None if plain else [None if o is None else list(o) for _, o in items]
-    fields = [VERSION, PACKETS, offloads] if stamps is None else [VERSION, PACKETS, offloads, stamps]
+    fields: list[object] = [VERSION, PACKETS, offloads]
+    if stamps is not None or ns:
+        fields.append(stamps)
+    if ns:
+        fields.append(ns)
     return [_packb(fields), *(data for data, _ in items)]
 
 
@@ -318,8 +345,9 @@ def encode_welcome(epoch: int) -> list[bytes]:
     return [_packb([VERSION, WELCOME, epoch])]
 
 
-def encode_flows(name: str, full: bool, opened: list[Flow], closed: list[Flow]) -> list[bytes]:
-    return [_packb([VERSION, FLOWS, name, full, [f.bus() for f in opened], [f.bus() for f in closed]])]
+def encode_flows(name: str, full: bool, opened: list[Flow], closed: list[Flow], ns: int = 0) -> list[bytes]:
+    fields: list[object] = [VERSION, FLOWS, name, full, [f.bus() for f in opened], [f.bus() for f in closed]]
+    return [_packb(fields + [ns] if ns else fields)]
 
 
 def encode_request(command: str, args: Collection[str] = ()) -> list[bytes]:
@@ -330,38 +358,58 @@ def encode_request(command: str, args: Collection[str] = ()) -> list[bytes]:
 
 
 def encode_published(table: Collection[PublishedPort]) -> list[bytes]:
-    return [_packb([VERSION, PUBLISHED, [list(row) for row in table]])]
+    return [_packb([VERSION, PUBLISHED, [list(row) if row[3] else list(row[:3]) for row in table]])]
 
 
 def _published_port(row: object) -> PublishedPort:
-    if not (isinstance(row, list) and len(row) == 3 and row[0] in ("tcp", "udp")
-            and is_port(row[1]) and is_port(row[2]) and row[1] and row[2]):
+    if not (isinstance(row, list) and len(row) in (3, 4) and row[0] in ("tcp", "udp")
+            and is_port(row[1]) and is_port(row[2]) and row[1] and row[2]
+            and (len(row) == 3 or _is_index(row[3]))):
         raise BusError("bad_published")
+    return row[0], row[1], row[2], row[3] if len(row) == 4 else 0
+
+
+def encode_namespaces(table: Collection[Attached]) -> list[bytes]:
+    return [_packb([VERSION, NAMESPACES, [list(row) for row in table]])]
+
+
+def _attached(row: object) -> Attached:
+    if not (isinstance(row, list) and len(row) == 3 and _is_index(row[0]) and isinstance(row[1], str)
+            and isinstance(row[2], str)):
+        raise BusError("bad_namespaces")
     return row[0], row[1], row[2]
+
+
+MAX_NAMESPACES = 4096  # indexes of attached namespaces are below this
+
+
+def _is_index(value: object) -> bool:
+    return type(value) is int and 0 <= value < MAX_NAMESPACES
 
 
 def encode_reply(status: str, reason: str | None, payload: Any) -> list[bytes]:
     return [_packb([VERSION, REPLY, status, reason, payload])]
 
 
-def encode_orphans(flows: list[Flow]) -> list[bytes]:
-    return [_packb([VERSION, ORPHANS, [f.bus() for f in flows]])]
+def encode_orphans(flows: list[Flow], ns: int = 0) -> list[bytes]:
+    fields: list[object] = [VERSION, ORPHANS, [f.bus() for f in flows]]
+    return [_packb(fields + [ns] if ns else fields)]
 
 
-def flow_table(rows: list[tuple[Flow, str]]) -> list[list[object]]:
-    """The payload of a REPLY to ``flows``: each flow ingress routes, with its owner."""
-    return [[flow.bus(), worker] for flow, worker in rows]
+def flow_table(rows: list[tuple[Flow, str, str]]) -> list[list[object]]:
+    """The payload of a REPLY to ``flows``: each flow ingress routes, with its owner and namespace."""
+    return [[flow.bus(), worker, ns] for flow, worker, ns in rows]
 
 
-def decode_flow_table(payload: object) -> list[tuple[Flow, str]]:
+def decode_flow_table(payload: object) -> list[tuple[Flow, str, str]]:
     if not isinstance(payload, list):
         raise BusError("bad_flow_table")
     rows = []
     for row in payload:
-        if not (isinstance(row, list) and len(row) == 2 and isinstance(row[1], str)):
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[1], str) and isinstance(row[2], str)):
             raise BusError("bad_flow_table")
         try:
-            rows.append((Flow.from_bus(row[0]), row[1]))
+            rows.append((Flow.from_bus(row[0]), row[1], row[2]))
         except ValueError:
             raise BusError("bad_flow_table") from None
     return rows
@@ -396,18 +444,21 @@ def decode(frames: list[bytes]) -> Message:
     fields = meta[2:]
     try:
         if kind == PACKETS:
-            if len(fields) not in (1, 2):
+            if len(fields) not in (1, 2, 3):
                 raise BusError("bad_fields")
             offloads = fields[0]
-            stamps = _stamps(fields[1]) if len(fields) == 2 else None
+            stamps = _stamps(fields[1]) if len(fields) >= 2 and fields[1] is not None else None
+            ns = fields[2] if len(fields) == 3 else 0
+            if not _is_index(ns):
+                raise BusError("bad_ns")
             datas = frames[1:]
             if not datas:
                 raise BusError("packet_frames")
             if offloads is None:
-                return Packets([(data, None) for data in datas], stamps)
+                return Packets([(data, None) for data in datas], stamps, ns)
             if not isinstance(offloads, list) or len(offloads) != len(datas):
                 raise BusError("bad_offload")
-            return Packets([(data, _offload(o)) for data, o in zip(datas, offloads)], stamps)
+            return Packets([(data, _offload(o)) for data, o in zip(datas, offloads)], stamps, ns)
         if kind == LATENCY:
             name, samples = fields
             if not (isinstance(name, str) and isinstance(samples, dict) and all(
@@ -437,17 +488,21 @@ def decode(frames: list[bytes]) -> Message:
                 raise BusError("bad_welcome")
             return Welcome(epoch)
         if kind == FLOWS:
-            name, full, opened, closed = fields
-            if not (isinstance(name, str) and isinstance(full, bool)):
+            name, full, opened, closed, *rest = fields
+            ns = rest[0] if rest else 0
+            if not (isinstance(name, str) and isinstance(full, bool) and len(rest) <= 1 and _is_index(ns)):
                 raise BusError("bad_flows")
-            return Flows(name, full, _flows(opened), _flows(closed))
+            return Flows(name, full, _flows(opened), _flows(closed), ns)
         if kind == STOP:
             if fields:
                 raise BusError("bad_fields")
             return Stop()
         if kind == ORPHANS:
-            (flows,) = fields
-            return Orphans(_flows(flows))
+            flows, *rest = fields
+            ns = rest[0] if rest else 0
+            if len(rest) > 1 or not _is_index(ns):
+                raise BusError("bad_orphans")
+            return Orphans(_flows(flows), ns)
         if kind == REQUEST:
             if len(fields) not in (1, 2):
                 raise BusError("bad_fields")
@@ -461,6 +516,11 @@ def decode(frames: list[bytes]) -> Message:
             if not isinstance(table, list):
                 raise BusError("bad_published")
             return Published(tuple(_published_port(row) for row in table))
+        if kind == NAMESPACES:
+            (table,) = fields
+            if not isinstance(table, list):
+                raise BusError("bad_namespaces")
+            return Namespaces(tuple(_attached(row) for row in table))
         if kind == REPLY:
             status, reason, payload = fields
             if status not in ("ok", "error") or not (reason is None or isinstance(reason, str)):

@@ -50,9 +50,10 @@ def test_a_request_carries_its_arguments_only_when_there_are_some():
 
 
 def test_the_published_table_round_trips():
-    table = (("tcp", 8080, 80), ("udp", 5353, 53))
+    table = (("tcp", 8080, 80, 0), ("udp", 5353, 53, 2))
     frames = m.encode_published(table)
-    assert msgpack.unpackb(frames[0]) == [m.VERSION, m.PUBLISHED, [["tcp", 8080, 80], ["udp", 5353, 53]]]
+    # The first namespace's rows are as before the namespaces came: three fields.
+    assert msgpack.unpackb(frames[0]) == [m.VERSION, m.PUBLISHED, [["tcp", 8080, 80], ["udp", 5353, 53, 2]]]
     assert m.decode(frames) == m.Published(table)
     assert m.decode(m.encode_published(())) == m.Published(())  # nothing published: still a table
 
@@ -109,13 +110,34 @@ def test_any_frames_decode_or_raise_bus_error(frames):
 
 
 def test_flow_table_round_trips_through_a_reply():
-    rows = [(Flow(b"\x0a\x00\x00\x01", 40000, 8000), "tcp.1"), (Flow(bytes(range(16)), 1, 7), "tcp.2")]
+    rows = [(Flow(b"\x0a\x00\x00\x01", 40000, 8000), "tcp.1", "a"), (Flow(bytes(range(16)), 1, 7), "tcp.2", "b")]
     reply = m.decode(m.encode_reply("ok", None, m.flow_table(rows)))
     assert m.decode_flow_table(reply.payload) == rows
 
 
-@pytest.mark.parametrize("payload", [None, [[[b"\x0a\x00\x00\x01", 1, 2]]], [[[b"ab", 1, 2], "tcp.1"]],
-                                     [[[b"\x0a\x00\x00\x01", 1, 2], 3]]])
+@pytest.mark.parametrize("payload", [None, [[[b"\x0a\x00\x00\x01", 1, 2]]], [[[b"ab", 1, 2], "tcp.1", ""]],
+                                     [[[b"\x0a\x00\x00\x01", 1, 2], 3, ""]], [[[b"\x0a\x00\x00\x01", 1, 2], "tcp.1"]]])
 def test_flow_table_rejects_what_is_not_one(payload):
     with pytest.raises(m.BusError):
         m.decode_flow_table(payload)
+
+
+def test_the_namespace_of_packets_flows_and_orphans_travels_only_when_not_the_first():
+    flow = Flow(b"\x0a\x00\x00\x01", 40000, 8000)
+    first = m.encode_packets([(b"\x45" + bytes(19), None)])
+    assert m.decode(first) == m.Packets([(b"\x45" + bytes(19), None)])  # the plain frame, as ever
+    third = m.encode_packets([(b"\x45" + bytes(19), None)], ns=3)
+    assert msgpack.unpackb(third[0]) == [m.VERSION, m.PACKETS, None, None, 3]
+    assert m.decode(third).ns == 3 and m.decode(m.encode_packets([(b"x", None)], [1.0], 2)).stamps == [1.0]
+    assert m.decode(m.encode_flows("tcp.1", True, [flow], [], ns=2)) == m.Flows("tcp.1", True, (flow,), (), 2)
+    assert m.decode(m.encode_flows("tcp.1", True, [flow], [])).ns == 0
+    assert m.decode(m.encode_orphans([flow], ns=5)) == m.Orphans((flow,), 5)
+    table = ((0, "a", "/run/netns/a"), (4, "b", "/proc/1/ns/net"))
+    assert m.decode(m.encode_namespaces(table)) == m.Namespaces(table)
+
+
+@pytest.mark.parametrize("fields", [[1, 0, None, None, -1], [1, 0, None, None, "a"], [1, 4, "t", True, [], [], "x"],
+                                    [1, 7, [], 1, 2], [1, 14, [[0, "a"]]], [1, 14, [[-1, "a", "p"]]]])
+def test_a_bad_namespace_field_is_refused(fields):
+    with pytest.raises(m.BusError):
+        m.decode([msgpack.packb(fields), b"\x45" + bytes(19)])

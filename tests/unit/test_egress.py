@@ -47,7 +47,7 @@ def make_writer():
     counters: collections.Counter[str] = collections.Counter()
     drops: list[str] = []
     device = RecordingDevice()
-    return Writer(device, counters, lambda reason, **_: drops.append(reason)), device, counters, drops
+    return Writer({0: device}, counters, lambda reason, **_: drops.append(reason)), device, counters, drops
 
 
 def wait_for(sock: zmq.Socket) -> None:
@@ -114,7 +114,7 @@ def test_a_vector_larger_than_the_device_takes_is_written_as_far_as_it_goes(pair
     counters: collections.Counter[str] = collections.Counter()
     drops: list[str] = []
     device = FullDevice(room=100)
-    writer = Writer(device, counters, lambda reason, **_: drops.append(reason))
+    writer = Writer({0: device}, counters, lambda reason, **_: drops.append(reason))
     burst = [(b"E" + i.to_bytes(2, "big"), None) for i in range(messages.MAX_BATCH)]
     push.send_multipart(messages.encode_packets(burst))
     wait_for(pull)

@@ -41,26 +41,30 @@ if __name__ == "__main__":
     proc = Process("tcp")  # checks every setting: the groups read below cannot fail
     cfg = proc.config
     settings, relays = config.tcp_settings(), relay_config.relay_settings()
-    sink = shell.sink(proc)
     services = registry.services_or_exit("tcp", config.service_settings())
     tcp = tcp_config(cfg.mtu, cfg.offload, settings)
     # Attach mode: flows to other addresses are relayed to real sockets opened from here.
     keepalive = None if tcp.keepalive is None else Keepalive(tcp.keepalive, tcp.keepalive_interval,
                                                              tcp.keepalive_probes)
-    publish = relays.published("tcp")
     learned = wiring.names(relays, cfg.run_dir, proc.name)
     policy = wiring.policy(relays, learned)
     # Published ports: ingress sends the table (USTACK_PUBLISH, then what stackctl publish changes)
     # once this worker has joined; listening starts then. Attached, a relay is there to take them.
-    relayed = cfg.forward or publish or relays.dns or cfg.attach
-    relay = TcpRelay(sink, policy, relays.connect_timeout, keepalive=keepalive,
-                     inside=inbound.inside(cfg, relays)) if relayed else None
-    if relays.dns and relay is not None:  # the stack's resolver, over TCP (RFC 7766)
-        services[wiring.DNS_PORT] = wiring.dns_service(relays, sink, learned, relay)
+    relayed = cfg.forward or relays.publish or relays.dns or cfg.attach
+    inside = inbound.inside(cfg, relays)
     # RFC 6528 ISNs and SYN cookies need a secret the peer cannot guess; a fresh one per
     # process is enough (a restarted worker holds none of the old connections).
-    shell.run(proc, TcpDemux(sink, cfg.stack_addr_bytes, tcp,
-                             secret=os.urandom(32), services=services, offload=cfg.offload,
-                             syn_queue_limit=settings.syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay,
-                             max_time_wait=settings.max_time_wait),
-              steered=registry.steered_ports(services), outbound=wiring.outbound(relays), names=learned)
+    secret = os.urandom(32)
+
+    def core(index: int, ns: str) -> TcpDemux:
+        """The TCP of one attached namespace (every one sees the same addresses: its own flows)."""
+        sink = shell.sink(proc, ns)
+        relay = TcpRelay(sink, policy, relays.connect_timeout, keepalive=keepalive, inside=inside) if relayed else None
+        served = dict(services)
+        if relays.dns and relay is not None:  # the stack's resolver, over TCP (RFC 7766)
+            served[wiring.DNS_PORT] = wiring.dns_service(relays, sink, learned, relay)
+        return TcpDemux(sink, cfg.stack_addr_bytes, tcp, secret=secret, services=served, offload=cfg.offload,
+                        syn_queue_limit=settings.syn_queue, address6=cfg.stack_addr6_bytes, relay_=relay,
+                        max_time_wait=settings.max_time_wait)
+
+    shell.run(proc, core, steered=registry.steered_ports(services), outbound=wiring.outbound(relays), names=learned)
