@@ -59,7 +59,8 @@ class Attachment:
         return self.index, self.name, self.path
 
     def record(self) -> dict[str, object]:
-        return {"index": self.index, "name": self.name, "path": self.path, "device": self.device.name}
+        return {"index": self.index, "name": self.name, "path": self.path, "device": self.device.name,
+                "flows": len(self.router.flows)}
 
     def gone(self) -> bool:
         return bool(self.path) and inode_of(self.path) != self.inode
