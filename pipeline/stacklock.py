@@ -178,10 +178,16 @@ def served(paths: Iterable[str]) -> list[dict]:
 
 def set_served(run_dir: str, paths: Iterable[str]) -> None:
     """Say in ``run_dir``'s stack file that the stack now serves exactly ``paths`` (attach mode;
-    called on every attach and detach). Atomic: a reader sees the old list or the new one."""
+    called on every attach and detach). Atomic: a reader sees the old list or the new one.
+    OSError if the stack file cannot be read (or is not one) or written."""
     path = os.path.join(run_dir, STACK_FILE)
     with open(path) as f:
-        record = json.load(f)
+        try:
+            record = json.load(f)
+        except ValueError as exc:
+            raise OSError(f"{path}: not a stack file: {exc}") from None
+    if not isinstance(record, dict):
+        raise OSError(f"{path}: not a stack file")
     record["attached"] = served(paths)
     tmp = os.path.join(run_dir, f"{_STACK_TMP}{os.getpid()}")
     try:

@@ -345,8 +345,10 @@ def flows_per_namespace(rows: list[tuple[Flow, str, str]]) -> dict[str, int]:
 
 
 def namespace_rows(rows: list[dict], flows: dict[str, int]) -> list[dict]:
-    """``namespaces --json``: each namespace as ingress lists it, with the TCP flows it has now."""
-    return [{**r, "flows": flows.get(r["name"], 0)} for r in sorted(rows, key=lambda r: r["index"])]
+    """``namespaces --json``: each namespace as ingress lists it, with the TCP flows it has now
+    (ingress's count, else ``flows``, counted from the flow table)."""
+    return [{**r, "flows": r["flows"] if "flows" in r else flows.get(r["name"], 0)}
+            for r in sorted(rows, key=lambda r: r["index"])]
 
 
 def render_namespaces(rows: list[dict]) -> str:
@@ -642,8 +644,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command in ("attach", "detach"):
         return attach_or_detach(cfg, args)
     elif args.command == "namespaces":
-        flows = flows_per_namespace(messages.decode_flow_table(request("flows", cfg).payload))
-        rows = namespace_rows(namespaces(cfg), flows)
+        rows = namespaces(cfg)
+        counted = all("flows" in r for r in rows)
+        flows = {} if counted else flows_per_namespace(messages.decode_flow_table(request("flows", cfg).payload))
+        rows = namespace_rows(rows, flows)
         print(json.dumps(rows, indent=2) if args.json else render_namespaces(rows))
     return 0
 

@@ -121,3 +121,15 @@ def test_a_left_over_temporary_stack_file_is_the_stacks_own(run_dir, monkeypatch
     with open(os.path.join(run_dir, "stack.tmp-999"), "w") as f:  # set_served killed halfway
         f.write("{")
     assert lock.leave() is True and not os.path.exists(run_dir)
+
+
+def test_set_served_on_a_broken_stack_file_is_an_os_error(tmp_path):
+    (tmp_path / "stack").write_text("{")
+    with pytest.raises(OSError, match="not a stack file"):
+        stacklock.set_served(str(tmp_path), ["/run/netns/a"])
+    (tmp_path / "stack").write_text("[]")
+    with pytest.raises(OSError, match="not a stack file"):
+        stacklock.set_served(str(tmp_path), ["/run/netns/a"])
+    with pytest.raises(OSError):
+        stacklock.set_served(str(tmp_path / "none"), ["/run/netns/a"])
+    assert sorted(os.listdir(tmp_path)) == ["stack"]

@@ -96,6 +96,9 @@ def test_the_namespaces_table(tmp_path):
     assert lines[0].split() == ["index", "namespace", "device", "flows", "path"]
     assert lines[2].split() == ["1", "b", "ustack0", "0", str(tmp_path / "b")]
     assert ctl.render_namespaces([]) == "attached to no namespace"
+    counted = ctl.namespace_rows([{"index": 0, "name": "a", "path": "/run/netns/a", "device": "ustack0", "flows": 7}],
+                                 {"a": 2})
+    assert counted[0]["flows"] == 7  # ingress's own count, when it gives one
 
 
 def test_published_ports_show_their_namespace():
