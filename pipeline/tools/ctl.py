@@ -301,7 +301,7 @@ def publish(cfg: config.StackConfig, args: argparse.Namespace) -> int:
         return 0
     changed = request("publish_" + args.action, cfg, args.item, *([ns] if ns else [])).payload["changed"]
     done = "published" if args.action == "add" else "no longer published"
-    into = f" (namespace {changed['ns']})" if changed.get("ns") else ""
+    into = f" (namespace {changed['ns']})" if ns and changed.get("ns") else ""  # one namespace: as it always said
     print(f"{changed['proto']}:{changed['port']}:{changed['to_port']} {done}{into}")
     return 0
 

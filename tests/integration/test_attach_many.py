@@ -531,6 +531,54 @@ def test_nothing_of_one_namespace_reaches_another(many):
     assert not leaked, f"packets with a's ports on b's device: {leaked}"
 
 
+# -- publishing into one namespace --------------------------------------------------------------
+
+def test_a_port_is_published_into_the_namespace_named(many):
+    """stackctl publish add --ns b: a connection to the port where the stack runs reaches b's server,
+    not the first namespace's (each namespace has a server on the same address and port)."""
+    servers = []
+    try:
+        for ns in many.clients[:3]:
+            listener = ns.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("0.0.0.0", 8008))
+            listener.listen(8)
+            servers.append(listener)
+
+            def answer(listener=listener, name=ns.name) -> None:
+                with contextlib.suppress(OSError):
+                    while True:
+                        conn, _ = listener.accept()
+                        with conn:
+                            conn.sendall(f"served by {name}\n".encode())
+            threading.Thread(target=answer, daemon=True).start()
+        target = many.clients[1]
+        added = stackctl("publish", "add", "tcp:18008:8008", "--ns", target.name, netns=many.host)
+        assert added.returncode == 0, added.stderr
+        listed = stackctl_json("publish", "list", netns=many.host)
+        assert {"proto": "tcp", "port": 18008, "to_port": 8008, "ns": target.name} in listed, listed
+        assert stackctl_json("publish", "list", "--ns", many.clients[0].name, netns=many.host) == [
+            r for r in listed if r["ns"] == many.clients[0].name]
+
+        def answered():
+            with many.topo.host.socket() as sock:
+                sock.settimeout(5)
+                try:
+                    sock.connect(("192.0.2.1", 18008))
+                    return recv_exactly(sock, len(target.name) + 11)
+                except OSError:
+                    return None
+        assert until(answered, 10, "an answer through the published port") == f"served by {target.name}\n".encode()
+        removed = stackctl("publish", "remove", "tcp:18008:8008", "--ns", target.name, netns=many.host)
+        assert removed.returncode == 0, removed.stderr
+        assert not [r for r in stackctl_json("publish", "list", netns=many.host) if r["port"] == 18008]
+    finally:
+        for listener in servers:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+
+
 # -- (d) a 21st namespace attached and detached while the others talk --------------------------------
 
 def test_a_namespace_attached_and_detached_at_run_time_under_traffic(many):
