@@ -19,7 +19,8 @@ pinged it, used its line service and fetched a file through the relay, its
 PSS summed over every process it runs (honcho included), against 20
 slirp4netns processes giving the same 20 namespaces their network and
 doing the same (the line service then on the server, slirp4netns having
-none).
+none). The same stack attached to the first namespace alone, measured the
+same way first, gives what one namespace more costs, by PSS.
 """
 
 from __future__ import annotations
@@ -221,6 +222,58 @@ def pss_total_kb(pids) -> int:
     return total
 
 
+def _part(pid: int) -> str:
+    """What a process of a stack's namespace is, for the PSS breakdown: honcho (and its forked copies),
+    a respawn wrapper, or the pipeline process by its honcho name."""
+    cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    if any(arg.endswith(b"honcho") for arg in cmd[:2]):
+        return "honcho"
+    modules = [cmd[i + 1] for i, arg in enumerate(cmd[:-1]) if arg == b"-m"]
+    if modules and modules[0] == b"pipeline.respawn":
+        return "respawn wrappers"
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"HONCHO_PROCESS_NAME=")), "other")
+
+
+def pss_parts_kb(pids) -> dict[str, int]:
+    """PSS per part of the stack (``_part``), kB."""
+    parts: dict[str, int] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            kb = pss_kb(pid)
+            part = _part(pid)
+            parts[part] = parts.get(part, 0) + kb
+    return dict(sorted(parts.items()))
+
+
+def _stack_pss(host: Namespace, clients: list[Namespace], digest: str, tag: str, result: dict) -> None:
+    """Start a stack in ``host`` attached to ``clients``, serve each, and record its PSS under ``tag``."""
+    stack = Stack(host, env={"USTACK_ATTACH": ",".join(ns.name for ns in clients)},
+                  run_dir=f"{RUN_DIR_BASE}/{host.name}")
+    try:
+        stack.wait_ready(timeout=60)
+        try:
+            stack.wait_for(lambda recs: sum(r.get("event") == "namespace_attached" for r in recs) >= len(clients),
+                           30, f"{len(clients)} namespace_attached records")
+        except AssertionError as exc:
+            raise BenchError(str(exc).splitlines()[0]) from None
+        started = time.monotonic()
+        result[f"{tag}_served"] = _serve_all(clients, STACK_ADDR, STACK_ADDR, digest)
+        result[f"{tag}_serve_seconds"] = round(time.monotonic() - started, 1)
+        time.sleep(1)  # the last flows' records and timers settle
+        pids = host._pids()  # every process in the stack's namespace: honcho, wrappers, workers
+        result[f"{tag}_processes"] = len(pids)
+        result[f"{tag}_pss_kb"] = pss_total_kb(pids)
+        result[f"{tag}_pss_parts_kb"] = pss_parts_kb(pids)
+        say(f"  ustack, {len(clients)} namespace(s): {result[f'{tag}_served']} served; "
+            f"PSS {result[f'{tag}_pss_kb'] / 1024:.1f} MiB in {len(pids)} processes "
+            f"({', '.join(f'{k} {v / 1024:.1f}' for k, v in result[f'{tag}_pss_parts_kb'].items())})")
+    finally:
+        stack.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(stack.log_path)
+
+
 class _ManyServers:
     """In the server namespace, as threads of this process: the file over HTTP and the line service
     (what slirp4netns's namespaces use; ustack answers its own line service)."""
@@ -316,33 +369,14 @@ def measure_many(run: Run) -> None:
     servers = None
     sleepers: list[subprocess.Popen] = []
     slirps: list[subprocess.Popen] = []
-    stack = None
     result: dict = {"namespaces": MANY}
     try:
         clients += [Namespace("usclient") for _ in range(MANY - 1)]
         servers = _ManyServers(topo.server, (1 if run.s.quick else 10) * 1_000_000)
         result["file_mb"] = 1 if run.s.quick else 10
-        stack = Stack(topo.host, env={"USTACK_ATTACH": ",".join(ns.name for ns in clients)},
-                      run_dir=f"{RUN_DIR_BASE}/{topo.host.name}")
-        stack.wait_ready(timeout=60)
-        try:
-            stack.wait_for(lambda recs: sum(r.get("event") == "namespace_attached" for r in recs) >= MANY, 30,
-                           f"{MANY} namespace_attached records")
-        except AssertionError as exc:
-            raise BenchError(str(exc).splitlines()[0]) from None
-        started = time.monotonic()
-        result["ustack_served"] = _serve_all(clients, STACK_ADDR, STACK_ADDR, servers.digest)
-        result["ustack_serve_seconds"] = round(time.monotonic() - started, 1)
-        time.sleep(1)  # the last flows' records and timers settle
-        pids = topo.host._pids()  # every process in the stack's namespace: honcho, wrappers, workers
-        result["ustack_processes"] = len(pids)
-        result["ustack_pss_kb"] = pss_total_kb(pids)
-        say(f"  ustack: {result['ustack_served']} of {MANY} served; PSS {result['ustack_pss_kb'] / 1024:.1f} MiB "
-            f"in {len(pids)} processes")
-        stack.stop()
-        with contextlib.suppress(OSError):
-            os.unlink(stack.log_path)
-        stack = None
+        # The same stack attached to the first namespace only: what one namespace more costs.
+        _stack_pss(topo.host, clients[:1], servers.digest, "ustack_one", result)
+        _stack_pss(topo.host, clients, servers.digest, "ustack", result)
 
         for ns in clients:  # the same namespaces, their ustack0 gone with the stack
             sleeper = ns.popen("sleep", "infinity")
@@ -369,8 +403,6 @@ def measure_many(run: Run) -> None:
             raise BenchError(f"{result['escaped']} packets stopped by the guard")
     finally:
         run.raw["attach_many"] = result
-        if stack is not None:
-            stack.stop()
         for p in slirps + sleepers:
             p.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -138,6 +138,13 @@ def metrics(raw: dict) -> list[dict]:
             slirp, kb("slirp_pss_kb"), bound=MANY_PSS_BOUND_MB, better="lower")
         row("attach_many_processes", f"attach: processes for {n} namespaces", "", many.get("ustack_processes"),
             slirp, many.get("slirp_processes"), better="lower")
+        if "ustack_one_pss_kb" in many and "ustack_pss_kb" in many:
+            extra = (many["ustack_pss_kb"] - many["ustack_one_pss_kb"]) * 1024 / MB / (n - 1)
+            row("attach_many_pss_mb_per_namespace", "attach: PSS of one namespace more", "MB", extra,
+                "slirp4netns, one process", kb("slirp_pss_kb") / n if "slirp_pss_kb" in many else None,
+                better="lower")
+            row("attach_one_pss_mb", "attach: PSS for 1 namespace, every process", "MB", kb("ustack_one_pss_kb"),
+                better="lower")
     if raw.get("build_compiled") and raw.get("build_pure"):
         c, p = raw["build_compiled"], raw["build_pure"]
         row("build_ping_p50_us", "ping p50, compiled", "µs", c["ping"], "same stack pure", p["ping"], better="lower")
