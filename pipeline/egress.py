@@ -103,16 +103,18 @@ def main() -> None:
         except tun.TunError as exc:
             log.warning("namespace_queue_failed", index=index, path=path, error=str(exc))
             del paths[index]
-    closing: list[tuple[float, tun.TunDevice]] = []  # detached namespaces' queues, closed after DETACH_GRACE
+    # Detached namespaces' queues: still written to (the resets their workers send) until closed,
+    # DETACH_GRACE later. Ingress never gives a detached namespace's index to another meanwhile.
+    closing: list[tuple[float, int, tun.TunDevice]] = []
 
     def namespaces(table: tuple[messages.Attached, ...], now: float) -> None:
         """Ingress's table of attached namespaces: a queue for each new one, the gone ones closed soon."""
         wanted = {index: path for index, _, path in table}
-        for index in [i for i in devices if wanted.get(i) != paths[i]]:
-            closing.append((now + DETACH_GRACE, devices.pop(index)))
+        for index in [i for i in paths if wanted.get(i) != paths[i]]:
+            closing.append((now + DETACH_GRACE, index, devices[index]))
             del paths[index]
         for index, path in wanted.items():
-            if index not in devices:
+            if index not in paths:
                 try:
                     devices[index] = queue(path)
                 except tun.TunError as exc:  # ingress detaches it when it sees it gone
@@ -169,7 +171,10 @@ def main() -> None:
                     elif isinstance(msg, messages.Namespaces):
                         namespaces(msg.table, time.monotonic())
             while closing and closing[0][0] <= now:
-                closing.pop(0)[1].close()
+                _, index, gone = closing.pop(0)
+                if devices.get(index) is gone and index not in paths:
+                    del devices[index]
+                gone.close()
             if inbox in ready:
                 writer.capture = capture if telemetry.capturing else None
                 writer.write_some(inbox)
@@ -194,7 +199,7 @@ def main() -> None:
         if auth is not None:
             auth.stop()
         ctx.term()
-        for dev in [*devices.values(), *(d for _, d in closing)]:
+        for dev in {id(d): d for d in [*devices.values(), *(d for _, _, d in closing)]}.values():
             dev.close()
 
 

@@ -75,6 +75,7 @@ class Ingress:
         self.by_fd: dict[int, Attachment] = {}
         self.poller = zmq.Poller()
         self.next_gone_check = 0.0
+        self.next_index = 0  # the index the next attached namespace gets, if free (then the next one)
         # The router of the namespace whose packets are being handled (admission asks it).
         self.router = self.new_router(self.started)
         self.admission = Admission(lambda key: key in self.router.flows, proc.drop, proc.counters)
@@ -478,9 +479,13 @@ class Ingress:
             if att.path == path or (inode is not None and att.inode == inode):
                 raise AttachError(f"{name_of(path) or 'this namespace'}: already attached (index {att.index})")
         if index is None:
-            index = next(i for i in range(messages.MAX_NAMESPACES + 1) if i not in self.attachments)
-            if index >= messages.MAX_NAMESPACES:
+            # Never the index of a namespace detached a moment ago: egress may still be writing
+            # that one's last resets under it (pipeline.egress DETACH_GRACE).
+            index = next((i % messages.MAX_NAMESPACES for i in range(self.next_index, self.next_index
+                          + messages.MAX_NAMESPACES) if i % messages.MAX_NAMESPACES not in self.attachments), None)
+            if index is None:
                 raise AttachError(f"at most {messages.MAX_NAMESPACES} namespaces")
+        self.next_index = index + 1
         try:
             att = open_attachment(self.proc.config, index, path, self.new_router(now), self.dns)
         except (tun.TunError, OSError) as exc:
@@ -534,10 +539,8 @@ class Ingress:
                              [(att.index, att.path) for att in self.attachments.values()])
         except OSError as exc:
             self.log.warning("namespaces_not_saved", error=str(exc))
-        served = getattr(stacklock, "set_served", None)  # stackctl --netns finds us by any of them
-        if served is not None:
-            with contextlib.suppress(OSError):
-                served(self.proc.config.run_dir, [att.path for att in self.attachments.values() if att.path])
+        with contextlib.suppress(OSError):  # stackctl --netns finds the stack by any of them
+            stacklock.set_served(self.proc.config.run_dir, [att.path for att in self.attachments.values() if att.path])
 
     # -- ordered stop (stackctl stop) ---------------------------------------------
 
