@@ -70,7 +70,9 @@ def test_parallel_streams_over_four_workers(fresh_ns):
 def test_second_client_during_a_test_is_told_the_server_is_busy(ns, stack):
     # The stack logs at debug: tcp_established shows the first test's connections while they last.
     established_before = sum(r["event"] == "tcp_established" and r["lport"] == 5201 for r in stack.records()) + 1
-    first = ns.popen("iperf3", "-c", STACK_ADDR, "-t", "3", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Long enough to be surely running when the second asks, however late the records are read
+    # (a 3 s test could end first on a loaded machine, and the second then rightly got the server).
+    first = ns.popen("iperf3", "-c", STACK_ADDR, "-t", "8", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stack.wait_for(lambda recs: sum(r["event"] == "tcp_established" and r["lport"] == 5201 for r in recs)
                        > established_before, 10, "the first test's connections")
