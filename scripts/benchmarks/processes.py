@@ -1,4 +1,4 @@
-"""The stack's processes, and what they use: CPU seconds and memory from /proc, counters from stackctl."""
+"""The stack's processes, and what they use: CPU seconds and memory (RSS, PSS) from /proc, counters from stackctl."""
 
 from __future__ import annotations
 
@@ -55,6 +55,26 @@ def stack_processes(ns: Namespace) -> tuple[dict[str, int], list[int]]:
         if is_supervised(pid, name):
             workers[name] = pid
     return workers, every
+
+
+def stack_roles(ns: Namespace) -> dict[int, str]:
+    """Every process in ns by what it is: its role (``tcp`` for tcp.1 ... tcp.N), ``respawn`` for a
+    respawn wrapper, ``honcho`` for honcho and the copies of itself it runs each command from."""
+    workers, every = stack_processes(ns)
+    roles = {pid: name.split(".")[0] for name, pid in workers.items()}
+    return {pid: roles.get(pid, "respawn" if pid in every else "honcho") for pid in ns._pids()}
+
+
+def pss_kb(pid: int) -> int:
+    """A process's proportional set size (kB): its own pages plus its share of each shared one."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def cpu_snapshot(pids) -> dict[int, float]:
