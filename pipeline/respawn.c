@@ -216,20 +216,40 @@ static void leave(int lock_fd, const char *run_dir) {
         close(pfd);
 }
 
+/* Start the child; -1 if it could not be started (fork failed, or exec: said on stderr). */
 static pid_t start_child(char **argv) {
     pid_t parent = getpid();
+    int failed[2];  /* the child writes errno here if exec fails; exec closes it (as Python's subprocess) */
+    if (pipe2(failed, O_CLOEXEC) != 0)
+        return -1;
     pid_t pid = fork();
-    if (pid != 0)
-        return pid;
-    /* The child dies with us, whatever kills us; signals as a fresh process has them. */
-    prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
-    if (getppid() != parent)
-        _exit(1);
-    signal(SIGPIPE, SIG_DFL);
-    sigprocmask(SIG_SETMASK, &saved_mask, NULL);
-    execvp(argv[0], argv);
-    fprintf(stderr, "%s: cannot run %s: %s\n", name, argv[0], strerror(errno));
-    _exit(127);
+    if (pid == 0) {
+        /* The child dies with us, whatever kills us; signals as a fresh process has them. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
+        if (getppid() != parent)
+            _exit(1);
+        signal(SIGPIPE, SIG_DFL);
+        sigprocmask(SIG_SETMASK, &saved_mask, NULL);
+        execvp(argv[0], argv);
+        int err = errno;
+        ssize_t unused = write(failed[1], &err, sizeof err);
+        (void)unused;
+        _exit(127);
+    }
+    close(failed[1]);
+    int err = 0;
+    ssize_t n = pid < 0 ? 0 : read(failed[0], &err, sizeof err);
+    close(failed[0]);
+    if (pid < 0) {
+        fprintf(stderr, "%s: fork: %s\n", name, strerror(errno));
+        return -1;
+    }
+    if (n == (ssize_t)sizeof err) {  /* a command that cannot run: restarting cannot help */
+        waitpid(pid, NULL, 0);
+        fprintf(stderr, "%s: cannot run %s: %s\n", name, argv[0], strerror(err));
+        return -1;
+    }
+    return pid;
 }
 
 /* The child's status as pipeline/respawn.py sees it: the exit code, or minus the signal. */
@@ -294,10 +314,8 @@ static int run(char **command, pid_t supervisor, long long supervisor_started) {
     for (;;) {
         double started = now();
         pid_t child = start_child(command);
-        if (child < 0) {
-            fprintf(stderr, "%s: fork: %s\n", name, strerror(errno));
+        if (child < 0)
             return 1;
-        }
         int rc = 0, exited = 0;
         while (!exited) {
             int sig = next_signal(WATCH_INTERVAL);

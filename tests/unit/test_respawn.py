@@ -95,6 +95,12 @@ def test_a_configuration_error_or_missing_privileges_is_passed_on_never_restarte
     assert runs.read_text().count("run") == 1 and "process_died" not in done.stdout
 
 
+def test_a_command_that_cannot_run_ends_the_loop_unrestarted(loop, tmp_path):
+    done = _run(loop([str(tmp_path / "no-such-command")]))
+    assert done.returncode == 1 and "process_died" not in done.stdout
+    assert "no-such-command" in done.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("child_exit", ["exit 0", "default"])
 def test_sigterm_and_sigint_go_to_the_child_and_end_the_loop(loop, tmp_path, sig, child_exit):
