@@ -29,7 +29,6 @@ the stack lock. Without it (no compiler, a build of another source, or
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import signal
 import socket
@@ -126,6 +125,8 @@ def compiled_loop() -> str | None:
     """build/respawn, if scripts/install built it from this pipeline/respawn.c and USTACK_PURE is not set."""
     if os.environ.get("USTACK_PURE", "") not in ("", "0"):
         return None
+    import hashlib  # here: what imports this module for die_with_parent needs no OpenSSL
+
     try:
         with open(LOOP + ".sha256") as f:
             built_from = f.read().split()[0]
