@@ -34,6 +34,19 @@ def test_a_process_imports_none_of_what_it_does_not_use(module):
     assert sorted(loaded & set(LEFT_OUT)) == []
 
 
+def test_hashing_a_source_for_the_build_check_loads_no_openssl():
+    """When a source's stamp moved (a checkout after scripts/install) every process hashes the sources."""
+    loaded = _loaded("""
+import hashlib
+from pipeline import compiled
+path = compiled.source_path(compiled.MODULES[0])
+expected = hashlib.sha256(open(path, "rb").read()).hexdigest()
+del sys.modules["hashlib"], sys.modules["_hashlib"]
+assert compiled._digest(path) == expected
+""")
+    assert "_hashlib" not in loaded
+
+
 def test_the_probe_sees_what_is_imported():
     """The same probe catches asyncio when something imports it (zmq.auth's authenticator thread does)."""
     assert {"asyncio", "zmq.auth"} <= _loaded("import pipeline.log; import zmq.auth.thread")
