@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 # Only what the interpreter has loaded already: importing this module (every `import
-# pipeline`) must cost nothing. json and hashlib are imported when the build is checked.
+# pipeline`) must cost nothing. json (and SHA-256) are imported when the build is checked.
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 BUILD_DIR = os.path.join(ROOT, "build", "mypyc")
 MANIFEST = os.path.join(BUILD_DIR, "manifest.json")
@@ -128,10 +128,16 @@ def _stamp(st: os.stat_result) -> list[int]:
 
 
 def _digest(path: str) -> str:
-    import hashlib
+    # CPython's own SHA-256 (what hashlib falls back to), not hashlib's: hashlib loads the OpenSSL
+    # bindings, ~1 MB of every process for as long as it runs, whenever a source's stamp has moved
+    # (a checkout after scripts/install) and every process of the stack hashes the sources.
+    try:
+        from _sha2 import sha256  # Python 3.12 on
+    except ImportError:
+        from _sha256 import sha256  # type: ignore[no-redef]
 
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return sha256(f.read()).hexdigest()
 
 
 def record_sources(root: str = ROOT, racy_ns: int = RACY_NS) -> tuple[dict[str, str], dict[str, list[int]]]:

@@ -17,7 +17,8 @@ a typo stops the stack with one message instead of a restart loop.
 ``python -m pipeline.config`` runs the same check for ``scripts/run``.
 
 Read elsewhere: ``USTACK_PURE`` by pipeline/compiled.py (before anything else
-is imported) and ``USTACK_STACK_ID`` by pipeline/stacklock.py (any text).
+is imported) and pipeline/respawn.py (which loop the wrapper runs), and
+``USTACK_STACK_ID`` by pipeline/stacklock.py (any text).
 This module imports nothing of ``workers``: it checks text into plain values
 (networks, addresses, ports), and the workers build their objects from those.
 """

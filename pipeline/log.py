@@ -8,17 +8,56 @@ takes them checked, with their defaults, from ``pipeline.config.log_settings``.
 Tracebacks are rendered without local variables: those would leak packet
 bytes into the logs. While someone runs ``stackctl logs``, each record is also
 published (as JSON, whatever LOG_FORMAT says) on the telemetry stream.
+
+structlog is imported here, and only here, with ``asyncio`` standing in
+(:func:`_import_structlog`): structlog imports asyncio for its ``a*`` methods
+only, and asyncio (with ssl, concurrent.futures, subprocess) is ~6 MB of
+every process that we never use.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-from typing import Protocol
-
-import structlog
+import types
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline import config
+
+
+class _OnFirstUse(types.ModuleType):
+    """Stands in for a module: the first attribute asked for imports the real one."""
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def _import_structlog() -> types.ModuleType:
+    """``import structlog``, its modules binding a stand-in for asyncio.
+
+    structlog's bound loggers and its stdlib module ``import asyncio`` at the
+    top, and use it only inside their async methods (``ainfo``...), which we
+    never call. The stand-in is in ``sys.modules`` only while structlog is
+    imported: any other ``import asyncio`` gets the real module, and so does
+    structlog the moment one of its async methods asks the stand-in for
+    anything."""
+    if "structlog" in sys.modules or "asyncio" in sys.modules:
+        return importlib.import_module("structlog")
+    stand_in = _OnFirstUse("asyncio")
+    sys.modules["asyncio"] = stand_in
+    try:
+        return importlib.import_module("structlog")
+    finally:
+        if sys.modules.get("asyncio") is stand_in:
+            del sys.modules["asyncio"]
+
+
+if TYPE_CHECKING:
+    import structlog
+else:
+    structlog = _import_structlog()
+Logger = structlog.typing.FilteringBoundLogger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -60,7 +99,7 @@ def _publish(logger: object, method: str, record: dict) -> dict:
     return record
 
 
-def setup(proc: str, buffered: bool = False) -> structlog.typing.FilteringBoundLogger:
+def setup(proc: str, buffered: bool = False) -> Logger:
     """Configure structlog for this process and return its bound logger.
 
     stdout is a pipe under honcho. Unbuffered, every record costs a system call

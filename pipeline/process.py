@@ -9,8 +9,6 @@ import signal
 import sys
 import time
 
-import structlog
-
 from pipeline import compiled, config, log, telemetry
 from pipeline.bus import endpoints
 
@@ -89,7 +87,7 @@ class Process:
         self.name = self.config.proc_name or role
         self.role = role
         # Buffered: the process's loop calls flush_logs() once per wake-up.
-        self.log: structlog.typing.FilteringBoundLogger = log.setup(self.name, buffered=True)
+        self.log: log.Logger = log.setup(self.name, buffered=True)
         self.debug = log.debug_enabled()
         self.log_payload = self.debug and log.payload_wanted()
         self.stopper = Stopper()

@@ -17,6 +17,13 @@ stack on the same device in the same namespace is refused. The stack dies
 with its supervisor: the child gets SIGTERM when the wrapper dies
 (PR_SET_PDEATHSIG), and the wrapper stops when honcho is gone or can no
 longer write its output (``honcho start | jq`` after jq exits).
+
+Two steps, for memory: this module does the checks and the join, then, when
+scripts/install could build it, execs the loop in C (``pipeline/respawn.c``,
+``build/respawn``: ~0.1 MB a process, where this interpreter holds ~12 MB
+for as long as the stack runs), handing it the open run directory that holds
+the stack lock. Without it (no compiler, a build of another source, or
+``USTACK_PURE=1``) :func:`supervise` runs the same loop here.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ REPORT_HOLD = 1.0  # seconds the process that reports a configuration error keep
 # Exit statuses a restart cannot cure (sysexits.h).
 FINAL = (config.EX_CONFIG, config.EX_NOPERM)
 _PR_SET_PDEATHSIG = 1
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOP_SOURCE = os.path.join(ROOT, "pipeline", "respawn.c")
+LOOP = os.path.join(ROOT, "build", "respawn")  # built by scripts/install, with LOOP + ".sha256"
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -85,7 +95,7 @@ def main(argv: list[str]) -> int:
     logger = log.setup(name).bind(wrapper="respawn")
     supervisor_started = stacklock.start_time(supervisor)
     cfg = config.load()
-    lock = stacklock.StackLock(cfg.run_dir, supervisor, device=cfg.tun_name, attach=cfg.attach)
+    lock = stacklock.StackLock(cfg.run_dir, supervisor, device=cfg.tun_name, attach=cfg.attached)
     try:
         joined = lock.join()
     except stacklock.StackBusy as exc:
@@ -97,6 +107,38 @@ def main(argv: list[str]) -> int:
         return config.EX_NOPERM
     if joined == "took_over":
         logger.warning("run_dir_taken_over", run_dir=lock.run_dir, reason="stale: no process held it")
+    loop = compiled_loop()
+    if loop is not None:
+        # The lock is the open run directory: it passes to the loop, which leaves it on its way out.
+        fd = lock.fileno()
+        os.set_inheritable(fd, True)
+        sys.stdout.flush()
+        os.execv(loop, [loop, name, str(supervisor), str(-1 if supervisor_started is None else supervisor_started), str(fd),
+                        os.path.abspath(lock.run_dir), config.log_settings().format, "--", *argv])
+    try:
+        return supervise(argv, logger, supervisor, supervisor_started)
+    finally:
+        lock.leave()
+
+
+def compiled_loop() -> str | None:
+    """build/respawn, if scripts/install built it from this pipeline/respawn.c and USTACK_PURE is not set."""
+    if os.environ.get("USTACK_PURE", "") not in ("", "0"):
+        return None
+    import hashlib  # here: what imports this module for die_with_parent needs no OpenSSL
+
+    try:
+        with open(LOOP + ".sha256") as f:
+            built_from = f.read().split()[0]
+        with open(LOOP_SOURCE, "rb") as f:
+            source = hashlib.sha256(f.read()).hexdigest()
+    except (OSError, IndexError):
+        return None
+    return LOOP if built_from == source and os.access(LOOP, os.X_OK) else None
+
+
+def supervise(argv: list[str], logger, supervisor: int, supervisor_started: int | None) -> int:
+    """The loop, in Python: run ``argv`` until it is stopped; the exit status to pass on."""
     stopping = False
     child: subprocess.Popen | None = None
 
@@ -110,39 +152,36 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     backoff = BACKOFF_FIRST
     restarts = 0
-    try:
-        while True:
-            started = time.monotonic()
-            # The child dies with us, whatever kills us.
-            child = subprocess.Popen(argv, preexec_fn=die_with_parent)
-            rc = None
-            while rc is None:
-                try:
-                    rc = child.wait(WATCH_INTERVAL)
-                except subprocess.TimeoutExpired:
-                    why = None if stopping else stacklock.supervisor_gone(supervisor, supervisor_started)
-                    if why is not None:
-                        logger.warning("supervisor_gone", supervisor=supervisor, why=why)
-                        stopping = True
-                        rc = _stop_child(child)
-            if rc in FINAL:
-                return rc
-            if stopping or rc == 0:
-                return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc
-            ran = time.monotonic() - started
-            if ran >= HEALTHY_AFTER:
-                backoff = BACKOFF_FIRST
-            restarts += 1
-            logger.warning("process_died", exit_code=rc, ran_seconds=round(ran, 3), restart_in=backoff,
-                           restarts=restarts, command=" ".join(argv))
-            deadline = time.monotonic() + backoff
-            while not stopping and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if stopping:
-                return 0
-            backoff = min(backoff * 2, BACKOFF_MAX)
-    finally:
-        lock.leave()
+    while True:
+        started = time.monotonic()
+        # The child dies with us, whatever kills us.
+        child = subprocess.Popen(argv, preexec_fn=die_with_parent)
+        rc = None
+        while rc is None:
+            try:
+                rc = child.wait(WATCH_INTERVAL)
+            except subprocess.TimeoutExpired:
+                why = None if stopping else stacklock.supervisor_gone(supervisor, supervisor_started)
+                if why is not None:
+                    logger.warning("supervisor_gone", supervisor=supervisor, why=why)
+                    stopping = True
+                    rc = _stop_child(child)
+        if rc in FINAL:
+            return rc
+        if stopping or rc == 0:
+            return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc
+        ran = time.monotonic() - started
+        if ran >= HEALTHY_AFTER:
+            backoff = BACKOFF_FIRST
+        restarts += 1
+        logger.warning("process_died", exit_code=rc, ran_seconds=round(ran, 3), restart_in=backoff,
+                       restarts=restarts, command=" ".join(argv))
+        deadline = time.monotonic() + backoff
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if stopping:
+            return 0
+        backoff = min(backoff * 2, BACKOFF_MAX)
 
 
 def _stop_child(child: subprocess.Popen) -> int:

@@ -249,6 +249,11 @@ class StackLock:
             self._fd = fd
             return "took_over" if stale else "created"
 
+    def fileno(self) -> int:
+        """The open run directory our shared lock is on (-1 before join): it stays locked while any
+        copy of it is open (``pipeline/respawn.c`` holds one, and leaves as :meth:`leave` does)."""
+        return self._fd
+
     def leave(self) -> bool:
         """Release the lock; the last process out removes the run directory (True)."""
         if self._fd < 0:

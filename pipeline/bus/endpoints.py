@@ -28,15 +28,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.bus import messages
 from pipeline.config import StackConfig
 from pipeline.stacklock import ensure_run_dir  # noqa: F401  (processes create the run directory through here)
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 # How long a socket may hold unsent messages at close; without it, close blocks
 # forever when a peer is gone (libzmq's default LINGER is -1).
@@ -82,6 +83,8 @@ def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
 
 
 def _load(path: str) -> tuple[bytes, bytes | None]:
+    import zmq.auth  # only for tcp:// endpoints (its authenticator thread imports asyncio: ~6 MB)
+
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
@@ -103,6 +106,8 @@ def start_authenticator(ctx: zmq.Context, cfg: StackConfig) -> ThreadAuthenticat
     """For tcp:// endpoints: admit only clients whose public key is authorized."""
     if not uses_curve(cfg):
         return None
+    from zmq.auth.thread import ThreadAuthenticator  # only here: it imports asyncio (~6 MB a process)
+
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=os.path.join(cfg.keys_dir, AUTHORIZED))

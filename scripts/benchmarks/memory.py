@@ -1,18 +1,56 @@
-"""What the stack's processes hold: the TCP worker's RSS with many idle connections open, and every
-process's peak RSS over the run (against the minimal responder's)."""
+"""What the stack's processes hold: a fresh default stack's PSS at idle (every process, honcho's
+included, by role), the TCP worker's RSS with many idle connections open, and every process's peak
+RSS over the run (against the minimal responder's)."""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import selectors
 import socket
+import statistics
 import time
 
-from tests.integration.netns import STACK_ADDR, Namespace
+from tests.integration.netns import STACK_ADDR, Namespace, Stack
 
-from .common import BenchError, say
-from .processes import stack_processes, stack_status, status_kb
+from .common import RUN_DIR_BASE, BenchError, say
+from .processes import pss_kb, stack_processes, stack_roles, stack_status, status_kb
 from .run import Run
+
+IDLE_SETTLE = 5.0  # seconds a fresh stack idles after its workers joined, before its PSS is read
+
+
+def measure_idle_pss(run: Run) -> None:
+    """PSS (what each process holds, shared pages divided among their sharers) of a fresh default
+    stack at idle, summed over every process in its namespace, honcho's included; by role. One fresh
+    stack per repetition (not the run's own, which serves HTTP and has had traffic); the medians."""
+    samples: list[dict[str, int]] = []
+    counts: dict[str, int] = {}
+    for _ in range(run.s.repetitions):
+        ns = run.namespace()
+        stack = Stack(ns, run_dir=f"{RUN_DIR_BASE}/{ns.name}")
+        try:
+            stack.wait_ready(timeout=30)
+            time.sleep(IDLE_SETTLE)
+            by_role: dict[str, int] = {}
+            counts = {}
+            for pid, role in stack_roles(ns).items():
+                by_role[role] = by_role.get(role, 0) + pss_kb(pid)
+                counts[role] = counts.get(role, 0) + 1
+            samples.append(by_role)
+        finally:
+            stack.stop()
+            with contextlib.suppress(OSError):
+                stack.log_path.unlink()
+            ns.delete()
+            run.namespaces.remove(ns)
+    totals = [sum(sample.values()) / 1024 for sample in samples]
+    roles = sorted({role for sample in samples for role in sample})
+    by_role_mb = {role: statistics.median(sample.get(role, 0) for sample in samples) / 1024 for role in roles}
+    run.raw["idle_stack_pss"] = {"total_mb": statistics.median(totals), "runs_mb": totals,
+                                 "by_role_mb": by_role_mb, "processes": counts}
+    say(f"  idle stack PSS {statistics.median(totals):.1f} MB in {sum(counts.values())} processes: " +
+        ", ".join(f"{role} {mb:.1f}" for role, mb in by_role_mb.items()))
 
 
 def open_idle(ns: Namespace, addr: str, port: int, count: int, batch: int = 200) -> tuple[list, int]:

@@ -1,14 +1,13 @@
-"""The stack's processes, and what they use: CPU seconds and memory from /proc, counters from stackctl."""
+"""The stack's processes, and what they use: CPU seconds and memory (RSS, PSS) from /proc, counters from stackctl."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import pathlib
 import resource
 
-from tests.integration.netns import Namespace, Stack
+from tests.integration.netns import Namespace, Stack, honcho_name, is_supervised
 
 from .common import BenchError
 
@@ -41,25 +40,41 @@ def stack_processes(ns: Namespace) -> tuple[dict[str, int], list[int]]:
     """The stack's processes in ns: {honcho name: pid} of the pipeline processes, and every pid.
 
     A process belongs to the stack when it carries HONCHO_PROCESS_NAME (honcho
-    itself does not). Where a Procfile line runs a supervisor
-    (``python3 -m pipeline.respawn python3 -m workers.tcp``), both share the
-    name: the one whose first ``-m`` module is not the supervisor is the worker.
-    The second list (for CPU time) holds supervisors too.
+    itself does not). Each Procfile line runs a respawn wrapper (C or Python,
+    ``pipeline/respawn.py``) and the pipeline process under it; both carry the
+    name, and the pipeline process is the one whose parent does too. The
+    second list (for CPU time) holds the wrappers too.
     """
     workers: dict[str, int] = {}
     every: list[int] = []
     for pid in ns._pids():
-        with contextlib.suppress(OSError):
-            env = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            name = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"HONCHO_PROCESS_NAME=")), None)
-            if not name:
-                continue
-            every.append(pid)
-            cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            modules = [cmd[i + 1] for i, arg in enumerate(cmd[:-1]) if arg == b"-m"]
-            if modules and modules[0] != b"pipeline.respawn":
-                workers[name] = pid
+        name = honcho_name(pid)
+        if not name:
+            continue
+        every.append(pid)
+        if is_supervised(pid, name):
+            workers[name] = pid
     return workers, every
+
+
+def stack_roles(ns: Namespace) -> dict[int, str]:
+    """Every process in ns by what it is: its role (``tcp`` for tcp.1 ... tcp.N), ``respawn`` for a
+    respawn wrapper, ``honcho`` for honcho and the copies of itself it runs each command from."""
+    workers, every = stack_processes(ns)
+    roles = {pid: name.split(".")[0] for name, pid in workers.items()}
+    return {pid: roles.get(pid, "respawn" if pid in every else "honcho") for pid in ns._pids()}
+
+
+def pss_kb(pid: int) -> int:
+    """A process's proportional set size (kB): its own pages plus its share of each shared one."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def cpu_snapshot(pids) -> dict[int, float]:

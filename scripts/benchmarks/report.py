@@ -13,6 +13,8 @@ from .common import MB, ROOT, number
 from .latency import budget_lines
 from .synflood import FLOOD_RSS_BOUND_MB
 
+IDLE_STACK_PSS_BOUND_MB = 110  # issue 21: the default stack idle at most 110 MB
+
 
 def machine() -> dict:
     model = "unknown"
@@ -98,6 +100,10 @@ def metrics(raw: dict) -> list[dict]:
     for direction, label in (("normal", "iperf3, client sends"), ("reverse", "iperf3 -R, we send")):
         row(f"iperf3_{direction}_mbit_s", label, "Mbit/s", _get(raw, f"iperf3_{direction}_ustack", "mbit_s"),
             "iperf3 -s, loopback", _get(raw, f"iperf3_{direction}_kernel_loopback", "mbit_s"))
+    pss = raw.get("idle_stack_pss")
+    if pss:  # every process of a fresh default stack, honcho's too
+        row("idle_stack_pss_mb", "idle stack PSS (MB, all processes incl. honcho)", "MB", pss["total_mb"],
+            bound=IDLE_STACK_PSS_BOUND_MB, better="lower")
     idle = raw.get("idle")
     if idle:
         row("tcp_idle_rss_mb", f"tcp.1 RSS, {idle['connections']} idle conns", "MB", idle["tcp_rss_kb"] * 1024 / MB,

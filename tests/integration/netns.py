@@ -258,22 +258,42 @@ def exchange(sock: socket.socket, address: tuple, payload: bytes, timeout: float
     return port, data
 
 
+def honcho_name(pid: int) -> str | None:
+    """The HONCHO_PROCESS_NAME a process was started with (None: not one of the stack's)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return None
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"HONCHO_PROCESS_NAME=")), None)
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def is_supervised(pid: int, name: str) -> bool:
+    """True for a pipeline process itself, not its respawn wrapper: the wrapper (C or Python,
+    pipeline/respawn.py) is its parent and carries the same honcho name; the wrapper's parent is
+    honcho, which carries none."""
+    return honcho_name(parent_pid(pid)) == name
+
+
 def process_pid(ns: Namespace, name: str, module: str) -> int:
     """The pid of the pipeline process in ``ns`` running ``python -m module`` as honcho's
     ``name`` (the process itself, not its respawn wrapper)."""
     for pid in ns._pids():
-        entry = str(pid)
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
         except OSError:
             continue
-        if b"pipeline.respawn" in argv or module.encode() not in argv:
-            continue
-        if f"HONCHO_PROCESS_NAME={name}".encode() in env:
-            return int(entry)
+        if module.encode() in argv and honcho_name(pid) == name and is_supervised(pid, name):
+            return pid
     raise LookupError(f"no running {module} named {name}")
 
 

@@ -25,6 +25,7 @@ EXPECTED_RAW = [
     "udp1_ustack6", "udp64_ustack6", "bulk6_discard1_ustack", "bulk6_chargen1_ustack",
     "http_ab_ustack", "http_ab_kernel_loopback", "http_download_ustack", "http_download_kernel_loopback",
     "iperf3_normal_ustack", "iperf3_normal_kernel_loopback", "iperf3_reverse_ustack", "iperf3_reverse_kernel_loopback",
+    "idle_stack_pss",
 ]
 EXPECTED_METRICS = [
     "ping_p50_us", "ping_p99_us", "udp_echo_1_per_s", "udp_echo_64_per_s", "tcp_conn_per_s",
@@ -34,11 +35,11 @@ EXPECTED_METRICS = [
     "peak_rss_mb_ingress.1", "peak_rss_mb_egress.1", "peak_rss_mb_icmp.1", "peak_rss_mb_udp.1", "peak_rss_mb_tcp.1",
     "ping6_p50_us", "ping6_p50_us_vs_kernel", "ping_frag_p50_us", "ping6_frag_p50_us", "udp6_echo_1_per_s",
     "udp6_echo_64_per_s", "tcp6_discard_1conn_mbit_s", "tcp6_chargen_1conn_mbit_s",
-    "synflood_u10_completed",
+    "synflood_u10_completed", "idle_stack_pss_mb",
 ]
 # Targets the report must judge (met or not: the smoke test checks the judging, not the stack's speed).
 JUDGED = ["ping_p50_us", "udp_echo_64_per_s", "tcp_conn_per_s", "tcp_discard_1conn_mbit_s",
-          "tcp_chargen_1conn_mbit_s"]
+          "tcp_chargen_1conn_mbit_s", "idle_stack_pss_mb"]
 
 
 def _bench_namespaces(prefix: str) -> set[str]:
@@ -91,6 +92,10 @@ def test_quick_bench_writes_report_and_cleans_up(tmp_path):
         assert metrics[key]["met"] in (True, False), (key, metrics[key])
         assert report["targets_met"][key] == metrics[key]["met"]
     assert raw["idle"]["connections"] >= 0.99 * report["settings"]["idle_connections"]
+    # Every process of the idle stack, by role: the five pipeline processes, their wrappers, honcho.
+    pss = raw["idle_stack_pss"]
+    assert set(pss["by_role_mb"]) == {"ingress", "egress", "icmp", "udp", "tcp", "respawn", "honcho"}, pss
+    assert pss["processes"]["respawn"] == 5 and all(mb > 0 for mb in pss["by_role_mb"].values()), pss
     assert "ping p50" in result.stdout and "written:" in result.stdout
 
     # Nothing outlives the run.

@@ -1,10 +1,18 @@
 """Logs, start order, restarts and shutdown of the real processes."""
 
 import datetime
+import os
 import signal
 import socket
+import time
 
-from tests.integration.netns import RUN_DIR_BASE, STACK_ADDR, Stack
+import pytest
+
+from pipeline import respawn
+from tests.integration.netns import RUN_DIR_BASE, STACK_ADDR, Stack, parent_pid, process_pid
+
+PROCESSES = [("ingress.1", "pipeline.ingress"), ("egress.1", "pipeline.egress"), ("icmp.1", "workers.icmp"),
+             ("udp.1", "workers.udp"), ("tcp.1", "workers.tcp")]
 
 
 def _ping_ok(ns) -> bool:
@@ -88,6 +96,65 @@ def test_any_start_order_and_restart_of_ingress_and_egress(fresh_ns):
                 stages.stop()
     finally:
         workers.stop()
+
+
+@pytest.mark.parametrize("loop", ["c", "python"])
+def test_each_process_sigkilled_is_restarted_under_its_name(fresh_ns, loop):
+    """The respawn wrapper's loop in C (build/respawn, what scripts/install builds) and in Python
+    (USTACK_PURE=1, or no compiler): each pipeline process SIGKILLed comes back under the same
+    honcho name and wrapper, and the stack answers again."""
+    ns = fresh_ns
+    if loop == "c":
+        assert respawn.compiled_loop() is not None, "build/respawn missing or stale: scripts/install builds it"
+    s = Stack(ns, env={"USTACK_PURE": "1"} if loop == "python" else {})
+    try:
+        s.wait_ready()
+        for name, module in PROCESSES:
+            old = process_pid(ns, name, module)
+            wrapper = parent_pid(old)
+            runs_c = os.readlink(f"/proc/{wrapper}/exe") == os.path.realpath(respawn.LOOP)
+            assert runs_c == (loop == "c"), name
+            os.kill(old, signal.SIGKILL)
+            s.wait_for(lambda recs: any(r["event"] == "process_died" and r["proc"] == name for r in recs), 10,
+                       f"{name}: process_died")
+            died = next(r for r in s.records() if r["event"] == "process_died" and r["proc"] == name)
+            assert died["exit_code"] == -signal.SIGKILL and died["restarts"] == 1, died
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    new = process_pid(ns, name, module)
+                    break
+                except LookupError:
+                    assert time.monotonic() < deadline, f"{name} never came back"
+                    time.sleep(0.05)
+            assert new != old and parent_pid(new) == wrapper, name  # restarted by the same wrapper
+        deadline = time.monotonic() + 20
+        while not _ping_ok(ns):
+            assert time.monotonic() < deadline, "no answer after the restarts"
+        with ns.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(3)
+            udp.sendto(b"again", (STACK_ADDR, 7))
+            assert udp.recv(10) == b"again"
+        with ns.socket() as sock:
+            sock.settimeout(5)
+            sock.connect((STACK_ADDR, 8000))
+            sock.sendall(b"again\n")
+            assert sock.recv(100) == b"niaga\n"
+    finally:
+        s.stop()
+
+
+def test_a_configuration_error_found_by_a_process_is_not_restarted(fresh_ns):
+    """A setting only the TCP worker can judge (a user service that cannot be imported): it exits 78,
+    its wrapper passes 78 on without a restart, and honcho stops with the message once."""
+    s = Stack(fresh_ns, env={"USTACK_SERVICES": "tcp/9000=nonexistent_module_q:Svc"})
+    rc = s.proc.wait(timeout=30)
+    s.stop()
+    log = "\n".join(s.lines())
+    assert rc == 78, log
+    assert log.count("cannot import 'nonexistent_module_q'") == 1, log
+    assert "process_died" not in log and "Traceback" not in log
+    assert fresh_ns._pids() == []
 
 
 def test_ctrl_c_stops_every_process_within_seconds(fresh_ns):

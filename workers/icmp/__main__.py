@@ -6,9 +6,7 @@ from pipeline import relay_config
 from pipeline.process import Process
 from workers import shell
 from workers.icmp.core import IcmpCore
-from workers.attach.icmp import EchoRelay
 from workers.attach import wiring
-from workers.attach.upstream import ping_refused
 
 PING_FIX = "sysctl -w net.ipv4.ping_group_range='0 2147483647'"
 
@@ -19,6 +17,9 @@ if __name__ == "__main__":
     # Attach mode: echo requests to other addresses are relayed to the real hosts.
     learned = wiring.names(relays, cfg.run_dir, proc.name)
     policy = wiring.policy(relays, learned)
+    if cfg.forward:  # the relay's modules (~1 MB) only then
+        from workers.attach.icmp import EchoRelay
+        from workers.attach.upstream import ping_refused
     if cfg.forward and (why := ping_refused()):  # said once; each refused ping is counted and answered
         proc.log.warning("ping_refused_by_host", error=why, fix=f"{PING_FIX} (in the namespace where the stack "
                          "runs), then relayed pings work without a restart")

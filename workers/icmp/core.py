@@ -23,6 +23,8 @@ addresses is dropped.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.offload import Offload, checksum_vouched
 from pipeline.wire import Malformed, icmpv6, ipv6
 from pipeline.wire.addr import fmt_addr
@@ -30,9 +32,11 @@ from pipeline.wire.icmp import (ECHO_REQUEST, PROTOCOL_UNREACHABLE, REASSEMBLY_T
                                 dest_unreachable, echo_reply, parse_icmp, time_exceeded)
 from pipeline.wire.ipv4 import PROTO_ICMP, Ipv4Packet
 from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply
-from workers.attach.icmp import EchoRelay
 from pipeline.ratelimit import TokenBucket
 from workers.attach.relay import DatagramRelayCore
+
+if TYPE_CHECKING:  # the relay is loaded only by a worker that relays (attach mode)
+    from workers.attach.icmp import EchoRelay
 
 ICMP_ERRORS_PER_SECOND = 200  # as the UDP worker's port unreachables
 DEFAULT_MTU = 1500

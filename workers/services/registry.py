@@ -67,12 +67,35 @@ def process_cpu_seconds() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
-def builtin_tcp(settings: ServiceSettings) -> dict[int, Callable[[Any], tcp_services.Service]]:
-    """The built-in TCP services of one worker (README "Services")."""
+class OnFirstConnection:
+    """A built-in TCP service made on its port's first connection, its module imported then:
+    iperf3's is ~1 MB of every TCP worker, most of which never runs a test. Made once, then kept
+    (it holds what runs on its port). What the table is asked before that (``steer_by_client``,
+    the name in messages) it says itself."""
+
+    def __init__(self, name: str, make: Callable[[], Callable[[Any], tcp_services.Service]],
+                 steer_by_client: bool = False) -> None:
+        self.__name__ = name
+        self.steer_by_client = steer_by_client
+        self._make = make
+        self._service: Callable[[Any], tcp_services.Service] | None = None
+
+    def __call__(self, stream: Any) -> tcp_services.Service:
+        if self._service is None:
+            self._service = self._make()
+        return self._service(stream)
+
+
+def _iperf3() -> Callable[[Any], tcp_services.Service]:
     from workers.services.iperf3 import Iperf3Server
 
+    return Iperf3Server(cpu=process_cpu_seconds)  # one per worker: it holds the test running there
+
+
+def builtin_tcp(settings: ServiceSettings) -> dict[int, Callable[[Any], tcp_services.Service]]:
+    """The built-in TCP services of one worker (README "Services")."""
     table: dict[int, Callable[[Any], tcp_services.Service]] = dict(tcp_services.SERVICES)
-    table[5201] = Iperf3Server(cpu=process_cpu_seconds)  # one per worker: it holds the test running there
+    table[5201] = OnFirstConnection("Iperf3Server", _iperf3, steer_by_client=True)  # as Iperf3Server declares
     if settings.http_root:
         from workers.services.files import FileStore
         from workers.services.httpd import HttpServer

@@ -8,11 +8,9 @@ from pipeline import config, relay_config
 from pipeline.process import Process
 from workers import shell
 from workers.services import registry
-from workers.attach import inbound, wiring
-from workers.attach.relay import Keepalive
+from workers.attach import wiring
 from workers.tcp.config import TcpConfig
 from workers.tcp.demux import TcpDemux
-from workers.attach.tcp import TcpRelay
 
 
 # With TSO the kernel cuts our segments to the MSS: emit up to this much payload
@@ -44,14 +42,18 @@ if __name__ == "__main__":
     services = registry.services_or_exit("tcp", config.service_settings())
     tcp = tcp_config(cfg.mtu, cfg.offload, settings)
     # Attach mode: flows to other addresses are relayed to real sockets opened from here.
-    keepalive = None if tcp.keepalive is None else Keepalive(tcp.keepalive, tcp.keepalive_interval,
-                                                             tcp.keepalive_probes)
     learned = wiring.names(relays, cfg.run_dir, proc.name)
     policy = wiring.policy(relays, learned)
     # Published ports: ingress sends the table (USTACK_PUBLISH, then what stackctl publish changes)
     # once this worker has joined; listening starts then. Attached, a relay is there to take them.
     relayed = cfg.forward or relays.publish or relays.dns or cfg.attach
-    inside = inbound.inside(cfg, relays)
+    if relayed:  # the relay's modules (~1 MB) only then
+        from workers.attach import inbound
+        from workers.attach.relay import Keepalive
+        from workers.attach.tcp import TcpRelay
+        keepalive = None if tcp.keepalive is None else Keepalive(tcp.keepalive, tcp.keepalive_interval,
+                                                                 tcp.keepalive_probes)
+        inside = inbound.inside(cfg, relays)
     # RFC 6528 ISNs and SYN cookies need a secret the peer cannot guess; a fresh one per
     # process is enough (a restarted worker holds none of the old connections).
     secret = os.urandom(32)

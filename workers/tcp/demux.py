@@ -27,7 +27,7 @@ builds the IP packet around each segment).
 
 from __future__ import annotations
 
-import hashlib
+from _blake2 import blake2s  # hashlib's blake2s, without the OpenSSL hashlib loads (~3 MB a process)
 import heapq
 from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
@@ -430,7 +430,7 @@ class TcpDemux:
         Each worker has its own secret, so workers rarely pick the same port; one in use here is skipped.
         """
         self._port_counter += 1
-        base = hashlib.blake2s(remote + rport.to_bytes(2, "big"), key=self.secret[:32]).digest()
+        base = blake2s(remote + rport.to_bytes(2, "big"), key=self.secret[:32]).digest()
         offset = int.from_bytes(base[:2], "big") + self._port_counter
         for i in range(EPHEMERAL_COUNT):
             port = EPHEMERAL_FIRST + (offset + i) % EPHEMERAL_COUNT

@@ -14,7 +14,7 @@ process.  Addresses are packed IPv4 (4 bytes) or IPv6 (16 bytes).
 
 from __future__ import annotations
 
-import hashlib
+from _blake2 import blake2s  # hashlib's blake2s, without the OpenSSL hashlib loads (~3 MB a process)
 
 from pipeline.wire.seqnum import MASK
 
@@ -26,7 +26,7 @@ def _key(secret: bytes) -> bytes:
     if len(secret) < MIN_SECRET:
         raise ValueError("secret must be at least 16 bytes")
     # blake2s keys are at most 32 bytes; longer secrets are condensed first.
-    return secret if len(secret) <= 32 else hashlib.blake2s(secret).digest()
+    return secret if len(secret) <= 32 else blake2s(secret).digest()
 
 
 def pack_tuple(local: tuple[bytes, int], remote: tuple[bytes, int]) -> bytes:
@@ -40,7 +40,7 @@ def pack_tuple(local: tuple[bytes, int], remote: tuple[bytes, int]) -> bytes:
 
 def isn_offset(secret: bytes, local: tuple[bytes, int], remote: tuple[bytes, int]) -> int:
     """F(localip, localport, remoteip, remoteport, secretkey) as a 32-bit int (RFC 6528 §3)."""
-    h = hashlib.blake2s(pack_tuple(local, remote), key=_key(secret), digest_size=4, person=b"tcp-isn")
+    h = blake2s(pack_tuple(local, remote), key=_key(secret), digest_size=4, person=b"tcp-isn")
     return int.from_bytes(h.digest(), "big")
 
 

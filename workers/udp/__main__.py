@@ -7,8 +7,7 @@ from pipeline.process import Process
 from workers import shell
 from workers.services import registry
 from workers.udp.core import UdpCore
-from workers.attach import inbound, wiring
-from workers.attach.udp import UdpRelay
+from workers.attach import wiring
 
 if __name__ == "__main__":
     proc = Process("udp")  # checks every setting: the groups read below cannot fail
@@ -21,7 +20,10 @@ if __name__ == "__main__":
     # Published ports: ingress sends the table (USTACK_PUBLISH, then what stackctl publish changes)
     # once this worker has joined; listening starts then. Attached, a relay is there to take them.
     relayed = cfg.forward or relays.publish or cfg.attach
-    inside = inbound.inside(cfg, relays)
+    if relayed:  # the relay's modules (~1 MB) only then
+        from workers.attach import inbound
+        from workers.attach.udp import UdpRelay
+        inside = inbound.inside(cfg, relays)
 
     def core(index: int, ns: str) -> UdpCore:
         """The UDP of one attached namespace (every one sees the same addresses: its own flows)."""

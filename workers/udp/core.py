@@ -25,7 +25,6 @@ from pipeline.wire.udp import UdpDatagram, parse_udp
 from workers.core import Addresses, Outgoing, Sink, fit_mtu, ip_reply, ip_view
 from pipeline.ratelimit import TokenBucket
 from workers.attach.relay import Command, DatagramRelayCore, Upstream
-from workers.attach.udp import UdpRelay
 from workers.services.udp import SERVICES
 
 # RFC 1812 §4.3.2.8 / RFC 1122 §3.2.2 / RFC 4443 §2.4 (f): ICMP errors are rate limited so a
@@ -34,8 +33,9 @@ ICMP_ERRORS_PER_SECOND = 200
 DEFAULT_MTU = 1500
 DNS_PORT = 53
 
-if TYPE_CHECKING:  # dnspython is loaded only by a worker that runs the resolver
+if TYPE_CHECKING:  # the relay and dnspython are loaded only by a worker that relays or resolves
     from workers.attach.dns import DnsForwarder
+    from workers.attach.udp import UdpRelay
 
 
 class UdpCore(DatagramRelayCore):

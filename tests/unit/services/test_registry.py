@@ -95,6 +95,30 @@ def test_steered_ports_are_those_whose_service_declares_steer_by_client(settings
     assert registry.steered_ports({**tcp, 9000: Together}) == {5201, 9000}
 
 
+def test_iperf3_is_made_on_its_first_connection_once_and_says_what_it_is_before():
+    """Its module loads only when a test comes (a fresh interpreter: this one may hold it already)."""
+    code = textwrap.dedent("""
+        import sys
+        from pipeline import config
+        from workers.services import registry
+        from workers.services.iperf3 import Iperf3Server
+        del sys.modules["workers.services.iperf3"]
+        table = registry.services("tcp", config.service_settings())
+        entry = table[5201]
+        assert "workers.services.iperf3" not in sys.modules
+        assert entry.steer_by_client is Iperf3Server.steer_by_client is True and entry.__name__ == "Iperf3Server"
+        class Stream:
+            now = 0.0
+            def set_timer(self, when):
+                pass
+        first = entry(Stream())
+        assert type(first).__name__ == "Iperf3Connection" and "workers.services.iperf3" in sys.modules
+        assert entry(Stream()).server is first.server  # one server per worker: it holds the test
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("spec, reason", [
     ("tcp/9000=no_such_module_xyz:C", "cannot import"),
     ("tcp/9000={m}:Missing", "has no 'Missing'"),
