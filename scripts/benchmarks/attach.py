@@ -47,7 +47,7 @@ from .common import ANSWER, LINE, RUN_DIR_BASE, BenchError, median, say
 from .latency import latency_budget
 from .references import BENCH
 from .run import Run
-from .tcp import conn_rate
+from .tcp import conn_rate, line_answered
 
 ALIAS = "10.0.2.2"
 IPERF_PORT = "5201"
@@ -331,15 +331,8 @@ def _serve_one(ns: Namespace, ping_to: str, line_to: str, digest: str) -> str:
         with ns.socket() as sock:
             sock.settimeout(10)
             sock.connect((line_to, MANY_LINE_PORT))
-            sock.sendall(LINE)
-            got = b""
-            while not got.endswith(b"\n"):
-                data = sock.recv(1024)
-                if not data:
-                    break
-                got += data
-        if got != ANSWER:
-            problems.append(f"line: {got!r}")
+            if not line_answered(sock):
+                problems.append("line: no answer, or a wrong one")
     except OSError as exc:
         problems.append(f"line: {exc}")
     try:
