@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tests.integration.attach_topology import SERVER, Topology
 from tests.integration.netns import STACK_ADDR, Namespace, Stack
 
-from .common import ANSWER, LINE, RUN_DIR_BASE, BenchError, median, say
+from .common import RUN_DIR_BASE, BenchError, median, say
 from .latency import latency_budget
 from .references import BENCH
 from .run import Run
